@@ -1,0 +1,1 @@
+"""The command line: a thin layer that parses flags, calls the library and renders its results."""

@@ -1,0 +1,1 @@
+"""Low-level, torch-free readers for weight files (safetensors, validated and memory-mapped)."""

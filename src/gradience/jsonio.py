@@ -1,0 +1,89 @@
+"""JSON conventions shared by every output, and atomic file writes.
+
+Two non-finite policies exist on purpose: analysis outputs (audit/monitor/check JSON) write ``null`` for a
+value that is not a finite number, telemetry writes the strings ``"NaN"``/``"Infinity"``/``"-Infinity"``
+so the event survives strict JSON parsers and is read back as a float.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+NonFinite = Literal["null", "string"]
+_NONFINITE_STRINGS = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def _float(x: float, nonfinite: NonFinite) -> float | str | None:
+    if math.isfinite(x):
+        return x
+    if nonfinite == "null":
+        return None
+    if math.isnan(x):
+        return "NaN"
+    return "Infinity" if x > 0 else "-Infinity"
+
+
+def to_jsonable(obj: Any, nonfinite: NonFinite = "null") -> Any:
+    """Convert dataclasses, numpy scalars/arrays, tuples and paths into plain JSON values."""
+    if obj is None or isinstance(obj, (bool, str, int)):
+        return obj
+    if isinstance(obj, float):
+        return _float(obj, nonfinite)
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v, nonfinite) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [to_jsonable(v, nonfinite) for v in obj]
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    to_dict = getattr(obj, "to_dict", None)
+    if callable(to_dict):
+        return to_jsonable(to_dict(), nonfinite)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return to_jsonable(dataclasses.asdict(obj), nonfinite)
+    if type(obj).__module__ == "numpy":  # numpy scalar or array without importing numpy here
+        return to_jsonable(obj.tolist(), nonfinite)
+    raise TypeError(f"cannot convert {type(obj).__name__} to JSON")
+
+
+def dumps(obj: Any, *, pretty: bool = True, nonfinite: NonFinite = "null") -> str:
+    """Strict JSON text (never bare NaN). Key order is the insertion order of the producing code."""
+    data = to_jsonable(obj, nonfinite)
+    if pretty:
+        return json.dumps(data, indent=2, ensure_ascii=False, allow_nan=False)
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def decode_nonfinite(value: Any) -> Any:
+    """Map telemetry's ``"NaN"``/``"Infinity"``/``"-Infinity"`` strings back to floats (others unchanged)."""
+    if isinstance(value, str) and value in _NONFINITE_STRINGS:
+        return _NONFINITE_STRINGS[value]
+    return value
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write a file so that readers see either the old content or the new, never a partial file."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))

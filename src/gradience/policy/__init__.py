@@ -1,0 +1,1 @@
+"""Advice: rule thresholds (one place), the check rules and the run rules, and recommendation ordering."""

@@ -1,0 +1,42 @@
+"""Every rule threshold and rule constant of the product, in one place.
+
+Rules in ``gradience.policy`` and the run analysis in ``gradience.monitor`` import from here; nothing else
+hard-codes a threshold. Each constant names the SPEC rule it serves.
+"""
+
+from __future__ import annotations
+
+# --- shared learning-rate anchors ------------------------------------------------------------------
+LR_CONSERVATIVE = 5e-5          # the "safe" LoRA lr we suggest moving toward
+LR_HIGH = 1e-4                  # above this, hard-reasoning runs get `lower_lr`
+LR_MAX_SANE = 1e-2              # lr above this is almost surely a units mistake (error)
+LR_EASY_CLASSIFICATION_MAX = 5e-4
+
+# --- check (SPEC §7) ------------------------------------------------------------------------------
+R_DEFAULT_SUGGESTION = 8        # when r is unset
+R_LARGE = 32                    # r >= this: consider_reduce_rank
+R_MEDIUM = 16                   # 16 < r < 32: consider_reduce_rank (softer)
+R_EASY_CLASSIFICATION_MAX = 16  # easy_classification with r above this: suggest r=4..8
+R_EASY_CLASSIFICATION_SUGGESTED = (4, 8)
+RSLORA_SMALL_R = 8              # rsLoRA with r <= this barely differs from plain LoRA scaling
+ALPHA_OVER_R_HIGH = 1.0         # alpha/r >= this at lr > LR_HIGH: info
+
+# --- monitor (SPEC §6) ----------------------------------------------------------------------------
+GAP_THRESHOLD = 1.5             # test_ppl / train_ppl at or above this: memorization_detected
+UNDERFIT_GAP_MAX = 1.2          # gap below this ...
+UNDERFIT_TEST_ACC_MAX = 0.2     # ... test accuracy below this ...
+UNDERFIT_STABLE_RANK_MAX = 2.0  # ... and stable rank below this: possible underfitting
+LOW_UTILIZATION = 0.25          # mean utilization below this with r >= LOW_UTILIZATION_MIN_R
+LOW_UTILIZATION_MIN_R = 16
+COMPRESS_K90_FRACTION = 0.5     # k90_p90 <= r * this (with r >= LOW_UTILIZATION_MIN_R): compress_rank
+MLP_UTILIZATION_LOW = 0.10      # MLP utilization below this ...
+ATTN_OVER_MLP_UTILIZATION = 2.0  # ... and attention utilization >= this multiple: compress_mlp_targets
+LOSS_SPIKE_FACTOR = 3.0         # a loss above this multiple of the running median is a spike
+LOSS_SPIKE_WINDOW = 20          # running-median window for spikes, in train steps
+GRAD_EXPLOSION_FACTOR = 10.0    # grad norm above this multiple of the running median is an explosion
+LOSS_TREND_WINDOW = 20          # train steps used for the recent loss trend
+
+# --- audit (SPEC §3) ------------------------------------------------------------------------------
+ALLOWED_RANKS_DEFAULT = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+ENERGY_LEVELS = (0.90, 0.95, 0.99)
+SUGGEST_MARGIN_DEFAULT = 1.0
