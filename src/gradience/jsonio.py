@@ -7,6 +7,7 @@ so the event survives strict JSON parsers and is read back as a float.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -78,10 +79,8 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
             os.fsync(fh.fileno())
         os.replace(tmp, target)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         raise
 
 

@@ -37,7 +37,7 @@ def mean(values: Iterable[float | int | None]) -> float | None:
 
 
 def weighted_mean(values: Sequence[float | None], weights: Sequence[float]) -> float | None:
-    pairs = [(float(v), float(w)) for v, w in zip(values, weights) if v is not None and math.isfinite(v)]
+    pairs = [(float(v), float(w)) for v, w in zip(values, weights, strict=True) if v is not None and math.isfinite(v)]
     total = sum(w for _, w in pairs)
     if not pairs or total <= 0:
         return None

@@ -7,6 +7,7 @@ line ``gradience <command>: error: ...`` on stderr; ``--debug`` shows the traceb
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
@@ -73,10 +74,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         # `gradience ... | head`: the reader went away; not an error worth a traceback.
-        try:
+        with contextlib.suppress(OSError):
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115
-        except OSError:
-            pass
         return EXIT_OK
     except Exception as exc:  # a bug in gradience: still one line, with a hint to get the traceback
         if debug:

@@ -116,13 +116,11 @@ class ConfigSnapshot:
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> ConfigSnapshot:
         data = dict(data or {})
-        sections = {
-            "optimizer": OptimizerConfig.from_dict(data.pop("optimizer", None) or {}),
-            "lora": LoraConfig.from_dict(data.pop("lora", None) or {}),
-            "training": TrainingConfig.from_dict(data.pop("training", None) or {}),
-        }
+        optimizer = OptimizerConfig.from_dict(data.pop("optimizer", None) or {})
+        lora = LoraConfig.from_dict(data.pop("lora", None) or {})
+        training = TrainingConfig.from_dict(data.pop("training", None) or {})
         known, extras = _split_known(cls, data)
-        return cls(**known, **sections, extras=extras)
+        return cls(**known, optimizer=optimizer, lora=lora, training=training, extras=extras)
 
 
 @dataclass
