@@ -1,18 +1,155 @@
-"""`gradience audit` (placeholder until its issue lands)."""
+"""``gradience audit``: wasted rank and update size of a trained LoRA adapter (SPEC §3.4).
+
+Thin layer: parses flags, calls :mod:`gradience.audit` and renders. Imports nothing heavy at module level;
+the audit itself needs numpy only (never torch).
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from gradience.cli.main import add_common_flags
 
+FAIL_ON_HELP = (
+    "CI gate rules, comma-separated (exit 1 when one is met, each met rule printed on stderr). "
+    "A per-layer metric (utilization, stable_rank, effective_rank, energy_rank_90/95/99, delta_sigma_max, "
+    "delta_frob_norm, udr, udr_f, sdi, ...) is met when ANY layer satisfies it, e.g. 'utilization<0.25', "
+    "'udr>1.0'; a numeric summary key (utilization_mean, stable_rank_mean, energy_rank_90_p90, udr_median, "
+    "...) compares the summary value, e.g. 'utilization_mean<0.2'; flags: zero_update, non_finite, "
+    "issues (any warning or error issue), error. Unknown metrics are a usage error (exit 2)."
+)
+
 
 def add_parser(sub: Any) -> None:
-    p: argparse.ArgumentParser = sub.add_parser("audit", help="audit (not yet implemented)")
+    p: argparse.ArgumentParser = sub.add_parser(
+        "audit", help="analyze a LoRA adapter for wasted rank and update size (UDR)",
+        description="Audit a PEFT LoRA adapter: exact per-layer spectra from the factors, utilization, "
+                    "energy ranks, rank suggestions and, with a base model, UDR/SDI.")
+    p.add_argument("--peft-dir", metavar="DIR", help="PEFT adapter directory (adapter_config.json + weights)")
+    p.add_argument("--adapter-config", metavar="F", help="adapter_config.json path (overrides discovery)")
+    p.add_argument("--weights", metavar="F", help="adapter weights file (.safetensors, index, or .bin/.pt)")
+    p.add_argument("--adapter-name", metavar="N", help="which adapter of a multi-adapter directory")
+    p.add_argument("--all", action="store_true", help="audit every adapter of a multi-adapter directory")
+    p.add_argument("--json", action="store_true", help="print the gradience.audit/v1 JSON summary")
+    p.add_argument("--top-wasteful", type=int, metavar="N",
+                   help="list the N layers of lowest utilization (text default: 5; JSON key top_wasteful)")
+    p.add_argument("--top-singular-values", type=int, metavar="K",
+                   help="keep only the top K singular values per layer in JSON (default: all)")
+    p.add_argument("--layers", action="store_true", help="print every layer (text); all σ in JSON")
+    p.add_argument("--suggest-per-layer", action="store_true",
+                   help="per-layer rank suggestions as an applicable rank_pattern/alpha_pattern")
+    p.add_argument("--margin", type=float, default=None, metavar="M",
+                   help="per-layer suggestion: allowed rank >= M x k@90%% (default 1.0)")
+    p.add_argument("--allowed-ranks", metavar="LIST", help="ranks suggestions may use (default 1,2,4,...,256)")
+    p.add_argument("--append", metavar="RUN.jsonl",
+                   help="append the summary (without layers) as a lora_audit metrics event to a telemetry log")
+    p.add_argument("--base-model", metavar="ID_OR_DIR",
+                   help="base model (local dir or hub id in the local HF cache) for UDR/SDI")
+    p.add_argument("--base-norms-cache", metavar="F", help="cache file for base-weight norms")
+    p.add_argument("--no-udr", action="store_true",
+                   help="do not try the adapter's own base_model_name_or_path for UDR")
+    p.add_argument("--fail-on", action="append", metavar="RULES", help=FAIL_ON_HELP)
     add_common_flags(p)
     p.set_defaults(func=run)
 
 
+def _options(args: argparse.Namespace) -> Any:
+    from gradience.audit import AuditOptions
+    from gradience.audit.suggest import parse_allowed_ranks
+    from gradience.errors import InputError
+    from gradience.policy.thresholds import ALLOWED_RANKS_DEFAULT, SUGGEST_MARGIN_DEFAULT
+
+    if args.top_wasteful is not None and args.top_wasteful < 0:
+        raise InputError("--top-wasteful must be >= 0")
+    if args.top_singular_values is not None and args.top_singular_values < 1:
+        raise InputError("--top-singular-values must be >= 1")
+    margin = SUGGEST_MARGIN_DEFAULT if args.margin is None else args.margin
+    if not margin > 0 or margin == float("inf"):
+        raise InputError(f"--margin must be a positive number, got {args.margin}")
+    return AuditOptions(
+        top_wasteful=args.top_wasteful,
+        top_singular_values=None if args.layers else args.top_singular_values,
+        suggest_per_layer=args.suggest_per_layer,
+        margin=margin,
+        allowed_ranks=parse_allowed_ranks(args.allowed_ranks) if args.allowed_ranks else ALLOWED_RANKS_DEFAULT,
+        udr=bool(args.base_model) or not args.no_udr,
+        base_model=args.base_model,
+        base_norms_cache=args.base_norms_cache,
+        progress=sys.stderr.isatty(),
+    )
+
+
+def _load_all(args: argparse.Namespace) -> list[Any]:
+    """The adapters to audit: one, the named one, or each of a multi-adapter directory with --all."""
+    from gradience.adapter import list_adapters, load_adapter
+    from gradience.errors import InputError
+
+    if not (args.peft_dir or args.weights or args.adapter_config):
+        raise InputError("no adapter given: pass --peft-dir DIR (or --weights F / --adapter-config F)")
+    explicit = {"adapter_config": args.adapter_config, "weights": args.weights}
+    if args.adapter_name:
+        return [load_adapter(args.peft_dir, adapter_name=args.adapter_name, **explicit)]
+    names = list_adapters(args.peft_dir) if args.peft_dir and not args.weights else []
+    if len(names) > 1:
+        if not args.all:
+            raise InputError(f"several adapters found ({', '.join(names)}); choose one with --adapter-name "
+                             "or audit each with --all", args.peft_dir)
+        return [load_adapter(args.peft_dir, adapter_name=name) for name in names]
+    return [load_adapter(args.peft_dir, **explicit)]
+
+
 def run(args: argparse.Namespace) -> int:
-    raise NotImplementedError("audit")
+    import warnings
+
+    with warnings.catch_warnings():
+        # Third-party warnings (e.g. torch's weights_only unpickler on a refused .bin) would break the
+        # one-line error contract; everything we need to say is an issue or an InputError. --debug shows them.
+        if not args.debug:
+            warnings.simplefilter("ignore")
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from gradience import jsonio
+    from gradience.audit import MULTI_SCHEMA, run_audit
+    from gradience.audit.core import default_top_wasteful
+    from gradience.audit.gates import evaluate_gates, validate_gates
+    from gradience.audit.render import render_text
+    from gradience.gates import parse_gates
+
+    gates = parse_gates(args.fail_on)
+    options = _options(args)
+    results = [run_audit(loaded, options) for loaded in _load_all(args)]
+    summaries = [result.to_summary(include_layers=True) for result in results]
+    for summary in summaries:
+        validate_gates(gates, summary)
+
+    multi = bool(args.all)  # --all always gives the multi-adapter JSON, so scripts see one shape
+    if args.json:
+        if multi:
+            doc: Any = {"schema": MULTI_SCHEMA,
+                        "adapters": {s["adapter_name"] or "default": s for s in summaries}}
+        else:
+            doc = summaries[0]
+        sys.stdout.write(jsonio.dumps(doc, pretty=True) + "\n")
+    else:
+        blocks = [render_text(s, top_wasteful=default_top_wasteful(options), show_layers=args.layers)
+                  for s in summaries]
+        sys.stdout.write("\n".join(blocks))
+
+    if args.append:
+        from gradience.telemetry import append_metrics_event
+
+        for summary in summaries:
+            metrics = {k: v for k, v in summary.items() if k != "layers"}
+            append_metrics_event(args.append, "lora_audit", metrics)
+
+    met: list[str] = []
+    for summary in summaries:
+        prefix = f"[{summary['adapter_name']}] " if multi and summary.get("adapter_name") else ""
+        met += [prefix + msg for msg in evaluate_gates(gates, summary)]
+    for msg in met:
+        print(f"gradience audit: fail-on met: {msg}", file=sys.stderr)
+    return 1 if met else 0

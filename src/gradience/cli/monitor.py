@@ -1,18 +1,57 @@
-"""`gradience monitor` (placeholder until its issue lands)."""
+"""``gradience monitor RUN``: summarize a run from its telemetry log or trainer_state.json (SPEC §6)."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
-from gradience.cli.main import add_common_flags
+from gradience.cli.main import EXIT_GATE, EXIT_OK, add_common_flags
 
 
 def add_parser(sub: Any) -> None:
-    p: argparse.ArgumentParser = sub.add_parser("monitor", help="monitor (not yet implemented)")
+    p: argparse.ArgumentParser = sub.add_parser(
+        "monitor", help="summarize a training run from its telemetry",
+        description="Summarize a run: train/test gap, instabilities, LoRA audit, advice. RUN is a telemetry "
+                    "JSONL, an HF trainer_state.json, or a directory holding run.jsonl / trainer_state.json / "
+                    "checkpoint-*/trainer_state.json.")
+    p.add_argument("run", metavar="RUN", help="run.jsonl, trainer_state.json, or a directory holding one")
+    p.add_argument("--json", action="store_true", help="print the gradience.monitor/v1 JSON")
+    p.add_argument("--verbose", action="store_true", help="list telemetry issues and rationales")
+    p.add_argument("--run-id", default=None, help="which run of a multi-run file (default: the last one)")
+    p.add_argument("--gap-threshold", type=float, default=None,
+                   help="test/train perplexity ratio that counts as memorization (default 1.5)")
+    p.add_argument("--strict-schema", action="store_true",
+                   help="treat any malformed or unknown telemetry line as an error (exit 2)")
+    p.add_argument("--fail-on", action="append", default=None, metavar="RULES",
+                   help="exit 1 when a rule is met: e.g. 'gap>1.5', 'warning', 'error', 'nan_loss'")
     add_common_flags(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    raise NotImplementedError("monitor")
+    from gradience.errors import InputError
+    from gradience.gates import parse_gates
+    from gradience.jsonio import dumps
+    from gradience.monitor import monitor_run
+    from gradience.monitor.gates import evaluate_gates, validate_gates
+    from gradience.monitor.render import render_text
+    from gradience.policy.thresholds import GAP_THRESHOLD
+
+    gates = parse_gates(args.fail_on)
+    validate_gates(gates)  # usage errors before reading a possibly large log
+    gap_threshold = GAP_THRESHOLD if args.gap_threshold is None else args.gap_threshold
+    if not gap_threshold > 0 or gap_threshold == float("inf"):
+        raise InputError(f"--gap-threshold must be a positive number, got {args.gap_threshold}")
+    report = monitor_run(args.run, run_id=args.run_id, gap_threshold=gap_threshold, strict=args.strict_schema)
+    met = evaluate_gates(gates, report)
+    if args.json:
+        data = report.to_dict()
+        if gates:
+            data["gates"] = {"rules": [g.text for g in gates], "met": met}
+        sys.stdout.write(dumps(data, pretty=True) + "\n")
+    else:
+        sys.stdout.write(render_text(report, verbose=args.verbose))
+    for message in met:
+        print(f"gradience monitor: fail-on rule met: {message}", file=sys.stderr)
+    return EXIT_GATE if met else EXIT_OK

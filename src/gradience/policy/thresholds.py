@@ -20,6 +20,11 @@ R_EASY_CLASSIFICATION_MAX = 16  # easy_classification with r above this: suggest
 R_EASY_CLASSIFICATION_SUGGESTED = (4, 8)
 RSLORA_SMALL_R = 8              # rsLoRA with r <= this barely differs from plain LoRA scaling
 ALPHA_OVER_R_HIGH = 1.0         # alpha/r >= this at lr > LR_HIGH: info
+PEFT_DEFAULT_LORA_ALPHA = 8.0   # PEFT's LoraConfig default when lora_alpha is not given (set_alpha evidence)
+LR_GENERATION_HIGH = 3e-4       # generation: lr above this -> lower_lr (warning)
+LR_GENERATION_SUGGESTED = 1e-4  # generation calibration probe lr
+R_GENERATION_SUGGESTED = 16     # generation calibration probe rank
+CALIBRATION_PROBE_STEPS = (100, 200)  # suggested length of a calibration probe run, in optimizer steps
 
 # --- monitor (SPEC §6) ----------------------------------------------------------------------------
 GAP_THRESHOLD = 1.5             # test_ppl / train_ppl at or above this: memorization_detected
@@ -35,8 +40,25 @@ LOSS_SPIKE_FACTOR = 3.0         # a loss above this multiple of the running medi
 LOSS_SPIKE_WINDOW = 20          # running-median window for spikes, in train steps
 GRAD_EXPLOSION_FACTOR = 10.0    # grad norm above this multiple of the running median is an explosion
 LOSS_TREND_WINDOW = 20          # train steps used for the recent loss trend
+RUNNING_MEDIAN_MIN_HISTORY = 5  # spikes / explosions are judged only once this many earlier values exist
+LOSS_TREND_FLAT_TOLERANCE = 0.02  # |relative loss change over the trend window| below this: "flat"
+OVERFIT_MIN_RISE = 0.01         # test loss this fraction above its minimum counts as "rising"
+LR_SCHEDULE_REL_TOL = 1e-6      # lr changes smaller than this (relative) are not warmup/decay
+TEST_SPLIT_FALLBACKS = ("val", "validation", "eval", "valid", "dev")  # stand-ins for a missing "test"
 
 # --- audit (SPEC §3) ------------------------------------------------------------------------------
 ALLOWED_RANKS_DEFAULT = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 ENERGY_LEVELS = (0.90, 0.95, 0.99)
 SUGGEST_MARGIN_DEFAULT = 1.0
+# σ from the r×r Gram eigen-solve lose ~sqrt(eps)·σ₁ on tiny values: when λ_min < this·λ_max the pair's σ
+# are recomputed by Householder QR of both factors (exact to ~eps·σ₁; ~8x slower, so only when needed).
+SPECTRUM_QR_REFINE_RATIO = 1e-8
+# Energy-rank targets count as reached within this relative rounding slack (hand-computed ties stay exact).
+ENERGY_RANK_RTOL = 1e-10
+TOP_WASTEFUL_TEXT_DEFAULT = 5   # rows of "Most wasteful layers" in text output without --top-wasteful
+TOP_UDR_TEXT = 5                # modules listed in the text UDR block
+
+# --- UDR / SDI (SPEC §4) --------------------------------------------------------------------------
+UDR_SIGMA_RTOL = 1e-4           # relative accuracy of the base weight's σ₁ (iterative, never a full SVD)
+UDR_SDI_EPS = 1e-12             # sdi = log10(udr + eps): a zero update gives sdi = -12, not -inf
+UDR_FRACTION_LEVELS = (0.1, 0.3)  # fraction_udr_gt_0_1 / _0_3 (strict >)

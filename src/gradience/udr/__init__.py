@@ -1,1 +1,63 @@
-"""udr."""
+"""UDR / SDI: how large a LoRA update is relative to the base weight it modifies.
+
+``udr`` = ‖ΔW‖₂ / ‖W_base‖₂ and ``udr_f`` = ‖ΔW‖_F / ‖W_base‖_F, ``sdi`` = log10(udr). The audit supplies the
+update norms (computed from the factors); this package resolves the base checkpoint locally, reads only the
+audited base tensors from its safetensors shards and computes their norms (cached on disk).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from gradience.issues import Issue
+
+__all__ = ["PER_LAYER_KEYS", "SUMMARY_KEYS", "UdrInput", "UdrReport", "measure_udr"]
+
+# Summary keys (SPEC §4), in output order.
+SUMMARY_KEYS: tuple[str, ...] = (
+    "udr_mean", "udr_median", "udr_p90", "udr_max", "fraction_udr_gt_0_1", "fraction_udr_gt_0_3",
+    "sdi_mean", "sdi_median", "sdi_p90", "n_layers_with_udr",
+)
+# Per-layer keys each row of ``UdrReport.per_layer`` carries.
+PER_LAYER_KEYS: tuple[str, ...] = ("base_sigma_max", "base_frob_norm", "udr", "udr_f", "sdi")
+
+
+@dataclass
+class UdrInput:
+    """One audited module: its base-model name and the (scaled) norms of its LoRA update."""
+
+    name: str                      # base-model module path, e.g. "model.layers.5.self_attn.q_proj"
+    delta_sigma_max: float | None  # |s|·σ1(BA)
+    delta_frob_norm: float | None  # |s|·‖BA‖_F
+    d_out: int
+    d_in: int
+    kind: str = "linear"           # "linear" | "embedding" | "conv"
+
+
+@dataclass
+class UdrReport:
+    """Result of :func:`measure_udr`; ``per_layer`` is keyed by ``UdrInput.name``."""
+
+    requested: bool
+    base_model: str | None
+    per_layer: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    summary: dict[str, float | int | None] = field(default_factory=dict)
+    issues: list[Issue] = field(default_factory=list)
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def measure_udr(
+    layers: list[UdrInput],
+    base_model: str | None,
+    *,
+    adapter_base_hint: str | None = None,
+    cache_path: str | None = None,
+    use_cache: bool = True,
+    progress: bool = False,
+) -> UdrReport:
+    """Compute UDR/SDI of each layer against the base model (see :mod:`gradience.udr.measure`)."""
+    from gradience.udr.measure import measure_udr as _impl
+
+    return _impl(layers, base_model, adapter_base_hint=adapter_base_hint, cache_path=cache_path,
+                 use_cache=use_cache, progress=progress)

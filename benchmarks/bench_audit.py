@@ -1,0 +1,313 @@
+"""Benchmark `gradience audit` on the synthetic adapters against SPEC §11 (figures and targets).
+
+    python benchmarks/bench_audit.py                 # all adapters, 7 runs each after one warm-up
+    python benchmarks/bench_audit.py --runs 5 --only tiny_r8 llama7b_r16_f32
+
+Per adapter it measures:
+- whole process: wall time of ``gradience audit --peft-dir X --json`` (stdout to /dev/null), median and
+  range over the runs, and the child's peak RSS (``os.wait4`` rusage of that one process);
+- in process: ``run_audit(load_adapter(X), AuditOptions())`` versus reading the weights once, warm
+  (``open().read()`` of the whole file) and touching every tensor through gradience's mmap reader;
+and overall: time per pair (linearity, 7B vs 70B) and the ``python -X importtime`` cost of the command,
+with a check that torch / transformers / scipy are never imported. Results also go to
+``benchmarks/results/audit-<time>.json``.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Same BLAS setting as the CLI (gradience.cli.main), so in-process numbers measure the same code path.
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import argparse  # noqa: E402
+import shutil  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+BENCH_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH_DIR))
+
+import make_adapters  # noqa: E402
+
+RESULTS_DIR = BENCH_DIR / "results"
+HEAVY_MODULES = ("torch", "transformers", "scipy", "peft", "accelerate", "datasets", "pandas", "matplotlib")
+
+# SPEC §11, measured on this 2-core machine: file MiB, original tool (s, peak MiB), numpy-only prototype (s),
+# and the whole-process target (s).
+SPEC_FIGURES: dict[str, dict[str, float]] = {
+    "tiny_r8": {"file_mib": 0.6, "orig_s": 1.48, "orig_mib": 238, "proto_s": 0.11, "target_s": 0.15},
+    "llama7b_r16_f32": {"file_mib": 153, "orig_s": 1.98, "orig_mib": 392, "proto_s": 0.21, "target_s": 0.25},
+    "llama7b_r64_f32": {"file_mib": 610, "orig_s": 4.41, "orig_mib": 856, "proto_s": 0.66, "target_s": 0.8},
+    "llama70b_r16_f32": {"file_mib": 790, "orig_s": 3.97, "orig_mib": 1033, "proto_s": 0.58, "target_s": 0.8},
+}
+TARGET_INPROC_OVER_READ = 3.0
+TARGET_PEAK_OVER_FILE = 1.3
+# Below this file size the ratio targets are not judged: the interpreter's own ~30 MiB and the fixed per-call
+# costs dominate a 0.6 MiB adapter (its target is the whole-process time).
+MIN_RATIO_FILE_MIB = 50.0
+
+
+def gradience_command() -> list[str]:
+    exe = shutil.which("gradience")
+    return [exe] if exe else [sys.executable, "-m", "gradience"]
+
+
+def run_child(cmd: list[str]) -> tuple[float, float, int, str]:
+    """Run one fresh process; returns (wall s, peak RSS MiB, exit code, stderr tail) for that process alone."""
+    with tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, stdin=subprocess.DEVNULL)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped by wait4: tell Popen
+        err.seek(0)
+        tail = err.read()[-2000:].decode(errors="replace")
+    return wall, usage.ru_maxrss / 1024, proc.returncode, tail  # ru_maxrss is KiB on Linux
+
+
+def median_time(fn: Callable[[], Any], runs: int) -> tuple[float, float, float]:
+    """(median, min, max) seconds of ``fn`` over ``runs`` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), min(times), max(times)
+
+
+def read_whole_file(path: Path) -> int:
+    with open(path, "rb") as fh:
+        return len(fh.read())
+
+
+def touch_every_tensor(path: Path) -> float:
+    """Read every tensor through gradience's reader (bf16 converted to float32) and reduce it."""
+    import numpy as np
+
+    from gradience.io.safetensors import SafetensorsFile
+
+    st = SafetensorsFile(path)
+    total = 0.0
+    for name in st.tensors:
+        total += float(np.add.reduce(st.read(name), axis=None))
+    return total
+
+
+def bench_process(adapter_dir: Path, runs: int) -> dict[str, Any]:
+    cmd = [*gradience_command(), "audit", "--peft-dir", str(adapter_dir), "--json"]
+    wall, rss, code, tail = run_child(cmd)  # warm-up (also warms the page cache)
+    if code != 0:
+        return {"error": f"exit {code}: {tail.strip().splitlines()[-1] if tail.strip() else ''}"}
+    walls, rsss = [], []
+    for _ in range(runs):
+        wall, rss, code, tail = run_child(cmd)
+        if code != 0:
+            return {"error": f"exit {code}: {tail.strip()[-300:]}"}
+        walls.append(wall)
+        rsss.append(rss)
+    return {"wall_s": statistics.median(walls), "wall_min_s": min(walls), "wall_max_s": max(walls),
+            "peak_rss_mib": max(rsss), "walls_s": walls}
+
+
+def bench_in_process(adapter_dir: Path, runs: int) -> dict[str, Any]:
+    from gradience.adapter import load_adapter
+    from gradience.audit import AuditOptions, run_audit
+
+    weights = adapter_dir / "adapter_model.safetensors"
+    try:
+        audit = median_time(lambda: run_audit(load_adapter(str(adapter_dir)), AuditOptions()), runs)
+    except Exception as exc:  # the bench reports a broken audit instead of dying
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    read = median_time(lambda: read_whole_file(weights), runs)
+    touch = median_time(lambda: touch_every_tensor(weights), runs)
+    return {"audit_s": audit[0], "audit_min_s": audit[1], "audit_max_s": audit[2],
+            "read_s": read[0], "mmap_touch_s": touch[0], "audit_over_read": audit[0] / read[0],
+            "audit_over_mmap_touch": audit[0] / touch[0]}
+
+
+def python_baselines(runs: int) -> dict[str, float]:
+    """Interpreter start-up alone and with numpy: the floor under any whole-process time."""
+    out = {}
+    for key, code in (("python_s", "pass"), ("python_numpy_s", "import numpy")):
+        walls = [run_child([sys.executable, "-c", code])[0] for _ in range(runs + 1)][1:]
+        out[key] = statistics.median(walls)
+    return out
+
+
+def import_cost(adapter_dir: Path) -> dict[str, Any]:
+    """``python -X importtime`` of the real command: total import time, biggest imports, heavy modules."""
+    cmd = [sys.executable, "-X", "importtime", *(gradience_command() if shutil.which("gradience") else
+                                                 ["-m", "gradience"]),
+           "audit", "--peft-dir", str(adapter_dir), "--json"]
+    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=False)
+    rows = [_parse_importtime(line) for line in proc.stderr.splitlines()
+            if line.startswith("import time:") and "self [us]" not in line]
+    modules = {name.strip() for _, _, name in rows}
+    top_level = sorted(((cum, name.strip()) for _, cum, name in rows if not name.startswith(" ")), reverse=True)
+    heavy = sorted(m for m in modules if m.split(".")[0] in HEAVY_MODULES)
+    return {"total_s": sum(s for s, _, _ in rows) / 1e6, "n_modules": len(modules),
+            "top": [(name, cum / 1e6) for cum, name in top_level[:6]], "heavy_imported": heavy,
+            "numpy_s": next((cum / 1e6 for _, cum, name in rows if name.strip() == "numpy"), None)}
+
+
+def _parse_importtime(line: str) -> tuple[int, int, str]:
+    """'import time:   123 |   456 |   pkg.mod' -> (123, 456, '  pkg.mod'), keeping the nesting indent."""
+    self_us, cum_us, name = line[len("import time:"):].split("|", 2)
+    return int(self_us), int(cum_us), name[1:] if name.startswith(" ") else name
+
+
+def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
+    """Format a figure, or a right-aligned '-' of the same width when there is none."""
+    if value is None:
+        return "-".rjust(len(format(0.0, spec) + suffix))
+    return format(value, spec) + suffix
+
+
+def render(results: dict[str, Any]) -> str:
+    rows = results["adapters"]
+    lines = []
+    base = results.get("baselines", {})
+    lines.append("gradience audit --json, whole process (median of {runs} runs after 1 warm-up; python alone "
+                 "{py}, python+numpy {np})".format(runs=results["runs"], py=_fmt(base.get("python_s"), ".3f") + " s",
+                                                   np=_fmt(base.get("python_numpy_s"), ".3f") + " s"))
+    header = (f"{'adapter':18s} {'file MiB':>8s} {'pairs':>5s} | {'time s':>6s} {'[min-max]':>13s} {'target':>6s}"
+              f" {'t/target':>8s} | {'peak MiB':>8s} {'peak/file':>9s} | {'orig s':>6s} {'orig MiB':>8s}"
+              f" {'speedup':>7s} | {'proto s':>7s} {'t/proto':>7s}")
+    lines += [header, "-" * len(header)]
+    for name, row in rows.items():
+        proc, spec = row.get("process", {}), SPEC_FIGURES.get(name, {})
+        if "error" in proc:
+            lines.append(f"{name:18s} {row['file_mib']:8.1f} {row['pairs']:5d} | ERROR {proc['error']}")
+            continue
+        if not proc:
+            continue
+        t, peak = proc["wall_s"], proc["peak_rss_mib"]
+        lines.append(
+            f"{name:18s} {row['file_mib']:8.1f} {row['pairs']:5d} | {t:6.3f} "
+            f"{'[' + format(proc['wall_min_s'], '.3f') + '-' + format(proc['wall_max_s'], '.3f') + ']':>13s} "
+            f"{_fmt(spec.get('target_s'), '6.2f')} {_fmt(t / spec['target_s'] if spec else None, '8.2f')} | "
+            f"{peak:8.0f} {peak / row['file_mib']:9.2f} | {_fmt(spec.get('orig_s'), '6.2f')} "
+            f"{_fmt(spec.get('orig_mib'), '8.0f')} {_fmt(spec['orig_s'] / t if spec else None, '6.1f', 'x')} | "
+            f"{_fmt(spec.get('proto_s'), '7.2f')} {_fmt(t / spec['proto_s'] if spec else None, '7.2f')}")
+    lines.append("")
+    lines.append(f"in process: run_audit(load_adapter(dir), AuditOptions()) vs reading the weights once, warm "
+                 f"(target audit/read <= {TARGET_INPROC_OVER_READ:g})")
+    header = (f"{'adapter':18s} | {'audit s':>7s} {'read() s':>8s} {'mmap s':>7s} | {'audit/read':>10s}"
+              f" {'audit/mmap':>10s} | {'ms/pair':>7s} {'ms/MiB':>7s}")
+    lines += [header, "-" * len(header)]
+    for name, row in rows.items():
+        inproc = row.get("in_process", {})
+        if "error" in inproc:
+            lines.append(f"{name:18s} | ERROR {inproc['error']}")
+            continue
+        if not inproc:
+            continue
+        lines.append(f"{name:18s} | {inproc['audit_s']:7.3f} {inproc['read_s']:8.3f} {inproc['mmap_touch_s']:7.3f} | "
+                     f"{inproc['audit_over_read']:10.2f} {inproc['audit_over_mmap_touch']:10.2f} | "
+                     f"{1e3 * inproc['audit_s'] / row['pairs']:7.3f} {1e3 * inproc['audit_s'] / row['file_mib']:7.3f}")
+    lin = results.get("linearity")
+    if lin:
+        lines.append("")
+        lines.append(f"linearity (in process, llama7b_r16_f32 -> llama70b_r16_f32): pairs x{lin['pairs_ratio']:.2f}, "
+                     f"bytes x{lin['bytes_ratio']:.2f}, time x{lin['time_ratio']:.2f}; time/pair x{lin['per_pair_ratio']:.2f}, "
+                     f"time/byte x{lin['per_byte_ratio']:.2f} (1.0 = linear)")
+    imp = results.get("import")
+    if imp:
+        lines.append("")
+        lines.append(f"python -X importtime gradience audit --json: {imp['total_s']:.3f} s in {imp['n_modules']} "
+                     f"modules (numpy {_fmt(imp['numpy_s'], '.3f')} s); heavy modules imported: "
+                     f"{', '.join(imp['heavy_imported']) or 'none'}")
+        lines.append("  biggest top-level imports: " + ", ".join(f"{n} {s:.3f}s" for n, s in imp["top"]))
+    lines.append("")
+    lines.append(f"machine: {results['cpu_count']} CPUs, 1-min load average {results['load_avg_start']:.2f} at start, "
+                 f"{results.get('load_avg_end', float('nan')):.2f} at end (well above 0 means other work "
+                 "competed with the runs: prefer the min column)")
+    lines.append("")
+    lines.append(f"targets (SPEC §11; ratio targets judged for files >= {MIN_RATIO_FILE_MIB:g} MiB):")
+    for verdict in results.get("verdicts", []):
+        lines.append("  " + verdict)
+    return "\n".join(lines)
+
+
+def verdicts(results: dict[str, Any]) -> list[str]:
+    out = []
+    for name, row in results["adapters"].items():
+        proc, inproc, spec = row.get("process", {}), row.get("in_process", {}), SPEC_FIGURES.get(name)
+        if spec and "wall_s" in proc:
+            ok = proc["wall_s"] <= spec["target_s"]
+            out.append(f"{'MET ' if ok else 'MISS'} {name}: whole process {proc['wall_s']:.3f} s <= {spec['target_s']} s")
+        if "audit_over_read" in inproc and row["file_mib"] >= MIN_RATIO_FILE_MIB:
+            ok = inproc["audit_over_read"] <= TARGET_INPROC_OVER_READ
+            out.append(f"{'MET ' if ok else 'MISS'} {name}: in process {inproc['audit_over_read']:.2f}x read "
+                       f"<= {TARGET_INPROC_OVER_READ:g}x")
+        if "peak_rss_mib" in proc and row["file_mib"] >= MIN_RATIO_FILE_MIB:
+            ratio = proc["peak_rss_mib"] / row["file_mib"]
+            out.append(f"{'MET ' if ratio <= TARGET_PEAK_OVER_FILE else 'MISS'} {name}: peak {ratio:.2f}x file "
+                       f"<= {TARGET_PEAK_OVER_FILE:g}x")
+    imp = results.get("import")
+    if imp:
+        out.append(f"{'MET ' if not imp['heavy_imported'] else 'MISS'} no torch/transformers/scipy imported by audit")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", nargs="*", default=None, help="adapter names (default: all)")
+    ap.add_argument("--runs", type=int, default=7, help="timed runs per figure, after one warm-up (default 7)")
+    ap.add_argument("--no-process", action="store_true", help="skip the whole-process runs")
+    ap.add_argument("--no-in-process", action="store_true", help="skip the in-process runs")
+    ap.add_argument("--json-out", type=Path, default=None, help="results file (default benchmarks/results/...)")
+    ap.add_argument("--data-dir", type=Path, default=make_adapters.DATA_DIR, help="where the adapters live")
+    args = ap.parse_args(argv)
+
+    names = args.only or list(make_adapters.ADAPTERS)
+    unknown = [n for n in names if n not in make_adapters.ADAPTERS]
+    if unknown:
+        ap.error(f"unknown adapter(s): {', '.join(unknown)}")
+    results: dict[str, Any] = {"schema": "gradience.bench.audit/v1", "runs": args.runs,
+                               "command": " ".join([*gradience_command(), "audit", "--peft-dir", "DIR", "--json"]),
+                               "cpu_count": os.cpu_count(), "load_avg_start": os.getloadavg()[0], "adapters": {}}
+    results["baselines"] = python_baselines(args.runs)
+    for name in names:
+        adapter_dir, _ = make_adapters.ensure_adapter(name, args.data_dir)
+        weights = adapter_dir / "adapter_model.safetensors"
+        row: dict[str, Any] = {"file_mib": weights.stat().st_size / 2**20, "pairs": make_adapters.pair_count(name)}
+        if not args.no_process:
+            row["process"] = bench_process(adapter_dir, args.runs)
+        if not args.no_in_process:
+            row["in_process"] = bench_in_process(adapter_dir, args.runs)
+        results["adapters"][name] = row
+        print(f"... {name} measured", file=sys.stderr, flush=True)
+
+    small, big = results["adapters"].get("llama7b_r16_f32"), results["adapters"].get("llama70b_r16_f32")
+    if small and big and "audit_s" in small.get("in_process", {}) and "audit_s" in big.get("in_process", {}):
+        t_ratio = big["in_process"]["audit_s"] / small["in_process"]["audit_s"]
+        p_ratio, b_ratio = big["pairs"] / small["pairs"], big["file_mib"] / small["file_mib"]
+        results["linearity"] = {"pairs_ratio": p_ratio, "bytes_ratio": b_ratio, "time_ratio": t_ratio,
+                                "per_pair_ratio": t_ratio / p_ratio, "per_byte_ratio": t_ratio / b_ratio}
+    tiny_dir, _ = make_adapters.ensure_adapter("tiny_r8", args.data_dir)
+    results["import"] = import_cost(tiny_dir)
+    results["load_avg_end"] = os.getloadavg()[0]
+    results["verdicts"] = verdicts(results)
+
+    print(render(results))
+    out = args.json_out or RESULTS_DIR / f"audit-{time.strftime('%Y%m%dT%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    from gradience.jsonio import atomic_write_text, dumps
+
+    atomic_write_text(out, dumps(results, pretty=True) + "\n")
+    print(f"\nresults: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,190 @@
+"""Tensor sources: one interface over safetensors files (single or sharded), pickled PyTorch state dicts and
+in-memory state dicts, so that pairing and orientation logic exists once.
+
+A source answers ``metas()`` (names, shapes, dtypes: header information only) and reads one tensor as float32 on
+demand with ``read_f32``; safetensors data stays memory-mapped until then, and in-memory torch tensors are only
+converted to numpy when read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, Protocol
+
+import numpy as np
+
+from gradience.errors import InputError, MissingDependencyError
+from gradience.io.safetensors import FLOAT_DTYPES, SafetensorsFile
+
+# An index of a sharded adapter lists a few thousand keys at most.
+MAX_INDEX_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """What is known about a tensor without reading its data."""
+
+    key: str
+    shape: tuple[int, ...]
+    dtype: str
+    is_float: bool
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+class TensorSource(Protocol):
+    def metas(self) -> dict[str, TensorMeta]: ...
+
+    def read_f32(self, key: str) -> np.ndarray: ...
+
+
+class SafetensorsSource:
+    """One or several (sharded) safetensors files; headers validated at construction, data mapped on read."""
+
+    def __init__(self, files: Mapping[str, SafetensorsFile]) -> None:
+        """``files`` maps each tensor key to the file that holds it."""
+        self._files = dict(files)
+        self._metas = {}
+        for key, sf in self._files.items():
+            info = sf.tensors[key]
+            self._metas[key] = TensorMeta(key, info.shape, info.dtype, info.dtype in FLOAT_DTYPES)
+
+    @classmethod
+    def single(cls, path: str | os.PathLike[str]) -> SafetensorsSource:
+        sf = SafetensorsFile(path)
+        return cls(dict.fromkeys(sf.tensors, sf))
+
+    @classmethod
+    def sharded(cls, index_path: str | os.PathLike[str]) -> SafetensorsSource:
+        """Shards named by the ``weight_map`` of a ``*.safetensors.index.json`` (HF sharding layout)."""
+        index_path = Path(index_path)
+        weight_map = _read_weight_map(index_path)
+        shards: dict[str, SafetensorsFile] = {}
+        files: dict[str, SafetensorsFile] = {}
+        for key, shard_name in weight_map.items():
+            sf = shards.get(shard_name)
+            if sf is None:
+                shard_path = index_path.parent / shard_name
+                if not shard_path.is_file():
+                    raise InputError(f"shard '{shard_name}' listed in the index is missing", index_path)
+                sf = shards[shard_name] = SafetensorsFile(shard_path)
+            if key not in sf.tensors:
+                raise InputError(f"tensor '{key}' is mapped to shard '{shard_name}', which does not contain it",
+                                 index_path)
+            files[key] = sf
+        return cls(files)
+
+    def metas(self) -> dict[str, TensorMeta]:
+        return self._metas
+
+    def read_f32(self, key: str) -> np.ndarray:
+        return self._files[key].read_f32(key)
+
+
+def _read_weight_map(index_path: Path) -> dict[str, str]:
+    try:
+        size = index_path.stat().st_size
+        if size > MAX_INDEX_BYTES:
+            raise InputError(f"index is {size} bytes, too large for a sharded adapter index", index_path)
+        doc = json.loads(index_path.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise InputError(f"cannot read index: {exc.strerror or exc}", index_path) from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"index is not valid JSON ({exc})", index_path) from None
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise InputError("index has no 'weight_map' object mapping tensor names to shard files", index_path)
+    for key, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise InputError(f"weight_map entry for '{key}' is not a file name", index_path)
+        pure = PurePosixPath(shard)
+        if pure.is_absolute() or ".." in pure.parts or "\\" in shard or not shard:
+            raise InputError(f"weight_map entry for '{key}' points outside the index's directory: {shard!r}",
+                             index_path)
+    return weight_map
+
+
+def _is_torch_tensor(value: Any) -> bool:
+    return hasattr(value, "detach") and hasattr(value, "is_floating_point") and hasattr(value, "shape")
+
+
+class MappingSource:
+    """An in-memory state dict of numpy arrays or torch tensors (converted to numpy only when read)."""
+
+    def __init__(self, tensors: Mapping[str, Any], origin: str | None = None) -> None:
+        self._tensors: dict[str, Any] = {}
+        self._metas: dict[str, TensorMeta] = {}
+        for key, value in tensors.items():
+            if not isinstance(key, str):
+                raise InputError(f"state dict key {key!r} is not a string", origin)
+            if _is_torch_tensor(value):
+                meta = TensorMeta(key, tuple(int(d) for d in value.shape), str(value.dtype).removeprefix("torch."),
+                                  bool(value.is_floating_point()))
+            elif isinstance(value, np.ndarray):
+                meta = TensorMeta(key, tuple(int(d) for d in value.shape), str(value.dtype),
+                                  bool(np.issubdtype(value.dtype, np.floating)))
+            else:
+                raise InputError(f"state dict entry '{key}' is a {type(value).__name__}, not a tensor", origin)
+            self._tensors[key] = value
+            self._metas[key] = meta
+
+    def metas(self) -> dict[str, TensorMeta]:
+        return self._metas
+
+    def read_f32(self, key: str) -> np.ndarray:
+        value = self._tensors[key]
+        if _is_torch_tensor(value):
+            return np.asarray(value.detach().float().cpu().numpy(), dtype=np.float32)
+        return np.asarray(value, dtype=np.float32)
+
+
+def _pickle_reason(exc: Exception) -> str:
+    """The informative line of torch's weights_only refusal (it names the blocked global), else the first line."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    telling = [ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln]
+    return ((telling or lines or [type(exc).__name__])[0])[:300]
+
+
+def torch_pickle_source(path: str | os.PathLike[str]) -> MappingSource:
+    """A pickled PyTorch state dict (``adapter_model.bin`` / ``.pt``), loaded with ``weights_only=True`` only.
+
+    ``weights_only`` makes torch refuse any pickle that would build arbitrary objects (code execution), which
+    surfaces here as an ``InputError``. The whole file is loaded by torch (memory-mapped when the file uses the
+    zip format), because a pickle cannot be read tensor by tensor.
+    """
+    try:
+        import torch
+    except ImportError:
+        raise MissingDependencyError("torch", "hf", f"reading the pickled adapter weights {os.fspath(path)}") from None
+    state: Any = None
+    last_error: Exception | None = None
+    for use_mmap in (True, False):
+        try:
+            state = torch.load(os.fspath(path), map_location="cpu", weights_only=True, mmap=use_mmap)
+            last_error = None
+            break
+        except pickle.UnpicklingError as exc:
+            raise InputError("refusing to load: the pickle holds objects other than tensors and plain containers "
+                             f"(loaded with weights_only=True; nothing was executed): {_pickle_reason(exc)}",
+                             path) from None
+        except FileNotFoundError:
+            raise InputError("weights file not found", path) from None
+        except Exception as exc:  # torch raises RuntimeError/EOFError/ValueError/... for corrupt files
+            last_error = exc
+    if last_error is not None:
+        text = str(last_error).strip().splitlines()
+        raise InputError(f"not a readable PyTorch weights file ({type(last_error).__name__}: "
+                         f"{(text[0] if text else '')[:300]})", path)
+    if not isinstance(state, Mapping):
+        raise InputError(f"PyTorch file holds a {type(state).__name__}, not a state dict of tensors", path)
+    return MappingSource(state, origin=os.fspath(path))

@@ -1,0 +1,360 @@
+"""The audit as a library: ``run_audit(loaded, options) -> AuditResult`` and its JSON summary (SPEC §3).
+
+Each pair's factors are read once (zero-copy from the memory map), reduced to two float64 r×r Grams and
+dropped; the eigen-solves then run batched over pairs of equal rank. Only pairs whose spectrum the Gram path
+cannot resolve are read a second time for the QR path (see :mod:`gradience.audit.spectrum`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from gradience import stats
+from gradience.adapter.model import LoadedAdapter, LoraPair, NonLoraTensors
+from gradience.audit.spectrum import (
+    batched_singular_values,
+    factor_grams,
+    singular_values_qr,
+    spectrum_metrics,
+)
+from gradience.audit.suggest import global_suggestion, per_layer_suggestions
+from gradience.issues import Issue
+from gradience.modules import MODULE_TYPES, classify_module, layer_index
+from gradience.policy.thresholds import (
+    ALLOWED_RANKS_DEFAULT,
+    SUGGEST_MARGIN_DEFAULT,
+    TOP_WASTEFUL_TEXT_DEFAULT,
+)
+
+SCHEMA = "gradience.audit/v1"
+MULTI_SCHEMA = "gradience.audit.multi/v1"
+
+# SPEC §4 summary keys; present (null without a base model) so scripts reading them never KeyError.
+UDR_SUMMARY_KEYS: tuple[str, ...] = (
+    "udr_mean", "udr_median", "udr_p90", "udr_max", "fraction_udr_gt_0_1", "fraction_udr_gt_0_3",
+    "sdi_mean", "sdi_median", "sdi_p90", "n_layers_with_udr",
+)
+UDR_ROW_KEYS: tuple[str, ...] = ("base_sigma_max", "base_frob_norm", "udr", "udr_f", "sdi")
+
+LayerStatus = Literal["ok", "zero_update", "non_finite"]
+
+
+@dataclass
+class AuditOptions:
+    """What to compute beyond the always-present summary. ``base_model``/``udr`` drive the UDR seam."""
+
+    top_wasteful: int | None = None          # add ``top_wasteful`` (N rows of lowest utilization)
+    top_singular_values: int | None = None   # rows carry only the top-K σ (all when None)
+    suggest_per_layer: bool = False
+    margin: float = SUGGEST_MARGIN_DEFAULT
+    allowed_ranks: tuple[int, ...] = ALLOWED_RANKS_DEFAULT
+    udr: bool = False                        # try UDR (with base_model, else the adapter's own base hint)
+    base_model: str | None = None
+    base_norms_cache: str | None = None
+    progress: bool = False
+
+
+@dataclass
+class LayerAudit:
+    """One audited LoRA pair: identity, shapes, σ vector and the metrics derived from it."""
+
+    name: str
+    peft_prefix: str
+    module_type: str
+    layer: int | None
+    kind: str
+    dora: bool
+    r: int
+    alpha: float | None
+    scale: float
+    d_in: int
+    d_out: int
+    a_shape: tuple[int, ...]
+    b_shape: tuple[int, ...]
+    status: LayerStatus
+    singular_values: np.ndarray | None = None   # unscaled, descending, length r; None when non-finite
+    frob_norm: float | None = None
+    sigma_max: float | None = None
+    delta_frob_norm: float | None = None
+    delta_sigma_max: float | None = None
+    stable_rank: float | None = None
+    utilization: float | None = None
+    effective_rank: float | None = None
+    energy_rank_90: int | None = None
+    energy_rank_95: int | None = None
+    energy_rank_99: int | None = None
+    udr: dict[str, float | None] = field(default_factory=lambda: dict.fromkeys(UDR_ROW_KEYS))
+
+    @property
+    def params(self) -> int:
+        return self.r * (self.d_in + self.d_out)
+
+    def to_row(self, top_singular_values: int | None = None) -> dict[str, Any]:
+        sv: list[float] | None = None
+        if self.singular_values is not None:
+            vec = self.singular_values if top_singular_values is None else self.singular_values[:top_singular_values]
+            sv = [float(x) for x in vec]
+        row: dict[str, Any] = {
+            "name": self.name, "peft_prefix": self.peft_prefix, "module_type": self.module_type,
+            "layer": self.layer, "kind": self.kind, "dora": self.dora, "r": self.r, "alpha": self.alpha,
+            "scale": self.scale, "params": self.params, "a_shape": list(self.a_shape),
+            "b_shape": list(self.b_shape), "status": self.status,
+            "frob_norm": self.frob_norm, "sigma_max": self.sigma_max,
+            "delta_frob_norm": self.delta_frob_norm, "delta_sigma_max": self.delta_sigma_max,
+            "stable_rank": self.stable_rank, "utilization": self.utilization,
+            "effective_rank": self.effective_rank, "energy_rank_90": self.energy_rank_90,
+            "energy_rank_95": self.energy_rank_95, "energy_rank_99": self.energy_rank_99,
+            "singular_values": sv,
+        }
+        row.update({key: self.udr.get(key) for key in UDR_ROW_KEYS})
+        return row
+
+
+def _layer_from_pair(pair: LoraPair, sigma: np.ndarray) -> LayerAudit:
+    layer = LayerAudit(
+        name=pair.name, peft_prefix=pair.peft_prefix, module_type=classify_module(pair.name),
+        layer=layer_index(pair.name), kind=pair.kind, dora=pair.dora, r=pair.r, alpha=pair.alpha,
+        scale=pair.scale, d_in=pair.d_in, d_out=pair.d_out, a_shape=tuple(pair.a_shape),
+        b_shape=tuple(pair.b_shape), status="ok",
+    )
+    if not np.isfinite(sigma).all():
+        layer.status = "non_finite"
+        return layer
+    m = spectrum_metrics(sigma, pair.r)
+    s = abs(pair.scale)
+    layer.status = "zero_update" if m.sigma_max == 0.0 else "ok"
+    layer.singular_values = sigma
+    layer.frob_norm, layer.sigma_max = m.frob_norm, m.sigma_max
+    layer.delta_frob_norm, layer.delta_sigma_max = s * m.frob_norm, s * m.sigma_max
+    layer.stable_rank, layer.utilization, layer.effective_rank = m.stable_rank, m.utilization, m.effective_rank
+    layer.energy_rank_90, layer.energy_rank_95, layer.energy_rank_99 = (
+        m.energy_rank_90, m.energy_rank_95, m.energy_rank_99)
+    return layer
+
+
+def audit_pairs(pairs: Sequence[LoraPair]) -> list[LayerAudit]:
+    """Spectrum and metrics of every pair (reads each pair's factors once, twice only when refining)."""
+    grams = [factor_grams(*pair.load_factors()) for pair in pairs]
+    sigmas = batched_singular_values(grams)
+    layers = []
+    for pair, sigma in zip(pairs, sigmas, strict=True):
+        if sigma is None:
+            sigma = singular_values_qr(*pair.load_factors())
+        layers.append(_layer_from_pair(pair, sigma))
+    return layers
+
+
+@dataclass
+class AuditResult:
+    """Everything an audit found; ``to_summary`` renders the SPEC §3.2 JSON object."""
+
+    adapter: LoadedAdapter
+    layers: list[LayerAudit]
+    options: AuditOptions
+    issues: list[Issue] = field(default_factory=list)
+    udr_requested: bool = False
+    udr_base_model: str | None = None
+    udr_summary: dict[str, Any] = field(default_factory=dict)
+    udr_stats: dict[str, Any] = field(default_factory=dict)
+
+    # -- summary pieces --------------------------------------------------------------------------
+    def adapter_r(self) -> int:
+        r = self.adapter.config.get("r")
+        pair_max = max((layer.r for layer in self.layers), default=0)
+        return max(pair_max, int(r)) if isinstance(r, int) and not isinstance(r, bool) else pair_max
+
+    def _adapter_block(self) -> dict[str, Any]:
+        cfg = self.adapter.config
+        keys = ("r", "lora_alpha", "use_rslora", "target_modules", "rank_pattern", "alpha_pattern",
+                "base_model_name_or_path", "peft_type", "task_type")
+        block = {key: cfg.get(key) for key in keys}
+        if block["r"] is None and self.layers:
+            block["r"] = self.adapter_r()
+        return block
+
+    def _by_type(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for mtype in MODULE_TYPES:
+            sel = [layer for layer in self.layers if layer.module_type == mtype]
+            if not sel:
+                continue
+            k90 = [layer.energy_rank_90 for layer in sel]
+            out[mtype] = {
+                "n_layers": len(sel),
+                "params": sum(layer.params for layer in sel),
+                "stable_rank_mean": stats.mean(layer.stable_rank for layer in sel),
+                "utilization_mean": stats.mean(layer.utilization for layer in sel),
+                "energy_rank_90_p50": stats.percentile(k90, 50.0),
+                "energy_rank_90_p90": stats.percentile(k90, 90.0),
+            }
+        return out
+
+    def _composition(self) -> dict[str, Any]:
+        """How concentrated the update energy (Σ delta_frob_norm²) is across layers."""
+        energies = [(layer.name, layer.delta_frob_norm ** 2) for layer in self.layers
+                    if layer.delta_frob_norm is not None]
+        total = sum(e for _, e in energies)
+        if total <= 0.0 or not math.isfinite(total):
+            return {"total_energy": total if energies else None, "top5_share": None, "top10pct_share": None,
+                    "hhi": None, "effective_n_layers": None, "energy_share": {}}
+        shares = {name: e / total for name, e in energies}
+        ordered = sorted(shares.values(), reverse=True)
+        n_top10 = max(1, math.ceil(0.1 * len(ordered)))
+        hhi = sum(x * x for x in ordered)
+        return {
+            "total_energy": total,
+            "top5_share": sum(ordered[:5]),
+            "top10pct_share": sum(ordered[:n_top10]),
+            "hhi": hhi,
+            "effective_n_layers": 1.0 / hhi,
+            "energy_share": shares,
+        }
+
+    def wasteful(self, n: int) -> list[LayerAudit]:
+        """The n rows of lowest utilization (ties: by name), non-finite rows excluded."""
+        rated = [layer for layer in self.layers if layer.utilization is not None]
+        return sorted(rated, key=lambda la: (la.utilization, la.name))[: max(0, n)]
+
+    def to_summary(self, include_layers: bool = True) -> dict[str, Any]:
+        """The SPEC §3.2 summary (insertion order is the JSON key order)."""
+        layers = self.layers
+        opts = self.options
+        sr = [la.stable_rank for la in layers]
+        k90 = [la.energy_rank_90 for la in layers]
+        dsm = [la.delta_sigma_max for la in layers]
+        dfn = [la.delta_frob_norm for la in layers]
+        adapter_r = self.adapter_r()
+        g50 = global_suggestion(layers, opts.allowed_ranks, adapter_r, 50.0)
+        g90 = global_suggestion(layers, opts.allowed_ranks, adapter_r, 90.0)
+        total_params = sum(la.params for la in layers)
+        out: dict[str, Any] = {
+            "schema": SCHEMA,
+            "peft_dir": self.adapter.peft_dir,
+            "adapter_name": self.adapter.adapter_name,
+            "adapter_config_path": self.adapter.adapter_config_path,
+            "adapter_weights_path": self.adapter.adapter_weights_path,
+            "adapter": self._adapter_block(),
+            "total_lora_params": total_params,
+            "n_layers": len(layers),
+            "n_layers_zero_update": sum(la.status == "zero_update" for la in layers),
+            "n_layers_non_finite": sum(la.status == "non_finite" for la in layers),
+            "stable_rank_mean": stats.mean(sr),
+            "stable_rank_median": stats.median(sr),
+            "stable_rank_weighted_mean": stats.weighted_mean(sr, [la.params for la in layers]),
+            "effective_rank_mean": stats.mean(la.effective_rank for la in layers),
+            "utilization_mean": stats.mean(la.utilization for la in layers),
+            "energy_rank_90_p50": stats.percentile(k90, 50.0),
+            "energy_rank_90_p90": stats.percentile(k90, 90.0),
+            "delta_sigma_max_scaled_mean": stats.mean(dsm),
+            "delta_sigma_max_scaled_p50": stats.percentile(dsm, 50.0),
+            "delta_sigma_max_scaled_p90": stats.percentile(dsm, 90.0),
+            "delta_frob_norm_scaled_mean": stats.mean(dfn),
+            "delta_frob_norm_scaled_p50": stats.percentile(dfn, 50.0),
+            "delta_frob_norm_scaled_p90": stats.percentile(dfn, 90.0),
+            "by_type": self._by_type(),
+            "suggested_r_global_median": g50["r"],
+            "suggested_r_global_90": g90["r"],
+            "global_rank_suggestions": {
+                "allowed_ranks": list(opts.allowed_ranks), "adapter_r": adapter_r,
+                "params_current": total_params, "median": g50, "p90": g90,
+            },
+            "composition": self._composition(),
+        }
+        out["udr_requested"] = self.udr_requested
+        out["udr_base_model"] = self.udr_base_model
+        for key in UDR_SUMMARY_KEYS:
+            out[key] = self.udr_summary.get(key)
+        non_lora: NonLoraTensors = self.adapter.non_lora
+        out["non_lora_tensors"] = {"count": non_lora.count, "params": non_lora.params,
+                                   "names": list(non_lora.names)}
+        out["issues"] = [issue.to_dict() for issue in self.issues]
+        if include_layers:
+            out["layers"] = [la.to_row(opts.top_singular_values) for la in layers]
+        if opts.top_wasteful is not None:
+            out["top_wasteful"] = [la.to_row(opts.top_singular_values) for la in self.wasteful(opts.top_wasteful)]
+        if opts.suggest_per_layer:
+            use_rslora = bool(self.adapter.config.get("use_rslora", False))
+            out["rank_suggestions"] = per_layer_suggestions(layers, opts.allowed_ranks, opts.margin, use_rslora)
+        return out
+
+
+def _layer_issues(layers: Sequence[LayerAudit], non_lora: NonLoraTensors) -> list[Issue]:
+    issues: list[Issue] = []
+    zero = [la.name for la in layers if la.status == "zero_update"]
+    if zero:
+        issues.append(Issue(
+            "zero_update",
+            f"{len(zero)} of {len(layers)} LoRA pairs have a zero update (B or A all zeros, e.g. an adapter "
+            "saved before training); their metrics are 0",
+            "warning", modules=zero))
+    bad = [la.name for la in layers if la.status == "non_finite"]
+    if bad:
+        issues.append(Issue(
+            "non_finite_weights",
+            f"{len(bad)} LoRA pairs contain NaN or Inf factors; their metrics are null",
+            "error", modules=bad))
+    if non_lora.count:
+        issues.append(Issue(
+            "non_lora_tensors",
+            f"{non_lora.count} non-LoRA tensors ({non_lora.params} params, e.g. modules_to_save or heads) "
+            "are counted separately and not audited as LoRA",
+            "info", modules=list(non_lora.names)))
+    return issues
+
+
+def _apply_udr(result: AuditResult, loaded: LoadedAdapter, options: AuditOptions) -> None:
+    """Call the UDR seam (``gradience.udr.measure_udr``) and merge its per-layer values and summary."""
+    hint = loaded.config.get("base_model_name_or_path")
+    hint = hint if isinstance(hint, str) and hint else None
+    try:
+        from gradience.udr import UdrInput, measure_udr
+    except ImportError as exc:  # UDR package missing or partial: the audit still stands on its own
+        result.issues.append(Issue("udr_unavailable", f"UDR could not be computed: {exc}", "info"))
+        return
+    inputs = [UdrInput(name=la.name, delta_sigma_max=la.delta_sigma_max, delta_frob_norm=la.delta_frob_norm,
+                       d_out=la.d_out, d_in=la.d_in, kind=la.kind) for la in result.layers]
+    try:
+        report = measure_udr(inputs, options.base_model, adapter_base_hint=hint,
+                             cache_path=options.base_norms_cache, progress=options.progress)
+    except ImportError as exc:
+        result.issues.append(Issue("udr_unavailable", f"UDR could not be computed: {exc}", "info"))
+        return
+    result.issues.extend(report.issues)
+    result.udr_requested = bool(report.requested)
+    result.udr_base_model = getattr(report, "base_model", None)
+    result.udr_stats = dict(getattr(report, "stats", {}) or {})
+    if report.requested:
+        result.udr_summary = dict(report.summary)
+        for la in result.layers:
+            values = report.per_layer.get(la.name)
+            if values:
+                la.udr = {key: values.get(key) for key in UDR_ROW_KEYS}
+
+
+def run_audit(loaded: LoadedAdapter, options: AuditOptions | None = None) -> AuditResult:
+    """Audit a loaded adapter: per-pair spectra, summary inputs, issues, and UDR when asked."""
+    options = options or AuditOptions()
+    layers = audit_pairs(loaded.pairs)
+    result = AuditResult(adapter=loaded, layers=layers, options=options,
+                         issues=list(loaded.issues) + _layer_issues(layers, loaded.non_lora))
+    if options.udr:
+        _apply_udr(result, loaded, options)
+    return result
+
+
+def audit_state_dict(
+    tensors: Mapping[str, Any], config: Mapping[str, Any] | Any, options: AuditOptions | None = None,
+) -> AuditResult:
+    """Audit in-memory adapter weights (a PEFT state dict and its config), e.g. from a training callback."""
+    from gradience.adapter import adapter_from_state_dict
+
+    return run_audit(adapter_from_state_dict(tensors, config), options)
+
+
+def default_top_wasteful(options: AuditOptions) -> int:
+    return options.top_wasteful if options.top_wasteful is not None else TOP_WASTEFUL_TEXT_DEFAULT

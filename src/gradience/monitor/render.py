@@ -1,0 +1,191 @@
+"""Human-readable ``gradience monitor`` text (the seed's layout), rendered from the report's data.
+
+Unknown values print as ``-`` (never ``-x`` or ``nan%``). Recommendations appear in the same order as in
+the JSON.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from gradience.monitor.core import MonitorReport
+
+RULE = "=" * 72
+MAX_ISSUES_TEXT = 50
+
+
+def _ok(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def num(x: Any, fmt: str = ".2f") -> str:
+    return format(x, fmt) if _ok(x) else "-"
+
+
+def pct(x: Any) -> str:
+    return f"{x * 100:.1f}%" if _ok(x) else "-"
+
+
+def times(x: Any) -> str:
+    return f"{x:.2f}x" if _ok(x) else "-"
+
+
+def rank(x: Any) -> str:
+    """Percentiles of integer ranks: '2.5', '6' (no trailing .0)."""
+    if not _ok(x):
+        return "-"
+    return str(int(x)) if float(x).is_integer() else f"{x:.1f}"
+
+
+def count(n: Any) -> str:
+    """294912 -> '294.9K' (parameter counts)."""
+    if not _ok(n):
+        return "-"
+    x = float(n)
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(x) >= div:
+            return f"{x / div:.1f}{unit}"
+    return f"{int(x)}"
+
+
+def _steps(findings: dict[str, Any], limit: int = 8) -> str:
+    steps = [str(item.get("step")) for item in findings.get("listed", [])[:limit]]
+    more = findings.get("count", 0) - len(steps)
+    return ", ".join(steps) + (f", … (+{more})" if more > 0 else "")
+
+
+def _training_lines(t: dict[str, Any]) -> list[str]:
+    lines = ["Training:"]
+    n = t.get("steps_logged") or 0
+    if n:
+        lines.append(f"  Steps logged: {n} (steps {t.get('first_step')}-{t.get('last_step')})")
+        min_at = f" @ step {t['min_loss_step']}" if t.get("min_loss_step") is not None else ""
+        lines.append(f"  Loss: last {num(t.get('last_loss'), '.4f')}, min {num(t.get('min_loss'), '.4f')}{min_at}")
+        trend = t.get("loss_trend")
+        if trend:
+            lines.append(f"  Trend: {trend['direction']} ({pct(trend.get('relative_change'))} over steps "
+                         f"{trend['from_step']}-{trend['to_step']})")
+        else:
+            lines.append("  Trend: -")
+        nan = t.get("nonfinite_loss") or {}
+        lines.append(f"  NaN/Inf loss: {nan.get('count', 0)}" + (f" (steps {_steps(nan)})" if nan.get("count") else ""))
+        spikes = t.get("loss_spikes") or {}
+        lines.append(f"  Loss spikes (> {num(spikes.get('factor'), 'g')}x running median): {spikes.get('count', 0)}"
+                     + (f" (steps {_steps(spikes)})" if spikes.get("count") else ""))
+        exp = t.get("grad_explosions") or {}
+        gmax = t.get("grad_norm_max")
+        at = f" @ step {t['grad_norm_max_step']}" if gmax is not None else ""
+        lines.append(f"  Grad norm: max {num(gmax, '.3g')}{at}; explosions: {exp.get('count', 0)}"
+                     + (f" (steps {_steps(exp)})" if exp.get("count") else ""))
+        sched = t.get("lr_schedule")
+        if sched:
+            lines.append(f"  LR schedule: {sched['shape']} (first {num(sched['first'], '.3g')}, peak "
+                         f"{num(sched['peak'], '.3g')} @ step {sched['peak_step']}, last {num(sched['last'], '.3g')})")
+        else:
+            lines.append("  LR schedule: -")
+    else:
+        lines.append("  Steps logged: 0 (no train_step events)")
+    onset = t.get("overfitting_onset")
+    if onset:
+        lines.append(f"  Overfitting onset: step {onset['onset_step']} (test loss min {num(onset['best_test_loss'], '.4f')}"
+                     f" @ step {onset['best_step']}, last {num(onset['last_test_loss'], '.4f')})")
+    else:
+        lines.append("  Overfitting onset: -")
+    status = t.get("status")
+    reason = f" ({t['reason']})" if t.get("reason") else ""
+    lines.append(f"  Status: {status}{reason}" if status else "  Status: - (no run_end)")
+    return lines
+
+
+def _diagnostics_lines(a: dict[str, Any] | None, log_file: str) -> list[str]:
+    lines = ["Diagnostics:"]
+    if not a:
+        lines += ["  Stable rank (mean): -", "  Utilization (mean): -",
+                  "  LoRA audit: none in this run (add one with: gradience audit --peft-dir DIR "
+                  f"--append {log_file})"]
+        return lines
+    lines.append(f"  Stable rank (mean): {num(a.get('stable_rank_mean'))}")
+    lines.append(f"  Utilization (mean): {pct(a.get('utilization_mean'))}")
+    r = a.get("r")
+    step = f" at step {a['step']}" if a.get("step") is not None else ""
+    lines.append(f"  LoRA audit{step}: r={rank(r)}, {a.get('n_layers', '-')} layers, "
+                 f"{count(a.get('total_lora_params'))} params")
+    lines.append(f"  Energy rank k@90% (p50/p90): {rank(a.get('energy_rank_90_p50'))}/"
+                 f"{rank(a.get('energy_rank_90_p90'))}")
+    suggested = a.get("suggested") or {}
+    for label, key in (("median", "suggested_r_global_median"), ("p90", "suggested_r_global_90")):
+        s = suggested.get(label)
+        if not s:
+            lines.append(f"  Suggested rank ({label}): {rank(a.get(key))}")
+            continue
+        saving = ""
+        if _ok(s.get("params_saved")) and s["params_saved"] > 0:
+            saving = f" (saves {count(s['params_saved'])} / {pct(s.get('reduction_ratio'))} of LoRA params)"
+        elif _ok(s.get("params_saved")):
+            saving = " (no saving)"
+        lines.append(f"  Suggested rank ({label}): r={s['r']}{saving}")
+    for mtype, block in (a.get("by_type") or {}).items():
+        if isinstance(block, dict):
+            lines.append(f"  {mtype:<5} util={pct(block.get('utilization_mean'))}  "
+                         f"sr={num(block.get('stable_rank_mean'))}  "
+                         f"k@90% p50/p90={rank(block.get('energy_rank_90_p50'))}/"
+                         f"{rank(block.get('energy_rank_90_p90'))}  layers={block.get('n_layers', '-')}")
+    if _ok(a.get("udr_median")):
+        lines.append(f"  UDR (median/p90): {num(a.get('udr_median'), '.3f')}/{num(a.get('udr_p90'), '.3f')}")
+    return lines
+
+
+def render_text(report: MonitorReport, *, verbose: bool = False) -> str:
+    cfg = report.config
+    profile = report.task_profile or {}
+    profile_name = profile.get("name") or (cfg.task_profile if cfg else None)
+    inferred = " (inferred)" if profile.get("inferred") else ""
+    lines = [RULE, "GRADIENCE MONITOR", RULE,
+             f"File: {report.file}",
+             f"Model:   {(cfg.model_name if cfg else None) or '-'}",
+             f"Dataset: {(cfg.dataset_name if cfg else None) or '-'}",
+             f"Profile: {profile_name or '-'}{inferred}"]
+    if len(report.runs) > 1:
+        lines.append(f"Run:     {report.run_id} ({len(report.runs)} runs in file; choose with --run-id)")
+    elif verbose and report.run_id:
+        lines.append(f"Run:     {report.run_id}")
+
+    s = report.signals
+    lines += ["", "Latest eval signals:",
+              f"  Train PPL: {num(s.get('train_ppl'))}",
+              f"  Test  PPL: {num(s.get('test_ppl'))}",
+              f"  Gap:       {times(s.get('gap'))}",
+              f"  Train Acc: {pct(s.get('train_accuracy'))}",
+              f"  Test  Acc: {pct(s.get('test_accuracy'))}"]
+    if s.get("test_split_fallback"):
+        lines.append(f"  (no 'test' split logged: '{s['test_split']}' stands in for test)")
+    lines += ["", *_training_lines(report.training)]
+    lines += ["", *_diagnostics_lines(report.audit, report.file)]
+
+    alerts = report.alerts
+    groups = alerts.get("groups") or []
+    lines += ["", f"Alerts ({alerts.get('total', 0)}):" if groups else "Alerts: none"]
+    for g in groups:
+        n = f" x{g['count']}" if g["count"] > 1 else ""
+        at = f" (step {g['first_step']})" if g.get("first_step") is not None else ""
+        lines.append(f"  [{g['severity']}] {g['code']}{n}: {g['message']}{at}")
+
+    recs = report.recommendations
+    lines += ["", f"Recommendations ({len(recs)}):"]
+    if not recs:
+        lines.append("  none")
+    for rec in recs:
+        lines.append(f"  - [{rec.severity}] {rec.action}: {rec.message}")
+        if verbose and rec.rationale:
+            lines.append(f"      why: {rec.rationale} (confidence {rec.confidence:.2f})")
+
+    issues = report.telemetry_issues
+    lines += ["", f"Telemetry issues: {len(issues)}" + ("" if verbose or not issues else " (list with --verbose)")]
+    if verbose:
+        for issue in issues[:MAX_ISSUES_TEXT]:
+            where = f"line {issue.line}: " if issue.line is not None else ""
+            lines.append(f"  {where}[{issue.code}] {issue.message}")
+        if len(issues) > MAX_ISSUES_TEXT:
+            lines.append(f"  … {len(issues) - MAX_ISSUES_TEXT} more (see --json)")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,197 @@
+"""What ``gradience monitor RUN`` can read, and how each source becomes a stream of run events.
+
+RUN is a telemetry JSONL, a Hugging Face ``trainer_state.json`` (its ``log_history``), or a directory holding
+one of them: ``run.jsonl``, else a single ``*.jsonl``, else ``trainer_state.json``, else the
+``trainer_state.json`` of the latest ``checkpoint-N/``. Runs trained without the Gradience callback can be
+monitored too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from gradience.errors import GradienceError, InputError
+from gradience.issues import Issue
+from gradience.telemetry.types import ConfigSnapshot
+
+SourceKind = Literal["telemetry", "trainer_state"]
+MAX_TRAINER_STATE_BYTES = 256 * 1024 * 1024  # far above real files; guards json.loads of a huge input
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+# HF log entries that summarize the whole training (written once at the end), not a train step.
+_HF_SUMMARY_KEYS = ("train_runtime", "train_samples_per_second", "train_steps_per_second", "total_flos")
+
+
+@dataclass(frozen=True)
+class RunSource:
+    kind: SourceKind
+    path: Path
+
+
+def resolve_run_path(path: str | os.PathLike[str]) -> RunSource:
+    """Find what to read for ``path`` (file or directory); InputError says what was looked for."""
+    p = Path(path)
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        raise InputError("no such file or directory", p) from None
+    except OSError as exc:
+        raise InputError(f"cannot read: {exc.strerror or exc}", p) from None
+    if stat.S_ISDIR(st.st_mode):
+        return _resolve_dir(p)
+    kind: SourceKind = "trainer_state" if p.suffix.lower() == ".json" else "telemetry"
+    return RunSource(kind, p)
+
+
+def _resolve_dir(d: Path) -> RunSource:
+    try:
+        if (d / "run.jsonl").is_file():
+            return RunSource("telemetry", d / "run.jsonl")
+        jsonls = sorted(x for x in d.glob("*.jsonl") if x.is_file())
+        if len(jsonls) == 1:
+            return RunSource("telemetry", jsonls[0])
+        if len(jsonls) > 1:
+            names = ", ".join(x.name for x in jsonls[:10])
+            raise InputError(f"several telemetry files and no run.jsonl ({names}); pass one of them", d)
+        if (d / "trainer_state.json").is_file():
+            return RunSource("trainer_state", d / "trainer_state.json")
+        checkpoints = []
+        for sub in d.iterdir():
+            m = _CHECKPOINT.match(sub.name)
+            if m and (sub / "trainer_state.json").is_file():
+                checkpoints.append((int(m.group(1)), sub / "trainer_state.json"))
+    except PermissionError:
+        raise InputError("permission denied", d) from None
+    if checkpoints:
+        return RunSource("trainer_state", max(checkpoints)[1])
+    raise InputError("no run.jsonl, *.jsonl, trainer_state.json or checkpoint-*/trainer_state.json in this "
+                     "directory", d)
+
+
+# -- trainer_state.json -----------------------------------------------------------------------------------
+@dataclass
+class TrainerState:
+    """A parsed ``trainer_state.json``: its events (in log order) and what it says about the config."""
+
+    events: list[tuple[str, int | None, dict[str, Any]]]
+    config: ConfigSnapshot
+    issues: list[Issue]
+    summary: dict[str, Any]
+
+
+def _load_json(path: Path, what: str) -> Any:
+    try:
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):
+            raise InputError("not a regular file", path)
+        if st.st_size == 0:
+            raise InputError(f"empty file: not a {what}", path)
+        if st.st_size > MAX_TRAINER_STATE_BYTES:
+            raise InputError(f"{st.st_size} bytes is too large for a {what}", path)
+        raw = path.read_bytes()
+    except PermissionError:
+        raise InputError("permission denied", path) from None
+    except OSError as exc:
+        raise InputError(f"cannot read: {exc.strerror or exc}", path) from None
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise InputError(f"not a {what}: not UTF-8 text", path) from None
+    except ValueError as exc:
+        raise InputError(f"not a {what}: invalid JSON ({exc})", path) from None
+
+
+def _split_eval_entry(entry: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """HF eval log entry -> {split: metrics}. ``eval_loss`` is split "eval"; with a dict of eval datasets HF
+    logs ``eval_<name>_loss``, which becomes split ``<name>``."""
+    rest = {k[len("eval_"):]: v for k, v in entry.items() if k.startswith("eval_")}
+    named = sorted({k[: -len("_loss")] for k in rest if k.endswith("_loss") and k != "loss"}, key=len,
+                   reverse=True)
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in rest.items():
+        split = next((n for n in named if key.startswith(n + "_")), None)
+        if split is None:
+            out.setdefault("eval", {})[key] = value
+        else:
+            out.setdefault(split, {})[key[len(split) + 1:]] = value
+    return out
+
+
+def read_trainer_state(path: str | os.PathLike[str]) -> TrainerState:
+    p = Path(path)
+    data = _load_json(p, "trainer_state.json")
+    if not isinstance(data, dict) or not isinstance(data.get("log_history"), list):
+        raise InputError("not a trainer_state.json: no 'log_history' list (a telemetry log must end in .jsonl)",
+                         p)
+    events: list[tuple[str, int | None, dict[str, Any]]] = []
+    issues: list[Issue] = []
+    summary: dict[str, Any] = {}
+    for i, entry in enumerate(data["log_history"]):
+        if not isinstance(entry, dict):
+            issues.append(Issue("bad_log_entry", f"log_history[{i}] is not an object", extra={"index": i}))
+            continue
+        step = entry.get("step") if isinstance(entry.get("step"), int) else None
+        if any(k.startswith("eval_") for k in entry):
+            for split, metrics in _split_eval_entry(entry).items():
+                events.append(("eval", step, {"split": split, "metrics": metrics}))
+        elif any(k in entry for k in _HF_SUMMARY_KEYS):
+            summary = {k: v for k, v in entry.items() if k != "step"}
+        elif any(k in entry for k in ("loss", "learning_rate", "grad_norm")):
+            fields = {"loss": entry.get("loss"), "lr": entry.get("learning_rate"),
+                      "grad_norm": entry.get("grad_norm"), "epoch": entry.get("epoch")}
+            events.append(("train_step", step, {k: v for k, v in fields.items() if v is not None}))
+    return TrainerState(events, _trainer_state_config(p, data), issues, summary)
+
+
+def _trainer_state_config(path: Path, data: dict[str, Any]) -> ConfigSnapshot:
+    """Config from the trainer state plus an ``adapter_config.json`` next to it (checkpoints have one)."""
+    snapshot = ConfigSnapshot()
+    adapter_cfg = path.parent / "adapter_config.json"
+    if adapter_cfg.is_file():
+        try:
+            from gradience.config import snapshot_from_sources
+
+            peft = _load_json(adapter_cfg, "adapter_config.json")
+            if isinstance(peft, dict):
+                snapshot = snapshot_from_sources(peft=peft)
+        except (ImportError, NotImplementedError, GradienceError):
+            snapshot = ConfigSnapshot()
+    t = snapshot.training
+    if t.batch_size is None and isinstance(data.get("train_batch_size"), int):
+        t.batch_size = data["train_batch_size"]
+    if t.max_steps is None and isinstance(data.get("max_steps"), int) and data["max_steps"] > 0:
+        t.max_steps = data["max_steps"]
+    if t.epochs is None and isinstance(data.get("num_train_epochs"), (int, float)):
+        t.epochs = float(data["num_train_epochs"])
+    return snapshot
+
+
+def telemetry_events(path: Path, reader: Any, run_id: str | None) -> Iterator[Any]:
+    """Records of the chosen run: ``run_id`` when given, else the newest run (by first appearance).
+
+    Yields ``(is_new_run, record)``; ``is_new_run`` tells the caller to start a fresh analysis (an older
+    run's state is never needed again, which keeps memory constant)."""
+    current: Any = object()
+    n_runs = 0
+    for rec in reader:
+        if run_id is not None:
+            if rec.run_id != run_id:
+                continue
+            if current != run_id:
+                current = run_id
+                yield True, rec
+                continue
+            yield False, rec
+            continue
+        if len(reader.run_ids) > n_runs:
+            n_runs = len(reader.run_ids)
+            current = rec.run_id
+            yield True, rec
+        elif rec.run_id == current:
+            yield False, rec

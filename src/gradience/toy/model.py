@@ -1,0 +1,110 @@
+"""The toy run's model and tokenizer: a tiny DistilBERT-shaped classifier built locally (random init) with a
+word-level tokenizer trained on the data, or a real checkpoint (hub id or local path) loaded with the
+ordinary ``AutoTokenizer`` / ``AutoModelForSequenceClassification`` code paths.
+
+Imports torch/transformers lazily so ``gradience.toy`` itself stays importable without the ``hf`` extra.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from gradience.errors import InputError, MissingDependencyError
+
+BUILTIN_MODEL = "gradience/tiny-distilbert"
+# LoRA targets for the built-in model: every attention projection, so the audit has 4 modules per block.
+BUILTIN_TARGETS = ("q_lin", "k_lin", "v_lin", "out_lin")
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+MAX_LENGTH = 32
+
+# Shape of the built-in model: small enough to train ~100 steps on 2 CPU cores in seconds.
+_TINY_DIM = 64
+_TINY_LAYERS = 2
+_TINY_HEADS = 4
+_TINY_HIDDEN = 128
+
+
+def require_hf(purpose: str) -> None:
+    """Fail with one clear message naming the ``hf`` extra when torch / transformers / peft are missing."""
+    for package in ("torch", "transformers", "peft"):
+        try:
+            __import__(package)
+        except ImportError as exc:
+            raise MissingDependencyError(package, "hf", purpose) from exc
+
+
+def build_word_tokenizer(texts: Sequence[str]) -> Any:
+    """A lower-casing word-level tokenizer (``[CLS] ... [SEP]``) trained on ``texts``, as a transformers
+    fast tokenizer so it saves/loads like any hub tokenizer."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    core.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.train_from_iterator(list(texts), trainers.WordLevelTrainer(special_tokens=list(SPECIAL_TOKENS)))
+    core.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B [SEP]",
+        special_tokens=[(tok, core.token_to_id(tok)) for tok in ("[CLS]", "[SEP]")],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+        sep_token="[SEP]", mask_token="[MASK]", model_max_length=MAX_LENGTH,
+    )
+
+
+def build_tiny_classifier(vocab_size: int, num_labels: int, seed: int) -> Any:
+    """A randomly initialised 2-block DistilBERT classifier (deterministic for a given seed)."""
+    import torch
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    config = DistilBertConfig(
+        vocab_size=vocab_size, dim=_TINY_DIM, n_layers=_TINY_LAYERS, n_heads=_TINY_HEADS,
+        hidden_dim=_TINY_HIDDEN, max_position_embeddings=MAX_LENGTH, num_labels=num_labels,
+        dropout=0.0, attention_dropout=0.0, pad_token_id=0,
+    )
+    torch.manual_seed(seed)
+    return DistilBertForSequenceClassification(config)
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    name: str
+    default_targets: list[str] | None  # None: let PEFT choose for this architecture
+
+
+def load_model(spec: str, num_labels: int, train_texts: Sequence[str], seed: int) -> LoadedModel:
+    """The built-in tiny model (``spec == BUILTIN_MODEL``) or a checkpoint from the hub / a local directory.
+
+    Never trusts remote code. A checkpoint that cannot be loaded (offline and not cached, missing files)
+    is one ``InputError`` naming it.
+    """
+    require_hf("the toy run")
+    if spec == BUILTIN_MODEL:
+        tokenizer = build_word_tokenizer(train_texts)
+        model = build_tiny_classifier(len(tokenizer), num_labels, seed)
+        return LoadedModel(model, tokenizer, BUILTIN_MODEL, list(BUILTIN_TARGETS))
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    if spec.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(spec)):
+        raise InputError("model directory does not exist", path=spec)
+    path = os.path.expanduser(spec)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=num_labels, trust_remote_code=False, ignore_mismatched_sizes=True)
+    except Exception as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        hint = " (offline and not in the local cache?)" if offline or not os.path.isdir(path) else ""
+        raise InputError(f"cannot load model{hint}: {type(exc).__name__}: {exc}"[:500], path=spec) from exc
+    if tokenizer.pad_token is None:
+        # GPT-style tokenizers have no pad token; padding with EOS is the usual choice for classification.
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return LoadedModel(model, tokenizer, spec, None)

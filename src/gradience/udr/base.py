@@ -1,0 +1,138 @@
+"""Lazy access to the tensors of a resolved base checkpoint: headers first, data only for audited modules.
+
+Safetensors shards are opened (header only) on first use and memory-mapped; ``.bin`` checkpoints are read
+with ``torch.load(weights_only=True, mmap=True)`` when torch is installed (never a plain unpickle). Problems
+with one shard (missing, corrupt) are recorded per file so the caller can turn them into issues for the
+modules that live there while the rest of the base is still used.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gradience.errors import InputError, MissingDependencyError
+from gradience.io.safetensors import FLOAT_DTYPES, SafetensorsFile
+from gradience.udr.resolve import ResolvedBase
+
+
+@dataclass(frozen=True)
+class BaseTensorInfo:
+    name: str
+    file: str           # file name relative to the base root
+    dtype: str          # safetensors dtype name (F32, BF16, ...), or the torch dtype for .bin bases
+    shape: tuple[int, ...]
+    offset: int         # position in its file (to read in file order)
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype in FLOAT_DTYPES or self.dtype in {"float32", "float16", "bfloat16", "float64"}
+
+
+def file_fingerprint(path: Path) -> tuple[int, int]:
+    """(size, mtime_ns): what the norms cache compares to notice a changed shard."""
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
+
+
+class BaseWeights:
+    """Tensor directory of a base checkpoint. ``file_problems`` maps file name -> why it is unusable."""
+
+    def __init__(self, resolved: ResolvedBase) -> None:
+        self.resolved = resolved
+        self.root = resolved.root
+        self.file_problems: dict[str, str] = {}
+        self._st_files: dict[str, SafetensorsFile] = {}
+        self._bin_files: dict[str, dict[str, Any]] = {}
+        self.tensors: dict[str, BaseTensorInfo] = {}
+        self.bytes_read = 0
+        self.tensors_read = 0
+        self._scan()
+
+    # -- directory ------------------------------------------------------------------------------
+    def _scan(self) -> None:
+        wmap = self.resolved.weight_map
+        for fname in self.resolved.files:
+            path = self.root / fname
+            if not path.is_file():
+                self.file_problems[fname] = (
+                    f"shard {fname} is listed in {self.resolved.index_path.name if self.resolved.index_path else 'the index'}"
+                    f" but missing from {self.root}"
+                )
+                continue
+            try:
+                self._open_file(fname)
+            except (InputError, MissingDependencyError) as exc:
+                self.file_problems[fname] = str(exc)
+        if wmap is not None:
+            # Still list the tensors the index promises, so a module in a broken shard is reported as
+            # "its shard is unusable" rather than "not in the base".
+            for tname, tfile in wmap.items():
+                if tfile in self.file_problems and tname not in self.tensors:
+                    self.tensors[tname] = BaseTensorInfo(tname, tfile, "?", (), 0)
+
+    def _open_file(self, fname: str) -> None:
+        path = self.root / fname
+        wmap = self.resolved.weight_map
+        if self.resolved.fmt == "safetensors":
+            st = SafetensorsFile(path)
+            self._st_files[fname] = st
+            for tname, info in st.tensors.items():
+                if wmap is not None and wmap.get(tname, fname) != fname:
+                    continue  # the index says another shard holds the authoritative copy
+                self.tensors[tname] = BaseTensorInfo(tname, fname, info.dtype, info.shape, info.start)
+        else:
+            state = _torch_load(path)
+            self._bin_files[fname] = state
+            for pos, (tname, tensor) in enumerate(state.items()):
+                if not hasattr(tensor, "shape"):
+                    continue
+                dtype = str(tensor.dtype).removeprefix("torch.")
+                self.tensors[tname] = BaseTensorInfo(tname, fname, dtype, tuple(tensor.shape), pos)
+
+    def fingerprint(self, fname: str) -> tuple[int, int] | None:
+        try:
+            return file_fingerprint(self.root / fname)
+        except OSError:
+            return None
+
+    # -- data -----------------------------------------------------------------------------------
+    def read_f32(self, name: str) -> np.ndarray:
+        """The tensor as float32 (bf16/fp16 converted once; F32 is a zero-copy view of the mapped file)."""
+        info = self.tensors[name]
+        if info.file in self.file_problems:
+            raise InputError(self.file_problems[info.file], self.root / info.file)
+        if self.resolved.fmt == "safetensors":
+            st = self._st_files[info.file]
+            arr = st.read_f32(name)
+            self.bytes_read += st.tensors[name].nbytes
+        else:
+            tensor = self._bin_files[info.file][name]
+            arr = tensor.detach().to(dtype=_torch().float32).contiguous().numpy()
+            self.bytes_read += int(tensor.numel() * tensor.element_size())
+        self.tensors_read += 1
+        return arr
+
+
+def _torch() -> Any:
+    try:
+        import torch
+    except ImportError:
+        raise MissingDependencyError("torch", "hf", "reading a pytorch_model.bin base checkpoint") from None
+    return torch
+
+
+def _torch_load(path: Path) -> dict[str, Any]:
+    torch = _torch()
+    try:
+        state = torch.load(os.fspath(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # weights_only refuses arbitrary objects; any failure means unusable file
+        raise InputError(f"cannot load as a weights-only torch checkpoint ({type(exc).__name__}: {exc})",
+                         path) from None
+    if not isinstance(state, dict):
+        raise InputError("torch checkpoint does not hold a state dict", path)
+    return state

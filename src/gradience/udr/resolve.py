@@ -1,0 +1,183 @@
+"""Find a base checkpoint's weight files locally, without instantiating a model.
+
+A base is a directory (``config.json`` + ``model.safetensors``, or shards listed by
+``model.safetensors.index.json``; a ``pytorch_model.bin`` checkpoint as a last resort) or a hub id found in
+the local Hugging Face cache (``models--org--name/snapshots/<rev>/`` with ``refs/<branch>`` naming the
+revision; ``id@revision`` selects one). Downloading is attempted only for an explicitly requested base, when
+``huggingface_hub`` is installed and ``HF_HUB_OFFLINE`` is not set; the offline path never touches the network.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gradience.errors import InputError
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+BIN_INDEX = "pytorch_model.bin.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+# Files in a model directory that are never base weights.
+_NOT_BASE_WEIGHTS = frozenset({"adapter_model.safetensors", "adapter_model.bin"})
+_COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
+_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+
+
+@dataclass
+class ResolvedBase:
+    """Where a base model's weights are. ``weight_map`` maps tensor names to file names (None: not indexed,
+    every file's header must be read to know what it holds)."""
+
+    spec: str                    # what was asked for
+    display: str                 # what we report: the directory, or "org/name@commit"
+    identity: str                # stable cache identity: "path:<realpath>" or "hub:<id>@<commit>"
+    root: Path                   # directory holding the weight files
+    fmt: str                     # "safetensors" | "bin"
+    files: list[str]             # weight file names relative to root, sorted
+    weight_map: dict[str, str] | None = None
+    index_path: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def hub_cache_dir() -> Path:
+    """The hub cache the Hugging Face libraries would use: $HF_HUB_CACHE, else $HF_HOME/hub, else the default."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "huggingface" / "hub"
+
+
+def _read_index(path: Path) -> dict[str, str]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise InputError(f"cannot read shard index: {exc.strerror or exc}", path) from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"shard index is not valid JSON ({exc})", path) from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise InputError("shard index has no valid 'weight_map' (tensor name -> file name)", path)
+    for fname in set(weight_map.values()):
+        if Path(fname).is_absolute() or ".." in Path(fname).parts:
+            raise InputError(f"shard index names a file outside its directory: {fname!r}", path)
+    return dict(weight_map)
+
+
+def inspect_directory(root: Path, spec: str, display: str, identity: str) -> ResolvedBase:
+    """Find the weight files of a checkpoint directory (safetensors preferred over pickled .bin)."""
+    if (root / SAFETENSORS_INDEX).is_file():
+        index = root / SAFETENSORS_INDEX
+        wmap = _read_index(index)
+        return ResolvedBase(spec, display, identity, root, "safetensors", sorted(set(wmap.values())), wmap, index)
+    if (root / SAFETENSORS_SINGLE).is_file():
+        return ResolvedBase(spec, display, identity, root, "safetensors", [SAFETENSORS_SINGLE])
+    other_indexes = sorted(p.name for p in root.glob("*.safetensors.index.json"))
+    if len(other_indexes) == 1:
+        index = root / other_indexes[0]
+        wmap = _read_index(index)
+        return ResolvedBase(spec, display, identity, root, "safetensors", sorted(set(wmap.values())), wmap, index)
+    shards = sorted(p.name for p in root.glob("*.safetensors") if p.name not in _NOT_BASE_WEIGHTS)
+    if shards:
+        return ResolvedBase(spec, display, identity, root, "safetensors", shards)
+    if (root / BIN_INDEX).is_file():
+        index = root / BIN_INDEX
+        wmap = _read_index(index)
+        return ResolvedBase(spec, display, identity, root, "bin", sorted(set(wmap.values())), wmap, index)
+    if (root / BIN_SINGLE).is_file():
+        return ResolvedBase(spec, display, identity, root, "bin", [BIN_SINGLE])
+    if (root / "adapter_config.json").is_file():
+        problem = "this is an adapter directory, not a base model (no model.safetensors)"
+    else:
+        problem = (f"no base weights found (looked for {SAFETENSORS_INDEX}, {SAFETENSORS_SINGLE}, "
+                   f"*.safetensors, {BIN_INDEX}, {BIN_SINGLE})")
+    raise InputError(problem, root)
+
+
+def _split_revision(spec: str) -> tuple[str, str | None]:
+    if "@" in spec:
+        repo_id, _, rev = spec.rpartition("@")
+        return repo_id, rev or None
+    return spec, None
+
+
+def _from_hub_cache(repo_id: str, revision: str | None, cache: Path) -> tuple[Path, str] | str:
+    """(snapshot dir, commit) for a cached repo, or a description of what was looked for."""
+    repo_dir = cache / ("models--" + repo_id.replace("/", "--"))
+    snapshots = repo_dir / "snapshots"
+    if not snapshots.is_dir():
+        return f"{repo_dir} (not in the local Hugging Face cache)"
+    wanted = revision or "main"
+    if _COMMIT_RE.match(wanted) and (snapshots / wanted).is_dir():
+        return snapshots / wanted, wanted
+    ref = repo_dir / "refs" / wanted
+    if ref.is_file():
+        commit = ref.read_text(encoding="utf-8").strip()
+        if (snapshots / commit).is_dir():
+            return snapshots / commit, commit
+        return f"{snapshots / commit} (refs/{wanted} names a snapshot that is not cached)"
+    if revision is None:
+        available = sorted(p.name for p in snapshots.iterdir() if p.is_dir())
+        if len(available) == 1:
+            return snapshots / available[0], available[0]
+        return f"{repo_dir / 'refs' / 'main'} (no refs/main and {len(available)} snapshots to choose from)"
+    return f"{snapshots / revision} or {ref} (revision {revision!r} not cached)"
+
+
+def _try_download(repo_id: str, revision: str | None) -> Path | None:
+    """Fetch only weights + index + config when huggingface_hub is installed and the hub is not offline."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}:
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        return None
+    try:
+        path = snapshot_download(repo_id, revision=revision,
+                                 allow_patterns=["*.safetensors", "*.safetensors.index.json", "config.json"])
+    except Exception:  # network down, repo missing, gated: all mean "not available"
+        return None
+    return Path(path)
+
+
+def resolve_base(spec: str, *, allow_download: bool = False) -> ResolvedBase:
+    """Resolve a base model spec (directory, or hub id[@revision] in the local cache) or raise InputError."""
+    raw = spec.strip()
+    if not raw:
+        raise InputError("empty base model name")
+    path = Path(raw).expanduser()
+    if path.is_dir():
+        real = path.resolve()
+        return inspect_directory(real, spec, str(path), f"path:{real}")
+    if path.is_file():
+        raise InputError("base model must be a directory or a hub id, not a file", path)
+    repo_id, revision = _split_revision(raw)
+    if not _HUB_ID_RE.match(repo_id):
+        raise InputError("base model not found: no such directory, and not a valid hub id", raw)
+    cache = hub_cache_dir()
+    found = _from_hub_cache(repo_id, revision, cache)
+    if isinstance(found, str) and allow_download:
+        downloaded = _try_download(repo_id, revision)
+        if downloaded is not None:
+            found = _from_hub_cache(repo_id, revision, cache)
+            if isinstance(found, str):
+                commit = downloaded.name
+                found = (downloaded, commit)
+    if isinstance(found, str):
+        raise InputError(
+            f"base model not found: no such directory, and no local Hugging Face cache entry; looked for {found}"
+            " (no download: offline or huggingface_hub not installed)" if allow_download else
+            f"base model not found: no such directory, and no local Hugging Face cache entry; looked for {found}",
+            raw,
+        )
+    snapshot, commit = found
+    display = f"{repo_id}@{commit}"
+    return inspect_directory(snapshot, spec, display, f"hub:{display}")
