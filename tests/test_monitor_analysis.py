@@ -188,17 +188,18 @@ def test_audit_appended_later_is_part_of_the_last_run(tmp_path: Path) -> None:
 def test_original_tool_log_by_hand(tmp_path: Path) -> None:
     """Lines as the original tool wrote them: bare NaN, eval split 'eval' without ppl, guard alerts."""
     lines = [
-        '{"schema": "%s", "ts": 1.0, "run_id": "orig", "event": "run_start", "step": null, '
+        '{"schema": "@S", "ts": 1.0, "run_id": "orig", "event": "run_start", "step": null, '
         '"config": {"model_name": "gpt2", "dataset_name": "wikitext", "task_profile": "generation", '
-        '"optimizer": {"name": "adamw", "lr": 0.0001}, "lora": {"r": 8, "alpha": 16}}, "meta": {}}' % SCHEMA,
-        '{"schema": "%s", "ts": 2.0, "run_id": "orig", "event": "train_step", "step": 1, "loss": 2.0}' % SCHEMA,
-        '{"schema": "%s", "ts": 3.0, "run_id": "orig", "event": "train_step", "step": 2, "loss": NaN}' % SCHEMA,
-        '{"schema": "%s", "ts": 4.0, "run_id": "orig", "event": "eval", "step": 2, "split": "eval", '
-        '"metrics": {"loss": 1.5, "n": 32}}' % SCHEMA,
-        '{"schema": "%s", "ts": 5.0, "run_id": "orig", "event": "alert", "step": 2, "severity": "warning", '
-        '"code": "guard_nan", "message": "NaN loss", "metadata": {"action": "rollback"}}' % SCHEMA,
-        '{"schema": "%s", "ts": 6.0, "run_id": "orig", "event": "run_end", "step": 2, "status": "ok"}' % SCHEMA,
+        '"optimizer": {"name": "adamw", "lr": 0.0001}, "lora": {"r": 8, "alpha": 16}}, "meta": {}}',
+        '{"schema": "@S", "ts": 2.0, "run_id": "orig", "event": "train_step", "step": 1, "loss": 2.0}',
+        '{"schema": "@S", "ts": 3.0, "run_id": "orig", "event": "train_step", "step": 2, "loss": NaN}',
+        '{"schema": "@S", "ts": 4.0, "run_id": "orig", "event": "eval", "step": 2, "split": "eval", '
+        '"metrics": {"loss": 1.5, "n": 32}}',
+        '{"schema": "@S", "ts": 5.0, "run_id": "orig", "event": "alert", "step": 2, "severity": "warning", '
+        '"code": "guard_nan", "message": "NaN loss", "metadata": {"action": "rollback"}}',
+        '{"schema": "@S", "ts": 6.0, "run_id": "orig", "event": "run_end", "step": 2, "status": "ok"}',
     ]
+    lines = [x.replace("@S", SCHEMA) for x in lines]
     path = tmp_path / "orig.jsonl"
     path.write_text("\n".join(lines) + "\n")
     report = monitor_run(path)

@@ -176,6 +176,20 @@ def test_grad_explosion(tmp_path: Path, factor: float, fires: bool) -> None:
     assert ("grad_explosion" in acts) == fires
     if fires:
         assert acts["grad_explosion"].evidence["steps"] == [11]
+        # the loss stayed flat: a benign jump is reported at info level
+        assert acts["grad_explosion"].severity == "info"
+
+
+@pytest.mark.parametrize("losses,severity", [
+    ([1.0] * 11 + [float("nan")] * 3, "warning"),          # followed by NaN losses
+    ([1.0] * 11 + [5.0] + [1.0] * 2, "warning"),           # with a loss spike
+    ([1.0 + 0.05 * i for i in range(14)], "warning"),      # loss rising
+    ([1.0 - 0.03 * i for i in range(14)], "info"),         # loss improving: likely benign
+])
+def test_grad_explosion_severity_follows_the_loss(tmp_path: Path, losses: list[float], severity: str) -> None:
+    grads = [1.0] * 10 + [50.0] + [1.0] * 3
+    rec = actions(make_log(tmp_path / "a.jsonl", losses=losses, grads=grads))["grad_explosion"]
+    assert rec.severity == severity and rec.evidence["loss_degraded"] == (severity == "warning")
 
 
 def test_spike_needs_history(tmp_path: Path) -> None:

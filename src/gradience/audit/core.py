@@ -8,7 +8,9 @@ cannot resolve are read a second time for the QR path (see :mod:`gradience.audit
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -30,16 +32,15 @@ from gradience.policy.thresholds import (
     SUGGEST_MARGIN_DEFAULT,
     TOP_WASTEFUL_TEXT_DEFAULT,
 )
+from gradience.udr import PER_LAYER_KEYS, SUMMARY_KEYS
 
 SCHEMA = "gradience.audit/v1"
 MULTI_SCHEMA = "gradience.audit.multi/v1"
 
-# SPEC §4 summary keys; present (null without a base model) so scripts reading them never KeyError.
-UDR_SUMMARY_KEYS: tuple[str, ...] = (
-    "udr_mean", "udr_median", "udr_p90", "udr_max", "fraction_udr_gt_0_1", "fraction_udr_gt_0_3",
-    "sdi_mean", "sdi_median", "sdi_p90", "n_layers_with_udr",
-)
-UDR_ROW_KEYS: tuple[str, ...] = ("base_sigma_max", "base_frob_norm", "udr", "udr_f", "sdi")
+# SPEC §4 keys, owned by gradience.udr. Summary keys are always present (null without a base model) so
+# scripts reading them never KeyError; rows always carry the per-layer keys.
+UDR_SUMMARY_KEYS: tuple[str, ...] = SUMMARY_KEYS
+UDR_ROW_KEYS: tuple[str, ...] = PER_LAYER_KEYS
 
 LayerStatus = Literal["ok", "zero_update", "non_finite"]
 
@@ -137,15 +138,29 @@ def _layer_from_pair(pair: LoraPair, sigma: np.ndarray) -> LayerAudit:
     return layer
 
 
+def _single_threaded_blas() -> AbstractContextManager[object]:
+    """Tiny r×r LAPACK calls run several times slower multi-threaded (SPEC §11). The CLI pins BLAS to one
+    thread before numpy loads; library callers (a training process) get the same through threadpoolctl
+    when it happens to be installed (optional, not a dependency)."""
+    if os.environ.get("OPENBLAS_NUM_THREADS") == "1" and os.environ.get("OMP_NUM_THREADS") == "1":
+        return nullcontext()
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
+
+
 def audit_pairs(pairs: Sequence[LoraPair]) -> list[LayerAudit]:
     """Spectrum and metrics of every pair (reads each pair's factors once, twice only when refining)."""
-    grams = [factor_grams(*pair.load_factors()) for pair in pairs]
-    sigmas = batched_singular_values(grams)
-    layers = []
-    for pair, sigma in zip(pairs, sigmas, strict=True):
-        if sigma is None:
-            sigma = singular_values_qr(*pair.load_factors())
-        layers.append(_layer_from_pair(pair, sigma))
+    with _single_threaded_blas():
+        grams = [factor_grams(*pair.load_factors()) for pair in pairs]
+        sigmas = batched_singular_values(grams)
+        layers = []
+        for pair, sigma in zip(pairs, sigmas, strict=True):
+            if sigma is None:
+                sigma = singular_values_qr(*pair.load_factors())
+            layers.append(_layer_from_pair(pair, sigma))
     return layers
 
 

@@ -237,7 +237,7 @@ class GradienceCallback(TrainerCallback):
         try:
             self.writer.run_end(status, reason=reason, step=step)
         except Exception as exc:
-            self._warn_once("write", f"could not write run_end to {self.path}: {exc}")
+            self._warn_once("telemetry", f"could not write run_end to {self.path}: {exc}")
         finally:
             self._close_writer()
 
@@ -293,7 +293,7 @@ class GradienceCallback(TrainerCallback):
                                           max_str_len=self.config.telemetry_max_str_len)
         except Exception as exc:
             self._disabled = True
-            self._warn_once("open", f"telemetry disabled for this run: cannot open {self.path}: {exc}")
+            self._warn_once("telemetry", f"telemetry disabled for this run: cannot open {self.path}: {exc}")
             return False
         return True
 
@@ -336,8 +336,8 @@ class GradienceCallback(TrainerCallback):
     def _hook(self, name: str, fn: Any, *a: Any) -> None:
         try:
             fn(*a)
-        except Exception as exc:  # never raise into the training loop
-            self._warn_once(name, f"telemetry {name} failed: {type(exc).__name__}: {exc}")
+        except Exception as exc:  # never raise into the training loop; one warning for all write failures
+            self._warn_once("telemetry", f"telemetry {name} failed: {type(exc).__name__}: {exc}")
 
     # -- TrainerCallback hooks -------------------------------------------------------------------------------
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -354,7 +354,11 @@ class GradienceCallback(TrainerCallback):
         self._disabled = False
         if not self._open_writer(args):
             return
-        self.writer.run_start(self._snapshot(args, model), self._meta(args), step=state.global_step)
+        try:
+            self.writer.run_start(self._snapshot(args, model), self._meta(args), step=state.global_step)
+        except Exception:
+            self._close_writer()
+            raise
         self._open = True
         if not self._atexit_registered:
             atexit.register(self._close_at_exit)

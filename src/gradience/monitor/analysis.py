@@ -174,18 +174,24 @@ class TrainStepAnalyzer:
         if self.first_step is None:
             self.first_step = s
         self.last_step = s
-        # Hot path (a million calls for a big log): plain type checks instead of helper calls.
+        # Hot path (a million calls for a big log): JSON floats skip the generic conversion.
         loss = data.get("loss")
-        if type(loss) is float or type(loss) is int:
-            self._feed_loss(s, float(loss))
+        if type(loss) is not float and loss is not None:
+            loss = _num(loss)
+        if loss is not None:
+            self._feed_loss(s, loss)
         grad = data.get("grad_norm")
-        if type(grad) is float or type(grad) is int:
-            self._feed_grad(s, float(grad))
+        if type(grad) is not float and grad is not None:
+            grad = _num(grad)
+        if grad is not None:
+            self._feed_grad(s, grad)
         lr = data.get("lr")
         if lr is None:
             lr = data.get("learning_rate")
-        if (type(lr) is float or type(lr) is int) and math.isfinite(lr):
-            self._feed_lr(s, float(lr))
+        if type(lr) is not float and lr is not None:
+            lr = _num(lr)
+        if lr is not None and math.isfinite(lr):
+            self._feed_lr(s, lr)
 
     def _feed_loss(self, s: int, loss: float) -> None:
         self.last_loss = loss

@@ -139,13 +139,13 @@ def _diagnostics_lines(a: dict[str, Any] | None, log_file: str) -> list[str]:
 def render_text(report: MonitorReport, *, verbose: bool = False) -> str:
     cfg = report.config
     profile = report.task_profile or {}
+    # The seed shows the bare profile name; whether it was inferred is in the JSON (task_profile.inferred).
     profile_name = profile.get("name") or (cfg.task_profile if cfg else None)
-    inferred = " (inferred)" if profile.get("inferred") else ""
     lines = [RULE, "GRADIENCE MONITOR", RULE,
              f"File: {report.file}",
              f"Model:   {(cfg.model_name if cfg else None) or '-'}",
              f"Dataset: {(cfg.dataset_name if cfg else None) or '-'}",
-             f"Profile: {profile_name or '-'}{inferred}"]
+             f"Profile: {profile_name or '-'}"]
     if len(report.runs) > 1:
         lines.append(f"Run:     {report.run_id} ({len(report.runs)} runs in file; choose with --run-id)")
     elif verbose and report.run_id:

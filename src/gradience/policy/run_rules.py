@@ -175,14 +175,25 @@ def instability_rules(training: dict[str, Any]) -> list[Recommendation]:
             evidence={"count": nan["count"], "steps": _steps(nan)}))
     exp = training.get("grad_explosions") or {}
     if exp.get("count"):
+        # A jump in gradient norm is alarming when training degrades with it (non-finite losses, loss spikes,
+        # a rising loss); when the loss kept improving it is usually the model starting to learn, so say so
+        # at info level instead of raising a warning on a healthy run.
+        trend = (training.get("loss_trend") or {}).get("direction")
+        degraded = bool(nan.get("count") or (training.get("loss_spikes") or {}).get("count")
+                        or trend == "increasing")
+        gmax = _num(training.get("grad_norm_max"))
+        factor = exp.get("factor", T.GRAD_EXPLOSION_FACTOR)
+        tail = ("clip gradients (max_grad_norm) and/or lower the lr." if degraded else
+                "the loss kept improving, so this is likely benign; clip gradients if it recurs with loss spikes.")
         recs.append(Recommendation(
-            "warning", "grad_explosion",
-            f"{exp['count']} gradient-norm explosion(s) (> {exp.get('factor', T.GRAD_EXPLOSION_FACTOR):g}x the "
-            f"running median; max {training.get('grad_norm_max')}): clip gradients and/or lower the lr.",
-            rationale="Sudden gradient norms far above their recent level precede divergence.",
-            confidence=0.7, scope="optimizer",
-            evidence={"count": exp["count"], "steps": _steps(exp), "grad_norm_max": training.get("grad_norm_max"),
-                      "factor": exp.get("factor")}))
+            "warning" if degraded else "info", "grad_explosion",
+            f"{exp['count']} gradient-norm explosion(s) (> {factor:g}x the running median; max "
+            f"{'-' if gmax is None else format(gmax, '.3g')}): {tail}",
+            rationale="Sudden gradient norms far above their recent level precede divergence when the loss "
+                      "degrades with them.",
+            confidence=0.7 if degraded else 0.4, scope="optimizer",
+            evidence={"count": exp["count"], "steps": _steps(exp), "grad_norm_max": gmax, "factor": factor,
+                      "loss_degraded": degraded}))
     spikes = training.get("loss_spikes") or {}
     if spikes.get("count"):
         recs.append(Recommendation(
