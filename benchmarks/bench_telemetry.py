@@ -66,7 +66,10 @@ def generate_log(path: Path, n_lines: int) -> None:
 
 
 def run_monitor(path: Path) -> tuple[float, float, float, int]:
-    """(wall s, CPU s, peak RSS MiB, exit code) of one whole ``gradience monitor --json`` process."""
+    """(wall s, CPU s, peak RSS MiB, exit code) of one whole ``gradience monitor --json`` process.
+
+    The child's ru_maxrss is an upper bound: Linux carries the parent's peak at fork over exec, and this
+    parent stays small (~20 MiB), so the figure is the child's own peak whenever it is larger than that."""
     cmd = [sys.executable, "-m", "gradience", "monitor", str(path), "--json"]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -179,7 +180,10 @@ def run_toy(cfg: ToyRunConfig | None = None) -> ToyRunResult:
     lora = LoraConfig(task_type=TaskType.SEQ_CLS, r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=0.0,
                       target_modules=targets)
     try:
-        model = get_peft_model(loaded.model, lora)
+        with warnings.catch_warnings():
+            # peft 0.21 probes a property transformers 5 deprecated; nothing the user can act on.
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            model = get_peft_model(loaded.model, lora)
     except ValueError as exc:  # e.g. targets that match no module, or an architecture PEFT has no default for
         raise InputError(f"cannot apply LoRA: {exc}", path="--targets" if cfg.targets else cfg.model) from exc
 
