@@ -10,10 +10,11 @@ import pytest
 from gradience.adapter.model import LoadedAdapter, LoraPair, NonLoraTensors
 from gradience.audit import AuditOptions, run_audit
 from gradience.audit.gates import evaluate_gates
-from gradience.audit.render import human_count, render_text, wasteful_line
+from gradience.audit.render import render_text, wasteful_line
 from gradience.audit.suggest import _pattern_key, parse_allowed_ranks, round_up_rank
 from gradience.errors import InputError
 from gradience.gates import parse_gates
+from gradience.textfmt import human_count
 
 
 def pair_with_spectrum(name: str, sigma: list[float], *, r: int, d_in: int = 32, d_out: int = 24,

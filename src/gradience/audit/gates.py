@@ -11,12 +11,12 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from gradience.errors import InputError
 from gradience.gates import Gate
+from gradience.textfmt import finite
 
 LAYER_METRICS: tuple[str, ...] = (
     "frob_norm", "sigma_max", "delta_frob_norm", "delta_sigma_max", "stable_rank", "utilization",
@@ -26,15 +26,9 @@ LAYER_METRICS: tuple[str, ...] = (
 FLAGS: tuple[str, ...] = ("zero_update", "non_finite", "issues", "warning", "error")
 
 
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if math.isfinite(value) else None
-
-
 def summary_metrics(summary: Mapping[str, Any]) -> list[str]:
     """Top-level summary keys that hold a number (or null), i.e. usable in a comparison rule."""
-    return [k for k, v in summary.items() if v is None or (_number(v) is not None)]
+    return [k for k, v in summary.items() if v is None or (finite(v) is not None)]
 
 
 def validate_gates(gates: Sequence[Gate], summary: Mapping[str, Any]) -> None:
@@ -64,12 +58,12 @@ def evaluate_gates(gates: Sequence[Gate], summary: Mapping[str, Any]) -> list[st
                 met.append(f"{gate.text}: {msg}")
         elif gate.metric in LAYER_METRICS:
             hits = [(row["name"], v) for row in rows
-                    if (v := _number(row.get(gate.metric))) is not None and gate.compare(v)]
+                    if (v := finite(row.get(gate.metric))) is not None and gate.compare(v)]
             if hits:
                 names = ", ".join(name for name, _ in hits[:3]) + (", ..." if len(hits) > 3 else "")
                 met.append(f"{gate.text}: met by {len(hits)} of {len(rows)} layers ({names})")
         else:
-            value = _number(summary.get(gate.metric))
+            value = finite(summary.get(gate.metric))
             if value is not None and gate.compare(value):
                 met.append(f"{gate.text}: {gate.metric} = {value:g}")
     return met

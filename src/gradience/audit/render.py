@@ -6,44 +6,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from gradience.policy.thresholds import TOP_UDR_TEXT
-
-RULE = "=" * 72
-
-
-def human_count(n: int | float | None) -> str:
-    """294912 -> '294.9K' (parameter counts)."""
-    if n is None:
-        return "-"
-    x = float(n)
-    for div, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if abs(x) >= div:
-            return f"{x / div:.1f}{unit}"
-    return f"{int(x)}"
-
-
-def _num(x: Any, fmt: str = ".2f") -> str:
-    if x is None:
-        return "-"
-    if isinstance(x, float) and x.is_integer() and fmt == "g":
-        return str(int(x))
-    return format(x, fmt)
-
-
-def _pct(x: Any) -> str:
-    return "-" if x is None else f"{x:.1%}"
-
-
-def _k(x: Any) -> str:
-    """Percentiles of integer ranks: '2.5', '6' (no trailing .0)."""
-    if x is None:
-        return "-"
-    return str(int(x)) if float(x).is_integer() else f"{x:.1f}"
+from gradience.textfmt import RULE, human_count, num, pct, rank_value
 
 
 def wasteful_line(i: int, row: Mapping[str, Any]) -> str:
     """``  01. attn r=8   util=12.7%  sr=1.02  k@90%=1  model.layers.5.self_attn.q_proj``."""
-    return (f"  {i:02d}. {row['module_type']:<4} r={row['r']:<3} util={_pct(row['utilization'])}  "
-            f"sr={_num(row['stable_rank'])}  k@90%={_num(row['energy_rank_90'], 'd')}  {row['name']}")
+    return (f"  {i:02d}. {row['module_type']:<4} r={row['r']:<3} util={pct(row['utilization'])}  "
+            f"sr={num(row['stable_rank'])}  k@90%={num(row['energy_rank_90'], 'd')}  {row['name']}")
 
 
 def _suggestion_line(label: str, g: Mapping[str, Any], total: int) -> str:
@@ -54,7 +23,7 @@ def _suggestion_line(label: str, g: Mapping[str, Any], total: int) -> str:
     if saved <= 0:
         return f"  {label}: r={g['r']}  (params {human_count(g['params_at_suggested'])}, no saving)"
     return (f"  {label}: r={g['r']}  (params {human_count(g['params_at_suggested'])} of {human_count(total)}, "
-            f"saves {human_count(saved)} / {_pct(ratio)})")
+            f"saves {human_count(saved)} / {pct(ratio)})")
 
 
 def render_text(summary: Mapping[str, Any], *, top_wasteful: int, show_layers: bool = False,
@@ -70,9 +39,9 @@ def render_text(summary: Mapping[str, Any], *, top_wasteful: int, show_layers: b
               "Summary:",
               f"  LoRA params: {human_count(s['total_lora_params'])}",
               f"  Layers:      {s['n_layers']}",
-              f"  Stable rank (mean):    {_num(s['stable_rank_mean'])}",
-              f"  Utilization (mean):    {_pct(s['utilization_mean'])}",
-              f"  Energy rank k@90% (p50/p90): {_k(s['energy_rank_90_p50'])}/{_k(s['energy_rank_90_p90'])}"]
+              f"  Stable rank (mean):    {num(s['stable_rank_mean'])}",
+              f"  Utilization (mean):    {pct(s['utilization_mean'])}",
+              f"  Energy rank k@90% (p50/p90): {rank_value(s['energy_rank_90_p50'])}/{rank_value(s['energy_rank_90_p90'])}"]
     if s["non_lora_tensors"]["count"]:
         nl = s["non_lora_tensors"]
         lines.append(f"  Non-LoRA tensors: {nl['count']} ({human_count(nl['params'])} params, not audited)")
@@ -81,17 +50,17 @@ def render_text(summary: Mapping[str, Any], *, top_wasteful: int, show_layers: b
         lines += ["", "By module type:"]
         for mtype, t in s["by_type"].items():
             lines.append(f"  {mtype:<5} layers={t['n_layers']:<4} params={human_count(t['params']):<7} "
-                         f"sr={_num(t['stable_rank_mean'])}  util={_pct(t['utilization_mean'])}  "
-                         f"k@90% p50/p90={_k(t['energy_rank_90_p50'])}/{_k(t['energy_rank_90_p90'])}")
+                         f"sr={num(t['stable_rank_mean'])}  util={pct(t['utilization_mean'])}  "
+                         f"k@90% p50/p90={rank_value(t['energy_rank_90_p50'])}/{rank_value(t['energy_rank_90_p90'])}")
 
     rows: Sequence[Mapping[str, Any]] = s.get("layers") or []
     if s.get("udr_requested") and s.get("n_layers_with_udr"):
         lines += ["", f"UDR (update vs base spectral norm, base: {s.get('udr_base_model') or '-'}):",
-                  f"  Median: {_num(s['udr_median'], '.3f')}  p90: {_num(s['udr_p90'], '.3f')}  "
-                  f"Max: {_num(s['udr_max'], '.3f')}",
-                  f"  Layers with UDR > 0.1: {_pct(s['fraction_udr_gt_0_1'])}   "
-                  f"> 0.3: {_pct(s['fraction_udr_gt_0_3'])}   (of {s['n_layers_with_udr']})",
-                  f"  SDI (log10 UDR) median: {_num(s['sdi_median'])}"]
+                  f"  Median: {num(s['udr_median'], '.3f')}  p90: {num(s['udr_p90'], '.3f')}  "
+                  f"Max: {num(s['udr_max'], '.3f')}",
+                  f"  Layers with UDR > 0.1: {pct(s['fraction_udr_gt_0_1'])}   "
+                  f"> 0.3: {pct(s['fraction_udr_gt_0_3'])}   (of {s['n_layers_with_udr']})",
+                  f"  SDI (log10 UDR) median: {num(s['sdi_median'])}"]
         ranked = sorted((r for r in rows if r.get("udr") is not None), key=lambda r: -r["udr"])[:TOP_UDR_TEXT]
         if ranked:
             lines.append(f"  Top {len(ranked)} modules by UDR:")
@@ -105,7 +74,7 @@ def render_text(summary: Mapping[str, Any], *, top_wasteful: int, show_layers: b
     if rs and rs.get("default_r") is not None:
         lines.append(f"  per layer (margin {rs['margin']:g}): default r={rs['default_r']}, "
                      f"{len(rs['rank_pattern'])} modules in rank_pattern, params "
-                     f"{human_count(rs['params_at_suggested'])} (saves {_pct(rs['reduction_ratio'])})")
+                     f"{human_count(rs['params_at_suggested'])} (saves {pct(rs['reduction_ratio'])})")
 
     lines += ["", "Issues:"]
     issues = s.get("issues") or []
@@ -126,9 +95,9 @@ def render_text(summary: Mapping[str, Any], *, top_wasteful: int, show_layers: b
         lines += ["", "Layers:"]
         for row in rows:
             udr = "" if row.get("udr") is None else f"  udr={row['udr']:.3f}"
-            lines.append(f"  {row['module_type']:<5} r={row['r']:<3} util={_pct(row['utilization'])}  "
-                         f"sr={_num(row['stable_rank'])}  erank={_num(row['effective_rank'])}  "
-                         f"k@90/95/99%={_num(row['energy_rank_90'], 'd')}/{_num(row['energy_rank_95'], 'd')}/"
-                         f"{_num(row['energy_rank_99'], 'd')}  |s|σ1={_num(row['delta_sigma_max'], '.3g')}"
+            lines.append(f"  {row['module_type']:<5} r={row['r']:<3} util={pct(row['utilization'])}  "
+                         f"sr={num(row['stable_rank'])}  erank={num(row['effective_rank'])}  "
+                         f"k@90/95/99%={num(row['energy_rank_90'], 'd')}/{num(row['energy_rank_95'], 'd')}/"
+                         f"{num(row['energy_rank_99'], 'd')}  |s|σ1={num(row['delta_sigma_max'], '.3g')}"
                          f"{udr}  {row['name']}")
     return "\n".join(lines) + "\n"

@@ -12,8 +12,8 @@ import sys
 from typing import Any
 
 from gradience.cli.main import EXIT_GATE, EXIT_OK, add_common_flags
+from gradience.textfmt import RULE
 
-RULE = "=" * 72
 _SEVERITY_GATES = ("info", "warning", "error", "critical")
 
 

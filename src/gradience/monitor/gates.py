@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -19,6 +18,7 @@ from gradience.errors import InputError
 from gradience.gates import Gate
 from gradience.monitor.core import MonitorReport
 from gradience.telemetry.types import SEVERITY_RANK
+from gradience.textfmt import finite
 
 
 def _count(block: Any) -> int:
@@ -58,12 +58,6 @@ METRICS: dict[str, Callable[[MonitorReport], Any]] = {
 SEVERITY_FLAGS = ("warning", "error", "critical")
 
 
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if math.isfinite(value) else None
-
-
 def validate_gates(gates: Sequence[Gate]) -> None:
     for gate in gates:
         if not gate.is_flag and gate.metric not in METRICS:
@@ -76,7 +70,7 @@ def evaluate_gates(gates: Sequence[Gate], report: MonitorReport) -> list[str]:
     met: list[str] = []
     for gate in gates:
         if not gate.is_flag:
-            value = _number(METRICS[gate.metric](report))
+            value = finite(METRICS[gate.metric](report))
             if value is not None and gate.compare(value):
                 met.append(f"{gate.text}: {gate.metric} = {value:g}")
             continue

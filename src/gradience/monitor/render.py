@@ -6,47 +6,12 @@ the JSON.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from gradience.monitor.core import MonitorReport
+from gradience.textfmt import RULE, finite, human_count, num, pct, rank_value, times
 
-RULE = "=" * 72
 MAX_ISSUES_TEXT = 50
-
-
-def _ok(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def num(x: Any, fmt: str = ".2f") -> str:
-    return format(x, fmt) if _ok(x) else "-"
-
-
-def pct(x: Any) -> str:
-    return f"{x * 100:.1f}%" if _ok(x) else "-"
-
-
-def times(x: Any) -> str:
-    return f"{x:.2f}x" if _ok(x) else "-"
-
-
-def rank(x: Any) -> str:
-    """Percentiles of integer ranks: '2.5', '6' (no trailing .0)."""
-    if not _ok(x):
-        return "-"
-    return str(int(x)) if float(x).is_integer() else f"{x:.1f}"
-
-
-def count(n: Any) -> str:
-    """294912 -> '294.9K' (parameter counts)."""
-    if not _ok(n):
-        return "-"
-    x = float(n)
-    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if abs(x) >= div:
-            return f"{x / div:.1f}{unit}"
-    return f"{int(x)}"
 
 
 def _steps(findings: dict[str, Any], limit: int = 8) -> str:
@@ -109,29 +74,29 @@ def _diagnostics_lines(a: dict[str, Any] | None, log_file: str) -> list[str]:
     lines.append(f"  Utilization (mean): {pct(a.get('utilization_mean'))}")
     r = a.get("r")
     step = f" at step {a['step']}" if a.get("step") is not None else ""
-    lines.append(f"  LoRA audit{step}: r={rank(r)}, {a.get('n_layers', '-')} layers, "
-                 f"{count(a.get('total_lora_params'))} params")
-    lines.append(f"  Energy rank k@90% (p50/p90): {rank(a.get('energy_rank_90_p50'))}/"
-                 f"{rank(a.get('energy_rank_90_p90'))}")
+    lines.append(f"  LoRA audit{step}: r={rank_value(r)}, {a.get('n_layers', '-')} layers, "
+                 f"{human_count(a.get('total_lora_params'))} params")
+    lines.append(f"  Energy rank k@90% (p50/p90): {rank_value(a.get('energy_rank_90_p50'))}/"
+                 f"{rank_value(a.get('energy_rank_90_p90'))}")
     suggested = a.get("suggested") or {}
     for label, key in (("median", "suggested_r_global_median"), ("p90", "suggested_r_global_90")):
         s = suggested.get(label)
         if not s:
-            lines.append(f"  Suggested rank ({label}): {rank(a.get(key))}")
+            lines.append(f"  Suggested rank ({label}): {rank_value(a.get(key))}")
             continue
         saving = ""
-        if _ok(s.get("params_saved")) and s["params_saved"] > 0:
-            saving = f" (saves {count(s['params_saved'])} / {pct(s.get('reduction_ratio'))} of LoRA params)"
-        elif _ok(s.get("params_saved")):
+        if finite(s.get("params_saved")) is not None and s["params_saved"] > 0:
+            saving = f" (saves {human_count(s['params_saved'])} / {pct(s.get('reduction_ratio'))} of LoRA params)"
+        elif finite(s.get("params_saved")) is not None:
             saving = " (no saving)"
         lines.append(f"  Suggested rank ({label}): r={s['r']}{saving}")
     for mtype, block in (a.get("by_type") or {}).items():
         if isinstance(block, dict):
             lines.append(f"  {mtype:<5} util={pct(block.get('utilization_mean'))}  "
                          f"sr={num(block.get('stable_rank_mean'))}  "
-                         f"k@90% p50/p90={rank(block.get('energy_rank_90_p50'))}/"
-                         f"{rank(block.get('energy_rank_90_p90'))}  layers={block.get('n_layers', '-')}")
-    if _ok(a.get("udr_median")):
+                         f"k@90% p50/p90={rank_value(block.get('energy_rank_90_p50'))}/"
+                         f"{rank_value(block.get('energy_rank_90_p90'))}  layers={block.get('n_layers', '-')}")
+    if finite(a.get("udr_median")) is not None:
         lines.append(f"  UDR (median/p90): {num(a.get('udr_median'), '.3f')}/{num(a.get('udr_p90'), '.3f')}")
     return lines
 

@@ -8,11 +8,11 @@ the next experiment; none predicts accuracy.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from gradience.policy import thresholds as T
 from gradience.telemetry.types import ConfigSnapshot, Recommendation
+from gradience.textfmt import finite, human_count
 
 RUN_ACTIONS: tuple[str, ...] = (
     "memorization_detected", "lower_lr", "log_train_test_ppl", "possible_underfitting", "low_utilization",
@@ -20,43 +20,30 @@ RUN_ACTIONS: tuple[str, ...] = (
 )
 
 
-def _num(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if math.isfinite(value) else None
-
-
 def _steps(findings: dict[str, Any], limit: int = 10) -> list[Any]:
     return [item.get("step") for item in findings.get("listed", [])][:limit]
 
 
-def _fmt_params(n: float) -> str:
-    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if abs(n) >= div:
-            return f"{n / div:.1f}{unit}"
-    return f"{n:.0f}"
-
-
 def _run_lr(config: ConfigSnapshot | None, training: dict[str, Any]) -> float | None:
     """The run's learning rate: configured, else the peak of the logged schedule."""
-    if config is not None and _num(config.optimizer.lr) is not None:
+    if config is not None and finite(config.optimizer.lr) is not None:
         return config.optimizer.lr
     schedule = training.get("lr_schedule") or {}
-    return _num(schedule.get("peak"))
+    return finite(schedule.get("peak"))
 
 
 def _adapter_r(audit: dict[str, Any] | None, config: ConfigSnapshot | None) -> float | None:
-    r = _num((audit or {}).get("r"))
+    r = finite((audit or {}).get("r"))
     if r is None and config is not None:
-        r = _num(config.lora.r)
+        r = finite(config.lora.r)
     return r
 
 
 def gap_rules(signals: dict[str, Any], lr: float | None, gap_threshold: float) -> list[Recommendation]:
-    gap = _num(signals.get("gap"))
+    gap = finite(signals.get("gap"))
     if gap is None:
         missing = [name for name, key in (("train", "train_ppl"), ("test", "test_ppl"))
-                   if _num(signals.get(key)) is None]
+                   if finite(signals.get(key)) is None]
         return [Recommendation(
             "info", "log_train_test_ppl",
             f"No train/test gap: the run has no usable {' or '.join(missing)} eval loss/perplexity. Evaluate "
@@ -87,9 +74,9 @@ def gap_rules(signals: dict[str, Any], lr: float | None, gap_threshold: float) -
 
 
 def underfitting_rule(signals: dict[str, Any], audit: dict[str, Any] | None) -> list[Recommendation]:
-    gap = _num(signals.get("gap"))
-    acc = _num(signals.get("test_accuracy"))
-    sr = _num((audit or {}).get("stable_rank_mean"))
+    gap = finite(signals.get("gap"))
+    acc = finite(signals.get("test_accuracy"))
+    sr = finite((audit or {}).get("stable_rank_mean"))
     if gap is None or acc is None or sr is None:
         return []
     if gap < T.UNDERFIT_GAP_MAX and acc < T.UNDERFIT_TEST_ACC_MAX and sr < T.UNDERFIT_STABLE_RANK_MAX:
@@ -112,8 +99,8 @@ def audit_rules(audit: dict[str, Any] | None, config: ConfigSnapshot | None) -> 
         return []
     recs: list[Recommendation] = []
     r = _adapter_r(audit, config)
-    util = _num(audit.get("utilization_mean"))
-    k90_p90 = _num(audit.get("energy_rank_90_p90"))
+    util = finite(audit.get("utilization_mean"))
+    k90_p90 = finite(audit.get("energy_rank_90_p90"))
     big_r = r is not None and r >= T.LOW_UTILIZATION_MIN_R
     if big_r and util is not None and util < T.LOW_UTILIZATION:
         recs.append(Recommendation(
@@ -128,11 +115,11 @@ def audit_rules(audit: dict[str, Any] | None, config: ConfigSnapshot | None) -> 
     suggested = audit.get("suggested") or {}
     p90 = suggested.get("p90") or {}
     med = suggested.get("median") or {}
-    r_new = _num(p90.get("r"))
+    r_new = finite(p90.get("r"))
     if big_r and wasteful and r_new is not None and r is not None and r_new < r:
-        saved = _num(p90.get("params_saved"))
-        ratio = _num(p90.get("reduction_ratio"))
-        saving = (f", saving ~{_fmt_params(saved)} LoRA params ({ratio:.0%})"
+        saved = finite(p90.get("params_saved"))
+        ratio = finite(p90.get("reduction_ratio"))
+        saving = (f", saving ~{human_count(saved)} LoRA params ({ratio:.0%})"
                   if saved is not None and ratio is not None else "")
         recs.append(Recommendation(
             "info", "compress_rank",
@@ -145,8 +132,8 @@ def audit_rules(audit: dict[str, Any] | None, config: ConfigSnapshot | None) -> 
                       "suggested_r_global_90": r_new, "suggested_r_global_median": med.get("r"),
                       "params_saved": saved, "reduction_ratio": ratio}))
     by_type = audit.get("by_type") or {}
-    mlp_util = _num((by_type.get("mlp") or {}).get("utilization_mean"))
-    attn_util = _num((by_type.get("attn") or {}).get("utilization_mean"))
+    mlp_util = finite((by_type.get("mlp") or {}).get("utilization_mean"))
+    attn_util = finite((by_type.get("attn") or {}).get("utilization_mean"))
     if mlp_util is not None and attn_util is not None and mlp_util < T.MLP_UTILIZATION_LOW \
             and attn_util >= T.ATTN_OVER_MLP_UTILIZATION * mlp_util:
         recs.append(Recommendation(
@@ -181,7 +168,7 @@ def instability_rules(training: dict[str, Any]) -> list[Recommendation]:
         trend = (training.get("loss_trend") or {}).get("direction")
         degraded = bool(nan.get("count") or (training.get("loss_spikes") or {}).get("count")
                         or trend == "increasing")
-        gmax = _num(training.get("grad_norm_max"))
+        gmax = finite(training.get("grad_norm_max"))
         factor = exp.get("factor", T.GRAD_EXPLOSION_FACTOR)
         tail = ("clip gradients (max_grad_norm) and/or lower the lr." if degraded else
                 "the loss kept improving, so this is likely benign; clip gradients if it recurs with loss spikes.")
