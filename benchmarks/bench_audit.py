@@ -5,7 +5,7 @@
 
 Per adapter it measures:
 - whole process: wall time of ``gradience audit --peft-dir X --json`` (stdout to /dev/null), median and
-  range over the runs, and the child's peak RSS (``os.wait4`` rusage of that one process);
+  range over the runs, and the child's peak RSS (``os.wait4`` rusage of that one process, via a small wrapper);
 - in process: ``run_audit(load_adapter(X), AuditOptions())`` versus reading the weights once, warm
   (``open().read()`` of the whole file) and touching every tensor through gradience's mmap reader;
 and overall: time per pair (linearity, 7B vs 70B) and the ``python -X importtime`` cost of the command,
@@ -60,17 +60,31 @@ def gradience_command() -> list[str]:
     return [exe] if exe else [sys.executable, "-m", "gradience"]
 
 
+# Runs one command and reports its wall time and peak RSS. It exists because Linux charges a child that was
+# vfork()ed and exec()ed with the parent's peak RSS at exec time (the old mm's high-water mark is folded into the
+# child's ru_maxrss): measured straight from this process, whose RSS grows with the in-process runs, every child
+# would show at least our own peak. A fresh interpreter of ~10 MiB in between keeps the figure the child's own.
+_WRAPPER = """
+import os, subprocess, sys, time
+with open(sys.argv[1], "wb") as err:
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(sys.argv[2:], stdout=subprocess.DEVNULL, stderr=err, stdin=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+print(wall, usage.ru_maxrss, proc.returncode)
+"""
+
+
 def run_child(cmd: list[str]) -> tuple[float, float, int, str]:
     """Run one fresh process; returns (wall s, peak RSS MiB, exit code, stderr tail) for that process alone."""
-    with tempfile.TemporaryFile() as err:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, stdin=subprocess.DEVNULL)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - t0
-        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped by wait4: tell Popen
-        err.seek(0)
-        tail = err.read()[-2000:].decode(errors="replace")
-    return wall, usage.ru_maxrss / 1024, proc.returncode, tail  # ru_maxrss is KiB on Linux
+    with tempfile.TemporaryDirectory() as tmp:
+        err_path = Path(tmp) / "stderr"
+        out = subprocess.run([sys.executable, "-c", _WRAPPER, str(err_path), *cmd], capture_output=True, text=True,
+                             check=True).stdout.split()
+        tail = err_path.read_bytes()[-2000:].decode(errors="replace")
+    wall, maxrss_kib, code = float(out[0]), int(out[1]), int(out[2])
+    return wall, maxrss_kib / 1024, code, tail  # ru_maxrss is KiB on Linux
 
 
 def median_time(fn: Callable[[], Any], runs: int) -> tuple[float, float, float]:

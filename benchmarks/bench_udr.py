@@ -37,7 +37,6 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 
 import make_base  # noqa: E402
-
 from gradience.io.safetensors import SafetensorsFile  # noqa: E402
 from gradience.jsonio import atomic_write_text, dumps  # noqa: E402
 from gradience.udr import UdrInput, measure_udr  # noqa: E402

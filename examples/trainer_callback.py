@@ -23,7 +23,7 @@ from gradience.toy.model import build_tiny_classifier, build_word_tokenizer
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/callback_example")
-    parser.add_argument("--max-steps", type=int, default=40)
+    parser.add_argument("--max-steps", type=int, default=60)
     args = parser.parse_args()
 
     data = load_builtin()
@@ -35,7 +35,7 @@ def main() -> None:
     def encode(texts: list[str], labels: list[int]) -> list[dict]:
         enc = tokenizer(texts, truncation=True, max_length=32)
         return [{"input_ids": i, "attention_mask": m, "labels": y}
-                for i, m, y in zip(enc["input_ids"], enc["attention_mask"], labels)]
+                for i, m, y in zip(enc["input_ids"], enc["attention_mask"], labels, strict=True)]
 
     train, test = encode(data.train_texts, data.train_labels), encode(data.test_texts, data.test_labels)
 

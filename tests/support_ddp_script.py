@@ -41,7 +41,7 @@ def main() -> None:
                                       target_modules=["q_lin", "v_lin"]))
     enc = tokenizer(data.train_texts[:256], truncation=True, max_length=32)
     train = [{"input_ids": i, "attention_mask": m, "labels": y}
-             for i, m, y in zip(enc["input_ids"], enc["attention_mask"], data.train_labels[:256])]
+             for i, m, y in zip(enc["input_ids"], enc["attention_mask"], data.train_labels[:256], strict=True)]
     test = train[:64]
     callbacks = [] if args.no_callback else [GradienceCallback(GradienceCallbackConfig(
         dataset_name=data.name, model_name="tiny-distilbert", task_profile="easy_classification",

@@ -186,6 +186,18 @@ def test_full_finetune_without_peft_has_no_audit(parts: dict[str, Any], tmp_path
     assert records[0]["config"]["lora"]["r"] is None
 
 
+def test_transformers_native_adapter_is_audited(parts: dict[str, Any], tmp_path: Path) -> None:
+    """model.add_adapter (transformers' PEFT integration, no PeftModel wrapper) is audited too."""
+    cb = GradienceCallback()
+    trainer = make_trainer(parts, tmp_path, [cb], peft=False, max_steps=2, eval_strategy="no")
+    trainer.model.add_adapter(LoraConfig(r=2, lora_alpha=4, target_modules=["q_lin", "v_lin"]))
+    trainer.train()
+    records = read_jsonl(tmp_path / "run.jsonl")
+    audit = [r for r in records if r["event"] == "metrics" and r["kind"] == "lora_audit"]
+    assert len(audit) == 1 and audit[0]["metrics"]["n_layers"] == 4
+    assert records[0]["config"]["lora"]["r"] == 2
+
+
 def test_unwritable_output_dir_warns_once_and_training_continues(parts: dict[str, Any], tmp_path: Path) -> None:
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,11 +23,20 @@ SCRIPT = REPO / "tests" / "support_ddp_script.py"
 def test_torchrun_two_processes_write_one_run(tmp_path: Path) -> None:
     torchrun = shutil.which("torchrun")
     cmd = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
-    cmd += ["--nproc_per_node", "2", "--master_port", "0", str(SCRIPT), "--out", str(tmp_path / "out"),
+    # --standalone: a local rendezvous on a free port, so parallel test runs never collide.
+    cmd += ["--standalone", "--nproc_per_node", "2", str(SCRIPT), "--out", str(tmp_path / "out"),
             "--max-steps", "12"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # start_new_session: on timeout the whole process group (torchrun and its workers) is killed.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            cwd=tmp_path, start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, stderr[-3000:]
 
     files = sorted(p.name for p in (tmp_path / "out").iterdir() if p.suffix == ".jsonl")
     assert files == ["run.jsonl"]

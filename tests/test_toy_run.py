@@ -17,10 +17,10 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-from safetensors.numpy import load_file  # noqa: E402
+from safetensors.numpy import load_file
 
-from gradience.errors import InputError  # noqa: E402
-from gradience.toy.run import ToyRunConfig, ToyRunResult, next_commands, run_toy  # noqa: E402
+from gradience.errors import InputError
+from gradience.toy.run import ToyRunConfig, ToyRunResult, next_commands, run_toy
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

@@ -342,3 +342,50 @@ def test_progress_bar_draws_on_a_tty(llama_adapter_dir: Path, tiny_llama_dir: Pa
     measure_udr(inputs, str(tiny_llama_dir), use_cache=False, progress=True)
     text = fake.getvalue()
     assert "\r" in text and "14/14" in text and text.endswith("\n")
+
+
+def test_device_selection_and_torch_products(llama_adapter_dir: Path, tiny_llama_dir: Path) -> None:
+    from gradience.udr.spectral import spectral_norm_torch
+
+    inputs = udr_inputs(reference_deltas(llama_adapter_dir))
+    cpu = measure_udr(inputs, str(tiny_llama_dir), use_cache=False)
+    cuda = measure_udr(inputs, str(tiny_llama_dir), use_cache=False, device="cuda")
+    if torch.cuda.is_available():
+        assert cuda.stats["device"] == "cuda" and cuda.issues == []
+    else:  # falls back to the CPU and says so
+        assert cuda.stats["device"] == "cpu" and [i.code for i in cuda.issues] == ["udr_device_fallback"]
+    for name, row in cpu.per_layer.items():
+        assert cuda.per_layer[name]["base_sigma_max"] == pytest.approx(row["base_sigma_max"], rel=RTOL)
+    with pytest.raises(InputError, match="'cpu' or 'cuda'"):
+        measure_udr(inputs, str(tiny_llama_dir), use_cache=False, device="gpu")
+    # The torch product path (what runs on a GPU) on a CPU tensor, against dense SVD.
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((90, 150)).astype(np.float32)
+    assert spectral_norm_torch(torch.from_numpy(w)).sigma_max == pytest.approx(sigma1(w.astype(np.float64)),
+                                                                               rel=RTOL)
+
+
+def test_udr_does_not_import_torch(llama_adapter_dir: Path, tiny_llama_dir: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from gradience.udr import UdrInput, measure_udr\n"
+        f"r = measure_udr([UdrInput('model.layers.0.self_attn.q_proj', 1.0, 1.0, 32, 32)], {str(tiny_llama_dir)!r},"
+        f" cache_path={str(tmp_path / 'c.json')!r})\n"
+        "assert r.summary['n_layers_with_udr'] == 1, r.issues\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'scipy', 'safetensors') if m in sys.modules))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+def test_parallel_workers_match_serial(llama_adapter_dir: Path, tiny_llama_sharded_dir: Path) -> None:
+    inputs = udr_inputs(reference_deltas(llama_adapter_dir))
+    serial = measure_udr(inputs, str(tiny_llama_sharded_dir), use_cache=False, workers=1)
+    parallel = measure_udr(inputs, str(tiny_llama_sharded_dir), use_cache=False, workers=4)
+    assert serial.stats["workers"] == 1 and parallel.stats["workers"] == 4
+    assert parallel.per_layer == serial.per_layer
+    assert parallel.stats["bytes_read"] == serial.stats["bytes_read"] and parallel.stats["tensors_read"] == 14

@@ -146,11 +146,12 @@ def _adapter_state(model: Any) -> tuple[dict[str, Any], dict[str, Any]] | None:
 
     if isinstance(model, PeftModel):
         name = model.active_adapter
-        state = get_peft_model_state_dict(model, adapter_name=name)
     else:  # transformers' own PEFT integration (model.add_adapter)
         active = model.active_adapters() if callable(getattr(model, "active_adapters", None)) else []
         name = active[0] if active else next(iter(peft_config))
-        state = model.get_adapter_state_dict(name)
+    # save_embedding_layers=False: only LoRA factors are audited, and PEFT's "auto" may query the Hub about
+    # the base model's config.
+    state = get_peft_model_state_dict(model, adapter_name=name, save_embedding_layers=False)
     config = peft_config.get(name) or next(iter(peft_config.values()))
     return dict(state), _plain(config.to_dict())
 
@@ -271,7 +272,7 @@ class GradienceCallback(TrainerCallback):
         """Find the Trainer running this callback by walking up the call stack (only when not attached)."""
         if self.trainer is not None:
             return
-        frame = sys._getframe(1)
+        frame: Any = sys._getframe(1)
         for _ in range(12):
             if frame is None:
                 break
@@ -412,7 +413,7 @@ class GradienceCallback(TrainerCallback):
         if isinstance(dataset, Mapping):
             dataset = dataset.get(split)
         try:
-            return int(len(dataset)) if dataset is not None else None
+            return len(dataset) if dataset is not None else None
         except TypeError:
             return None
 

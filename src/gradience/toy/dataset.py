@@ -121,7 +121,7 @@ class TextClassificationData:
 
 def load_builtin() -> TextClassificationData:
     """The shipped ``gradience/tiny-sentiment`` data (no ``datasets`` import, no cache writes)."""
-    text = resources.files("gradience.toy").joinpath("data", BUILTIN_FILE).read_text(encoding="utf-8")
+    text = resources.files("gradience.toy").joinpath("data").joinpath(BUILTIN_FILE).read_text(encoding="utf-8")
     splits: dict[str, tuple[list[str], list[int]]] = {"train": ([], []), "test": ([], [])}
     for line in text.splitlines():
         if line.strip():

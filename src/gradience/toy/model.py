@@ -62,13 +62,17 @@ def build_tiny_classifier(vocab_size: int, num_labels: int, seed: int) -> Any:
     import torch
     from transformers import DistilBertConfig, DistilBertForSequenceClassification
 
-    config = DistilBertConfig(
+    config = DistilBertConfig(  # type: ignore[call-arg]  # num_labels etc. go through **kwargs
         vocab_size=vocab_size, dim=_TINY_DIM, n_layers=_TINY_LAYERS, n_heads=_TINY_HEADS,
         hidden_dim=_TINY_HIDDEN, max_position_embeddings=MAX_LENGTH, num_labels=num_labels,
         dropout=0.0, attention_dropout=0.0, pad_token_id=0,
     )
+    # Named so the saved adapter_config.json says which base it belongs to (`gradience check` shows it).
+    config.name_or_path = BUILTIN_MODEL
     torch.manual_seed(seed)
-    return DistilBertForSequenceClassification(config)
+    model = DistilBertForSequenceClassification(config)
+    model.name_or_path = BUILTIN_MODEL
+    return model
 
 
 @dataclass

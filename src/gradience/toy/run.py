@@ -139,7 +139,9 @@ def _save_adapter(model: Any, peft_dir: Path) -> None:
     peft_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".peft.", dir=peft_dir.parent))
     try:
-        model.save_pretrained(str(staging))
+        # save_embedding_layers=False: LoRA never targets embeddings here, and PEFT's "auto" would look the
+        # base model name up on the Hub (the built-in one is not there; the run must stay offline).
+        model.save_pretrained(str(staging), save_embedding_layers=False)
         previous = None
         if peft_dir.exists():
             previous = peft_dir.with_name(f".{peft_dir.name}.old.{os.getpid()}")
@@ -177,7 +179,8 @@ def run_toy(cfg: ToyRunConfig | None = None) -> ToyRunResult:
     transformers.set_seed(cfg.seed)
     loaded = load_model(cfg.model, data.num_labels, data.train_texts, cfg.seed)
     targets = cfg.targets or loaded.default_targets
-    lora = LoraConfig(task_type=TaskType.SEQ_CLS, r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=0.0,
+    alpha: Any = int(cfg.alpha) if float(cfg.alpha).is_integer() else cfg.alpha  # PEFT types alpha as int
+    lora = LoraConfig(task_type=TaskType.SEQ_CLS, r=cfg.r, lora_alpha=alpha, lora_dropout=0.0,
                       target_modules=targets)
     try:
         with warnings.catch_warnings():

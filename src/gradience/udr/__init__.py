@@ -55,9 +55,20 @@ def measure_udr(
     cache_path: str | None = None,
     use_cache: bool = True,
     progress: bool = False,
+    device: str | None = None,
+    workers: int | None = None,
 ) -> UdrReport:
-    """Compute UDR/SDI of each layer against the base model (see :mod:`gradience.udr.measure`)."""
+    """UDR/SDI of each layer against the base model.
+
+    ``base_model``: a local checkpoint directory or a hub id[@revision] in the local Hugging Face cache; an
+    explicit base that cannot be resolved raises ``InputError``. When None, ``adapter_base_hint`` (the adapter
+    config's ``base_model_name_or_path``) is used only if it resolves locally; otherwise the report has
+    ``requested=False`` and an info issue. ``cache_path``: the base-norms cache file (default under the user
+    cache dir); ``use_cache=False`` neither reads nor writes it. ``progress``: draw a bar on stderr when it is
+    a TTY. ``device``: "cpu" or "cuda" (default: $GRADIENCE_UDR_DEVICE or cpu). ``workers``: tensors processed
+    in parallel (default: $GRADIENCE_UDR_WORKERS or the CPU count, at most 4).
+    """
     from gradience.udr.measure import measure_udr as _impl
 
     return _impl(layers, base_model, adapter_base_hint=adapter_base_hint, cache_path=cache_path,
-                 use_cache=use_cache, progress=progress)
+                 use_cache=use_cache, progress=progress, device=device, workers=workers)

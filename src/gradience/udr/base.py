@@ -9,6 +9,7 @@ modules that live there while the rest of the base is still used.
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,7 @@ class BaseWeights:
         self.tensors: dict[str, BaseTensorInfo] = {}
         self.bytes_read = 0
         self.tensors_read = 0
+        self._lock = threading.Lock()  # read_f32 is called from worker threads
         self._scan()
 
     # -- directory ------------------------------------------------------------------------------
@@ -106,6 +108,10 @@ class BaseWeights:
         info = self.tensors[name]
         if info.file in self.file_problems:
             raise InputError(self.file_problems[info.file], self.root / info.file)
+        with self._lock:
+            return self._read_f32_locked(name, info)
+
+    def _read_f32_locked(self, name: str, info: BaseTensorInfo) -> np.ndarray:
         if self.resolved.fmt == "safetensors":
             st = self._st_files[info.file]
             arr = st.read_f32(name)

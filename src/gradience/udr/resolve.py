@@ -172,12 +172,10 @@ def resolve_base(spec: str, *, allow_download: bool = False) -> ResolvedBase:
                 commit = downloaded.name
                 found = (downloaded, commit)
     if isinstance(found, str):
-        raise InputError(
-            f"base model not found: no such directory, and no local Hugging Face cache entry; looked for {found}"
-            " (no download: offline or huggingface_hub not installed)" if allow_download else
-            f"base model not found: no such directory, and no local Hugging Face cache entry; looked for {found}",
-            raw,
-        )
+        problem = f"base model not found: no such directory, and no local Hugging Face cache entry; looked for {found}"
+        if allow_download:
+            problem += " (no download: HF_HUB_OFFLINE set, huggingface_hub missing, no network, or no such repo)"
+        raise InputError(problem, raw)
     snapshot, commit = found
     display = f"{repo_id}@{commit}"
     return inspect_directory(snapshot, spec, display, f"hub:{display}")

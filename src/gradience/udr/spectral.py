@@ -2,9 +2,9 @@
 
 A full float64 SVD of one 4096×11008 matrix costs minutes on a laptop CPU; UDR needs only σ₁ to ~1e-4
 relative accuracy. We run block Lanczos (block Krylov with full reorthogonalization and Rayleigh–Ritz) on the
-Gram operator G = WᵀW. Products run in float32 (the weight's own precision; bf16 arithmetic would stall at
-~3e-3), the small Krylov algebra in float64. G·X is computed in one pass over W, row chunk by row chunk
-(Σ Wᵢᵀ(Wᵢ X)), so each chunk is reused from cache for its second product.
+Gram operator G = WᵀW or WWᵀ, whichever is smaller. Products run in float32 (the weight's own precision;
+bf16 arithmetic would stall at ~3e-3), the small Krylov algebra in float64. G·X is computed in one pass over
+W, chunk by chunk (Σ Wᵢᵀ(Wᵢ X)), so each chunk is reused from cache for its second product.
 
 Why a block (8 vectors) and not single-vector Lanczos, although a single-vector product is a cheaper GEMV:
 a single Krylov vector cannot see a cluster of near-equal top singular values; its Ritz value settles inside
@@ -102,17 +102,31 @@ def spectral_norm(
         gram = w64 @ w64.T if d_out <= d_in else w64.T @ w64
         lam = float(np.linalg.eigvalsh(gram)[-1]) if gram.size else 0.0
         return SpectralNorm(math.sqrt(max(lam, 0.0)), 1, min(d_out, d_in), 0.0, True)
-    rows = max(16, CHUNK_BYTES // (4 * d_in))
+    if d_in <= d_out:
+        # G = WᵀW on the d_in side, one pass over row chunks: Σ Wᵢᵀ(Wᵢ X).
+        rows = max(16, CHUNK_BYTES // (4 * d_in))
 
-    def apply_gram(x: np.ndarray) -> np.ndarray:
-        x32 = x.astype(np.float32)
-        z = np.zeros_like(x32)
-        for i in range(0, d_out, rows):
-            chunk = w32[i:i + rows]
-            z += chunk.T @ (chunk @ x32)
-        return z.astype(np.float64)
+        def apply_gram(x: np.ndarray) -> np.ndarray:
+            x32 = x.astype(np.float32)
+            z = np.zeros_like(x32)
+            for i in range(0, d_out, rows):
+                chunk = w32[i:i + rows]
+                z += chunk.T @ (chunk @ x32)
+            return z.astype(np.float64)
+    else:
+        # G = WWᵀ on the (smaller) d_out side, one pass over column chunks: Σ Wⱼ(Wⱼᵀ X). Shorter Krylov
+        # vectors make the small dense algebra cheaper.
+        cols = max(16, CHUNK_BYTES // (4 * d_out))
 
-    return largest_gram_eigen(apply_gram, d_in, rtol=rtol, block=b, seed=seed)
+        def apply_gram(x: np.ndarray) -> np.ndarray:
+            x32 = x.astype(np.float32)
+            z = np.zeros_like(x32)
+            for j in range(0, d_in, cols):
+                chunk = w32[:, j:j + cols]
+                z += chunk @ (chunk.T @ x32)
+            return z.astype(np.float64)
+
+    return largest_gram_eigen(apply_gram, min(d_out, d_in), rtol=rtol, block=b, seed=seed)
 
 
 def spectral_norm_torch(w: Any, *, rtol: float = UDR_SIGMA_RTOL, block: int = DEFAULT_BLOCK,
