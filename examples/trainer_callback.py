@@ -23,14 +23,14 @@ from gradience.toy.model import build_tiny_classifier, build_word_tokenizer
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/callback_example")
-    parser.add_argument("--max-steps", type=int, default=60)
+    parser.add_argument("--max-steps", type=int, default=100)
     args = parser.parse_args()
 
     data = load_builtin()
     tokenizer = build_word_tokenizer(data.train_texts)
     model = get_peft_model(build_tiny_classifier(len(tokenizer), 2, seed=0),
                            LoraConfig(task_type=TaskType.SEQ_CLS, r=8, lora_alpha=16,
-                                      target_modules=["q_lin", "v_lin"]))
+                                      target_modules=["q_lin", "k_lin", "v_lin", "out_lin"]))
 
     def encode(texts: list[str], labels: list[int]) -> list[dict]:
         enc = tokenizer(texts, truncation=True, max_length=32)
@@ -45,9 +45,8 @@ def main() -> None:
         task_profile="easy_classification", train_eval_dataset=train, train_eval_samples=128))
 
     training_args = TrainingArguments(output_dir=args.out, max_steps=args.max_steps, learning_rate=5e-3,
-                                      per_device_train_batch_size=16, logging_steps=5, eval_strategy="steps",
-                                      eval_steps=20, save_strategy="no", report_to="none", use_cpu=True,
-                                      disable_tqdm=True)
+                                      warmup_steps=10, per_device_train_batch_size=16, logging_steps=5, eval_strategy="steps",
+                                      eval_steps=25, save_strategy="no", report_to="none", use_cpu=True)
     trainer = Trainer(model=model, args=training_args, train_dataset=train, eval_dataset=test,
                       data_collator=DataCollatorWithPadding(tokenizer), callbacks=[callback])
     with callback.guard():  # a crash still ends the run log with run_end(status="error")

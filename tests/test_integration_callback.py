@@ -116,6 +116,9 @@ def test_full_run_log_matches_trainer_history_and_config(parts: dict[str, Any], 
     training = config["training"]
     assert (training["seed"], training["batch_size"], training["gradient_accumulation"],
             training["max_steps"]) == (7, 8, 1, 6)
+    # The Trainer's plan: 6 steps of 8 rows over 160 rows is 0.3 epochs -> it schedules 1 epoch.
+    assert training["epochs"] == trainer.state.num_train_epochs == 1
+    assert training["dtype"] == "float32"
     meta = records[0]["meta"]
     assert meta["world_size"] == 1 and meta["effective_batch_size"] == 8
 
@@ -147,9 +150,9 @@ def test_full_run_log_matches_trainer_history_and_config(parts: dict[str, Any], 
     assert all(r["metrics"]["n"] == 16 and "accuracy" in r["metrics"] for r in trains)
     assert not any(k.startswith("train_eval") for h in history for k in h)
 
-    # The final train eval is the mean cross-entropy of the final model on the first 16 train rows.
+    # The final train eval is the mean cross-entropy of the final model on 16 evenly spaced train rows.
     model = trainer.model.eval()
-    batch = DataCollatorWithPadding(parts["tokenizer"])(parts["train"][:16])
+    batch = DataCollatorWithPadding(parts["tokenizer"])(parts["train"][::10])
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     loss = torch.nn.functional.cross_entropy(logits, batch["labels"]).item()
@@ -177,6 +180,18 @@ def test_explicit_train_eval_dataset_and_named_eval_sets(parts: dict[str, Any], 
     assert not (tmp_path / "trainer" / "run.jsonl").exists()
 
 
+def test_hf_datasets_train_subset(parts: dict[str, Any], tmp_path: Path) -> None:
+    """A datasets.Dataset with an extra text column (the Trainer drops it) as the train-eval source."""
+    import datasets
+
+    rows = [dict(r, text=f"row {i}") for i, r in enumerate(parts["train"])]
+    train = datasets.Dataset.from_list(rows)
+    cb = GradienceCallback(GradienceCallbackConfig(train_eval_samples=8, audit_on_train_end=False))
+    make_trainer(parts, tmp_path, [cb], max_steps=3, train_dataset=train).train()
+    trains = [r for r in read_jsonl(tmp_path / "run.jsonl") if r["event"] == "eval" and r["split"] == "train"]
+    assert [(r["step"], r["metrics"]["n"]) for r in trains] == [(3, 8)]
+
+
 def test_full_finetune_without_peft_has_no_audit(parts: dict[str, Any], tmp_path: Path) -> None:
     cb = GradienceCallback()
     make_trainer(parts, tmp_path, [cb], peft=False, max_steps=2, eval_strategy="no").train()
@@ -184,6 +199,19 @@ def test_full_finetune_without_peft_has_no_audit(parts: dict[str, Any], tmp_path
     assert [r["event"] for r in records] == ["run_start", "train_step", "metrics", "run_end"]
     assert records[2]["kind"] == "train_summary"
     assert records[0]["config"]["lora"]["r"] is None
+
+
+def test_long_strings_are_redacted_unless_text_is_allowed(parts: dict[str, Any], tmp_path: Path) -> None:
+    notes = "n" * 300
+    for allow, expected in ((False, "[REDACTED len=300]"), (True, notes)):
+        cb = GradienceCallback(GradienceCallbackConfig(notes=notes, telemetry_allow_text=allow,
+                                                       audit_on_train_end=False))
+        make_trainer(parts, tmp_path / str(allow), [cb], max_steps=1, eval_strategy="no").train()
+        assert read_jsonl(tmp_path / str(allow) / "run.jsonl")[0]["config"]["notes"] == expected
+    cb = GradienceCallback(GradienceCallbackConfig(notes="abcdefghij", telemetry_max_str_len=5,
+                                                   audit_on_train_end=False))
+    make_trainer(parts, tmp_path / "short", [cb], max_steps=1, eval_strategy="no").train()
+    assert read_jsonl(tmp_path / "short" / "run.jsonl")[0]["config"]["notes"] == "[REDACTED len=10]"
 
 
 def test_transformers_native_adapter_is_audited(parts: dict[str, Any], tmp_path: Path) -> None:

@@ -118,3 +118,35 @@ def test_hub_dataset_offline_and_not_cached_is_one_clear_error(spec: str, tmp_pa
     message = str(info.value)
     assert message.startswith(f"{spec}: cannot load dataset")
     assert "offline" in message
+
+
+def test_toy_and_demo_modules_import_nothing_heavy_and_script_has_the_seed_flags() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, gradience.toy.run, gradience.toy.model, gradience.cli.demo\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'peft', 'datasets', 'scipy') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip() == "[]", proc.stderr
+    script = Path(__file__).resolve().parents[1] / "examples" / "vnext" / "toy_lora_run.py"
+    helptext = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True,
+                              timeout=60).stdout
+    for flag in ("--out", "--device", "--model", "--dataset", "--max-steps", "--r", "--alpha", "--lr",
+                 "--targets", "--seed", "--telemetry-allow-text", "--no-audit"):
+        assert f"{flag} " in helptext or f"{flag}\n" in helptext, flag
+
+
+def test_toy_flags_map_to_the_run_config() -> None:
+    from gradience.toy.run import ToyRunConfig, build_arg_parser, config_from_args
+
+    cfg = config_from_args(build_arg_parser().parse_args([]))
+    assert cfg == ToyRunConfig()
+    assert (cfg.out, cfg.device, cfg.model, cfg.dataset) == ("runs/toy", "cpu", "gradience/tiny-distilbert",
+                                                            "gradience/tiny-sentiment")
+    cfg = config_from_args(build_arg_parser().parse_args([
+        "--out", "o", "--max-steps", "7", "--r", "4", "--alpha", "8", "--lr", "1e-4", "--targets", "q_lin, v_lin",
+        "--seed", "3", "--telemetry-allow-text", "--no-audit", "--dataset", "imdb", "--model", "bert-base-uncased"]))
+    assert (cfg.out, cfg.max_steps, cfg.r, cfg.alpha, cfg.lr, cfg.seed) == ("o", 7, 4, 8.0, 1e-4, 3)
+    assert cfg.targets == ["q_lin", "v_lin"]
+    assert cfg.telemetry_allow_text is True and cfg.audit is False
+    assert (cfg.dataset, cfg.model) == ("imdb", "bert-base-uncased")

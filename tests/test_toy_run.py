@@ -174,3 +174,32 @@ def test_unknown_hub_model_offline_is_one_input_error(tmp_path: Path) -> None:
 def test_targets_that_match_nothing_is_one_input_error(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="--targets: cannot apply LoRA"):
         run_toy(ToyRunConfig(out=str(tmp_path / "o"), targets=["no_such_module"], max_steps=2))
+
+
+@pytest.mark.slow
+def test_hub_model_id_is_loaded_from_the_local_hub_cache(tmp_path: Path) -> None:
+    """`--model org/name` takes the real hub code path: offline, it resolves from the local hub cache."""
+    import os
+    import subprocess
+    import sys
+
+    from gradience.toy.dataset import load_builtin
+    from gradience.toy.model import build_tiny_classifier, build_word_tokenizer
+    from support.tiny_models import make_hf_cache_layout
+
+    data = load_builtin()
+    tokenizer = build_word_tokenizer(data.train_texts)
+    saved = tmp_path / "saved"
+    build_tiny_classifier(len(tokenizer), 2, seed=3).save_pretrained(str(saved))
+    tokenizer.save_pretrained(str(saved))
+    make_hf_cache_layout(saved, tmp_path / "hub", repo_id="someorg/tiny-sentiment-model")
+    script = Path(__file__).resolve().parents[1] / "examples" / "vnext" / "toy_lora_run.py"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"))
+    proc = subprocess.run([sys.executable, str(script), "--out", "o", "--model", "someorg/tiny-sentiment-model",
+                           "--max-steps", "3", "--targets", "q_lin,v_lin", "--no-audit"],
+                          cwd=tmp_path, capture_output=True, text=True, env=env, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    records = read_jsonl(tmp_path / "o" / "run.jsonl")
+    assert records[0]["config"]["model_name"] == "someorg/tiny-sentiment-model"
+    adapter_config = json.loads((tmp_path / "o" / "peft" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == "someorg/tiny-sentiment-model"

@@ -178,3 +178,30 @@ def test_bin_only_base_uses_weights_only_torch_load(tiny_llama_dir: Path, tmp_pa
 
 class _Payload:
     """An arbitrary Python object: torch.load(weights_only=True) must refuse to unpickle it."""
+
+
+def test_embedding_and_conv_shapes(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    from safetensors.numpy import save_file
+
+    # Embedding: the base stores (num_embeddings, dim); PEFT's ΔW orientation may be either way round.
+    from test_udr_measure import _load_all, sigma1
+
+    emb = _load_all(tiny_llama_dir)["model.embed_tokens.weight"]
+    for d_out, d_in in (emb.shape, emb.shape[::-1]):
+        report = measure_udr([UdrInput("model.embed_tokens", 2.0, 3.0, d_out, d_in, "embedding")],
+                             str(tiny_llama_dir), use_cache=False)
+        row = report.per_layer["model.embed_tokens"]
+        assert row["udr"] == pytest.approx(2.0 / sigma1(emb), rel=1e-4)
+        assert row["udr_f"] == pytest.approx(3.0 / np.linalg.norm(emb), rel=1e-6)
+    # Conv: base (out, in, kh, kw) against ΔW flattened to (out, in·kh·kw).
+    rng = np.random.default_rng(0)
+    conv = rng.standard_normal((8, 4, 3, 3)).astype(np.float32)
+    base = tmp_path / "conv_base"
+    base.mkdir()
+    save_file({"unet.conv_in.weight": conv, "unet.conv_in.bias": np.zeros(8, np.float32)},
+              str(base / "model.safetensors"))
+    report = measure_udr([UdrInput("unet.conv_in", 1.0, 1.0, 8, 36, "conv")], str(base), use_cache=False)
+    expected = sigma1(conv.reshape(8, 36).astype(np.float64))
+    assert report.per_layer["unet.conv_in"]["base_sigma_max"] == pytest.approx(expected, rel=1e-4)
+    wrong = measure_udr([UdrInput("unet.conv_in", 1.0, 1.0, 8, 35, "conv")], str(base), use_cache=False)
+    assert [i.code for i in wrong.issues][:1] == ["base_shape_mismatch"]

@@ -77,7 +77,8 @@ class GradienceCallbackConfig:
 
     output_dir: str | None = None          # default: TrainingArguments.output_dir
     filename: str = "run.jsonl"
-    run_id: str | None = None              # default: a fresh uuid4 per trainer.train() call
+    run_id: str | None = None              # default: a fresh uuid4 per trainer.train() call (a fixed id is
+                                           # reused by every train() call of this callback)
     dataset_name: str | None = None
     model_name: str | None = None          # default: PEFT base_model_name_or_path / model.config._name_or_path
     task_profile: str | None = None        # easy_classification | hard_reasoning | generation | unknown
@@ -86,7 +87,7 @@ class GradienceCallbackConfig:
     telemetry_max_str_len: int = 256
     eval_split: str = "test"               # split name for the Trainer's own evaluations
     train_eval_dataset: Any = None         # evaluated at each evaluation and logged as split "train"
-    train_eval_samples: int | None = None  # cap (or, without train_eval_dataset, a prefix of train_dataset)
+    train_eval_samples: int | None = None  # evenly spaced rows of train_eval_dataset (default: train_dataset)
     audit_on_train_end: bool = True
     audit_include_layers: bool = False
     meta: dict[str, Any] = field(default_factory=dict)  # extra run_start meta (no secrets: it is logged)
@@ -201,7 +202,6 @@ class GradienceCallback(TrainerCallback):
         self.writer: Any = None
         self.path: Path | None = None
         self._open = False          # a run_start was written and no run_end yet
-        self._disabled = False      # opening the file failed for this run
         self._warned: set[str] = set()
         self._train_eval: Any = None
         self._train_eval_ready = False
@@ -293,12 +293,11 @@ class GradienceCallback(TrainerCallback):
                                           allow_text=self.config.telemetry_allow_text,
                                           max_str_len=self.config.telemetry_max_str_len)
         except Exception as exc:
-            self._disabled = True
             self._warn_once("telemetry", f"telemetry disabled for this run: cannot open {self.path}: {exc}")
             return False
         return True
 
-    def _snapshot(self, args: Any, model: Any) -> Any:
+    def _snapshot(self, args: Any, state: Any, model: Any) -> Any:
         from gradience.config import snapshot_from_sources
 
         peft = _peft_config_dict(model)
@@ -307,9 +306,18 @@ class GradienceCallback(TrainerCallback):
         if model_name is None:
             model_name = (peft or {}).get("base_model_name_or_path") or \
                 getattr(getattr(model, "config", None), "_name_or_path", None) or None
+        # The Trainer's resolved plan beats the raw arguments: with max_steps set, num_train_epochs is ignored
+        # (state has the real figure), and with epochs set, max_steps is -1 (state has the step count).
+        max_steps = getattr(state, "max_steps", 0) or None
+        epochs = getattr(state, "num_train_epochs", 0) or None
+        # Weights dtype, unless mixed precision (bf16/fp16 flags, mapped from the arguments) says more.
+        dtype = None
+        if not (getattr(args, "bf16", False) or getattr(args, "fp16", False)):
+            dtype = str(getattr(model, "dtype", "") or "").replace("torch.", "") or None
         overrides = {key: value for key, value in (
             ("model_name", model_name), ("dataset_name", cfg.dataset_name),
-            ("task_profile", cfg.task_profile), ("notes", cfg.notes)) if value is not None}
+            ("task_profile", cfg.task_profile), ("notes", cfg.notes), ("max_steps", max_steps),
+            ("num_train_epochs", epochs), ("dtype", dtype)) if value is not None}
         return snapshot_from_sources(peft=peft, training=_plain(args.to_dict()), overrides=overrides)
 
     def _meta(self, args: Any) -> dict[str, Any]:
@@ -352,11 +360,10 @@ class GradienceCallback(TrainerCallback):
             return
         if self._open:  # a previous train() of this callback never reached on_train_end
             self.end_run("aborted", "a new training run started before the previous one ended")
-        self._disabled = False
         if not self._open_writer(args):
             return
         try:
-            self.writer.run_start(self._snapshot(args, model), self._meta(args), step=state.global_step)
+            self.writer.run_start(self._snapshot(args, state, model), self._meta(args), step=state.global_step)
         except Exception:
             self._close_writer()
             raise
@@ -425,14 +432,24 @@ class GradienceCallback(TrainerCallback):
         if dataset is None:
             return None
         n = cfg.train_eval_samples
-        if n is not None and hasattr(dataset, "__len__") and len(dataset) > n:
-            if callable(getattr(dataset, "select", None)):  # datasets.Dataset
-                dataset = dataset.select(range(n))
-            else:
-                from torch.utils.data import Subset
+        if n is None:
+            return dataset
+        if not hasattr(dataset, "__len__"):  # a stream: its first n rows
+            if callable(getattr(dataset, "take", None)):  # datasets.IterableDataset
+                return dataset.take(n)
+            self._warn_once("train_eval", "train-eval needs a sized dataset or a datasets.IterableDataset; "
+                                          "train-eval is disabled")
+            return None
+        total = len(dataset)
+        if total <= n:
+            return dataset
+        # Evenly spaced rows, not the first n: training sets are often sorted (by label, length, source).
+        indices = [i * total // n for i in range(n)]
+        if callable(getattr(dataset, "select", None)):  # datasets.Dataset
+            return dataset.select(indices)
+        from torch.utils.data import Subset
 
-                dataset = Subset(dataset, range(n))
-        return dataset
+        return Subset(dataset, indices)
 
     def _run_train_eval(self) -> dict[str, Any] | None:
         cfg = self.config

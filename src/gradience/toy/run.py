@@ -157,15 +157,16 @@ def _save_adapter(model: Any, peft_dir: Path) -> None:
 def run_toy(cfg: ToyRunConfig | None = None) -> ToyRunResult:
     """Train the toy LoRA classifier with the Gradience callback; returns paths and final metrics."""
     cfg = cfg or ToyRunConfig()
-    require_hf("the toy run")
     if cfg.max_steps < 1:
         raise InputError("must be at least 1", path="--max-steps")
     if cfg.r < 1:
         raise InputError("LoRA rank must be a positive integer", path="--r")
-    _check_device(cfg.device)
+    # Data before the heavy imports: a mistyped --dataset fails at once (the built-in data needs no extra).
     data: TextClassificationData = load_text_classification(
         cfg.dataset, seed=cfg.seed, max_train_samples=cfg.max_train_samples,
         max_test_samples=cfg.max_eval_samples)
+    require_hf("the toy run")
+    _check_device(cfg.device)
 
     import transformers
     from peft import LoraConfig, TaskType, get_peft_model
