@@ -116,3 +116,23 @@ def test_writer_allow_text_and_max_str_len(tmp_path: Path) -> None:
     a, b = (json.loads(line) for line in path.read_text().splitlines())
     assert a["metrics"] == {"prompt": "p" * 1000, "key": SECRET_PLACEHOLDER}
     assert b["metrics"] == {"prompt": "[REDACTED len=9]"}
+
+
+def test_subclasses_of_plain_types_are_cleaned_not_looped() -> None:
+    """np.float64 and str subclasses (torch's version string) once recursed forever."""
+    import enum
+
+    import numpy as np
+
+    from gradience.telemetry.redact import Redactor
+
+    class Version(str):
+        pass
+
+    class Level(enum.IntEnum):
+        HIGH = 3
+
+    out = Redactor(max_str_len=256, allow_text=False).clean(
+        {"v": Version("2.13.0"), "x": np.float64(1.5), "n": np.float64("nan"), "lvl": Level.HIGH, "b": np.bool_(True)})
+    assert out == {"v": "2.13.0", "x": 1.5, "n": "NaN", "lvl": 3, "b": True}
+    assert type(out["v"]) is str and type(out["x"]) is float and type(out["lvl"]) is int

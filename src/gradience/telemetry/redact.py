@@ -123,5 +123,15 @@ class Redactor:
             return {str(k): self.clean(v, str(k)) for k, v in value.items()}
         if tp is list or tp is tuple:
             return [self.clean(v, key) for v in value]
+        # Subclasses of the plain types (np.float64, torch's version string, IntEnum ...) become the plain type;
+        # converting them through to_jsonable would hand back the same subclass and never terminate.
+        if isinstance(value, bool):
+            return bool(value)
+        if isinstance(value, float):
+            return self.clean(float(value), key)
+        if isinstance(value, int):
+            return int(value)
+        if isinstance(value, str):
+            return self.clean(str(value), key)
         # dataclasses, numpy scalars, paths …: convert, then clean the plain result.
         return self.clean(to_jsonable(value, nonfinite="string"), key)
