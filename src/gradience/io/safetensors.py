@@ -52,9 +52,16 @@ class TensorInfo:
         return self.end - self.start
 
 
-def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
-    """bf16 bits (as uint16) -> float32: bf16 is the top half of an IEEE float32."""
-    return (raw.astype(np.uint32) << 16).view(np.float32)
+def bf16_to_f32(raw: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """bf16 bits (as uint16) -> float32: bf16 is the top half of an IEEE float32.
+
+    ``out`` (float32, raw's shape): write there instead of allocating; reusing one buffer across large
+    tensors avoids the page faults of fresh allocations, which cost more than the conversion itself.
+    """
+    if out is None:
+        return (raw.astype(np.uint32) << 16).view(np.float32)
+    np.left_shift(raw, 16, out=out.view(np.uint32), dtype=np.uint32)
+    return out
 
 
 class SafetensorsFile:
@@ -167,7 +174,16 @@ class SafetensorsFile:
             return bf16_to_f32(raw)
         return raw
 
-    def read_f32(self, name: str) -> np.ndarray:
-        """A floating tensor as float32 (zero-copy when stored as F32)."""
+    def read_f32(self, name: str, out: np.ndarray | None = None) -> np.ndarray:
+        """A floating tensor as float32 (zero-copy when stored as F32). ``out``: a float32 array of the
+        tensor's shape to convert into (BF16/F16/F64) instead of allocating; unused for F32."""
+        info = self.tensors[name]
+        if info.dtype == "BF16":
+            return bf16_to_f32(self.read_raw(name), out)
         arr = self.read(name)
-        return arr if arr.dtype == np.float32 else arr.astype(np.float32)
+        if arr.dtype == np.float32:
+            return arr
+        if out is None:
+            return arr.astype(np.float32)
+        np.copyto(out, arr, casting="same_kind" if arr.dtype.kind == "f" else "unsafe")
+        return out

@@ -1,9 +1,9 @@
 """Lazy access to the tensors of a resolved base checkpoint: headers first, data only for audited modules.
 
-Safetensors shards are opened (header only) on first use and memory-mapped; ``.bin`` checkpoints are read
-with ``torch.load(weights_only=True, mmap=True)`` when torch is installed (never a plain unpickle). Problems
-with one shard (missing, corrupt) are recorded per file so the caller can turn them into issues for the
-modules that live there while the rest of the base is still used.
+Every safetensors shard's header is read (and validated) up front; tensor data is memory-mapped and only the
+audited tensors are touched. ``.bin`` checkpoints are read with ``torch.load(weights_only=True, mmap=True)``
+when torch is installed (never a plain unpickle). Problems with one shard (missing, corrupt) are recorded per
+file so the caller can turn them into issues for the modules that live there while the rest is still used.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ class BaseWeights:
         self.bytes_read = 0
         self.tensors_read = 0
         self._lock = threading.Lock()  # read_f32 is called from worker threads
+        self._buffers = threading.local()  # one reusable float32 conversion buffer per thread
         self._scan()
 
     # -- directory ------------------------------------------------------------------------------
@@ -104,24 +105,33 @@ class BaseWeights:
 
     # -- data -----------------------------------------------------------------------------------
     def read_f32(self, name: str) -> np.ndarray:
-        """The tensor as float32 (bf16/fp16 converted once; F32 is a zero-copy view of the mapped file)."""
+        """The tensor as float32: a zero-copy view of the mapped file for F32; bf16/fp16 converted once, into
+        this thread's reusable buffer, so the result is valid until the same thread reads the next tensor."""
         info = self.tensors[name]
         if info.file in self.file_problems:
             raise InputError(self.file_problems[info.file], self.root / info.file)
-        with self._lock:
-            return self._read_f32_locked(name, info)
-
-    def _read_f32_locked(self, name: str, info: BaseTensorInfo) -> np.ndarray:
         if self.resolved.fmt == "safetensors":
             st = self._st_files[info.file]
-            arr = st.read_f32(name)
-            self.bytes_read += st.tensors[name].nbytes
-        else:
+            out = None if info.dtype == "F32" else self._buffer(info.shape)
+            with self._lock:
+                arr = st.read_f32(name, out)
+                self.bytes_read += st.tensors[name].nbytes
+                self.tensors_read += 1
+            return arr
+        with self._lock:
             tensor = self._bin_files[info.file][name]
             arr = tensor.detach().to(dtype=_torch().float32).contiguous().numpy()
             self.bytes_read += int(tensor.numel() * tensor.element_size())
-        self.tensors_read += 1
+            self.tensors_read += 1
         return arr
+
+    def _buffer(self, shape: tuple[int, ...]) -> np.ndarray:
+        numel = int(np.prod(shape, dtype=np.int64))
+        buf: np.ndarray | None = getattr(self._buffers, "data", None)
+        if buf is None or buf.size < numel:
+            buf = np.empty(numel, np.float32)
+            self._buffers.data = buf
+        return buf[:numel].reshape(shape)
 
 
 def _torch() -> Any:
