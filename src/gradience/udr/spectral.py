@@ -36,7 +36,7 @@ MAX_RESTARTS = 40
 # Stop when the error bound is below rtol * SAFETY (in block mode the bound is pessimistic: measured true
 # errors are 10-100x below it).
 SAFETY = 1.0
-# Row chunk of W per fused product: small enough to stay in cache between Wᵢ X and Wᵢᵀ(...).
+# Row (or column) chunk of W per fused product: small enough to stay in cache between Wᵢ X and Wᵢᵀ(...).
 CHUNK_BYTES = 2 * 1024 * 1024
 
 
