@@ -11,7 +11,12 @@ import os
 import sys
 from pathlib import Path
 
-import pytest
+# Tiny LAPACK calls and σ₁ iterations run several times slower with multi-threaded BLAS on a busy 2-core
+# machine; must be set before numpy is first imported (as the CLI does).
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import pytest  # noqa: E402
 
 TESTS_DIR = Path(__file__).resolve().parent
 if str(TESTS_DIR) not in sys.path:

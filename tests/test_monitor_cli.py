@@ -166,6 +166,7 @@ def test_fail_on_flags_for_instability(tmp_path: Path, capsys: pytest.CaptureFix
 @pytest.mark.parametrize("args,needle", [
     (["--fail-on", "bogus_metric>1"], "unknown metric 'bogus_metric'"),
     (["--fail-on", "gap>>1"], "cannot parse rule"),
+    (["--fail-on", "nan_los"], "unknown flag 'nan_los'"),  # a typo must not silently never fire
     (["--gap-threshold", "-1"], "--gap-threshold must be a positive number"),
     (["--run-id", "missing"], "no run with id 'missing'"),
 ])

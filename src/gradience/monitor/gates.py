@@ -2,11 +2,11 @@
 
 - Comparisons on run metrics: ``gap>1.5``, ``test_acc<0.6``, ``utilization<0.25``, ``nan_losses>0`` … (see
   ``METRICS``); an unknown value (no eval, no audit) never matches.
-- Severity flags: ``warning`` (any recommendation of severity warning or worse), ``error``, ``critical``.
+- Severity flags: ``info`` (any recommendation), ``warning`` (warning or worse), ``error``, ``critical``.
 - ``issues`` (any telemetry issue of severity warning or error), ``alerts`` (any logged alert).
-- Any other flag is a recommendation action id (``nan_loss``, ``memorization_detected``, ``early_stop_at``,
+- Any other flag must be a recommendation action id (``nan_loss``, ``memorization_detected``, ``early_stop_at``,
   check actions such as ``lower_lr`` …): met when that recommendation was made.
-- An unknown comparison metric is a usage error (exit 2) that lists the known ones.
+- An unknown comparison metric or flag is a usage error (exit 2) that lists what is known.
 """
 
 from __future__ import annotations
@@ -55,13 +55,22 @@ METRICS: dict[str, Callable[[MonitorReport], Any]] = {
     "alerts": lambda rep: rep.alerts.get("total", 0),
     "telemetry_issues": lambda rep: len(rep.telemetry_issues),
 }
-SEVERITY_FLAGS = ("warning", "error", "critical")
+SEVERITY_FLAGS = ("info", "warning", "error", "critical")
 
 
 def validate_gates(gates: Sequence[Gate]) -> None:
+    """Reject unknown metrics and unknown flags (a typo must not silently never fire)."""
+    from gradience.policy.check_rules import ACTIONS as CHECK_ACTIONS
+    from gradience.policy.run_rules import RUN_ACTIONS
+
+    known_flags = (*SEVERITY_FLAGS, "issues", "alerts", *RUN_ACTIONS, *CHECK_ACTIONS)
     for gate in gates:
         if not gate.is_flag and gate.metric not in METRICS:
             raise InputError(f"--fail-on: unknown metric '{gate.metric}' (known: {', '.join(METRICS)})")
+        if gate.is_flag and gate.metric not in known_flags:
+            raise InputError(f"--fail-on: unknown flag '{gate.metric}' (a severity: {', '.join(SEVERITY_FLAGS)}; "
+                             f"'issues'; 'alerts'; or a recommendation action id such as "
+                             f"{', '.join(RUN_ACTIONS[:4])}, ...)")
 
 
 def evaluate_gates(gates: Sequence[Gate], report: MonitorReport) -> list[str]:
