@@ -152,8 +152,9 @@ def python_baselines(runs: int) -> dict[str, float]:
     """Interpreter start-up alone and with numpy: the floor under any whole-process time."""
     out = {}
     for key, code in (("python_s", "pass"), ("python_numpy_s", "import numpy")):
-        walls = [run_child([sys.executable, "-c", code])[0] for _ in range(runs + 1)][1:]
-        out[key] = statistics.median(walls)
+        measured = [run_child([sys.executable, "-c", code]) for _ in range(runs + 1)][1:]
+        out[key] = statistics.median(m[0] for m in measured)
+        out[key.replace("_s", "_peak_mib")] = max(m[1] for m in measured)
     return out
 
 
@@ -191,12 +192,14 @@ def render(results: dict[str, Any]) -> str:
     lines = []
     base = results.get("baselines", {})
     lines.append("gradience audit --json, whole process (median of {runs} runs after 1 warm-up; python alone "
-                 "{py}, python+numpy {np})".format(runs=results["runs"], py=_fmt(base.get("python_s"), ".3f") + " s",
-                                                   np=_fmt(base.get("python_numpy_s"), ".3f") + " s"))
+                 "{py}, python+numpy {np}, {npm} MiB peak; net/file = (peak - that) / file)".format(
+                     runs=results["runs"], py=_fmt(base.get("python_s"), ".3f") + " s",
+                     np=_fmt(base.get("python_numpy_s"), ".3f") + " s", npm=_fmt(base.get("python_numpy_peak_mib"), ".0f")))
     header = (f"{'adapter':18s} {'file MiB':>8s} {'pairs':>5s} | {'time s':>6s} {'[min-max]':>13s} {'target':>6s}"
-              f" {'t/target':>8s} | {'peak MiB':>8s} {'peak/file':>9s} | {'orig s':>6s} {'orig MiB':>8s}"
+              f" {'t/target':>8s} | {'peak MiB':>8s} {'peak/file':>9s} {'net/file':>8s} | {'orig s':>6s} {'orig MiB':>8s}"
               f" {'speedup':>7s} | {'proto s':>7s} {'t/proto':>7s}")
     lines += [header, "-" * len(header)]
+    floor_mib = base.get("python_numpy_peak_mib", 0.0)
     for name, row in rows.items():
         proc, spec = row.get("process", {}), SPEC_FIGURES.get(name, {})
         if "error" in proc:
@@ -209,7 +212,8 @@ def render(results: dict[str, Any]) -> str:
             f"{name:18s} {row['file_mib']:8.1f} {row['pairs']:5d} | {t:6.3f} "
             f"{'[' + format(proc['wall_min_s'], '.3f') + '-' + format(proc['wall_max_s'], '.3f') + ']':>13s} "
             f"{_fmt(spec.get('target_s'), '6.2f')} {_fmt(t / spec['target_s'] if spec else None, '8.2f')} | "
-            f"{peak:8.0f} {peak / row['file_mib']:9.2f} | {_fmt(spec.get('orig_s'), '6.2f')} "
+            f"{peak:8.0f} {peak / row['file_mib']:9.2f} {(peak - floor_mib) / row['file_mib']:8.2f} | "
+            f"{_fmt(spec.get('orig_s'), '6.2f')} "
             f"{_fmt(spec.get('orig_mib'), '8.0f')} {_fmt(spec['orig_s'] / t if spec else None, '6.1f', 'x')} | "
             f"{_fmt(spec.get('proto_s'), '7.2f')} {_fmt(t / spec['proto_s'] if spec else None, '7.2f')}")
     lines.append("")
@@ -265,7 +269,7 @@ def verdicts(results: dict[str, Any]) -> list[str]:
                        f"<= {TARGET_INPROC_OVER_READ:g}x")
         if "peak_rss_mib" in proc and row["file_mib"] >= MIN_RATIO_FILE_MIB:
             ratio = proc["peak_rss_mib"] / row["file_mib"]
-            out.append(f"{'MET ' if ratio <= TARGET_PEAK_OVER_FILE else 'MISS'} {name}: peak {ratio:.2f}x file "
+            out.append(f"{'MET ' if ratio <= TARGET_PEAK_OVER_FILE else 'MISS'} {name}: peak {ratio:.3f}x file "
                        f"<= {TARGET_PEAK_OVER_FILE:g}x")
     imp = results.get("import")
     if imp:
