@@ -106,6 +106,28 @@ def singular_values_qr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return out
 
 
+@dataclass(frozen=True)
+class FactoredSVD:
+    """Thin SVD of B·A (unscaled) from the factors: B·A = U·diag(sigma)·Vt, U (d_out, q), Vt (q, d_in).
+
+    q = min(r, d_out, d_in); float64. This is what compress (truncation, balanced split) and compare
+    (subspace overlaps, inner products) need beyond σ: the same QR path as :func:`singular_values_qr`.
+    """
+
+    u: np.ndarray
+    sigma: np.ndarray
+    vt: np.ndarray
+
+
+def factored_svd(a: np.ndarray, b: np.ndarray) -> FactoredSVD:
+    """Exact thin SVD of B·A for A (r, d_in), B (d_out, r): QR of B and Aᵀ, then the SVD of the small core
+    R_B·R_Aᵀ, all in float64. Work O((d_in+d_out)·r² + r³); the dense d_out×d_in product is never formed."""
+    qb, rb = np.linalg.qr(np.asarray(b, dtype=np.float64))
+    qa, ra = np.linalg.qr(np.asarray(a, dtype=np.float64).T)
+    uc, s, vct = np.linalg.svd(rb @ ra.T)
+    return FactoredSVD(u=qb @ uc, sigma=s, vt=vct @ qa.T)
+
+
 def needs_qr_refinement(eigvals_ascending: np.ndarray) -> bool:
     """True when the Gram path cannot resolve the smallest σ to ~1e-10·σ₁ (rank-deficient or steep)."""
     lam_max = float(eigvals_ascending[-1])
