@@ -6,6 +6,7 @@ One convention everywhere: a value that is unknown, null or not finite prints as
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 RULE = "=" * 72
@@ -51,3 +52,36 @@ def human_count(n: Any) -> str:
         if abs(v) >= div:
             return f"{v / div:.1f}{unit}"
     return f"{int(v)}"
+
+
+# Characters that must never reach a terminal raw from an input file (tensor names, alert messages, paths):
+# C0/C1 controls (ESC starts CSI/OSC sequences that clear the screen or set the title), DEL, lone UTF-16
+# surrogates (unencodable: printing them raises UnicodeEncodeError), bidi overrides and line separators
+# (they reorder or split what the reader sees).
+_UNSAFE = "\\x00-\\x08\\x0b-\\x1f\\x7f-\\x9f\\ud800-\\udfff\\u061c\\u200e\\u200f\\u2028-\\u202e\\u2066-\\u2069"
+_UNSAFE_KEEP_LINES = re.compile(f"[{_UNSAFE}]")
+_UNSAFE_ONE_LINE = re.compile(f"[{_UNSAFE}\\t\\n]")
+
+
+def _escape_char(match: re.Match[str]) -> str:
+    code = ord(match.group(0))
+    if code == 0x0A:
+        return "\\n"
+    if code == 0x09:
+        return "\\t"
+    if code == 0x0D:
+        return "\\r"
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def safe_text(text: Any, *, keep_newlines: bool = False, max_len: int | None = None) -> str:
+    """``text`` made safe to print: control characters, lone surrogates and bidi controls shown escaped
+    (``\\x1b``, ``\\ud800``), newlines and tabs too unless ``keep_newlines`` (whole rendered reports keep their
+    line structure; one-line messages must stay one line). ``max_len`` shortens very long input-derived
+    strings (a 1 MB tensor name) to that many characters plus a note of the full length."""
+    s = text if isinstance(text, str) else str(text)
+    if max_len is not None and len(s) > max_len:
+        s = f"{s[:max_len]}…({len(s)} chars)"
+    if s.isascii() and s.isprintable():
+        return s
+    return (_UNSAFE_KEEP_LINES if keep_newlines else _UNSAFE_ONE_LINE).sub(_escape_char, s)

@@ -3,15 +3,16 @@
 Why our own: we must (1) read bf16 without torch, (2) map tensors lazily so a 70B adapter or a sharded 7B
 base never sits in RAM at once, and (3) reject malformed files with a message naming the file and the
 problem *before* any allocation driven by a header value. The header is validated completely at open time
-(length, JSON, dtypes, shapes, offsets within the file, no overlap with the header); tensor data is only
+(length, JSON, dtypes, shapes, offsets that tile the data section exactly as safetensors requires); tensor data is only
 touched when ``read`` is called.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import mmap
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from math import prod
@@ -21,9 +22,14 @@ from typing import Any
 import numpy as np
 
 from gradience.errors import InputError
+from gradience.io.textfile import os_problem, parse_json, regular_file_stat
+from gradience.textfmt import safe_text
 
 # The format itself caps headers at 100 MB; anything larger is not a safetensors file.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+# numpy's own limits on arrays: no real tensor comes near either.
+MAX_NDIM = 32
+MAX_DIM = 2**53
 
 _DTYPES: dict[str, tuple[str, int]] = {
     "F64": ("<f8", 8), "F32": ("<f4", 4), "F16": ("<f2", 2), "BF16": ("<u2", 2),
@@ -64,6 +70,11 @@ def bf16_to_f32(raw: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     return out
 
 
+def _name(text: str) -> str:
+    """A header-derived string as it may appear in a one-line error (escaped, at most 200 characters)."""
+    return "'" + safe_text(text, max_len=200) + "'"
+
+
 class SafetensorsFile:
     """One safetensors file: validated header at construction, lazy memory-mapped tensor reads."""
 
@@ -72,6 +83,8 @@ class SafetensorsFile:
         self.metadata: dict[str, str] = {}
         self.tensors: dict[str, TensorInfo] = {}
         self._mm: mmap.mmap | None = None
+        self._fd: int | None = None
+        self._size = 0
         self._parse_header()
 
     # -- header ---------------------------------------------------------------------------------
@@ -79,9 +92,14 @@ class SafetensorsFile:
         return InputError(f"not a valid safetensors file: {problem}", self.path)
 
     def _parse_header(self) -> None:
+        st = regular_file_stat(self.path, "weights file", missing="cannot read: no such file")  # a FIFO would block open(), a device never ends
+        size = st.st_size
         try:
-            size = self.path.stat().st_size
-            with open(self.path, "rb") as fh:
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        except OSError as exc:
+            raise InputError(f"cannot read: {os_problem(exc)}", self.path) from None
+        try:
+            with os.fdopen(fd, "rb") as fh:
                 head = fh.read(8)
                 if len(head) < 8:
                     raise self._fail(f"file is {size} bytes, too short for the 8-byte header length")
@@ -92,50 +110,73 @@ class SafetensorsFile:
                     raise self._fail(f"header length {n} runs past the end of the file ({size} bytes; truncated?)")
                 raw = fh.read(n)
         except OSError as exc:
-            raise InputError(f"cannot read: {exc.strerror or exc}", self.path) from None
+            raise InputError(f"cannot read: {os_problem(exc)}", self.path) from None
+        if len(raw) < n:
+            raise self._fail(f"file shrank to {8 + len(raw)} bytes while its header was read (truncated?)")
         try:
-            header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise self._fail(f"header is not valid JSON ({exc})") from None
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise self._fail(f"header is not UTF-8 text (byte {exc.start})") from None
+        try:
+            header = parse_json(text, self.path, "header")
+        except InputError as exc:
+            raise self._fail(exc.problem) from None
         if not isinstance(header, dict):
             raise self._fail("header is not a JSON object")
         data_start = 8 + n
         data_len = size - data_start
         meta = header.pop("__metadata__", None)
         if meta is not None:
-            if not isinstance(meta, dict):
-                raise self._fail("__metadata__ is not an object")
-            self.metadata = {str(k): str(v) for k, v in meta.items()}
+            if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+                raise self._fail("__metadata__ is not an object of strings")
+            self.metadata = dict(meta)
         for name, entry in header.items():
             self.tensors[name] = self._validate_entry(name, entry, data_start, data_len)
+        self._check_layout(data_start, data_len)
         self._size = size
 
+    def _check_layout(self, data_start: int, data_len: int) -> None:
+        """Like safetensors itself: tensors tile the data section exactly, in offset order, with no overlap
+        (two tensors sharing bytes, or bytes no tensor owns, mean a forged or corrupt file)."""
+        cursor = 0
+        for info in sorted(self.tensors.values(), key=lambda t: (t.start, t.end)):
+            begin = info.start - data_start
+            if begin != cursor:
+                what = "overlaps the previous tensor" if begin < cursor else "leaves a gap after the previous tensor"
+                raise self._fail(f"tensor {_name(info.name)} at data offset {begin} {what} (expected offset "
+                                 f"{cursor}: tensors must be contiguous and in order)")
+            cursor = info.end - data_start
+        if cursor != data_len:
+            raise self._fail(f"the tensors cover {cursor} bytes but the data section holds {data_len} "
+                             "(trailing bytes, or the header does not describe the file)")
+
     def _validate_entry(self, name: str, entry: Any, data_start: int, data_len: int) -> TensorInfo:
+        label = _name(name)
         if not isinstance(entry, dict):
-            raise self._fail(f"entry for tensor '{name}' is not an object")
+            raise self._fail(f"entry for tensor {label} is not an object")
         dtype = entry.get("dtype")
-        if dtype not in _DTYPES:
-            raise self._fail(f"tensor '{name}' has unknown dtype {dtype!r}")
+        if not isinstance(dtype, str) or dtype not in _DTYPES:
+            raise self._fail(f"tensor {label} has unknown dtype {_name(repr(dtype))}")
         shape = entry.get("shape")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                                                  for d in shape):
-            raise self._fail(f"tensor '{name}' has an invalid shape {shape!r}")
+        if (not isinstance(shape, list) or len(shape) > MAX_NDIM
+                or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_DIM for d in shape)):
+            raise self._fail(f"tensor {label} has an invalid shape {_name(repr(shape))}")
         offs = entry.get("data_offsets")
         if (not isinstance(offs, list) or len(offs) != 2
                 or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)):
-            raise self._fail(f"tensor '{name}' has invalid data_offsets {offs!r}")
+            raise self._fail(f"tensor {label} has invalid data_offsets {_name(repr(offs))}")
         begin, end = offs
         if not 0 <= begin <= end:
-            raise self._fail(f"tensor '{name}' has data_offsets out of order {offs}")
+            raise self._fail(f"tensor {label} has data_offsets out of order {_name(repr(offs))}")
         if end > data_len:
             raise self._fail(
-                f"tensor '{name}' ends at byte {end} of the data section, but the file holds only "
+                f"tensor {label} ends at byte {_name(str(end))} of the data section, but the file holds only "
                 f"{data_len} data bytes (truncated?)"
             )
         itemsize = _DTYPES[dtype][1]
         if prod(shape) * itemsize != end - begin:
             raise self._fail(
-                f"tensor '{name}' has shape {shape} ({dtype}) but {end - begin} bytes of data"
+                f"tensor {label} has shape {_name(repr(shape))} ({dtype}) but {end - begin} bytes of data"
             )
         return TensorInfo(name, dtype, tuple(shape), data_start + begin, data_start + end)
 
@@ -143,13 +184,53 @@ class SafetensorsFile:
     def _map(self) -> mmap.mmap:
         if self._mm is None:
             try:
-                with open(self.path, "rb") as fh:
-                    self._mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+                fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+            except OSError as exc:
+                raise InputError(f"cannot read: {os_problem(exc)}", self.path) from None
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise InputError("weights file is no longer a regular file", self.path)
+                self._mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
             except (OSError, ValueError) as exc:
+                os.close(fd)
                 raise InputError(f"cannot memory-map: {exc}", self.path) from None
+            except BaseException:
+                os.close(fd)
+                raise
+            self._fd = fd
             if len(self._mm) < self._size:
-                raise InputError("file shrank while being read", self.path)
+                raise InputError("file shrank while being read (truncated?)", self.path)
         return self._mm
+
+    def _check_size(self) -> None:
+        """Touching a page of a mapped file that has since been truncated kills the process with SIGBUS:
+        re-check the size before every tensor access and fail cleanly instead."""
+        if self._fd is None:
+            return
+        try:
+            now = os.fstat(self._fd).st_size
+        except OSError as exc:
+            raise InputError(f"cannot read: {os_problem(exc)}", self.path) from None
+        if now < self._size:
+            raise InputError(f"file shrank from {self._size} to {now} bytes while being read (truncated?)",
+                             self.path)
+
+    def close(self) -> None:
+        """Release the mapping (arrays returned by ``read_raw`` must no longer be used)."""
+        if self._mm is not None:
+            with contextlib.suppress(BufferError):  # views still alive: the GC closes it later
+                self._mm.close()
+            self._mm = None
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+
+    def __del__(self) -> None:
+        fd = getattr(self, "_fd", None)
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def keys(self) -> list[str]:
         return list(self.tensors)
@@ -163,7 +244,9 @@ class SafetensorsFile:
         np_dtype = _DTYPES[info.dtype][0]
         if info.numel == 0:
             return np.zeros(info.shape, dtype=np_dtype)
-        arr = np.frombuffer(self._map(), dtype=np_dtype, count=info.numel, offset=info.start)
+        mm = self._map()
+        self._check_size()
+        arr = np.frombuffer(mm, dtype=np_dtype, count=info.numel, offset=info.start)
         return arr.reshape(info.shape)
 
     def read(self, name: str) -> np.ndarray:
