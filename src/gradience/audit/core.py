@@ -151,10 +151,17 @@ def _single_threaded_blas() -> AbstractContextManager[object]:
     return threadpool_limits(limits=1, user_api="blas")
 
 
-def audit_pairs(pairs: Sequence[LoraPair]) -> list[LayerAudit]:
-    """Spectrum and metrics of every pair (reads each pair's factors once, twice only when refining)."""
+def audit_pairs(pairs: Sequence[LoraPair], *,
+                grams_out: list[tuple[np.ndarray, np.ndarray]] | None = None) -> list[LayerAudit]:
+    """Spectrum and metrics of every pair (reads each pair's factors once, twice only when refining).
+
+    ``grams_out``: when given, receives each pair's float64 (G_A, G_B), so that compress can split the factors
+    without reading them a second time.
+    """
     with _single_threaded_blas():
         grams = [factor_grams(*pair.load_factors()) for pair in pairs]
+        if grams_out is not None:
+            grams_out.extend(grams)
         sigmas = batched_singular_values(grams)
         layers = []
         for pair, sigma in zip(pairs, sigmas, strict=True):
