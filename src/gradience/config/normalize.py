@@ -211,6 +211,11 @@ def normalize_source(data: Mapping[str, Any], *, form: ConfigForm | None = None,
             if isinstance(block.get("extras"), Mapping):
                 extras[section].update(block["extras"])
 
+    targets = values.get(("lora", "target_modules"))
+    if form == "peft" and isinstance(targets, list):
+        # PEFT saves target_modules from a set, in an order that changes from process to process: sort it, as
+        # the training callback does, so check and monitor show one order for one run.
+        values[("lora", "target_modules")] = sorted(targets)
     cleaned = {name: _redact_secrets(plain(dict(block), name or "extras", where)) for name, block in extras.items()}
     return form, _build(values, cleaned)
 
@@ -223,6 +228,51 @@ def _redact_secrets(block: dict[str, Any]) -> dict[str, Any]:
     their values never are. HF's own placeholders (``<HUB_TOKEN>``) are kept as they are."""
     return {k: "[REDACTED]" if _SECRET_KEY.search(k) and isinstance(v, str) and v and not v.startswith("<")
             else v for k, v in block.items()}
+
+
+def _gradience_keys() -> frozenset[str]:
+    keys = {"extras", "task", *SECTIONS}
+    for f in FIELDS:
+        keys.update(f.aliases)
+        keys.update(f.in_section)
+        if not f.name.startswith("_"):
+            keys.add(f.name)
+    return frozenset(keys)
+
+
+GRADIENCE_KEYS = _gradience_keys()  # every key a config source may use for a field gradience reads
+_MAX_KEYS_SCANNED = 2000            # per extras block: bounded work on hostile input
+
+
+def misspelt_keys(snapshot: ConfigSnapshot, cutoff: float | None = None) -> list[dict[str, str]]:
+    """Unknown keys that look like misspellings of a known one (``learnin_rate`` -> ``learning_rate``).
+
+    Why: an unknown key is kept in ``extras`` and otherwise ignored, so a typo silently drops the value it
+    meant to set. Keys a HF TrainingArguments or PEFT LoraConfig dump may hold are not misspellings. Returns
+    ``{"where", "key", "closest"}`` per suspect, in block order."""
+    import difflib
+
+    from gradience.config.hf_defaults import KNOWN_FOREIGN_KEYS
+    from gradience.policy.thresholds import KEY_TYPO_CUTOFF
+
+    cutoff = KEY_TYPO_CUTOFF if cutoff is None else cutoff
+    candidates = sorted(GRADIENCE_KEYS | KNOWN_FOREIGN_KEYS)
+    blocks = (("extras", snapshot.extras), ("optimizer.extras", snapshot.optimizer.extras),
+              ("lora.extras", snapshot.lora.extras), ("training.extras", snapshot.training.extras))
+    out: list[dict[str, str]] = []
+    for where, block in blocks:
+        if not isinstance(block, Mapping):
+            continue
+        for i, key in enumerate(block):
+            if i >= _MAX_KEYS_SCANNED:
+                break
+            name = str(key).strip().lower()
+            if name in GRADIENCE_KEYS or name in KNOWN_FOREIGN_KEYS or len(name) > 64:
+                continue
+            close = difflib.get_close_matches(name, candidates, n=1, cutoff=cutoff)
+            if close:
+                out.append({"where": where, "key": str(key), "closest": close[0]})
+    return out
 
 
 def _build(values: dict[tuple[str | None, str], Any], extras: dict[str, dict[str, Any]]) -> ConfigSnapshot:
@@ -244,6 +294,10 @@ def _build(values: dict[tuple[str | None, str], Any], extras: dict[str, dict[str
     if dtype is None:
         dtype = "bfloat16" if bf16 else "float16" if fp16 else None
 
+    targets = get("lora", "target_modules")
+    if isinstance(targets, list):
+        targets = list(dict.fromkeys(targets))  # a repeated name targets nothing more; keep the first order
+
     return ConfigSnapshot(
         model_name=get(None, "model_name"),
         dataset_name=get(None, "dataset_name"),
@@ -254,7 +308,7 @@ def _build(values: dict[tuple[str | None, str], Any], extras: dict[str, dict[str
                                   eps=get("optimizer", "eps"), extras=extras["optimizer"]),
         lora=LoraConfig(r=get("lora", "r"), alpha=get("lora", "alpha"),
                         alpha_over_r=get("lora", "alpha_over_r"),
-                        target_modules=get("lora", "target_modules"), dropout=get("lora", "dropout"),
+                        target_modules=targets, dropout=get("lora", "dropout"),
                         bias=get("lora", "bias"), use_rslora=get("lora", "use_rslora"),
                         extras=extras["lora"]),
         training=TrainingConfig(seed=get("training", "seed"), batch_size=get("training", "batch_size"),

@@ -12,6 +12,8 @@ every profile
   ``set_alpha``               warning  lora_alpha missing: PEFT's default (8) silently sets the scale
   ``review_rslora``           info     rsLoRA with r <= 8, where alpha/sqrt(r) barely differs from alpha/r
   ``review_targets``          info     target names the module classifier does not recognize
+  ``fix_alpha_scale``         warning  update scale alpha/r (alpha/sqrt(r) with rsLoRA) <= 0.25 or >= 16
+  ``fix_config_key``          warning  an unknown key that looks like a misspelt known one (kept, but ignored)
 hard_reasoning
   ``set_lr``                  warning  lr unset (suggest 5e-5)
   ``lower_lr``                warning  lr > 1e-4
@@ -30,6 +32,7 @@ generation
   ``lower_lr``                warning  lr > 3e-4
   ``calibration_probe``       info     always: a short probe judged on held-out perplexity
 unknown
+  ``lower_lr``                warning  lr > 5e-4 (high whatever the task)
   ``calibration_probe``       info     always: attention-only, r=8, lr=5e-5 probe; name the task
 any
   ``config_ok``               info     only when no other rule fired
@@ -43,6 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gradience.config.coerce import looks_like_regex, split_targets
+from gradience.config.normalize import misspelt_keys
 from gradience.modules import classify_module
 from gradience.policy import thresholds as T
 from gradience.policy.profiles import infer_task_profile
@@ -54,7 +58,7 @@ ACTIONS: tuple[str, ...] = (
     "fix_weight_decay", "fix_lr_units", "fix_dropout", "fix_rank", "set_alpha", "review_rslora",
     "review_targets", "set_lr", "lower_lr", "consider_lower_lr", "add_targets", "prefer_attention_only",
     "add_attention_targets", "set_rank", "consider_reduce_rank", "reduce_alpha_or_lr", "reduce_rank",
-    "calibration_probe", "config_ok",
+    "calibration_probe", "fix_alpha_scale", "fix_config_key", "config_ok",
 )
 # PEFT's special value meaning every linear layer except the output head.
 ALL_LINEAR = "all-linear"
@@ -257,12 +261,50 @@ class _Rules:
                      "rsLoRA's sqrt(r) scaling keeps updates from shrinking as r grows; at small ranks it "
                      "mostly just multiplies the scale by sqrt(r).", 0.6, "lora.use_rslora", r=r, alpha=alpha,
                      scale_rslora=alpha / math.sqrt(r), scale_plain=alpha / r)
+        self.alpha_scale()
+        self.key_typos()
         if self.targets.unrecognized:
             self.add("info", "review_targets",
                      f"target modules not recognized as attention or MLP: {', '.join(self.targets.unrecognized)}",
                      "Unrecognized names may be fine (custom models) but are often typos or heads; PEFT only "
                      "errors when no module at all matches.", 0.5, "lora.target_modules",
                      unrecognized=list(self.targets.unrecognized), target_types=dict(self.targets.types))
+
+    def alpha_scale(self) -> None:
+        """The update is scaled by alpha/r (alpha/sqrt(r) with rsLoRA) whatever the lr: an extreme scale is a
+        mistake at any lr (PEFT's default alpha=8 at r=32 quarters the update; alpha=512 at r=8 multiplies it)."""
+        r, alpha = self.r, self.alpha
+        if alpha is None or not self.r_valid or not isinstance(r, int) or not math.isfinite(alpha) or alpha <= 0:
+            return
+        rslora = bool(self.s.lora.use_rslora)
+        scale = alpha / math.sqrt(r) if rslora else alpha / r
+        low, high = T.ALPHA_SCALE_EXTREME_LOW, T.ALPHA_SCALE_EXTREME_HIGH
+        if low < scale < high:
+            return
+        form = "alpha/sqrt(r)" if rslora else "alpha/r"
+        if scale <= low:
+            why = (f"the LoRA update is scaled by {form} = {scale:g}: it is shrunk {1 / scale:g}x, so the adapter "
+                   "learns far slower than the lr suggests (often PEFT's default alpha=8 left at a large r)")
+        else:
+            why = (f"the LoRA update is scaled by {form} = {scale:g}: every step is multiplied {scale:g}x, as if "
+                   "the lr were that much higher (often alpha typed for a different r)")
+        suggested = 2 * r if not rslora else round(2 * math.sqrt(r), 3)
+        self.add("warning", "fix_alpha_scale",
+                 f"lora_alpha={alpha:g} with r={r}: {why}; alpha = r to 2r (scale 1-2) is the usual choice, "
+                 f"e.g. lora_alpha={suggested:g}",
+                 "The effective step of a LoRA update is lr times the alpha scale; outside "
+                 f"{low:g}..{high:g} the scale, not the lr, decides how fast the adapter moves.",
+                 0.7, "lora.alpha", alpha=alpha, r=r, use_rslora=rslora, scale=scale,
+                 thresholds={"low": low, "high": high}, suggested_alpha=suggested)
+
+    def key_typos(self) -> None:
+        """An unknown key is kept in extras and otherwise ignored: a misspelt one silently drops its value."""
+        for found in misspelt_keys(self.s):
+            self.add("warning", "fix_config_key",
+                     f"unknown key '{found['key']}' (in {found['where']}) is ignored; did you mean "
+                     f"'{found['closest']}'?",
+                     "Unknown keys are kept but not read, so a misspelling silently leaves the setting at its "
+                     "default.", 0.7, "config", key=found["key"], closest=found["closest"], where=found["where"])
 
     # --- profile-specific ----------------------------------------------------------------------
     def hard_reasoning(self) -> None:
@@ -354,6 +396,13 @@ class _Rules:
                  lr=lr, r=self.r, target_types=dict(self.targets.types))
 
     def unknown(self) -> None:
+        lr = self.lr
+        if self.lr_valid and lr is not None and lr > T.LR_UNKNOWN_PROFILE_HIGH:
+            self.add("warning", "lower_lr", f"lr={lr:g} is high for LoRA whatever the task; stay at or below "
+                     f"{T.LR_UNKNOWN_PROFILE_HIGH:g} (pass --task-profile or --dataset for task-specific advice)",
+                     "Above 5e-4 LoRA runs are unstable for classification and diverge or forget for reasoning "
+                     "and generation; no task profile makes it safe.", 0.6, "optimizer.lr", lr=lr,
+                     threshold=T.LR_UNKNOWN_PROFILE_HIGH, suggested_lr=T.LR_CONSERVATIVE)
         steps_lo, steps_hi = T.CALIBRATION_PROBE_STEPS
         self.add("info", "calibration_probe",
                  "task profile unknown: run a short calibration probe (attention-only targets, "

@@ -25,6 +25,13 @@ LR_GENERATION_HIGH = 3e-4       # generation: lr above this -> lower_lr (warning
 LR_GENERATION_SUGGESTED = 1e-4  # generation calibration probe lr
 R_GENERATION_SUGGESTED = 16     # generation calibration probe rank
 CALIBRATION_PROBE_STEPS = (100, 200)  # suggested length of a calibration probe run, in optimizer steps
+# LoRA update scale (alpha/r, or alpha/sqrt(r) with rsLoRA) outside [LOW, HIGH] at any lr: warning fix_alpha_scale.
+# Common choices are 1-2 (alpha = r or 2r); 0.25 is PEFT's default alpha=8 at r=32 (the update is quartered), 64 a
+# unit slip (alpha=512 at r=8) that multiplies the effective lr by 32 against alpha = 2r.
+ALPHA_SCALE_EXTREME_LOW = 0.25  # scale <= this
+ALPHA_SCALE_EXTREME_HIGH = 16.0  # scale >= this
+LR_UNKNOWN_PROFILE_HIGH = 5e-4  # unknown profile: lr above this is high for every profile (warning lower_lr)
+KEY_TYPO_CUTOFF = 0.85          # difflib ratio at which an unknown config key counts as a misspelling
 
 # --- monitor (SPEC §6) ----------------------------------------------------------------------------
 GAP_THRESHOLD = 1.5             # test_ppl / train_ppl at or above this: memorization_detected
@@ -46,8 +53,24 @@ OVERFIT_MIN_RISE = 0.01         # test loss this fraction above its minimum coun
 LR_SCHEDULE_REL_TOL = 1e-6      # lr changes smaller than this (relative) are not warmup/decay
 TEST_SPLIT_FALLBACKS = ("val", "validation", "eval", "valid", "dev")  # stand-ins for a missing "test"
 
+# --- guard (SPEC §16): defaults of GradienceCallbackConfig(guard=True, ...) --------------------------
+GUARD_SNAPSHOT_EVERY = 10       # optimizer steps between CPU snapshots of the trainable state
+GUARD_RING = 2                  # snapshots kept (older ones are tried when the newest fails again)
+GUARD_SPIKE_FACTOR = 5.0        # a single-step loss above this x the running median triggers a rollback
+                                # (stricter than monitor's 3x: it acts on unsmoothed per-step losses)
+GUARD_SPIKE_WINDOW = LOSS_SPIKE_WINDOW  # running-median window (accepted steps)
+GUARD_MIN_HISTORY = RUNNING_MEDIAN_MIN_HISTORY  # spikes judged only after this many accepted steps
+GUARD_LR_FACTOR = 0.5           # lr multiplier applied at each rollback
+GUARD_MAX_ROLLBACKS = 3         # rollbacks allowed within GUARD_WINDOW steps; one more trigger stops training
+GUARD_WINDOW = 100              # optimizer steps
+
 # --- audit (SPEC §3) ------------------------------------------------------------------------------
 ALLOWED_RANKS_DEFAULT = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# Rank bombs (issue 9): a pair whose factors share a dimension above MAX_FACTOR_RANK, or above the layer's
+# smaller dimension by more than a small rank (PEFT accepts r=8 on a 2-class head), is `shape_mismatch`,
+# refused from the header before the r x r Gram is allocated (r = 4096: a 128 MiB Gram, seconds to solve).
+MAX_FACTOR_RANK = 4096
+RANK_ABOVE_DIM_MAX = 64
 ENERGY_LEVELS = (0.90, 0.95, 0.99)
 SUGGEST_MARGIN_DEFAULT = 1.0
 # σ from the r×r Gram eigen-solve lose ~sqrt(eps)·σ₁ on tiny values: when λ_min < this·λ_max the pair's σ
@@ -62,3 +85,19 @@ TOP_UDR_TEXT = 5                # modules listed in the text UDR block
 UDR_SIGMA_RTOL = 1e-4           # relative accuracy of the base weight's σ₁ (iterative, never a full SVD)
 UDR_SDI_EPS = 1e-12             # sdi = log10(udr + eps): a zero update gives sdi = -12, not -inf
 UDR_FRACTION_LEVELS = (0.1, 0.3)  # fraction_udr_gt_0_1 / _0_3 (strict >)
+
+# --- compare (SPEC §13) ---------------------------------------------------------------------------
+COMPARE_TOP_DEFAULT = 10        # modules in the text table (and in summary.biggest_udr_differences)
+# Singular directions below this·σ₁ are numerical noise (the shared-basis reduction is exact to ~1e-8 of the
+# factor norms): k never reaches into them, so an overlap is never computed on arbitrary vectors.
+COMPARE_SIGMA_NOISE_RTOL = 1e-6
+
+# --- bench (SPEC §15) ---------------------------------------------------------------------------------------
+BENCH_TOLERANCE_DEFAULT = 0.005     # an arm PASSes when Δ ≥ −tolerance (the reference tool's acc_tolerance)
+BENCH_MIN_PASS_RATE = 2.0 / 3.0     # policy verdict: pass rate across seeds at least this ...
+BENCH_BOOTSTRAP_SAMPLES = 2000      # ... paired-bootstrap resamples for the 95% interval on Δ
+BENCH_BOOTSTRAP_SEED = 0            # fixed RNG seed: the same per-item results give the same interval
+BENCH_CI_LEVEL = 0.95
+BENCH_SMOKE_MAX_STEPS = 30          # --smoke defaults when the config has no runtime.smoke_* keys
+BENCH_SMOKE_TRAIN_SAMPLES = 256
+BENCH_SMOKE_EVAL_SAMPLES = 200
