@@ -86,6 +86,14 @@ UDR_SIGMA_RTOL = 1e-4           # relative accuracy of the base weight's σ₁ (
 UDR_SDI_EPS = 1e-12             # sdi = log10(udr + eps): a zero update gives sdi = -12, not -inf
 UDR_FRACTION_LEVELS = (0.1, 0.3)  # fraction_udr_gt_0_1 / _0_3 (strict >)
 
+# --- compress (SPEC §12) --------------------------------------------------------------------------
+# The Gram-coefficient split divides by σ_k^½; below this σ_k/σ₁ the QR path (factored_svd) is used instead.
+COMPRESS_GRAM_SIGMA_RATIO = 1e-6
+# A kept (untruncated) layer is copied byte for byte when its scale change |c - 1| is below this.
+COMPRESS_SCALE_RTOL = 1e-12
+# Modules listed in the text table of the largest reductions.
+COMPRESS_TEXT_TOP_LAYERS = 10
+
 # --- compare (SPEC §13) ---------------------------------------------------------------------------
 COMPARE_TOP_DEFAULT = 10        # modules in the text table (and in summary.biggest_udr_differences)
 # Singular directions below this·σ₁ are numerical noise (the shared-basis reduction is exact to ~1e-8 of the
