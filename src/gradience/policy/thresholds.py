@@ -85,6 +85,9 @@ TOP_UDR_TEXT = 5                # modules listed in the text UDR block
 UDR_SIGMA_RTOL = 1e-4           # relative accuracy of the base weight's σ₁ (iterative, never a full SVD)
 UDR_SDI_EPS = 1e-12             # sdi = log10(udr + eps): a zero update gives sdi = -12, not -inf
 UDR_FRACTION_LEVELS = (0.1, 0.3)  # fraction_udr_gt_0_1 / _0_3 (strict >)
+# A non-float32 base tensor whose float32 copy would exceed this is streamed (converted block by block on every
+# pass) instead of converted once: bounded memory for huge tensors, the faster convert-once path below it.
+UDR_STREAM_MIN_BYTES = 1 << 30
 
 # --- compress (SPEC §12) --------------------------------------------------------------------------
 # The Gram-coefficient split divides by σ_k^½; below this σ_k/σ₁ the QR path (factored_svd) is used instead.
