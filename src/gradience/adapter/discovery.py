@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from pathlib import Path, PurePosixPath
 
 from gradience.adapter.config import CONFIG_FILENAME
 from gradience.errors import InputError
+from gradience.io.textfile import is_dir, is_file, os_problem, probe
 from gradience.issues import Issue
 
 # In order of preference.
@@ -33,23 +35,31 @@ _LOOKED_FOR = "adapter_model.safetensors (or a sharded index, adapter_model.bin 
 _CHOICE_HINT = "choose one with --adapter-name NAME (or point --peft-dir at it), or audit each with --all"
 
 
-def _shards(directory: Path) -> list[str]:
+def _listdir(directory: Path) -> list[str]:
+    """Entry names of a directory; a directory that cannot be listed is an error naming it (a silent "no
+    adapter found" would send the user looking in the wrong place)."""
     try:
-        return sorted(n for n in os.listdir(directory) if SHARD_RE.match(n))
-    except OSError:
+        return os.listdir(directory)
+    except (FileNotFoundError, NotADirectoryError):
         return []
+    except OSError as exc:
+        raise InputError(f"cannot list directory: {os_problem(exc)}", directory) from None
+
+
+def _shards(directory: Path) -> list[str]:
+    return sorted(n for n in _listdir(directory) if SHARD_RE.match(n))
 
 
 def holds_adapter(directory: Path) -> bool:
     """Whether ``directory`` itself holds adapter weights (in any supported layout)."""
-    return any((directory / n).is_file() for n in WEIGHT_FILENAMES) or bool(_shards(directory))
+    return any(is_file(directory / n) for n in WEIGHT_FILENAMES) or bool(_shards(directory))
 
 
 def find_weights(directory: Path) -> Path | None:
     """The preferred weights file of ``directory`` (the index for sharded weights), None when there is none."""
     for name in WEIGHT_FILENAMES:
         path = directory / name
-        if path.is_file():
+        if is_file(path):
             return path
     shards = _shards(directory)
     if shards:
@@ -60,9 +70,10 @@ def find_weights(directory: Path) -> Path | None:
 
 def existing_dir(path: str | os.PathLike[str]) -> Path:
     p = Path(path)
-    if not p.exists():
+    st = probe(p)
+    if st is None:
         raise InputError("directory not found", p)
-    if not p.is_dir():
+    if not stat.S_ISDIR(st.st_mode):
         raise InputError("is a file, not a directory (pass a weights file with --weights)", p)
     return p
 
@@ -70,8 +81,10 @@ def existing_dir(path: str | os.PathLike[str]) -> Path:
 def _subdirs(directory: Path) -> list[Path]:
     try:
         entries = sorted(os.scandir(directory), key=lambda e: e.name)
-    except OSError:
+    except (FileNotFoundError, NotADirectoryError):
         return []
+    except OSError as exc:
+        raise InputError(f"cannot list directory: {os_problem(exc)}", directory) from None
     out = []
     for entry in entries:
         if entry.name.startswith(".") or entry.name == "__pycache__":
@@ -132,7 +145,7 @@ def resolve_adapter_dir(peft_dir: str | os.PathLike[str], adapter_name: str | No
         if adapter_name == DEFAULT_ADAPTER and holds_adapter(root):
             return root, DEFAULT_ADAPTER, []
         candidate = root / pure
-        if candidate.is_dir() and holds_adapter(candidate):
+        if is_dir(candidate) and holds_adapter(candidate):
             return candidate, adapter_name, []
         available = list_adapters(root) or ([DEFAULT_ADAPTER] if holds_adapter(root) else [])
         raise InputError(f"no adapter named '{adapter_name}' here (available: "
@@ -152,7 +165,7 @@ def resolve_adapter_dir(peft_dir: str | os.PathLike[str], adapter_name: str | No
     if found:
         names = [_relative(d, root) for d in found]
         raise InputError(f"found {len(names)} adapters below it: {', '.join(names)}; {_CHOICE_HINT}", root)
-    if (root / CONFIG_FILENAME).is_file():
+    if is_file(root / CONFIG_FILENAME):
         raise InputError(f"has {CONFIG_FILENAME} but no adapter weights (looked for {_LOOKED_FOR})", root)
     raise InputError(f"no PEFT adapter found: looked for {_LOOKED_FOR} with {CONFIG_FILENAME} in this directory "
                      f"and up to {MAX_SEARCH_DEPTH} levels below it", root)

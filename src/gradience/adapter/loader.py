@@ -17,6 +17,7 @@ from gradience.adapter.model import LoadedAdapter
 from gradience.adapter.pairs import build_pairs
 from gradience.adapter.sources import MappingSource, SafetensorsSource, TensorSource, torch_pickle_source
 from gradience.errors import InputError
+from gradience.io.textfile import exists, is_dir, is_file, os_problem, regular_file_stat
 from gradience.issues import Issue
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
@@ -33,11 +34,12 @@ def open_weights(path: Path) -> TensorSource:
     if name.endswith(_PICKLE_SUFFIXES):
         return torch_pickle_source(path)
     # Unknown extension: zip archives and pickles are torch files; anything else must be safetensors.
+    regular_file_stat(path, "weights file")  # never open() a FIFO or a device
     try:
         with open(path, "rb") as fh:
             magic = fh.read(4)
     except OSError as exc:
-        raise InputError(f"cannot read weights: {exc.strerror or exc}", path) from None
+        raise InputError(f"cannot read weights: {os_problem(exc)}", path) from None
     if magic.startswith((b"PK\x03\x04", b"\x80")):
         return torch_pickle_source(path)
     return SafetensorsSource.single(path)
@@ -45,13 +47,14 @@ def open_weights(path: Path) -> TensorSource:
 
 def _explicit_weights(weights: str | os.PathLike[str]) -> Path:
     path = Path(weights)
-    if not path.exists():
+    if not exists(path):
         raise InputError("weights file not found", path)
-    if path.is_dir():
+    if is_dir(path):
         found = find_weights(path)
         if found is None:
             raise InputError("directory holds no adapter weights (adapter_model.safetensors / .bin / .pt)", path)
         return found
+    regular_file_stat(path, "weights file")  # a FIFO or device: refused before anything opens it
     return path
 
 
@@ -112,7 +115,7 @@ def load_adapter(peft_dir: str | None = None, *, adapter_config: str | None = No
         config_path: Path | None = Path(adapter_config)
     else:
         candidate = config_dir / CONFIG_FILENAME
-        config_path = candidate if candidate.is_file() else None
+        config_path = candidate if is_file(candidate) else None
     config = read_adapter_config(config_path) if config_path is not None else {}
 
     source = open_weights(weights_path)

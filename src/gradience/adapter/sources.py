@@ -8,7 +8,6 @@ converted to numpy when read.
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 from collections.abc import Mapping
@@ -20,6 +19,8 @@ import numpy as np
 
 from gradience.errors import InputError, MissingDependencyError
 from gradience.io.safetensors import FLOAT_DTYPES, SafetensorsFile
+from gradience.io.textfile import is_file, read_json_file, regular_file_stat
+from gradience.textfmt import safe_text
 
 # An index of a sharded adapter lists a few thousand keys at most.
 MAX_INDEX_BYTES = 64 * 1024 * 1024
@@ -75,11 +76,12 @@ class SafetensorsSource:
             sf = shards.get(shard_name)
             if sf is None:
                 shard_path = index_path.parent / shard_name
-                if not shard_path.is_file():
-                    raise InputError(f"shard '{shard_name}' listed in the index is missing", index_path)
+                if not is_file(shard_path):
+                    raise InputError(f"shard '{safe_text(shard_name, max_len=200)}' listed in the index is missing "
+                                     "(or not a regular file)", index_path)
                 sf = shards[shard_name] = SafetensorsFile(shard_path)
             if key not in sf.tensors:
-                raise InputError(f"tensor '{key}' is mapped to shard '{shard_name}', which does not contain it",
+                raise InputError(f"tensor '{safe_text(key, max_len=200)}' is mapped to shard '{shard_name}', which does not contain it",
                                  index_path)
             files[key] = sf
         return cls(files)
@@ -92,25 +94,17 @@ class SafetensorsSource:
 
 
 def _read_weight_map(index_path: Path) -> dict[str, str]:
-    try:
-        size = index_path.stat().st_size
-        if size > MAX_INDEX_BYTES:
-            raise InputError(f"index is {size} bytes, too large for a sharded adapter index", index_path)
-        doc = json.loads(index_path.read_bytes().decode("utf-8"))
-    except OSError as exc:
-        raise InputError(f"cannot read index: {exc.strerror or exc}", index_path) from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"index is not valid JSON ({exc})", index_path) from None
+    doc = read_json_file(index_path, what="index", max_bytes=MAX_INDEX_BYTES)
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise InputError("index has no 'weight_map' object mapping tensor names to shard files", index_path)
     for key, shard in weight_map.items():
         if not isinstance(shard, str):
-            raise InputError(f"weight_map entry for '{key}' is not a file name", index_path)
+            raise InputError(f"weight_map entry for '{safe_text(key, max_len=200)}' is not a file name", index_path)
         pure = PurePosixPath(shard)
         if pure.is_absolute() or ".." in pure.parts or "\\" in shard or not shard:
-            raise InputError(f"weight_map entry for '{key}' points outside the index's directory: {shard!r}",
-                             index_path)
+            raise InputError(f"weight_map entry for '{safe_text(key, max_len=200)}' points outside the index's "
+                             f"directory: {safe_text(repr(shard), max_len=200)}", index_path)
     return weight_map
 
 
@@ -166,6 +160,7 @@ def torch_pickle_source(path: str | os.PathLike[str]) -> MappingSource:
         import torch
     except ImportError:
         raise MissingDependencyError("torch", "hf", f"reading the pickled adapter weights {os.fspath(path)}") from None
+    regular_file_stat(path, "weights file")  # torch.load on a FIFO would block forever
     state: Any = None
     last_error: Exception | None = None
     for use_mmap in (True, False):

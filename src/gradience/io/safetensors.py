@@ -116,7 +116,7 @@ class SafetensorsFile:
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise self._fail(f"header is not UTF-8 text (byte {exc.start})") from None
+            raise self._fail(f"header is not valid JSON (not UTF-8 text at byte {exc.start})") from None
         try:
             header = parse_json(text, self.path, "header")
         except InputError as exc:

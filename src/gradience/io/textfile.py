@@ -69,7 +69,8 @@ def read_bytes_limited(path: str | os.PathLike[str], *, what: str = "file",
         chunks: list[bytes] = []
         total = 0
         while True:
-            chunk = os.read(fd, min(1 << 20, max_bytes + 1 - total))
+            # os.read allocates what it is asked for: ask for what the stat promised (+1 to see growth)
+            chunk = os.read(fd, min(1 << 20, max_bytes + 1 - total, max(st.st_size - total, 0) + 1))
             if not chunk:
                 break
             chunks.append(chunk)
