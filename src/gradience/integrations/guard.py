@@ -1,0 +1,588 @@
+"""Guard (SPEC §16, experimental, opt-in): roll a LoRA run back to a good state instead of letting it die.
+
+A LoRA run's trainable state (adapter factors + their optimizer moments) is small enough to copy into CPU
+memory every few steps. The guard keeps a small ring of such snapshots; when a step goes bad it restores the
+newest good one, lowers the learning rate, and lets training continue with the next batches. After too many
+rollbacks in a window it restores once more and stops training cleanly (the callback then writes
+``run_end(status="aborted", reason=...)``).
+
+Two layers, so the decisions can be tested without torch or a Trainer:
+
+- **Pure logic** — :class:`GuardSettings` (validated options), :class:`GuardPolicy` (triggers, running median,
+  rollback budget) and :class:`SnapshotRing` (which snapshot to restore).
+- **Torch parts** — :class:`TrainableState` (capture/restore of the optimizer's parameters and their state),
+  :func:`scale_lr` (optimizer param groups *and* scheduler base lrs), :func:`step_signals` (the step's loss and
+  grad norm, agreed across DDP ranks) and :class:`GuardRuntime`, which the HF callback drives from its hooks.
+
+Where the checks happen (transformers' ``Trainer``), and the limits that follow:
+
+- **Before the optimizer step** (``on_pre_optimizer_step``): gradients exist and are already all-reduced
+  (DDP) and clipped. The guard computes the total norm of the trainable gradients itself (the Trainer's own
+  ``grad_norm`` is not passed to callbacks). Because it runs *after* clipping, only a non-finite norm is a
+  trigger (clipping turns a NaN/Inf norm into NaN gradients; it does not hide it). A rejected step never
+  reaches the weights: the snapshot is restored and every gradient is set to ``None``, which makes
+  ``optimizer.step()`` a no-op (torch optimizers skip parameters without a gradient).
+- **The step's loss** is read from the Trainer's on-device loss accumulator (``Trainer._tr_loss``, the sum the
+  Trainer logs) as its increase between ``on_step_begin`` and ``on_pre_optimizer_step``: exact per-step
+  losses with one host sync per step and no change to logging. It is a private attribute (present in
+  transformers 5.x); when it is missing, or with ``guard_loss_source="log"``, the loss triggers use the losses
+  of ``on_log`` instead (set ``logging_steps=1`` for per-step checks; the rollback then happens after the
+  logged step was applied, and a spike is judged on an average over the logging window).
+- HF's ``logging_nan_inf_filter=True`` (the default) replaces a NaN/Inf step loss by the running average
+  before it reaches that accumulator, so a NaN *loss* is seen as its NaN *gradients* (the optimizer step
+  would still have happened without the guard). With the filter off, the accumulator itself becomes NaN and
+  HF's reset (``tr_loss -= tr_loss``) would keep it NaN for the rest of the run; after a rollback the guard
+  replaces the rejected step's contribution by the running median of accepted losses so the logs recover.
+- **DDP**: the step's loss (mean over ranks), the non-finite flags and the grad norm are combined with one
+  small ``all_reduce``, so every rank takes the same decision, keeps the same snapshots and restores the same
+  one. Only rank 0 writes telemetry (the callback's rule). DeepSpeed and FSDP shard parameters or optimizer
+  state across processes: the guard disables itself there with one warning.
+- **fp16 with a GradScaler**: overflowing gradients are normal there (the scaler skips those steps and lowers
+  its scale), so non-finite gradients are not a trigger; loss triggers stay on. bf16 and fp32 are unaffected.
+- The step counter does not rewind: a rollback restores weights and optimizer state, not the data order or
+  ``global_step``, so training still ends at ``max_steps`` and the skipped batches are simply not learned.
+- Cost: nothing at all per step while the guard is off. When on, a norm over the trainable gradients and one
+  host sync per step, plus a copy of the trainable state to CPU every ``snapshot_every`` steps (see
+  ``benchmarks/bench_guard.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from gradience.policy import thresholds as T
+
+TRIGGERS = ("nonfinite_loss", "nonfinite_grad_norm", "loss_spike")
+LOSS_SOURCES = ("auto", "step", "log")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# pure logic
+# ------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GuardSettings:
+    """Validated guard options (the ``guard_*`` fields of ``GradienceCallbackConfig``)."""
+
+    snapshot_every: int = T.GUARD_SNAPSHOT_EVERY
+    ring: int = T.GUARD_RING
+    spike_factor: float = T.GUARD_SPIKE_FACTOR
+    spike_window: int = T.GUARD_SPIKE_WINDOW
+    min_history: int = T.GUARD_MIN_HISTORY
+    lr_factor: float = T.GUARD_LR_FACTOR
+    max_rollbacks: int = T.GUARD_MAX_ROLLBACKS
+    window: int = T.GUARD_WINDOW
+    loss_source: str = "auto"
+
+    def __post_init__(self) -> None:
+        def positive_int(name: str, value: Any, minimum: int = 1) -> None:
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"guard_{name} must be an integer >= {minimum}, got {value!r}")
+
+        positive_int("snapshot_every", self.snapshot_every)
+        positive_int("ring", self.ring)
+        positive_int("spike_window", self.spike_window)
+        positive_int("min_history", self.min_history)
+        positive_int("max_rollbacks", self.max_rollbacks, minimum=0)
+        positive_int("window", self.window)
+        if not (isinstance(self.spike_factor, (int, float)) and self.spike_factor > 1.0):
+            raise ValueError(f"guard_spike_factor must be a number > 1, got {self.spike_factor!r}")
+        if not (isinstance(self.lr_factor, (int, float)) and 0.0 < self.lr_factor <= 1.0):
+            raise ValueError(f"guard_lr_factor must be in (0, 1], got {self.lr_factor!r}")
+        if self.loss_source not in LOSS_SOURCES:
+            raise ValueError(f"guard_loss_source must be one of {', '.join(LOSS_SOURCES)}, got "
+                             f"{self.loss_source!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _finite(x: float | None) -> bool:
+    return x is not None and math.isfinite(x)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What the policy decided about one bad step: ``rollback`` or ``abort`` (and why)."""
+
+    action: str                 # "rollback" | "abort"
+    trigger: str                # one of TRIGGERS
+    step: int                   # the optimizer step that was rejected (1-based: global_step after it)
+    loss: float | None
+    grad_norm: float | None
+    running_median: float | None
+    rollbacks_in_window: int    # rollbacks within the window before this verdict
+
+
+class GuardPolicy:
+    """Triggers and the rollback budget; fed one observation per optimizer step.
+
+    ``check`` returns None for a good step (its loss then joins the running median) or a :class:`Verdict`
+    for a bad one (its loss is kept out of the median). At most ``max_rollbacks`` rollbacks are granted within
+    any ``window`` consecutive steps; the next trigger inside the window is an ``abort``.
+    """
+
+    def __init__(self, settings: GuardSettings) -> None:
+        self.settings = settings
+        self._losses: deque[float] = deque(maxlen=settings.spike_window)
+        self._rollback_steps: deque[int] = deque()
+        self.rollbacks = 0
+
+    def running_median(self) -> float | None:
+        if len(self._losses) < self.settings.min_history:
+            return None
+        xs = sorted(self._losses)
+        n, mid = len(xs), len(xs) // 2
+        return xs[mid] if n % 2 else 0.5 * (xs[mid - 1] + xs[mid])
+
+    def trigger(self, loss: float | None, grad_norm: float | None) -> tuple[str | None, float | None]:
+        """(trigger or None, running median used): pure, no state change."""
+        median = self.running_median()
+        if loss is not None and not math.isfinite(loss):
+            return "nonfinite_loss", median
+        if grad_norm is not None and not math.isfinite(grad_norm):
+            return "nonfinite_grad_norm", median
+        if _finite(loss) and median is not None and median > 0 and loss is not None \
+                and loss > self.settings.spike_factor * median:
+            return "loss_spike", median
+        return None, median
+
+    def in_window(self, step: int) -> int:
+        while self._rollback_steps and self._rollback_steps[0] <= step - self.settings.window:
+            self._rollback_steps.popleft()
+        return len(self._rollback_steps)
+
+    def check(self, step: int, loss: float | None, grad_norm: float | None) -> Verdict | None:
+        trig, median = self.trigger(loss, grad_norm)
+        if trig is None:
+            if _finite(loss):
+                assert loss is not None
+                self._losses.append(loss)
+            return None
+        recent = self.in_window(step)
+        if recent >= self.settings.max_rollbacks:
+            return Verdict("abort", trig, step, loss, grad_norm, median, recent)
+        self._rollback_steps.append(step)
+        self.rollbacks += 1
+        return Verdict("rollback", trig, step, loss, grad_norm, median, recent)
+
+    def snapshot_due(self, step: int) -> bool:
+        return step % self.settings.snapshot_every == 0
+
+
+@dataclass
+class _Entry:
+    step: int
+    payload: Any
+    restored: int = 0
+
+
+class SnapshotRing:
+    """The last ``capacity`` snapshots (oldest evicted; its buffers handed back for reuse).
+
+    ``choose`` returns the snapshot to restore: the newest one, unless it was already restored and training
+    failed again before a newer snapshot was taken — then that one is suspect and is dropped in favour of the
+    next older one (the oldest is always kept).
+    """
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError("ring capacity must be >= 1")
+        self.capacity = capacity
+        self._entries: deque[_Entry] = deque()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def steps(self) -> list[int]:
+        return [e.step for e in self._entries]
+
+    def push(self, step: int, make: Callable[[Any], Any]) -> None:
+        """Store ``make(reusable)`` as the snapshot of ``step``; ``reusable`` is the evicted payload or None."""
+        reusable = None
+        if self._entries and self._entries[-1].step == step:
+            reusable = self._entries.pop().payload  # same step again: replace it
+        elif len(self._entries) >= self.capacity:
+            reusable = self._entries.popleft().payload
+        self._entries.append(_Entry(step, make(reusable)))
+
+    def choose(self) -> tuple[int, Any]:
+        if not self._entries:
+            raise LookupError("no snapshot to restore")
+        if self._entries[-1].restored and len(self._entries) > 1:
+            self._entries.pop()
+        entry = self._entries[-1]
+        entry.restored += 1
+        return entry.step, entry.payload
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# torch parts
+# ------------------------------------------------------------------------------------------------------------
+def _unwrap_optimizer(optimizer: Any) -> Any:
+    """The torch optimizer inside accelerate's AcceleratedOptimizer (or the optimizer itself)."""
+    inner = getattr(optimizer, "optimizer", None)
+    return inner if inner is not None and hasattr(inner, "param_groups") else optimizer
+
+
+@dataclass
+class _Snapshot:
+    params: list[Any]                                   # CPU copies, in TrainableState.params order
+    state: list[dict[str, Any]] = field(default_factory=list)  # per param: key -> CPU tensor or plain value
+
+
+class TrainableState:
+    """The parameters an optimizer trains and their per-parameter optimizer state, copied to and from CPU.
+
+    Copies reuse the buffers of an evicted snapshot when shapes match (no allocation in steady state).
+    Restoring writes in place into the live tensors (so fused/foreach optimizers and DDP buckets keep their
+    references) and re-creates state entries the snapshot has but the optimizer lost (or drops ones it gained).
+    """
+
+    def __init__(self, optimizer: Any) -> None:
+        self.optimizer = _unwrap_optimizer(optimizer)
+        self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    @property
+    def numel(self) -> int:
+        return sum(int(p.numel()) for p in self.params)
+
+    def capture(self, reuse: _Snapshot | None = None) -> _Snapshot:
+        import torch
+
+        def copy(src: Any, buf: Any) -> Any:
+            src = src.detach()
+            if isinstance(buf, torch.Tensor) and buf.shape == src.shape and buf.dtype == src.dtype:
+                buf.copy_(src)
+                return buf
+            return src.to("cpu", copy=True)
+
+        old_params = reuse.params if reuse is not None else [None] * len(self.params)
+        old_state = reuse.state if reuse is not None else [{} for _ in self.params]
+        params = [copy(p, b) for p, b in zip(self.params, old_params, strict=True)]
+        states: list[dict[str, Any]] = []
+        opt_state = self.optimizer.state
+        for p, old in zip(self.params, old_state, strict=True):
+            entry: dict[str, Any] = {}
+            for key, value in (opt_state[p].items() if p in opt_state else ()):
+                entry[key] = copy(value, old.get(key)) if isinstance(value, torch.Tensor) else value
+            states.append(entry)
+        return _Snapshot(params, states)
+
+    def restore(self, snap: _Snapshot) -> None:
+        import torch
+
+        with torch.no_grad():
+            for p, saved in zip(self.params, snap.params, strict=True):
+                p.copy_(saved)
+            opt_state = self.optimizer.state
+            for p, saved_state in zip(self.params, snap.state, strict=True):
+                if not saved_state:
+                    if p in opt_state:
+                        del opt_state[p]
+                    continue
+                live = opt_state.setdefault(p, {})
+                for key in [k for k in live if k not in saved_state]:
+                    del live[key]
+                for key, value in saved_state.items():
+                    current = live.get(key)
+                    if not isinstance(value, torch.Tensor):
+                        live[key] = value
+                    elif isinstance(current, torch.Tensor) and current.shape == value.shape \
+                            and current.dtype == value.dtype:
+                        current.copy_(value)
+                    else:
+                        device = "cpu" if key == "step" and not p.is_cuda else p.device
+                        live[key] = value.to(device, copy=True)
+
+    def drop_grads(self) -> None:
+        """Make the coming ``optimizer.step()`` a no-op for every trained parameter."""
+        for p in self.params:
+            p.grad = None
+
+
+def _schedulers(scheduler: Any) -> Iterable[Any]:
+    """The scheduler, its accelerate-wrapped inner one, and the children of Sequential/Chained schedulers."""
+    seen: set[int] = set()
+    stack = [scheduler]
+    while stack:
+        s = stack.pop()
+        if s is None or id(s) in seen:
+            continue
+        seen.add(id(s))
+        yield s
+        stack.append(getattr(s, "scheduler", None))
+        stack.extend(getattr(s, "_schedulers", None) or [])
+
+
+def scale_lr(optimizer: Any, scheduler: Any, factor: float) -> list[float]:
+    """Multiply the learning rate by ``factor`` so that it stays lowered: each param group's ``lr`` (and
+    ``initial_lr``), and the ``base_lrs`` from which LambdaLR-style schedulers (all of HF's) recompute the lr
+    at every step — otherwise the next ``scheduler.step()`` would undo the change. Returns the new group lrs."""
+    opt = _unwrap_optimizer(optimizer)
+    for group in opt.param_groups:
+        group["lr"] = group["lr"] * factor
+        if "initial_lr" in group:
+            group["initial_lr"] = group["initial_lr"] * factor
+    for s in _schedulers(scheduler):
+        base = getattr(s, "base_lrs", None)
+        if isinstance(base, list):
+            s.base_lrs = [b * factor for b in base]
+        last = getattr(s, "_last_lr", None)
+        if isinstance(last, list):
+            s._last_lr = [x * factor for x in last]
+    return [float(group["lr"]) for group in opt.param_groups]
+
+
+def _dist_world() -> int:
+    try:
+        import torch.distributed as dist
+    except ImportError:  # pragma: no cover
+        return 1
+    if dist.is_available() and dist.is_initialized():
+        return int(dist.get_world_size())
+    return 1
+
+
+def step_signals(params: list[Any], loss: Any, *, check_grads: bool = True) -> tuple[float | None, float | None]:
+    """(mean loss over ranks, total grad norm) of the current step, one host sync and, under DDP, one small
+    all_reduce so that every rank sees the same numbers (a NaN on any rank is a NaN everywhere)."""
+    import torch
+
+    grads = [p.grad for p in params if p.grad is not None] if check_grads else []
+    device = grads[0].device if grads else (loss.device if isinstance(loss, torch.Tensor) else
+                                           torch.device("cpu"))
+    nan = torch.tensor(float("nan"), dtype=torch.float64, device=device)
+    loss_t = loss.detach().double().reshape(()).to(device) if isinstance(loss, torch.Tensor) else nan
+    if grads:
+        norm_t = torch.nn.utils.get_total_norm(grads, norm_type=2.0, error_if_nonfinite=False)
+        norm_t = norm_t.double().to(device)
+    else:
+        norm_t = nan
+    flags = [float(isinstance(loss, torch.Tensor)), float(bool(grads))]
+    vec = torch.stack([loss_t, norm_t * norm_t, *torch.tensor(flags, dtype=torch.float64, device=device)])
+    world = _dist_world()
+    if world > 1:
+        import torch.distributed as dist
+
+        backend = dist.get_backend()
+        if backend == "nccl" and vec.device.type != "cuda":
+            vec = vec.to("cuda")
+        elif backend == "gloo" and vec.device.type != "cpu":
+            vec = vec.cpu()
+        dist.all_reduce(vec, op=dist.ReduceOp.SUM)
+    loss_sum, sq_sum, n_loss, n_grad = (float(x) for x in vec.tolist())
+    mean_loss = loss_sum / n_loss if n_loss > 0 else None
+    # DDP gradients are identical on every rank after the all-reduce, so the mean of the squared norms is the
+    # square of the common norm; a NaN/Inf on any rank propagates to all.
+    grad_norm: float | None = None
+    if n_grad > 0:
+        grad_norm = math.sqrt(sq_sum / n_grad) if math.isfinite(sq_sum) else (
+            sq_sum if math.isnan(sq_sum) else math.inf)
+    return mean_loss, grad_norm
+
+
+class GuardRuntime:
+    """The guard as the HF callback runs it: state between hooks, actions, and the events to write.
+
+    Hooks (all ranks): :meth:`begin` (on_train_begin), :meth:`step_begin`, :meth:`pre_optimizer_step`,
+    :meth:`step_end`, :meth:`logged_loss` (on_log), :meth:`end`. Each action is returned as an event dict
+    (the ``guard`` metrics payload) that the callback writes on rank 0 together with an ``alert``.
+    """
+
+    def __init__(self, settings: GuardSettings) -> None:
+        self.settings = settings
+        self.policy = GuardPolicy(settings)
+        self.ring = SnapshotRing(settings.ring)
+        self.state: TrainableState | None = None
+        self.optimizer: Any = None
+        self.scheduler: Any = None
+        self.trainer: Any = None
+        self.loss_source = "log"
+        self.check_grads = True
+        self.nan_filter = False
+        self.events: list[dict[str, Any]] = []
+        self.abort_reason: str | None = None
+        self.lr_scale = 1.0
+        self._mark: Any = None
+        self._rejected_step: int | None = None
+        self._pending: tuple[int, Any] | None = None  # log mode: a snapshot whose loss is not yet judged
+        self._spare: Any = None                        # buffers of a discarded snapshot, for reuse
+
+    # -- lifecycle ------------------------------------------------------------------------------------------
+    def begin(self, trainer: Any, optimizer: Any, scheduler: Any, step: int) -> None:
+        import torch
+
+        self.trainer, self.optimizer, self.scheduler = trainer, optimizer, scheduler
+        self.state = TrainableState(optimizer)
+        has_acc = isinstance(getattr(trainer, "_tr_loss", None), torch.Tensor)
+        if self.settings.loss_source == "step" and not has_acc:
+            raise ValueError("guard_loss_source='step' needs transformers' Trainer._tr_loss (transformers 5.x); "
+                             "use 'auto' or 'log'")
+        self.loss_source = "step" if has_acc and self.settings.loss_source != "log" else "log"
+        accelerator = getattr(trainer, "accelerator", None)
+        self.check_grads = getattr(accelerator, "scaler", None) is None
+        self.nan_filter = bool(getattr(getattr(trainer, "args", None), "logging_nan_inf_filter", False))
+        self.take_snapshot(step)
+
+    def end(self) -> None:
+        """Free the snapshots (the events and the abort reason stay readable)."""
+        self.ring.clear()
+        self._pending = self._spare = None
+        self._mark = None
+        self.state = None
+
+    @property
+    def aborted(self) -> bool:
+        return self.abort_reason is not None
+
+    def describe(self) -> dict[str, Any]:
+        out = self.settings.to_dict()
+        out["loss_source"] = self.loss_source
+        out["grad_trigger"] = self.check_grads
+        out["trainable_params"] = self.state.numel if self.state is not None else None
+        return out
+
+    # -- hooks ----------------------------------------------------------------------------------------------
+    def take_snapshot(self, step: int) -> None:
+        assert self.state is not None
+        state = self.state
+        self.ring.push(step, lambda reuse: state.capture(reuse))
+
+    def step_begin(self) -> None:
+        self._rejected_step = None
+        if self.loss_source == "step":
+            acc = self.trainer._tr_loss
+            self._mark = acc.detach().clone()
+
+    def pre_optimizer_step(self, global_step: int, control: Any) -> dict[str, Any] | None:
+        """Judge the step about to be applied (it will become step ``global_step + 1``)."""
+        if self.aborted or self.state is None:
+            return None
+        step = global_step + 1
+        loss_t = None
+        if self.loss_source == "step" and self._mark is not None:
+            loss_t = self.trainer._tr_loss - self._mark
+        loss, grad_norm = step_signals(self.state.params, loss_t, check_grads=self.check_grads)
+        verdict = self.policy.check(step, loss, grad_norm)
+        if verdict is None:
+            return None
+        self._rejected_step = step
+        if verdict.trigger == "nonfinite_grad_norm" and self.nan_filter:
+            # HF's logging_nan_inf_filter already replaced a NaN/Inf loss of this step by an average: the
+            # accumulated value says nothing about the real loss, so it is not reported as one.
+            verdict = replace(verdict, loss=None)
+        event = self._act(verdict, control)
+        self.state.drop_grads()
+        if self.loss_source == "step" and self._mark is not None:
+            acc = self.trainer._tr_loss
+            if not bool(torch_isfinite(acc)):
+                median = self.policy.running_median()
+                acc.copy_(self._mark + (median if median is not None else 0.0))
+        return event
+
+    def step_end(self, global_step: int) -> None:
+        if self.aborted or self.state is None or self._rejected_step == global_step:
+            return
+        if not self.policy.snapshot_due(global_step):
+            return
+        if self.loss_source == "step":
+            self.take_snapshot(global_step)
+        else:
+            # The loss of this step is judged only at the next on_log: keep the snapshot aside until then, so
+            # that a spike found there never restores the very state it produced.
+            self._pending = (global_step, self.state.capture(self._spare))
+            self._spare = None
+
+    def logged_loss(self, step: int, loss: float | None, control: Any) -> dict[str, Any] | None:
+        """Loss triggers from ``on_log`` when the per-step loss is not available."""
+        if self.loss_source != "log" or self.aborted or self.state is None or loss is None:
+            return None
+        verdict = self.policy.check(step, loss, None)
+        if verdict is None:
+            if self._pending is not None and self._pending[0] <= step:
+                pending_step, payload = self._pending
+                self._pending = None
+                evicted: list[Any] = []
+
+                def keep(reuse: Any) -> Any:
+                    evicted.append(reuse)
+                    return payload
+
+                self.ring.push(pending_step, keep)
+                self._spare = evicted[0] if evicted else None
+            return None
+        return self._act(verdict, control)
+
+    # -- actions --------------------------------------------------------------------------------------------
+    def _act(self, verdict: Verdict, control: Any) -> dict[str, Any]:
+        assert self.state is not None
+        if self._pending is not None:  # not judged yet: never restored, never kept
+            self._spare = self._pending[1]
+            self._pending = None
+        restored_step, snap = self.ring.choose()
+        self.state.restore(snap)
+        new_lr: float | None
+        if verdict.action == "rollback":
+            lrs = scale_lr(self.optimizer, self.scheduler, self.settings.lr_factor)
+            self.lr_scale *= self.settings.lr_factor
+            new_lr = lrs[0] if lrs else None
+        else:
+            new_lr = None
+            self.abort_reason = (
+                f"guard: {verdict.trigger.replace('_', ' ')} at step {verdict.step} after "
+                f"{verdict.rollbacks_in_window} rollback(s) within {self.settings.window} steps "
+                f"(guard_max_rollbacks={self.settings.max_rollbacks}); restored step {restored_step}")
+            control.should_training_stop = True
+        event = {
+            "action": verdict.action,
+            "step": verdict.step,
+            "trigger": verdict.trigger,
+            "restored_step": restored_step,
+            "new_lr": new_lr,
+            "lr_scale": self.lr_scale,
+            "loss": verdict.loss,
+            "grad_norm": verdict.grad_norm,
+            "running_median": verdict.running_median,
+            "rollbacks": self.policy.rollbacks,
+            "rollbacks_in_window": verdict.rollbacks_in_window + (verdict.action == "rollback"),
+            "max_rollbacks": self.settings.max_rollbacks,
+            "window": self.settings.window,
+            "loss_source": self.loss_source,
+        }
+        self.events.append(event)
+        return event
+
+
+def torch_isfinite(t: Any) -> bool:
+    import torch
+
+    return bool(torch.isfinite(t).all())
+
+
+def alert_for(event: dict[str, Any]) -> tuple[str, str, str]:
+    """(severity, code, message) of the ``alert`` that accompanies a guard metrics event."""
+    what = {"nonfinite_loss": "non-finite loss", "nonfinite_grad_norm": "non-finite gradient norm",
+            "loss_spike": "loss spike"}.get(str(event.get("trigger")), str(event.get("trigger")))
+    loss = event.get("loss")
+    median = event.get("running_median")
+    detail = ""
+    if event.get("trigger") == "loss_spike" and _finite(loss) and _finite(median) and median:
+        detail = f" (loss {loss:.4g} = {loss / median:.1f}x the running median {median:.4g})"
+    if event.get("action") == "abort":
+        return ("critical", "guard_abort",
+                f"Guard stopped training: {what} at step {event.get('step')}{detail} after "
+                f"{event.get('rollbacks_in_window')} rollback(s) within {event.get('window')} steps; "
+                f"restored the snapshot of step {event.get('restored_step')}")
+    lr = event.get("new_lr")
+    lr_text = f"{lr:.3g}" if _finite(lr) else "-"
+    return ("warning", "guard_rollback",
+            f"Guard rolled back: {what} at step {event.get('step')}{detail}; restored the snapshot of step "
+            f"{event.get('restored_step')}, lr lowered to {lr_text}")
