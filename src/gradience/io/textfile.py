@@ -53,9 +53,9 @@ def regular_file_stat(path: str | os.PathLike[str], what: str = "file", *,
 
 
 def read_bytes_limited(path: str | os.PathLike[str], *, what: str = "file",
-                       max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+                       max_bytes: int = DEFAULT_MAX_BYTES, missing: str | None = None) -> bytes:
     """The bytes of a regular file of at most ``max_bytes`` (never blocks on a FIFO, never reads unbounded)."""
-    st = regular_file_stat(path, what)
+    st = regular_file_stat(path, what, missing=missing)
     if st.st_size > max_bytes:
         raise InputError(f"{what} is {st.st_size} bytes, more than the {max_bytes} bytes such a file can be", path)
     try:
@@ -85,9 +85,9 @@ def read_bytes_limited(path: str | os.PathLike[str], *, what: str = "file",
 
 
 def read_text_limited(path: str | os.PathLike[str], *, what: str = "file", max_bytes: int = DEFAULT_MAX_BYTES,
-                      allow_bom: bool = True) -> str:
+                      allow_bom: bool = True, missing: str | None = None) -> str:
     """The UTF-8 text of a small regular file (a leading BOM is dropped when ``allow_bom``)."""
-    raw = read_bytes_limited(path, what=what, max_bytes=max_bytes)
+    raw = read_bytes_limited(path, what=what, max_bytes=max_bytes, missing=missing)
     try:
         return raw.decode("utf-8-sig" if allow_bom else "utf-8")
     except UnicodeDecodeError as exc:
@@ -109,9 +109,10 @@ def parse_json(text: str | bytes, path: str | os.PathLike[str] | None, what: str
         raise InputError(f"{what} is not usable JSON: {str(exc).splitlines()[0][:200]}", path) from None
 
 
-def read_json_file(path: str | os.PathLike[str], *, what: str = "file", max_bytes: int = DEFAULT_MAX_BYTES) -> Any:
+def read_json_file(path: str | os.PathLike[str], *, what: str = "file", max_bytes: int = DEFAULT_MAX_BYTES,
+                   missing: str | None = None) -> Any:
     """Read and decode a small JSON file; every failure is one InputError naming the file."""
-    return parse_json(read_text_limited(path, what=what, max_bytes=max_bytes), path, what)
+    return parse_json(read_text_limited(path, what=what, max_bytes=max_bytes, missing=missing), path, what)
 
 
 def probe(path: str | os.PathLike[str]) -> os.stat_result | None:

@@ -8,7 +8,6 @@ monitored too.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import stat
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from gradience.errors import GradienceError, InputError
+from gradience.io.textfile import is_file, os_problem, probe, read_json_file
 from gradience.issues import Issue
 from gradience.telemetry.types import ConfigSnapshot
 
@@ -37,12 +37,9 @@ class RunSource:
 def resolve_run_path(path: str | os.PathLike[str]) -> RunSource:
     """Find what to read for ``path`` (file or directory); InputError says what was looked for."""
     p = Path(path)
-    try:
-        st = p.stat()
-    except FileNotFoundError:
-        raise InputError("no such file or directory", p) from None
-    except OSError as exc:
-        raise InputError(f"cannot read: {exc.strerror or exc}", p) from None
+    st = probe(p)
+    if st is None:
+        raise InputError("no such file or directory", p)
     if stat.S_ISDIR(st.st_mode):
         return _resolve_dir(p)
     kind: SourceKind = "trainer_state" if p.suffix.lower() == ".json" else "telemetry"
@@ -51,23 +48,23 @@ def resolve_run_path(path: str | os.PathLike[str]) -> RunSource:
 
 def _resolve_dir(d: Path) -> RunSource:
     try:
-        if (d / "run.jsonl").is_file():
+        if is_file(d / "run.jsonl"):
             return RunSource("telemetry", d / "run.jsonl")
-        jsonls = sorted(x for x in d.glob("*.jsonl") if x.is_file())
+        jsonls = sorted(x for x in d.glob("*.jsonl") if is_file(x))
         if len(jsonls) == 1:
             return RunSource("telemetry", jsonls[0])
         if len(jsonls) > 1:
             names = ", ".join(x.name for x in jsonls[:10])
             raise InputError(f"several telemetry files and no run.jsonl ({names}); pass one of them", d)
-        if (d / "trainer_state.json").is_file():
+        if is_file(d / "trainer_state.json"):
             return RunSource("trainer_state", d / "trainer_state.json")
         checkpoints = []
         for sub in d.iterdir():
             m = _CHECKPOINT.match(sub.name)
-            if m and (sub / "trainer_state.json").is_file():
+            if m and is_file(sub / "trainer_state.json"):
                 checkpoints.append((int(m.group(1)), sub / "trainer_state.json"))
-    except PermissionError:
-        raise InputError("permission denied", d) from None
+    except OSError as exc:
+        raise InputError(f"cannot list directory: {os_problem(exc)}", d) from None
     if checkpoints:
         return RunSource("trainer_state", max(checkpoints)[1])
     raise InputError("no run.jsonl, *.jsonl, trainer_state.json or checkpoint-*/trainer_state.json in this "
@@ -87,24 +84,11 @@ class TrainerState:
 
 def _load_json(path: Path, what: str) -> Any:
     try:
-        st = path.stat()
-        if not stat.S_ISREG(st.st_mode):
-            raise InputError("not a regular file", path)
-        if st.st_size == 0:
-            raise InputError(f"empty file: not a {what}", path)
-        if st.st_size > MAX_TRAINER_STATE_BYTES:
-            raise InputError(f"{st.st_size} bytes is too large for a {what}", path)
-        raw = path.read_bytes()
-    except PermissionError:
-        raise InputError("permission denied", path) from None
-    except OSError as exc:
-        raise InputError(f"cannot read: {exc.strerror or exc}", path) from None
-    try:
-        return json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise InputError(f"not a {what}: not UTF-8 text", path) from None
-    except ValueError as exc:
-        raise InputError(f"not a {what}: invalid JSON ({exc})", path) from None
+        return read_json_file(path, what=what, max_bytes=MAX_TRAINER_STATE_BYTES)
+    except InputError as exc:
+        if "JSON" in exc.problem or "UTF-8" in exc.problem:
+            raise InputError(f"not a {what}: invalid JSON ({exc.problem})", path) from None
+        raise
 
 
 def _split_eval_entry(entry: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -153,7 +137,7 @@ def _trainer_state_config(path: Path, data: dict[str, Any]) -> ConfigSnapshot:
     """Config from the trainer state plus an ``adapter_config.json`` next to it (checkpoints have one)."""
     snapshot = ConfigSnapshot()
     adapter_cfg = path.parent / "adapter_config.json"
-    if adapter_cfg.is_file():
+    if is_file(adapter_cfg):
         try:
             from gradience.config import snapshot_from_sources
 
