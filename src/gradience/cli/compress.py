@@ -1,0 +1,141 @@
+"""``gradience compress``: write a smaller adapter that PEFT (and vLLM / llama.cpp) load exactly (SPEC §12).
+
+Thin layer: parses flags, calls :mod:`gradience.compress` and renders. Imports nothing heavy (numpy only when
+it runs, never torch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from gradience.cli.main import add_common_flags
+
+EPILOG = """\
+policies (exactly one):
+  --rank K            k = K in every layer
+  --energy T          smallest k with sum_{i<=k} s_i^2 >= T * sum s_i^2   (PEFT convert_to_lora's float rank)
+  --sv-fro T          smallest k with ||dW_k||_F >= T * ||dW||_F          (kohya resize_lora sv_fro)
+  --sv-cumulative T   smallest k with sum_{i<=k} s_i >= T * sum s_i        (kohya resize_lora sv_cumulative)
+  --sv-ratio X        keep every s_i >= s_1 / X                           (kohya resize_lora sv_ratio)
+  --per-layer         the audit's per-layer suggestion (allowed rank >= margin x k@90%%)
+  --budget P          P LoRA parameters (integer, or a percentage like 30%%), allocated greedily by retained
+                      relative energy per parameter
+
+examples:
+  gradience audit --peft-dir ./adapter --suggest-per-layer        # how much rank is used?
+  gradience compress --peft-dir ./adapter --out ./adapter-r8 --energy 0.9 --dry-run
+  gradience compress --peft-dir ./adapter --out ./adapter-small --per-layer --margin 1.5
+  gradience compress --peft-dir ./adapter --out ./adapter-vllm --energy 0.95 --uniform   # one rank: vLLM-safe
+  gradience compress --peft-dir ./adapter --out ./adapter-30pct --budget 30%% --dtype bfloat16 --json
+  gradience audit --peft-dir ./adapter-small                      # the new ranks; then evaluate it
+
+Output: OUT/adapter_model.safetensors, OUT/adapter_config.json (one lora_alpha, per-module ranks in
+rank_pattern, no alpha_pattern, use_rslora false) and OUT/compress.json (gradience.compress/v1), written to
+a temporary directory beside OUT and renamed into place.
+"""
+
+
+def _fraction(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+
+
+def add_parser(sub: Any) -> None:
+    p: argparse.ArgumentParser = sub.add_parser(
+        "compress", help="write a smaller adapter (exact truncated SVD from the factors)",
+        description="Compress a PEFT LoRA adapter: per layer the exact best rank-k approximation of dW from the "
+                    "factors (never the dense dW), balanced factors, a config PEFT loads directly, and a "
+                    "portability verdict for PEFT, vLLM and llama.cpp.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--peft-dir", metavar="IN", help="PEFT adapter directory (adapter_config.json + weights)")
+    p.add_argument("--adapter-name", metavar="N", help="which adapter of a multi-adapter directory")
+    p.add_argument("--out", metavar="OUT", help="output directory (must not be IN or inside it)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--rank", type=int, metavar="K", help="keep K directions in every layer")
+    group.add_argument("--energy", type=_fraction, metavar="T",
+                       help="smallest k retaining fraction T of sum sigma^2 (PEFT convert_to_lora meaning)")
+    group.add_argument("--sv-fro", type=_fraction, metavar="T",
+                       help="kohya's sv_fro: smallest k with ||dW_k||_F >= T ||dW||_F")
+    group.add_argument("--sv-cumulative", type=_fraction, metavar="T",
+                       help="kohya's sv_cumulative: smallest k with sum of the top-k sigma >= T sum sigma")
+    group.add_argument("--sv-ratio", type=_fraction, metavar="X",
+                       help="kohya's sv_ratio: keep sigma_i >= sigma_1 / X")
+    group.add_argument("--per-layer", action="store_true",
+                       help="the audit's per-layer suggestion (with --margin, rounded to allowed ranks)")
+    group.add_argument("--budget", metavar="P",
+                       help="total LoRA parameters: an integer or a percentage of the input's (e.g. 30%%)")
+    p.add_argument("--margin", type=float, default=1.0, metavar="M",
+                   help="--per-layer: allowed rank >= M x k@90%% (default 1.0)")
+    p.add_argument("--min-rank", type=int, metavar="K", help="never below K (the layer's r caps it)")
+    p.add_argument("--max-rank", type=int, metavar="K", help="never above K (wins over rounding)")
+    p.add_argument("--allowed-ranks", metavar="LIST",
+                   help="round each k up to one of these ranks (default: exact k; --per-layer: 1,2,4,...,256)")
+    p.add_argument("--uniform", action="store_true",
+                   help="one rank everywhere (the largest per-layer choice; lower-rank modules zero-padded), "
+                        "for engines that ignore rank_pattern such as vLLM")
+    p.add_argument("--dtype", choices=("keep", "float32", "bfloat16", "float16"), default="keep",
+                   help="dtype of the new factors (default: keep each factor's dtype)")
+    p.add_argument("--base-model", metavar="ID_OR_DIR",
+                   help="base model (local dir or hub id in the local HF cache): UDR before/after and the exact "
+                        "merged-weight error of DoRA modules")
+    p.add_argument("--base-norms-cache", metavar="F", help="cache file for base-weight norms")
+    p.add_argument("--dry-run", action="store_true", help="plan only: print what would be written, write nothing")
+    p.add_argument("--json", action="store_true", help="print the gradience.compress/v1 document")
+    p.add_argument("--force", action="store_true", help="replace a non-empty OUT")
+    add_common_flags(p)
+    p.set_defaults(func=run)
+
+
+def _policy(args: argparse.Namespace) -> Any:
+    from gradience.audit.suggest import parse_allowed_ranks
+    from gradience.compress import Policy
+    from gradience.errors import InputError
+
+    chosen = [(name, getattr(args, name)) for name in ("rank", "energy", "sv_fro", "sv_cumulative", "sv_ratio",
+                                                       "budget") if getattr(args, name) is not None]
+    if args.per_layer:
+        chosen.append(("per_layer", None))
+    if not chosen:
+        raise InputError("no policy given: pass one of --rank K, --energy T, --sv-fro T, --sv-cumulative T, "
+                         "--sv-ratio X, --per-layer, --budget P")
+    name, value = chosen[0]
+    return Policy(name=name, value=value, margin=args.margin, min_rank=args.min_rank, max_rank=args.max_rank,
+                  allowed_ranks=parse_allowed_ranks(args.allowed_ranks) if args.allowed_ranks else None,
+                  uniform=args.uniform)
+
+
+def run(args: argparse.Namespace) -> int:
+    import warnings
+
+    with warnings.catch_warnings():
+        if not args.debug:
+            warnings.simplefilter("ignore")
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from gradience import jsonio
+    from gradience.adapter import load_adapter
+    from gradience.compress import CompressOptions, compress
+    from gradience.compress.render import render_text
+    from gradience.errors import InputError
+
+    if not args.peft_dir:
+        raise InputError("no adapter given: pass --peft-dir IN")
+    if not args.out and not args.dry_run:
+        raise InputError("no output given: pass --out OUT (or --dry-run to plan only)")
+    policy = _policy(args)
+    options = CompressOptions(policy=policy, dtype=args.dtype, base_model=args.base_model,
+                              base_norms_cache=args.base_norms_cache, dry_run=args.dry_run, force=args.force)
+    loaded = load_adapter(args.peft_dir, adapter_name=args.adapter_name)
+    result = compress(loaded, args.out, options)
+    doc = result.to_dict()
+    if args.json:
+        sys.stdout.write(jsonio.dumps(doc, pretty=True) + "\n")
+    else:
+        sys.stdout.write(render_text(doc))
+    return 0

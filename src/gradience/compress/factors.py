@@ -1,0 +1,123 @@
+"""New LoRA factors for one pair: the exact best rank-k approximation, split evenly, scale absorbed.
+
+ΔW = s·B·A with A (r, d_in), B (d_out, r). Its thin SVD is B·A = U Σ Vᵀ (exact, from r×r work); the best
+rank-k approximation (Eckart–Young, Frobenius and spectral norm) is ΔW_k = s·U_k Σ_k V_kᵀ. The output module
+has rank k and PEFT scale α/k (one global ``lora_alpha``, ``use_rslora: false``), so the new factors carry
+c = s·k/α:  B' = sign(c)·√|c|·U_k Σ_k^½ and A' = √|c|·Σ_k^½ V_kᵀ, giving (α/k)·B'A' = ΔW_k exactly.
+The balanced split keeps ‖B'‖ and ‖A'‖ of the same size (neither factor absorbs the whole scale), which keeps
+bf16/fp16 rounding of the two factors symmetric and training resumable.
+
+Two ways to get U_k Σ_k^½ and Σ_k^½ V_kᵀ, both exact in exact arithmetic:
+
+* from the audit's Grams (G_B = BᵀB = V_b W V_bᵀ, G_A = A·Aᵀ = V_a Λ V_aᵀ): with R_B = W^½ V_bᵀ and
+  R_A = Λ^½ V_aᵀ (so B = Q_B R_B, Aᵀ = Q_A R_A), the core C = R_B R_Aᵀ has the SVD U_c Σ V_cᵀ and
+  U_k Σ_k = B·(R_Aᵀ V_c,k), Σ_k V_kᵀ = (U_c,kᵀ R_B)·A — two (d×r)·(r×k) products, no inverse, no Q.
+  This is what makes compress cost about one audit (SPEC §12's ≤ 2× target); it is used only when both
+  Grams are well conditioned and σ_k is not tiny, where its error stays near float64 rounding;
+* otherwise :func:`gradience.audit.spectrum.factored_svd` (Householder QR of B and Aᵀ, SVD of the core), the
+  accurate path for rank-deficient or steep factors.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from gradience.audit.spectrum import factored_svd
+from gradience.policy.thresholds import COMPRESS_GRAM_SIGMA_RATIO, SPECTRUM_QR_REFINE_RATIO
+
+SplitMethod = Literal["gram", "qr"]
+
+# Row/column blocks for the float64 products (a few MB of scratch instead of a float64 copy of a factor).
+_BLOCK_ELEMS = 1 << 18
+
+
+@dataclass(frozen=True)
+class GramSplit:
+    """Coefficients of the Gram path: B' = B @ x_b (d_out, k), A' = y_a @ A (k, d_in), scale included."""
+
+    x_b: np.ndarray   # (r, k)
+    y_a: np.ndarray   # (k, r)
+
+
+def gram_split(ga: np.ndarray, gb: np.ndarray, k: int, coef: float) -> GramSplit | None:
+    """The Gram-path coefficients for rank k with scale coefficient ``coef`` = s·k/α, or None when the Grams
+    are too ill-conditioned (or σ_k too small relative to σ₁) for this path to be accurate."""
+    wb, vb = np.linalg.eigh(gb)
+    wa, va = np.linalg.eigh(ga)
+    if not (wb[-1] > 0.0 and wa[-1] > 0.0):
+        return None
+    if wb[0] < SPECTRUM_QR_REFINE_RATIO * wb[-1] or wa[0] < SPECTRUM_QR_REFINE_RATIO * wa[-1]:
+        return None
+    r_b = np.sqrt(wb)[:, None] * vb.T      # R_Bᵀ R_B = G_B
+    r_a = np.sqrt(wa)[:, None] * va.T      # R_Aᵀ R_A = G_A
+    uc, s, vct = np.linalg.svd(r_b @ r_a.T)
+    if s[k - 1] <= COMPRESS_GRAM_SIGMA_RATIO * s[0]:
+        return None
+    root = math.sqrt(abs(coef))
+    sign = -1.0 if coef < 0 else 1.0
+    inv_half = 1.0 / np.sqrt(s[:k])
+    x_b = (r_a.T @ vct[:k].T) * (inv_half * (sign * root))[None, :]
+    y_a = (inv_half * root)[:, None] * (uc[:, :k].T @ r_b)
+    return GramSplit(x_b=x_b, y_a=y_a)
+
+
+def _left_product(b: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """b (d, r) @ x (r, k) in float64, converting b in row blocks (b may be a float32 memory-mapped view)."""
+    d, r = b.shape
+    out = np.empty((d, x.shape[1]), dtype=np.float64)
+    block = max(1, _BLOCK_ELEMS // max(r, 1))
+    for i in range(0, d, block):
+        out[i:i + block] = np.asarray(b[i:i + block], dtype=np.float64) @ x
+    return out
+
+
+def _right_product(y: np.ndarray, a: np.ndarray) -> np.ndarray:
+    """y (k, r) @ a (r, d) in float64, converting a in column blocks."""
+    r, d = a.shape
+    out = np.empty((y.shape[0], d), dtype=np.float64)
+    block = max(1, _BLOCK_ELEMS // max(r, 1))
+    for j in range(0, d, block):
+        out[:, j:j + block] = y @ np.asarray(a[:, j:j + block], dtype=np.float64)
+    return out
+
+
+def truncated_factors(a: np.ndarray, b: np.ndarray, k: int, coef: float,
+                      grams: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, SplitMethod]:
+    """(A' (k, d_in), B' (d_out, k), method) in float64 with (α/k)·B'A' = s·(B·A)_k, where coef = s·k/α.
+
+    ``grams``: the pair's (G_A, G_B) from the audit; without them (or when they are ill-conditioned) the QR
+    path of :func:`factored_svd` is used.
+    """
+    if k < 1:
+        raise ValueError(f"rank must be >= 1, got {k}")
+    if grams is not None:
+        split = gram_split(grams[0], grams[1], k, coef)
+        if split is not None:
+            return _right_product(split.y_a, a), _left_product(b, split.x_b), "gram"
+    svd = factored_svd(a, b)
+    q = svd.sigma.shape[0]
+    kk = min(k, q)
+    half = np.sqrt(svd.sigma[:kk]) * math.sqrt(abs(coef))
+    a_new = np.zeros((k, a.shape[1]))
+    b_new = np.zeros((b.shape[0], k))
+    a_new[:kk] = half[:, None] * svd.vt[:kk]
+    b_new[:, :kk] = svd.u[:, :kk] * (half * (-1.0 if coef < 0 else 1.0))[None, :]
+    return a_new, b_new, "qr"
+
+
+def rescaled_factors(a: np.ndarray, b: np.ndarray, k: int, coef: float) -> tuple[np.ndarray, np.ndarray]:
+    """The pair's own factors (no truncation) with the scale change ``coef`` = s·k/α spread over both, zero-padded
+    to rank ``k`` >= r (padding keeps ΔW and lets every module have the same rank)."""
+    r = a.shape[0]
+    if k < r:
+        raise ValueError(f"cannot pad rank {r} down to {k}")
+    root = math.sqrt(abs(coef))
+    a_new = np.zeros((k, a.shape[1]))
+    b_new = np.zeros((b.shape[0], k))
+    a_new[:r] = np.asarray(a, dtype=np.float64) * root
+    b_new[:, :r] = np.asarray(b, dtype=np.float64) * (root * (-1.0 if coef < 0 else 1.0))
+    return a_new, b_new
