@@ -102,6 +102,7 @@ COMPARE_TOP_DEFAULT = 10        # modules in the text table (and in summary.bigg
 # Singular directions below this·σ₁ are numerical noise (the shared-basis reduction is exact to ~1e-8 of the
 # factor norms): k never reaches into them, so an overlap is never computed on arbitrary vectors.
 COMPARE_SIGMA_NOISE_RTOL = 1e-6
+COMPARE_MAX_WORKERS = 4          # modules compared in parallel threads (GRADIENCE_COMPARE_WORKERS overrides)
 
 # --- bench (SPEC §15) ---------------------------------------------------------------------------------------
 BENCH_TOLERANCE_DEFAULT = 0.005     # an arm PASSes when Δ ≥ −tolerance (the reference tool's acc_tolerance)
