@@ -16,11 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gradience.errors import InputError
+from gradience.io.textfile import os_problem, probe, read_json_file
 from gradience.issues import Issue
 from gradience.jsonio import atomic_write_text
 
 CACHE_SCHEMA = "gradience.base_norms/v1"
 CACHE_FILENAME = "base_norms.json"
+# Entries are ~150 bytes: this holds ~100k base tensors (dozens of bases); a larger file is not our cache.
+MAX_CACHE_BYTES = 64 * 1024 * 1024
 
 
 def default_cache_path() -> Path:
@@ -41,15 +45,28 @@ def tensor_key(tensor: str, dtype: str) -> str:
     return f"{tensor}|{dtype}"
 
 
+def _real(x: Any) -> bool:
+    """A finite real number that fits a float (bools, NaN tokens and 400-digit ints are not)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(x))
+    except OverflowError:
+        return False
+
+
 def _valid_entry(entry: Any) -> bool:
+    """Every field of an entry has the type ``get`` relies on; anything else is a stale entry, recomputed."""
     if not isinstance(entry, dict):
         return False
     fp = entry.get("file")
+    iterations = entry.get("iterations", 0)
     return (
         isinstance(fp, list) and len(fp) == 3 and isinstance(fp[0], str)
-        and all(isinstance(x, int) for x in fp[1:])
-        and all(isinstance(entry.get(k), (int, float)) and math.isfinite(entry[k])
-                for k in ("sigma_max", "frob_norm", "rtol"))
+        and all(isinstance(x, int) and not isinstance(x, bool) for x in fp[1:])
+        and all(_real(entry.get(k)) for k in ("sigma_max", "frob_norm", "rtol"))
+        and entry["sigma_max"] >= 0 and entry["frob_norm"] >= 0 and entry["rtol"] >= 0
+        and isinstance(iterations, int) and not isinstance(iterations, bool) and 0 <= iterations < 2**31
     )
 
 
@@ -122,8 +139,10 @@ class NormsCache:
         try:
             atomic_write_text(self.path, json.dumps(data, indent=1, sort_keys=True, allow_nan=False) + "\n")
         except OSError as exc:
+            # A warning: every later audit against this base will read all base weights again.
             return Issue("base_norms_cache_unwritable",
-                         f"{self.path}: cannot write the base norms cache ({exc.strerror or exc})", "info")
+                         f"{self.path}: cannot write the base norms cache ({os_problem(exc)}); base norms will be "
+                         "recomputed on every audit (choose another --base-norms-cache)", "warning")
         self._new = {}
         return None
 
@@ -131,18 +150,12 @@ class NormsCache:
 def _read(path: Path, issues: list[Issue]) -> dict[str, Any] | None:
     """The cache file's content, or None when absent / corrupt (corrupt adds an info issue)."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return None
-    except (OSError, UnicodeDecodeError) as exc:
-        issues.append(Issue("base_norms_cache_corrupt", f"{path}: unreadable base norms cache ({exc}); "
+        if probe(path) is None:
+            return None
+        data = read_json_file(path, what="base norms cache", max_bytes=MAX_CACHE_BYTES)
+    except InputError as exc:
+        issues.append(Issue("base_norms_cache_corrupt", f"{path}: unusable base norms cache ({exc.problem}); "
                             "norms recomputed", "info"))
-        return None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
-        issues.append(Issue("base_norms_cache_corrupt", f"{path}: base norms cache is not valid JSON; "
-                            "norms recomputed and the file rewritten", "info"))
         return None
     if not isinstance(data, dict) or data.get("schema") != CACHE_SCHEMA or not isinstance(data.get("bases"), dict):
         issues.append(Issue("base_norms_cache_corrupt", f"{path}: not a {CACHE_SCHEMA} cache; "

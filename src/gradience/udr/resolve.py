@@ -9,13 +9,15 @@ revision; ``id@revision`` selects one). Downloading is attempted only for an exp
 
 from __future__ import annotations
 
-import json
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from gradience.errors import InputError
+from gradience.io.textfile import is_dir, is_file, probe, read_json_file, read_text_limited
+from gradience.textfmt import safe_text
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -25,6 +27,11 @@ BIN_SINGLE = "pytorch_model.bin"
 _NOT_BASE_WEIGHTS = frozenset({"adapter_model.safetensors", "adapter_model.bin"})
 _COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+_REVISION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*(/[A-Za-z0-9][A-Za-z0-9._\-]*)*$")
+MAX_BASE_SPEC_CHARS = 4096      # PATH_MAX: a longer name cannot be a directory, and no hub id is that long
+MAX_HUB_ID_CHARS = 200          # the hub caps org and name at 96 characters each
+MAX_REF_BYTES = 1024            # a refs/<branch> file holds one 40-character commit hash
+MAX_INDEX_BYTES = 64 * 1024 * 1024
 
 
 @dataclass
@@ -55,30 +62,26 @@ def hub_cache_dir() -> Path:
 
 
 def _read_index(path: Path) -> dict[str, str]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise InputError(f"cannot read shard index: {exc.strerror or exc}", path) from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"shard index is not valid JSON ({exc})", path) from None
+    data = read_json_file(path, what="shard index", max_bytes=MAX_INDEX_BYTES)
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
     ):
         raise InputError("shard index has no valid 'weight_map' (tensor name -> file name)", path)
     for fname in set(weight_map.values()):
-        if Path(fname).is_absolute() or ".." in Path(fname).parts:
-            raise InputError(f"shard index names a file outside its directory: {fname!r}", path)
+        if not fname or "\0" in fname or Path(fname).is_absolute() or ".." in Path(fname).parts:
+            raise InputError(f"shard index names a file outside its directory: {safe_text(repr(fname), max_len=200)}",
+                             path)
     return dict(weight_map)
 
 
 def inspect_directory(root: Path, spec: str, display: str, identity: str) -> ResolvedBase:
     """Find the weight files of a checkpoint directory (safetensors preferred over pickled .bin)."""
-    if (root / SAFETENSORS_INDEX).is_file():
+    if is_file(root / SAFETENSORS_INDEX):
         index = root / SAFETENSORS_INDEX
         wmap = _read_index(index)
         return ResolvedBase(spec, display, identity, root, "safetensors", sorted(set(wmap.values())), wmap, index)
-    if (root / SAFETENSORS_SINGLE).is_file():
+    if is_file(root / SAFETENSORS_SINGLE):
         return ResolvedBase(spec, display, identity, root, "safetensors", [SAFETENSORS_SINGLE])
     other_indexes = sorted(p.name for p in root.glob("*.safetensors.index.json"))
     if len(other_indexes) == 1:
@@ -88,18 +91,22 @@ def inspect_directory(root: Path, spec: str, display: str, identity: str) -> Res
     shards = sorted(p.name for p in root.glob("*.safetensors") if p.name not in _NOT_BASE_WEIGHTS)
     if shards:
         return ResolvedBase(spec, display, identity, root, "safetensors", shards)
-    if (root / BIN_INDEX).is_file():
+    if is_file(root / BIN_INDEX):
         index = root / BIN_INDEX
         wmap = _read_index(index)
         return ResolvedBase(spec, display, identity, root, "bin", sorted(set(wmap.values())), wmap, index)
-    if (root / BIN_SINGLE).is_file():
+    if is_file(root / BIN_SINGLE):
         return ResolvedBase(spec, display, identity, root, "bin", [BIN_SINGLE])
-    if (root / "adapter_config.json").is_file():
+    if is_file(root / "adapter_config.json"):
         problem = "this is an adapter directory, not a base model (no model.safetensors)"
     else:
         problem = (f"no base weights found (looked for {SAFETENSORS_INDEX}, {SAFETENSORS_SINGLE}, "
                    f"*.safetensors, {BIN_INDEX}, {BIN_SINGLE})")
     raise InputError(problem, root)
+
+
+def _valid_revision(revision: str) -> bool:
+    return bool(_REVISION_RE.match(revision)) and ".." not in revision.split("/")
 
 
 def _split_revision(spec: str) -> tuple[str, str | None]:
@@ -113,15 +120,20 @@ def _from_hub_cache(repo_id: str, revision: str | None, cache: Path) -> tuple[Pa
     """(snapshot dir, commit) for a cached repo, or a description of what was looked for."""
     repo_dir = cache / ("models--" + repo_id.replace("/", "--"))
     snapshots = repo_dir / "snapshots"
-    if not snapshots.is_dir():
+    if not is_dir(snapshots):
         return f"{repo_dir} (not in the local Hugging Face cache)"
     wanted = revision or "main"
-    if _COMMIT_RE.match(wanted) and (snapshots / wanted).is_dir():
+    if _COMMIT_RE.match(wanted) and is_dir(snapshots / wanted):
         return snapshots / wanted, wanted
     ref = repo_dir / "refs" / wanted
-    if ref.is_file():
-        commit = ref.read_text(encoding="utf-8").strip()
-        if (snapshots / commit).is_dir():
+    if is_file(ref):
+        # refs/<branch> holds the commit hash the branch pointed to; anything else (binary garbage, a path
+        # such as ../../x) must not be followed, or a planted cache file could point us anywhere.
+        commit = read_text_limited(ref, what=f"refs/{wanted}", max_bytes=MAX_REF_BYTES).strip()
+        if not _COMMIT_RE.match(commit):
+            raise InputError(f"refs/{wanted} does not hold a commit hash (found "
+                             f"{safe_text(repr(commit[:60]), max_len=80)}); the Hugging Face cache is corrupt", ref)
+        if is_dir(snapshots / commit):
             return snapshots / commit, commit
         return f"{snapshots / commit} (refs/{wanted} names a snapshot that is not cached)"
     if revision is None:
@@ -153,15 +165,22 @@ def resolve_base(spec: str, *, allow_download: bool = False) -> ResolvedBase:
     raw = spec.strip()
     if not raw:
         raise InputError("empty base model name")
+    if len(raw) > MAX_BASE_SPEC_CHARS or "\0" in raw:
+        raise InputError(f"base model name is {len(raw)} characters long or holds a NUL byte: neither a directory "
+                         "nor a hub id", safe_text(raw, max_len=120))
     path = Path(raw).expanduser()
-    if path.is_dir():
+    st = probe(path)
+    if st is not None and stat.S_ISDIR(st.st_mode):
         real = path.resolve()
         return inspect_directory(real, spec, str(path), f"path:{real}")
-    if path.is_file():
+    if st is not None:
         raise InputError("base model must be a directory or a hub id, not a file", path)
     repo_id, revision = _split_revision(raw)
-    if not _HUB_ID_RE.match(repo_id):
-        raise InputError("base model not found: no such directory, and not a valid hub id", raw)
+    if not _HUB_ID_RE.match(repo_id) or len(repo_id) > MAX_HUB_ID_CHARS:
+        raise InputError("base model not found: no such directory, and not a valid hub id", safe_text(raw, max_len=200))
+    if revision is not None and not _valid_revision(revision):
+        raise InputError(f"invalid revision {safe_text(repr(revision), max_len=100)}: a revision is a branch or tag "
+                         "name (letters, digits, . _ - and /-separated parts, no '..') or a commit hash", repo_id)
     cache = hub_cache_dir()
     found = _from_hub_cache(repo_id, revision, cache)
     if isinstance(found, str) and allow_download:
