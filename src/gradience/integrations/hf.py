@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from gradience.errors import MissingDependencyError
+from gradience.policy import thresholds as T
 
 try:
     from transformers import TrainerCallback
@@ -91,6 +92,15 @@ class GradienceCallbackConfig:
     audit_on_train_end: bool = True
     audit_include_layers: bool = False
     meta: dict[str, Any] = field(default_factory=dict)  # extra run_start meta (no secrets: it is logged)
+    # Guard (SPEC §16, experimental, off by default): see gradience.integrations.guard for what it does.
+    guard: bool = False
+    guard_snapshot_every: int = T.GUARD_SNAPSHOT_EVERY    # optimizer steps between CPU snapshots
+    guard_ring: int = T.GUARD_RING                        # snapshots kept
+    guard_spike_factor: float = T.GUARD_SPIKE_FACTOR      # step loss > this x running median: rollback
+    guard_lr_factor: float = T.GUARD_LR_FACTOR            # lr multiplier per rollback
+    guard_max_rollbacks: int = T.GUARD_MAX_ROLLBACKS      # within guard_window steps; one more: stop
+    guard_window: int = T.GUARD_WINDOW
+    guard_loss_source: str = "auto"                       # "auto" | "step" (Trainer._tr_loss) | "log" (on_log)
 
 
 def _plain(obj: Any) -> Any:
@@ -134,6 +144,42 @@ def _strip_prefix(metrics: Mapping[str, Any], prefix: str) -> dict[str, Any]:
         if number is not None:
             out[name] = number
     return out
+
+
+def _non_default_args(cls: Any, values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` (TrainingArguments keys) without those equal to the field's default in ``cls``: a run log
+    carries what was changed, not ~110 defaults. Field defaults are read from the dataclass (no instance is
+    built, so nothing touches devices); a few fields normalized by ``__post_init__`` may stay."""
+    import dataclasses
+
+    from gradience.config.hf_defaults import drop_defaults
+
+    defaults: dict[str, Any] = {}
+    if dataclasses.is_dataclass(cls):
+        for f in dataclasses.fields(cls):
+            try:
+                if f.default is not dataclasses.MISSING:
+                    defaults[f.name] = _plain(f.default)
+                elif f.default_factory is not dataclasses.MISSING:
+                    defaults[f.name] = _plain(f.default_factory())
+            except Exception:  # an exotic default: keep the key
+                continue
+    return drop_defaults(values, defaults)
+
+
+@contextlib.contextmanager
+def _quiet_prediction_steps(handler: Any) -> Iterator[None]:
+    """Within the block, the callback handler's ``on_prediction_step`` does nothing (the instance attribute
+    shadows the method and is removed afterwards): an internal evaluation pass moves no progress bar."""
+    if handler is None:
+        yield
+        return
+    handler.on_prediction_step = lambda args, state, control, **kwargs: control
+    try:
+        yield
+    finally:
+        with contextlib.suppress(AttributeError):
+            del handler.on_prediction_step
 
 
 def _adapter_state(model: Any) -> tuple[dict[str, Any], dict[str, Any]] | None:
@@ -208,6 +254,9 @@ class GradienceCallback(TrainerCallback):
         self._atexit_registered = False
         self._training = False      # between on_train_begin and on_train_end (every rank)
         self.last_eval: dict[str, dict[str, Any]] = {}  # split -> metrics of its latest evaluation
+        self.rollback_guard: Any = None  # a guard.GuardRuntime while a guarded train() runs (all ranks)
+        if self.config.guard:
+            self._guard_settings()  # bad guard options fail here, not in the middle of training
 
     # -- public helpers ------------------------------------------------------------------------------------
     def attach(self, trainer: Any) -> GradienceCallback:
@@ -306,19 +355,21 @@ class GradienceCallback(TrainerCallback):
         if model_name is None:
             model_name = (peft or {}).get("base_model_name_or_path") or \
                 getattr(getattr(model, "config", None), "_name_or_path", None) or None
-        # The Trainer's resolved plan beats the raw arguments: with max_steps set, num_train_epochs is ignored
-        # (state has the real figure), and with epochs set, max_steps is -1 (state has the step count).
-        max_steps = getattr(state, "max_steps", 0) or None
-        epochs = getattr(state, "num_train_epochs", 0) or None
-        # Weights dtype, unless mixed precision (bf16/fp16 flags, mapped from the arguments) says more.
-        dtype = None
-        if not (getattr(args, "bf16", False) or getattr(args, "fp16", False)):
-            dtype = str(getattr(model, "dtype", "") or "").replace("torch.", "") or None
         overrides = {key: value for key, value in (
             ("model_name", model_name), ("dataset_name", cfg.dataset_name),
-            ("task_profile", cfg.task_profile), ("notes", cfg.notes), ("max_steps", max_steps),
-            ("num_train_epochs", epochs), ("dtype", dtype)) if value is not None}
-        return snapshot_from_sources(peft=peft, training=_plain(args.to_dict()), overrides=overrides)
+            ("task_profile", cfg.task_profile), ("notes", cfg.notes)) if value is not None}
+        # max_steps / epochs / dtype are read from the arguments by the same normalization `gradience check`
+        # applies to training_args.json, so check and monitor agree on one run. The Trainer's resolved plan
+        # and the weights dtype are facts of this run too: kept beside them in training.extras.
+        snapshot = snapshot_from_sources(peft=peft, training=_plain(args.to_dict()), overrides=overrides)
+        extras = _non_default_args(type(args), snapshot.training.extras)
+        for key, value in (("planned_max_steps", getattr(state, "max_steps", 0) or None),
+                           ("planned_epochs", getattr(state, "num_train_epochs", 0) or None),
+                           ("model_dtype", str(getattr(model, "dtype", "") or "").replace("torch.", "") or None)):
+            if value is not None:
+                extras[key] = _plain(value)
+        snapshot.training.extras = extras
+        return snapshot
 
     def _meta(self, args: Any) -> dict[str, Any]:
         import peft
@@ -336,6 +387,10 @@ class GradienceCallback(TrainerCallback):
             "effective_batch_size": int(args.per_device_train_batch_size) * world
             * int(args.gradient_accumulation_steps),
         }
+        # Recorded explicitly: monitor warns when this HF default may have hidden a NaN loss.
+        meta["logging_nan_inf_filter"] = bool(getattr(args, "logging_nan_inf_filter", False))
+        if self.rollback_guard is not None:
+            meta["guard"] = self.rollback_guard.describe()
         meta.update(self.config.meta)
         return meta
 
@@ -348,8 +403,73 @@ class GradienceCallback(TrainerCallback):
         except Exception as exc:  # never raise into the training loop; one warning for all write failures
             self._warn_once("telemetry", f"telemetry {name} failed: {type(exc).__name__}: {exc}")
 
+    # -- guard (SPEC §16; the logic lives in gradience.integrations.guard) ------------------------------------
+    def _guard_settings(self) -> Any:
+        from gradience.integrations.guard import GuardSettings
+
+        c = self.config
+        return GuardSettings(snapshot_every=c.guard_snapshot_every, ring=c.guard_ring,
+                             spike_factor=c.guard_spike_factor, lr_factor=c.guard_lr_factor,
+                             max_rollbacks=c.guard_max_rollbacks, window=c.guard_window,
+                             loss_source=c.guard_loss_source)
+
+    def _guard_call(self, name: str, fn: Any, *a: Any) -> Any:
+        """Run a guard step; a failure disables the guard for the rest of the run (training continues)."""
+        try:
+            return fn(*a)
+        except Exception as exc:
+            if self.rollback_guard is not None:
+                self.rollback_guard.end()
+            self.rollback_guard = None
+            self._warn_once("guard", f"guard disabled: {name} failed: {type(exc).__name__}: {exc}")
+            return None
+
+    def _guard_begin(self, args: Any, state: Any, kwargs: Mapping[str, Any]) -> None:
+        from gradience.integrations.guard import GuardRuntime
+
+        self.rollback_guard = None
+        trainer = self.trainer
+        if getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False):
+            self._warn_once("guard", "guard disabled: DeepSpeed/FSDP shard the trainable state across processes")
+            return
+        optimizer = kwargs.get("optimizer") or getattr(trainer, "optimizer", None)
+        if optimizer is None:
+            self._warn_once("guard", "guard disabled: the Trainer has no optimizer at on_train_begin")
+            return
+        runtime = GuardRuntime(self._guard_settings())
+        runtime.begin(trainer, optimizer, kwargs.get("lr_scheduler") or getattr(trainer, "lr_scheduler", None),
+                      int(state.global_step))
+        self.rollback_guard = runtime
+
+    def _guard_emit(self, state: Any, event: dict[str, Any] | None) -> None:
+        """An alert plus a ``guard`` metrics event for one action (rank 0 writes)."""
+        if event is None or not self._should_write(state):
+            return
+        from gradience.integrations.guard import alert_for
+
+        severity, code, message = alert_for(event)
+        self.writer.alert(severity, code, message, context=event, step=event["step"])
+        self.writer.metrics("guard", event, step=event["step"])
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.rollback_guard is not None:
+            self._guard_call("on_step_begin", self.rollback_guard.step_begin)
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.rollback_guard is not None:
+            event = self._guard_call("on_pre_optimizer_step", self.rollback_guard.pre_optimizer_step,
+                                     state.global_step, control)
+            self._hook("guard", self._guard_emit, state, event)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.rollback_guard is not None:
+            self._guard_call("on_step_end", self.rollback_guard.step_end, state.global_step)
+
     # -- TrainerCallback hooks -------------------------------------------------------------------------------
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.config.guard:
+            self._find_trainer()
+            self._guard_call("on_train_begin", self._guard_begin, args, state, kwargs)
         self._hook("on_train_begin", self._train_begin, args, state, kwargs.get("model"))
 
     def _train_begin(self, args: Any, state: Any, model: Any) -> None:
@@ -373,6 +493,10 @@ class GradienceCallback(TrainerCallback):
             self._atexit_registered = True
 
     def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+        if self.rollback_guard is not None and logs and "loss" in logs:
+            event = self._guard_call("on_log", self.rollback_guard.logged_loss, state.global_step,
+                                     _scalar(logs.get("loss")), control)
+            self._hook("guard", self._guard_emit, state, event)
         if self._should_write(state) and logs:
             self._hook("on_log", self._log, state, logs)
 
@@ -465,31 +589,46 @@ class GradienceCallback(TrainerCallback):
         if self._train_eval is None:
             return None
         trainer = self.trainer
+        handler = getattr(trainer, "callback_handler", None)
+        saved_loader = getattr(handler, "eval_dataloader", None)
         try:
             loader = trainer.get_eval_dataloader(self._train_eval)
-            output = trainer.evaluation_loop(
-                loader, description="Gradience train-eval",
-                prediction_loss_only=True if trainer.compute_metrics is None else None,
-                metric_key_prefix=_TRAIN_EVAL_PREFIX.rstrip("_"))
+            # The Trainer's eval progress bar is still open here (ProgressCallback closes it in its own
+            # on_evaluate, after ours): keep this pass's prediction steps off it, or it overruns (11/6).
+            with _quiet_prediction_steps(handler):
+                output = trainer.evaluation_loop(
+                    loader, description="Gradience train-eval",
+                    prediction_loss_only=True if trainer.compute_metrics is None else None,
+                    metric_key_prefix=_TRAIN_EVAL_PREFIX.rstrip("_"))
         except Exception as exc:
             self._train_eval = None  # do not retry (and re-warn) at every evaluation
             self._warn_once("train_eval", f"train-eval failed and is disabled: {type(exc).__name__}: {exc}")
             return None
+        finally:
+            if handler is not None and hasattr(handler, "eval_dataloader"):
+                handler.eval_dataloader = saved_loader  # evaluation_loop pointed it at the train-eval loader
         values = _strip_prefix(output.metrics, _TRAIN_EVAL_PREFIX)
         values.setdefault("n", int(output.num_samples))
         return values
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._training = False
+        abort_reason = None
+        if self.rollback_guard is not None:
+            abort_reason = self.rollback_guard.abort_reason
+            self.rollback_guard.end()  # frees the snapshots; events stay readable
         if self._should_write(state):
-            self._hook("on_train_end", self._train_end, state, kwargs.get("model"))
+            self._hook("on_train_end", self._train_end, state, kwargs.get("model"), abort_reason)
 
-    def _train_end(self, state: Any, model: Any) -> None:
+    def _train_end(self, state: Any, model: Any, abort_reason: str | None = None) -> None:
         try:
             if self.config.audit_on_train_end:
                 self._audit(state, model)
         finally:
-            self.end_run("ok", step=state.global_step)
+            if abort_reason is not None:
+                self.end_run("aborted", abort_reason, step=state.global_step)
+            else:
+                self.end_run("ok", step=state.global_step)
 
     def _audit(self, state: Any, model: Any) -> None:
         try:
