@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
 from gradience.cli.main import EXIT_GATE, EXIT_OK, add_common_flags
@@ -97,15 +98,74 @@ def _read_sources(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[s
     if args.training and args.training_dir:
         raise InputError("give either --training or --training-dir, not both")
     peft_path = args.peft or (find_config_in_dir(args.peft_dir, "peft") if args.peft_dir else None)
-    training_path = args.training or (find_config_in_dir(args.training_dir, "training")
-                                      if args.training_dir else None)
+    training_path = None
+    state_path = None
+    if args.training:
+        training_path = args.training
+    elif args.training_dir:
+        try:
+            training_path = find_config_in_dir(args.training_dir, "training")
+        except InputError:
+            # A Trainer output dir without training_args.json (only the pickled .bin): its trainer_state.json
+            # still tells the plan; without that either, the loader's error says what was looked for.
+            state_path = _find_trainer_state(Path(args.training_dir))
+            if state_path is None:
+                raise
     for slot, path in (("config", args.config), ("peft", peft_path), ("training", training_path)):
         if path is None:
             continue
         form, data = load_config_file(path)
         slots[slot] = (str(path), data)
         described.append({"role": slot, "path": str(path), "form": form})
+    if state_path is not None:
+        from gradience.config import read_mapping
+        from gradience.config.normalize import trainer_state_training
+
+        state = read_mapping(state_path)
+        slots["training"] = (str(state_path), trainer_state_training(state))
+        described.append({"role": "training", "path": str(state_path), "form": "trainer_state"})
     return slots, described
+
+
+def _find_trainer_state(directory: Path) -> Path | None:
+    """``trainer_state.json`` in ``directory``, else in its latest ``checkpoint-N/``."""
+    if (directory / "trainer_state.json").is_file():
+        return directory / "trainer_state.json"
+    best: tuple[int, Path] | None = None
+    try:
+        children = list(directory.iterdir())
+    except OSError:
+        return None
+    for child in children:
+        name = child.name
+        if name.startswith("checkpoint-") and name[len("checkpoint-"):].isdigit() \
+                and (child / "trainer_state.json").is_file():
+            step = int(name[len("checkpoint-"):])
+            if best is None or step > best[0]:
+                best = (step, child / "trainer_state.json")
+    return None if best is None else best[1]
+
+
+def _export_note(sources: list[dict[str, Any]], snapshot: Any) -> list[Any]:
+    """When the training config came from trainer_state.json: say what it gave and how to get the real one."""
+    from gradience.telemetry.types import Recommendation
+
+    src = next((s for s in sources if s["form"] == "trainer_state"), None)
+    if src is None:
+        return []
+    t = snapshot.training
+    got = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in (
+        ("batch_size", t.batch_size), ("max_steps", t.max_steps), ("epochs", t.epochs)) if v is not None)
+    return [Recommendation(
+        "info", "export_training_args",
+        f"no training_args.json: read the plan from {src['path']} ({got or 'nothing usable'}); lr, weight decay "
+        "and precision are not in it. Write the arguments as JSON from the training script: "
+        "open(f\"{trainer.args.output_dir}/training_args.json\", \"w\").write(trainer.args.to_json_string())",
+        rationale="training_args.bin is a pickle, and unpickling a file can run arbitrary code, so gradience "
+                  "never opens it; TrainingArguments.to_json_string() gives the same values as plain JSON.",
+        confidence=0.9, scope="training",
+        evidence={"trainer_state": src["path"], "batch_size": t.batch_size, "max_steps": t.max_steps,
+                  "epochs": t.epochs})]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -128,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
         config=slots.get("config", (None, None))[1], peft=slots.get("peft", (None, None))[1],
         training=slots.get("training", (None, None))[1], overrides=overrides or None,
         origins={slot: path for slot, (path, _data) in slots.items()})
-    report = check_config(snapshot)
+    report = check_config(snapshot, extra=_export_note(sources, snapshot))
     met = _gates_met(gates, report.recommendations)
 
     if args.json:
@@ -216,8 +276,12 @@ def render_text(report: Any, sources: list[dict[str, Any]], *, verbose: bool = F
     else:
         targets = ", ".join(f"{t} ({report.target_types.get(t, '?')})" for t in lora.target_modules)
     lines.append(f"Targets:   {targets}")
+    # HF semantics: a positive max_steps wins over num_train_epochs.
+    resolved = any(src["form"] == "trainer_state" for src in sources)  # the Trainer's plan: both facts
+    ignored = " (ignored: max_steps is set)" if tr.epochs is not None and tr.max_steps is not None \
+        and not resolved else ""
     lines.append(f"Training:  batch={_fmt(tr.batch_size)} x accum={_fmt(tr.gradient_accumulation)}  "
-                 f"max_steps={_fmt(tr.max_steps)}  epochs={_fmt(tr.epochs)}  dtype={_fmt(tr.dtype)}  "
+                 f"max_steps={_fmt(tr.max_steps)}  epochs={_fmt(tr.epochs)}{ignored}  dtype={_fmt(tr.dtype)}  "
                  f"seed={_fmt(tr.seed)}")
     lines += ["", f"Recommendations ({len(report.recommendations)}):"]
     for rec in report.recommendations:

@@ -275,6 +275,39 @@ def misspelt_keys(snapshot: ConfigSnapshot, cutoff: float | None = None) -> list
     return out
 
 
+_TRAINER_STATE_PLAN = ("train_batch_size", "max_steps", "num_train_epochs")
+_TRAINER_STATE_INFO = ("global_step", "epoch", "logging_steps", "eval_steps", "save_steps")
+
+
+def trainer_state_training(data: Mapping[str, Any]) -> dict[str, Any]:
+    """What an HF ``trainer_state.json`` says about the training config, as a flat training source.
+
+    Why: a Trainer output directory often holds only ``training_args.bin`` (a pickle gradience never opens)
+    next to ``trainer_state.json``. The state records the resolved plan (batch size per step, max_steps,
+    epochs) and the logging cadence, but not the lr, weight decay or precision; the peak of the logged lr
+    is kept as a hint (with warmup it is close to the configured lr), never as the lr itself."""
+    out: dict[str, Any] = {}
+    for key in _TRAINER_STATE_PLAN:
+        value = data.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+            out[key] = value
+    info: dict[str, Any] = {}
+    for key in _TRAINER_STATE_INFO:
+        value = data.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            info[key] = value
+    history = data.get("log_history")
+    if isinstance(history, list):
+        lrs = [e["learning_rate"] for e in history if isinstance(e, Mapping)
+               and isinstance(e.get("learning_rate"), (int, float)) and not isinstance(e["learning_rate"], bool)]
+        if lrs:
+            info["logged_lr_peak"] = max(lrs)
+        info["log_entries"] = len(history)
+    if info:
+        out["trainer_state"] = info
+    return out
+
+
 def _build(values: dict[tuple[str | None, str], Any], extras: dict[str, dict[str, Any]]) -> ConfigSnapshot:
     def get(section: str | None, name: str) -> Any:
         return values.get((section, name))

@@ -14,6 +14,8 @@ every profile
   ``review_targets``          info     target names the module classifier does not recognize
   ``fix_alpha_scale``         warning  update scale alpha/r (alpha/sqrt(r) with rsLoRA) <= 0.25 or >= 16
   ``fix_config_key``          warning  an unknown key that looks like a misspelt known one (kept, but ignored)
+  ``export_training_args``    info     only a pickled training_args.bin: what trainer_state.json gave, and how
+                                       to write training_args.json (added by the CLI, ``extra=``)
 hard_reasoning
   ``set_lr``                  warning  lr unset (suggest 5e-5)
   ``lower_lr``                warning  lr > 1e-4
@@ -42,6 +44,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,7 +61,7 @@ ACTIONS: tuple[str, ...] = (
     "fix_weight_decay", "fix_lr_units", "fix_dropout", "fix_rank", "set_alpha", "review_rslora",
     "review_targets", "set_lr", "lower_lr", "consider_lower_lr", "add_targets", "prefer_attention_only",
     "add_attention_targets", "set_rank", "consider_reduce_rank", "reduce_alpha_or_lr", "reduce_rank",
-    "calibration_probe", "fix_alpha_scale", "fix_config_key", "config_ok",
+    "calibration_probe", "fix_alpha_scale", "fix_config_key", "export_training_args", "config_ok",
 )
 # PEFT's special value meaning every linear layer except the output head.
 ALL_LINEAR = "all-linear"
@@ -414,14 +417,15 @@ class _Rules:
                  probe_steps=list(T.CALIBRATION_PROBE_STEPS))
 
 
-def check_config(snapshot: ConfigSnapshot) -> CheckReport:
+def check_config(snapshot: ConfigSnapshot, extra: Iterable[Recommendation] = ()) -> CheckReport:
     """Run every pre-flight rule of SPEC §7 on a merged config; recommendations deduplicated and ordered
-    (most severe first, then action id) exactly as text and JSON show them."""
+    (most severe first, then action id) exactly as text and JSON show them. ``extra`` holds findings about
+    the sources themselves (e.g. ``export_training_args``), ranked with the rest."""
     profile, inferred = resolve_task_profile(snapshot)
     rules = _Rules(snapshot, profile)
     rules.universal()
     getattr(rules, profile)()
-    recs = dedupe_and_sort(rules.recs)
+    recs = dedupe_and_sort([*rules.recs, *extra])
     if not recs:
         recs = [Recommendation(
             severity="info", action="config_ok",
