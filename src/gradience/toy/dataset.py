@@ -178,6 +178,9 @@ def _load_raw(spec: str) -> Any:
     return datasets.load_dataset(name, config or None)
 
 
+load_raw_dataset = _load_raw  # public name for the bench's causal-LM data (same loading rules)
+
+
 def looks_like_local_path(spec: str) -> bool:
     """True for specs that can only mean a local path (hub ids have at most one '/' and no file suffix),
     so a mistyped path is reported as missing instead of being looked up on the hub."""
