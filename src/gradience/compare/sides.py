@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -172,19 +173,29 @@ def load_side(path: str, *, base_model: str | None, base_norms_cache: str | None
     return side_from_adapter(path, base_model=base_model, base_norms_cache=base_norms_cache, progress=progress)
 
 
+# Directory names that say nothing about which run an adapter came from: the parent names it instead.
+_GENERIC_DIRS = re.compile(r"^(adapter|adapters|adapter_model|lora|final|best|output|outputs|model|"
+                           r"checkpoint(-\d+)?|default)$", re.IGNORECASE)
+
+
 def side_labels(path_a: str, path_b: str) -> tuple[str, str]:
-    """Short names for the two sides: the last path component where they differ (``runs/conservative/adapter``
-    vs ``runs/aggressive/adapter`` -> conservative / aggressive; ``x_audit.json`` -> x_audit); "A"/"B" when
-    the paths are the same."""
-    pa = Path(os.path.abspath(path_a)).parts
-    pb = Path(os.path.abspath(path_b)).parts
-    for xa, xb in zip(reversed(pa), reversed(pb), strict=False):
-        if xa != xb:
-            return _stem(xa), _stem(xb)
-    if len(pa) != len(pb):
-        return _stem(pa[-1]), _stem(pb[-1])
-    return "A", "B"
+    """Short names for the two sides: path components shared at the end are dropped, then the last one left,
+    skipping generic directory names (``runs/conservative/adapter`` vs ``runs/aggressive/adapter`` ->
+    conservative / aggressive; ``x_audit.json`` -> x_audit); "A"/"B" when the paths are the same."""
+    pa = list(Path(os.path.abspath(path_a)).parts)
+    pb = list(Path(os.path.abspath(path_b)).parts)
+    if pa == pb:
+        return "A", "B"
+    while len(pa) > 1 and len(pb) > 1 and pa[-1] == pb[-1]:
+        pa.pop()
+        pb.pop()
+    la, lb = _label(pa), _label(pb)
+    return (la, lb) if la != lb else (_label(pa[-1:]), _label(pb[-1:]))
 
 
-def _stem(part: str) -> str:
+def _label(parts: list[str]) -> str:
+    i = len(parts) - 1
+    while i > 0 and _GENERIC_DIRS.match(parts[i]) and not parts[i].lower().endswith(".json"):
+        i -= 1
+    part = parts[i] if i > 0 else parts[-1]
     return part[:-5] if part.lower().endswith(".json") else part
