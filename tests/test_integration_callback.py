@@ -116,9 +116,12 @@ def test_full_run_log_matches_trainer_history_and_config(parts: dict[str, Any], 
     training = config["training"]
     assert (training["seed"], training["batch_size"], training["gradient_accumulation"],
             training["max_steps"]) == (7, 8, 1, 6)
-    # The Trainer's plan: 6 steps of 8 rows over 160 rows is 0.3 epochs -> it schedules 1 epoch.
-    assert training["epochs"] == trainer.state.num_train_epochs == 1
-    assert training["dtype"] == "float32"
+    # Configured values, normalized as `gradience check` reads training_args.json (so both agree, issue 9):
+    # num_train_epochs as given (max_steps wins over it), no mixed precision -> no dtype. The Trainer's plan
+    # (6 steps of 8 rows over 160 rows is 0.3 epochs -> it schedules 1 epoch) and the weights dtype are extras.
+    assert training["epochs"] == args.num_train_epochs and training["dtype"] is None
+    assert training["extras"]["planned_epochs"] == trainer.state.num_train_epochs == 1
+    assert training["extras"]["model_dtype"] == "float32"
     meta = records[0]["meta"]
     assert meta["world_size"] == 1 and meta["effective_batch_size"] == 8
 
