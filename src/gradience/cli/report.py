@@ -1,0 +1,43 @@
+"""``gradience report PATH``: one self-contained HTML page for a run, an adapter, an audit or a comparison.
+
+Thin layer over :mod:`gradience.report`; needs the ``report`` extra (matplotlib, Jinja2), imported only when
+the command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from gradience.cli.main import add_common_flags
+
+
+def add_parser(sub: Any) -> None:
+    p: argparse.ArgumentParser = sub.add_parser(
+        "report", help="write one self-contained HTML report of a run, an adapter, an audit or a comparison",
+        description="Write one self-contained HTML page (no network, opens from disk): the monitor story and "
+                    "curves of a run, per-layer heatmaps, spectra, rank suggestions and the UDR distribution "
+                    "of an adapter, or a comparison of two adapters. PATH: a run directory (run.jsonl and/or "
+                    "trainer_state.json, adapter below it), a run.jsonl, an adapter directory, an audit JSON "
+                    "or a compare JSON.")
+    p.add_argument("path", metavar="PATH", help="run directory, run.jsonl, adapter directory, audit/compare JSON")
+    p.add_argument("-o", "--out", metavar="OUT.html", default=None,
+                   help="output file (default: report.html in PATH, or beside a file)")
+    p.add_argument("--base-model", metavar="ID_OR_DIR", default=None,
+                   help="base model (local dir or hub id in the local HF cache) for UDR of the adapter")
+    p.add_argument("--title", metavar="T", default=None, help="page title (default: the input's name)")
+    p.add_argument("--run-id", default=None, help="which run of a multi-run telemetry file (default: the last)")
+    p.add_argument("--no-udr", action="store_true",
+                   help="do not try the adapter's own base_model_name_or_path for UDR")
+    add_common_flags(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from gradience.report import write_report
+
+    target = write_report(args.path, args.out, base_model=args.base_model, title=args.title,
+                          udr=not args.no_udr, run_id=args.run_id)
+    print(f"gradience report: wrote {target}", file=sys.stdout)
+    return 0

@@ -1,0 +1,293 @@
+"""What ``gradience report PATH`` reads, and the pipeline from PATH to the HTML string.
+
+PATH is one of (SPEC §14):
+
+- a run directory: its telemetry (``run.jsonl``, a single ``*.jsonl``) and/or ``trainer_state.json`` (also
+  the latest ``checkpoint-N/``), plus the adapter in it or below it (the latest checkpoint's when every
+  candidate is a ``checkpoint-N``); a ``base/`` directory beside them (``gradience demo`` saves its toy base
+  there) is the base model for UDR when ``--base-model`` is not given;
+- a ``run.jsonl`` / ``trainer_state.json`` file;
+- an adapter directory (``adapter_config.json`` + weights), audited with UDR when a base is given or the
+  adapter's ``base_model_name_or_path`` resolves locally;
+- an audit JSON (``gradience.audit/v1`` or the ``--all`` multi-adapter form) or a compare JSON
+  (``gradience.compare/v1``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gradience.errors import InputError
+from gradience.report.curves import RunCurves
+from gradience.report.views import ChartIds, View, adapter_view, compare_view, run_view
+
+MAX_JSON_BYTES = 256 * 1024 * 1024
+REPORT_FILENAME = "report.html"
+BASE_DIRNAME = "base"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+_RUN_FILES = ("run.jsonl", "trainer_state.json")
+
+
+@dataclass
+class Report:
+    """The rendered page and what it was made from."""
+
+    html: str
+    kind: str                       # "run" | "adapter" | "audit" | "compare"
+    source: Path
+    default_out: Path
+    views: list[View] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Plan:
+    kind: str
+    source: Path
+    run: Path | None = None            # what monitor reads
+    adapter: Path | None = None
+    base_model: str | None = None
+    base_note: str | None = None
+    document: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _load_json(path: Path) -> Any:
+    try:
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):
+            raise InputError("not a regular file", path)
+        if st.st_size > MAX_JSON_BYTES:
+            raise InputError(f"{st.st_size} bytes is too large for a JSON input", path)
+        raw = path.read_bytes()
+    except PermissionError:
+        raise InputError("permission denied", path) from None
+    except OSError as exc:
+        raise InputError(f"cannot read: {exc.strerror or exc}", path) from None
+    if not raw.strip():
+        raise InputError("empty file", path)
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise InputError("not UTF-8 text", path) from None
+    except (ValueError, RecursionError) as exc:
+        raise InputError(f"invalid JSON ({str(exc)[:200]})", path) from None
+
+
+def _has_run_files(d: Path) -> bool:
+    try:
+        if any((d / name).is_file() for name in _RUN_FILES):
+            return True
+        if any(p.is_file() for p in d.glob("*.jsonl")):
+            return True
+        return any(_CHECKPOINT.match(p.name) and (p / "trainer_state.json").is_file() for p in d.iterdir())
+    except OSError:
+        return False
+
+
+def _adapter_in_run_dir(d: Path) -> tuple[Path | None, str | None]:
+    """(adapter directory, note) for a run directory: itself, the only one below, or the latest checkpoint."""
+    from gradience.adapter.discovery import adapters_below, holds_adapter
+
+    if holds_adapter(d):
+        return d, None
+    try:
+        found = adapters_below(d)
+    except InputError as exc:
+        return None, f"adapter not searched: {exc.problem}"
+    if not found:
+        return None, None
+    if len(found) == 1:
+        return found[0], None
+    checkpoints = [(int(m.group(1)), p) for p in found if (m := _CHECKPOINT.match(p.name))]
+    if len(checkpoints) == len(found):
+        _step, latest = max(checkpoints)
+        return latest, f"adapter of the latest checkpoint ({latest.name}) of {len(found)}"
+    names = ", ".join(p.relative_to(d).as_posix() for p in found[:8])
+    return None, f"several adapters below the run directory ({names}); report one with gradience report DIR"
+
+
+def _run_base(d: Path) -> Path | None:
+    base = d / BASE_DIRNAME
+    if (base / "config.json").is_file() and any(base.glob("*.safetensors")):
+        return base
+    return None
+
+
+def plan(path: str | os.PathLike[str], base_model: str | None = None) -> _Plan:
+    """Decide what PATH is and what to read (InputError naming the path when it is none of the inputs)."""
+    from gradience.adapter.discovery import holds_adapter
+
+    p = Path(path)
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        raise InputError("no such file or directory", p) from None
+    except OSError as exc:
+        raise InputError(f"cannot read: {exc.strerror or exc}", p) from None
+    if stat.S_ISDIR(st.st_mode):
+        if _has_run_files(p):
+            adapter, note = _adapter_in_run_dir(p)
+            out = _Plan("run", p, run=p, adapter=adapter, base_model=base_model)
+            if note:
+                out.notes.append(note)
+            if base_model is None and adapter is not None:
+                found = _run_base(p)
+                if found is not None:
+                    out.base_model = str(found)
+                    out.base_note = "found in the run directory"
+            return out
+        if (p / "bench.json").is_file():
+            raise InputError("a bench output directory: its report.html is written by the bench itself "
+                             "(the bench view of gradience report is not available yet)", p)
+        if holds_adapter(p) or (p / "adapter_config.json").is_file():
+            return _Plan("adapter", p, adapter=p, base_model=base_model)
+        adapter, note = _adapter_in_run_dir(p)
+        if adapter is not None:
+            out = _Plan("adapter", p, adapter=adapter, base_model=base_model)
+            if note:
+                out.notes.append(note)
+            return out
+        raise InputError("nothing to report: no run.jsonl, *.jsonl, trainer_state.json or PEFT adapter in this "
+                         "directory or below it", p)
+    name = p.name.lower()
+    if name.endswith(".jsonl"):
+        return _Plan("run", p, run=p, base_model=base_model)
+    if name == "adapter_config.json":
+        return _Plan("adapter", p, adapter=p.parent, base_model=base_model)
+    if not name.endswith(".json"):
+        raise InputError("not a report input: expected a run directory, run.jsonl, trainer_state.json, an adapter "
+                         "directory, or an audit / compare JSON", p)
+    doc = _load_json(p)
+    if isinstance(doc, dict) and isinstance(doc.get("log_history"), list):
+        return _Plan("run", p, run=p, base_model=base_model)
+    schema = doc.get("schema") if isinstance(doc, dict) else None
+    if isinstance(schema, str) and schema.startswith("gradience.audit"):
+        return _Plan("audit", p, document=doc)
+    if isinstance(schema, str) and schema.startswith("gradience.compare"):
+        return _Plan("compare", p, document=doc)
+    if isinstance(schema, str) and schema.startswith("gradience.bench"):
+        raise InputError("a bench JSON: the bench view of gradience report is not available yet", p)
+    what = f"schema {schema!r}" if isinstance(schema, str) else "no 'schema' key and no 'log_history'"
+    raise InputError(f"not a report input ({what}): expected a gradience audit or compare JSON, or an HF "
+                     "trainer_state.json", p)
+
+
+def _default_out(p: _Plan) -> Path:
+    src = p.source
+    return (src if src.is_dir() else src.parent) / REPORT_FILENAME
+
+
+def _run_curves(run_path: Path, run_id: str | None) -> RunCurves:
+    """The curves of the same run ``monitor_run`` summarizes (the last one of the file unless ``run_id``)."""
+    from gradience.monitor.sources import read_trainer_state, resolve_run_path, telemetry_events
+    from gradience.telemetry.reader import TelemetryReader
+
+    source = resolve_run_path(run_path)
+    curves = RunCurves()
+    if source.kind == "telemetry":
+        reader = TelemetryReader(source.path)
+        for is_new, rec in telemetry_events(source.path, reader, run_id):
+            if is_new:
+                curves = RunCurves()
+            curves.feed(rec.event, rec.step, rec.data)
+    else:
+        for event, step, data in read_trainer_state(source.path).events:
+            curves.feed(event, step, data)
+    return curves
+
+
+def _audit_summary(adapter_dir: Path, base_model: str | None, base_norms_cache: str | None,
+                   udr: bool) -> dict[str, Any]:
+    from gradience.adapter import load_adapter
+    from gradience.audit import AuditOptions, run_audit
+
+    options = AuditOptions(suggest_per_layer=True, udr=udr or base_model is not None, base_model=base_model,
+                           base_norms_cache=base_norms_cache)
+    result = run_audit(load_adapter(str(adapter_dir)), options)
+    return result.to_summary(include_layers=True)
+
+
+def build_report(path: str | os.PathLike[str], *, base_model: str | None = None, title: str | None = None,
+                 base_norms_cache: str | None = None, udr: bool = True, run_id: str | None = None) -> Report:
+    """Read PATH, compute what the page shows with the library APIs, and render the page."""
+    from gradience.report.page import render_page
+    from gradience.report.svg import require_report
+
+    require_report("matplotlib")  # fail before any long computation when the extra is missing
+    require_report("jinja2")
+    p = plan(path, base_model)
+    views: list[View] = []
+    ids = ChartIds("c")
+    subtitle = ""
+    if p.kind == "run":
+        from gradience.monitor import monitor_run
+
+        assert p.run is not None
+        report = monitor_run(p.run, run_id=run_id)
+        views.append(run_view(report, _run_curves(p.run, run_id), ids))
+        subtitle = f"run {report.run_id}" if report.run_id else "run"
+    if p.adapter is not None:
+        summary = _audit_summary(p.adapter, p.base_model, base_norms_cache, udr)
+        source = f"{p.base_model} ({p.base_note})" if p.base_note else ""
+        view = adapter_view(summary, ids, source="")
+        if source:
+            view.context["meta"].append(("Base used for UDR", source))
+        views.append(view)
+        subtitle = subtitle or "adapter"
+    if p.kind == "audit":
+        assert p.document is not None
+        doc = p.document
+        if isinstance(doc.get("adapters"), dict):  # gradience.audit.multi/v1 (audit --all)
+            for i, (name, summary) in enumerate(sorted(doc["adapters"].items())):
+                if isinstance(summary, dict):
+                    views.append(adapter_view(summary, ids, key=f"adapter-{i + 1}", label=f"Adapter {name}",
+                                              source=str(p.source)))
+        else:
+            views.append(adapter_view(doc, ids, source=str(p.source)))
+        subtitle = "audit"
+    if p.kind == "compare":
+        assert p.document is not None
+        views.append(compare_view(p.document, ids))
+        subtitle = "comparison"
+    if not views:
+        raise InputError("nothing to report", p.source)
+    page_title = title if title else _default_title(p)
+    html = render_page(views, title=page_title, subtitle=subtitle, notes=p.notes, ids=ids)
+    return Report(html=html, kind=p.kind, source=p.source, default_out=_default_out(p), views=views,
+                  notes=p.notes)
+
+
+def _default_title(p: _Plan) -> str:
+    src = p.source
+    name = src.name or str(src)
+    if src.is_dir():
+        return name
+    return f"{src.parent.name}/{name}" if src.parent.name else name
+
+
+def render_report(path: str | os.PathLike[str], **kwargs: Any) -> str:
+    """The report of PATH as an HTML string (the Python API of SPEC §14)."""
+    return build_report(path, **kwargs).html
+
+
+def write_report(path: str | os.PathLike[str], out: str | os.PathLike[str] | None = None,
+                 **kwargs: Any) -> Path:
+    """Build the report of PATH and write it atomically to ``out`` (default: ``report.html`` beside PATH)."""
+    from gradience.jsonio import atomic_write_text
+
+    report = build_report(path, **kwargs)
+    target = Path(out) if out is not None else report.default_out
+    if target.is_dir():
+        target = target / REPORT_FILENAME
+    try:
+        atomic_write_text(target, report.html)
+    except OSError as exc:
+        raise InputError(f"cannot write the report: {exc.strerror or exc}", target) from None
+    return target

@@ -1,0 +1,63 @@
+"""Render views into the one HTML page with Jinja2 (autoescape on, templates and CSS as package data)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from importlib import resources
+from typing import Any
+
+from gradience._version import __version__
+from gradience.policy.thresholds import UDR_FRACTION_LEVELS
+from gradience.report import heatmap
+from gradience.report.svg import require_report
+from gradience.report.views import ChartIds, View, udr_sidebar
+from gradience.textfmt import human_count, num, pct, rank_value, times
+
+_ENV: Any = None
+
+
+def _environment() -> Any:
+    global _ENV
+    if _ENV is None:
+        jinja2 = require_report("jinja2")
+        env = jinja2.Environment(
+            loader=jinja2.PackageLoader("gradience.report", "templates"),
+            autoescape=True,                     # every input-derived string is escaped
+            undefined=jinja2.StrictUndefined,    # a template typo is a bug, not a blank
+            trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
+        )
+        env.filters.update({"num": num, "pct": pct, "times": times, "rank": rank_value, "count": human_count})
+        _ENV = env
+    return _ENV
+
+
+def _css() -> str:
+    return (resources.files("gradience.report") / "static" / "report.css").read_text(encoding="utf-8")
+
+
+def render_page(views: Sequence[View], *, title: str, subtitle: str = "", notes: Sequence[str] = (),
+                ids: ChartIds | None = None) -> str:
+    """The whole page. Chart SVGs come from our own renderer and are inserted as markup; every other value
+    is escaped by the template."""
+    env = _environment()
+    from markupsafe import Markup
+
+    ids = ids or ChartIds("s")
+    sidebar = udr_sidebar([g for v in views for g in v.udr], ids)
+    _mark_svgs(views, Markup)
+    if sidebar.get("svg"):
+        sidebar["svg"] = Markup(sidebar["svg"])
+    template = env.get_template("page.html.j2")
+    return str(template.render(
+        title=title, subtitle=subtitle, notes=list(notes), views=list(views), sidebar=sidebar,
+        version=__version__, css=Markup(_css()), geo=heatmap.layout_info(),
+        udr_levels=[f"{x:g}" for x in UDR_FRACTION_LEVELS],
+    ))
+
+
+def _mark_svgs(views: Sequence[View], markup: Any) -> None:
+    """Context keys ending in ``_svg`` hold SVG produced by :mod:`gradience.report.svg` (trusted markup)."""
+    for view in views:
+        for key, value in list(view.context.items()):
+            if key.endswith("_svg") and isinstance(value, str):
+                view.context[key] = markup(value)
