@@ -135,10 +135,11 @@ def test_pattern_key_agrees_with_peft_get_pattern_key() -> None:
 def test_dora_adapter(llama_adapter_dora_dir: Path, tiny_llama_dir: Path) -> None:
     ad = load_adapter(str(llama_adapter_dora_dir))
     assert all(p.dora for p in ad.pairs) and len(ad.pairs) == 14
-    assert ad.non_lora.count == 14
-    assert all(n.endswith(".lora_magnitude_vector") for n in ad.non_lora.names)
+    assert ad.non_lora.count == 0  # magnitudes are DoRA parts of their pair, not non-LoRA tensors
     header = read_safetensors_header(llama_adapter_dora_dir / "adapter_model.safetensors")
-    assert ad.non_lora.params == sum(int(np.prod(header[n]["shape"])) for n in ad.non_lora.names)
+    for p in ad.pairs:
+        assert p.magnitude_key is not None and p.magnitude_key.endswith(".lora_magnitude_vector")
+        assert header[p.magnitude_key]["shape"] == [p.d_out]
     _assert_matches_peft(ad, _reload(tiny_llama_dir, llama_adapter_dora_dir))
 
 
@@ -299,8 +300,8 @@ def test_state_dict_of_torch_parameters_matches_peft(tmp_path: Path) -> None:
     ad = adapter_from_state_dict(params, pm.peft_config["default"])  # a LoraConfig object is accepted too
     _assert_matches_peft(ad, pm)
     assert all(p.dora for p in ad.pairs)
-    # Base weights are counted as non-LoRA tensors, not paired.
-    assert ad.non_lora.count == len(params) - 2 * len(ad.pairs)
+    # Base weights are counted as non-LoRA tensors, not paired; each pair owns its DoRA magnitude.
+    assert ad.non_lora.count == len(params) - 3 * len(ad.pairs)
     # PEFT's saved-layout state dict gives the same pairs.
     saved = adapter_from_state_dict(get_peft_model_state_dict(pm), json.loads(json.dumps(
         pm.peft_config["default"].to_dict(), default=list)))

@@ -262,19 +262,22 @@ def test_conv_lora_is_flattened(tmp_path: Path) -> None:
     assert _issue(ad, "shape_mismatch").modules == ["conv2"]
 
 
-def test_dora_magnitudes_heads_and_lora_bias_are_counted_as_non_lora(tmp_path: Path) -> None:
+def test_heads_and_lora_bias_are_non_lora_but_dora_magnitudes_belong_to_their_pair(tmp_path: Path) -> None:
     q = P.format(i=0, m="q_proj")
     k = P.format(i=0, m="k_proj")
+    mag = np.linspace(0.5, 2.0, 16, dtype=np.float32)
     tensors = {**_lora(q, *_factors(4, 16, 16)), **_lora(k, *_factors(4, 16, 16)),
-               f"{q}.lora_magnitude_vector": np.ones(16, np.float32),
+               f"{q}.lora_magnitude_vector": mag,
                f"{k}.lora_B.bias": np.ones(16, np.float32),
                "base_model.model.score.weight": np.ones((2, 16), np.float32)}
     _write_adapter(tmp_path, tensors, {"r": 4, "lora_alpha": 8, "use_dora": True})
     ad = load_adapter(str(tmp_path))
     assert {p.name.rsplit(".", 1)[1]: p.dora for p in ad.pairs} == {"q_proj": True, "k_proj": False}
-    assert ad.non_lora.count == 3 and ad.non_lora.params == 16 + 16 + 32
-    assert sorted(ad.non_lora.names) == sorted([f"{q}.lora_magnitude_vector", f"{k}.lora_B.bias",
-                                                "base_model.model.score.weight"])
+    assert ad.non_lora.count == 2 and ad.non_lora.params == 16 + 32
+    assert sorted(ad.non_lora.names) == sorted([f"{k}.lora_B.bias", "base_model.model.score.weight"])
+    qp = next(p for p in ad.pairs if p.dora)
+    assert qp.magnitude_key == f"{q}.lora_magnitude_vector"
+    np.testing.assert_array_equal(qp.load_magnitude(), mag)
 
 
 def test_state_dict_keys_with_adapter_name_segments() -> None:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from gradience.errors import InputError
-from gradience.udr import SUMMARY_KEYS, UdrInput, measure_udr
+from gradience.udr import PER_LAYER_KEYS, SUMMARY_KEYS, UdrInput, measure_udr
 
 torch = pytest.importorskip("torch")
 from safetensors.torch import load_file  # noqa: E402
@@ -304,8 +304,7 @@ def test_missing_ambiguous_and_mismatched_modules_are_issues(tiny_llama_dir: Pat
     assert report.summary["n_layers_with_udr"] == 1
     assert report.per_layer[good]["udr"] == pytest.approx(1.0 / sigma1(base[good + ".weight"]), rel=2 * RTOL)
     for name in [i.name for i in inputs[1:]]:
-        assert report.per_layer[name] == {k: None for k in ("base_sigma_max", "base_frob_norm", "udr", "udr_f",
-                                                            "sdi")}
+        assert report.per_layer[name] == dict.fromkeys(PER_LAYER_KEYS)
 
 
 def test_null_update_norms_give_null_udr(tiny_llama_dir: Path, cache_file: str) -> None:

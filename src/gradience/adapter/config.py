@@ -152,3 +152,28 @@ def merge_issues(issues: Iterable[Issue]) -> list[Issue]:
             known = set(seen.modules or [])
             seen.modules = (seen.modules or []) + [m for m in issue.modules if m not in known]
     return list(merged.values())
+
+
+# ``init_lora_weights`` values whose initialisation rewrites the base weight (W ← W − s·B₀A₀, or a quantized W
+# for LoftQ), so the saved factors hold components of W itself, not a change to it. ``pissa`` also comes as
+# ``pissa_niter_<n>``. ``eva``, ``gaussian``, ``orthogonal``, ``mica`` and booleans leave the base untouched.
+_MUTATED_BASE_INITS = ("olora", "corda", "loftq", "lora_ga")
+_MUTATED_BASE_PREFIXES = ("pissa",)
+
+
+def mutated_base_init(config: Mapping[str, Any]) -> str | None:
+    """The ``init_lora_weights`` value when the adapter was initialised by mutating the base (PiSSA, OLoRA, CorDA,
+    LoftQ, LoRA-GA) and saved without conversion, else None.
+
+    Why it matters: such an adapter only reproduces the fine-tuned model on top of the *mutated* base, so s·B·A is
+    not a delta from the published base and UDR / compression on it would be meaningless. PEFT's
+    ``save_pretrained(path_initial_model_for_weight_conversion=...)`` converts it into a plain LoRA (rank 2r) and
+    records ``init_lora_weights: true``, so a converted adapter is not reported.
+    """
+    init = config.get("init_lora_weights")
+    if not isinstance(init, str):
+        return None
+    value = init.strip().lower()
+    if value in _MUTATED_BASE_INITS or value.startswith(_MUTATED_BASE_PREFIXES):
+        return init
+    return None

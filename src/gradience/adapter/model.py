@@ -41,6 +41,10 @@ class LoraPair:
     d_out: int
     # Returns (A, B) oriented as documented above, as float32 or float64 arrays (zero-copy when possible).
     loader: Callable[[], tuple[np.ndarray, np.ndarray]] = field(repr=False, compare=False)
+    # DoRA: the key of the magnitude vector m (d_out values) and a reader returning it as a 1-D float array; None
+    # for plain LoRA, and for a DoRA pair whose magnitude is missing or misshapen (an issue says which).
+    magnitude_key: str | None = None
+    magnitude_loader: Callable[[], np.ndarray] | None = field(default=None, repr=False, compare=False)
 
     @property
     def params(self) -> int:
@@ -49,10 +53,15 @@ class LoraPair:
     def load_factors(self) -> tuple[np.ndarray, np.ndarray]:
         return self.loader()
 
+    def load_magnitude(self) -> np.ndarray | None:
+        """DoRA magnitude m as a (d_out,) array (PEFT stores (d_out,) or (1, d_out, 1, ...) for conv), or None."""
+        return None if self.magnitude_loader is None else self.magnitude_loader().reshape(self.d_out)
+
 
 @dataclass
 class NonLoraTensors:
-    """Tensors in the adapter file that are not LoRA factors (``modules_to_save``, heads, DoRA magnitudes)."""
+    """Tensors in the adapter file that are not LoRA factors (``modules_to_save``, heads, lora_B biases); DoRA
+    magnitudes belong to their pair (``LoraPair.magnitude_key``), not here."""
 
     count: int = 0
     params: int = 0

@@ -87,6 +87,16 @@ class _FactorLoader:
         return a.reshape(self.r, self.d_in), b.reshape(self.d_out, self.r)
 
 
+class _MagnitudeLoader:
+    """Reads one DoRA magnitude vector (any stored shape; the pair reshapes it to (d_out,))."""
+
+    def __init__(self, source: TensorSource, key: str) -> None:
+        self.source, self.key = source, key
+
+    def __call__(self) -> np.ndarray:
+        return self.source.read_f32(self.key).reshape(-1)
+
+
 @dataclass
 class _Orientation:
     r: int
@@ -136,17 +146,18 @@ def build_pairs(source: TensorSource, config: Mapping[str, Any], adapter_name: s
     state dicts of models holding several adapters.
     """
     slots: dict[tuple[str, str | None], _Slot] = {}
-    dora_prefixes: set[str] = set()
+    magnitudes: dict[tuple[str, str | None], TensorMeta] = {}  # DoRA m vectors, attached to their pair below
     non_lora = NonLoraTensors()
     adapters_seen: set[str] = set()
     for key, meta in source.metas().items():
         parsed = parse_factor_key(key)
         if parsed is not None and adapter_name is not None and parsed.adapter not in (None, adapter_name):
             continue  # another adapter's factor in a multi-adapter state dict
+        if parsed is not None and parsed.role == _MAGNITUDE and parsed.param != "bias":
+            magnitudes[(parsed.prefix, parsed.adapter)] = meta
+            continue
         if parsed is None or parsed.role == _MAGNITUDE or parsed.param == "bias":
-            # modules_to_save copies, heads, DoRA magnitudes, lora_B biases: reported, not audited.
-            if parsed is not None and parsed.role == _MAGNITUDE:
-                dora_prefixes.add(parsed.prefix)
+            # modules_to_save copies, heads, lora_B biases: reported, not audited.
             non_lora.count += 1
             non_lora.params += meta.numel
             non_lora.names.append(key)
@@ -171,6 +182,8 @@ def build_pairs(source: TensorSource, config: Mapping[str, Any], adapter_name: s
     dtype_bad: dict[str, str] = {}
     rank_bad: dict[str, dict[str, int]] = {}
     transposed: list[str] = []
+    magnitude_bad: dict[str, str] = {}
+    used_magnitudes: set[tuple[str, str | None]] = set()
     per_module_issues: list[Issue] = []
     pairs: list[LoraPair] = []
 
@@ -199,11 +212,31 @@ def build_pairs(source: TensorSource, config: Mapping[str, Any], adapter_name: s
         alpha, scale, scale_issues = module_scale(config, name, orient.r)
         per_module_issues.extend(scale_issues)
         loader = _FactorLoader(source, a.key, b.key, orient.r, orient.d_in, orient.d_out, orient.transposed)
+        mag_slot = (prefix, _adapter) if (prefix, _adapter) in magnitudes else (prefix, None)
+        mag = magnitudes.get(mag_slot)
+        if mag is not None:
+            used_magnitudes.add(mag_slot)
+            if not mag.is_float or mag.numel != orient.d_out:
+                magnitude_bad[name] = f"{mag.key} {mag.dtype}{list(mag.shape)}, expected {orient.d_out} floats"
+                mag = None
         pairs.append(LoraPair(
-            name=name, peft_prefix=prefix, kind=kind, dora=prefix in dora_prefixes, r=orient.r, alpha=alpha,
+            name=name, peft_prefix=prefix, kind=kind, dora=mag_slot in used_magnitudes, r=orient.r, alpha=alpha,
             scale=scale, a_key=a.key, b_key=b.key, a_shape=a.shape, b_shape=b.shape, d_in=orient.d_in,
-            d_out=orient.d_out, loader=loader,
+            d_out=orient.d_out, loader=loader, magnitude_key=None if mag is None else mag.key,
+            magnitude_loader=None if mag is None else _MagnitudeLoader(source, mag.key),
         ))
+
+    for slot_key, mag in magnitudes.items():
+        if slot_key not in used_magnitudes:  # a magnitude without its LoRA pair: reported, not audited
+            non_lora.count += 1
+            non_lora.params += mag.numel
+            non_lora.names.append(mag.key)
+    if magnitude_bad:
+        issues.append(Issue("shape_mismatch",
+                            "DoRA magnitude vectors that do not hold one float per output feature; the effective "
+                            "update of these modules cannot be computed: "
+                            + _names([f"{n} ({v})" for n, v in magnitude_bad.items()]),
+                            modules=list(magnitude_bad), extra={"magnitudes": magnitude_bad}))
 
     if unpaired:
         issues.append(Issue("unpaired_factor",

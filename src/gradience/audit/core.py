@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -17,6 +17,7 @@ from typing import Any, Literal
 import numpy as np
 
 from gradience import stats
+from gradience.adapter.config import mutated_base_init
 from gradience.adapter.model import LoadedAdapter, LoraPair, NonLoraTensors
 from gradience.audit.spectrum import (
     batched_singular_values,
@@ -195,6 +196,7 @@ class AuditResult:
         keys = ("r", "lora_alpha", "use_rslora", "target_modules", "rank_pattern", "alpha_pattern",
                 "base_model_name_or_path", "peft_type", "task_type")
         block = {key: cfg.get(key) for key in keys}
+        block["use_dora"] = bool(cfg.get("use_dora")) or any(layer.dora for layer in self.layers)
         if block["r"] is None and self.layers:
             block["r"] = self.adapter_r()
         return block
@@ -338,8 +340,12 @@ def _apply_udr(result: AuditResult, loaded: LoadedAdapter, options: AuditOptions
     except ImportError as exc:  # UDR package missing or partial: the audit still stands on its own
         result.issues.append(Issue("udr_unavailable", f"UDR could not be computed: {exc}", "info"))
         return
+    pairs = {pair.name: pair for pair in loaded.pairs}
+    fan_in_fan_out = loaded.config.get("fan_in_fan_out") is True
     inputs = [UdrInput(name=la.name, delta_sigma_max=la.delta_sigma_max, delta_frob_norm=la.delta_frob_norm,
-                       d_out=la.d_out, d_in=la.d_in, kind=la.kind) for la in result.layers]
+                       d_out=la.d_out, d_in=la.d_in, kind=la.kind, dora=la.dora,
+                       dora_loader=_dora_loader(pairs.get(la.name)) if la.dora else None, scale=la.scale,
+                       fan_in_fan_out=fan_in_fan_out) for la in result.layers]
     try:
         report = measure_udr(inputs, options.base_model, adapter_base_hint=hint,
                              cache_path=options.base_norms_cache, progress=options.progress)
@@ -364,9 +370,55 @@ def run_audit(loaded: LoadedAdapter, options: AuditOptions | None = None) -> Aud
     layers = audit_pairs(loaded.pairs)
     result = AuditResult(adapter=loaded, layers=layers, options=options,
                          issues=list(loaded.issues) + _layer_issues(layers, loaded.non_lora))
-    if options.udr:
+    mutated = mutated_base_init(loaded.config)
+    if mutated is not None:
+        result.issues.append(_mutated_base_issue(mutated))
+    elif options.udr:
         _apply_udr(result, loaded, options)
+    dora_issue = _dora_directional_issue(result.layers)
+    if dora_issue is not None:
+        result.issues.append(dora_issue)
     return result
+
+
+def _dora_loader(pair: LoraPair | None) -> Callable[[], tuple[np.ndarray, np.ndarray, np.ndarray]] | None:
+    """(A, B, m) of a DoRA pair for the UDR seam; None when its magnitude vector is unusable."""
+    if pair is None or pair.magnitude_loader is None:
+        return None
+
+    def load() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        a, b = pair.load_factors()
+        m = pair.load_magnitude()
+        assert m is not None
+        return a, b, m
+
+    return load
+
+
+def _mutated_base_issue(init: str) -> Issue:
+    if init.strip().lower() == "loftq":
+        why = ("LoftQ pairs the factors with a quantized copy of the base, so s·B·A also holds the quantization "
+               "error W − Q(W)")
+    else:
+        why = ("PEFT subtracted the initial s·B₀·A₀ (principal components of W) from the base weight, and the "
+               "adapter was saved without save_pretrained(..., path_initial_model_for_weight_conversion=...), "
+               "which would have turned it into a plain rank-2r delta")
+    return Issue("mutated_base_init",
+                 f"init_lora_weights is {init!r}: {why}; s·B·A is not a change to the published base weight, so its "
+                 "magnitudes are not an update's and UDR/SDI are not computed", "warning",
+                 extra={"init_lora_weights": init})
+
+
+def _dora_directional_issue(layers: Sequence[LayerAudit]) -> Issue | None:
+    """DoRA layers whose effective update was not computed: their magnitudes are the directional part only."""
+    names = [la.name for la in layers if la.dora and la.udr.get("dora_eff_sigma_max") is None]
+    if not names:
+        return None
+    return Issue("dora_directional_only",
+                 f"{len(names)} DoRA layers: their magnitudes (delta_sigma_max, delta_frob_norm) are those of the "
+                 "directional part s·B·A only, not of the weight change m ⊙ (W + s·B·A)/‖W + s·B·A‖ − W; that "
+                 "needs the base weight (pass --base-model DIR_OR_ID, or see the UDR issues above); no UDR for them",
+                 "info", modules=names)
 
 
 def audit_state_dict(

@@ -45,6 +45,10 @@ def render_text(summary: Mapping[str, Any], *, top_wasteful: int, show_layers: b
     if s["non_lora_tensors"]["count"]:
         nl = s["non_lora_tensors"]
         lines.append(f"  Non-LoRA tensors: {nl['count']} ({human_count(nl['params'])} params, not audited)")
+    if (s.get("adapter") or {}).get("use_dora"):
+        lines.append("  DoRA: magnitudes are of the directional part s·B·A only (no base weight; see issues)"
+                     if any(i.get("code") == "dora_directional_only" for i in s.get("issues") or [])
+                     else "  DoRA: UDR from the effective update m ⊙ (W + s·B·A)/‖W + s·B·A‖ − W")
 
     if s["by_type"]:
         lines += ["", "By module type:"]

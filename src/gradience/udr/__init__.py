@@ -7,8 +7,11 @@ audited base tensors from its safetensors shards and computes their norms (cache
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from gradience.issues import Issue
 
@@ -19,8 +22,10 @@ SUMMARY_KEYS: tuple[str, ...] = (
     "udr_mean", "udr_median", "udr_p90", "udr_max", "fraction_udr_gt_0_1", "fraction_udr_gt_0_3",
     "sdi_mean", "sdi_median", "sdi_p90", "n_layers_with_udr",
 )
-# Per-layer keys each row of ``UdrReport.per_layer`` carries.
-PER_LAYER_KEYS: tuple[str, ...] = ("base_sigma_max", "base_frob_norm", "udr", "udr_f", "sdi")
+# Per-layer keys each row of ``UdrReport.per_layer`` carries. ``dora_eff_*``: norms of a DoRA layer's effective
+# weight change m ⊙ (W + s·B·A)/‖W + s·B·A‖ − W (null for plain LoRA, and for DoRA without a usable base).
+PER_LAYER_KEYS: tuple[str, ...] = ("base_sigma_max", "base_frob_norm", "udr", "udr_f", "sdi",
+                                   "dora_eff_sigma_max", "dora_eff_frob_norm")
 
 
 @dataclass
@@ -33,6 +38,13 @@ class UdrInput:
     d_out: int
     d_in: int
     kind: str = "linear"           # "linear" | "embedding" | "conv"
+    # DoRA: UDR then comes from the effective update, which needs (A, B, m) and the scale s; ``dora_loader`` returns
+    # A (r, d_in), B (d_out, r), m (d_out,). A DoRA input without a loader (magnitude missing) gets no UDR.
+    dora: bool = False
+    dora_loader: Callable[[], tuple[np.ndarray, np.ndarray, np.ndarray]] | None = field(default=None, repr=False)
+    scale: float = 1.0
+    # A square linear base weight fits ΔW both ways; ``fan_in_fan_out`` (GPT-2 Conv1D) says it is stored (d_in, d_out).
+    fan_in_fan_out: bool = False
 
 
 @dataclass

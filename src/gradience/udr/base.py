@@ -19,6 +19,7 @@ import numpy as np
 from gradience.errors import InputError, MissingDependencyError
 from gradience.io.safetensors import FLOAT_DTYPES, SafetensorsFile
 from gradience.udr.resolve import ResolvedBase
+from gradience.udr.spectral import RowBlocks
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,31 @@ class BaseWeights:
             self.bytes_read += int(tensor.numel() * tensor.element_size())
             self.tensors_read += 1
         return arr
+
+    def row_blocks(self, name: str) -> RowBlocks:
+        """The tensor as stored, flattened to (shape[0], -1), streamed in float32 row blocks: nothing is converted
+        up front, so a tensor whose float32 copy would not fit in memory can still be measured."""
+        info = self.tensors[name]
+        if info.file in self.file_problems:
+            raise InputError(self.file_problems[info.file], self.root / info.file)
+        if self.resolved.fmt == "safetensors":
+            st = self._st_files[info.file]
+            with self._lock:
+                raw = st.read_raw(name)
+                self.bytes_read += st.tensors[name].nbytes
+                self.tensors_read += 1
+            bf16 = info.dtype == "BF16"
+        else:
+            torch = _torch()
+            with self._lock:
+                tensor = self._bin_files[info.file][name].detach()
+                self.bytes_read += int(tensor.numel() * tensor.element_size())
+                self.tensors_read += 1
+            bf16 = tensor.dtype == torch.bfloat16
+            raw = (tensor.contiguous().view(torch.int16).numpy().view(np.uint16) if bf16
+                   else tensor.contiguous().numpy())
+        rows = int(raw.shape[0]) if raw.ndim else 1
+        return RowBlocks(raw.reshape(rows, -1), bf16=bf16)
 
     def _buffer(self, shape: tuple[int, ...]) -> np.ndarray:
         numel = int(np.prod(shape, dtype=np.int64))

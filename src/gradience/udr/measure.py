@@ -8,6 +8,7 @@ import sys
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from math import prod
 from typing import Any
 
@@ -16,16 +17,27 @@ import numpy as np
 from gradience import stats
 from gradience.errors import InputError
 from gradience.issues import Issue
-from gradience.policy.thresholds import UDR_FRACTION_LEVELS, UDR_SDI_EPS, UDR_SIGMA_RTOL
+from gradience.policy.thresholds import UDR_FRACTION_LEVELS, UDR_SDI_EPS, UDR_SIGMA_RTOL, UDR_STREAM_MIN_BYTES
 from gradience.udr import SUMMARY_KEYS, UdrInput, UdrReport
 from gradience.udr.base import BaseTensorInfo, BaseWeights
 from gradience.udr.cache import CachedNorms, NormsCache
 from gradience.udr.names import BaseNameIndex
 from gradience.udr.resolve import ResolvedBase, resolve_base
-from gradience.udr.spectral import SpectralNorm, frobenius_norm, spectral_norm
+from gradience.udr.spectral import (
+    BlockOperator,
+    DoraEffective,
+    RowBlocks,
+    SpectralNorm,
+    dora_effective_norms,
+    frobenius_norm,
+    frobenius_norm_blocks,
+    spectral_norm,
+    spectral_norm_operator,
+)
 
 _EMPTY_ROW: dict[str, float | None] = {
     "base_sigma_max": None, "base_frob_norm": None, "udr": None, "udr_f": None, "sdi": None,
+    "dora_eff_sigma_max": None, "dora_eff_frob_norm": None,
 }
 _LIST_LIMIT = 5  # modules named in an issue message (all of them are in Issue.modules)
 # Parallel tensors: each worker holds one float32 copy of its tensor (180 MB for 7B MLP shapes, 940 MB for 70B).
@@ -42,12 +54,15 @@ def measure_udr(
     progress: bool = False,
     device: str | None = None,
     workers: int | None = None,
+    stream_min_bytes: int | None = None,
 ) -> UdrReport:
     """UDR/SDI per layer and summary. An explicit ``base_model`` that cannot be resolved raises InputError;
     an unresolvable ``adapter_base_hint`` only yields an info issue and ``requested=False``.
 
     ``device``: "cpu" (default) or "cuda" (needs torch with CUDA); ``GRADIENCE_UDR_DEVICE`` sets the default.
     ``workers``: tensors processed in parallel (default: the CPU count, capped; ``GRADIENCE_UDR_WORKERS``).
+    ``stream_min_bytes``: non-float32 tensors whose float32 copy would be larger are streamed block by block
+    (default ``UDR_STREAM_MIN_BYTES``). DoRA inputs get their UDR from the effective update (``dora_eff_*``).
     """
     t_start = time.perf_counter()
     if base_model:
@@ -67,7 +82,8 @@ def measure_udr(
             "info"))
     return _measure(layers, resolved, cache_path=cache_path, use_cache=use_cache, progress=progress,
                     device=device or os.environ.get("GRADIENCE_UDR_DEVICE") or "cpu", workers=workers,
-                    t_start=t_start)
+                    t_start=t_start,
+                    stream_min_bytes=UDR_STREAM_MIN_BYTES if stream_min_bytes is None else stream_min_bytes)
 
 
 def _not_requested(issue: Issue) -> UdrReport:
@@ -83,6 +99,17 @@ def _fits(kind: str, shape: tuple[int, ...], d_out: int, d_in: int) -> bool:
     if kind == "conv" and len(shape) >= 3:
         return shape[0] == d_out and prod(shape[1:]) == d_in
     return False
+
+
+def _stored_transposed(inp: UdrInput, shape: tuple[int, ...]) -> bool:
+    """Is the base weight stored as (d_in, d_out) relative to ΔW (d_out, d_in)? Embeddings always are
+    (num_embeddings, dim); a square linear weight is when the adapter says ``fan_in_fan_out`` (GPT-2 Conv1D)."""
+    if inp.kind == "conv" or len(shape) != 2:
+        return False
+    plain, flipped = shape == (inp.d_out, inp.d_in), shape == (inp.d_in, inp.d_out)
+    if inp.kind == "embedding":
+        return flipped
+    return inp.fan_in_fan_out if (plain and flipped) else flipped
 
 
 def _names(modules: list[str]) -> str:
@@ -114,21 +141,76 @@ class _Progress:
             sys.stderr.flush()
 
 
-def _compute_norms(weights: BaseWeights, info: BaseTensorInfo, device: str) -> tuple[CachedNorms, float, float]:
-    """(norms, read seconds, σ seconds). Reads the tensor once (bf16/fp16 -> float32 once)."""
+@dataclass
+class _TensorOutcome:
+    norms: CachedNorms | None                      # None when the cache already had them
+    dora: dict[str, DoraEffective | str]           # input name -> norms, or why they could not be computed
+    t_read: float
+    t_sigma: float
+    streamed: bool
+
+
+def _streams(info: BaseTensorInfo, stream_min_bytes: int) -> bool:
+    """Convert-once needs a float32 copy of the tensor; above the limit it is streamed block by block instead."""
+    return info.dtype not in ("F32", "float32") and 4 * prod(info.shape) > stream_min_bytes
+
+
+def _compute_tensor(weights: BaseWeights, info: BaseTensorInfo, device: str, need_base: bool,
+                    dora_inputs: list[UdrInput], stream_min_bytes: int) -> _TensorOutcome:
+    """Base norms (when ``need_base``) and the DoRA effective norms of ``dora_inputs``, from one read of the tensor.
+
+    A tensor small enough is converted to float32 once (bf16/fp16 -> one reusable buffer per thread); a larger
+    one is streamed, so peak memory is a few MB whatever the tensor's size.
+    """
     t0 = time.perf_counter()
-    arr = weights.read_f32(info.name)
-    mat = arr.reshape(arr.shape[0], -1) if arr.ndim != 2 else arr
-    frob = frobenius_norm(mat)  # first pass over the data: also what pages a memory-mapped F32 tensor in
-    t1 = time.perf_counter()
-    if not math.isfinite(frob):
-        return CachedNorms(math.nan, frob, UDR_SIGMA_RTOL, 0), t1 - t0, 0.0
-    result: SpectralNorm
-    result = _spectral_cuda(mat) if device == "cuda" else spectral_norm(mat)
+    streamed = _streams(info, stream_min_bytes)
+    mat: np.ndarray | None = None
+    if streamed:
+        rows = weights.row_blocks(info.name)
+    else:
+        arr = weights.read_f32(info.name)
+        mat = arr.reshape(arr.shape[0], -1) if arr.ndim != 2 else arr
+        rows = RowBlocks(mat)
+    norms: CachedNorms | None = None
+    t_read = t_sigma = 0.0
+    finite = True
+    if need_base:
+        # first pass over the data: also what pages a memory-mapped F32 tensor in
+        frob = frobenius_norm_blocks(rows) if mat is None else frobenius_norm(mat)
+        t_read = time.perf_counter() - t0
+        if not math.isfinite(frob):
+            norms, finite = CachedNorms(math.nan, frob, UDR_SIGMA_RTOL, 0), False
+        else:
+            t1 = time.perf_counter()
+            result: SpectralNorm
+            if mat is None:
+                result = spectral_norm_operator(BlockOperator(rows))
+            else:
+                result = _spectral_cuda(mat) if device == "cuda" else spectral_norm(mat)
+            t_sigma = time.perf_counter() - t1
+            norms = CachedNorms(result.sigma_max, frob, result.rel_error_bound if result.converged else 1.0,
+                                result.iterations)
+    else:
+        t_read = time.perf_counter() - t0
+    dora: dict[str, DoraEffective | str] = {}
     t2 = time.perf_counter()
-    norms = CachedNorms(result.sigma_max, frob, result.rel_error_bound if result.converged else 1.0,
-                        result.iterations)
-    return norms, t1 - t0, t2 - t1
+    for inp in dora_inputs:
+        if not finite:
+            dora[inp.name] = "the base weight contains NaN/Inf"
+            continue
+        if inp.dora_loader is None:
+            dora[inp.name] = "its magnitude vector is missing or misshapen"
+            continue
+        a, b, m = inp.dora_loader()
+        eff = dora_effective_norms(rows, transposed=_stored_transposed(inp, info.shape), a=a, b=b,
+                                   scale=inp.scale, magnitude=m)
+        if not (math.isfinite(eff.sigma_max) and math.isfinite(eff.frob_norm)):
+            dora[inp.name] = ("W + s·B·A has a zero row norm or non-finite values, so m ⊙ (W + s·B·A)/‖W + s·B·A‖ "
+                              "is undefined")
+        else:
+            dora[inp.name] = eff
+    t_sigma += time.perf_counter() - t2
+    return _TensorOutcome(norms, dora, t_read, t_sigma, streamed)
 
 
 def _spectral_cuda(mat: np.ndarray) -> SpectralNorm:
@@ -165,7 +247,8 @@ def _workers(n_tasks: int, requested: int | None) -> int:
 
 
 def _measure(layers: list[UdrInput], resolved: ResolvedBase, *, cache_path: str | None, use_cache: bool,
-             progress: bool, device: str, workers: int | None, t_start: float) -> UdrReport:
+             progress: bool, device: str, workers: int | None, t_start: float,
+             stream_min_bytes: int = UDR_STREAM_MIN_BYTES) -> UdrReport:
     issues: list[Issue] = []
     device, device_issue = _select_device(device)
     if device_issue is not None:
@@ -210,7 +293,8 @@ def _measure(layers: list[UdrInput], resolved: ResolvedBase, *, cache_path: str 
         issues.extend(cache.issues)
     order = sorted(plan, key=lambda t: (weights.tensors[t].file, weights.tensors[t].offset))
     norms_by_tensor: dict[str, CachedNorms] = {}
-    todo: list[tuple[str, tuple[str, int, int] | None]] = []
+    # A tensor is read when its norms are not cached, or when a DoRA layer needs it for its effective update.
+    todo: list[tuple[str, tuple[str, int, int] | None, bool]] = []
     for tname in order:
         info = weights.tensors[tname]
         fp = weights.fingerprint(info.file)
@@ -218,18 +302,23 @@ def _measure(layers: list[UdrInput], resolved: ResolvedBase, *, cache_path: str 
         hit = cache.get(tname, info.dtype, file_fp, UDR_SIGMA_RTOL) if cache is not None else None
         if hit is not None:
             norms_by_tensor[tname] = hit
-        else:
-            todo.append((tname, file_fp))
+        if hit is None or any(inp.dora for inp in plan[tname]):
+            todo.append((tname, file_fp, hit is None))
 
     bar = _Progress(len(todo), progress)
     iterations: list[int] = []
     t_read = t_sigma = 0.0
     non_finite: list[str] = []
     not_converged: list[str] = []
+    dora_eff: dict[str, DoraEffective] = {}
+    dora_failed: dict[str, str] = {}
+    streamed: list[str] = []
 
-    def work(item: tuple[str, tuple[str, int, int] | None]) -> tuple[CachedNorms, float, float] | InputError:
+    def work(item: tuple[str, tuple[str, int, int] | None, bool]) -> _TensorOutcome | InputError:
+        tname, _fp, need_base = item
         try:
-            return _compute_norms(weights, weights.tensors[item[0]], device)
+            return _compute_tensor(weights, weights.tensors[tname], device, need_base,
+                                   [inp for inp in plan[tname] if inp.dora], stream_min_bytes)
         except InputError as exc:
             return exc
 
@@ -238,15 +327,25 @@ def _measure(layers: list[UdrInput], resolved: ResolvedBase, *, cache_path: str 
     n_workers = _workers(len(todo), workers)
     try:
         with ThreadPoolExecutor(max_workers=n_workers) as pool:
-            for (tname, file_fp), outcome in zip(todo, pool.map(work, todo), strict=True):
+            for (tname, file_fp, _need), outcome in zip(todo, pool.map(work, todo), strict=True):
                 bar.step(tname)
                 if isinstance(outcome, InputError):
                     issues.append(Issue("base_shard_unreadable", str(outcome), "warning",
                                         modules=[i.name for i in plan[tname]]))
+                    norms_by_tensor.pop(tname, None)
                     continue
-                norms, dt_read, dt_sigma = outcome
-                t_read += dt_read
-                t_sigma += dt_sigma
+                t_read += outcome.t_read
+                t_sigma += outcome.t_sigma
+                if outcome.streamed:
+                    streamed.append(tname)
+                for name, found in outcome.dora.items():
+                    if isinstance(found, str):
+                        dora_failed[name] = found
+                    else:
+                        dora_eff[name] = found
+                norms = outcome.norms
+                if norms is None:
+                    continue
                 iterations.append(norms.iterations)
                 if not math.isfinite(norms.sigma_max):
                     non_finite.extend(i.name for i in plan[tname])
@@ -270,11 +369,27 @@ def _measure(layers: list[UdrInput], resolved: ResolvedBase, *, cache_path: str 
             if base.sigma_max <= 0.0:
                 zero_base.append(inp.name)
                 continue
-            row["udr"] = _ratio(inp.delta_sigma_max, base.sigma_max)
-            row["udr_f"] = _ratio(inp.delta_frob_norm, base.frob_norm)
+            if inp.dora:
+                # DoRA: the weight change is the effective update, never the directional s·B·A alone.
+                eff = dora_eff.get(inp.name)
+                if eff is None:
+                    continue
+                row["dora_eff_sigma_max"] = eff.sigma_max
+                row["dora_eff_frob_norm"] = eff.frob_norm
+                row["udr"] = _ratio(eff.sigma_max, base.sigma_max)
+                row["udr_f"] = _ratio(eff.frob_norm, base.frob_norm)
+            else:
+                row["udr"] = _ratio(inp.delta_sigma_max, base.sigma_max)
+                row["udr_f"] = _ratio(inp.delta_frob_norm, base.frob_norm)
             udr = row["udr"]
             row["sdi"] = None if udr is None else math.log10(udr + UDR_SDI_EPS)
 
+    if dora_failed:
+        failed = list(dora_failed)
+        issues.append(Issue("dora_effective_unavailable",
+                            f"the DoRA effective update could not be computed for {_names(failed)} "
+                            f"({dora_failed[failed[0]]}); their UDR is null", "warning", modules=failed,
+                            extra={"reasons": dict(dora_failed)}))
     if non_finite:
         issues.append(Issue("base_non_finite_weights",
                             f"base weights contain NaN/Inf; UDR is null for: {_names(non_finite)}", "warning",
@@ -316,6 +431,9 @@ def _measure(layers: list[UdrInput], resolved: ResolvedBase, *, cache_path: str 
         "max_iterations": max(iterations, default=0),
         "mean_iterations": (sum(iterations) / len(iterations)) if iterations else 0.0,
         "name_matches": renamed,
+        "dora_layers": sum(inp.dora for inp in layers),
+        "dora_effective": len(dora_eff),
+        "streamed_tensors": streamed,
         "time_resolve_s": t_resolved - t_start,
         "time_read_s": t_read,
         "time_sigma_s": t_sigma,
