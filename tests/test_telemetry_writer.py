@@ -288,6 +288,10 @@ def test_append_metrics_event_continues_last_run_and_last_integer_step(tmp_path:
 
 def test_append_metrics_event_creates_missing_file(tmp_path: Path) -> None:
     path = tmp_path / "sub" / "run.jsonl"
+    with pytest.raises(InputError, match="does not exist"):  # a typo never creates a directory and an orphan log
+        append_metrics_event(path, "lora_audit", {"x": 1})
+    assert not path.parent.exists()
+    path.parent.mkdir()
     run_id, step = append_metrics_event(path, "lora_audit", {"x": 1})
     assert step is None and uuid.UUID(run_id).version == 4
     (rec,) = strict_lines(path)

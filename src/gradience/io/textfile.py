@@ -23,15 +23,14 @@ DEFAULT_MAX_BYTES = 16 * 1024 * 1024
 
 
 def os_problem(exc: OSError) -> str:
-    """A short, stable description of an OS error (``permission denied``, ``file name too long`` ...)."""
+    """A short description of an OS error: the OS's own words (``Permission denied``, ``File name too long``),
+    never the repr with its errno tuple and repeated path."""
     known = {errno.EACCES: "permission denied", errno.EPERM: "permission denied",
              errno.ENAMETOOLONG: "file name too long", errno.ENOENT: "no such file or directory",
              errno.ENOTDIR: "a component of the path is not a directory", errno.ELOOP: "too many symbolic links",
              errno.ENOSPC: "no space left on device", errno.EROFS: "read-only file system",
              errno.EISDIR: "is a directory"}
-    if exc.errno in known:
-        return known[exc.errno]
-    return (exc.strerror or type(exc).__name__).lower()
+    return exc.strerror or known.get(exc.errno or 0) or type(exc).__name__
 
 
 def regular_file_stat(path: str | os.PathLike[str], what: str = "file", *,

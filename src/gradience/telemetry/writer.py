@@ -43,6 +43,7 @@ import contextlib
 import json
 import math
 import os
+import stat
 import threading
 import time
 import uuid
@@ -52,9 +53,11 @@ from types import TracebackType
 from typing import Any
 
 from gradience.errors import InputError
-from gradience.telemetry.redact import Redactor
+from gradience.io.textfile import is_dir, os_problem, probe
+from gradience.telemetry.redact import Redactor, is_secret_key
 from gradience.telemetry.schema import ALERT_SEVERITIES, ENVELOPE_KEYS, RUN_END_STATUSES, SCHEMA
 from gradience.telemetry.types import ConfigSnapshot, Recommendation
+from gradience.textfmt import safe_text
 
 _ENVELOPE = frozenset(ENVELOPE_KEYS)
 # Compact, ASCII-only, strict (a non-finite float that escaped the redactor would raise, not be written).
@@ -92,15 +95,20 @@ class TelemetryWriter:
         self._run_id = str(run_id) if run_id is not None else str(uuid.uuid4())
         self._redactor = Redactor(max_str_len=max_str_len, allow_text=allow_text)
         self._lock = threading.Lock()
+        self._os_write = os.write  # the one system call that writes records (a test seam for a full disk)
         self._started = False
         self._ended = False
-        if self.path.is_dir():
+        if is_dir(self.path):
             raise InputError("is a directory, not a telemetry file", self.path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"cannot create the directory for the telemetry file: {os_problem(exc)}",
+                             self.path) from None
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         except OSError as exc:
-            raise InputError(f"cannot open for appending: {exc.strerror or exc}", self.path) from None
+            raise InputError(f"cannot open for appending: {os_problem(exc)}", self.path) from None
         self._fd: int | None = fd
         size = os.fstat(fd).st_size
         if size and not append:
@@ -141,8 +149,9 @@ class TelemetryWriter:
                 k = key if type(key) is str else str(key)
                 if k in _ENVELOPE:
                     raise ValueError(f"payload key {k!r} collides with the telemetry envelope")
-                # finite floats and ints need no redaction (hot path of train_step)
-                if (type(value) is float and value - value == 0.0) or type(value) is int:
+                # finite floats and ints need no redaction (hot path of train_step) unless the key names a
+                # credential (a numeric PIN under "password")
+                if ((type(value) is float and value - value == 0.0) or type(value) is int) and not is_secret_key(k):
                     record[k] = value
                 else:
                     record[k] = clean(value, k)
@@ -158,14 +167,30 @@ class TelemetryWriter:
             if self._pending_newline:
                 line = b"\n" + line
                 self._pending_newline = False
-            view = memoryview(line)
-            while view:  # regular files write everything at once; loop only for exotic targets
-                written = os.write(fd, view)
-                view = view[written:]
+            self._write_whole(fd, line)
             if event == "run_start":
                 self._started = True
             elif event == "run_end":
                 self._ended = True
+
+    def _write_whole(self, fd: int, line: bytes) -> None:
+        """Write ``line`` completely or not at all: on a failure mid-record (ENOSPC, EIO, a quota) the file is
+        truncated back to where the record began, so that it still ends on a whole line once space is freed."""
+        try:
+            start: int | None = os.fstat(fd).st_size
+        except OSError:
+            start = None
+        view = memoryview(line)
+        try:
+            while view:  # regular files write everything at once; loop only for exotic targets
+                written = self._os_write(fd, view)
+                view = view[written:]
+        except OSError as exc:
+            if start is not None and len(view) < len(line):
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, start)
+            raise InputError(f"cannot write telemetry record: {os_problem(exc)} (nothing partial was left in the "
+                             "file)", self.path) from None
 
     # -- typed events ---------------------------------------------------------------------------------
     def run_start(self, config: ConfigSnapshot | dict[str, Any], meta: dict[str, Any] | None = None, *,
@@ -244,22 +269,47 @@ class TelemetryWriter:
                 os.close(fd)
 
 
+def check_appendable(path: str | os.PathLike[str]) -> os.stat_result | None:
+    """Refuse, before any work is done, a path ``--append`` cannot extend: a missing parent directory (a typo
+    must not silently create a directory and an orphan log), a parent that is a file, a directory or FIFO at
+    the path, an unwritable location. Returns the file's stat (None when it does not exist yet)."""
+    p = Path(path)
+    parent = p.parent
+    pst = probe(parent)
+    if pst is None:
+        raise InputError(f"directory {safe_text(str(parent), max_len=200)} does not exist (create it first; "
+                         "--append never creates directories)", p)
+    if not stat.S_ISDIR(pst.st_mode):
+        raise InputError(f"{safe_text(str(parent), max_len=200)} is not a directory", p)
+    st = probe(p)
+    if st is None:
+        if not os.access(parent, os.W_OK):
+            raise InputError("cannot create the telemetry file: permission denied", p)
+        return None
+    if stat.S_ISDIR(st.st_mode):
+        raise InputError("is a directory, not a regular file; cannot append telemetry to it", p)
+    if not stat.S_ISREG(st.st_mode):
+        raise InputError("not a regular file; cannot append telemetry to it", p)
+    if not os.access(p, os.W_OK):
+        raise InputError("cannot append to the telemetry file: permission denied", p)
+    return st
+
+
 def append_metrics_event(path: str | os.PathLike[str], kind: str, metrics: dict[str, Any]) -> tuple[str, int | None]:
     """Append one ``metrics`` event to a run log, continuing its last run (``gradience audit --append``).
 
     Reuses the ``run_id`` of the file's last run and that run's last integer ``step``; creates the file with
-    a fresh run id when it does not exist (or is empty). Returns ``(run_id, step)`` as written.
+    a fresh run id when it does not exist (or is empty), but never its directory (``check_appendable``).
+    Returns ``(run_id, step)`` as written.
     """
     p = Path(path)
     run_id: str | None = None
     step: int | None = None
-    if p.exists():
-        if not p.is_file():
-            raise InputError("not a regular file; cannot append telemetry to it", p)
-        if p.stat().st_size > 0:
-            from gradience.telemetry.reader import last_run_position
+    st = check_appendable(p)
+    if st is not None and st.st_size > 0:
+        from gradience.telemetry.reader import last_run_position
 
-            run_id, step = last_run_position(p)
+        run_id, step = last_run_position(p)
     with TelemetryWriter(p, run_id=run_id) as writer:
         writer.metrics(kind, metrics, step=step)
         return writer.run_id, step
