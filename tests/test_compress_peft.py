@@ -10,9 +10,7 @@ with a model carrying the dense truncated ΔW merged in.
 from __future__ import annotations
 
 import json
-import shutil
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +57,7 @@ def _tiny_conv_class() -> type:
     return TinyConvNet
 
 
-def _TinyConvNet() -> Any:  # noqa: N802 - a factory standing in for the class (torch imported lazily)
+def _TinyConvNet() -> Any:  # a factory standing in for the class (torch is imported lazily)
     return _tiny_conv_class()()
 
 
@@ -319,8 +317,8 @@ def test_k_equal_r_reproduces_the_input(llama_decay_adapter: Path, patterns_adap
     doc = run_compress(llama_decay_adapter, out, "--rank", "8", capsys=capsys)
     assert {row["action"] for row in doc["layers"]} == {"kept"}
     a, b = SafetensorsFile(llama_decay_adapter / "adapter_model.safetensors"), SafetensorsFile(out / "adapter_model.safetensors")
-    assert a.keys() == b.keys()
-    for key in a.keys():
+    assert list(a.tensors) == list(b.tensors)
+    for key in a.tensors:
         assert a.read_raw(key).tobytes() == b.read_raw(key).tobytes()
     full_check(llama_decay_adapter, out, "causal", doc, capsys)
     # rsLoRA + alpha_pattern: the factors must be rescaled for α/r, ΔW unchanged
@@ -351,9 +349,9 @@ def test_modules_to_save_and_dora_parts_are_copied(seqcls_adapter: Path, dora_ad
         out = tmp_path / src.name
         doc = run_compress(src, out, *flags, capsys=capsys)
         a, b = SafetensorsFile(src / "adapter_model.safetensors"), SafetensorsFile(out / "adapter_model.safetensors")
-        lora_keys = {k for row in doc["layers"] for k in b.keys() if k.startswith(row["peft_prefix"] + ".lora_")
+        lora_keys = {k for row in doc["layers"] for k in b.tensors if k.startswith(row["peft_prefix"] + ".lora_")
                      and ("lora_A" in k or "lora_B" in k)}
-        others = [k for k in a.keys() if k not in lora_keys]
+        others = [k for k in a.tensors if k not in lora_keys]
         assert others
         for key in others:
             assert a.read_raw(key).tobytes() == b.read_raw(key).tobytes(), key
@@ -397,11 +395,6 @@ def test_heterogeneous_output_portability(llama_decay_adapter: Path, tmp_path: P
     assert not port["vllm"]["ok"] and "--uniform" in port["vllm"]["reason"]
 
 
-def _copy(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    return dst
-
-
 def test_text_output_names_policy_table_and_portability(llama_decay_adapter: Path, tmp_path: Path,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "text"
@@ -410,6 +403,3 @@ def test_text_output_names_policy_table_and_portability(llama_decay_adapter: Pat
     for needle in ("Gradience compress", "Policy:", "PEFT convert_to_lora", "Largest reductions", "Summary:",
                    "Portability:", "vLLM", "llama.cpp", "gradience audit --peft-dir"):
         assert needle in text
-
-
-Builder = Callable[..., Path]

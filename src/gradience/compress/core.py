@@ -582,10 +582,13 @@ def compress(loaded: LoadedAdapter, out: str | os.PathLike[str] | None, options:
         result.written = True
         (tmp / REPORT_NAME).write_text(jsonio.dumps(result.to_dict()) + "\n", encoding="utf-8")
         _finalize(tmp, _resolve(out_path))
-    except BaseException:
+    except BaseException as exc:
         result.written = False
         with contextlib.suppress(OSError):
             shutil.rmtree(tmp)
+        if isinstance(exc, OSError):
+            raise InputError(f"cannot write the output (nothing was written): {exc.strerror or exc}",
+                             out_path) from None
         raise
     return result
 
