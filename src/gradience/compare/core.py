@@ -52,17 +52,20 @@ def _names(modules: Sequence[str]) -> str:
     return shown + (f" (+{len(modules) - _LIST_LIMIT} more)" if len(modules) > _LIST_LIMIT else "")
 
 
-def _delta(a: Any, b: Any) -> float | None:
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _delta(a: Any, b: Any) -> float | int | None:
+    if _is_int(a) and _is_int(b):
+        return int(b) - int(a)
     fa, fb = finite(a), finite(b)
     return None if fa is None or fb is None else fb - fa
 
 
 def _side_values(row: Mapping[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key in SIDE_KEYS:
-        value = row.get(key)
-        out[key] = value if key == "r" and isinstance(value, int) else finite(value)
-    return out
+    """A row's SPEC §13 values; integers (r, energy_rank_90) stay integers, non-numbers become null."""
+    return {key: row.get(key) if _is_int(row.get(key)) else finite(row.get(key)) for key in SIDE_KEYS}
 
 
 def _side_block(side: Side) -> dict[str, Any]:
