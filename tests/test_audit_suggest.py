@@ -130,8 +130,10 @@ def test_gate_semantics() -> None:
     # summary key: the summary value only; util mean = (1/8 + 4/8 + 0)/3
     assert evaluate_gates(parse_gates("utilization_mean<0.21"), summary)
     assert not evaluate_gates(parse_gates("utilization_mean<0.2"), summary)
-    # null values never match (no base model: udr is null everywhere)
-    assert evaluate_gates(parse_gates("udr>0,udr_median>0"), summary) == []
+    # a rule on a metric that was not computed never passes silently (no base model: udr is null everywhere)
+    for rule in ("udr>0", "udr_median>0"):
+        with pytest.raises(InputError, match=rf"rule '{rule}' cannot be evaluated.*no base model"):
+            evaluate_gates(parse_gates(rule), summary)
     assert evaluate_gates(parse_gates("zero_update"), summary)
     assert evaluate_gates(parse_gates("issues"), summary)        # zero_update is a warning
     assert not evaluate_gates(parse_gates("non_finite,error"), summary)

@@ -2,15 +2,17 @@
 
 A rule is either a comparison ``<metric><op><number>`` (``utilization<0.25``, ``udr>1.0``, ``gap>=2``) or a
 bare flag (``zero_update``, ``issues``, ``error``, ``warning``). Several rules are separated by commas or given
-as several arguments. Each command decides what metrics and flags mean for it; this module only parses and
-compares.
+as several arguments. Each command decides what metrics and flags mean for it; this module parses, compares
+and owns the one rule every command shares (SPEC §3.4): **a gate never passes by default**. A rule whose
+metric could not be computed is not "not met": :func:`require_available` turns it into a usage error (exit 2)
+that names the rule and why the metric is missing.
 """
 
 from __future__ import annotations
 
 import operator
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from gradience.errors import InputError
@@ -65,3 +67,22 @@ def parse_gates(specs: Iterable[str] | str | None) -> list[Gate]:
                 continue
             raise InputError(f"--fail-on: cannot parse rule '{text}' (expected e.g. 'utilization<0.25' or a flag)")
     return gates
+
+
+def missing_metric_error(gate: Gate, why: str) -> InputError:
+    """The error for a rule that cannot be evaluated because its metric (or signal) is missing."""
+    return InputError(f"--fail-on: rule '{gate.text}' cannot be evaluated: {gate.metric} was not computed ({why}); "
+                      "a gate on a missing metric never passes")
+
+
+def require_available(gates: Sequence[Gate], why_missing: Callable[[Gate], str | None]) -> None:
+    """Raise :func:`missing_metric_error` for the first gate whose ``why_missing`` gives a reason.
+
+    ``why_missing(gate)`` returns None when the gate's metric is available, else a short reason such as
+    "no base model was resolved; pass --base-model DIR_OR_ID". Commands call this before printing anything,
+    so a CI job never reads a report and an exit 0 from a rule that was never checked.
+    """
+    for gate in gates:
+        why = why_missing(gate)
+        if why is not None:
+            raise missing_metric_error(gate, why)

@@ -123,8 +123,9 @@ def _run(args: argparse.Namespace) -> int:
     options = _options(args)
     results = [run_audit(loaded, options) for loaded in _load_all(args)]
     summaries = [result.to_summary(include_layers=True) for result in results]
+    udr_disabled = bool(args.no_udr and not args.base_model)
     for summary in summaries:
-        validate_gates(gates, summary)
+        validate_gates(gates, summary, udr_disabled=udr_disabled)
 
     multi = bool(args.all)  # --all always gives the multi-adapter JSON, so scripts see one shape
     if args.json:
@@ -149,7 +150,7 @@ def _run(args: argparse.Namespace) -> int:
     met: list[str] = []
     for summary in summaries:
         prefix = f"[{summary['adapter_name']}] " if multi and summary.get("adapter_name") else ""
-        met += [prefix + msg for msg in evaluate_gates(gates, summary)]
+        met += [prefix + msg for msg in evaluate_gates(gates, summary, udr_disabled=udr_disabled)]
     for msg in met:
         print(f"gradience audit: fail-on met: {msg}", file=sys.stderr)
     return 1 if met else 0
