@@ -42,8 +42,13 @@ class Browser:
         def setup_fds() -> None:  # runs in the child: fd 3 = commands in, fd 4 = responses out
             # dup2 leaves the copies inheritable; Python's own fds are non-inheritable, so nothing else leaks
             # into the browser (hence close_fds=False: closing would also close 3 and 4).
-            os.dup2(to_child_r, 3)
-            os.dup2(from_child_w, 4)
+            # Copies first: either pipe fd may itself be 3 or 4. dup2 onto the same fd keeps close-on-exec,
+            # hence the explicit set_inheritable.
+            r, w = os.dup(to_child_r), os.dup(from_child_w)
+            os.dup2(r, 3)
+            os.dup2(w, 4)
+            os.set_inheritable(3, True)
+            os.set_inheritable(4, True)
 
         args = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-extensions",

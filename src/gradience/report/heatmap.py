@@ -48,6 +48,7 @@ class Heatmap:
     legend: list[tuple[int, str, str]]  # (x, fill, label or "")
     legend_y: int
     n_values: int
+    cell_h: int = CELL_H
 
     @property
     def empty(self) -> bool:
@@ -153,16 +154,18 @@ def build_heatmap(key: str, title: str, grid: Grid, values: dict[str, float | No
     """Cells for the modules of ``grid``; a module without a finite value is a grey cell saying why."""
     cells: list[Cell] = []
     n_values = 0
+    # Few blocks (a toy model): taller cells, so the map stays legible; 32+ blocks: 13 px rows.
+    cell_h = max(CELL_H, min(22, 300 // max(1, len(grid.rows))))
     for name, (r, c) in grid.where.items():
         value = values.get(name)
-        x, y = LABEL_W + c * CELL_W, HEADER_H + r * CELL_H
+        x, y = LABEL_W + c * CELL_W, HEADER_H + r * cell_h
         if value is None or not math.isfinite(value):
             cells.append(Cell(x, y, NA_FILL, f"{name}\n{title}: -", True))
             continue
         n_values += 1
         cells.append(Cell(x, y, scale.color(value), f"{name}\n{title}: {fmt(value)}", False))
     width = LABEL_W + max(1, len(grid.columns)) * CELL_W + 8
-    grid_bottom = HEADER_H + len(grid.rows) * CELL_H
+    grid_bottom = HEADER_H + len(grid.rows) * cell_h
     legend: list[tuple[int, str, str]] = []
     steps = 10
     seg = max(8, (width - LABEL_W - 8) // steps)
@@ -172,7 +175,7 @@ def build_heatmap(key: str, title: str, grid: Grid, values: dict[str, float | No
         label = fmt(value) if i in (0, steps - 1) else ""
         legend.append((LABEL_W + i * seg, fill, label))
     return Heatmap(key, title, note, grid.rows, grid.columns, cells, max(width, LABEL_W + steps * seg + 8),
-                   grid_bottom + LEGEND_H, legend, grid_bottom + 8, n_values)
+                   grid_bottom + LEGEND_H, legend, grid_bottom + 8, n_values, cell_h)
 
 
 def finite_values(values: dict[str, float | None]) -> list[float]:

@@ -430,7 +430,11 @@ def compare_view(doc: dict[str, Any], ids: ChartIds) -> View:
         build_heatmap("overlap_right", "overlap (right)", grid, ov_r, ColorScale("viridis", 0.0, 1.0),
                       lambda v: f"{v:.3f}", note="same for the input directions"),
     ]
-    heatmaps = [h for h in heatmaps if not h.empty or h.key == "d_udr"]
+    unavailable = summary.get("unavailable") if isinstance(summary.get("unavailable"), dict) else {}
+    for h in heatmaps:  # an empty map says why (the compare document records the reason per measure)
+        if h.empty:
+            reason = unavailable.get(h.key.removeprefix("d_")) or unavailable.get(h.key)
+            h.note = str(reason) if reason else "not computed for any matched module"
 
     def order_key(m: dict[str, Any]) -> tuple[float, str]:
         d = _delta(m, "udr")
@@ -473,7 +477,7 @@ def compare_view(doc: dict[str, Any], ids: ChartIds) -> View:
             "fraction_udr_gt_0_3": _summary_side(summary, side, "fraction_udr_gt_0_3"),
             "fraction_udr_gt_0_1": (sum(v > UDR_FRACTION_LEVELS[0] for v in vals) / len(vals)) if vals else None,
             "n_layers_with_udr": len(vals)},
-            None if vals else "no UDR in this comparison (run compare with --base-model)"))
+            None if vals else str(unavailable.get("udr") or "no UDR in this comparison (compare --base-model)")))
     context = {
         "a_meta": side_meta(a), "b_meta": side_meta(b), "cards": cards, "sides": sides, "heatmaps": heatmaps,
         "rows": rows, "n_rows": len(modules), "sorted_by_udr": any(_delta(m, "udr") is not None for m in modules),
