@@ -59,4 +59,22 @@ def run(args: argparse.Namespace) -> int:
         if code not in (0, 1):  # 1 is a --fail-on gate; the demo sets none, but it is not a failure
             print(f"gradience demo: '{command}' exited with {code}", file=sys.stderr)
         worst = max(worst, code)
+    _write_report(result.out)
     return worst
+
+
+def _write_report(out: Any) -> None:
+    """The HTML report of the demo run (with UDR: the toy base is saved in the run's ``base/``)."""
+    from gradience.errors import GradienceError, MissingDependencyError
+    from gradience.report import write_report
+
+    try:
+        path = write_report(out)
+    except MissingDependencyError as exc:  # the demo itself needs only the hf extra
+        print(f"gradience demo: report skipped: {exc}", file=sys.stderr)
+        return
+    except GradienceError as exc:
+        print(f"gradience demo: report not written: {exc}", file=sys.stderr)
+        return
+    print(f"\nReport: {path} (open it in a browser; `gradience report {shlex.quote(str(out))}` rewrites it)",
+          flush=True)

@@ -6,7 +6,8 @@ model and tokenizer are built locally and the data ships with the package. Outpu
 
 - ``run.jsonl``: telemetry (run_start, train_steps, train and test evals, lora_audit, run_end);
 - ``peft/``: ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT ``save_pretrained``);
-- ``training/training_args.json``: ``TrainingArguments.to_json_string()``.
+- ``training/training_args.json``: ``TrainingArguments.to_json_string()``;
+- ``base/``: the built-in base model (``config.json`` + ``model.safetensors``), so UDR can be computed.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from gradience.toy.dataset import BUILTIN_DATASET, TextClassificationData, load_
 from gradience.toy.model import BUILTIN_MODEL, MAX_LENGTH, load_model, require_hf
 
 TASK_PROFILE = "easy_classification"
+BASE_DIRNAME = "base"  # where the built-in base model is saved (gradience.report finds it there)
 DEVICES = ("cpu", "cuda", "mps", "auto")
 
 
@@ -67,6 +69,7 @@ class ToyRunResult:
     train_seconds: float
     test_metrics: dict[str, float] = field(default_factory=dict)
     train_metrics: dict[str, float] = field(default_factory=dict)
+    base_dir: Path | None = None       # the built-in base model, saved for UDR (None for a hub model)
 
 
 def next_commands(out: str | os.PathLike[str]) -> list[str]:
@@ -134,14 +137,13 @@ def _check_device(device: str) -> None:
         raise InputError("MPS is not available on this machine; use --device cpu", path="--device")
 
 
-def _save_adapter(model: Any, peft_dir: Path) -> None:
-    """PEFT ``save_pretrained`` into a temp dir, then swap it in, so ``peft/`` is never half-written."""
+def _save_adapter(model: Any, peft_dir: Path, **save_kwargs: Any) -> None:
+    """PEFT ``save_pretrained`` into a temp dir, then swap it in, so ``peft/`` is never half-written
+    (the same for the base model's ``save_pretrained`` into ``base/``, with no keyword arguments)."""
     peft_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".peft.", dir=peft_dir.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{peft_dir.name}.", dir=peft_dir.parent))
     try:
-        # save_embedding_layers=False: LoRA never targets embeddings here, and PEFT's "auto" would look the
-        # base model name up on the Hub (the built-in one is not there; the run must stay offline).
-        model.save_pretrained(str(staging), save_embedding_layers=False)
+        model.save_pretrained(str(staging), **save_kwargs)
         previous = None
         if peft_dir.exists():
             previous = peft_dir.with_name(f".{peft_dir.name}.old.{os.getpid()}")
@@ -179,6 +181,12 @@ def run_toy(cfg: ToyRunConfig | None = None) -> ToyRunResult:
         transformers.logging.set_verbosity_error()
     transformers.set_seed(cfg.seed)
     loaded = load_model(cfg.model, data.num_labels, data.train_texts, cfg.seed)
+    base_dir: Path | None = None
+    if cfg.model == BUILTIN_MODEL:
+        # The built-in base exists nowhere else: saved beside the run (before LoRA wraps it; LoRA never
+        # changes base weights) so that `gradience report` / `audit --base-model` can compute UDR. ~1 MB.
+        base_dir = Path(cfg.out) / BASE_DIRNAME
+        _save_adapter(loaded.model, base_dir)
     targets = cfg.targets or loaded.default_targets
     alpha: Any = int(cfg.alpha) if float(cfg.alpha).is_integer() else cfg.alpha  # PEFT types alpha as int
     lora = LoraConfig(task_type=TaskType.SEQ_CLS, r=cfg.r, lora_alpha=alpha, lora_dropout=0.0,
@@ -215,13 +223,16 @@ def run_toy(cfg: ToyRunConfig | None = None) -> ToyRunResult:
     seconds = time.perf_counter() - started
 
     peft_dir = out / "peft"
-    _save_adapter(model, peft_dir)
+    # save_embedding_layers=False: LoRA never targets embeddings here, and PEFT's "auto" would look the
+    # base model name up on the Hub (the built-in one is not there; the run must stay offline).
+    _save_adapter(model, peft_dir, save_embedding_layers=False)
     atomic_write_text(training_dir / "training_args.json", args.to_json_string())
     test_metrics = dict(callback.last_eval.get("test", {}))
     train_metrics = dict(callback.last_eval.get("train", {}))
     return ToyRunResult(out=out, run_file=out / "run.jsonl", peft_dir=peft_dir, training_dir=training_dir,
                         run_id=callback.run_id, model_name=loaded.name, dataset_name=data.name,
-                        train_seconds=seconds, test_metrics=test_metrics, train_metrics=train_metrics)
+                        train_seconds=seconds, test_metrics=test_metrics, train_metrics=train_metrics,
+                        base_dir=base_dir)
 
 
 # --- command line (shared by the example script and `gradience demo`) ----------------------------------
@@ -276,6 +287,7 @@ def format_result(result: ToyRunResult) -> str:
         f"  telemetry: {result.run_file}",
         f"  adapter:   {result.peft_dir}",
         f"  training:  {result.training_dir / 'training_args.json'}",
+        *([f"  base:      {result.base_dir} (the built-in base model, for UDR)"] if result.base_dir else []),
         "",
         "Next:",
         *(f"  {cmd}" for cmd in next_commands(result.out)),
