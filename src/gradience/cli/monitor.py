@@ -17,12 +17,20 @@ def add_parser(sub: Any) -> None:
                     "checkpoint-*/trainer_state.json.")
     p.add_argument("run", metavar="RUN", help="run.jsonl, trainer_state.json, or a directory holding one")
     p.add_argument("--json", action="store_true", help="print the gradience.monitor/v1 JSON")
-    p.add_argument("--verbose", action="store_true", help="list telemetry issues and rationales")
+    p.add_argument("--verbose", action="store_true",
+                   help="list telemetry issues and rationales; with --json, keep every logged config key "
+                        "(default: TrainingArguments keys at their well-known defaults are left out)")
     p.add_argument("--run-id", default=None, help="which run of a multi-run file (default: the last one)")
     p.add_argument("--gap-threshold", type=float, default=None,
                    help="test/train perplexity ratio that counts as memorization (default 1.5)")
     p.add_argument("--strict-schema", action="store_true",
                    help="treat any malformed or unknown telemetry line as an error (exit 2)")
+    p.add_argument("--task-profile", metavar="P", default=None,
+                   choices=("easy_classification", "hard_reasoning", "generation", "unknown"),
+                   help="override the run's task profile (drives the config advice): easy_classification | "
+                        "hard_reasoning | generation | unknown")
+    p.add_argument("--dataset", metavar="D", default=None,
+                   help="override the run's dataset name (the profile is inferred from it, as in check)")
     p.add_argument("--fail-on", action="append", default=None, metavar="RULES",
                    help="exit 1 when a rule is met: e.g. 'gap>1.5', 'warning', 'error', 'nan_loss'")
     add_common_flags(p)
@@ -43,10 +51,11 @@ def run(args: argparse.Namespace) -> int:
     gap_threshold = GAP_THRESHOLD if args.gap_threshold is None else args.gap_threshold
     if not gap_threshold > 0 or gap_threshold == float("inf"):
         raise InputError(f"--gap-threshold must be a positive number, got {args.gap_threshold}")
-    report = monitor_run(args.run, run_id=args.run_id, gap_threshold=gap_threshold, strict=args.strict_schema)
+    report = monitor_run(args.run, run_id=args.run_id, gap_threshold=gap_threshold, strict=args.strict_schema,
+                         task_profile=args.task_profile, dataset=args.dataset)
     met = evaluate_gates(gates, report)
     if args.json:
-        data = report.to_dict()
+        data = report.to_dict(full_config=args.verbose)
         if gates:
             data["gates"] = {"rules": [g.text for g in gates], "met": met}
         sys.stdout.write(dumps(data, pretty=True) + "\n")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from gradience.errors import InputError
@@ -34,16 +35,36 @@ class MonitorReport:
     recommendations: list[Recommendation]
     telemetry_issues: list[Issue]
     lines: int = 0
+    status: dict[str, Any] = field(default_factory=dict)
+    audit_hint: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, Any]:
+    def config_dict(self, full: bool = False) -> dict[str, Any] | None:
+        """The run's config; without ``full``, ``training.extras`` leaves out keys equal to well-known
+        TrainingArguments defaults (older callbacks logged all ~110 of them), counted in
+        ``training.extras_defaults_hidden``."""
+        if self.config is None:
+            return None
+        data = self.config.to_dict()
+        if not full:
+            from gradience.config.hf_defaults import drop_training_args_defaults
+
+            extras = data["training"]["extras"]
+            kept = drop_training_args_defaults(extras)
+            if len(kept) < len(extras):
+                data["training"]["extras"] = kept
+                data["training"]["extras_defaults_hidden"] = len(extras) - len(kept)
+        return data
+
+    def to_dict(self, full_config: bool = False) -> dict[str, Any]:
         return {
             "schema": SCHEMA,
             "file": self.file,
             "source": self.source,
             "run_id": self.run_id,
             "runs": list(self.runs),
-            "config": None if self.config is None else self.config.to_dict(),
+            "status": self.status,
+            "config": self.config_dict(full_config),
             "task_profile": self.task_profile,
             "signals": self.signals,
             "training": self.training,
@@ -51,6 +72,7 @@ class MonitorReport:
             "alerts": self.alerts,
             "recommendations": [r.to_dict() for r in self.recommendations],
             "telemetry_issues": [i.to_dict() for i in self.telemetry_issues],
+            "audit_hint": self.audit_hint,
             **self.extra,
         }
 
@@ -66,10 +88,93 @@ def _check_recommendations(config: ConfigSnapshot) -> tuple[list[Recommendation]
     return recs, {"name": report.task_profile, "inferred": bool(report.task_profile_inferred)}
 
 
+def _with_overrides(config: ConfigSnapshot | None, task_profile: str | None,
+                    dataset: str | None) -> ConfigSnapshot | None:
+    """The run's config with ``--task-profile`` / ``--dataset`` applied (as ``check`` applies its flags: the
+    dataset names the data and, when no profile is set, drives the profile inference)."""
+    if task_profile is None and dataset is None:
+        return config
+    snap = ConfigSnapshot.from_dict(config.to_dict()) if config is not None else ConfigSnapshot()
+    if dataset is not None:
+        snap.dataset_name = dataset
+    if task_profile is not None:
+        from gradience.telemetry.types import TASK_PROFILES
+
+        name = task_profile.strip().lower().replace("-", "_")
+        if name not in TASK_PROFILES:
+            raise InputError(f"--task-profile: unknown profile {task_profile!r} (expected one of: "
+                             f"{', '.join(TASK_PROFILES)})")
+        snap.task_profile = name
+    return snap
+
+
+def run_status(run_recs: list[Recommendation], alerts: dict[str, Any], training: dict[str, Any]) -> dict[str, Any]:
+    """What the analysis found, in one word: ``error`` / ``warning`` / ``ok``.
+
+    Why: ``run_end`` only says whether the training loop returned; a run that logged NaN losses "ended ok".
+    The overall status is the worst of: the run rules' findings (warning and above; config advice from the
+    check rules is not a finding about the run), the alerts the run logged, and run_end (error -> error,
+    aborted -> warning). A missing run_end is reported but does not change the level (the run may still be
+    going)."""
+    rank = {"warning": 1, "error": 2, "critical": 2}
+    level = 0
+    findings: list[dict[str, Any]] = []
+    for rec in run_recs:
+        r = rank.get(rec.severity, 0)
+        if r:
+            findings.append({"source": "analysis", "code": rec.action, "severity": rec.severity})
+            level = max(level, r)
+    for group in alerts.get("groups") or []:
+        r = rank.get(str(group.get("severity")), 0)
+        if r:
+            findings.append({"source": "alert", "code": group.get("code"), "severity": group.get("severity"),
+                             "count": group.get("count")})
+            level = max(level, r)
+    run_end = training.get("status")
+    if run_end == "error":
+        level = 2
+    elif run_end == "aborted":
+        level = max(level, 1)
+    return {"overall": ("ok", "warning", "error")[level], "run_end": run_end, "reason": training.get("reason"),
+            "findings": findings}
+
+
+def _audit_hint(source_kind: str, log_path: Path, config: ConfigSnapshot | None) -> dict[str, Any]:
+    """A command that adds the missing LoRA audit, runnable as printed once ADAPTER_DIR is filled in (or as
+    is, when the adapter directory is known: next to the log, or the run's output_dir)."""
+    import shlex
+
+    candidates = [log_path.parent]
+    out_dir = (config.training.extras.get("output_dir") if config is not None else None)
+    if isinstance(out_dir, str) and out_dir and len(out_dir) < 4096:
+        candidates.append(Path(out_dir))
+    adapter: Path | None = None
+    for cand in candidates:
+        try:
+            if (cand / "adapter_config.json").is_file():
+                adapter = cand
+                break
+        except OSError:
+            continue
+    peft_dir = shlex.quote(str(adapter)) if adapter is not None else "ADAPTER_DIR"
+    if source_kind == "telemetry":
+        # audit --append continues the log's last run, so this monitor then shows the audit.
+        command = f"gradience audit --peft-dir {peft_dir} --append {shlex.quote(str(log_path))}"
+        note = "appends the audit to this run's log"
+    else:
+        # A trainer_state.json is the Trainer's file, not a telemetry log: audit the adapter on its own.
+        command = f"gradience audit --peft-dir {peft_dir}"
+        note = "a trainer_state.json cannot hold the audit; this audits the adapter directly"
+    return {"command": command, "adapter_dir": None if adapter is None else str(adapter),
+            "needs_adapter_dir": adapter is None, "note": note}
+
+
 def monitor_run(path: str | os.PathLike[str], *, run_id: str | None = None,
                 gap_threshold: float = T.GAP_THRESHOLD, strict: bool = False,
-                max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> MonitorReport:
-    """Analyse the run at ``path`` (telemetry JSONL, trainer_state.json, or a directory holding one)."""
+                max_line_bytes: int = DEFAULT_MAX_LINE_BYTES, task_profile: str | None = None,
+                dataset: str | None = None) -> MonitorReport:
+    """Analyse the run at ``path`` (telemetry JSONL, trainer_state.json, or a directory holding one).
+    ``task_profile`` / ``dataset`` override the run's config (the profile drives the check rules)."""
     source = resolve_run_path(path)
     analyzer: RunAnalyzer | None = None
     issues: list[Issue]
@@ -106,18 +211,22 @@ def monitor_run(path: str | os.PathLike[str], *, run_id: str | None = None,
         issues, runs, lines = state.issues, [None], len(state.events)
         config = state.config
     assert analyzer is not None
+    config = _with_overrides(config, task_profile, dataset)
 
     signals = analyzer.signals(gap_threshold)
     training = analyzer.training(signals["test_split"])
     audit = analyzer.audit_block()
     recs = run_recommendations(signals=signals, training=training, audit=audit, config=config,
                                gap_threshold=gap_threshold)
-    task_profile: dict[str, Any] | None = None
+    alerts = analyzer.alerts()
+    status = run_status(recs, alerts, training)
+    profile: dict[str, Any] | None = None
     if config is not None:
-        check_recs, task_profile = _check_recommendations(config)
+        check_recs, profile = _check_recommendations(config)
         recs.extend(check_recs)
     return MonitorReport(
         file=os.fspath(source.path),
-        source=source.kind, run_id=analyzer.run_id, runs=runs, config=config, task_profile=task_profile,
-        signals=signals, training=training, audit=audit, alerts=analyzer.alerts(),
-        recommendations=dedupe_and_sort(recs), telemetry_issues=issues, lines=lines)
+        source=source.kind, run_id=analyzer.run_id, runs=runs, config=config, task_profile=profile,
+        signals=signals, training=training, audit=audit, alerts=alerts,
+        recommendations=dedupe_and_sort(recs), telemetry_issues=issues, lines=lines, status=status,
+        audit_hint=None if audit is not None else _audit_hint(source.kind, Path(source.path), config))

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from gradience.monitor.core import MonitorReport
+from gradience.monitor.guard import guard_lines
 from gradience.textfmt import RULE, finite, human_count, num, pct, rank_value, times
 
 MAX_ISSUES_TEXT = 50
@@ -20,7 +21,22 @@ def _steps(findings: dict[str, Any], limit: int = 8) -> str:
     return ", ".join(steps) + (f", … (+{more})" if more > 0 else "")
 
 
-def _training_lines(t: dict[str, Any]) -> list[str]:
+def _status_line(t: dict[str, Any], status: dict[str, Any]) -> str:
+    """One line that cannot read "ok" beside NaN losses: the analysis' verdict, then how the run ended."""
+    run_end = t.get("status")
+    reason = f" ({t['reason']})" if t.get("reason") else ""
+    ended = f"{run_end}{reason}" if run_end else "- (no run_end)"
+    overall = status.get("overall")
+    findings = status.get("findings") or []
+    if not overall or (overall == "ok" and not findings):
+        return f"  Status: {ended}"
+    listed = ", ".join(f"{f['code']} ({f['severity']})" for f in findings[:6])
+    more = f", … (+{len(findings) - 6})" if len(findings) > 6 else ""
+    found = f"; found: {listed}{more}" if findings else ""
+    return f"  Status: {overall}{found}; run_end: {ended}"
+
+
+def _training_lines(t: dict[str, Any], status: dict[str, Any] | None = None) -> list[str]:
     lines = ["Training:"]
     n = t.get("steps_logged") or 0
     if n:
@@ -57,18 +73,19 @@ def _training_lines(t: dict[str, Any]) -> list[str]:
                      f" @ step {onset['best_step']}, last {num(onset['last_test_loss'], '.4f')})")
     else:
         lines.append("  Overfitting onset: -")
-    status = t.get("status")
-    reason = f" ({t['reason']})" if t.get("reason") else ""
-    lines.append(f"  Status: {status}{reason}" if status else "  Status: - (no run_end)")
+    lines.append(_status_line(t, status or {}))
     return lines
 
 
-def _diagnostics_lines(a: dict[str, Any] | None, log_file: str) -> list[str]:
+def _diagnostics_lines(a: dict[str, Any] | None, hint: dict[str, Any] | None) -> list[str]:
     lines = ["Diagnostics:"]
     if not a:
-        lines += ["  Stable rank (mean): -", "  Utilization (mean): -",
-                  "  LoRA audit: none in this run (add one with: gradience audit --peft-dir DIR "
-                  f"--append {log_file})"]
+        lines += ["  Stable rank (mean): -", "  Utilization (mean): -"]
+        if hint:
+            where = " (ADAPTER_DIR: the saved adapter's directory)" if hint.get("needs_adapter_dir") else ""
+            lines.append(f"  LoRA audit: none in this run; {hint['note']}: {hint['command']}{where}")
+        else:
+            lines.append("  LoRA audit: none in this run")
         return lines
     lines.append(f"  Stable rank (mean): {num(a.get('stable_rank_mean'))}")
     lines.append(f"  Utilization (mean): {pct(a.get('utilization_mean'))}")
@@ -125,12 +142,23 @@ def render_text(report: MonitorReport, *, verbose: bool = False) -> str:
               f"  Test  Acc: {pct(s.get('test_accuracy'))}"]
     if s.get("test_split_fallback"):
         lines.append(f"  (no 'test' split logged: '{s['test_split']}' stands in for test)")
-    lines += ["", *_training_lines(report.training)]
-    lines += ["", *_diagnostics_lines(report.audit, report.file)]
+    lines += ["", *_training_lines(report.training, report.status)]
+    guard = guard_lines(report.training.get("guard"))
+    if guard:
+        lines += ["", *guard]
+    lines += ["", *_diagnostics_lines(report.audit, report.audit_hint)]
 
     alerts = report.alerts
     groups = alerts.get("groups") or []
-    lines += ["", f"Alerts ({alerts.get('total', 0)}):" if groups else "Alerts: none"]
+    found = [f for f in (report.status or {}).get("findings") or [] if f.get("source") == "analysis"]
+    if groups:
+        lines += ["", f"Alerts ({alerts.get('total', 0)}):"]
+    elif found:
+        worst = (report.status or {}).get("overall")
+        lines += ["", f"Alerts: none logged by the run; the analysis found {len(found)} {worst}-level "
+                      "problem(s), listed under Recommendations"]
+    else:
+        lines += ["", "Alerts: none"]
     for g in groups:
         n = f" x{g['count']}" if g["count"] > 1 else ""
         at = f" (step {g['first_step']})" if g.get("first_step") is not None else ""
