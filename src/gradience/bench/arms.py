@@ -10,7 +10,7 @@ module at the probe's rank is labelled a no-op control: its Δ measures noise, n
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from gradience.bench.config import BenchConfig
@@ -29,7 +29,6 @@ class ArmPlan:
     r: int | None = None                       # one rank for every module, when the arm has one
     rank_pattern: dict[str, int] | None = None  # per-module ranks (module name -> rank), when it has not
     lora: LoraSpec | None = None               # retrain / uniform arms
-    compress_args: list[str] = field(default_factory=list)  # truncate arms: the compress policy flags
     label: str | None = None                   # "no-op control", "control …"
     skipped: str | None = None                 # why the arm cannot run for this seed (e.g. no suggestion)
 
@@ -83,9 +82,7 @@ def plan_arms(cfg: BenchConfig, audit: dict[str, Any], seed: int, targets: list[
                 plans.append(ArmPlan(arm, kind, skipped="the audit made no global suggestion (zero update?)"))
                 continue
             plan = ArmPlan(arm, kind, r=int(k))
-            if kind == "truncate":
-                plan.compress_args = ["--rank", str(int(k))]
-            else:
+            if kind == "retrain":
                 plan.lora = LoraSpec(r=int(k), alpha=scaled_alpha(cfg.alpha, probe_r, int(k), cfg.use_rslora),
                                      target_modules=targets, dropout=cfg.dropout, use_rslora=cfg.use_rslora)
             plan.label = NOOP_LABEL if int(k) >= probe_r else None
@@ -102,10 +99,7 @@ def plan_arms(cfg: BenchConfig, audit: dict[str, Any], seed: int, targets: list[
                 random.Random(seed).shuffle(values)
                 ranks = dict(zip(names, values, strict=True))
             plan = ArmPlan(arm, kind, rank_pattern=ranks)
-            if kind == "truncate":
-                plan.compress_args = ["--per-layer", "--margin", repr(cfg.margin),
-                                      "--allowed-ranks", ",".join(str(r) for r in cfg.allowed_ranks)]
-            else:
+            if kind == "retrain":
                 plan.lora = _retrain_spec(cfg, targets, ranks, probe_r)
             if all(r >= probe_r for r in ranks.values()):
                 plan.label = NOOP_LABEL

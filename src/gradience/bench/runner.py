@@ -15,7 +15,6 @@ killed bench continues where it stopped. Progress goes to a callback (the CLI pr
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import shutil
@@ -211,20 +210,18 @@ class BenchRunner:
             raise InputError(f"accelerate launch failed (exit {proc.returncode}): {tail[0][:300]}", path=arm_dir)
         return arm_dir / "adapter"
 
-    def _compress(self, probe_adapter: Path, arm_dir: Path, args: list[str]) -> tuple[Path, dict[str, Any]]:
-        """Truncate the probe with ``gradience compress`` (SPEC §12): its exact factored SVD, no retraining."""
-        from gradience.cli.main import main as cli_main
+    def _compress(self, probe_adapter: Path, arm_dir: Path, plan: ArmPlan) -> tuple[Path, dict[str, Any]]:
+        """Truncate the probe with compress (SPEC §12): the exact factored SVD, no retraining."""
+        from gradience.adapter import load_adapter
+        from gradience.compress import CompressOptions, Policy, compress
 
+        if plan.r is not None:
+            policy = Policy(name="rank", value=int(plan.r))
+        else:
+            policy = Policy(name="per_layer", margin=self.cfg.margin, allowed_ranks=self.cfg.allowed_ranks)
         out = arm_dir / "adapter"
-        argv = ["compress", "--peft-dir", str(probe_adapter), "--out", str(out), "--force", *args]
-        sink, err = io.StringIO(), io.StringIO()
-        with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(err):
-            code = cli_main(argv)
-        if code != 0:
-            raise InputError(f"compress failed (exit {code}): {err.getvalue().strip()[:300]}", path=probe_adapter)
-        report_path = out / "compress.json"
-        report = json.loads(report_path.read_text(encoding="utf-8")) if report_path.is_file() else {}
-        return out, report
+        result = compress(load_adapter(str(probe_adapter)), out, CompressOptions(policy=policy, force=True))
+        return out, result.to_dict()
 
     def _run_arm(self, task: PreparedTask, seed: int, plan: ArmPlan, probe: ArmResult) -> ArmResult:
         arm_dir = self.out / f"seed_{seed}" / slug(plan.name)
@@ -234,7 +231,7 @@ class BenchRunner:
         started = time.perf_counter()
         extra: dict[str, Any] = {}
         if plan.kind == "truncate":
-            adapter_dir, report = self._compress(Path(probe.adapter_dir), arm_dir, plan.compress_args)
+            adapter_dir, report = self._compress(Path(probe.adapter_dir), arm_dir, plan)
             extra["compress_summary"] = report.get("summary")
         else:
             assert plan.lora is not None
