@@ -15,6 +15,7 @@ from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
+from gradience.monitor.guard import GuardAnalyzer
 from gradience.policy import thresholds as T
 
 MAX_LISTED_STEPS = 50       # steps listed per finding (NaN losses, spikes …); the rest are counted
@@ -373,6 +374,7 @@ class RunAnalyzer:
         self.alerts_total = 0
         self.logged_recommendations: list[dict[str, Any]] | None = None
         self.summary_extra: dict[str, Any] = {}
+        self.guard = GuardAnalyzer()  # guard actions and NaNs hidden by HF's logging filter (monitor/guard.py)
 
     def feed(self, event: str, step: int | None, data: dict[str, Any], ts: float | None = None) -> None:
         self.event_counts[event] = self.event_counts.get(event, 0) + 1
@@ -382,16 +384,20 @@ class RunAnalyzer:
             self.last_ts = ts
         if event == "train_step":
             self.train.feed(step, data)
+            self.guard.feed_train_step(step, data)
         elif event == "eval":
             self._feed_eval(step, data)
         elif event == "metrics":
             if data.get("kind") == "lora_audit" and isinstance(data.get("metrics"), dict):
                 self.audit, self.audit_step = data["metrics"], step
+            elif data.get("kind") == "guard" and isinstance(data.get("metrics"), dict):
+                self.guard.feed_action(step, data["metrics"])
         elif event == "run_start":
             config = data.get("config")
             self.config = config if isinstance(config, dict) else {}
             meta = data.get("meta")
             self.meta = meta if isinstance(meta, dict) else None
+            self.guard.feed_start(data)
         elif event == "run_end":
             status = data.get("status")
             self.status = str(status) if status is not None else None
@@ -496,6 +502,7 @@ class RunAnalyzer:
         out["event_counts"] = dict(sorted(self.event_counts.items()))
         out["duration_s"] = (self.last_ts - self.first_ts) if self.first_ts is not None and \
             self.last_ts is not None else None
+        out["guard"] = self.guard.summary()
         out.update(self.summary_extra)
         return out
 
