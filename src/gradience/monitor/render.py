@@ -10,7 +10,6 @@ from typing import Any
 
 from gradience.monitor.core import MonitorReport
 from gradience.monitor.guard import guard_lines
-from gradience.monitor.guard import guard_lines
 from gradience.textfmt import RULE, finite, human_count, num, pct, rank_value, times
 
 MAX_ISSUES_TEXT = 50
@@ -144,9 +143,6 @@ def render_text(report: MonitorReport, *, verbose: bool = False) -> str:
     if s.get("test_split_fallback"):
         lines.append(f"  (no 'test' split logged: '{s['test_split']}' stands in for test)")
     lines += ["", *_training_lines(report.training, report.status)]
-    guard = guard_lines(report.training.get("guard"))
-    if guard:
-        lines += ["", *guard]
     guard = guard_lines(report.training.get("guard"))
     if guard:
         lines += ["", *guard]
