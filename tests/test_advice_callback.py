@@ -111,3 +111,49 @@ def test_check_on_saved_files_agrees_with_monitor_on_the_log(parts: dict[str, An
     assert c["lora"]["target_modules"] == m["lora"]["target_modules"] == ["q_lin", "v_lin"]
     text = cli("check", "--peft-dir", str(peft_dir), "--training-dir", str(training_dir)).stdout
     assert "epochs=5 (ignored: max_steps is set)" in text
+
+
+def test_check_and_monitor_on_a_real_trainer_output_dir(parts: dict[str, Any], tmp_path: Path) -> None:
+    """A run trained without the callback: the output dir holds training_args.bin (a pickle, never opened),
+    trainer_state.json and the adapter."""
+    out = tmp_path / "hf_out"
+    trainer = make_trainer(parts, out, [], max_steps=4, eval_strategy="no", per_device_train_batch_size=4)
+    trainer.train()
+    trainer.save_model()
+    trainer.save_state()
+    assert (out / "training_args.bin").is_file() and not (out / "training_args.json").exists()
+
+    done = cli("check", "--task", "sst2", "--peft-dir", str(out), "--training-dir", str(out), "--json")
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    assert {"role": "training", "path": str(out / "trainer_state.json"), "form": "trainer_state"} in data["sources"]
+    t = data["config"]["training"]
+    assert (t["batch_size"], t["max_steps"]) == (4, trainer.state.max_steps) == (4, 4)
+    assert t["epochs"] == trainer.state.num_train_epochs
+    info = t["extras"]["trainer_state"]
+    assert info["global_step"] == 4 and info["logging_steps"] == 2
+    logged = [h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h]
+    assert info["logged_lr_peak"] == pytest.approx(max(logged))
+    note = next(r for r in data["recommendations"] if r["action"] == "export_training_args")
+    assert note["severity"] == "info" and "to_json_string()" in note["message"]
+    assert data["config"]["optimizer"]["lr"] is None  # the state does not record it: not guessed
+
+    # The export the note describes gives check the full arguments.
+    (out / "training_args.json").write_text(trainer.args.to_json_string())
+    again = json.loads(cli("check", "--peft-dir", str(out), "--training-dir", str(out), "--json").stdout)
+    assert again["config"]["optimizer"]["lr"] == pytest.approx(3e-3)
+    assert not any(r["action"] in ("export_training_args", "fix_config_key") for r in again["recommendations"])
+    (out / "training_args.json").unlink()
+
+    # monitor on the same dir reads trainer_state.json and suggests an audit command that runs as printed.
+    mon = json.loads(cli("monitor", str(out), "--json").stdout)
+    assert mon["source"] == "trainer_state" and mon["audit"] is None
+    assert mon["audit_hint"]["command"] == f"gradience audit --peft-dir {out}"
+    ran = subprocess.run([sys.executable, "-m", "gradience", *mon["audit_hint"]["command"].split()[1:]],
+                         capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 0, ran.stderr
+
+    # Without trainer_state.json either, the error still names the pickle and the way out.
+    (out / "trainer_state.json").unlink()
+    failed = cli("check", "--training-dir", str(out))
+    assert failed.returncode == 2 and "to_json_string" in failed.stderr and len(failed.stderr.splitlines()) == 1

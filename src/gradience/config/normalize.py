@@ -280,7 +280,7 @@ _TRAINER_STATE_INFO = ("global_step", "epoch", "logging_steps", "eval_steps", "s
 
 
 def trainer_state_training(data: Mapping[str, Any]) -> dict[str, Any]:
-    """What an HF ``trainer_state.json`` says about the training config, as a flat training source.
+    """What an HF ``trainer_state.json`` says about the training config, as a canonical config source.
 
     Why: a Trainer output directory often holds only ``training_args.bin`` (a pickle gradience never opens)
     next to ``trainer_state.json``. The state records the resolved plan (batch size per step, max_steps,
@@ -305,7 +305,7 @@ def trainer_state_training(data: Mapping[str, Any]) -> dict[str, Any]:
         info["log_entries"] = len(history)
     if info:
         out["trainer_state"] = info
-    return out
+    return {"training": out}  # canonical form: what the state holds lands in training (and training.extras)
 
 
 def _build(values: dict[tuple[str | None, str], Any], extras: dict[str, dict[str, Any]]) -> ConfigSnapshot:
