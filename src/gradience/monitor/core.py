@@ -10,7 +10,7 @@ from typing import Any
 from gradience.errors import InputError
 from gradience.issues import Issue
 from gradience.monitor.analysis import RunAnalyzer
-from gradience.monitor.sources import read_trainer_state, resolve_run_path, telemetry_events
+from gradience.monitor.sources import RunSource, read_trainer_state, resolve_run_path, telemetry_events
 from gradience.policy import thresholds as T
 from gradience.policy.recommendations import dedupe_and_sort
 from gradience.policy.run_rules import run_recommendations
@@ -211,6 +211,15 @@ def monitor_run(path: str | os.PathLike[str], *, run_id: str | None = None,
         issues, runs, lines = state.issues, [None], len(state.events)
         config = state.config
     assert analyzer is not None
+    return build_report(analyzer, source=source, runs=runs, issues=issues, lines=lines, config=config,
+                        gap_threshold=gap_threshold, task_profile=task_profile, dataset=dataset)
+
+
+def build_report(analyzer: RunAnalyzer, *, source: RunSource, runs: list[str | None], issues: list[Issue],
+                 lines: int, config: ConfigSnapshot | None, gap_threshold: float = T.GAP_THRESHOLD,
+                 task_profile: str | None = None, dataset: str | None = None) -> MonitorReport:
+    """The report of a fed analyzer (bounded work whatever the log size: ``monitor --follow`` calls it at
+    every refresh on its incrementally fed analyzer)."""
     config = _with_overrides(config, task_profile, dataset)
 
     signals = analyzer.signals(gap_threshold)

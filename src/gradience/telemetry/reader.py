@@ -131,6 +131,7 @@ class TelemetryReader:
         self.lines = 0
         self.n_records = 0
         self.run_ids: list[str | None] = []
+        self.offset = 0
         self._issues = _IssueLog(max_issues_per_code)
 
     @property
@@ -167,8 +168,14 @@ class TelemetryReader:
     def __iter__(self) -> Iterator[TelemetryRecord]:
         return self.records()
 
-    def records(self) -> Iterator[TelemetryRecord]:
-        """One pass over the file (each call starts a new pass and resets issues and counters)."""
+    def records(self, start_offset: int = 0, start_line: int = 0,
+                stop_at_partial: bool = False) -> Iterator[TelemetryRecord]:
+        """One pass over the file (each call starts a new pass and resets issues and counters).
+
+        Resumable (``monitor --follow``): start at byte ``start_offset`` (a line start) numbering lines from
+        ``start_line + 1``; with ``stop_at_partial`` an unterminated last line is left unread for the next
+        pass. ``self.offset`` is where the pass stopped (the byte after the last line consumed)."""
+        self.offset = start_offset
         self.lines = 0
         self.n_records = 0
         self.run_ids = []
@@ -180,15 +187,21 @@ class TelemetryReader:
         scan_once = _DECODER.scan_once  # type: ignore[attr-defined]
         fh = self._open()
         try:
-            lineno = 0
+            if start_offset:
+                fh.seek(start_offset)
+            lineno = start_line
             while True:
                 raw = fh.readline(cap + 1)
                 if not raw:
                     break
-                lineno += 1
                 terminated = raw.endswith(b"\n")
+                if stop_at_partial and not terminated and len(raw) <= cap:
+                    break  # still being written: the next pass reads it whole
+                lineno += 1
+                self.offset += len(raw)
                 if not terminated and len(raw) > cap:
                     skipped = len(raw) + self._skip_rest(fh)
+                    self.offset += skipped - len(raw)
                     self._problem("line_too_long", f"line longer than {cap} bytes ({skipped} bytes); skipped",
                                   lineno, bytes=skipped)
                     continue
