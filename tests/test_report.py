@@ -9,7 +9,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
+import subprocess
+import sys
+from html.parser import HTMLParser
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -102,3 +108,367 @@ def seven_b_shaped(fixture_root: Path) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def nan_spike_run(fixture_root: Path) -> Path:
     return make_nan_spike_run(fixture_root / "report_nan_run")
+
+
+# -- helpers ---------------------------------------------------------------------------------------------
+class _Page(HTMLParser):
+    """Tags, attributes, text (outside <style>) and the <title> of every SVG rect, from a real HTML parser."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.tags: list[tuple[str, dict[str, str | None]]] = []
+        self.text: list[str] = []
+        self.rect_titles: list[str] = []
+        self._stack: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append((tag, dict(attrs)))
+        if tag not in ("path", "use", "rect", "meta", "br", "link", "img", "input") or tag == "rect":
+            self._stack.append(tag)
+
+    def handle_endtag(self, tag: str) -> None:
+        while self._stack:
+            if self._stack.pop() == tag:
+                break
+
+    def handle_data(self, data: str) -> None:
+        if "style" in self._stack:
+            return
+        self.text.append(data)
+        if len(self._stack) >= 2 and self._stack[-1] == "title" and self._stack[-2] == "rect":
+            self.rect_titles.append(data)
+
+
+def parse(page: str) -> _Page:
+    p = _Page()
+    p.feed(page)
+    p.close()
+    return p
+
+
+def render(path: Path, **kwargs: Any) -> str:
+    from gradience.report import render_report
+
+    return render_report(path, **kwargs)
+
+
+def tooltips(page: _Page) -> dict[tuple[str, str], str]:
+    """{(module, metric): value} from the heatmap cells' <title> texts."""
+    out = {}
+    for t in page.rect_titles:
+        name, _, rest = t.partition("\n")
+        metric, _, value = rest.rpartition(": ")
+        out[(name, metric)] = value
+    return out
+
+
+def dense_metrics(adapter: Path, name: str, scale: float) -> tuple[float, int, float]:
+    """(utilization, k@90, sigma_max of the scaled update) of one module, from a dense numpy SVD."""
+    from safetensors.numpy import load_file
+
+    t = load_file(str(adapter / "adapter_model.safetensors"))
+    a = t[f"base_model.model.{name}.lora_A.weight"].astype(np.float64)
+    b = t[f"base_model.model.{name}.lora_B.weight"].astype(np.float64)
+    sigma = np.linalg.svd(scale * b @ a, compute_uv=False)
+    r = a.shape[0]
+    util = float((sigma**2).sum() / sigma[0] ** 2 / r)
+    energy = np.cumsum(sigma**2) / (sigma**2).sum()
+    k90 = int(np.searchsorted(energy, 0.9 - 1e-12) + 1)
+    return util, k90, float(sigma[0])
+
+
+FORBIDDEN_URL = re.compile(r"""(?:\b(?:src|href|xlink:href)\s*=\s*["']?\s*https?:|url\(\s*["']?\s*https?:)""",
+                           re.IGNORECASE)
+
+
+def assert_self_contained(page: str) -> None:
+    assert not FORBIDDEN_URL.search(page)
+    parsed = parse(page)
+    for tag, attrs in parsed.tags:
+        assert tag not in ("script", "link", "img", "iframe", "object", "embed"), tag
+        for key, value in attrs.items():
+            assert not key.startswith("on"), (tag, key)
+            if key in ("src", "href", "xlink:href"):
+                assert value is not None and value.startswith("#"), (tag, key, value)
+    assert "Content-Security-Policy" in page and "default-src 'none'" in page
+
+
+# -- the adapter view -------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def small_with_base(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("report_small")
+    targets = synthetic.llama_targets(HIDDEN, INTER)
+    adapter = synthetic.write_synthetic_adapter(root / "adapter", layers=3, targets=targets, r=8, alpha=16, seed=1)
+    return {"adapter": adapter, "base": write_base(root / "base", 3, targets), "root": root}
+
+
+def test_adapter_page_numbers_match_a_dense_svd(small_with_base: dict[str, Path]) -> None:
+    adapter, base = small_with_base["adapter"], small_with_base["base"]
+    page = render(adapter, base_model=str(base), base_norms_cache=str(small_with_base["root"] / "norms.json"))
+    parsed = parse(page)
+    tips = tooltips(parsed)
+    from safetensors.numpy import load_file
+
+    weights = load_file(str(base / "model.safetensors"))
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.2.mlp.down_proj"):
+        util, k90, dsm = dense_metrics(adapter, name, 16 / 8)
+        assert tips[(name, "utilization")] == f"{100 * util:.1f}%"
+        assert tips[(name, "k@90%")] == str(k90)
+        base_sigma = float(np.linalg.svd(weights[name + ".weight"].astype(np.float64), compute_uv=False)[0])
+        assert float(tips[(name, "UDR")]) == pytest.approx(dsm / base_sigma, rel=2e-3)
+    # 3 blocks x 7 modules, three heatmaps, one tooltip per cell
+    assert len(parsed.rect_titles) == 3 * 21
+    text = " ".join(parsed.text)
+    assert "UDR distribution" in text and "Rank suggestions" in text and "rank_pattern" in text
+    assert "Most used layers" in page and "Least used layers" in page  # the spectra chart
+    assert_self_contained(page)
+
+
+def test_same_input_same_bytes_across_processes(small_with_base: dict[str, Path], tmp_path: Path) -> None:
+    adapter, base = small_with_base["adapter"], small_with_base["base"]
+    cache = str(small_with_base["root"] / "norms.json")
+    first = render(adapter, base_model=str(base), base_norms_cache=cache)
+    assert render(adapter, base_model=str(base), base_norms_cache=cache) == first
+    code = ("import sys; from gradience.report import render_report; "
+            f"sys.stdout.write(render_report({str(adapter)!r}, base_model={str(base)!r}, base_norms_cache={cache!r}))")
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "PYTHONHASHSEED": "123"})
+    assert other.returncode == 0, other.stderr
+    assert other.stdout == first
+    assert first.startswith("<!DOCTYPE html>") and first.count("<html") == 1
+    assert first.count("<svg") >= 5  # 3 heatmaps, spectra, UDR histogram
+    assert "<!DOCTYPE svg" not in first and "<?xml" not in first and "<metadata" not in first
+
+
+def test_hostile_module_names_appear_only_escaped(tmp_path: Path) -> None:
+    evil_tag, evil_attr = "<script>alert(1)</script>", '"onmouseover=alert(1)'
+    rng = np.random.default_rng(0)
+    tensors = {}
+    names = [f"model.layers.0.self_attn.{evil_tag}", f"model.layers.1.{evil_attr}.q_proj",
+             "model.layers.2.self_attn.q_proj"]
+    for n in names:
+        tensors[f"base_model.model.{n}.lora_A.weight"] = rng.standard_normal((4, 16)).astype(np.float32)
+        tensors[f"base_model.model.{n}.lora_B.weight"] = rng.standard_normal((16, 4)).astype(np.float32)
+    run = tmp_path / "run"
+    adapter = run / "adapter"
+    adapter.mkdir(parents=True)
+    synthetic.write_safetensors(adapter / "adapter_model.safetensors", tensors)
+    (adapter / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": [evil_tag, evil_attr],
+        "base_model_name_or_path": evil_attr}))
+    write_run(run / "run.jsonl", steps=50, eval_every=10,
+              names={"model": evil_tag, "dataset": evil_attr, "alert": evil_tag + evil_attr})
+    page = render(run, title=evil_tag)
+    for needle in ("<script", "</script", "onmouseover=alert"):
+        for m in re.finditer(re.escape(needle), page, re.IGNORECASE):
+            before = page[max(0, m.start() - 6): m.start()]
+            assert needle == "onmouseover=alert" and before.endswith(("&#34;", "&quot;")), \
+                page[max(0, m.start() - 80): m.end() + 80]
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    parsed = parse(page)
+    assert not any(tag == "script" for tag, _ in parsed.tags)
+    assert not any(k.startswith("on") for _, attrs in parsed.tags for k in attrs)
+    assert any(evil_tag in t for t in parsed.rect_titles)  # the tooltip names the module, as text
+    assert_self_contained(page)
+
+
+# -- the run view -----------------------------------------------------------------------------------------
+def test_run_page_marks_nan_spikes_and_onset(nan_spike_run: Path) -> None:
+    page = render(nan_spike_run)
+    parsed = parse(page)
+    text = " ".join(parsed.text)
+    assert "NaN/Inf (3 steps)" in page            # the NaN ticks on the loss curve
+    assert "loss spike (2)" in page
+    assert "overfitting onset (step" in page
+    assert "explosion (1)" in page
+    assert "min–max per 4 steps" in page          # 3000 steps > 800 buckets: banded, spikes kept
+    assert re.search(r"NaN/Inf losses\s*3\s*700, 701, 1900", text)
+    assert not re.search(r"\b(nan|inf)\b", text)  # unknown values print as '-', never 'nan'
+    assert "early_stop_at" in text and "nan_loss" in text
+    assert_self_contained(page)
+
+
+def test_non_finite_everywhere_never_breaks_the_page(tmp_path: Path) -> None:
+    from gradience.telemetry import TelemetryWriter
+
+    with TelemetryWriter(tmp_path / "run.jsonl", append=False) as w:
+        w.run_start({"model_name": "m"})
+        for step in range(1, 40):
+            w.train_step(step, loss=math.inf if step % 3 else math.nan, lr=math.nan, grad_norm=-math.inf)
+        w.eval(39, "test", {"loss": math.nan, "accuracy": math.nan})
+        w.run_end("ok", step=39)
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((4, 16)).astype(np.float32)
+    a[0, 0] = np.nan
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    synthetic.write_safetensors(adapter / "adapter_model.safetensors", {
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": a,
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": rng.standard_normal((16, 4)).astype(
+            np.float32)})
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8}))
+    page = render(tmp_path)
+    text = " ".join(parse(page).text)
+    assert not re.search(r"\b(nan|inf)\b", text)
+    assert "non_finite_weights" in text
+    assert "No loss was logged" not in text          # infinite losses were logged: shown as NaN/Inf ticks
+    assert "NaN/Inf (39 steps)" in page
+    assert_self_contained(page)
+
+
+def test_trainer_state_json_is_a_run(tmp_path: Path) -> None:
+    history = [{"step": s, "loss": 2.0 / s, "learning_rate": 1e-4, "grad_norm": 1.0, "epoch": s / 10}
+               for s in range(1, 11)]
+    history += [{"step": 10, "eval_loss": 0.5, "eval_accuracy": 0.8, "epoch": 1.0},
+                {"step": 10, "train_runtime": 3.0, "train_loss": 0.7, "total_flos": 1.0}]
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"log_history": history, "max_steps": 10}))
+    page = render(tmp_path / "trainer_state.json")
+    assert "Training run" in page and "eval loss: eval" in page
+    assert "No loss was logged" not in page
+
+
+# -- downsampling ----------------------------------------------------------------------------------------
+def test_downsampler_keeps_every_spike_and_matches_numpy() -> None:
+    from gradience.report.curves import CURVE_BUCKETS, Downsampler
+
+    rng = np.random.default_rng(0)
+    ys = rng.normal(1.0, 0.05, 100_003)
+    ys[31_337] = 50.0           # one-step spike
+    ys[77_000] = -20.0          # one-step dip
+    ys[5_000] = np.nan
+    d = Downsampler()
+    for i, y in enumerate(ys):
+        d.add(float(i), float(y))
+    assert len(d.buckets) <= CURVE_BUCKETS and not d.exact
+    assert d.count == len(ys) and d.nonfinite_count == 1 and d.nonfinite_steps == [5000.0]
+    covered = 0
+    for b in d.buckets:  # each bucket = the consecutive points x_first..x_last; compare with numpy
+        seg = ys[int(b.x_first): int(b.x_last) + 1]
+        covered += len(seg)
+        fin = seg[np.isfinite(seg)]
+        assert b.n == len(fin) and b.nonfinite == len(seg) - len(fin)
+        assert b.hi == fin.max() and b.lo == fin.min()
+        assert b.mean == pytest.approx(fin.mean(), rel=1e-12)
+    assert covered == len(ys)
+    assert max(b.hi for b in d.buckets) == 50.0 and min(b.lo for b in d.buckets) == -20.0
+    spike = next(b for b in d.buckets if b.hi == 50.0)
+    assert spike.x_hi == 31_337.0
+    short = Downsampler()
+    for i in range(100):
+        short.add(float(i), float(i * i))
+    assert short.exact and [b.lo for b in short.buckets] == [float(i * i) for i in range(100)]
+
+
+# -- size -------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_seven_b_adapter_and_100k_step_log_fit_in_one_megabyte(tmp_path: Path,
+                                                               seven_b_shaped: dict[str, Path]) -> None:
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(seven_b_shaped["adapter"], run / "adapter")
+    write_run(run / "run.jsonl", steps=100_000, nan_steps=(5000,), spike_steps=(40_000,), eval_every=1000)
+    page = render(run, base_model=str(seven_b_shaped["base"]), base_norms_cache=str(tmp_path / "n.json"))
+    size = len(page.encode("utf-8"))
+    assert size <= 1_000_000, size
+    parsed = parse(page)
+    assert len(parsed.rect_titles) == 3 * 224
+    assert "min–max per" in page and "NaN/Inf (1 steps)" in page and "loss spike (1)" in page
+
+
+# -- other inputs -------------------------------------------------------------------------------------------
+def test_audit_json_and_compare_json_from_the_real_commands(small_with_base: dict[str, Path],
+                                                            tmp_path: Path) -> None:
+    from gradience.cli.main import main
+
+    adapter = small_with_base["adapter"]
+    other = synthetic.write_synthetic_adapter(tmp_path / "other", layers=3, targets=synthetic.llama_targets(
+        HIDDEN, INTER), r=16, alpha=32, seed=9)
+    audit_json = tmp_path / "audit.json"
+    proc = subprocess.run([sys.executable, "-m", "gradience", "audit", "--peft-dir", str(adapter), "--json",
+                           "--no-udr"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    audit_json.write_text(proc.stdout)
+    page = render(audit_json)
+    assert "--suggest-per-layer --json" in page  # the JSON has no per-layer suggestion: the command that adds it
+    tips = tooltips(parse(page))
+    util, _, _ = dense_metrics(adapter, "model.layers.1.self_attn.v_proj", 2.0)
+    assert tips[("model.layers.1.self_attn.v_proj", "utilization")] == f"{100 * util:.1f}%"
+
+    proc = subprocess.run([sys.executable, "-m", "gradience", "compare", str(adapter), str(other), "--json"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    (tmp_path / "compare.json").write_text(proc.stdout)
+    doc = json.loads(proc.stdout)
+    out = tmp_path / "cmp.html"
+    assert main(["report", str(tmp_path / "compare.json"), "-o", str(out)]) == 0
+    page = out.read_text()
+    tips = tooltips(parse(page))
+    module = doc["modules"][0]
+    assert tips[(module["name"], "cos(ΔW_A, ΔW_B)")] == f"{module['cos']:.3f}"
+    assert tips[(module["name"], "overlap (left)")] == f"{module['overlap_left']:.3f}"
+    assert tips[(module["name"], "Δ utilization (B − A)")] == f"{module['delta']['utilization']:+.3g}"
+    assert "Comparison A ↔ B" in page
+    assert_self_contained(page)
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "gradience", "report", *args], capture_output=True, text=True,
+                          timeout=120, cwd=cwd)
+
+
+def test_cli_default_output_and_bad_inputs(tmp_path: Path, small_with_base: dict[str, Path]) -> None:
+    import shutil
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(small_with_base["adapter"], adapter)
+    proc = _cli(str(adapter), "--no-udr", "--title", "My adapter", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (adapter / "report.html").is_file()
+    assert "<title>My adapter</title>" in (adapter / "report.html").read_text()
+    (tmp_path / "other.json").write_text('{"schema": "something/v1"}')
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "bad.json").write_text("{not json")
+    for target, message in (("missing", "no such file"), ("other.json", "not a report input"),
+                            ("empty", "nothing to report"), ("bad.json", "invalid JSON")):
+        proc = _cli(target, cwd=tmp_path)
+        assert proc.returncode == 2, (target, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("gradience report: error:") and message in lines[0], lines
+        assert target in lines[0]
+
+
+def test_missing_report_extra_is_one_line_naming_it(tmp_path: Path, small_with_base: dict[str, Path]) -> None:
+    code = ("import sys; sys.modules['matplotlib'] = None\n"
+            "from gradience.cli.main import main\n"
+            f"sys.exit(main(['report', {str(small_with_base['adapter'])!r}, '-o', 'x.html']))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "gradience[report]" in lines[0] and "matplotlib" in lines[0], proc.stderr
+    assert not (tmp_path / "x.html").exists()
+
+
+def test_importing_the_command_stays_light() -> None:
+    code = ("import sys, gradience.cli.report, gradience.report, gradience.cli.main as m; m.build_parser(); "
+            "print(sorted(k for k in ('matplotlib', 'jinja2', 'torch', 'numpy') if k in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+@pytest.mark.slow
+def test_demo_writes_a_report_with_udr(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    proc = subprocess.run([sys.executable, "-m", "gradience", "demo", "--out", "d", "--max-steps", "10"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Report: d/report.html" in proc.stdout
+    assert (tmp_path / "d" / "base" / "model.safetensors").is_file()
+    page = (tmp_path / "d" / "report.html").read_text()
+    parsed = parse(page)
+    assert "Training run" in page and "Per-layer heatmaps" in page
+    assert "base model unresolved" not in page and "d/base" in page
+    udr = [float(v) for (_, metric), v in tooltips(parsed).items() if metric == "UDR" and v != "-"]
+    assert len(udr) == 8 and all(v > 0 for v in udr)  # 2 blocks x q/k/v/out_lin of the toy model

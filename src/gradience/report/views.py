@@ -430,7 +430,8 @@ def compare_view(doc: dict[str, Any], ids: ChartIds) -> View:
         build_heatmap("overlap_right", "overlap (right)", grid, ov_r, ColorScale("viridis", 0.0, 1.0),
                       lambda v: f"{v:.3f}", note="same for the input directions"),
     ]
-    unavailable = summary.get("unavailable") if isinstance(summary.get("unavailable"), dict) else {}
+    unavailable_raw = summary.get("unavailable")
+    unavailable: dict[str, Any] = unavailable_raw if isinstance(unavailable_raw, dict) else {}
     for h in heatmaps:  # an empty map says why (the compare document records the reason per measure)
         if h.empty:
             reason = unavailable.get(h.key.removeprefix("d_")) or unavailable.get(h.key)
