@@ -15,12 +15,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from support import tiny_models
-
 from gradience.adapter import load_adapter
 from gradience.audit.core import AuditOptions, run_audit
 from gradience.audit.render import render_text
 from gradience.udr.spectral import RowBlocks, dora_effective_norms
+from support import tiny_models
 
 TOL = 1e-3  # SPEC §2: agreement with PEFT's merged difference
 

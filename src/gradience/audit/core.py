@@ -19,12 +19,7 @@ import numpy as np
 from gradience import stats
 from gradience.adapter.config import mutated_base_init
 from gradience.adapter.model import LoadedAdapter, LoraPair, NonLoraTensors
-from gradience.audit.spectrum import (
-    batched_singular_values,
-    factor_grams,
-    singular_values_qr,
-    spectrum_metrics,
-)
+from gradience.audit.spectrum import pair_grams, singular_values_many, spectrum_metrics
 from gradience.audit.suggest import global_suggestion, per_layer_suggestions
 from gradience.issues import Issue
 from gradience.modules import MODULE_TYPES, classify_module, layer_index
@@ -152,23 +147,13 @@ def _single_threaded_blas() -> AbstractContextManager[object]:
     return threadpool_limits(limits=1, user_api="blas")
 
 
-def audit_pairs(pairs: Sequence[LoraPair], *,
-                grams_out: list[tuple[np.ndarray, np.ndarray]] | None = None) -> list[LayerAudit]:
-    """Spectrum and metrics of every pair (reads each pair's factors once, twice only when refining).
-
-    ``grams_out``: when given, receives each pair's float64 (G_A, G_B), so that compress can split the factors
-    without reading them a second time.
-    """
+def audit_pairs(pairs: Sequence[LoraPair]) -> list[LayerAudit]:
+    """Spectrum and metrics of every pair (reads each pair's factors once; a second time only for a pair with
+    a steep or rank-deficient factor, whose badly resolved directions are recomputed from the data)."""
     with _single_threaded_blas():
-        grams = [factor_grams(*pair.load_factors()) for pair in pairs]
-        if grams_out is not None:
-            grams_out.extend(grams)
-        sigmas = batched_singular_values(grams)
-        layers = []
-        for pair, sigma in zip(pairs, sigmas, strict=True):
-            if sigma is None:
-                sigma = singular_values_qr(*pair.load_factors())
-            layers.append(_layer_from_pair(pair, sigma))
+        grams = [pair_grams(*pair.load_factors()) for pair in pairs]
+        sigmas = singular_values_many(grams, lambda i: pairs[i].load_factors())
+        layers = [_layer_from_pair(pair, sigma) for pair, sigma in zip(pairs, sigmas, strict=True)]
     return layers
 
 
@@ -400,9 +385,9 @@ def _mutated_base_issue(init: str) -> Issue:
         why = ("LoftQ pairs the factors with a quantized copy of the base, so s·B·A also holds the quantization "
                "error W − Q(W)")
     else:
-        why = ("PEFT subtracted the initial s·B₀·A₀ (principal components of W) from the base weight, and the "
-               "adapter was saved without save_pretrained(..., path_initial_model_for_weight_conversion=...), "
-               "which would have turned it into a plain rank-2r delta")
+        why = ("at initialisation PEFT moved s·B₀·A₀ out of the base weight (W ← W − s·B₀·A₀; for PiSSA the top "
+               "singular components of W) and the adapter was saved without save_pretrained(..., "
+               "path_initial_model_for_weight_conversion=...), which would have made it a plain rank-2r delta")
     return Issue("mutated_base_init",
                  f"init_lora_weights is {init!r}: {why}; s·B·A is not a change to the published base weight, so its "
                  "magnitudes are not an update's and UDR/SDI are not computed", "warning",

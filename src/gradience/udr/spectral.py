@@ -38,6 +38,8 @@ MAX_RESTARTS = 40
 SAFETY = 1.0
 # Row (or column) chunk of W per fused product: small enough to stay in cache between Wᵢ X and Wᵢᵀ(...).
 CHUNK_BYTES = 2 * 1024 * 1024
+# Float64 temporaries per block in the exact (Frobenius, DoRA row-norm) passes of streamed matrices.
+F64_BLOCK_BYTES = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -228,8 +230,12 @@ class RowBlocks:
 
     def __iter__(self) -> Iterator[tuple[int, int, np.ndarray]]:
         """(start, stop, float32 block of rows start:stop); a block is valid until the next one is produced."""
+        return self.blocks()
+
+    def blocks(self, rows_per_block: int | None = None) -> Iterator[tuple[int, int, np.ndarray]]:
+        """Like iteration, with a smaller block when the caller makes float64 temporaries of each block."""
         p, q = self.shape
-        step = self.rows_per_block
+        step = min(self.rows_per_block, rows_per_block or self.rows_per_block)
         for a in range(0, p, step):
             b = min(p, a + step)
             chunk = self.raw[a:b]
@@ -237,8 +243,8 @@ class RowBlocks:
                 yield a, b, chunk
                 continue
             if self._buf is None:
-                self._buf = np.empty((min(step, p), q), np.float32)
-            out = self._buf[: b - a]
+                self._buf = np.empty(min(self.rows_per_block, p) * q, np.float32)
+            out = self._buf[: (b - a) * q].reshape(b - a, q)
             if self.bf16:
                 np.left_shift(chunk, 16, out=out.view(np.uint32), dtype=np.uint32)
             else:
@@ -326,7 +332,7 @@ class BlockOperator:
     def frobenius(self) -> float:
         """‖Δ‖_F exactly (float64 per block, one pass)."""
         total = 0.0
-        for a, b, blk in self.rows:
+        for a, b, blk in self.rows.blocks(_f64_rows(self.shape[1])):
             e = blk.astype(np.float64)
             if self.left64 is not None:
                 e *= self.left64[a:b, None]
@@ -338,10 +344,15 @@ class BlockOperator:
         return math.sqrt(total)
 
 
+def _f64_rows(cols: int) -> int:
+    """Rows per block for passes that hold float64 copies of a block (two or three at a time): ~256 KB each."""
+    return max(1, F64_BLOCK_BYTES // (8 * max(1, cols)))
+
+
 def frobenius_norm_blocks(rows: RowBlocks) -> float:
     """‖S‖_F of a row-streamed matrix with float64 accumulation (one pass)."""
     total = 0.0
-    for _a, _b, blk in rows:
+    for _a, _b, blk in rows.blocks(_f64_rows(rows.shape[1])):
         flat = blk.reshape(-1).astype(np.float64)
         total += float(np.dot(flat, flat))
     return math.sqrt(total)
@@ -388,12 +399,12 @@ def dora_effective_norms(rows: RowBlocks, *, transposed: bool, a: np.ndarray, b:
     sq = np.zeros(d_out)
     if transposed:
         bt = (scale * b64).T                      # (r, d_out)
-        for lo, hi, blk in rows:
+        for lo, hi, blk in rows.blocks(_f64_rows(d_out)):
             m_blk = blk.astype(np.float64) + a64[:, lo:hi].T @ bt
             sq += np.einsum("ij,ij->j", m_blk, m_blk)
     else:
         sa = scale * a64
-        for lo, hi, blk in rows:
+        for lo, hi, blk in rows.blocks(_f64_rows(d_in)):
             m_blk = blk.astype(np.float64) + b64[lo:hi] @ sa
             sq[lo:hi] = np.einsum("ij,ij->i", m_blk, m_blk)
     norms = np.sqrt(sq)
