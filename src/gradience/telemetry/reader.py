@@ -25,6 +25,7 @@ from gradience.errors import InputError
 from gradience.issues import Issue, Severity
 from gradience.jsonio import decode_nonfinite
 from gradience.telemetry.schema import KNOWN_EVENTS, SCHEMA
+from gradience.telemetry.types import config_problems
 
 DEFAULT_MAX_LINE_BYTES = 16 * 1024 * 1024
 _SKIP_CHUNK = 1 << 20
@@ -86,6 +87,75 @@ def _coerce_step(value: Any) -> tuple[int | None, bool]:
     if isinstance(value, float) and value.is_integer():
         return int(value), True
     return None, False
+
+
+# Payload fields the consumers read as numbers, per event (SPEC §5 table); their values must be real numbers
+# (NaN and infinities included: a NaN loss is a finding) that fit a float.
+_NUMERIC_FIELDS: dict[str, tuple[str, ...]] = {
+    "train_step": ("loss", "lr", "grad_norm", "epoch", "tokens", "samples", "wall_time_s"),
+}
+_EVAL_NUMERIC = ("loss", "ppl", "perplexity", "accuracy", "n")
+_TEXT_PAYLOAD: dict[str, tuple[str, ...]] = {
+    "eval": ("split",), "metrics": ("kind",), "alert": ("severity", "code", "message"),
+    "run_end": ("status", "reason"),
+}
+_OBJECT_PAYLOAD: dict[str, tuple[str, ...]] = {
+    "metrics": ("metrics",), "alert": ("context",), "run_start": ("config", "meta"), "eval": ("metrics",),
+}
+
+
+def _bad_number(value: Any) -> bool:
+    if value is None:
+        return False
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return True
+    if isinstance(value, int):
+        try:
+            float(value)
+        except OverflowError:
+            return True
+    return False
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return "an integer too large for a float"
+    text = repr(value)
+    return f"{type(value).__name__} {text[:40]}{'…' if len(text) > 40 else ''}"
+
+
+def _check_payload(event: str, obj: dict[str, Any]) -> tuple[list[str], bool]:
+    """Problems with the payload's field types (each offending field is dropped from ``obj`` so consumers
+    never see it) and whether the record is still usable. Consumers can then rely on these types instead of
+    crashing on ``"optimizer": "adamw"``, a 400-digit loss or ``"metrics": "NaN"``."""
+    problems: list[str] = []
+    for key in _NUMERIC_FIELDS.get(event, ()):
+        if key in obj and _bad_number(obj[key]):
+            problems.append(f"field '{key}' is {_describe(obj.pop(key))}, not a number")
+    for key in _TEXT_PAYLOAD.get(event, ()):
+        value = obj.get(key)
+        if value is not None and not isinstance(value, str):
+            problems.append(f"field '{key}' is {_describe(obj.pop(key))}, not a string")
+    for key in _OBJECT_PAYLOAD.get(event, ()):
+        value = obj.get(key)
+        if value is not None and not isinstance(value, dict):
+            problems.append(f"field '{key}' is {_describe(obj.pop(key))}, not an object")
+            if event in ("metrics", "eval") and key == "metrics":
+                return problems, False
+    if event == "eval" and isinstance(obj.get("metrics"), dict):
+        metrics = obj["metrics"]
+        bad = [key for key in _EVAL_NUMERIC if key in metrics and _bad_number(metrics[key])]
+        for key in bad:
+            problems.append(f"field 'metrics.{key}' is {_describe(metrics[key])}, not a number")
+        if bad:
+            obj["metrics"] = {k: v for k, v in metrics.items() if k not in bad}
+    if event == "run_start" and isinstance(obj.get("config"), dict):
+        problems.extend(f"config field {p}" for p in config_problems(obj["config"]))
+    if event == "recommendation":
+        recs = obj.get("recommendations")
+        if recs is not None and not isinstance(recs, list):
+            problems.append(f"field 'recommendations' is {_describe(obj.pop('recommendations'))}, not a list")
+    return problems, True
 
 
 class _IssueLog:
@@ -158,6 +228,9 @@ class TelemetryReader:
             raise InputError("not a regular file", self.path)
         if st.st_size == 0:
             raise InputError("empty file: no telemetry records", self.path)
+        # A log that a running job keeps appending to is read up to the size it had when the pass began:
+        # the pass always ends (monitor on a log appended faster than it parses), a snapshot in time.
+        self._size_at_start = st.st_size
         try:
             return open(self.path, "rb", buffering=_READ_BUFFER)
         except PermissionError:
@@ -190,8 +263,9 @@ class TelemetryReader:
             if start_offset:
                 fh.seek(start_offset)
             lineno = start_line
-            while True:
-                raw = fh.readline(cap + 1)
+            remaining = self._size_at_start - start_offset
+            while remaining > 0:
+                raw = fh.readline(min(cap + 1, remaining))
                 if not raw:
                     break
                 terminated = raw.endswith(b"\n")
@@ -199,8 +273,11 @@ class TelemetryReader:
                     break  # still being written: the next pass reads it whole
                 lineno += 1
                 self.offset += len(raw)
+                remaining -= len(raw)
                 if not terminated and len(raw) > cap:
-                    skipped = len(raw) + self._skip_rest(fh)
+                    rest = self._skip_rest(fh, remaining)
+                    remaining -= rest
+                    skipped = len(raw) + rest
                     self.offset += skipped - len(raw)
                     self._problem("line_too_long", f"line longer than {cap} bytes ({skipped} bytes); skipped",
                                   lineno, bytes=skipped)
@@ -245,6 +322,12 @@ class TelemetryReader:
                                   lineno, severity="info", event=event)
                 if b'"NaN"' in raw or b'Infinity"' in raw:
                     obj = _decode_record(obj)
+                problems, usable = _check_payload(event, obj)
+                for problem in problems:
+                    self._problem("bad_field", f"{problem}{'' if usable else '; record ignored'}", lineno,
+                                  event=event)
+                if not usable:
+                    continue
                 step, ok = _coerce_step(obj.get("step"))
                 if not ok:
                     self._problem("bad_step", f"step {obj.get('step')!r} is not an integer; treated as null",
@@ -269,13 +352,14 @@ class TelemetryReader:
             raise InputError(f"no telemetry records found ({self.lines} line(s){detail})", self.path)
 
     @staticmethod
-    def _skip_rest(fh: Any) -> int:
+    def _skip_rest(fh: Any, limit: int) -> int:
         skipped = 0
-        while True:
-            chunk = fh.readline(_SKIP_CHUNK)
+        while skipped < limit:
+            chunk = fh.readline(min(_SKIP_CHUNK, limit - skipped))
             skipped += len(chunk)
             if not chunk or chunk.endswith(b"\n"):
-                return skipped
+                break
+        return skipped
 
 
 def read_events(path: str | os.PathLike[str], *, strict: bool = False,

@@ -7,6 +7,7 @@ written by other versions and by the original tool; ``to_dict`` always writes ev
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
@@ -18,13 +19,127 @@ RecSeverity = Literal["info", "warning", "error", "critical"]
 SEVERITY_RANK: dict[str, int] = {"critical": 3, "error": 2, "warning": 1, "info": 0}
 
 
-def _split_known(cls: type, data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+# The type each documented field must have. Logs come from other versions, other tools and hand edits: a value
+# of the wrong type ("optimizer": "adamw", "r": [8, 16], a 400-digit lr) is dropped (None) and reported by
+# ``config_problems`` instead of crashing every consumer downstream.
+_FIELD_KINDS: dict[str, dict[str, str]] = {
+    "OptimizerConfig": {"name": "str", "lr": "float", "weight_decay": "float", "betas": "float_list",
+                        "eps": "float"},
+    "LoraConfig": {"r": "rank", "alpha": "float", "alpha_over_r": "float", "target_modules": "str_list",
+                   "dropout": "float", "bias": "str", "use_rslora": "bool"},
+    "TrainingConfig": {"seed": "int", "batch_size": "int", "gradient_accumulation": "int", "max_steps": "int",
+                       "epochs": "float", "dtype": "str"},
+    "ConfigSnapshot": {"model_name": "str", "dataset_name": "str", "task_profile": "str", "notes": "str"},
+}
+_MAX_INT = 2**63
+
+
+def _as_float(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        try:
+            return float(value)
+        except OverflowError:
+            return None
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except (ValueError, OverflowError):
+            return None
+    return None
+
+
+def _coerce(kind: str, value: Any) -> tuple[bool, Any]:
+    """(ok, value as the field's type) — numbers written as strings are accepted, as the writers' inputs are."""
+    if kind == "str":
+        if isinstance(value, str):
+            return True, value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, str(value)
+        return False, None
+    if kind == "bool":
+        return (True, value) if isinstance(value, bool) else (False, None)
+    if kind in ("float", "int", "rank"):
+        number = _as_float(value)
+        if number is None:
+            return False, None
+        if kind == "float":
+            return (True, number) if math.isfinite(number) else (False, None)
+        if not (number == number and abs(number) < _MAX_INT):  # NaN or beyond any real count
+            return False, None
+        if number.is_integer():
+            return True, int(number)
+        return (True, number) if kind == "rank" else (False, None)
+    if kind == "str_list":
+        if isinstance(value, str):
+            return True, value  # "q_proj,v_proj" / a PEFT regex: the rules split or match it themselves
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return True, list(value)
+        return False, None
+    if kind == "float_list":
+        if isinstance(value, (list, tuple)):
+            numbers = [_as_float(v) for v in value]
+            if all(n is not None for n in numbers):
+                return True, numbers
+        return False, None
+    return True, value
+
+
+def _kind_label(kind: str) -> str:
+    return {"str": "a string", "bool": "true/false", "float": "a finite number", "int": "an integer", "rank": "a number",
+            "str_list": "a list of strings", "float_list": "a list of numbers"}.get(kind, kind)
+
+
+def _type_name(value: Any) -> str:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"{type(value).__name__} out of range" if _as_float(value) is not None else "an integer too large"
+    return "null" if value is None else type(value).__name__
+
+
+def _split_known(cls: type, data: dict[str, Any], problems: list[str] | None = None,
+                 where: str = "") -> tuple[dict[str, Any], dict[str, Any]]:
     names = {f.name for f in fields(cls)}
-    known = {k: v for k, v in data.items() if k in names and k != "extras"}
+    kinds = _FIELD_KINDS.get(cls.__name__, {})
+    known: dict[str, Any] = {}
+    for k, v in data.items():
+        if k not in names or k == "extras":
+            continue
+        kind = kinds.get(k)
+        if kind is None or v is None:
+            known[k] = v
+            continue
+        ok, value = _coerce(kind, v)
+        if not ok and problems is not None:
+            problems.append(f"{where}{k}: expected {_kind_label(kind)}, got {_type_name(v)}")
+        known[k] = value
     unknown = {k: v for k, v in data.items() if k not in names}
     extras = dict(data.get("extras") or {}) if isinstance(data.get("extras"), dict) else {}
     extras.update(unknown)
     return known, extras
+
+
+def _block(data: dict[str, Any], key: str, problems: list[str] | None) -> dict[str, Any]:
+    value = data.pop(key, None)
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        return value
+    if problems is not None:
+        problems.append(f"{key}: expected an object, got {_type_name(value)}")
+    return {}
+
+
+def config_problems(data: Any) -> list[str]:
+    """What is wrong with the types of a ``run_start`` config payload (empty when it is well formed); the
+    telemetry reader reports each as an issue on that line, ``from_dict`` drops the offending values."""
+    if data is None:
+        return []
+    if not isinstance(data, dict):
+        return [f"config: expected an object, got {_type_name(data)}"]
+    problems: list[str] = []
+    ConfigSnapshot.from_dict(data, problems)
+    return problems
 
 
 @dataclass
@@ -42,8 +157,8 @@ class OptimizerConfig:
                 "extras": dict(self.extras)}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any] | None) -> OptimizerConfig:
-        known, extras = _split_known(cls, data or {})
+    def from_dict(cls, data: dict[str, Any] | None, problems: list[str] | None = None) -> OptimizerConfig:
+        known, extras = _split_known(cls, data if isinstance(data, dict) else {}, problems, "optimizer.")
         return cls(**known, extras=extras)
 
 
@@ -68,8 +183,8 @@ class LoraConfig:
                 "extras": dict(self.extras)}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any] | None) -> LoraConfig:
-        known, extras = _split_known(cls, data or {})
+    def from_dict(cls, data: dict[str, Any] | None, problems: list[str] | None = None) -> LoraConfig:
+        known, extras = _split_known(cls, data if isinstance(data, dict) else {}, problems, "lora.")
         return cls(**known, extras=extras)
 
 
@@ -89,8 +204,8 @@ class TrainingConfig:
                 "epochs": self.epochs, "dtype": self.dtype, "extras": dict(self.extras)}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any] | None) -> TrainingConfig:
-        known, extras = _split_known(cls, data or {})
+    def from_dict(cls, data: dict[str, Any] | None, problems: list[str] | None = None) -> TrainingConfig:
+        known, extras = _split_known(cls, data if isinstance(data, dict) else {}, problems, "training.")
         return cls(**known, extras=extras)
 
 
@@ -114,12 +229,14 @@ class ConfigSnapshot:
                 "extras": dict(self.extras)}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any] | None) -> ConfigSnapshot:
-        data = dict(data or {})
-        optimizer = OptimizerConfig.from_dict(data.pop("optimizer", None) or {})
-        lora = LoraConfig.from_dict(data.pop("lora", None) or {})
-        training = TrainingConfig.from_dict(data.pop("training", None) or {})
-        known, extras = _split_known(cls, data)
+    def from_dict(cls, data: dict[str, Any] | None, problems: list[str] | None = None) -> ConfigSnapshot:
+        """Tolerant: unknown keys go to ``extras``, wrong-typed known values become None (listed in
+        ``problems`` when given), a non-object block (``"optimizer": "adamw"``) is treated as empty."""
+        data = dict(data) if isinstance(data, dict) else {}
+        optimizer = OptimizerConfig.from_dict(_block(data, "optimizer", problems), problems)
+        lora = LoraConfig.from_dict(_block(data, "lora", problems), problems)
+        training = TrainingConfig.from_dict(_block(data, "training", problems), problems)
+        known, extras = _split_known(cls, data, problems)
         return cls(**known, optimizer=optimizer, lora=lora, training=training, extras=extras)
 
 
@@ -142,12 +259,14 @@ class Recommendation:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Recommendation:
+        confidence = _as_float(data.get("confidence", 0.5) or 0.0)
+        evidence = data.get("evidence")
         return cls(
             severity=str(data.get("severity", "info")),
             action=str(data.get("action", "unknown")),
             message=str(data.get("message", "")),
             rationale=str(data.get("rationale", "") or ""),
-            confidence=float(data.get("confidence", 0.5) or 0.0),
+            confidence=0.5 if confidence is None or confidence != confidence else confidence,
             scope=str(data.get("scope", "run") or "run"),
-            evidence=dict(data.get("evidence") or {}),
+            evidence=dict(evidence) if isinstance(evidence, dict) else {},
         )
