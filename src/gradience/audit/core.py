@@ -19,7 +19,12 @@ import numpy as np
 from gradience import stats
 from gradience.adapter.config import mutated_base_init
 from gradience.adapter.model import LoadedAdapter, LoraPair, NonLoraTensors
-from gradience.audit.spectrum import pair_grams, singular_values_many, spectrum_metrics
+from gradience.audit.spectrum import (
+    batched_singular_values,
+    factor_grams,
+    singular_values_qr,
+    spectrum_metrics,
+)
 from gradience.audit.suggest import global_suggestion, per_layer_suggestions
 from gradience.issues import Issue
 from gradience.modules import MODULE_TYPES, classify_module, layer_index
@@ -147,13 +152,23 @@ def _single_threaded_blas() -> AbstractContextManager[object]:
     return threadpool_limits(limits=1, user_api="blas")
 
 
-def audit_pairs(pairs: Sequence[LoraPair]) -> list[LayerAudit]:
-    """Spectrum and metrics of every pair (reads each pair's factors once; a second time only for a pair with
-    a steep or rank-deficient factor, whose badly resolved directions are recomputed from the data)."""
+def audit_pairs(pairs: Sequence[LoraPair], *,
+                grams_out: list[tuple[np.ndarray, np.ndarray]] | None = None) -> list[LayerAudit]:
+    """Spectrum and metrics of every pair (reads each pair's factors once, twice only when refining).
+
+    ``grams_out``: when given, receives each pair's float64 (G_A, G_B), so that compress can split the factors
+    without reading them a second time.
+    """
     with _single_threaded_blas():
-        grams = [pair_grams(*pair.load_factors()) for pair in pairs]
-        sigmas = singular_values_many(grams, lambda i: pairs[i].load_factors())
-        layers = [_layer_from_pair(pair, sigma) for pair, sigma in zip(pairs, sigmas, strict=True)]
+        grams = [factor_grams(*pair.load_factors()) for pair in pairs]
+        if grams_out is not None:
+            grams_out.extend(grams)
+        sigmas = batched_singular_values(grams)
+        layers = []
+        for pair, sigma in zip(pairs, sigmas, strict=True):
+            if sigma is None:
+                sigma = singular_values_qr(*pair.load_factors())
+            layers.append(_layer_from_pair(pair, sigma))
     return layers
 
 
