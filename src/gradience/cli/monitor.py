@@ -31,6 +31,11 @@ def add_parser(sub: Any) -> None:
                         "hard_reasoning | generation | unknown")
     p.add_argument("--dataset", metavar="D", default=None,
                    help="override the run's dataset name (the profile is inferred from it, as in check)")
+    p.add_argument("--follow", action="store_true",
+                   help="re-read the growing log and redraw the summary every --interval seconds until the run's "
+                        "run_end (Ctrl-C stops, exit 0); with --json, prints the final report once")
+    p.add_argument("--interval", type=float, default=5.0, metavar="S",
+                   help="seconds between --follow refreshes (default 5)")
     p.add_argument("--fail-on", action="append", default=None, metavar="RULES",
                    help="exit 1 when a rule is met: e.g. 'gap>1.5', 'warning', 'error', 'nan_loss'")
     add_common_flags(p)
@@ -45,14 +50,21 @@ def run(args: argparse.Namespace) -> int:
     from gradience.monitor.gates import evaluate_gates, validate_gates
     from gradience.monitor.render import render_text
     from gradience.policy.thresholds import GAP_THRESHOLD
+    from gradience.textfmt import safe_text
 
     gates = parse_gates(args.fail_on)
     validate_gates(gates)  # usage errors before reading a possibly large log
     gap_threshold = GAP_THRESHOLD if args.gap_threshold is None else args.gap_threshold
     if not gap_threshold > 0 or gap_threshold == float("inf"):
         raise InputError(f"--gap-threshold must be a positive number, got {args.gap_threshold}")
-    report = monitor_run(args.run, run_id=args.run_id, gap_threshold=gap_threshold, strict=args.strict_schema,
-                         task_profile=args.task_profile, dataset=args.dataset)
+    if args.follow:
+        followed = _follow(args, gap_threshold)
+        if followed is None:
+            return EXIT_OK  # Ctrl-C, or no record of the run yet
+        report = followed
+    else:
+        report = monitor_run(args.run, run_id=args.run_id, gap_threshold=gap_threshold,
+                             strict=args.strict_schema, task_profile=args.task_profile, dataset=args.dataset)
     met = evaluate_gates(gates, report)
     if args.json:
         data = report.to_dict(full_config=args.verbose)
@@ -60,7 +72,29 @@ def run(args: argparse.Namespace) -> int:
             data["gates"] = {"rules": [g.text for g in gates], "met": met}
         sys.stdout.write(dumps(data, pretty=True) + "\n")
     else:
-        sys.stdout.write(render_text(report, verbose=args.verbose))
+        sys.stdout.write(safe_text(render_text(report, verbose=args.verbose), keep_newlines=True))
     for message in met:
-        print(f"gradience monitor: fail-on rule met: {message}", file=sys.stderr)
+        print(f"gradience monitor: fail-on rule met: {safe_text(message)}", file=sys.stderr)
     return EXIT_GATE if met else EXIT_OK
+
+
+def _follow(args: argparse.Namespace, gap_threshold: float) -> Any:
+    """``--follow``: redraw the text summary at each refresh that brought new records; the final report is
+    printed by the caller. Ctrl-C returns None."""
+    from gradience.monitor.follow import follow
+    from gradience.monitor.render import render_text
+    from gradience.textfmt import safe_text
+
+    clear = "\x1b[H\x1b[2J" if sys.stdout.isatty() else ""
+
+    def redraw(report: Any) -> None:
+        if not args.json and report.training.get("status") is None:
+            sys.stdout.write(clear + safe_text(render_text(report, verbose=args.verbose), keep_newlines=True))
+            sys.stdout.flush()
+
+    try:
+        return follow(args.run, on_report=redraw, interval=args.interval, run_id=args.run_id,
+                      strict=args.strict_schema, gap_threshold=gap_threshold, task_profile=args.task_profile,
+                      dataset=args.dataset)
+    except KeyboardInterrupt:
+        return None
