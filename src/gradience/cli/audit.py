@@ -111,6 +111,12 @@ def run(args: argparse.Namespace) -> int:
         return _run(args)
 
 
+def safe_text_line(text: str) -> str:
+    from gradience.textfmt import safe_text
+
+    return safe_text(text)
+
+
 def _run(args: argparse.Namespace) -> int:
     from gradience import jsonio
     from gradience.audit import MULTI_SCHEMA, run_audit
@@ -121,6 +127,10 @@ def _run(args: argparse.Namespace) -> int:
 
     gates = parse_gates(args.fail_on)
     options = _options(args)
+    if args.append:  # refuse a path --append cannot extend before doing the work
+        from gradience.telemetry.writer import check_appendable
+
+        check_appendable(args.append)
     results = [run_audit(loaded, options) for loaded in _load_all(args)]
     summaries = [result.to_summary(include_layers=True) for result in results]
     udr_disabled = bool(args.no_udr and not args.base_model)
@@ -138,7 +148,9 @@ def _run(args: argparse.Namespace) -> int:
     else:
         blocks = [render_text(s, top_wasteful=default_top_wasteful(options), show_layers=args.layers)
                   for s in summaries]
-        sys.stdout.write("\n".join(blocks))
+        from gradience.textfmt import safe_text
+
+        sys.stdout.write(safe_text("\n".join(blocks), keep_newlines=True))  # names from the file, escaped
 
     if args.append:
         from gradience.telemetry import append_metrics_event
@@ -152,5 +164,5 @@ def _run(args: argparse.Namespace) -> int:
         prefix = f"[{summary['adapter_name']}] " if multi and summary.get("adapter_name") else ""
         met += [prefix + msg for msg in evaluate_gates(gates, summary, udr_disabled=udr_disabled)]
     for msg in met:
-        print(f"gradience audit: fail-on met: {msg}", file=sys.stderr)
+        print(f"gradience audit: fail-on met: {safe_text_line(msg)}", file=sys.stderr)
     return 1 if met else 0

@@ -200,7 +200,9 @@ def run(args: argparse.Namespace) -> int:
             payload["fail_on"] = [{"rule": rule, "met_by": by} for rule, by in met]
         print(dumps(payload, pretty=True))
     else:
-        print(render_text(report, sources, verbose=args.verbose))
+        from gradience.textfmt import safe_text
+
+        print(safe_text(render_text(report, sources, verbose=args.verbose), keep_newlines=True))
     failed = [(rule, by) for rule, by in met if by]
     if failed:
         stream = sys.stderr if args.json else sys.stdout

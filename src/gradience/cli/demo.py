@@ -29,6 +29,26 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
+def _check_out_dir(out: str) -> None:
+    """Create ``--out`` (or accept an existing directory) and prove it writable, as one-line input errors."""
+    import stat
+    import tempfile
+    from pathlib import Path
+
+    from gradience.errors import InputError
+    from gradience.io.textfile import os_problem, probe
+
+    path = Path(out)
+    st = probe(path)
+    if st is not None and not stat.S_ISDIR(st.st_mode):
+        raise InputError("--out names an existing file, not a directory", path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as exc:
+        raise InputError(f"cannot write the demo output here: {os_problem(exc)}", path) from None
+
+
 def _banner(text: str) -> None:
     print(f"\n$ {text}", flush=True)
 
@@ -38,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
     from gradience.toy.model import require_hf
 
     require_hf("gradience demo")  # one clear error naming the extra, before anything else happens
+    _check_out_dir(args.out)  # a file, /proc/..., a read-only place: a usage error before the toy run
     from gradience.toy.run import ToyRunConfig, format_result, next_commands, run_toy
 
     cfg = ToyRunConfig(out=args.out, device=args.device)

@@ -22,6 +22,7 @@ COMMAND_MODULES = ("check", "monitor", "audit", "demo", "bench", "compare", "rep
 EXIT_OK = 0
 EXIT_GATE = 1
 EXIT_INPUT = 2
+MAX_ERROR_CHARS = 2000  # an error line quoting a 1 MB tensor name is shortened to this
 
 
 def _limit_blas_threads() -> None:
@@ -61,13 +62,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     prog = f"gradience {args.command}"
     debug = bool(getattr(args, "debug", False))
     from gradience.errors import GradienceError
+    from gradience.textfmt import safe_text
+
+    with contextlib.suppress(AttributeError, ValueError):  # a replaced stream without reconfigure()
+        # Strings from input files can hold lone UTF-16 surrogates, which no encoding accepts: print them
+        # escaped (\udc80) instead of failing with UnicodeEncodeError after half a report.
+        sys.stdout.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
 
     try:
         return int(args.func(args) or 0)
     except GradienceError as exc:
         if debug:
             raise
-        print(f"{prog}: error: {exc}", file=sys.stderr)
+        # One line whatever the input held: names with newlines, escape sequences or lone surrogates are
+        # shown escaped, and a megabyte-long name is shortened.
+        print(f"{prog}: error: {safe_text(str(exc), max_len=MAX_ERROR_CHARS)}", file=sys.stderr)
         return EXIT_INPUT
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
@@ -80,8 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # a bug in gradience: still one line, with a hint to get the traceback
         if debug:
             raise
-        print(f"{prog}: error: internal error: {type(exc).__name__}: {exc} (rerun with --debug for a traceback)",
-              file=sys.stderr)
+        detail = safe_text(f"{type(exc).__name__}: {exc}", max_len=MAX_ERROR_CHARS)
+        print(f"{prog}: error: internal error: {detail} (rerun with --debug for a traceback)", file=sys.stderr)
         return EXIT_INPUT
 
 
