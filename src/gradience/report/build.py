@@ -203,6 +203,41 @@ def _run_curves(run_path: Path, run_id: str | None) -> RunCurves:
     return curves
 
 
+def _monitor_and_curves(run_path: Path, run_id: str | None) -> tuple[Any, RunCurves]:
+    """``monitor_run``'s report and the curves in ONE streaming pass over a telemetry log (a 100k-step log
+    is read once, not twice): the same reader, run selection and analyzer as ``monitor_run``, finished by
+    ``monitor.core.build_report``. A trainer_state.json is small: monitor_run plus a second read."""
+    from gradience.monitor import monitor_run
+    from gradience.monitor.analysis import RunAnalyzer
+    from gradience.monitor.core import build_report as build_monitor_report
+    from gradience.monitor.sources import resolve_run_path, telemetry_events
+    from gradience.telemetry.reader import TelemetryReader
+    from gradience.telemetry.types import ConfigSnapshot
+
+    source = resolve_run_path(run_path)
+    if source.kind != "telemetry":
+        return monitor_run(run_path, run_id=run_id), _run_curves(run_path, run_id)
+    reader = TelemetryReader(source.path)
+    analyzer: RunAnalyzer | None = None
+    curves = RunCurves()
+    for is_new, rec in telemetry_events(source.path, reader, run_id):
+        if is_new:
+            analyzer, curves = RunAnalyzer(rec.run_id), RunCurves()
+        assert analyzer is not None
+        analyzer.feed(rec.event, rec.step, rec.data, rec.ts)
+        curves.feed(rec.event, rec.step, rec.data)
+    runs = list(reader.run_ids)
+    if analyzer is None:
+        if run_id is not None:
+            shown = ", ".join(str(r) for r in runs[:20])
+            raise InputError(f"no run with id {run_id!r} (runs in this file: {shown})", source.path)
+        raise InputError("no telemetry records in this file", source.path)
+    config = ConfigSnapshot.from_dict(analyzer.config) if analyzer.config is not None else None
+    report = build_monitor_report(analyzer, source=source, runs=runs, issues=reader.issues, lines=reader.lines,
+                                  config=config)
+    return report, curves
+
+
 def _audit_summary(adapter_dir: Path, base_model: str | None, base_norms_cache: str | None,
                    udr: bool) -> dict[str, Any]:
     from gradience.adapter import load_adapter
@@ -227,11 +262,9 @@ def build_report(path: str | os.PathLike[str], *, base_model: str | None = None,
     ids = ChartIds("c")
     subtitle = ""
     if p.kind == "run":
-        from gradience.monitor import monitor_run
-
         assert p.run is not None
-        report = monitor_run(p.run, run_id=run_id)
-        views.append(run_view(report, _run_curves(p.run, run_id), ids))
+        report, curves = _monitor_and_curves(p.run, run_id)
+        views.append(run_view(report, curves, ids))
         subtitle = f"run {report.run_id}" if report.run_id else "run"
     if p.adapter is not None:
         summary = _audit_summary(p.adapter, p.base_model, base_norms_cache, udr)
