@@ -99,7 +99,7 @@ def _dora_errors(loaded: LoadedAdapter, layers: list[LayerPlan], options: Compre
         a, b = la.pair.load_factors()
         s = la.pair.scale
         if la.action == "truncated":
-            a_k, b_k, _ = truncated_factors(a, b, la.r_after, la.coef, la.grams)
+            a_k, b_k, _ = truncated_factors(a, b, la.r_after, la.coef, None)
             s_k = alpha / la.r_after
         else:
             a_k, b_k, s_k = np.asarray(a, np.float64), np.asarray(b, np.float64), s

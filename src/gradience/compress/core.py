@@ -25,6 +25,7 @@ import numpy as np
 
 from gradience.adapter.model import LoadedAdapter, LoraPair
 from gradience.audit.core import LayerAudit, _layer_issues, audit_pairs
+from gradience.audit.spectrum import factor_grams
 from gradience.audit.suggest import _pattern_key, per_layer_suggestions
 from gradience.compress.budget import BudgetLayer, allocate, parse_budget, retained
 from gradience.compress.factors import rescaled_factors, truncated_factors
@@ -78,7 +79,6 @@ class LayerPlan:
     coef: float                      # s·k/α: the factor scale change the output config needs
     method: str | None = None        # "gram" | "qr" (truncated), "copy" | "rescale" (kept / padded)
     pair: LoraPair | None = field(default=None, repr=False)
-    grams: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
     sigma: np.ndarray | None = field(default=None, repr=False)  # the audit's σ (unscaled), None if non-finite
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -326,8 +326,7 @@ def plan(loaded: LoadedAdapter, options: CompressOptions) -> tuple[list[LayerPla
     if options.dtype not in DTYPE_CHOICES:
         raise InputError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, got {options.dtype!r}")
     alpha = preflight(loaded)
-    grams: list[tuple[np.ndarray, np.ndarray]] = []
-    audits = audit_pairs(loaded.pairs, grams_out=grams)
+    audits = audit_pairs(loaded.pairs)
     use_rslora = bool(loaded.config.get("use_rslora", False))
     ks, extra = _layer_ranks(audits, policy, use_rslora)
     if policy.uniform:
@@ -336,7 +335,7 @@ def plan(loaded: LoadedAdapter, options: CompressOptions) -> tuple[list[LayerPla
         extra["uniform_rank"] = top
 
     layers: list[LayerPlan] = []
-    for pair, la, g, k in zip(loaded.pairs, audits, grams, ks, strict=True):
+    for pair, la, k in zip(loaded.pairs, audits, ks, strict=True):
         if k < pair.r:
             action = "truncated"
         elif k == pair.r:
@@ -353,7 +352,7 @@ def plan(loaded: LoadedAdapter, options: CompressOptions) -> tuple[list[LayerPla
             name=pair.name, peft_prefix=pair.peft_prefix, module_type=la.module_type, kind=pair.kind,
             dora=pair.dora, r_before=pair.r, r_after=k, d_in=pair.d_in, d_out=pair.d_out, action=action,
             energy_retained=energy, rel_frob_error=frob, rel_spectral_error=spectral,
-            coef=pair.scale * k / alpha, pair=pair, grams=g, sigma=sigma, extra=action_note))
+            coef=pair.scale * k / alpha, pair=pair, sigma=sigma, extra=action_note))
         if action != "truncated":
             layers[-1].method = "copy" if layers[-1].verbatim else "rescale"
 
@@ -472,7 +471,9 @@ def _tensor_specs(loaded: LoadedAdapter, layers: list[LayerPlan], out_dtype: str
         if slot is None:
             a, b = pair.load_factors()
             if layer.action == "truncated":
-                a_new, b_new, method = truncated_factors(a, b, layer.r_after, layer.coef, layer.grams)
+                # The Grams are recomputed here, on factors just read, rather than kept from the audit pass
+                # (cheap next to the read, and independent of how the audit reduces its factors).
+                a_new, b_new, method = truncated_factors(a, b, layer.r_after, layer.coef, factor_grams(a, b))
                 layer.method = method
             else:
                 a_new, b_new = rescaled_factors(a, b, layer.r_after, layer.coef)
