@@ -97,7 +97,7 @@ def test_a_crash_while_writing_leaves_no_out(adapter: Path, tmp_path: Path, monk
     calls = {"n": 0}
     real = factors.truncated_factors
 
-    def flaky(*args, **kwargs):  # type: ignore[no-untyped-def]
+    def flaky(*args: object, **kwargs: object) -> object:
         calls["n"] += 1
         if calls["n"] == 3:
             raise OSError(28, "No space left on device")

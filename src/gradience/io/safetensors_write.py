@@ -45,7 +45,8 @@ def encode_float(arr: np.ndarray, dtype: str) -> np.ndarray:
     would load as inf).
     """
     if dtype == "BF16":
-        out = f32_to_bf16_bits(np.asarray(arr, dtype=np.float32))
+        with np.errstate(over="ignore"):
+            out = f32_to_bf16_bits(np.asarray(arr, dtype=np.float32))
         bad = ((out & np.uint16(0x7F80)) == np.uint16(0x7F80)) & np.isfinite(arr)
     elif dtype in _FLOAT_NP:
         with np.errstate(over="ignore"):
@@ -108,7 +109,8 @@ def write_safetensors(path: str | os.PathLike[str], specs: Sequence[TensorSpec],
                 data = np.ascontiguousarray(spec.produce())
                 if data.nbytes != spec.nbytes:
                     raise ValueError(f"tensor {spec.name}: produced {data.nbytes} bytes, declared {spec.nbytes}")
-                fh.write(data.tobytes() if data.ndim == 0 else memoryview(data).cast("B"))  # type: ignore[arg-type]
+                if data.size:
+                    fh.write(data.reshape(-1).view(np.uint8).data)
                 total += data.nbytes
             fh.flush()
             os.fsync(fh.fileno())
