@@ -19,8 +19,8 @@ policies (exactly one):
   --sv-fro T          smallest k with ||dW_k||_F >= T * ||dW||_F          (kohya resize_lora sv_fro)
   --sv-cumulative T   smallest k with sum_{i<=k} s_i >= T * sum s_i        (kohya resize_lora sv_cumulative)
   --sv-ratio X        keep every s_i >= s_1 / X                           (kohya resize_lora sv_ratio)
-  --per-layer         the audit's per-layer suggestion (allowed rank >= margin x k@90%%)
-  --budget P          P LoRA parameters (integer, or a percentage like 30%%), allocated greedily by retained
+  --per-layer         the audit's per-layer suggestion (allowed rank >= margin x k@90%)
+  --budget P          P LoRA parameters (integer, or a percentage like 30%), allocated greedily by retained
                       relative energy per parameter
 
 examples:
@@ -28,7 +28,7 @@ examples:
   gradience compress --peft-dir ./adapter --out ./adapter-r8 --energy 0.9 --dry-run
   gradience compress --peft-dir ./adapter --out ./adapter-small --per-layer --margin 1.5
   gradience compress --peft-dir ./adapter --out ./adapter-vllm --energy 0.95 --uniform   # one rank: vLLM-safe
-  gradience compress --peft-dir ./adapter --out ./adapter-30pct --budget 30%% --dtype bfloat16 --json
+  gradience compress --peft-dir ./adapter --out ./adapter-30pct --budget 30% --dtype bfloat16 --json
   gradience audit --peft-dir ./adapter-small                      # the new ranks; then evaluate it
 
 Output: OUT/adapter_model.safetensors, OUT/adapter_config.json (one lora_alpha, per-module ranks in
