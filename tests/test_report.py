@@ -472,3 +472,9 @@ def test_demo_writes_a_report_with_udr(tmp_path: Path) -> None:
     assert "base model unresolved" not in page and "d/base" in page
     udr = [float(v) for (_, metric), v in tooltips(parsed).items() if metric == "UDR" and v != "-"]
     assert len(udr) == 8 and all(v > 0 for v in udr)  # 2 blocks x q/k/v/out_lin of the toy model
+    from test_report_browser import CHROMIUM, check_page, open_in_browser
+
+    if os.path.exists(CHROMIUM) or os.environ.get("CI"):
+        result = open_in_browser(tmp_path / "d" / "report.html", tmp_path / "golden_path.png", tmp_path)
+        check_page(result)
+        assert result["sections"] == ["run", "adapter"] and result["sidebar"]

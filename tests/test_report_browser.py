@@ -192,7 +192,7 @@ def _require_chromium() -> None:
         pytest.skip("chromium is not installed")
 
 
-def _check_page(result: dict[str, Any], width: int = WINDOW[0]) -> None:
+def check_page(result: dict[str, Any], width: int = WINDOW[0]) -> None:
     assert result["requests"] == [result["url"]], result["requests"]  # the file itself, nothing else
     assert result["errors"] == [], result["errors"]
     assert result["scrollWidth"] <= width, f"page wider than the window: {result['scrollWidth']}px"
@@ -212,7 +212,7 @@ def test_adapter_report_with_base_in_chromium(tmp_path: Path, seven_b_shaped: di
     out = _write(tmp_path, seven_b_shaped["adapter"], base_model=str(seven_b_shaped["base"]),
                  base_norms_cache=str(tmp_path / "norms.json"))
     result = open_in_browser(out, tmp_path / "adapter_7b_shaped.png", tmp_path)
-    _check_page(result)
+    check_page(result)
     assert result["sections"] == ["adapter"]
     assert result["sidebar"]
     assert result["tooltips"] >= 3 * 224  # utilization, k@90 and UDR cells, one tooltip each
@@ -224,7 +224,7 @@ def test_run_report_with_nan_and_spikes_in_chromium(tmp_path: Path, nan_spike_ru
     _require_chromium()
     out = _write(tmp_path, nan_spike_run)
     result = open_in_browser(out, tmp_path / "run_nan_spikes.png", tmp_path)
-    _check_page(result)
+    check_page(result)
     assert result["sections"] == ["run"]
     assert result["svgs"] >= 3  # loss, lr, grad norm
     print(f"screenshot: {tmp_path / 'run_nan_spikes.png'}", file=sys.stderr)
