@@ -36,6 +36,11 @@ Design decisions, and why:
   be recorded; ``monitor`` then reports the run as having no ``run_end``.
 - **Cheap.** Per step it only copies the scalars the Trainer already logged; no tensor work unless the
   train-end audit (a few small SVDs) is enabled.
+- **Guard** (``guard=True``, SPEC §16, off by default): snapshots of the trainable state, rollback + lower lr
+  on a NaN/Inf or a loss spike, a clean stop (``run_end`` ``aborted``) after too many rollbacks. Driven from
+  ``on_step_begin`` / ``on_pre_optimizer_step`` / ``on_step_end`` / ``on_log`` on every rank; the logic and
+  its limits are in :mod:`gradience.integrations.guard`. With the guard off those hooks only test an attribute.
+  (Not to be confused with :meth:`GradienceCallback.guard`, the exception-recording context manager.)
 """
 
 from __future__ import annotations
