@@ -18,7 +18,7 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-from gradience.telemetry.reader import read_events  # noqa: E402
+from gradience.telemetry.reader import read_events
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "tests" / "support_guard_ddp.py"

@@ -193,7 +193,7 @@ def test_scale_lr_survives_the_scheduler() -> None:
 def test_step_signals_single_process() -> None:
     from gradience.integrations.guard import step_signals
 
-    model, opt, _ = _model_and_opt()
+    model, _opt, _ = _model_and_opt()
     model(torch.randn(8, 4)).pow(2).mean().backward()
     params = list(model.parameters())
     want = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in params))

@@ -66,7 +66,7 @@ def test_nan_grad_with_finite_loss_is_flagged(tmp_path: Path, capsys: pytest.Cap
     assert "logging_nan_inf_filter=False" in rec["message"] and "guard=True" in rec["message"]
     # The run's loss curve itself looks clean: no nan_loss finding.
     assert "nan_loss" not in recs(data)
-    rc, out = run_cli(capsys, str(path))
+    _rc, out = run_cli(capsys, str(path))
     lines = out.splitlines()
     i = lines.index("Guard:")
     assert lines[i + 1] == ("  NaN hidden by logging filter: 2 step(s) with a NaN/Inf grad norm and a finite "
@@ -86,7 +86,7 @@ def test_filter_setting_alone_with_nan_grad(tmp_path: Path, capsys: pytest.Captu
     clean = hf_log(tmp_path / "clean.jsonl", nan_filter=True, steps={})
     data = monitor_json(capsys, clean)
     assert "nan_hidden_by_logging_filter" not in recs(data)
-    rc, out = run_cli(capsys, str(clean))
+    _rc, out = run_cli(capsys, str(clean))
     assert "Guard:" not in out  # no guard, nothing hidden: no block
 
 
@@ -120,7 +120,7 @@ def test_guard_actions_block_and_abort(tmp_path: Path, capsys: pytest.CaptureFix
     assert r["guard_aborted"]["severity"] == "error" and "guard_rollbacks" not in r
     assert r["nan_hidden_by_logging_filter"]["severity"] == "info"  # the guard rolled that step back
     assert "guard rolled those steps back" in r["nan_hidden_by_logging_filter"]["message"]
-    rc, out = run_cli(capsys, str(path))
+    _rc, out = run_cli(capsys, str(path))
     lines = out.splitlines()
     i = lines.index("Guard:")
     assert lines[i + 1].startswith("  Settings: snapshot every 2 steps (ring 2), spike > 5x median, lr x0.5")
@@ -159,5 +159,5 @@ def test_monitor_on_a_real_guarded_run(tmp_path: Path, capsys: pytest.CaptureFix
     assert g["nan_hidden"]["steps"] == [5] and g["nan_hidden"]["handled_by_guard"] == 1
     r = recs(data)
     assert r["nan_hidden_by_logging_filter"]["severity"] == "info" and "guard_rollbacks" in r
-    rc, out = run_cli(capsys, str(tmp_path / "run.jsonl"))
+    _rc, out = run_cli(capsys, str(tmp_path / "run.jsonl"))
     assert "    step 5: rollback on nonfinite_grad_norm, restored step 4, lr -> " in out

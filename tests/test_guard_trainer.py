@@ -116,7 +116,7 @@ def saved_adapter_is_finite(trainer: Any, out: Path) -> bool:
 
 
 def test_injected_nan_is_rolled_back_and_training_finishes(parts: dict[str, Any], tmp_path: Path) -> None:
-    cb, fault, trainer, records = guarded_run(parts, tmp_path, "nan", {7})
+    _cb, fault, trainer, records = guarded_run(parts, tmp_path, "nan", {7})
     events = guard_events(records)
     assert len(events) == 1
     ev = events[0]
@@ -145,7 +145,7 @@ def test_injected_nan_is_rolled_back_and_training_finishes(parts: dict[str, Any]
 def test_nan_loss_without_hf_filter_recovers_logging(parts: dict[str, Any], tmp_path: Path) -> None:
     """logging_nan_inf_filter=False: the step loss itself is NaN (trigger nonfinite_loss); HF would keep its
     loss accumulator NaN for the rest of the run, the guard repairs it so later logged losses are finite."""
-    cb, fault, trainer, records = guarded_run(parts, tmp_path, "nan", {5},
+    _cb, fault, trainer, records = guarded_run(parts, tmp_path, "nan", {5},
                                               trainer_logging_nan_inf_filter=False)
     (ev,) = guard_events(records)
     assert (ev["trigger"], ev["step"], ev["restored_step"]) == ("nonfinite_loss", 5, 4)
@@ -157,7 +157,7 @@ def test_nan_loss_without_hf_filter_recovers_logging(parts: dict[str, Any], tmp_
 
 
 def test_injected_spike_is_rolled_back(parts: dict[str, Any], tmp_path: Path) -> None:
-    cb, fault, trainer, records = guarded_run(parts, tmp_path, "spike", {9})
+    _cb, fault, trainer, records = guarded_run(parts, tmp_path, "spike", {9})
     (ev,) = guard_events(records)
     assert (ev["action"], ev["trigger"], ev["step"], ev["restored_step"]) == ("rollback", "loss_spike", 9, 8)
     # Independent check of the trigger: the spike is > 5x the median of the 8 accepted per-step losses,
@@ -191,7 +191,7 @@ def test_persistent_failure_stops_after_max_rollbacks(parts: dict[str, Any], tmp
 def test_log_loss_source_judges_logged_losses(parts: dict[str, Any], tmp_path: Path) -> None:
     """guard_loss_source='log': the spike is seen in on_log, after the step was applied; the snapshot due at
     that step is never used (it was not yet confirmed)."""
-    cb, fault, trainer, records = guarded_run(parts, tmp_path, "spike", {8}, guard_loss_source="log")
+    _cb, fault, trainer, records = guarded_run(parts, tmp_path, "spike", {8}, guard_loss_source="log")
     (ev,) = guard_events(records)
     assert (ev["trigger"], ev["step"], ev["restored_step"], ev["loss_source"]) == ("loss_spike", 8, 6, "log")
     # Restored in on_log of step 8 (after step 8 was applied): the state seen right after that log is step 6's.
