@@ -155,8 +155,8 @@ def render_text(report: MonitorReport, *, verbose: bool = False) -> str:
         lines += ["", f"Alerts ({alerts.get('total', 0)}):"]
     elif found:
         worst = (report.status or {}).get("overall")
-        lines += ["", f"Alerts: none logged by the run; the analysis found {len(found)} {worst}-level "
-                      "problem(s), listed under Recommendations"]
+        lines += ["", f"Alerts: none logged by the run; the analysis found {len(found)} problem(s) "
+                      f"(worst: {worst}), listed under Recommendations"]
     else:
         lines += ["", "Alerts: none"]
     for g in groups:
