@@ -18,6 +18,7 @@ from gradience.adapter.config import merge_issues, module_rank, module_scale
 from gradience.adapter.model import LoraPair, NonLoraTensors, PairKind
 from gradience.adapter.sources import TensorMeta, TensorSource
 from gradience.issues import Issue
+from gradience.policy.thresholds import MAX_FACTOR_RANK, RANK_ABOVE_DIM_MAX
 
 PEFT_ROOT_PREFIX = "base_model.model."
 _FACTOR_ROLES = {"lora_A": ("linear", "A"), "lora_B": ("linear", "B"),
@@ -128,6 +129,20 @@ def _orient(kind: str, a: tuple[int, ...], b: tuple[int, ...], expected_r: int |
     return options[0] if options else None
 
 
+def rank_bound_problem(r: int, d_in: int, d_out: int) -> str | None:
+    """Why a pair's rank (the dimension its factors share) is not believable, or None.
+
+    A forged 2 MB file with A (100000, 2) and B (3, 100000) would make the audit build a 100000 x 100000 Gram
+    (75 GB). A real LoRA rank is at most the layer's smaller dimension, give or take a small rank on a tiny
+    layer (PEFT accepts r=8 on a 2-class head), and never above ``MAX_FACTOR_RANK``.
+    """
+    if r > MAX_FACTOR_RANK:
+        return f"rank {r} exceeds the limit of {MAX_FACTOR_RANK}"
+    if r > min(d_in, d_out) and r > RANK_ABOVE_DIM_MAX:
+        return f"rank {r} exceeds the layer's smaller dimension min({d_in}, {d_out})"
+    return None
+
+
 def _natural_key(name: str) -> list[tuple[int, int | str]]:
     """Sort key putting ``layers.2`` before ``layers.10`` (files list tensors alphabetically)."""
     return [(0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", name)]
@@ -205,6 +220,10 @@ def build_pairs(source: TensorSource, config: Mapping[str, Any], adapter_name: s
         if orient is None:
             shape_bad[name] = {"a_shape": list(a.shape), "b_shape": list(b.shape)}
             continue
+        bomb = rank_bound_problem(orient.r, orient.d_in, orient.d_out)
+        if bomb is not None:  # refused from the shapes alone, before any r x r allocation
+            shape_bad[name] = {"a_shape": list(a.shape), "b_shape": list(b.shape), "reason": bomb}
+            continue
         if orient.transposed:
             transposed.append(name)
         if expected_r is not None and expected_r != orient.r:
@@ -248,7 +267,8 @@ def build_pairs(source: TensorSource, config: Mapping[str, Any], adapter_name: s
                             f"LoRA factors that are not floating point, not audited: {_names(list(dtype_bad))}",
                             modules=list(dtype_bad), extra={"dtypes": dtype_bad}))
     if shape_bad:
-        detail = [f"{n} (A {tuple(s['a_shape'])}, B {tuple(s['b_shape'])})" for n, s in shape_bad.items()]
+        detail = [f"{n} (A {tuple(s['a_shape'])}, B {tuple(s['b_shape'])}"
+                  + (f": {s['reason']})" if "reason" in s else ")") for n, s in shape_bad.items()]
         issues.append(Issue("shape_mismatch",
                             "factor shapes fit neither A (r, d_in) / B (d_out, r) nor its transpose, not audited: "
                             + _names(detail), modules=list(shape_bad), extra={"shapes": shape_bad}))

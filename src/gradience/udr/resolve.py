@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gradience.errors import InputError
-from gradience.io.textfile import is_dir, is_file, probe, read_json_file, read_text_limited
+from gradience.io.textfile import is_dir, is_file, probe, read_bytes_limited, read_json_file
 from gradience.textfmt import safe_text
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -129,7 +129,8 @@ def _from_hub_cache(repo_id: str, revision: str | None, cache: Path) -> tuple[Pa
     if is_file(ref):
         # refs/<branch> holds the commit hash the branch pointed to; anything else (binary garbage, a path
         # such as ../../x) must not be followed, or a planted cache file could point us anywhere.
-        commit = read_text_limited(ref, what=f"refs/{wanted}", max_bytes=MAX_REF_BYTES).strip()
+        commit = read_bytes_limited(ref, what=f"refs/{wanted}", max_bytes=MAX_REF_BYTES).decode(
+            "utf-8", errors="backslashreplace").strip()
         if not _COMMIT_RE.match(commit):
             raise InputError(f"refs/{wanted} does not hold a commit hash (found "
                              f"{safe_text(repr(commit[:60]), max_len=80)}); the Hugging Face cache is corrupt", ref)
