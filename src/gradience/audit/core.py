@@ -220,7 +220,7 @@ class AuditResult:
 
     def _composition(self) -> dict[str, Any]:
         """How concentrated the update energy (Σ delta_frob_norm²) is across layers."""
-        energies = [(layer.name, layer.delta_frob_norm ** 2) for layer in self.layers
+        energies = [(layer.name, layer.delta_frob_norm * layer.delta_frob_norm) for layer in self.layers
                     if layer.delta_frob_norm is not None]
         total = sum(e for _, e in energies)
         if total <= 0.0 or not math.isfinite(total):
