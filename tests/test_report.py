@@ -478,3 +478,14 @@ def test_demo_writes_a_report_with_udr(tmp_path: Path) -> None:
         result = open_in_browser(tmp_path / "d" / "report.html", tmp_path / "golden_path.png", tmp_path)
         check_page(result)
         assert result["sections"] == ["run", "adapter"] and result["sidebar"]
+
+
+def test_run_with_an_unreadable_adapter_still_reports_the_run(tmp_path: Path) -> None:
+    write_run(tmp_path / "run.jsonl", steps=30, eval_every=10)
+    (tmp_path / "peft").mkdir()
+    (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
+    (tmp_path / "peft" / "adapter_model.safetensors").write_bytes(b"\x10" * 64)
+    page = render(tmp_path)
+    assert "Training run" in page and "The adapter was not audited:" in page
+    assert "adapter_model.safetensors" in page
+    assert_self_contained(page)

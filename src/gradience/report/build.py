@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gradience.errors import InputError
+from gradience.errors import GradienceError, InputError
 from gradience.report.curves import RunCurves
 from gradience.report.views import ChartIds, View, adapter_view, compare_view, run_view
 
@@ -266,8 +266,16 @@ def build_report(path: str | os.PathLike[str], *, base_model: str | None = None,
         report, curves = _monitor_and_curves(p.run, run_id)
         views.append(run_view(report, curves, ids))
         subtitle = f"run {report.run_id}" if report.run_id else "run"
+    summary: dict[str, Any] | None = None
     if p.adapter is not None:
-        summary = _audit_summary(p.adapter, p.base_model, base_norms_cache, udr)
+        try:
+            summary = _audit_summary(p.adapter, p.base_model, base_norms_cache, udr)
+        except GradienceError as exc:
+            if p.kind != "run" or (p.base_model is not None and p.base_note is None):
+                raise  # an adapter report, or a base the user named: the error is the answer
+            # The run's story stands on its own; the page says why its adapter is missing.
+            p.notes.append(f"The adapter was not audited: {exc}")
+    if summary is not None:
         source = f"{p.base_model} ({p.base_note})" if p.base_note else ""
         view = adapter_view(summary, ids, source="")
         if source:
