@@ -519,3 +519,17 @@ def test_alert_messages_are_escaped_in_monitor_text(tmp_path: Path, capsys: pyte
 def test_stat_constants_sanity() -> None:
     # The refusal paths above rely on stat telling FIFOs and devices from regular files.
     assert stat.S_ISCHR(os.stat("/dev/zero").st_mode)
+
+
+@pytest.mark.parametrize("name,text,needle", [
+    ("big.json", '{"learning_rate": 1' + "0" * 400 + ', "r": 8}', "out of range"),
+    ("big.yaml", "r: 8\nlearning_rate: 1" + "0" * 5000 + "\n", "digits"),
+    ("deep.json", "[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    ("deep.yaml", "a:\n" + "".join("  " * i + "- \n" for i in range(1, 300)), "YAML"),
+])
+def test_check_config_giant_numbers_and_nesting(tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str,
+                                                text: str, needle: str) -> None:
+    f = tmp_path / name
+    f.write_text(text)
+    code, _, err = cli(capsys, "check", str(f))
+    assert_one_line_error(code, err, str(f), needle)

@@ -44,7 +44,10 @@ def to_float(value: Any, key: str, where: Where) -> float | None:
     if isinstance(value, bool):
         raise where.error(key, f"expected a number, got a boolean ({value})")
     if isinstance(value, (int, float)):
-        out = float(value)
+        try:
+            out = float(value)
+        except OverflowError:  # a 400-digit integer
+            raise where.error(key, f"number out of range ({len(str(abs(value)))} digits)") from None
     elif isinstance(value, str):
         text = value.strip()
         if not text or text.lower() in {"none", "null"}:
