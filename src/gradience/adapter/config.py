@@ -25,7 +25,7 @@ from gradience.textfmt import safe_text
 try:  # the parser behind ``re.compile`` (renamed in 3.11; the old name warns)
     import re._parser as _sre_parser
 except ImportError:  # pragma: no cover - Python < 3.11
-    import sre_parse as _sre_parser  # type: ignore[no-redef]
+    import sre_parse as _sre_parser
 
 CONFIG_FILENAME = "adapter_config.json"
 # A PEFT adapter config is a few KB; anything this large is not one (and must not be read into memory).

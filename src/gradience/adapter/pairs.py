@@ -193,7 +193,7 @@ def build_pairs(source: TensorSource, config: Mapping[str, Any], adapter_name: s
                             "all are listed, select one by adapter name to audit it alone"))
     unpaired: list[str] = []
     unpaired_keys: list[str] = []
-    shape_bad: dict[str, dict[str, list[int]]] = {}
+    shape_bad: dict[str, dict[str, Any]] = {}
     dtype_bad: dict[str, str] = {}
     rank_bad: dict[str, dict[str, int]] = {}
     transposed: list[str] = []
