@@ -40,8 +40,8 @@ def test_outputs_exist(toy: ToyRunResult) -> None:
     assert args["learning_rate"] == pytest.approx(5e-3)
     assert args["max_steps"] == 100
     assert args["seed"] == 42
-    # No stray staging directories left next to peft/.
-    assert sorted(p.name for p in toy.out.iterdir()) == ["peft", "run.jsonl", "training"]
+    # No stray staging directories left next to peft/ (base/: the built-in base model, saved for UDR).
+    assert sorted(p.name for p in toy.out.iterdir()) == ["base", "peft", "run.jsonl", "training"]
 
 
 def test_run_log_sequence_and_envelope(toy: ToyRunResult) -> None:
@@ -131,7 +131,7 @@ def test_rerun_appends_a_second_run_and_replaces_the_adapter(tmp_path: Path) -> 
     assert [r["run_id"] for r in records if r["event"] == "run_start"] == [first.run_id, second.run_id]
     assert not any(r["event"] == "metrics" and r["kind"] == "lora_audit" for r in records)  # --no-audit
     assert json.loads((out / "peft" / "adapter_config.json").read_text())["r"] == 2
-    assert sorted(p.name for p in out.iterdir()) == ["peft", "run.jsonl", "training"]
+    assert sorted(p.name for p in out.iterdir()) == ["base", "peft", "run.jsonl", "training"]
 
 
 def test_local_model_and_dataset_paths(tmp_path: Path) -> None:
