@@ -533,3 +533,20 @@ def test_check_config_giant_numbers_and_nesting(tmp_path: Path, capsys: pytest.C
     f.write_text(text)
     code, _, err = cli(capsys, "check", str(f))
     assert_one_line_error(code, err, str(f), needle)
+
+
+def test_trainer_state_with_odd_types(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    big = int("9" * 400)
+    state = {"log_history": [{"step": 1, "loss": [1], "learning_rate": "x", "grad_norm": {"a": 1}},
+                             {"step": 2, "loss": big, "epoch": "NaN"},
+                             {"step": 3, "eval_loss": 1.0, "eval_accuracy": [1], "eval_runtime": big},
+                             {"step": 4, "loss": 0.5, "learning_rate": 1e-4}],
+             "train_batch_size": "8", "max_steps": 10**400, "num_train_epochs": big}
+    f = tmp_path / "trainer_state.json"
+    f.write_text(json.dumps(state))
+    code, out, err = cli(capsys, "monitor", str(f), "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert {i["index"] for i in doc["telemetry_issues"] if i["code"] == "bad_log_entry"} == {0, 1, 2}
+    code, out, err = cli(capsys, "monitor", str(f))
+    assert code == 0, err

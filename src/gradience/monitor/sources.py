@@ -91,6 +91,17 @@ def _load_json(path: Path, what: str) -> Any:
         raise
 
 
+def _real(value: Any) -> bool:
+    """A real number (NaN and infinities included) that fits a float: a 400-digit int does not."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        float(value)
+    except OverflowError:
+        return False
+    return True
+
+
 def _split_eval_entry(entry: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """HF eval log entry -> {split: metrics}. ``eval_loss`` is split "eval"; with a dict of eval datasets HF
     logs ``eval_<name>_loss``, which becomes split ``<name>``."""
@@ -122,6 +133,12 @@ def read_trainer_state(path: str | os.PathLike[str]) -> TrainerState:
             continue
         step = entry.get("step") if isinstance(entry.get("step"), int) else None
         if any(k.startswith("eval_") for k in entry):
+            bad = [k for k, v in entry.items()
+                   if k.startswith("eval_") and not isinstance(v, (str, bool, type(None))) and not _real(v)]
+            if bad:
+                issues.append(Issue("bad_log_entry", f"log_history[{i}]: {', '.join(bad[:5])} not a number; ignored",
+                                    extra={"index": i}))
+                entry = {k: v for k, v in entry.items() if k not in bad}
             for split, metrics in _split_eval_entry(entry).items():
                 events.append(("eval", step, {"split": split, "metrics": metrics}))
         elif any(k in entry for k in _HF_SUMMARY_KEYS):
@@ -129,7 +146,11 @@ def read_trainer_state(path: str | os.PathLike[str]) -> TrainerState:
         elif any(k in entry for k in ("loss", "learning_rate", "grad_norm")):
             fields = {"loss": entry.get("loss"), "lr": entry.get("learning_rate"),
                       "grad_norm": entry.get("grad_norm"), "epoch": entry.get("epoch")}
-            events.append(("train_step", step, {k: v for k, v in fields.items() if v is not None}))
+            bad = [k for k, v in fields.items() if v is not None and not _real(v)]
+            if bad:
+                issues.append(Issue("bad_log_entry", f"log_history[{i}]: {', '.join(bad)} not a number; ignored",
+                                    extra={"index": i}))
+            events.append(("train_step", step, {k: v for k, v in fields.items() if v is not None and k not in bad}))
     return TrainerState(events, _trainer_state_config(p, data), issues, summary)
 
 
@@ -149,9 +170,9 @@ def _trainer_state_config(path: Path, data: dict[str, Any]) -> ConfigSnapshot:
     t = snapshot.training
     if t.batch_size is None and isinstance(data.get("train_batch_size"), int):
         t.batch_size = data["train_batch_size"]
-    if t.max_steps is None and isinstance(data.get("max_steps"), int) and data["max_steps"] > 0:
+    if t.max_steps is None and isinstance(data.get("max_steps"), int) and 0 < data["max_steps"] < 2**63:
         t.max_steps = data["max_steps"]
-    if t.epochs is None and isinstance(data.get("num_train_epochs"), (int, float)):
+    if t.epochs is None and _real(data.get("num_train_epochs")):
         t.epochs = float(data["num_train_epochs"])
     return snapshot
 
