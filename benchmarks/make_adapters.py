@@ -5,7 +5,9 @@
     python benchmarks/make_adapters.py --list
 
 Factors are random with a decaying singular spectrum that varies per pair, B non-zero (see
-``tests/support/synthetic.py``, the one writer shared with the tests). An adapter is regenerated only when its
+``tests/support/synthetic.py``, the one writer shared with the tests). The ``*_steep_*`` adapters have
+σ_r/σ₁ < 1e-4 on every pair (decay on B, A or both) and one exactly rank-deficient pair in eight, as
+trained adapters often do: they exercise the audit's refinement path, the flat ones its fast path. An adapter is regenerated only when its
 recorded recipe differs from the current one, so repeated runs are free.
 """
 
@@ -39,6 +41,10 @@ ADAPTERS: dict[str, tuple[str, int, dict[str, tuple[int, int]], int, str]] = {
     "llama7b_r64_f32": ("Llama-2-7B shapes, r=64", 32, _LLAMA7B, 64, "F32"),
     "llama7b_r64_bf16": ("Llama-2-7B shapes, r=64, bf16", 32, _LLAMA7B, 64, "BF16"),
     "llama70b_r16_f32": ("Llama-70B shapes (GQA k/v 1024), 7 targets × 80 blocks, r=16", 80, _LLAMA70B, 16, "F32"),
+    "llama7b_r16_steep_f32": ("7B shapes, r=16, steep spectra + rank-deficient pairs", 32, _LLAMA7B, 16, "F32"),
+    "llama7b_r16_steep_bf16": ("7B shapes, r=16, steep, bf16", 32, _LLAMA7B, 16, "BF16"),
+    "llama7b_r64_steep_f32": ("7B shapes, r=64, steep", 32, _LLAMA7B, 64, "F32"),
+    "llama70b_r16_steep_f32": ("70B shapes, r=16, steep", 80, _LLAMA70B, 16, "F32"),
 }
 # The base a real adapter of these shapes names: the audit then takes the same path a user's would (the base
 # is not available offline, so UDR is skipped with an issue).
@@ -46,11 +52,22 @@ BASE_NAMES = {"tiny_r8": "gpt2", "llama70b_r16_f32": "meta-llama/Llama-2-70b-hf"
 DEFAULT_BASE_NAME = "meta-llama/Llama-2-7b-hf"
 
 
+def spectrum_of(name: str) -> str:
+    """"steep" for the ``*_steep_*`` adapters, else "power" (see ``write_synthetic_adapter``)."""
+    return "steep" if "_steep_" in name else "power"
+
+
+def flat_twin(name: str) -> str | None:
+    """The flat-spectrum adapter of the same shapes and dtype as a steep one (None for a flat one)."""
+    twin = name.replace("_steep_", "_")
+    return twin if twin != name and twin in ADAPTERS else None
+
+
 def recipe(name: str) -> dict[str, Any]:
     _, layers, targets, r, dtype = ADAPTERS[name]
     return {"layers": layers, "targets": {k: list(v) for k, v in targets.items()}, "r": r, "alpha": 2 * r,
-            "dtype": dtype, "seed": 0, "generator": 1,
-            "base_model_name_or_path": BASE_NAMES.get(name, DEFAULT_BASE_NAME)}
+            "dtype": dtype, "seed": 0, "generator": 2, "spectrum": spectrum_of(name),
+            "base_model_name_or_path": BASE_NAMES.get(name.replace("_steep", ""), DEFAULT_BASE_NAME)}
 
 
 def adapter_dir(name: str, data_dir: Path = DATA_DIR) -> Path:
@@ -75,7 +92,7 @@ def ensure_adapter(name: str, data_dir: Path = DATA_DIR, *, force: bool = False)
         shutil.rmtree(out)
     _, layers, targets, r, dtype = ADAPTERS[name]
     write_synthetic_adapter(out, layers=layers, targets=targets, r=r, alpha=2 * r, dtype=dtype, seed=0,
-                            base_model_name_or_path=wanted["base_model_name_or_path"])
+                            base_model_name_or_path=wanted["base_model_name_or_path"], spectrum=wanted["spectrum"])
     recipe_path.write_text(json.dumps(wanted, indent=2) + "\n")
     return out, True
 

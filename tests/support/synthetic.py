@@ -118,6 +118,61 @@ def decaying_factors(rng: np.random.Generator, d_out: int, d_in: int, r: int, *,
     return a, b
 
 
+# ``spectrum="steep"`` (write_synthetic_adapter): every pair's σ_r/σ₁ is 10^-decades with decades drawn from
+# this range (trained adapters often decay this fast), and one pair in RANK_DEFICIENT_EVERY is exactly
+# rank-deficient. Both take the audit's refinement path, so benchmarks measure it instead of the easy case.
+STEEP_DECADES = (4.5, 8.0)
+RANK_DEFICIENT_EVERY = 8
+STEEP_PLACEMENTS = ("b", "a", "split", "rotated")
+
+
+def steep_factors(rng: np.random.Generator, d_out: int, d_in: int, r: int, *, decades: float,
+                  placement: str = "b", magnitude: float = 0.02) -> tuple[np.ndarray, np.ndarray]:
+    """Random float32 (A, B) whose product has σ_i ≈ magnitude·10^(-decades·i/(r-1)) (σ_r/σ₁ ≈ 10^-decades).
+
+    ``placement`` puts the decay on B's columns ("b": B carries the learned scale, as after training from
+    PEFT's B = 0 init), on A's rows ("a"), half on each ("split"), or on B in a random rotated basis
+    ("rotated": no row or column scale shows it). Scaling whole rows/columns keeps the decay when the factors
+    are rounded to bf16 (rounding is relative per entry); a rotated decay does not survive bf16 rounding.
+    """
+    steps = np.arange(r, dtype=np.float64) / max(r - 1, 1)
+    profile = magnitude * 10.0 ** (-decades * steps)
+    a = rng.standard_normal((r, d_in)) / np.sqrt(d_in)
+    b = rng.standard_normal((d_out, r)) / np.sqrt(d_out)
+    if placement == "a":
+        a *= profile[:, None]
+    elif placement == "b":
+        b *= profile[None, :]
+    elif placement == "split":
+        a *= np.sqrt(profile)[:, None]
+        b *= np.sqrt(profile)[None, :]
+    elif placement == "rotated":
+        q, _ = np.linalg.qr(rng.standard_normal((r, r)))
+        b = (b * profile[None, :]) @ q
+    else:
+        raise ValueError(f"placement must be 'a', 'b', 'split' or 'rotated', not {placement!r}")
+    return a.astype(np.float32), b.astype(np.float32)
+
+
+def rank_deficient_factors(rng: np.random.Generator, d_out: int, d_in: int, r: int, *, rank: int,
+                           magnitude: float = 0.02) -> tuple[np.ndarray, np.ndarray]:
+    """float32 (A, B) with B·A of rank exactly ``rank`` < r: B's last r - rank columns repeat earlier ones
+    bit for bit and the matching rows of A are zero (a rank-r adapter that only learned ``rank`` directions)."""
+    a, b = decaying_factors(rng, d_out, d_in, r, exponent=1.0, magnitude=magnitude)
+    b[:, rank:] = b[:, np.arange(rank, r) % rank]
+    a[rank:] = 0.0
+    return a, b
+
+
+def _steep_pair(seed: int, i: int, t: int, d_out: int, d_in: int, r: int) -> tuple[np.ndarray, np.ndarray]:
+    """One pair of a ``spectrum="steep"`` adapter (its own random stream, independent of the default one)."""
+    rng = np.random.default_rng([seed, i, t, 7])
+    if r > 1 and (i * 7 + t) % RANK_DEFICIENT_EVERY == 0:
+        return rank_deficient_factors(rng, d_out, d_in, r, rank=int(rng.integers(1, max(2, r // 2))))
+    placement = STEEP_PLACEMENTS[int(rng.integers(0, len(STEEP_PLACEMENTS)))]
+    return steep_factors(rng, d_out, d_in, r, decades=float(rng.uniform(*STEEP_DECADES)), placement=placement)
+
+
 def _pattern_value(pattern: Mapping[str, Any] | None, module_name: str, default: Any) -> Any:
     """PEFT's rank_pattern/alpha_pattern matching: key equals the name or matches a trailing dotted suffix."""
     for key, value in (pattern or {}).items():
@@ -133,14 +188,19 @@ def write_synthetic_adapter(out_dir: str | os.PathLike[str], *, layers: int, tar
                             prefix: str = "base_model.model.model.layers.{i}.self_attn",
                             mlp_prefix: str | None = None, base_model_name_or_path: str | None = None,
                             zero_b: bool = False, exponent_range: tuple[float, float] = (0.5, 2.0),
-                            config_overrides: Mapping[str, Any] | None = None) -> Path:
+                            config_overrides: Mapping[str, Any] | None = None, spectrum: str = "power") -> Path:
     """Write a PEFT-layout LoRA adapter (``adapter_config.json`` + ``adapter_model.safetensors``) with numpy.
 
     ``targets`` maps a module leaf name to its weight shape (d_out, d_in). Leaves in ``MLP_LEAVES`` live
     under ``mlp_prefix`` (default: ``prefix`` with ``self_attn`` replaced by ``mlp``). Each pair's rank
     follows ``rank_pattern`` with PEFT's matching rules. The file is streamed pair by pair, so a 790 MiB
     adapter never sits in memory. ``zero_b`` writes B = 0 (an adapter saved before training).
+    ``spectrum``: "power" (default: power-law decay, exponent drawn from ``exponent_range``) or "steep"
+    (σ_r/σ₁ < 1e-4 on every pair, decay on B, A or both, and every ``RANK_DEFICIENT_EVERY``-th pair exactly
+    rank-deficient; see :func:`steep_factors`).
     """
+    if spectrum not in ("power", "steep"):
+        raise ValueError(f"spectrum must be 'power' or 'steep', not {spectrum!r}")
     if dtype not in ("F32", "BF16", "F16"):
         raise ValueError(f"dtype must be F32, BF16 or F16, not {dtype!r}")
     out = Path(out_dir)
@@ -165,8 +225,11 @@ def write_synthetic_adapter(out_dir: str | os.PathLike[str], *, layers: int, tar
     with open(tmp, "wb") as fh:
         fh.write(_header_bytes(entries, {"format": "pt"}))
         for _, i, t, rank, d_out, d_in in pairs:
-            rng = np.random.default_rng([seed, i, t])
-            a, b = decaying_factors(rng, d_out, d_in, rank, exponent=float(rng.uniform(low, high)))
+            if spectrum == "steep":
+                a, b = _steep_pair(seed, i, t, d_out, d_in, rank)
+            else:
+                rng = np.random.default_rng([seed, i, t])
+                a, b = decaying_factors(rng, d_out, d_in, rank, exponent=float(rng.uniform(low, high)))
             if zero_b:
                 b[:] = 0.0
             fh.write(encode_tensor(a, dtype))

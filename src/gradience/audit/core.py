@@ -1,8 +1,9 @@
 """The audit as a library: ``run_audit(loaded, options) -> AuditResult`` and its JSON summary (SPEC §3).
 
 Each pair's factors are read once (zero-copy from the memory map), reduced to two float64 r×r Grams and
-dropped; the eigen-solves then run batched over pairs of equal rank. Only pairs whose spectrum the Gram path
-cannot resolve are read a second time for the QR path (see :mod:`gradience.audit.spectrum`).
+dropped; the eigen-solves and the SVDs of the r×r cores then run batched over pairs of equal rank. Only a
+pair with a rank-deficient factor (or one steep in a rotated basis) is read a second time, for a thin product
+over the data (see :mod:`gradience.audit.spectrum`).
 """
 
 from __future__ import annotations
@@ -19,12 +20,7 @@ import numpy as np
 from gradience import stats
 from gradience.adapter.config import mutated_base_init
 from gradience.adapter.model import LoadedAdapter, LoraPair, NonLoraTensors
-from gradience.audit.spectrum import (
-    batched_singular_values,
-    factor_grams,
-    singular_values_qr,
-    spectrum_metrics,
-)
+from gradience.audit.spectrum import pair_grams, singular_values_many, spectrum_metrics
 from gradience.audit.suggest import global_suggestion, per_layer_suggestions
 from gradience.issues import Issue
 from gradience.modules import MODULE_TYPES, classify_module, layer_index
@@ -100,7 +96,7 @@ class LayerAudit:
         sv: list[float] | None = None
         if self.singular_values is not None:
             vec = self.singular_values if top_singular_values is None else self.singular_values[:top_singular_values]
-            sv = [float(x) for x in vec]
+            sv = vec.tolist()  # Python floats in one C call (this runs once per row of every JSON output)
         row: dict[str, Any] = {
             "name": self.name, "peft_prefix": self.peft_prefix, "module_type": self.module_type,
             "layer": self.layer, "kind": self.kind, "dora": self.dora, "r": self.r, "alpha": self.alpha,
@@ -154,21 +150,18 @@ def _single_threaded_blas() -> AbstractContextManager[object]:
 
 def audit_pairs(pairs: Sequence[LoraPair], *,
                 grams_out: list[tuple[np.ndarray, np.ndarray]] | None = None) -> list[LayerAudit]:
-    """Spectrum and metrics of every pair (reads each pair's factors once, twice only when refining).
+    """Spectrum and metrics of every pair (reads each pair's factors once; a second time, for a thin product,
+    only for a pair with a rank-deficient factor or one steep in a rotated basis).
 
     ``grams_out``: when given, receives each pair's float64 (G_A, G_B), so that compress can split the factors
     without reading them a second time.
     """
     with _single_threaded_blas():
-        grams = [factor_grams(*pair.load_factors()) for pair in pairs]
+        grams = [pair_grams(*pair.load_factors()) for pair in pairs]
         if grams_out is not None:
-            grams_out.extend(grams)
-        sigmas = batched_singular_values(grams)
-        layers = []
-        for pair, sigma in zip(pairs, sigmas, strict=True):
-            if sigma is None:
-                sigma = singular_values_qr(*pair.load_factors())
-            layers.append(_layer_from_pair(pair, sigma))
+            grams_out.extend((ga.unscaled(), gb.unscaled()) for ga, gb in grams)
+        sigmas, _ = singular_values_many(grams, lambda i: pairs[i].load_factors())
+        layers = [_layer_from_pair(pair, sigma) for pair, sigma in zip(pairs, sigmas, strict=True)]
     return layers
 
 

@@ -118,11 +118,10 @@ def safe_text_line(text: str) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from gradience import jsonio
     from gradience.audit import MULTI_SCHEMA, run_audit
     from gradience.audit.core import default_top_wasteful
     from gradience.audit.gates import evaluate_gates, validate_gates
-    from gradience.audit.render import render_text
+    from gradience.audit.render import dumps_json, render_text
     from gradience.gates import parse_gates
 
     gates = parse_gates(args.fail_on)
@@ -144,7 +143,7 @@ def _run(args: argparse.Namespace) -> int:
                         "adapters": {s["adapter_name"] or "default": s for s in summaries}}
         else:
             doc = summaries[0]
-        sys.stdout.write(jsonio.dumps(doc, pretty=True) + "\n")
+        sys.stdout.write(dumps_json(doc) + "\n")
     else:
         blocks = [render_text(s, top_wasteful=default_top_wasteful(options), show_layers=args.layers)
                   for s in summaries]

@@ -76,6 +76,9 @@ SUGGEST_MARGIN_DEFAULT = 1.0
 # σ from the r×r Gram eigen-solve lose ~sqrt(eps)·σ₁ on tiny values: when λ_min < this·λ_max the pair's σ
 # are recomputed by Householder QR of both factors (exact to ~eps·σ₁; ~8x slower, so only when needed).
 SPECTRUM_QR_REFINE_RATIO = 1e-8
+# The audit's square root of a factor from its Gram is accurate to ~eps·‖X‖/sqrt(ratio) when the Gram's
+# λ_min >= this·λ_max (~2e-13·‖X‖ at 1e-6); the directions below are recomputed from the data (audit/spectrum.py).
+SPECTRUM_FACTOR_SPLIT_RATIO = 1e-6
 # Energy-rank targets count as reached within this relative rounding slack (hand-computed ties stay exact).
 ENERGY_RANK_RTOL = 1e-10
 TOP_WASTEFUL_TEXT_DEFAULT = 5   # rows of "Most wasteful layers" in text output without --top-wasteful
