@@ -229,3 +229,35 @@ arms: [uniform:2]
     bench = json.loads((out / "bench.json").read_text())
     assert bench["config"]["runtime"]["launcher"] == "accelerate"
     assert bench["arms"][0]["per_seed"][0]["verdict"] in ("PASS", "FAIL")
+
+
+@pytest.mark.slow
+def test_bench_report_page_opens_in_chromium(toy_smoke: tuple[Path, dict], tmp_path: Path) -> None:
+    """report.html of the toy bench: the arms table with verdicts, Δ vs parameters, the UDR sidebar per arm."""
+    from test_report_browser import _require_chromium, check_page, open_in_browser
+
+    out, bench = toy_smoke
+    html = (out / "report.html").read_text()
+    assert 'id="bench"' in html and "Δ against parameters" in html
+    for arm in bench["arms"]:
+        assert arm["name"] in html
+    assert f">{bench['verdict']}<" in html
+    _require_chromium()
+    result = open_in_browser(out / "report.html", tmp_path / "bench_report.png", tmp_path)
+    check_page(result)
+    assert result["sections"] == ["bench"] and result["sidebar"]
+    assert result["svgs"] >= 2  # the Δ-vs-parameters plot and the sidebar's UDR histogram
+
+
+def test_bench_report_escapes_names_from_the_config(toy_smoke: tuple[Path, dict], tmp_path: Path) -> None:
+    from gradience.report import render_report
+
+    _, bench = toy_smoke
+    doc = json.loads(json.dumps(bench))
+    doc["task"]["model"] = '<script>alert(1)</script>"onmouseover="x'
+    doc["arms"][0]["label"] = "<img src=x onerror=alert(2)>"
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(doc))
+    html = render_report(path)
+    assert "<script>alert(1)" not in html and "<img src=x" not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html

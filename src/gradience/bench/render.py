@@ -20,6 +20,9 @@ def _signed(x: Any) -> str:
 def _rank(arm: dict[str, Any]) -> str:
     if arm.get("r") is not None:
         return f"r={arm['r']}"
+    per_seed_r = [s["r"] for s in arm.get("per_seed", []) if s.get("r") is not None]
+    if per_seed_r:
+        return "r=" + "/".join(str(r) for r in per_seed_r) + " (per seed)"
     seeds = [s for s in arm.get("per_seed", []) if s.get("rank_pattern")]
     if seeds:
         ranks = sorted(set(seeds[0]["rank_pattern"].values()))

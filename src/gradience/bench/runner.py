@@ -121,7 +121,10 @@ class BenchRunner:
         self.progress = progress or (lambda _line: None)
         self.device = self.cfg.device
         self._started = time.perf_counter()
-        self._arm_seconds: list[float] = []
+        self._train_seconds: list[float] = []     # probes, retrain and uniform arms
+        self._truncate_seconds: list[float] = []  # truncate arms (seconds, no training)
+        self._trainings_left = 0
+        self._truncations_left = 0
         self._arms_done = 0
         self._arms_total = 0
 
@@ -149,11 +152,29 @@ class BenchRunner:
         atomic_write_text(state, resolved + "\n")
 
     # -- arms -----------------------------------------------------------------------------------------
+    def _eta(self) -> float:
+        """Remaining time from the mean time of each kind of arm: trainings dominate, truncations are cheap."""
+        def mean(xs: list[float]) -> float:
+            return sum(xs) / len(xs) if xs else 0.0
+
+        return (self._trainings_left * mean(self._train_seconds)
+                + self._truncations_left * mean(self._truncate_seconds))
+
+    def _done(self, kind: str, seconds: float | None) -> None:
+        """Book-keeping after an arm (or the probe) finished, was resumed or skipped."""
+        self._arms_done += 1
+        if kind == "truncate":
+            self._truncations_left -= 1
+            if seconds is not None:
+                self._truncate_seconds.append(seconds)
+        else:
+            self._trainings_left -= 1
+            if seconds is not None:
+                self._train_seconds.append(seconds)
+
     def _note(self, seed: int, name: str, seconds: float | None, extra: str = "") -> None:
         elapsed = time.perf_counter() - self._started
-        remaining = self._arms_total - self._arms_done
-        mean = sum(self._arm_seconds) / len(self._arm_seconds) if self._arm_seconds else None
-        eta = "-" if mean is None else _fmt_seconds(mean * remaining)
+        eta = "-" if self._train_seconds == [] else _fmt_seconds(self._eta())
         took = "resumed" if seconds is None else _fmt_seconds(seconds)
         self.progress(f"bench: seed {seed} {name:<20} {took:>8}  [{self._arms_done}/{self._arms_total}] "
                       f"elapsed {_fmt_seconds(elapsed)}, ETA {eta}{extra}")
@@ -251,7 +272,7 @@ class BenchRunner:
         result_path, audit_path = probe_dir / "result.json", probe_dir / "audit.json"
         cached = ArmResult.load(result_path) if self.resume else None
         if cached is not None and audit_path.is_file():
-            self._arms_done += 1
+            self._done("train", None)
             self._note(seed, "probe", None)
             return cached, json.loads(audit_path.read_text(encoding="utf-8"))
         if probe_dir.exists():
@@ -269,8 +290,7 @@ class BenchRunner:
                            seconds=time.perf_counter() - started, summary=summary, adapter_dir=str(adapter_dir),
                            udr=self._udr_block(audit), plan={"name": "probe", "kind": "probe", "r": self.cfg.probe_r})
         atomic_write_text(result_path, dumps(result.to_dict()) + "\n")
-        self._arm_seconds.append(result.seconds)
-        self._arms_done += 1
+        self._done("train", result.seconds)
         self._note(seed, "probe", result.seconds, f"  {self.cfg.metric}={result.metric:.4f}")
         return result, audit
 
@@ -285,27 +305,30 @@ class BenchRunner:
         targets = list(self.cfg.target_modules) if self.cfg.target_modules else None
         seeds = self.cfg.seed_list()
         self._arms_total = len(seeds) * (1 + len(self.cfg.arms))
+        n_truncate = sum(a.startswith("truncate_") for a in self.cfg.arms)
+        self._truncations_left = len(seeds) * n_truncate
+        self._trainings_left = self._arms_total - self._truncations_left
         probes: dict[int, ArmResult] = {}
         arms: dict[str, dict[int, tuple[ArmPlan, ArmResult | None]]] = {a: {} for a in self.cfg.arms}
         for seed in seeds:
             probe, audit = self._run_probe(task, seed, targets)
             probes[seed] = probe
             for plan in plan_arms(self.cfg, audit, seed, targets):
+                kind = "truncate" if plan.kind == "truncate" else "train"
                 if plan.skipped:
                     arms[plan.name][seed] = (plan, None)
-                    self._arms_done += 1
+                    self._done(kind, None)
                     self._note(seed, plan.name, 0.0, f"  skipped: {plan.skipped}")
                     continue
                 result_path = self.out / f"seed_{seed}" / slug(plan.name) / "result.json"
                 cached = ArmResult.load(result_path) if self.resume else None
                 if cached is not None:
-                    self._arms_done += 1
+                    self._done(kind, None)
                     arms[plan.name][seed] = (plan, cached)
                     self._note(seed, plan.name, None)
                     continue
                 result = self._run_arm(task, seed, plan, probe)
-                self._arm_seconds.append(result.seconds)
-                self._arms_done += 1
+                self._done(kind, result.seconds)
                 arms[plan.name][seed] = (plan, result)
                 delta = result.metric - probe.metric
                 self._note(seed, plan.name, result.seconds, f"  Δ={delta:+.4f}")
@@ -393,15 +416,13 @@ class BenchRunner:
 
         atomic_write_text(self.out / "bench.json", dumps(bench) + "\n")
         atomic_write_text(self.out / "bench.md", render_markdown(bench))
+        from gradience.errors import MissingDependencyError
+        from gradience.report import write_report
+
         try:
-            from gradience.report import render_bench_report  # type: ignore[attr-defined]
-        except ImportError:
-            return
-        try:
-            html = render_bench_report(bench, self.out)
-        except ImportError:
-            return  # the report extra is not installed: bench.json and bench.md still stand
-        atomic_write_text(self.out / "report.html", html)
+            write_report(self.out / "bench.json", self.out / "report.html")
+        except MissingDependencyError as exc:  # bench.json and bench.md still stand without the report extra
+            self.progress(f"bench: no report.html: {exc}")
 
 
 def run_bench(cfg: BenchConfig, output_dir: str | os.PathLike[str], *, resume: bool = False,

@@ -25,7 +25,7 @@ from typing import Any
 
 from gradience.errors import GradienceError, InputError
 from gradience.report.curves import RunCurves
-from gradience.report.views import ChartIds, View, adapter_view, compare_view, run_view
+from gradience.report.views import ChartIds, View, adapter_view, bench_view, compare_view, run_view
 
 MAX_JSON_BYTES = 256 * 1024 * 1024
 REPORT_FILENAME = "report.html"
@@ -39,7 +39,7 @@ class Report:
     """The rendered page and what it was made from."""
 
     html: str
-    kind: str                       # "run" | "adapter" | "audit" | "compare"
+    kind: str                       # "run" | "adapter" | "audit" | "compare" | "bench"
     source: Path
     default_out: Path
     views: list[View] = field(default_factory=list)
@@ -144,8 +144,7 @@ def plan(path: str | os.PathLike[str], base_model: str | None = None) -> _Plan:
                     out.base_note = "found in the run directory"
             return out
         if (p / "bench.json").is_file():
-            raise InputError("a bench output directory: its report.html is written by the bench itself "
-                             "(the bench view of gradience report is not available yet)", p)
+            return _Plan("bench", p, document=_bench_document(p / "bench.json"))
         if holds_adapter(p) or (p / "adapter_config.json").is_file():
             return _Plan("adapter", p, adapter=p, base_model=base_model)
         adapter, note = _adapter_in_run_dir(p)
@@ -173,10 +172,17 @@ def plan(path: str | os.PathLike[str], base_model: str | None = None) -> _Plan:
     if isinstance(schema, str) and schema.startswith("gradience.compare"):
         return _Plan("compare", p, document=doc)
     if isinstance(schema, str) and schema.startswith("gradience.bench"):
-        raise InputError("a bench JSON: the bench view of gradience report is not available yet", p)
+        return _Plan("bench", p, document=doc)
     what = f"schema {schema!r}" if isinstance(schema, str) else "no 'schema' key and no 'log_history'"
     raise InputError(f"not a report input ({what}): expected a gradience audit or compare JSON, or an HF "
                      "trainer_state.json", p)
+
+
+def _bench_document(path: Path) -> dict[str, Any]:
+    doc = _load_json(path)
+    if not isinstance(doc, dict) or not str(doc.get("schema", "")).startswith("gradience.bench"):
+        raise InputError("not a gradience.bench JSON", path)
+    return doc
 
 
 def _default_out(p: _Plan) -> Path:
@@ -297,6 +303,10 @@ def build_report(path: str | os.PathLike[str], *, base_model: str | None = None,
         assert p.document is not None
         views.append(compare_view(p.document, ids))
         subtitle = "comparison"
+    if p.kind == "bench":
+        assert p.document is not None
+        views.append(bench_view(p.document, ids))
+        subtitle = "bench"
     if not views:
         raise InputError("nothing to report", p.source)
     page_title = title if title else _default_title(p)

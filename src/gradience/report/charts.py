@@ -268,6 +268,51 @@ def udr_histogram(chart_id: str, groups: Sequence[tuple[str, list[float]]],
         return figure_to_svg(fig, chart_id, "UDR distribution")
 
 
+@dataclass
+class ArmPoint:
+    """One bench arm for the parameters-vs-metric plot: its size against the probe and its Δ."""
+
+    label: str
+    params_ratio: float
+    mean_delta: float
+    sd_delta: float | None
+    passed: bool | None
+    control: bool = False
+
+
+def params_metric_chart(chart_id: str, points: Sequence[ArmPoint], tolerance: float,
+                        higher_is_better: bool, metric: str) -> str | None:
+    """Δ metric (arm − probe, mean ± sd over seeds) against LoRA parameters as a share of the probe's; the
+    tolerance band shaded, PASS green, FAIL red, controls hollow."""
+    pts = [p for p in points if math.isfinite(p.params_ratio) and math.isfinite(p.mean_delta)]
+    if not pts:
+        return None
+    with mpl_context():
+        fig = new_figure(HALF_WIDTH_IN * 1.4, 3.2)
+        ax = fig.add_subplot()
+        ax.set_title(f"Δ {metric} vs LoRA parameters")
+        ax.set_xlabel("LoRA parameters (share of the probe's)")
+        ax.set_ylabel(f"Δ {metric} (arm − probe)")
+        bad_side = -tolerance if higher_is_better else tolerance
+        ax.axhline(0.0, color=MUTED, linewidth=0.8)
+        ax.plot([1.0], [0.0], marker="D", markersize=6, color=INK, linewidth=0)
+        ax.annotate("probe", xy=(1.0, 0.0), xytext=(-8, 6), textcoords="offset points", fontsize=7, color=INK,
+                    ha="right")
+        ax.axhline(bad_side, color=BAD, linestyle="--", linewidth=1.0, label=f"tolerance {tolerance:g}")
+        for p in pts:
+            color = GOOD if p.passed else (BAD if p.passed is False else MUTED)
+            ax.errorbar([p.params_ratio], [p.mean_delta], yerr=[[p.sd_delta or 0.0], [p.sd_delta or 0.0]],
+                        fmt="o", markersize=6, color=color, ecolor=color, capsize=3,
+                        markerfacecolor="white" if p.control else color)
+            ax.annotate(p.label, xy=(p.params_ratio, p.mean_delta), xytext=(5, 4), textcoords="offset points",
+                        fontsize=7, color=INK)
+        ax.xaxis.set_major_formatter(_percent_formatter())
+        ax.set_xlim(0.0, max(1.05, max(p.params_ratio for p in pts) * 1.1))
+        ax.legend(loc="lower right", fontsize=7)
+        _margins(fig, HALF_WIDTH_IN * 1.4, 3.2)
+        return figure_to_svg(fig, chart_id, "delta vs parameters")
+
+
 # Colours exported for the view code (marks on curves).
 COLORS = {"accent": ACCENT, "accent_light": ACCENT_LIGHT, "bad": BAD, "good": GOOD, "warn": WARN,
           "muted": MUTED, "series": SERIES}
