@@ -569,7 +569,8 @@ def bench_view(doc: dict[str, Any], ids: ChartIds) -> View:
             block = by_seed.get(first) if isinstance(by_seed, dict) else None
             if not isinstance(block, dict):
                 continue
-            per_layer = block.get("per_layer") if isinstance(block.get("per_layer"), dict) else {}
+            raw = block.get("per_layer")
+            per_layer: dict[str, Any] = raw if isinstance(raw, dict) else {}
             vals = [v for v in (finite(x) for x in per_layer.values()) if v is not None]
             groups.append(UdrGroup(str(name), vals, {k: block.get(k) for k in (
                 "udr_median", "udr_p90", "udr_max", "fraction_udr_gt_0_1", "fraction_udr_gt_0_3",
