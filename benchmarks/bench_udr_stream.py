@@ -33,10 +33,9 @@ import numpy as np  # noqa: E402
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR.parent / "tests"))
 
-from support.synthetic import write_safetensors  # noqa: E402
-
 from gradience.udr import UdrInput  # noqa: E402
 from gradience.udr.measure import measure_udr  # noqa: E402
+from support.synthetic import write_safetensors  # noqa: E402
 
 NAME = "model.layers.0.mlp.down_proj"
 
