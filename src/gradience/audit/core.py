@@ -8,7 +8,6 @@ over the data (see :mod:`gradience.audit.spectrum`).
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -20,6 +19,7 @@ import numpy as np
 from gradience import stats
 from gradience.adapter.config import mutated_base_init
 from gradience.adapter.model import LoadedAdapter, LoraPair, NonLoraTensors
+from gradience.audit.composition import composition
 from gradience.audit.spectrum import pair_grams, singular_values_many, spectrum_metrics
 from gradience.audit.suggest import global_suggestion, per_layer_suggestions
 from gradience.issues import Issue
@@ -212,25 +212,8 @@ class AuditResult:
         return out
 
     def _composition(self) -> dict[str, Any]:
-        """How concentrated the update energy (Σ delta_frob_norm²) is across layers."""
-        energies = [(layer.name, layer.delta_frob_norm * layer.delta_frob_norm) for layer in self.layers
-                    if layer.delta_frob_norm is not None]
-        total = sum(e for _, e in energies)
-        if total <= 0.0 or not math.isfinite(total):
-            return {"total_energy": total if energies else None, "top5_share": None, "top10pct_share": None,
-                    "hhi": None, "effective_n_layers": None, "energy_share": {}}
-        shares = {name: e / total for name, e in energies}
-        ordered = sorted(shares.values(), reverse=True)
-        n_top10 = max(1, math.ceil(0.1 * len(ordered)))
-        hhi = sum(x * x for x in ordered)
-        return {
-            "total_energy": total,
-            "top5_share": sum(ordered[:5]),
-            "top10pct_share": sum(ordered[:n_top10]),
-            "hhi": hhi,
-            "effective_n_layers": 1.0 / hhi,
-            "energy_share": shares,
-        }
+        """How concentrated the update energy (Σ delta_frob_norm²) is across layers and blocks."""
+        return composition(self.layers)
 
     def wasteful(self, n: int) -> list[LayerAudit]:
         """The n rows of lowest utilization (ties: by name), non-finite rows excluded."""
@@ -306,19 +289,22 @@ def _layer_issues(layers: Sequence[LayerAudit], non_lora: NonLoraTensors) -> lis
     if zero:
         issues.append(Issue(
             "zero_update",
-            f"{len(zero)} of {len(layers)} LoRA pairs have a zero update (B or A all zeros, e.g. an adapter "
+            f"{len(zero)} of {len(layers)} LoRA {'pair has' if len(zero) == 1 else 'pairs have'} a zero update "
+            "(B or A all zeros, e.g. an adapter "
             "saved before training); their metrics are 0",
             "warning", modules=zero))
     bad = [la.name for la in layers if la.status == "non_finite"]
     if bad:
         issues.append(Issue(
             "non_finite_weights",
-            f"{len(bad)} LoRA pairs contain NaN or Inf factors; their metrics are null",
+            f"{len(bad)} LoRA {'pair contains' if len(bad) == 1 else 'pairs contain'} NaN or Inf factors; "
+            "their metrics are null",
             "error", modules=bad))
     if non_lora.count:
         issues.append(Issue(
             "non_lora_tensors",
-            f"{non_lora.count} non-LoRA tensors ({non_lora.params} params, e.g. modules_to_save or heads) "
+            f"{non_lora.count} non-LoRA {'tensor' if non_lora.count == 1 else 'tensors'} ({non_lora.params} params, "
+            "e.g. modules_to_save or heads) "
             "are counted separately and not audited as LoRA",
             "info", modules=list(non_lora.names)))
     return issues
@@ -408,7 +394,7 @@ def _dora_directional_issue(layers: Sequence[LayerAudit]) -> Issue | None:
     if not names:
         return None
     return Issue("dora_directional_only",
-                 f"{len(names)} DoRA layers: their magnitudes (delta_sigma_max, delta_frob_norm) are those of the "
+                 f"{len(names)} DoRA {'layer' if len(names) == 1 else 'layers'}: their magnitudes (delta_sigma_max, delta_frob_norm) are those of the "
                  "directional part s·B·A only, not of the weight change m ⊙ (W + s·B·A)/‖W + s·B·A‖ − W; that "
                  "needs the base weight (pass --base-model DIR_OR_ID, or see the UDR issues above); no UDR for them",
                  "info", modules=names)

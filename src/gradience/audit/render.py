@@ -7,8 +7,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from gradience import jsonio
-from gradience.policy.thresholds import TOP_UDR_TEXT
-from gradience.textfmt import RULE, human_count, num, pct, rank_value
+from gradience.policy.thresholds import TOP_UDR_TEXT, UDR_SDI_EPS
+from gradience.textfmt import RULE, finite, human_count, num, pct, rank_value
 
 
 def dumps_json(doc: Mapping[str, Any]) -> str:
@@ -76,6 +76,29 @@ def _suggestion_line(label: str, g: Mapping[str, Any], total: int) -> str:
             f"saves {human_count(saved)} / {pct(ratio)})")
 
 
+def plural(n: int, word: str) -> str:
+    """``1 module``, ``2 modules``."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _sdi(s: Mapping[str, Any]) -> str:
+    """SDI median, or '-' when the median update is zero: log10 of the ε guard (-12) is not a measurement."""
+    udr = finite(s.get("udr_median"))
+    return "-" if udr is None or udr <= UDR_SDI_EPS else num(s.get("sdi_median"))
+
+
+def suggestion_config_lines(rs: Mapping[str, Any]) -> list[str]:
+    """The per-layer suggestion as the LoraConfig values that apply it (copy-paste ready JSON)."""
+    rp, ap = rs.get("rank_pattern") or {}, rs.get("alpha_pattern") or {}
+    lines = [f"    LoraConfig: r={rs['default_r']}, lora_alpha={rs['lora_alpha']}"
+             + (", use_rslora=True" if rs.get("use_rslora") else "")
+             + ", rank_pattern and alpha_pattern below (keeps every module's scale)",
+             f"    rank_pattern = {json.dumps(rp, ensure_ascii=False)}",
+             f"    alpha_pattern = {json.dumps(ap, ensure_ascii=False)}",
+             "    (--emit-config F.json or F.yaml writes this as a LoraConfig fragment)"]
+    return lines
+
+
 def render_text(summary: Mapping[str, Any], *, top_wasteful: int, show_layers: bool = False,
                 title: str = "GRADIENCE LoRA AUDIT") -> str:
     s = summary
@@ -100,6 +123,12 @@ def render_text(summary: Mapping[str, Any], *, top_wasteful: int, show_layers: b
                      if any(i.get("code") == "dora_directional_only" for i in s.get("issues") or [])
                      else "  DoRA: UDR from the effective update m ⊙ (W + s·B·A)/‖W + s·B·A‖ − W")
 
+    blocks = (s.get("composition") or {}).get("by_block") or {}
+    if blocks.get("top5") and blocks.get("n_blocks", 0) > 1:
+        top = "  ".join(f"{'-' if b['block'] is None else b['block']}: {pct(b['share'])}" for b in blocks["top5"])
+        lines.append(f"  Update energy by block (top {len(blocks['top5'])} of {blocks['n_blocks']}): {top}  "
+                     f"(HHI {num(blocks['hhi'], '.3f')})")
+
     if s["by_type"]:
         lines += ["", "By module type:"]
         for mtype, t in s["by_type"].items():
@@ -114,10 +143,10 @@ def render_text(summary: Mapping[str, Any], *, top_wasteful: int, show_layers: b
                   f"Max: {num(s['udr_max'], '.3f')}",
                   f"  Layers with UDR > 0.1: {pct(s['fraction_udr_gt_0_1'])}   "
                   f"> 0.3: {pct(s['fraction_udr_gt_0_3'])}   (of {s['n_layers_with_udr']})",
-                  f"  SDI (log10 UDR) median: {num(s['sdi_median'])}"]
+                  f"  SDI (log10 UDR) median: {_sdi(s)}"]
         ranked = sorted((r for r in rows if r.get("udr") is not None), key=lambda r: -r["udr"])[:TOP_UDR_TEXT]
         if ranked:
-            lines.append(f"  Top {len(ranked)} modules by UDR:")
+            lines.append(f"  Top {plural(len(ranked), 'module')} by UDR:")
             lines += [f"    {r['udr']:.3f}  {r['name']}" for r in ranked]
 
     g = s["global_rank_suggestions"]
@@ -127,8 +156,9 @@ def render_text(summary: Mapping[str, Any], *, top_wasteful: int, show_layers: b
     rs = s.get("rank_suggestions")
     if rs and rs.get("default_r") is not None:
         lines.append(f"  per layer (margin {rs['margin']:g}): default r={rs['default_r']}, "
-                     f"{len(rs['rank_pattern'])} modules in rank_pattern, params "
+                     f"{plural(len(rs['rank_pattern']), 'module')} in rank_pattern, params "
                      f"{human_count(rs['params_at_suggested'])} (saves {pct(rs['reduction_ratio'])})")
+        lines += suggestion_config_lines(rs)
 
     lines += ["", "Issues:"]
     issues = s.get("issues") or []
@@ -152,6 +182,6 @@ def render_text(summary: Mapping[str, Any], *, top_wasteful: int, show_layers: b
             lines.append(f"  {row['module_type']:<5} r={row['r']:<3} util={pct(row['utilization'])}  "
                          f"sr={num(row['stable_rank'])}  erank={num(row['effective_rank'])}  "
                          f"k@90/95/99%={num(row['energy_rank_90'], 'd')}/{num(row['energy_rank_95'], 'd')}/"
-                         f"{num(row['energy_rank_99'], 'd')}  |s|σ1={num(row['delta_sigma_max'], '.3g')}"
+                         f"{num(row['energy_rank_99'], 'd')}  sigma1(dW)={num(row['delta_sigma_max'], '.3g')}"
                          f"{udr}  {row['name']}")
     return "\n".join(lines) + "\n"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from gradience import stats
@@ -171,4 +171,29 @@ def per_layer_suggestions(
         "params_at_suggested": after,
         "reduction_ratio": _reduction(before, after),
         "layers": rows,
+    }
+
+
+def lora_config_fragment(summary: Mapping[str, Any]) -> dict[str, Any]:
+    """A PEFT ``LoraConfig`` fragment that retrains with the per-layer suggestion (``--emit-config``).
+
+    ``LoraConfig(**fragment)`` (merged into the user's own settings) gives every audited module its suggested
+    rank and keeps its scale s: ``r`` and ``lora_alpha`` are the most common choice, ``rank_pattern`` /
+    ``alpha_pattern`` the exceptions (keys PEFT matches to exactly one module), ``target_modules`` the adapter's.
+    Needs ``rank_suggestions`` in the summary (``--suggest-per-layer``).
+    """
+    rs = summary.get("rank_suggestions")
+    if not rs or rs.get("default_r") is None:
+        raise InputError("--emit-config: no per-layer suggestion to write (the adapter has no LoRA pairs)")
+    adapter = summary.get("adapter") or {}
+    targets = adapter.get("target_modules")
+    if not targets:  # the leaf names PEFT would need to target the audited modules again
+        targets = sorted({str(row["name"]).rsplit(".", 1)[-1] for row in summary.get("layers") or []})
+    return {
+        "r": rs["default_r"],
+        "lora_alpha": rs["lora_alpha"],
+        "use_rslora": bool(rs.get("use_rslora")),
+        "target_modules": sorted(targets) if isinstance(targets, (list, tuple, set)) else targets,
+        "rank_pattern": dict(rs.get("rank_pattern") or {}),
+        "alpha_pattern": dict(rs.get("alpha_pattern") or {}),
     }

@@ -26,7 +26,13 @@ def add_parser(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser(
         "audit", help="analyze a LoRA adapter for wasted rank and update size (UDR)",
         description="Audit a PEFT LoRA adapter: exact per-layer spectra from the factors, utilization, "
-                    "energy ranks, rank suggestions and, with a base model, UDR/SDI.")
+                    "energy ranks, rank suggestions and, with a base model, UDR/SDI.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  gradience audit --peft-dir out/adapter --top-wasteful 10\n"
+               "  gradience audit --peft-dir out/adapter --suggest-per-layer --emit-config lora_suggested.yaml\n"
+               "  gradience audit --peft-dir out/adapter --base-model meta-llama/Llama-2-7b-hf --json "
+               "--fail-on 'udr_median>0.3'")
     p.add_argument("--peft-dir", metavar="DIR", help="PEFT adapter directory (adapter_config.json + weights)")
     p.add_argument("--adapter-config", metavar="F", help="adapter_config.json path (overrides discovery)")
     p.add_argument("--weights", metavar="F", help="adapter weights file (.safetensors, index, or .bin/.pt)")
@@ -40,6 +46,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--layers", action="store_true", help="print every layer (text); all σ in JSON")
     p.add_argument("--suggest-per-layer", action="store_true",
                    help="per-layer rank suggestions as an applicable rank_pattern/alpha_pattern")
+    p.add_argument("--emit-config", metavar="F",
+                   help="write the per-layer suggestion as a PEFT LoraConfig fragment (r, lora_alpha, use_rslora, "
+                        "target_modules, rank_pattern, alpha_pattern) to F: JSON for .json, YAML for .yaml/.yml "
+                        "(implies --suggest-per-layer)")
     p.add_argument("--margin", type=float, default=None, metavar="M",
                    help="per-layer suggestion: allowed rank >= M x k@90%% (default 1.0)")
     p.add_argument("--allowed-ranks", metavar="LIST", help="ranks suggestions may use (default 1,2,4,...,256)")
@@ -71,7 +81,7 @@ def _options(args: argparse.Namespace) -> Any:
     return AuditOptions(
         top_wasteful=args.top_wasteful,
         top_singular_values=None if args.layers else args.top_singular_values,
-        suggest_per_layer=args.suggest_per_layer,
+        suggest_per_layer=args.suggest_per_layer or bool(args.emit_config),
         margin=margin,
         allowed_ranks=parse_allowed_ranks(args.allowed_ranks) if args.allowed_ranks else ALLOWED_RANKS_DEFAULT,
         udr=bool(args.base_model) or not args.no_udr,
@@ -126,6 +136,7 @@ def _run(args: argparse.Namespace) -> int:
 
     gates = parse_gates(args.fail_on)
     options = _options(args)
+    emit_format = _emit_format(args)
     if args.append:  # refuse a path --append cannot extend before doing the work
         from gradience.telemetry.writer import check_appendable
 
@@ -151,6 +162,9 @@ def _run(args: argparse.Namespace) -> int:
 
         sys.stdout.write(safe_text("\n".join(blocks), keep_newlines=True))  # names from the file, escaped
 
+    if args.emit_config:
+        _emit_config(args.emit_config, emit_format, summaries[0])
+
     if args.append:
         from gradience.telemetry import append_metrics_event
 
@@ -165,3 +179,43 @@ def _run(args: argparse.Namespace) -> int:
     for msg in met:
         print(f"gradience audit: fail-on met: {safe_text_line(msg)}", file=sys.stderr)
     return 1 if met else 0
+
+
+def _emit_format(args: argparse.Namespace) -> str | None:
+    """'json' or 'yaml' for --emit-config (checked before any work), None without it."""
+    import os
+
+    from gradience.errors import InputError
+
+    if not args.emit_config:
+        return None
+    if args.all:
+        raise InputError("--emit-config writes one adapter's config: use it with --adapter-name, not --all")
+    ext = os.path.splitext(args.emit_config)[1].lower()
+    formats = {".json": "json", ".yaml": "yaml", ".yml": "yaml"}
+    if ext not in formats:
+        raise InputError("--emit-config: the file name must end in .json, .yaml or .yml", args.emit_config)
+    parent = os.path.dirname(os.path.abspath(args.emit_config))
+    if not os.path.isdir(parent):
+        raise InputError("--emit-config: the directory does not exist", parent)
+    return formats[ext]
+
+
+def _emit_config(path: str, fmt: str | None, summary: dict[str, Any]) -> None:
+    from gradience.audit.suggest import lora_config_fragment
+    from gradience.errors import InputError
+    from gradience.jsonio import atomic_write_text, dumps
+
+    fragment = lora_config_fragment(summary)
+    if fmt == "yaml":
+        import yaml
+
+        text = ("# LoraConfig fragment from gradience audit --suggest-per-layer (keeps every module's scale)\n"
+                + yaml.safe_dump(fragment, sort_keys=False, allow_unicode=True))
+    else:
+        text = dumps(fragment, pretty=True) + "\n"
+    try:
+        atomic_write_text(path, text)
+    except OSError as exc:
+        raise InputError(f"--emit-config: cannot write ({exc.strerror or exc})", path) from None
+    print(f"gradience audit: wrote LoraConfig fragment to {path}", file=sys.stderr)

@@ -22,7 +22,12 @@ def add_parser(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser(
         "check", help="validate a LoRA training config before compute is spent",
         description="Pre-flight check of a LoRA / PEFT training config. Sources fill missing values in the "
-                    "order CONFIG, --peft, --training; explicit flags always win.")
+                    "order CONFIG, --peft, --training; explicit flags always win.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  gradience check train_config.yaml --task gsm8k\n"
+               "  gradience check --peft-dir out/adapter --training-dir out --verbose\n"
+               "  gradience check --lr 2e-4 --r 16 --alpha 32 --targets q_proj v_proj --fail-on warning")
     p.add_argument("config", nargs="?", metavar="CONFIG",
                    help="config file (JSON/YAML): canonical, flat, PEFT adapter_config or HF training_args")
     p.add_argument("--peft", metavar="F", help="PEFT adapter_config.json")

@@ -20,7 +20,11 @@ DEFAULT_OUT = "gradience_demo"
 def add_parser(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser(
         "demo", help="run the golden path end to end: toy LoRA run, check, monitor, audit",
-        description="Train a tiny LoRA classifier offline, then run check, monitor and audit on it.")
+        description="Train a tiny LoRA classifier offline, then run check, monitor and audit on it.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  gradience demo\n"
+               "  gradience demo --out /tmp/gradience_demo --max-steps 20 --seed 1")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default ./{DEFAULT_OUT})")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps", "auto"))
     p.add_argument("--max-steps", type=int, default=None, help="training steps of the toy run (default 100)")

@@ -14,7 +14,12 @@ def add_parser(sub: Any) -> None:
         "monitor", help="summarize a training run from its telemetry",
         description="Summarize a run: train/test gap, instabilities, LoRA audit, advice. RUN is a telemetry "
                     "JSONL, an HF trainer_state.json, or a directory holding run.jsonl / trainer_state.json / "
-                    "checkpoint-*/trainer_state.json.")
+                    "checkpoint-*/trainer_state.json.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  gradience monitor out/run.jsonl --verbose\n"
+               "  gradience monitor out/checkpoint-500/trainer_state.json --json\n"
+               "  gradience monitor out/run.jsonl --fail-on 'gap>1.5,nan_loss'")
     p.add_argument("run", metavar="RUN", help="run.jsonl, trainer_state.json, or a directory holding one")
     p.add_argument("--json", action="store_true", help="print the gradience.monitor/v1 JSON")
     p.add_argument("--verbose", action="store_true",
