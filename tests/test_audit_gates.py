@@ -151,3 +151,23 @@ def test_monitor_available_rules_decide(tmp_path: Path, capsys: pytest.CaptureFi
     assert cli(capsys, "monitor", str(path), "--fail-on", "utilization<0.25")[0] == 1
     assert cli(capsys, "monitor", str(path), "--fail-on", "nan_loss,nan_losses>0")[0] == 0
     assert cli(capsys, "monitor", str(path), "--fail-on", "memorization_detected")[0] == 1  # gap 1.6 >= 1.5
+
+
+# ---- check ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("args", "rule", "needle"), [
+    (["--r", "16", "--alpha", "32", "--targets", "q_proj"], "lower_lr", "the config gives no learning rate"),
+    (["--lr", "1e-4", "--targets", "q_proj"], "consider_reduce_rank", "the config gives no LoRA rank"),
+    (["--lr", "1e-4", "--r", "8", "--alpha", "16"], "prefer_attention_only", "the config gives no target modules"),
+])
+def test_check_action_gate_on_an_absent_value_is_exit_2(capsys: pytest.CaptureFixture[str], args: list[str],
+                                                        rule: str, needle: str) -> None:
+    rc, out, err = cli(capsys, "check", *args, "--task", "gsm8k", "--fail-on", rule)
+    assert rc == 2 and out == "" and f"'{rule}'" in err and needle in err and err.count("\n") == 1
+
+
+def test_check_gates_that_can_be_decided_still_decide(capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["check", "--r", "16", "--alpha", "32", "--targets", "q_proj", "v_proj", "--task", "gsm8k"]
+    assert cli(capsys, *base, "--lr", "5e-4", "--fail-on", "lower_lr")[0] == 1       # lr > 1e-4 on reasoning
+    assert cli(capsys, *base, "--lr", "5e-5", "--fail-on", "lower_lr")[0] == 0
+    assert cli(capsys, *base, "--fail-on", "set_lr")[0] == 1                          # fires because lr is unset
+    assert cli(capsys, *base, "--fail-on", "warning")[0] == 1                         # severities always decide

@@ -194,6 +194,9 @@ def run(args: argparse.Namespace) -> int:
         training=slots.get("training", (None, None))[1], overrides=overrides or None,
         origins={slot: path for slot, (path, _data) in slots.items()})
     report = check_config(snapshot, extra=_export_note(sources, snapshot))
+    from gradience.policy.check_gates import require_inputs
+
+    require_inputs(gates, snapshot)  # an action gate on a value the config lacks never passes silently
     met = _gates_met(gates, report.recommendations)
 
     if args.json:
