@@ -1,24 +1,27 @@
 """Exact singular values of a LoRA update ΔW = s·B·A from its factors, with r×r work only.
 
 Why this way: the dense d_out×d_in product (and an SVD of it) costs O(d_out·d_in·r) memory traffic and
-seconds per layer; the non-zero spectrum of B·A lives in an r×r problem. We form the two Grams
-G_A = A·Aᵀ and G_B = Bᵀ·B in float64 (float32 Grams lose ~1e-4·σ₁ on ill-conditioned factors) in one pass
-over each factor, then, batched over pairs of equal rank (Python overhead paid once per batch):
+seconds per layer; the non-zero spectrum of B·A lives in an r×r problem. Each factor is reduced, in one pass
+over its data, to its float64 Gram (G_A = A·Aᵀ, G_B = Bᵀ·B; float32 Grams lose ~1e-4·σ₁ on ill-conditioned
+factors). Then, batched over pairs of equal rank (Python overhead paid once per batch, not once per pair):
 
-* each Gram's eigen-decomposition G = V·Λ·Vᵀ gives a square root T = V·Λ^½ of the factor (A = T_A·Q_A,
-  Bᵀ = T_B·Q_B with orthonormal rows Q), and σ(B·A) = σ(T_Bᵀ·T_A): the SVD of the small *core*, never the
-  eigenvalues of a product of Grams. Squaring the product (the obvious route) loses ~sqrt(eps)·σ₁ on the small
-  σ of any steep spectrum; the core loses only what each factor's own Gram loses, ~eps·‖A‖·‖B‖/sqrt(ratio) for a
-  factor whose smallest Gram eigenvalue is ``ratio``·λ_max.
-* a factor whose Gram is too ill-conditioned for that (λ_min < ``SPECTRUM_FACTOR_SPLIT_RATIO``·λ_max: a steep
-  or rank-deficient factor) keeps the well-resolved directions from its Gram and recomputes only the badly
-  resolved ones from the data: Z = V_smallᵀ·X (one thin product over the factor, k ≤ r rows), whose own Gram is
-  accurate relative to *its* scale, recursively. That is far cheaper than a Householder QR of the whole factor
-  (the previous refinement; ~8x the Gram pass on 7B shapes) and as accurate: every σ within ~1e-12·‖A‖·‖B‖
-  of a dense float64 SVD. Directions below the float64 noise floor of the factor are exactly 0.
+* each Gram is scaled to unit diagonal, G = D·H·D, and H = L·Lᵀ (Cholesky) gives a square root of the factor,
+  T = D·L (A = T_A·Q_A and Bᵀ = T_B·Q_B with orthonormal rows Q), so σ(B·A) = σ(T_Bᵀ·T_A): the SVD of the small
+  *core*, never the eigenvalues of a product of Grams. Squaring the product (the obvious route) loses
+  ~sqrt(eps)·σ₁ on the small σ of any steep spectrum. The unit diagonal matters because a factor whose decay
+  lives in the scale of its rows or columns (graded: the common case, B's columns carry the learned scale) is
+  well conditioned at unit diagonal, and the Gram's rounding is relative to each row's own norm.
+* a factor whose H is still ill-conditioned (λ_min < ``SPECTRUM_FACTOR_SPLIT_RATIO``·λ_max: rank-deficient, or
+  steep in a rotated basis) keeps its well-resolved directions from the Gram and recomputes the others from the
+  data: Z = V_smallᵀ·X (a thin product, k ≤ r rows), whose own Gram is accurate relative to *its* scale,
+  recursively. That is far cheaper than a Householder QR of the whole factor (the previous refinement, ~8x the
+  Gram pass on 7B shapes) and at least as accurate: every σ within ~1e-12·σ₁ of a dense float64 SVD on steep,
+  rank-deficient and rotated cases. Directions below the factor's float64 noise floor are exactly 0.
 
 Factors whose Gram would overflow or underflow float64 (float64 factors near 1e±160) are scaled by a power of
 two first and σ unscaled after (exact), so finite factors are never reported as non-finite.
+``singular_values_qr`` / ``factored_svd`` (Householder QR) remain the reference path and the thin SVD that
+compress and compare need (U and V, not only σ).
 """
 
 from __future__ import annotations
