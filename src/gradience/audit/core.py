@@ -310,6 +310,17 @@ def _layer_issues(layers: Sequence[LayerAudit], non_lora: NonLoraTensors) -> lis
     return issues
 
 
+def _sibling_base(loaded: LoadedAdapter) -> str | None:
+    """``<dir>/base`` next to the adapter directory when it holds a model checkpoint (config.json)."""
+    if not loaded.peft_dir:
+        return None
+    candidate = os.path.join(os.path.dirname(os.path.normpath(loaded.peft_dir)) or ".", "base")
+    try:
+        return candidate if os.path.isfile(os.path.join(candidate, "config.json")) else None
+    except (OSError, ValueError):
+        return None
+
+
 def _apply_udr(result: AuditResult, loaded: LoadedAdapter, options: AuditOptions) -> None:
     """Call the UDR seam (``gradience.udr.measure_udr``) and merge its per-layer values and summary."""
     hint = loaded.config.get("base_model_name_or_path")
@@ -331,6 +342,11 @@ def _apply_udr(result: AuditResult, loaded: LoadedAdapter, options: AuditOptions
     except ImportError as exc:
         result.issues.append(Issue("udr_unavailable", f"UDR could not be computed: {exc}", "info"))
         return
+    sibling = _sibling_base(loaded)
+    for issue in report.issues:
+        if issue.code == "base_model_unresolved" and sibling is not None:
+            # The toy run, the demo and the bench save their base beside the adapter: name the flag that works.
+            issue.message += f" (a base model is saved beside this adapter: --base-model {sibling})"
     result.issues.extend(report.issues)
     result.udr_requested = bool(report.requested)
     result.udr_base_model = getattr(report, "base_model", None)

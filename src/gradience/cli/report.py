@@ -15,13 +15,20 @@ from gradience.cli.main import add_common_flags
 
 def add_parser(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser(
-        "report", help="write one self-contained HTML report of a run, an adapter, an audit or a comparison",
+        "report", help="write one self-contained HTML report of a run, an adapter, an audit, a comparison or a bench",
         description="Write one self-contained HTML page (no network, opens from disk): the monitor story and "
                     "curves of a run, per-layer heatmaps, spectra, rank suggestions and the UDR distribution "
                     "of an adapter, or a comparison of two adapters. PATH: a run directory (run.jsonl and/or "
-                    "trainer_state.json, adapter below it), a run.jsonl, an adapter directory, an audit JSON "
-                    "or a compare JSON.")
-    p.add_argument("path", metavar="PATH", help="run directory, run.jsonl, adapter directory, audit/compare JSON")
+                    "trainer_state.json, adapter below it), a run.jsonl, an adapter directory, an audit JSON, "
+                    "a compare JSON, or a bench output directory / bench.json.",
+        epilog="examples:\n"
+               "  gradience report gradience_demo                  # the demo run: story, curves, adapter, UDR\n"
+               "  gradience report out/adapter --base-model ./base -o adapter.html\n"
+               "  gradience compare A B --json > cmp.json && gradience report cmp.json\n"
+               "  gradience report runs/bench                      # a bench: arms, verdicts, UDR per arm",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("path", metavar="PATH",
+                   help="run directory, run.jsonl, adapter directory, audit/compare/bench JSON, bench directory")
     p.add_argument("-o", "--out", metavar="OUT.html", default=None,
                    help="output file (default: report.html in PATH, or beside a file)")
     p.add_argument("--base-model", metavar="ID_OR_DIR", default=None,
