@@ -50,7 +50,7 @@ def _run(argv: list[str]) -> tuple[float, float]:
     return wall, rss_kib / 1024.0
 
 
-def _median_runs(argv: list[str], runs: int, before: None | object = None) -> tuple[float, float]:
+def _median_runs(argv: list[str], runs: int, before: object | None = None) -> tuple[float, float]:
     walls, rss = [], []
     for _ in range(runs):
         w, m = _run(argv)
