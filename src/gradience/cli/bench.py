@@ -87,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
         if not torch.cuda.is_available():
             raise InputError("CUDA is not available on this machine; use --device cpu", path="--device")
     bench = run_bench(cfg, args.output_dir or "runs/bench", resume=args.resume)
-    out = dumps(bench) if args.json else render_markdown(bench)
+    from gradience.textfmt import safe_text
+
+    out = dumps(bench) if args.json else safe_text(render_markdown(bench), keep_newlines=True)
     sys.stdout.write(out + ("\n" if not out.endswith("\n") else ""))
     return EXIT_POLICY_FAIL if args.ci and bench["verdict"] != "PASS" else 0

@@ -11,6 +11,7 @@ import sys
 from typing import Any
 
 from gradience.cli.main import add_common_flags
+from gradience.textfmt import safe_text
 
 EPILOG = """examples:
   gradience compare runs/conservative/adapter runs/aggressive/adapter --base-model ./base
@@ -88,8 +89,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.json:
         sys.stdout.write(jsonio.dumps(doc, pretty=True) + "\n")
     else:
-        sys.stdout.write(render_text(doc))
+        sys.stdout.write(safe_text(render_text(doc), keep_newlines=True))  # names from the files, escaped
     met = evaluate_gates(gates, doc)
     for msg in met:
-        print(f"gradience compare: fail-on met: {msg}", file=sys.stderr)
+        print(f"gradience compare: fail-on met: {safe_text(msg)}", file=sys.stderr)
     return 1 if met else 0

@@ -11,6 +11,7 @@ import sys
 from typing import Any
 
 from gradience.cli.main import add_common_flags
+from gradience.textfmt import safe_text
 
 EPILOG = """\
 policies (exactly one):
@@ -137,5 +138,5 @@ def _run(args: argparse.Namespace) -> int:
     if args.json:
         sys.stdout.write(jsonio.dumps(doc, pretty=True) + "\n")
     else:
-        sys.stdout.write(render_text(doc))
+        sys.stdout.write(safe_text(render_text(doc), keep_newlines=True))  # names from the files, escaped
     return 0

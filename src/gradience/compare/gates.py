@@ -19,7 +19,7 @@ from typing import Any
 
 from gradience.compare.core import CROSS_KEYS, SIDE_KEYS, SIDE_SUMMARY_KEYS
 from gradience.errors import InputError
-from gradience.gates import Gate
+from gradience.gates import Gate, require_available
 from gradience.textfmt import finite
 
 MODULE_METRICS: tuple[str, ...] = (*CROSS_KEYS, "k",
@@ -66,22 +66,24 @@ def validate_gates(gates: Sequence[Gate], doc: Mapping[str, Any]) -> None:
     """Unknown metrics/flags, and rules on metrics that could not be computed: InputError (exit 2)."""
     modules: Sequence[Mapping[str, Any]] = doc.get("modules") or []
     summary: Mapping[str, Any] = doc.get("summary") or {}
-    for gate in gates:
+
+    def why_missing(gate: Gate) -> str | None:
         if gate.is_flag:
-            if gate.metric not in FLAGS:
-                raise InputError(f"--fail-on: unknown flag '{gate.metric}' (known: {', '.join(FLAGS)})")
-        elif gate.metric in MODULE_METRICS:
-            if not any(module_value(m, gate.metric) is not None for m in modules):
-                raise InputError(f"--fail-on: rule '{gate.text}' cannot be evaluated: {gate.metric} was not "
-                                 f"computed ({_why_missing(doc, gate.metric)})")
-        elif gate.metric in SUMMARY_METRICS:
-            if summary_value(summary, gate.metric) is None:
-                raise InputError(f"--fail-on: rule '{gate.text}' cannot be evaluated: {gate.metric} is null "
-                                 f"({_why_missing(doc, gate.metric)})")
+            return None
+        if gate.metric in MODULE_METRICS:
+            computed = any(module_value(m, gate.metric) is not None for m in modules)
         else:
+            computed = summary_value(summary, gate.metric) is not None
+        return None if computed else _why_missing(doc, gate.metric)
+
+    for gate in gates:
+        if gate.is_flag and gate.metric not in FLAGS:
+            raise InputError(f"--fail-on: unknown flag '{gate.metric}' (known: {', '.join(FLAGS)})")
+        if not gate.is_flag and gate.metric not in MODULE_METRICS and gate.metric not in SUMMARY_METRICS:
             raise InputError(f"--fail-on: unknown metric '{gate.metric}' (per module: {', '.join(MODULE_METRICS[:4])}"
                              f", <metric>_a/_b/_delta; summary: {', '.join(SUMMARY_METRICS[:7])}, "
                              "udr_median_delta, ...)")
+    require_available(gates, why_missing)
 
 
 def check_known(gates: Sequence[Gate]) -> None:

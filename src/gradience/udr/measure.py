@@ -18,6 +18,7 @@ from gradience import stats
 from gradience.errors import InputError
 from gradience.issues import Issue
 from gradience.policy.thresholds import UDR_FRACTION_LEVELS, UDR_SDI_EPS, UDR_SIGMA_RTOL, UDR_STREAM_MIN_BYTES
+from gradience.textfmt import safe_text
 from gradience.udr import SUMMARY_KEYS, UdrInput, UdrReport
 from gradience.udr.base import BaseTensorInfo, BaseWeights
 from gradience.udr.cache import CachedNorms, NormsCache
@@ -73,7 +74,8 @@ def measure_udr(
         except InputError as exc:
             return _not_requested(Issue(
                 "base_model_unresolved",
-                f"UDR/SDI not computed: the adapter's base model {adapter_base_hint!r} is not available locally "
+                f"UDR/SDI not computed: the adapter's base model {safe_text(repr(adapter_base_hint), max_len=200)} "
+                "is not available locally "
                 f"({exc.problem}); pass --base-model DIR_OR_ID", "info"))
     else:
         return _not_requested(Issue(
