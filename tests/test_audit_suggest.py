@@ -11,7 +11,7 @@ from gradience.adapter.model import LoadedAdapter, LoraPair, NonLoraTensors
 from gradience.audit import AuditOptions, run_audit
 from gradience.audit.gates import evaluate_gates
 from gradience.audit.render import render_text, wasteful_line
-from gradience.audit.suggest import _pattern_key, parse_allowed_ranks, round_up_rank
+from gradience.audit.suggest import parse_allowed_ranks, round_up_rank, unique_pattern_key
 from gradience.errors import InputError
 from gradience.gates import parse_gates
 from gradience.textfmt import human_count
@@ -109,9 +109,9 @@ def test_pattern_keys_are_unambiguous_for_nested_names() -> None:
     names = ["model.layers.1.self_attn.q_proj", "encoder.model.layers.1.self_attn.q_proj",
              "model.layers.11.self_attn.q_proj"]
     for name in names:
-        key = _pattern_key(name, names)
+        key = unique_pattern_key(name, names)
         assert [n for n in names if re.match(rf"(.*\.)?({key})$", n)] == [name]
-    assert _pattern_key(names[2], names) == names[2]  # readable when already unique
+    assert unique_pattern_key(names[2], names) == names[2]  # readable when already unique
 
 
 def _gate_summary() -> dict:

@@ -92,6 +92,11 @@ class SafetensorsSource:
     def read_f32(self, key: str) -> np.ndarray:
         return self._files[key].read_f32(key)
 
+    def read_raw(self, key: str) -> np.ndarray:
+        """The stored bytes of one tensor (zero-copy view, its own dtype): what compress copies verbatim."""
+        stored: np.ndarray = self._files[key].read_raw(key)
+        return stored
+
 
 def _read_weight_map(index_path: Path) -> dict[str, str]:
     doc = read_json_file(index_path, what="index", max_bytes=MAX_INDEX_BYTES)

@@ -283,7 +283,7 @@ class AuditResult:
         return out
 
 
-def _layer_issues(layers: Sequence[LayerAudit], non_lora: NonLoraTensors) -> list[Issue]:
+def layer_issues(layers: Sequence[LayerAudit], non_lora: NonLoraTensors) -> list[Issue]:
     issues: list[Issue] = []
     zero = [la.name for la in layers if la.status == "zero_update"]
     if zero:
@@ -364,7 +364,7 @@ def run_audit(loaded: LoadedAdapter, options: AuditOptions | None = None) -> Aud
     options = options or AuditOptions()
     layers = audit_pairs(loaded.pairs)
     result = AuditResult(adapter=loaded, layers=layers, options=options,
-                         issues=list(loaded.issues) + _layer_issues(layers, loaded.non_lora))
+                         issues=list(loaded.issues) + layer_issues(layers, loaded.non_lora))
     mutated = mutated_base_init(loaded.config)
     if mutated is not None:
         result.issues.append(_mutated_base_issue(mutated))

@@ -82,7 +82,7 @@ def _json_number(x: float) -> float | int:
     return int(x) if float(x).is_integer() else x
 
 
-def _pattern_key(name: str, all_names: Sequence[str]) -> str:
+def unique_pattern_key(name: str, all_names: Sequence[str]) -> str:
     """The key PEFT will match to ``name`` only.
 
     PEFT reads a key as a regex and matches ``(.*\\.)?(key)$`` anchored at the start, so a plain full name
@@ -138,9 +138,9 @@ def per_layer_suggestions(
     alpha_pattern: dict[str, float | int] = {}
     for name, r_new, alpha in zip(names, suggested, alphas, strict=True):
         if r_new != default_r:
-            rank_pattern[_pattern_key(name, names)] = r_new
+            rank_pattern[unique_pattern_key(name, names)] = r_new
         if not math.isclose(alpha, lora_alpha, rel_tol=1e-12, abs_tol=0.0):
-            alpha_pattern[_pattern_key(name, names)] = _json_number(alpha)
+            alpha_pattern[unique_pattern_key(name, names)] = _json_number(alpha)
 
     by_type: dict[str, Any] = {}
     for mtype in MODULE_TYPES:

@@ -24,9 +24,10 @@ from typing import Any
 import numpy as np
 
 from gradience.adapter.model import LoadedAdapter, LoraPair
-from gradience.audit.core import LayerAudit, _layer_issues, audit_pairs
+from gradience.adapter.sources import SafetensorsSource
+from gradience.audit.core import LayerAudit, audit_pairs, layer_issues
 from gradience.audit.spectrum import factor_grams
-from gradience.audit.suggest import _pattern_key, per_layer_suggestions
+from gradience.audit.suggest import per_layer_suggestions, unique_pattern_key
 from gradience.compress.budget import BudgetLayer, allocate, parse_budget, retained
 from gradience.compress.factors import rescaled_factors, truncated_factors
 from gradience.compress.policy import Policy, apply_modifiers, budget_candidates, raw_rank, validate
@@ -361,12 +362,12 @@ def plan(loaded: LoadedAdapter, options: CompressOptions) -> tuple[list[LayerPla
     config = dict(loaded.config)
     config["r"] = default_r
     config["lora_alpha"] = _json_number(alpha)
-    config["rank_pattern"] = {_pattern_key(la.name, names): la.r_after for la in layers if la.r_after != default_r}
+    config["rank_pattern"] = {unique_pattern_key(la.name, names): la.r_after for la in layers if la.r_after != default_r}
     config["alpha_pattern"] = {}
     config["use_rslora"] = False
 
     # The audit's own layer issues (zero_update, non_finite_weights, non_lora_tensors), in its wording.
-    issues = list(loaded.issues) + _layer_issues(audits, loaded.non_lora)
+    issues = list(loaded.issues) + layer_issues(audits, loaded.non_lora)
     dora = [la.name for la in layers if la.dora and la.action == "truncated"]
     if dora:
         issues.append(Issue("dora_directional_truncated",
@@ -411,12 +412,11 @@ class _RawReader:
     def __init__(self, source: Any, where: str | None) -> None:
         self.source = source
         self.where = where
-        self.files = getattr(source, "_files", None)  # SafetensorsSource: key -> SafetensorsFile
+        self.raw = source.read_raw if isinstance(source, SafetensorsSource) else None
 
     def read(self, key: str, dtype: str) -> np.ndarray:
-        if self.files is not None:
-            stored: np.ndarray = self.files[key].read_raw(key)
-            return stored
+        if self.raw is not None:
+            return self.raw(key)
         from gradience.io.safetensors_write import encode_float
 
         if dtype == "F64":
