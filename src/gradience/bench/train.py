@@ -73,7 +73,7 @@ def train_arm(task: PreparedTask, cfg: BenchConfig, seed: int, spec: LoraSpec, a
     )
 
     from gradience.integrations.hf import GradienceCallback, GradienceCallbackConfig
-    from gradience.toy.run import _save_adapter
+    from gradience.toy.run import save_adapter
 
     transformers.logging.set_verbosity_error()
     transformers.set_seed(seed)
@@ -119,6 +119,6 @@ def train_arm(task: PreparedTask, cfg: BenchConfig, seed: int, spec: LoraSpec, a
         trainer.train()
     adapter_dir = arm_dir / "adapter"
     if trainer.is_world_process_zero():
-        _save_adapter(peft_model, adapter_dir)
+        save_adapter(peft_model, adapter_dir, save_embedding_layers=False)  # never a hub lookup
         shutil.rmtree(training_dir, ignore_errors=True)
     return adapter_dir

@@ -137,7 +137,7 @@ def _check_device(device: str) -> None:
         raise InputError("MPS is not available on this machine; use --device cpu", path="--device")
 
 
-def _save_adapter(model: Any, peft_dir: Path, **save_kwargs: Any) -> None:
+def save_adapter(model: Any, peft_dir: Path, **save_kwargs: Any) -> None:
     """PEFT ``save_pretrained`` into a temp dir, then swap it in, so ``peft/`` is never half-written
     (the same for the base model's ``save_pretrained`` into ``base/``, with no keyword arguments)."""
     peft_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -186,7 +186,7 @@ def run_toy(cfg: ToyRunConfig | None = None) -> ToyRunResult:
         # The built-in base exists nowhere else: saved beside the run (before LoRA wraps it; LoRA never
         # changes base weights) so that `gradience report` / `audit --base-model` can compute UDR. ~1 MB.
         base_dir = Path(cfg.out) / BASE_DIRNAME
-        _save_adapter(loaded.model, base_dir)
+        save_adapter(loaded.model, base_dir)
     targets = cfg.targets or loaded.default_targets
     alpha: Any = int(cfg.alpha) if float(cfg.alpha).is_integer() else cfg.alpha  # PEFT types alpha as int
     lora = LoraConfig(task_type=TaskType.SEQ_CLS, r=cfg.r, lora_alpha=alpha, lora_dropout=0.0,
@@ -225,7 +225,7 @@ def run_toy(cfg: ToyRunConfig | None = None) -> ToyRunResult:
     peft_dir = out / "peft"
     # save_embedding_layers=False: LoRA never targets embeddings here, and PEFT's "auto" would look the
     # base model name up on the Hub (the built-in one is not there; the run must stay offline).
-    _save_adapter(model, peft_dir, save_embedding_layers=False)
+    save_adapter(model, peft_dir, save_embedding_layers=False)
     atomic_write_text(training_dir / "training_args.json", args.to_json_string())
     test_metrics = dict(callback.last_eval.get("test", {}))
     train_metrics = dict(callback.last_eval.get("train", {}))
