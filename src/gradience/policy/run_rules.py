@@ -126,7 +126,9 @@ def audit_rules(audit: dict[str, Any] | None, config: ConfigSnapshot | None) -> 
         recs.append(Recommendation(
             "info", "compress_rank",
             f"Try r={r_new:g} (audit p90 of k@90%; median suggests r={med.get('r', '-')}) instead of "
-            f"r={r:g}{saving}; retrain and verify on held-out data.",
+            f"r={r:g}{saving}; retrain and verify on held-out data, or truncate the trained adapter without "
+            f"retraining (`gradience compress --peft-dir ADAPTER --out ADAPTER_r{r_new:g} --rank {r_new:g}`) and "
+            "check both with `gradience bench`.",
             rationale="90% of each layer's update energy fits in k@90% directions; the p90 across layers is "
                       "the conservative uniform rank.",
             confidence=0.55, scope="lora",
