@@ -53,6 +53,23 @@ class LoraPair:
     def load_factors(self) -> tuple[np.ndarray, np.ndarray]:
         return self.loader()
 
+    def load_factors_for_gram(self) -> tuple[tuple[np.ndarray, bool], tuple[np.ndarray, bool]]:
+        """((A, bf16?), (B, bf16?)): like :meth:`load_factors`, but a BF16 factor comes as its raw uint16 bits
+        (zero-copy) for the chunked Gram pass of the audit; plain float arrays otherwise."""
+        for_gram = getattr(self.loader, "for_gram", None)
+        if for_gram is None:
+            a, b = self.loader()
+            return (a, False), (b, False)
+        out: tuple[tuple[np.ndarray, bool], tuple[np.ndarray, bool]] = for_gram()
+        return out
+
+    def release(self) -> None:
+        """Tell the reader the math is done with this pair's data for now (memory-mapped pages are dropped from
+        the process; a later ``load_factors`` reads them again)."""
+        release = getattr(self.loader, "release", None)
+        if release is not None:
+            release()
+
     def load_magnitude(self) -> np.ndarray | None:
         """DoRA magnitude m as a (d_out,) array (PEFT stores (d_out,) or (1, d_out, 1, ...) for conv), or None."""
         return None if self.magnitude_loader is None else self.magnitude_loader().reshape(self.d_out)

@@ -87,6 +87,25 @@ class _FactorLoader:
             a, b = a.T, b.T
         return a.reshape(self.r, self.d_in), b.reshape(self.d_out, self.r)
 
+    def for_gram(self) -> tuple[tuple[np.ndarray, bool], tuple[np.ndarray, bool]]:
+        """((A, A is bf16 bits), (B, B is bf16 bits)), oriented like ``__call__``: BF16 factors stay uint16
+        views of the file so that the Gram pass converts them chunk by chunk (no whole float32 copy)."""
+        read = getattr(self.source, "read_for_gram", None)
+        if read is None:
+            a, b = self()
+            return (a, False), (b, False)
+        (a, a16), (b, b16) = read(self.a_key), read(self.b_key)
+        if self.transposed:
+            a, b = a.T, b.T
+        return (a.reshape(self.r, self.d_in), a16), (b.reshape(self.d_out, self.r), b16)
+
+    def release(self) -> None:
+        """Drop both factors' mapped pages (a no-op for in-memory sources)."""
+        release = getattr(self.source, "release", None)
+        if release is not None:
+            release(self.a_key)
+            release(self.b_key)
+
 
 class _MagnitudeLoader:
     """Reads one DoRA magnitude vector (any stored shape; the pair reshapes it to (d_out,))."""

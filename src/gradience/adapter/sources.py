@@ -97,6 +97,18 @@ class SafetensorsSource:
         stored: np.ndarray = self._files[key].read_raw(key)
         return stored
 
+    def read_for_gram(self, key: str) -> tuple[np.ndarray, bool]:
+        """(array, is_bf16): BF16 as its zero-copy uint16 bits (the Gram pass converts them chunk by chunk),
+        any other float dtype as :meth:`read_f32` gives it."""
+        sf = self._files[key]
+        if sf.tensors[key].dtype == "BF16":
+            return sf.read_raw(key), True
+        return sf.read_f32(key), False
+
+    def release(self, key: str) -> None:
+        """Drop the tensor's mapped pages from the process once the math is done with it."""
+        self._files[key].release(key)
+
 
 def _read_weight_map(index_path: Path) -> dict[str, str]:
     doc = read_json_file(index_path, what="index", max_bytes=MAX_INDEX_BYTES)

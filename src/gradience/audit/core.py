@@ -20,7 +20,7 @@ from gradience import stats
 from gradience.adapter.config import mutated_base_init
 from gradience.adapter.model import LoadedAdapter, LoraPair, NonLoraTensors
 from gradience.audit.composition import composition
-from gradience.audit.spectrum import pair_grams, singular_values_many, spectrum_metrics
+from gradience.audit.spectrum import FactorGram, pair_grams, singular_values_many, spectrum_metrics
 from gradience.audit.suggest import global_suggestion, per_layer_suggestions
 from gradience.issues import Issue
 from gradience.modules import MODULE_TYPES, classify_module, layer_index
@@ -148,6 +148,16 @@ def _single_threaded_blas() -> AbstractContextManager[object]:
     return threadpool_limits(limits=1, user_api="blas")
 
 
+def _grams_once(pair: LoraPair) -> tuple[FactorGram, FactorGram]:
+    """A pair's two Grams from one pass over its data (bf16 converted chunk by chunk); its mapped pages are
+    dropped afterwards, so peak memory is the interpreter plus one pair, not the whole file (SPEC §11)."""
+    (a, a_bf16), (b, b_bf16) = pair.load_factors_for_gram()
+    grams = pair_grams(a, b, a_bf16=a_bf16, b_bf16=b_bf16)
+    del a, b
+    pair.release()
+    return grams
+
+
 def audit_pairs(pairs: Sequence[LoraPair], *,
                 grams_out: list[tuple[np.ndarray, np.ndarray]] | None = None) -> list[LayerAudit]:
     """Spectrum and metrics of every pair (reads each pair's factors once; a second time, for a thin product,
@@ -157,7 +167,7 @@ def audit_pairs(pairs: Sequence[LoraPair], *,
     without reading them a second time.
     """
     with _single_threaded_blas():
-        grams = [pair_grams(*pair.load_factors()) for pair in pairs]
+        grams = [_grams_once(pair) for pair in pairs]
         if grams_out is not None:
             grams_out.extend((ga.unscaled(), gb.unscaled()) for ga, gb in grams)
         sigmas, _ = singular_values_many(grams, lambda i: pairs[i].load_factors())

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from gradience.io.safetensors import bf16_to_f32
 from gradience.policy.thresholds import (
     ENERGY_LEVELS,
     ENERGY_RANK_RTOL,
@@ -46,40 +47,54 @@ _EPS = float(np.finfo(np.float64).eps)
 _GRAM_CHUNK_ELEMS = 32768
 
 
-def _gram_of_rows(x: np.ndarray) -> np.ndarray:
-    """x·xᵀ in float64 for x (r, d), accumulated over column chunks (``c @ c.T`` uses BLAS syrk)."""
+def _bf16_chunk(bits: np.ndarray, u32: np.ndarray) -> np.ndarray:
+    """A chunk of bf16 bits (uint16, any strides) as float32 in the reused buffer ``u32`` (exact)."""
+    return bf16_to_f32(bits, u32.view(np.float32))
+
+
+def _gram_of_rows(x: np.ndarray, bf16: bool = False) -> np.ndarray:
+    """x·xᵀ in float64 for x (r, d), accumulated over column chunks (``c @ c.T`` uses BLAS syrk).
+
+    ``bf16``: x holds bf16 bits (uint16 view of the file), converted chunk by chunk: never a whole float32 copy.
+    """
     r, d = x.shape
     block = max(1, _GRAM_CHUNK_ELEMS // max(r, 1))
     if d <= block:
-        c = np.asarray(x, dtype=np.float64)
+        c = np.asarray(bf16_to_f32(x) if bf16 else x, dtype=np.float64)
         return c @ c.T
     g = np.zeros((r, r))
     buf = np.empty((r, block))
+    u32 = np.empty((r, block), dtype=np.uint32) if bf16 else None
     for i in range(0, d, block):
         if i + block <= d:
-            buf[...] = x[:, i:i + block]
+            chunk = x[:, i:i + block]
+            buf[...] = chunk if u32 is None else _bf16_chunk(chunk, u32)
             g += buf @ buf.T
         else:
-            c = np.asarray(x[:, i:], dtype=np.float64)
+            tail = x[:, i:]
+            c = np.asarray(bf16_to_f32(tail) if bf16 else tail, dtype=np.float64)
             g += c @ c.T
     return g
 
 
-def _gram_of_cols(x: np.ndarray) -> np.ndarray:
-    """xᵀ·x in float64 for x (d, r), accumulated over row chunks."""
+def _gram_of_cols(x: np.ndarray, bf16: bool = False) -> np.ndarray:
+    """xᵀ·x in float64 for x (d, r), accumulated over row chunks (``bf16`` as in :func:`_gram_of_rows`)."""
     d, r = x.shape
     block = max(1, _GRAM_CHUNK_ELEMS // max(r, 1))
     if d <= block:
-        c = np.asarray(x, dtype=np.float64)
+        c = np.asarray(bf16_to_f32(x) if bf16 else x, dtype=np.float64)
         return c.T @ c
     g = np.zeros((r, r))
     buf = np.empty((block, r))
+    u32 = np.empty((block, r), dtype=np.uint32) if bf16 else None
     for i in range(0, d, block):
         if i + block <= d:
-            buf[...] = x[i:i + block]
+            chunk = x[i:i + block]
+            buf[...] = chunk if u32 is None else _bf16_chunk(chunk, u32)
             g += buf.T @ buf
         else:
-            c = np.asarray(x[i:], dtype=np.float64)
+            tail = x[i:]
+            c = np.asarray(bf16_to_f32(tail) if bf16 else tail, dtype=np.float64)
             g += c.T @ c
     return g
 
@@ -142,13 +157,15 @@ def _needs_rescale(g: np.ndarray) -> bool:
     return not math.isfinite(tr) or tr < 2.0 ** -_SAFE_EXP
 
 
-def _safe_gram(x: np.ndarray, gram: Callable[[np.ndarray], np.ndarray]) -> tuple[np.ndarray, int, bool]:
+def _safe_gram(x: np.ndarray, gram: Callable[..., np.ndarray], bf16: bool = False) -> tuple[np.ndarray, int, bool]:
     """(Gram of x·2^-e, e, finite?): e = 0 on the normal path; the data is scanned again only when the plain
     Gram is non-finite or underflowed (a zero factor is scanned once more to tell it from an underflow)."""
     with np.errstate(over="ignore", under="ignore", invalid="ignore"):  # detected below, then redone at scale
-        g = gram(x)
+        g = gram(x, bf16)
     if not _needs_rescale(g):
         return g, 0, True
+    if bf16:  # the rare path: the whole factor as float32 (exact), then as for any float factor
+        x = bf16_to_f32(x)
     if not np.isfinite(x).all():
         return g, 0, False
     top = float(np.max(np.abs(x))) if x.size else 0.0
@@ -240,15 +257,18 @@ class FactorGram:
             return np.ldexp(self.g, 2 * self.exp)
 
 
-def factor_gram(x: np.ndarray, *, rows: bool) -> FactorGram:
-    """Gram of A (``rows=True``, x is (r, d)) or of B (``rows=False``, x is (d, r)), in float64, one pass."""
-    g, e, finite = _safe_gram(x, _gram_of_rows if rows else _gram_of_cols)
+def factor_gram(x: np.ndarray, *, rows: bool, bf16: bool = False) -> FactorGram:
+    """Gram of A (``rows=True``, x is (r, d)) or of B (``rows=False``, x is (d, r)), in float64, one pass.
+    ``bf16``: x is the factor's bf16 bits (uint16), converted chunk by chunk (same Gram, bit for bit)."""
+    g, e, finite = _safe_gram(x, _gram_of_rows if rows else _gram_of_cols, bf16)
     return FactorGram(0.5 * (g + g.T), e, finite)
 
 
-def pair_grams(a: np.ndarray, b: np.ndarray) -> tuple[FactorGram, FactorGram]:
-    """What the audit keeps of a pair after reading its factors once: A (r, d_in), B (d_out, r)."""
-    return factor_gram(a, rows=True), factor_gram(b, rows=False)
+def pair_grams(a: np.ndarray, b: np.ndarray, *, a_bf16: bool = False,
+               b_bf16: bool = False) -> tuple[FactorGram, FactorGram]:
+    """What the audit keeps of a pair after reading its factors once: A (r, d_in), B (d_out, r)
+    (``*_bf16``: that factor is given as bf16 bits, see :func:`factor_gram`)."""
+    return factor_gram(a, rows=True, bf16=a_bf16), factor_gram(b, rows=False, bf16=b_bf16)
 
 
 def unit_diagonal(g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

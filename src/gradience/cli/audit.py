@@ -130,11 +130,15 @@ def safe_text_line(text: str) -> str:
 def _run(args: argparse.Namespace) -> int:
     from gradience.audit import MULTI_SCHEMA, run_audit
     from gradience.audit.core import default_top_wasteful
-    from gradience.audit.gates import evaluate_gates, validate_gates
-    from gradience.audit.render import dumps_json, render_text
-    from gradience.gates import parse_gates
 
-    gates = parse_gates(args.fail_on)
+    # Gates, the text renderer and the YAML/JSON writers are imported only by the runs that use them
+    # (a plain `--json` run pays for none of them: SPEC §11 whole-process time).
+    gates: list[Any] = []
+    if args.fail_on:
+        from gradience.audit.gates import evaluate_gates, validate_gates
+        from gradience.gates import parse_gates
+
+        gates = parse_gates(args.fail_on)
     options = _options(args)
     emit_format = _emit_format(args)
     if args.append:  # refuse a path --append cannot extend before doing the work
@@ -144,8 +148,9 @@ def _run(args: argparse.Namespace) -> int:
     results = [run_audit(loaded, options) for loaded in _load_all(args)]
     summaries = [result.to_summary(include_layers=True) for result in results]
     udr_disabled = bool(args.no_udr and not args.base_model)
-    for summary in summaries:
-        validate_gates(gates, summary, udr_disabled=udr_disabled)
+    if gates:
+        for summary in summaries:
+            validate_gates(gates, summary, udr_disabled=udr_disabled)
 
     multi = bool(args.all)  # --all always gives the multi-adapter JSON, so scripts see one shape
     if args.json:
@@ -154,8 +159,12 @@ def _run(args: argparse.Namespace) -> int:
                         "adapters": {s["adapter_name"] or "default": s for s in summaries}}
         else:
             doc = summaries[0]
+        from gradience.audit.render import dumps_json
+
         sys.stdout.write(dumps_json(doc) + "\n")
     else:
+        from gradience.audit.render import render_text
+
         blocks = [render_text(s, top_wasteful=default_top_wasteful(options), show_layers=args.layers)
                   for s in summaries]
         from gradience.textfmt import safe_text
@@ -173,7 +182,7 @@ def _run(args: argparse.Namespace) -> int:
             append_metrics_event(args.append, "lora_audit", metrics)
 
     met: list[str] = []
-    for summary in summaries:
+    for summary in summaries if gates else ():
         prefix = f"[{summary['adapter_name']}] " if multi and summary.get("adapter_name") else ""
         met += [prefix + msg for msg in evaluate_gates(gates, summary, udr_disabled=udr_disabled)]
     for msg in met:

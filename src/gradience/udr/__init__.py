@@ -80,6 +80,15 @@ def measure_udr(
     a TTY. ``device``: "cpu" or "cuda" (default: $GRADIENCE_UDR_DEVICE or cpu). ``workers``: tensors processed
     in parallel (default: $GRADIENCE_UDR_WORKERS or the CPU count, at most 4).
     """
+    if not base_model:
+        # The common case of a plain `gradience audit`: the config's hint does not resolve. Say so without
+        # importing the measuring machinery (thread pool, caches, spectral code: ~20 ms of imports).
+        from gradience.udr.resolve import resolve_hint
+
+        found = resolve_hint(adapter_base_hint)
+        if isinstance(found, Issue):
+            return UdrReport(requested=False, base_model=None, summary=dict.fromkeys(SUMMARY_KEYS),
+                             issues=[found])
     from gradience.udr.measure import measure_udr as _impl
 
     return _impl(layers, base_model, adapter_base_hint=adapter_base_hint, cache_path=cache_path,

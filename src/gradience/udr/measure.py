@@ -18,12 +18,11 @@ from gradience import stats
 from gradience.errors import InputError
 from gradience.issues import Issue
 from gradience.policy.thresholds import UDR_FRACTION_LEVELS, UDR_SDI_EPS, UDR_SIGMA_RTOL, UDR_STREAM_MIN_BYTES
-from gradience.textfmt import safe_text
 from gradience.udr import SUMMARY_KEYS, UdrInput, UdrReport
 from gradience.udr.base import BaseTensorInfo, BaseWeights
 from gradience.udr.cache import CachedNorms, NormsCache
 from gradience.udr.names import BaseNameIndex
-from gradience.udr.resolve import ResolvedBase, resolve_base
+from gradience.udr.resolve import ResolvedBase, resolve_base, resolve_hint
 from gradience.udr.spectral import (
     BlockOperator,
     DoraEffective,
@@ -68,20 +67,11 @@ def measure_udr(
     t_start = time.perf_counter()
     if base_model:
         resolved = resolve_base(base_model, allow_download=True)
-    elif adapter_base_hint:
-        try:
-            resolved = resolve_base(adapter_base_hint, allow_download=False)
-        except InputError as exc:
-            return _not_requested(Issue(
-                "base_model_unresolved",
-                f"UDR/SDI not computed: the adapter's base model {safe_text(repr(adapter_base_hint), max_len=200)} "
-                "is not available locally "
-                f"({exc.problem}); pass --base-model DIR_OR_ID", "info"))
     else:
-        return _not_requested(Issue(
-            "base_model_unresolved",
-            "UDR/SDI not computed: no base model given and the adapter config names none; pass --base-model",
-            "info"))
+        found = resolve_hint(adapter_base_hint)
+        if isinstance(found, Issue):
+            return _not_requested(found)
+        resolved = found
     return _measure(layers, resolved, cache_path=cache_path, use_cache=use_cache, progress=progress,
                     device=device or os.environ.get("GRADIENCE_UDR_DEVICE") or "cpu", workers=workers,
                     t_start=t_start,

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from gradience.errors import InputError
 from gradience.io.textfile import is_dir, is_file, probe, read_bytes_limited, read_json_file
+from gradience.issues import Issue
 from gradience.textfmt import safe_text
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -199,3 +200,26 @@ def resolve_base(spec: str, *, allow_download: bool = False) -> ResolvedBase:
     snapshot, commit = found
     display = f"{repo_id}@{commit}"
     return inspect_directory(snapshot, spec, display, f"hub:{display}")
+
+
+def base_unresolved_issue(hint: str | None, problem: str | None = None) -> Issue:
+    """The info issue of a run without a usable base: no hint at all, or a hint (the adapter config's
+    ``base_model_name_or_path``) that does not resolve locally, with ``problem`` saying why. One text for
+    both callers (the light pre-check in :func:`gradience.udr.measure_udr` and the measuring module)."""
+    if not hint:
+        return Issue("base_model_unresolved",
+                     "UDR/SDI not computed: no base model given and the adapter config names none; pass --base-model",
+                     "info")
+    return Issue("base_model_unresolved",
+                 f"UDR/SDI not computed: the adapter's base model {safe_text(repr(hint), max_len=200)} "
+                 f"is not available locally ({problem}); pass --base-model DIR_OR_ID", "info")
+
+
+def resolve_hint(hint: str | None) -> ResolvedBase | Issue:
+    """The adapter's own base hint resolved locally (never downloaded), or the issue saying why it is not."""
+    if not hint:
+        return base_unresolved_issue(None)
+    try:
+        return resolve_base(hint, allow_download=False)
+    except InputError as exc:
+        return base_unresolved_issue(hint, exc.problem)
