@@ -7,7 +7,9 @@ Prints, for a run directory holding a 100k-step telemetry log and the Llama-2-7B
   warm-up), its peak RSS, and the size of the page (targets: <= 3 s, <= 1 MB);
 - the same for the two commands whose work the report contains, ``gradience monitor --json`` of the log and
   ``gradience audit --json`` of the adapter: ``report/(monitor+audit)`` is what drawing and rendering add;
-- an in-process breakdown (imports, monitor, curve pass, audit, views/charts, page) of one run;
+- an in-process breakdown of one run: imports, the monitor + curves pass (one streaming pass over the log, as
+  the CLI does it) and the curves' share of it (that pass minus ``monitor_run`` alone), audit, views/charts,
+  page;
 - the 1-minute load average at start and end (on a busy 2-core machine trust the min column).
 
 UDR is off (``--no-udr``): the synthetic adapter names a base that is not available offline; with a base the
@@ -64,7 +66,8 @@ def timed(cmd: list[str], runs: int) -> dict[str, Any]:
 
 
 def breakdown(run_dir: Path) -> dict[str, float]:
-    """Seconds per phase of one in-process report (after the imports it needs)."""
+    """Seconds per phase of one in-process report (after the imports it needs); ``curves_share`` is a
+    difference of two passes, so on a busy machine it is noisy (it may even come out negative)."""
     code = f"""
 import json, time
 t0 = time.perf_counter()
@@ -77,9 +80,9 @@ from gradience.report.page import render_page
 from gradience.monitor import monitor_run
 t1 = time.perf_counter()
 p = b.plan({str(run_dir)!r})
-rep = monitor_run(p.run)
+rep, curves = b._monitor_and_curves(p.run, None)  # the CLI's one streaming pass
 t2 = time.perf_counter()
-curves = b._run_curves(p.run, None)
+monitor_run(p.run)                                 # the same pass without the curves (for their share)
 t3 = time.perf_counter()
 summary = b._audit_summary(p.adapter, None, None, False)
 t4 = time.perf_counter()
@@ -88,8 +91,8 @@ views = [run_view(rep, curves, ids), adapter_view(summary, ids)]
 t5 = time.perf_counter()
 html = render_page(views, title="bench", ids=ids)
 t6 = time.perf_counter()
-print(json.dumps({{"imports": t1 - t0, "monitor": t2 - t1, "curves": t3 - t2, "audit": t4 - t3,
-                  "views_charts": t5 - t4, "page": t6 - t5}}))
+print(json.dumps({{"imports": t1 - t0, "monitor_and_curves": t2 - t1, "curves_share": (t2 - t1) - (t3 - t2),
+                  "audit": t4 - t3, "views_charts": t5 - t4, "page": t6 - t5}}))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"})

@@ -226,12 +226,15 @@ def _monitor_and_curves(run_path: Path, run_id: str | None) -> tuple[Any, RunCur
     reader = TelemetryReader(source.path)
     analyzer: RunAnalyzer | None = None
     curves = RunCurves()
+    feed_analyzer: Any = None
+    feed_curves: Any = None
     for is_new, rec in telemetry_events(source.path, reader, run_id):
         if is_new:
             analyzer, curves = RunAnalyzer(rec.run_id), RunCurves()
-        assert analyzer is not None
-        analyzer.feed(rec.event, rec.step, rec.data, rec.ts)
-        curves.feed(rec.event, rec.step, rec.data)
+            feed_analyzer, feed_curves = analyzer.feed, curves.feed  # bound once per run, not per record
+        event, step, data = rec.event, rec.step, rec.data
+        feed_analyzer(event, step, data, rec.ts)
+        feed_curves(event, step, data)
     runs = list(reader.run_ids)
     if analyzer is None:
         if run_id is not None:

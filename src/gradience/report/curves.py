@@ -12,11 +12,14 @@ Pure Python: no numpy, no matplotlib (the chart code draws what this collects).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import operator
+from dataclasses import dataclass
+from functools import reduce
 from typing import Any
 
 CURVE_BUCKETS = 800          # buckets per curve: ~2 points per horizontal pixel of a 1400 px page
 MAX_MARKED_NONFINITE = 2000  # NaN/Inf steps remembered per curve (the rest are counted)
+FLUSH_POINTS = 4096          # points buffered per curve before they are folded into its buckets
 
 
 @dataclass
@@ -43,6 +46,19 @@ class Bucket:
         if y > self.hi:
             self.hi, self.x_hi = y, x
 
+    def add_finite_run(self, xs: list[float], ys: list[float], start: int, stop: int) -> None:
+        """``add`` of the finite points ``start..stop-1`` at once: the same result bit for bit (the running
+        sum left to right, the first occurrence of the min and of the max)."""
+        run = ys[start:stop]
+        self.x_last = xs[stop - 1]
+        self.n += stop - start
+        self.total = reduce(operator.add, run, self.total)
+        lo, hi = min(run), max(run)
+        if lo < self.lo:
+            self.lo, self.x_lo = lo, xs[start + run.index(lo)]
+        if hi > self.hi:
+            self.hi, self.x_hi = hi, xs[start + run.index(hi)]
+
     def merge(self, other: Bucket) -> None:
         self.x_last = other.x_last
         self.n += other.n
@@ -63,47 +79,116 @@ class Bucket:
 
 
 class Downsampler:
-    """Min/max/mean per bucket of consecutive points; at most ``max_buckets`` buckets whatever the length."""
+    """Min/max/mean per bucket of consecutive points; at most ``max_buckets`` buckets whatever the length.
+
+    Points are buffered (at most ``FLUSH_POINTS``) and folded into the buckets a run of points at a time:
+    a full bucket-width of finite values costs a few C-level calls (``min``, ``max``, a left-to-right sum)
+    instead of a Python call per point. The result is the one point-by-point folding gives, bit for bit
+    (the same bucket boundaries, the same summation order, the first min / max kept); reading any
+    attribute below flushes the buffer first.
+    """
 
     def __init__(self, max_buckets: int = CURVE_BUCKETS) -> None:
         self.max_buckets = max(2, max_buckets)
-        self.buckets: list[Bucket] = []
-        self.width = 1            # points per bucket
+        self._buckets: list[Bucket] = []
+        self._width = 1           # points per bucket
         self._fill = 0            # points in the last bucket
-        self.count = 0
-        self.nonfinite_steps: list[float] = []
-        self.nonfinite_count = 0
+        self._count = 0
+        self._nonfinite_steps: list[float] = []
+        self._nonfinite_count = 0
+        self._xs: list[float] = []  # buffered points, not yet in a bucket
+        self._ys: list[float] = []
 
     def add(self, x: float, y: float) -> None:
-        self.count += 1
-        if y - y != 0.0:
-            self.nonfinite_count += 1
-            if len(self.nonfinite_steps) < MAX_MARKED_NONFINITE:
-                self.nonfinite_steps.append(x)
-        if not self.buckets or self._fill >= self.width:
-            if len(self.buckets) >= self.max_buckets:
-                self._halve()
-            if not self.buckets or self._fill >= self.width:
-                self.buckets.append(Bucket(x, x))
-                self._fill = 0
-        self.buckets[-1].add(x, y)
-        self._fill += 1
+        self._xs.append(x)
+        self._ys.append(y)
+        if len(self._ys) >= FLUSH_POINTS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Fold the buffered points into the buckets (in order)."""
+        if self._ys:
+            xs, ys = self._xs, self._ys
+            self._xs, self._ys = [], []
+            self.add_run(xs, ys)
+
+    def add_run(self, xs: list[float], ys: list[float]) -> None:
+        """``add`` of every ``(xs[i], ys[i])`` in order, a bucket-width at a time (after any buffered points)."""
+        if self._ys:
+            self.flush()
+        n = len(ys)
+        if not n:
+            return
+        self._count += n
+        total = sum(ys)
+        finite = total - total == 0.0  # a NaN/Inf anywhere makes the sum NaN/Inf (so can an overflow)
+        if not finite:
+            for i, y in enumerate(ys):
+                if y - y != 0.0:
+                    self._nonfinite_count += 1
+                    if len(self._nonfinite_steps) < MAX_MARKED_NONFINITE:
+                        self._nonfinite_steps.append(xs[i])
+        buckets = self._buckets
+        i = 0
+        while i < n:
+            if not buckets or self._fill >= self._width:
+                if len(buckets) >= self.max_buckets:
+                    self._halve()
+                    buckets = self._buckets
+                if not buckets or self._fill >= self._width:
+                    buckets.append(Bucket(xs[i], xs[i]))
+                    self._fill = 0
+            take = min(self._width - self._fill, n - i)
+            last = buckets[-1]
+            if take == 1 or not finite:
+                for j in range(i, i + take):
+                    last.add(xs[j], ys[j])
+            else:
+                last.add_finite_run(xs, ys, i, i + take)
+            self._fill += take
+            i += take
 
     def _halve(self) -> None:
         merged: list[Bucket] = []
-        for i in range(0, len(self.buckets) - 1, 2):
-            a = self.buckets[i]
-            a.merge(self.buckets[i + 1])
+        buckets = self._buckets
+        for i in range(0, len(buckets) - 1, 2):
+            a = buckets[i]
+            a.merge(buckets[i + 1])
             merged.append(a)
         # Called when the last bucket is full (``width`` points): merged with its neighbour it is full at the
         # new width; left alone (odd count) it is half full and keeps filling.
-        if len(self.buckets) % 2 == 1:
-            merged.append(self.buckets[-1])
-            self._fill = self.width
+        if len(buckets) % 2 == 1:
+            merged.append(buckets[-1])
+            self._fill = self._width
         else:
-            self._fill = 2 * self.width
-        self.buckets = merged
-        self.width *= 2
+            self._fill = 2 * self._width
+        self._buckets = merged
+        self._width *= 2
+
+    @property
+    def buckets(self) -> list[Bucket]:
+        self.flush()
+        return self._buckets
+
+    @property
+    def width(self) -> int:
+        self.flush()
+        return self._width
+
+    @property
+    def count(self) -> int:
+        self.flush()
+        return self._count
+
+    @property
+    def nonfinite_steps(self) -> list[float]:
+        self.flush()
+        return self._nonfinite_steps
+
+    @property
+    def nonfinite_count(self) -> int:
+        self.flush()
+        return self._nonfinite_count
 
     @property
     def exact(self) -> bool:
@@ -118,30 +203,42 @@ class Downsampler:
                 "nonfinite": self.nonfinite_count}
 
 
-@dataclass
 class RunCurves:
-    """Everything the report plots from a run's events (train steps and evals), split by metric."""
+    """Everything the report plots from a run's events (train steps and evals), split by metric.
 
-    loss: Downsampler = field(default_factory=Downsampler)
-    lr: Downsampler = field(default_factory=Downsampler)
-    grad_norm: Downsampler = field(default_factory=Downsampler)
-    eval_loss: dict[str, Downsampler] = field(default_factory=dict)
-    eval_accuracy: dict[str, Downsampler] = field(default_factory=dict)
-    _index: int = 0
+    A train step costs one Python call: its x and its three values are appended to buffers (``None`` where a
+    value is missing) that are folded into the three curves ``FLUSH_POINTS`` steps at a time; reading
+    ``loss``, ``lr`` or ``grad_norm`` folds what is buffered first.
+    """
+
+    def __init__(self) -> None:
+        self._loss = Downsampler()
+        self._lr = Downsampler()
+        self._grad_norm = Downsampler()
+        self.eval_loss: dict[str, Downsampler] = {}
+        self.eval_accuracy: dict[str, Downsampler] = {}
+        self._index = 0
+        self._steps: list[float] = []              # x of each buffered train step
+        self._loss_ys: list[float | None] = []
+        self._lr_ys: list[float | None] = []
+        self._grad_ys: list[float | None] = []
 
     def feed(self, event: str, step: int | None, data: dict[str, Any]) -> None:
         """One run event (telemetry record data, or an event derived from trainer_state.json)."""
         if event == "train_step":
             self._index += 1
-            x = float(step if step is not None else self._index)
-            for target, key, alt in ((self.loss, "loss", None), (self.lr, "lr", "learning_rate"),
-                                     (self.grad_norm, "grad_norm", None)):
-                value = data.get(key)
-                if value is None and alt is not None:
-                    value = data.get(alt)
-                y = _number(value)
-                if y is not None:
-                    target.add(x, y)
+            self._steps.append(float(step if step is not None else self._index))
+            # A float (every value of a well-formed log) goes in as is; anything else through _number.
+            value = data.get("loss")
+            self._loss_ys.append(value if type(value) is float else _number(value))
+            value = data.get("lr")
+            if value is None:
+                value = data.get("learning_rate")
+            self._lr_ys.append(value if type(value) is float else _number(value))
+            value = data.get("grad_norm")
+            self._grad_ys.append(value if type(value) is float else _number(value))
+            if len(self._steps) >= FLUSH_POINTS:
+                self._flush()
         elif event == "eval":
             split = data.get("split")
             split = split if isinstance(split, str) and split else "unknown"
@@ -155,6 +252,33 @@ class RunCurves:
             acc = _number(metrics.get("accuracy", metrics.get("acc")))
             if acc is not None:
                 self.eval_accuracy.setdefault(split, Downsampler()).add(x, acc / 100.0 if acc > 1.0 else acc)
+
+    def _flush(self) -> None:
+        steps = self._steps
+        if not steps:
+            return
+        for curve, ys in ((self._loss, self._loss_ys), (self._lr, self._lr_ys), (self._grad_norm, self._grad_ys)):
+            if None in ys:
+                pairs = [(x, y) for x, y in zip(steps, ys, strict=True) if y is not None]
+                curve.add_run([x for x, _ in pairs], [y for _, y in pairs])
+            else:
+                curve.add_run(steps, ys)  # type: ignore[arg-type]
+        self._steps, self._loss_ys, self._lr_ys, self._grad_ys = [], [], [], []
+
+    @property
+    def loss(self) -> Downsampler:
+        self._flush()
+        return self._loss
+
+    @property
+    def lr(self) -> Downsampler:
+        self._flush()
+        return self._lr
+
+    @property
+    def grad_norm(self) -> Downsampler:
+        self._flush()
+        return self._grad_norm
 
 
 def _number(value: Any) -> float | None:
