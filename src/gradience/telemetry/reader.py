@@ -330,7 +330,11 @@ class TelemetryReader:
                                   event=event)
                 if not usable:
                     continue
-                step, ok = _coerce_step(obj.get("step"))
+                step = obj.get("step")
+                if type(step) is int:  # the common case, without the call
+                    ok = True
+                else:
+                    step, ok = _coerce_step(step)
                 if not ok:
                     self._problem("bad_step", f"step {obj.get('step')!r} is not an integer; treated as null",
                                   lineno)
@@ -343,7 +347,8 @@ class TelemetryReader:
                 ts = obj.get("ts")
                 self.n_records += 1
                 yield TelemetryRecord(lineno, event, run_id, step,
-                                      float(ts) if isinstance(ts, (int, float)) and not isinstance(ts, bool)
+                                      ts if type(ts) is float
+                                      else float(ts) if isinstance(ts, (int, float)) and not isinstance(ts, bool)
                                       else None, obj)
             self.lines = lineno
         finally:
