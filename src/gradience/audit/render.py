@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -159,6 +160,11 @@ def render_text(summary: Mapping[str, Any], *, top_wasteful: int, show_layers: b
                      f"{plural(len(rs['rank_pattern']), 'module')} in rank_pattern, params "
                      f"{human_count(rs['params_at_suggested'])} (saves {pct(rs['reduction_ratio'])})")
         lines += suggestion_config_lines(rs)
+    p90 = g["p90"]
+    if p90.get("r") is not None and (p90.get("params_saved") or 0) > 0 and s.get("peft_dir"):
+        src = shlex.quote(str(s["peft_dir"]).rstrip("/"))
+        lines.append(f"  Apply without retraining: gradience compress --peft-dir {src} --out {src}_r{p90['r']} "
+                     f"--rank {p90['r']}   (then verify: gradience bench)")
 
     lines += ["", "Issues:"]
     issues = s.get("issues") or []
