@@ -52,7 +52,7 @@ class Bucket:
         run = ys[start:stop]
         self.x_last = xs[stop - 1]
         self.n += stop - start
-        self.total = reduce(operator.add, run, self.total)
+        self.total = reduce(operator.add, run, self.total)  # not sum(): Python >= 3.12 compensates it
         lo, hi = min(run), max(run)
         if lo < self.lo:
             self.lo, self.x_lo = lo, xs[start + run.index(lo)]
