@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 
 from gradience.adapter import load_adapter
-from gradience.audit import AuditOptions, run_audit
+from gradience.audit import run_audit
 from gradience.audit.spectrum import factor_gram
 from gradience.io.safetensors import SafetensorsFile, bf16_to_f32
 from gradience.udr import measure_udr
 from gradience.udr.resolve import base_unresolved_issue
-from support.synthetic import f32_to_bf16_bits, llama_targets, write_safetensors, write_synthetic_adapter
+from support.synthetic import llama_targets, write_safetensors, write_synthetic_adapter
 
 
 def test_bf16_gram_chunked_matches_float32_bit_for_bit(tmp_path: Path) -> None:
@@ -74,7 +74,7 @@ def test_audit_of_bf16_adapter_equals_in_memory_float32_audit(tmp_path: Path) ->
     loaded = load_adapter(out)
     on_disk = run_audit(loaded).to_summary()
     sf = SafetensorsFile(out / "adapter_model.safetensors")
-    tensors = {k: bf16_to_f32(sf.read_raw(k)).copy() for k in sf.keys()}
+    tensors = {k: bf16_to_f32(sf.read_raw(k)).copy() for k in sf.tensors}
     from gradience.audit import audit_state_dict
 
     in_memory = audit_state_dict(tensors, loaded.config).to_summary()
