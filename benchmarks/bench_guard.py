@@ -33,38 +33,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def toy_runs(runs: int, steps: int) -> dict[str, list[float]]:
-    import transformers
-    from peft import LoraConfig, TaskType, get_peft_model
-    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
-
     from gradience.integrations.hf import GradienceCallback, GradienceCallbackConfig
-    from gradience.toy.dataset import load_builtin
-    from gradience.toy.model import build_tiny_classifier, build_word_tokenizer
+    from toy_trainer import make_toy_run
 
-    transformers.logging.set_verbosity_error()
-    data = load_builtin()
-    tokenizer = build_word_tokenizer(data.train_texts)
-    enc = tokenizer(data.train_texts, truncation=True, max_length=32)
-    train = [{"input_ids": i, "attention_mask": m, "labels": y}
-             for i, m, y in zip(enc["input_ids"], enc["attention_mask"], data.train_labels, strict=True)]
+    toy_run, _ = make_toy_run(steps)
 
     def one_run(mode: str, out: str) -> float:
-        model = get_peft_model(build_tiny_classifier(len(tokenizer), 2, seed=0),
-                               LoraConfig(task_type=TaskType.SEQ_CLS, r=8, lora_alpha=16,
-                                          target_modules=["q_lin", "k_lin", "v_lin", "out_lin"]))
         callbacks: list[Any] = []
         if mode != "none":
             callbacks.append(GradienceCallback(GradienceCallbackConfig(
                 model_name="tiny", audit_on_train_end=False, guard=(mode == "guard on"))))
-        args = TrainingArguments(output_dir=out, max_steps=steps, per_device_train_batch_size=16,
-                                 learning_rate=5e-3, logging_steps=1, eval_strategy="no", save_strategy="no",
-                                 report_to="none", use_cpu=True, disable_tqdm=True, seed=0)
-        trainer = Trainer(model=model, args=args, train_dataset=train,
-                          data_collator=DataCollatorWithPadding(tokenizer), callbacks=callbacks)
-        trainer.remove_callback(transformers.PrinterCallback)
-        start = time.perf_counter()
-        trainer.train()
-        return time.perf_counter() - start
+        return toy_run(callbacks, out)
 
     modes = ("none", "guard off", "guard on")
     times: dict[str, list[float]] = {m: [] for m in modes}
