@@ -188,28 +188,31 @@ class _Reader:
     def get(self, key: str) -> Any:
         return self.data.get(key)
 
-    def integer(self, key: str, lo: int, hi: int) -> int | None:
+    def _scalar(self, key: str, what: str) -> int | float | str | None:
+        """The raw value of a numeric key: None when absent, an error for lists, maps and booleans."""
         v = self.data.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float, str))):
+            raise self._err(key, f"expected {what}, got {type(v).__name__}")
+        return v
+
+    def integer(self, key: str, lo: int, hi: int) -> int | None:
+        v = self._scalar(key, "an integer")
         if v is None:
             return None
-        if isinstance(v, bool) or not isinstance(v, (int, float, str)):
-            raise self._err(key, f"expected an integer, got {type(v).__name__}")
         try:
-            iv = int(v) if not isinstance(v, str) else int(v.strip())
+            if isinstance(v, float) and not v.is_integer():
+                raise ValueError
+            iv = int(v.strip()) if isinstance(v, str) else int(v)
         except (ValueError, OverflowError):
             raise self._err(key, f"expected an integer, got {str(v)[:40]!r}") from None
-        if isinstance(v, float) and not v.is_integer():
-            raise self._err(key, f"expected an integer, got {v!r}")
         if not lo <= iv <= hi:
             raise self._err(key, f"must be between {lo} and {hi}, got {iv}")
         return iv
 
     def number(self, key: str, lo: float, hi: float) -> float | None:
-        v = self.data.get(key)
+        v = self._scalar(key, "a number")
         if v is None:
             return None
-        if isinstance(v, bool) or not isinstance(v, (int, float, str)):
-            raise self._err(key, f"expected a number, got {type(v).__name__}")
         try:
             fv = float(v)  # YAML 1.1 reads 5e-5 as a string: coerce it
         except (ValueError, OverflowError):
