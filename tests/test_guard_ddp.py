@@ -6,14 +6,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from support.ddp import run_torchrun
 
 pytest.importorskip("torch")
 pytest.importorskip("peft")
@@ -26,21 +23,9 @@ SCRIPT = REPO / "tests" / "support_guard_ddp.py"
 
 @pytest.mark.slow
 def test_ddp_ranks_agree_on_every_rollback(tmp_path: Path) -> None:
-    torchrun = shutil.which("torchrun")
-    cmd = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
     out = tmp_path / "out"
-    cmd += ["--standalone", "--nproc_per_node", "2", str(SCRIPT), "--out", str(out), "--max-steps", "14",
-            "--nan-step", "5", "--spike-step", "10"]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"))
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            cwd=tmp_path, start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    assert proc.returncode == 0, stderr[-3000:]
+    run_torchrun(SCRIPT, ["--out", str(out), "--max-steps", "14", "--nan-step", "5", "--spike-step", "10"],
+                 tmp_path, timeout=240)
 
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     # Same trainable parameters, bit for bit, at the end of every step on both ranks: no divergence.

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from support.ddp import run_torchrun
 
 pytest.importorskip("torch")
 pytest.importorskip("peft")
@@ -21,22 +18,7 @@ SCRIPT = REPO / "tests" / "support_ddp_script.py"
 
 @pytest.mark.slow
 def test_torchrun_two_processes_write_one_run(tmp_path: Path) -> None:
-    torchrun = shutil.which("torchrun")
-    cmd = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
-    # --standalone: a local rendezvous on a free port, so parallel test runs never collide.
-    cmd += ["--standalone", "--nproc_per_node", "2", str(SCRIPT), "--out", str(tmp_path / "out"),
-            "--max-steps", "12"]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"))
-    # start_new_session: on timeout the whole process group (torchrun and its workers) is killed.
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            cwd=tmp_path, start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=180)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    assert proc.returncode == 0, stderr[-3000:]
+    run_torchrun(SCRIPT, ["--out", str(tmp_path / "out"), "--max-steps", "12"], tmp_path, timeout=180)
 
     files = sorted(p.name for p in (tmp_path / "out").iterdir() if p.suffix == ".jsonl")
     assert files == ["run.jsonl"]
