@@ -106,9 +106,12 @@ def test_unresolved_hint_needs_no_measure_import(tmp_path: Path) -> None:
 
 def test_cli_json_run_skips_render_gates_and_udr_machinery(tmp_path: Path) -> None:
     out = write_synthetic_adapter(tmp_path / "ad", layers=1, targets=llama_targets(32, 64, 16), r=4, alpha=8)
-    code = ("import sys\nfrom gradience.cli.main import main\nrc = main(['audit', '--peft-dir', sys.argv[1], '--json'])\n"
+    # Modules the interpreter already holds at start-up (a site .pth may import certifi, hence tempfile) are
+    # not ours: only what the audit run itself imports counts.
+    code = ("import sys\nstartup = set(sys.modules)\nfrom gradience.cli.main import main\n"
+            "rc = main(['audit', '--peft-dir', sys.argv[1], '--json'])\n"
             "mods = [m for m in ('gradience.audit.gates', 'gradience.udr.measure', 'concurrent.futures', 'tempfile')"
-            " if m in sys.modules]\nprint('MODS', mods, rc, file=sys.stderr)\n")
+            " if m in sys.modules and m not in startup]\nprint('MODS', mods, rc, file=sys.stderr)\n")
     proc = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, check=True)
     assert json.loads(proc.stdout)["schema"] == "gradience.audit/v1"
     assert "MODS [] 0" in proc.stderr
