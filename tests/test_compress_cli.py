@@ -68,6 +68,18 @@ def test_non_empty_out_needs_force_and_is_replaced_whole(adapter: Path, tmp_path
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # no temp dirs left behind
 
 
+def test_written_adapter_is_readable_as_any_file_the_user_makes(adapter: Path, tmp_path: Path) -> None:
+    """A serving process under another account must be able to load it: no mkdtemp 0700 / mkstemp 0600."""
+    old = os.umask(0o022)
+    try:
+        assert main(["compress", "--peft-dir", str(adapter), "--out", str(tmp_path / "out"), "--rank", "2"]) == 0
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
+    assert {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "out").iterdir()} == {
+        "adapter_config.json": 0o644, "adapter_model.safetensors": 0o644, "compress.json": 0o644}
+
+
 def test_dry_run_writes_nothing_and_json_is_the_document(adapter: Path, tmp_path: Path,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"

@@ -45,6 +45,19 @@ def test_atomic_write_replaces_whole_file(tmp_path) -> None:
     assert os.listdir(target.parent) == ["out.json"]  # no temp file left behind
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_atomic_write_gives_the_mode_a_plain_open_would(tmp_path, umask: int) -> None:
+    old = os.umask(umask)
+    try:
+        atomic_write_text(tmp_path / "atomic.json", "x")
+        with open(tmp_path / "plain.json", "w") as fh:
+            fh.write("x")
+    finally:
+        os.umask(old)
+    mode = os.stat(tmp_path / "atomic.json").st_mode & 0o777
+    assert mode == os.stat(tmp_path / "plain.json").st_mode & 0o777 == 0o666 & ~umask
+
+
 def test_parse_gates() -> None:
     gates = parse_gates(["utilization<0.25,udr>1.0", "zero_update", "gap>=2"])
     assert [(g.metric, g.op, g.threshold) for g in gates] == [

@@ -489,6 +489,18 @@ def test_control_characters_in_tensor_names_are_escaped(tmp_path: Path) -> None:
     assert "\\x1b[2J" in res.stdout
 
 
+@pytest.mark.parametrize("command", ["audit --peft-dir {a} --no-udr --layers --top-wasteful 5",
+                                     "compress --peft-dir {a} --rank 2 --out {out}", "compare {a} {a}"])
+def test_newline_in_a_tensor_name_keeps_each_row_one_line(tmp_path: Path, command: str) -> None:
+    evil = "base_model.model.model.layers.0.self_attn.q_proj\nFAKE ROW"
+    d = adapter_with_tensors(tmp_path / "a", {**pair(evil, 4, 8, 8), **pair(K, 4, 8, 8)})
+    argv = [w.format(a=d, out=tmp_path / "out") for w in command.split()]
+    res = run_subprocess(argv, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert "q_proj\\nFAKE ROW" in res.stdout
+    assert not [line for line in res.stdout.splitlines() if line.startswith("FAKE ROW")]
+
+
 def test_lone_surrogates_in_names_print(tmp_path: Path) -> None:
     bad = Q + "\\ud800x"  # a JSON escape: the header decodes to a lone surrogate
     header = {f"{bad}.lora_A.weight": {"dtype": "F32", "shape": [4, 8], "data_offsets": [0, 128]},

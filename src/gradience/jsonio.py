@@ -66,6 +66,26 @@ def decode_nonfinite(value: Any) -> Any:
     return value
 
 
+def _umask_mode(full: int) -> int:
+    """``full`` less the process umask: the mode ``open``/``mkdir`` would have given (mkstemp gives 0600)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return full & ~mask
+
+
+def make_staging_dir(final: Path, tag: str) -> Path:
+    """A fresh directory next to ``final`` to build an output in, then rename into place.
+
+    ``mkdtemp`` makes it 0700; it gets the mode a plain ``mkdir`` would have, so a written adapter or report
+    is readable by the serving process and colleagues exactly as any other file the user creates.
+    """
+    import tempfile
+
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.{tag}-", dir=final.parent))
+    os.chmod(staging, _umask_mode(0o777))
+    return staging
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Write a file so that readers see either the old content or the new, never a partial file."""
     target = Path(path)
@@ -74,6 +94,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
 
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
+        os.fchmod(fd, _umask_mode(0o666))
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()

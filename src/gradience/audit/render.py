@@ -9,7 +9,7 @@ from typing import Any
 
 from gradience import jsonio
 from gradience.policy.thresholds import TOP_UDR_TEXT, UDR_SDI_EPS
-from gradience.textfmt import RULE, finite, human_count, num, pct, rank_value
+from gradience.textfmt import RULE, finite, human_count, num, pct, rank_value, safe_text
 
 
 def dumps_json(doc: Mapping[str, Any]) -> str:
@@ -63,7 +63,7 @@ def _rows_text(rows: list[Any]) -> str:
 def wasteful_line(i: int, row: Mapping[str, Any]) -> str:
     """``  01. attn r=8   util=12.7%  sr=1.02  k@90%=1  model.layers.5.self_attn.q_proj``."""
     return (f"  {i:02d}. {row['module_type']:<4} r={row['r']:<3} util={pct(row['utilization'])}  "
-            f"sr={num(row['stable_rank'])}  k@90%={num(row['energy_rank_90'], 'd')}  {row['name']}")
+            f"sr={num(row['stable_rank'])}  k@90%={num(row['energy_rank_90'], 'd')}  {safe_text(row['name'])}")
 
 
 def _suggestion_line(label: str, g: Mapping[str, Any], total: int) -> str:
@@ -105,7 +105,7 @@ def render_text(summary: Mapping[str, Any], *, top_wasteful: int, show_layers: b
     s = summary
     lines = [RULE, title, RULE]
     if s.get("adapter_name"):
-        lines.append(f"Adapter:  {s['adapter_name']}")
+        lines.append(f"Adapter:  {safe_text(s['adapter_name'])}")
     lines += [f"PEFT dir: {s.get('peft_dir') or '-'}",
               f"Config:   {s.get('adapter_config_path') or '-'}",
               f"Weights:  {s.get('adapter_weights_path') or '-'}",
@@ -148,7 +148,7 @@ def render_text(summary: Mapping[str, Any], *, top_wasteful: int, show_layers: b
         ranked = sorted((r for r in rows if r.get("udr") is not None), key=lambda r: -r["udr"])[:TOP_UDR_TEXT]
         if ranked:
             lines.append(f"  Top {plural(len(ranked), 'module')} by UDR:")
-            lines += [f"    {r['udr']:.3f}  {r['name']}" for r in ranked]
+            lines += [f"    {r['udr']:.3f}  {safe_text(r['name'])}" for r in ranked]
 
     g = s["global_rank_suggestions"]
     lines += ["", "Suggested rank:",
@@ -189,5 +189,5 @@ def render_text(summary: Mapping[str, Any], *, top_wasteful: int, show_layers: b
                          f"sr={num(row['stable_rank'])}  erank={num(row['effective_rank'])}  "
                          f"k@90/95/99%={num(row['energy_rank_90'], 'd')}/{num(row['energy_rank_95'], 'd')}/"
                          f"{num(row['energy_rank_99'], 'd')}  sigma1(dW)={num(row['delta_sigma_max'], '.3g')}"
-                         f"{udr}  {row['name']}")
+                         f"{udr}  {safe_text(row['name'])}")
     return "\n".join(lines) + "\n"

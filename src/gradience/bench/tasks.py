@@ -77,10 +77,11 @@ def _tokenize_causal(tokenizer: Any, texts: list[str]) -> list[dict[str, Any]]:
 def _save_base(model: Any, tokenizer: Any, base_dir: Path) -> None:
     """Write the base atomically (a temp dir renamed into place): a crash never leaves half a base."""
     import shutil
-    import tempfile
+
+    from gradience.jsonio import make_staging_dir
 
     base_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".base.", dir=base_dir.parent))
+    staging = make_staging_dir(base_dir, "tmp")
     try:
         model.save_pretrained(str(staging), safe_serialization=True)
         tokenizer.save_pretrained(str(staging))

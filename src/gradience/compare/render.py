@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from gradience.textfmt import RULE, finite, num, pct
+from gradience.textfmt import RULE, finite, num, pct, safe_text
 
 _SORT_TITLES = {
     "udr": "Biggest UDR differences (by |ΔUDR|)",
@@ -35,7 +35,7 @@ def _side_line(tag: str, side: Mapping[str, Any], width: int) -> str:
     alpha_text = "-" if alpha is None else f"{alpha:g}"
     rs = ", rsLoRA" if side.get("use_rslora") else ""
     return (f"{tag}: {side['label']:<{width}}  ({kind}, r={side.get('r') if side.get('r') is not None else '-'}, "
-            f"alpha={alpha_text}{rs}, {side['n_layers']} modules)  {side['path']}")
+            f"alpha={alpha_text}{rs}, {side['n_layers']} modules)  {safe_text(side['path'])}")
 
 
 def _names_line(title: str, names: Sequence[str]) -> list[str]:
@@ -69,7 +69,7 @@ def _table(modules: Sequence[Mapping[str, Any]], with_udr: bool, with_cross: boo
             overlap = f"{num(m.get('overlap_left'), '.3f')}/{num(m.get('overlap_right'), '.3f')}"
             cells.append(f"{num(m.get('cos'), '+.3f'):>6}  {overlap:>11}  ")
         util = f"{pct(m['a']['utilization'])}/{pct(m['b']['utilization'])}"
-        cells.append(f"{_r_pair(m):>5}  {util:>13}  {m['name']}")
+        cells.append(f"{_r_pair(m):>5}  {util:>13}  {safe_text(m['name'])}")
         lines.append("".join(cells))
     return lines
 

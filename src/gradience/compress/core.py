@@ -35,6 +35,7 @@ from gradience.compress.portability import OutputFacts, portability
 from gradience.errors import InputError
 from gradience.io.safetensors_write import TensorSpec
 from gradience.issues import Issue
+from gradience.jsonio import make_staging_dir
 from gradience.policy.thresholds import ALLOWED_RANKS_DEFAULT, COMPRESS_SCALE_RTOL
 
 SCHEMA = "gradience.compress/v1"
@@ -572,7 +573,7 @@ def compress(loaded: LoadedAdapter, out: str | os.PathLike[str] | None, options:
     parent = _resolve(out_path).parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.tmp-", dir=parent))
+        tmp = make_staging_dir(_resolve(out_path), "tmp")
     except OSError as exc:
         raise InputError(f"cannot create the output directory: {exc.strerror or exc}", out_path) from None
     try:

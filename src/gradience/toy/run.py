@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Sequence
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from gradience.errors import InputError
+from gradience.jsonio import make_staging_dir
 from gradience.toy.dataset import BUILTIN_DATASET, TextClassificationData, load_text_classification
 from gradience.toy.model import BUILTIN_MODEL, MAX_LENGTH, load_model, require_hf
 
@@ -141,7 +141,7 @@ def save_adapter(model: Any, peft_dir: Path, **save_kwargs: Any) -> None:
     """PEFT ``save_pretrained`` into a temp dir, then swap it in, so ``peft/`` is never half-written
     (the same for the base model's ``save_pretrained`` into ``base/``, with no keyword arguments)."""
     peft_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{peft_dir.name}.", dir=peft_dir.parent))
+    staging = make_staging_dir(peft_dir, "tmp")
     try:
         model.save_pretrained(str(staging), **save_kwargs)
         previous = None
