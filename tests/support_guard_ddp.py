@@ -30,23 +30,14 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     import transformers
-    from peft import LoraConfig, TaskType, get_peft_model
     from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
 
     from gradience.integrations.hf import GradienceCallback, GradienceCallbackConfig
-    from gradience.toy.dataset import load_builtin
-    from gradience.toy.model import build_tiny_classifier, build_word_tokenizer
+    from support.tiny_cls import tiny_lora_classifier
 
     transformers.logging.set_verbosity_error()
     rank = int(os.environ.get("RANK", "0"))
-    data = load_builtin()
-    tokenizer = build_word_tokenizer(data.train_texts)
-    model = get_peft_model(build_tiny_classifier(len(tokenizer), 2, seed=0),
-                           LoraConfig(task_type=TaskType.SEQ_CLS, r=4, lora_alpha=8,
-                                      target_modules=["q_lin", "v_lin"]))
-    enc = tokenizer(data.train_texts[:256], truncation=True, max_length=32)
-    train = [{"input_ids": i, "attention_mask": m, "labels": y}
-             for i, m, y in zip(enc["input_ids"], enc["attention_mask"], data.train_labels[:256], strict=True)]
+    _, tokenizer, model, train = tiny_lora_classifier()
 
     class Fault(TrainerCallback):
         def __init__(self) -> None:
