@@ -83,7 +83,7 @@ def test_unknown_keys_name_the_closest_known_key(tmp_path: Path, text: str, expe
     ("arms: ['uniform:0']\n", "uniform:K needs a rank"),
     ("model: [1, 2]\n", "expected a mapping"),
     ("- just\n- a list\n", "must be a mapping"),
-    ("train: {lr: [\n", "not valid YAML"),
+    ("train: {lr: [\n", "invalid YAML"),
 ])
 def test_bad_values_are_one_clear_error(tmp_path: Path, text: str, expected: str) -> None:
     with pytest.raises(InputError, match=expected) as info:

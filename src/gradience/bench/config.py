@@ -7,13 +7,18 @@ range here, once, so the runner never meets a bad value halfway through a multi-
 
 from __future__ import annotations
 
-import difflib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from gradience.bench.config_compat import translate
+from gradience.bench.config_values import MAX_RANK as _MAX_RANK
+from gradience.bench.config_values import Reader as _Reader
+from gradience.bench.config_values import closest as _closest
+from gradience.bench.config_values import parse_arms as _parse_arms
+from gradience.bench.config_values import parse_seeds, show
 from gradience.errors import InputError
 from gradience.policy.thresholds import (
     ALLOWED_RANKS_DEFAULT,
@@ -34,25 +39,25 @@ LAUNCHERS = ("none", "accelerate")
 # Every accepted key, per section (None: a scalar top-level key). The reference tool's keys come first.
 SCHEMA_KEYS: dict[str, tuple[str, ...] | None] = {
     "bench_version": None,
-    "model": ("name",),
+    "model": ("name", "torch_dtype", "gradient_checkpointing", "use_cache"),
     "task": ("dataset", "subset", "metric", "type", "max_train_samples", "max_eval_samples",
-             "exact_match", "max_new_tokens", "text_column", "answer_column"),
+             "exact_match", "max_new_tokens", "text_column", "answer_column", "probe_gate", "generation"),
     "train": ("seed", "max_steps", "eval_steps", "lr", "weight_decay", "per_device_train_batch_size",
-              "per_device_eval_batch_size", "logging_steps", "gradient_accumulation_steps", "warmup_ratio"),
+              "per_device_eval_batch_size", "logging_steps", "gradient_accumulation_steps", "warmup_ratio",
+              "save_steps", "save_strategy"),
     "lora": ("probe_r", "alpha", "dropout", "target_modules", "use_rslora"),
     "compression": ("allowed_ranks", "acc_tolerance", "margin"),
-    "audit": ("base_model", "compute_udr", "base_norms_cache"),
+    "audit": ("base_model", "compute_udr", "base_norms_cache", "enable_composition_analysis"),
     "runtime": ("device", "smoke_max_steps", "smoke_train_samples", "smoke_eval_samples", "launcher",
-                "num_processes", "bootstrap_samples"),
+                "num_processes", "bootstrap_samples", "keep_adapter_weights", "keep_checkpoints"),
     "seeds": None,
     "arms": None,
     "policy": ("min_pass_rate",),
 }
 # Bound what a config can make the runner do (a typo of 1e9 steps must not start a month-long job silently).
-_MAX_SEEDS = 64
-_MAX_ARMS = 64
-_MAX_RANK = 4096
 _MAX_CONFIG_BYTES = 1 << 20
+# model.torch_dtype as the reference reads it (protocol.py: bf16/fp16 on a GPU, float32 on a CPU).
+TORCH_DTYPES = ("auto", "bf16", "bfloat16", "fp16", "float16", "fp32", "float32")
 
 
 @dataclass(frozen=True)
@@ -104,7 +109,13 @@ class BenchConfig:
     arms: tuple[str, ...] = DEFAULT_ARMS
     min_pass_rate: float = BENCH_MIN_PASS_RATE
     smoke: bool = False
+    torch_dtype: str | None = None             # model.torch_dtype; None/auto: the checkpoint loads as float32
+    gradient_checkpointing: bool = False       # model.gradient_checkpointing (memory, not results)
+    probe_gate_min: float | None = None        # task.probe_gate.min_value: the probe must reach it
+    keep_adapter_weights: bool = True          # runtime.keep_adapter_weights: False deletes arm weights at the end
+    base_norms_cache_from_cli: bool = False    # a cache path outside the bench dir needs the user's own flag
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    ignored_keys: tuple[str, ...] = field(default=(), compare=False)  # reference keys that have no effect
 
     @property
     def dataset_spec(self) -> str:
@@ -137,7 +148,7 @@ class BenchConfig:
     @classmethod
     def from_state(cls, state: Mapping[str, Any]) -> BenchConfig:
         values = {f.name: state[f.name] for f in fields(cls) if f.name in state and f.name != "raw"}
-        for name in ("target_modules", "allowed_ranks", "seeds", "arms"):
+        for name in ("target_modules", "allowed_ranks", "seeds", "arms", "ignored_keys"):
             if isinstance(values.get(name), list):
                 values[name] = tuple(values[name])
         return cls(**values)
@@ -161,8 +172,15 @@ class BenchConfig:
                             "margin": self.margin},
             "audit": {"base_model": self.base_model, "compute_udr": self.compute_udr},
             "runtime": {"device": self.device, "launcher": self.launcher, "num_processes": self.num_processes,
-                        "smoke": self.smoke, "bootstrap_samples": self.bootstrap_samples},
+                        "smoke": self.smoke, "bootstrap_samples": self.bootstrap_samples,
+                        **({} if self.keep_adapter_weights else {"keep_adapter_weights": False})},
             "seeds": list(self.seed_list()), "arms": list(self.arms),
+            # additive keys, present only when set (a bench resumed from an older version still matches)
+            **({"model_options": {"torch_dtype": self.torch_dtype,
+                                  "gradient_checkpointing": self.gradient_checkpointing}}
+               if self.torch_dtype or self.gradient_checkpointing else {}),
+            **({"probe_gate": {"metric": self.metric, "min_value": self.probe_gate_min}}
+               if self.probe_gate_min is not None else {}),
         }
 
 
@@ -170,141 +188,18 @@ def _min_opt(a: int | None, b: int) -> int:
     return b if a is None else min(a, b)
 
 
-def _closest(key: str, known: tuple[str, ...] | list[str]) -> str:
-    match = difflib.get_close_matches(key, list(known), n=1, cutoff=0.5)
-    return f" (did you mean '{match[0]}'?)" if match else f" (known keys: {', '.join(known)})"
-
-
-class _Reader:
-    """Typed access to one config section, every error naming the file and the dotted key."""
-
-    def __init__(self, path: str, section: str, data: Mapping[str, Any]) -> None:
-        self.path, self.section, self.data = path, section, data
-
-    def _err(self, key: str, problem: str) -> InputError:
-        where = f"{self.section}.{key}" if self.section else key
-        return InputError(f"{where}: {problem}", path=self.path)
-
-    def get(self, key: str) -> Any:
-        return self.data.get(key)
-
-    def _scalar(self, key: str, what: str) -> int | float | str | None:
-        """The raw value of a numeric key: None when absent, an error for lists, maps and booleans."""
-        v = self.data.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float, str))):
-            raise self._err(key, f"expected {what}, got {type(v).__name__}")
-        return v
-
-    def integer(self, key: str, lo: int, hi: int) -> int | None:
-        v = self._scalar(key, "an integer")
-        if v is None:
-            return None
-        try:
-            if isinstance(v, float) and not v.is_integer():
-                raise ValueError
-            iv = int(v.strip()) if isinstance(v, str) else int(v)
-        except (ValueError, OverflowError):
-            raise self._err(key, f"expected an integer, got {str(v)[:40]!r}") from None
-        if not lo <= iv <= hi:
-            raise self._err(key, f"must be between {lo} and {hi}, got {iv}")
-        return iv
-
-    def number(self, key: str, lo: float, hi: float) -> float | None:
-        v = self._scalar(key, "a number")
-        if v is None:
-            return None
-        try:
-            fv = float(v)  # YAML 1.1 reads 5e-5 as a string: coerce it
-        except (ValueError, OverflowError):
-            raise self._err(key, f"expected a number, got {str(v)[:40]!r}") from None
-        if not (lo <= fv <= hi):  # also rejects NaN
-            raise self._err(key, f"must be between {lo:g} and {hi:g}, got {fv!r}")
-        return fv
-
-    def text(self, key: str) -> str | None:
-        v = self.data.get(key)
-        if v is None:
-            return None
-        if not isinstance(v, str) or not v.strip() or len(v) > 4096:
-            raise self._err(key, "expected a non-empty string")
-        return v.strip()
-
-    def flag(self, key: str) -> bool | None:
-        v = self.data.get(key)
-        if v is None:
-            return None
-        if not isinstance(v, bool):
-            raise self._err(key, f"expected true or false, got {str(v)[:40]!r}")
-        return v
-
-    def names(self, key: str) -> tuple[str, ...] | None:
-        v = self.data.get(key)
-        if v is None:
-            return None
-        if isinstance(v, str):
-            v = [t for t in v.replace(",", " ").split() if t]
-        if not isinstance(v, list) or not v or not all(isinstance(t, str) and t for t in v) or len(v) > 256:
-            raise self._err(key, "expected a non-empty list of names")
-        return tuple(v)
-
-    def integers(self, key: str, lo: int, hi: int, max_len: int) -> tuple[int, ...] | None:
-        v = self.data.get(key)
-        if v is None:
-            return None
-        if isinstance(v, (int, str)) and not isinstance(v, bool):
-            v = [t for t in str(v).replace(",", " ").split() if t]
-        if not isinstance(v, list) or not v or len(v) > max_len:
-            raise self._err(key, f"expected a non-empty list of at most {max_len} integers")
-        out = []
-        for item in v:
-            try:
-                if isinstance(item, bool) or (isinstance(item, float) and not item.is_integer()):
-                    raise ValueError
-                iv = int(item)
-            except (TypeError, ValueError, OverflowError):
-                raise self._err(key, f"expected integers, got {str(item)[:40]!r}") from None
-            if not lo <= iv <= hi:
-                raise self._err(key, f"values must be between {lo} and {hi}, got {iv}")
-            out.append(iv)
-        return tuple(out)
-
-
-def parse_arms(spec: Any, path: str = "--arms") -> tuple[str, ...]:
-    """Arm names: the built-in ones and ``uniform:K``; a string is comma/space separated."""
-    items = [t for t in spec.replace(",", " ").split() if t] if isinstance(spec, str) else spec
-    if not isinstance(items, list | tuple) or not items or len(items) > _MAX_ARMS:
-        raise InputError(f"arms: expected a non-empty list of at most {_MAX_ARMS} arm names", path=path)
-    out: list[str] = []
-    for arm in items:
-        if not isinstance(arm, str):
-            raise InputError(f"arms: expected names, got {str(arm)[:40]!r}", path=path)
-        if arm.startswith("uniform:"):
-            k = arm.partition(":")[2]
-            if not k.isdigit() or not 1 <= int(k) <= _MAX_RANK:
-                raise InputError(f"arms: {arm!r}: uniform:K needs a rank K between 1 and {_MAX_RANK}", path=path)
-            arm = f"uniform:{int(k)}"
-        elif arm not in KNOWN_ARMS:
-            raise InputError(f"arms: unknown arm {arm!r}{_closest(arm, [*KNOWN_ARMS, 'uniform:K'])}", path=path)
-        if arm not in out:
-            out.append(arm)
-    return tuple(out)
-
-
-def parse_seeds(spec: Any, path: str = "--seeds") -> tuple[int, ...]:
-    r = _Reader(path, "", {"seeds": spec})
-    seeds = r.integers("seeds", 0, 2**32 - 1, _MAX_SEEDS)
-    assert seeds is not None
-    return tuple(dict.fromkeys(seeds))
-
-
 def config_from_mapping(data: Mapping[str, Any], source: str = "<config>") -> BenchConfig:
     """Validate a parsed config mapping (the YAML's top level) into a :class:`BenchConfig`."""
     if not isinstance(data, Mapping):
         raise InputError("a bench config must be a mapping of sections (model, task, train, lora, ...)",
                          path=source)
+    if not all(isinstance(key, str) for key in data):
+        bad = next(key for key in data if not isinstance(key, str))
+        raise InputError(f"unknown key {show(bad)}{_closest(show(bad), list(SCHEMA_KEYS))}", path=source)
+    data, ignored = translate(data, source)
     for key, value in data.items():
-        if not isinstance(key, str) or key not in SCHEMA_KEYS:
-            raise InputError(f"unknown key {str(key)[:60]!r}{_closest(str(key), list(SCHEMA_KEYS))}", path=source)
+        if key not in SCHEMA_KEYS:
+            raise InputError(f"unknown key {show(key, 60)}{_closest(key, list(SCHEMA_KEYS))}", path=source)
         sub = SCHEMA_KEYS[key]
         if sub is None:
             continue
@@ -314,8 +209,8 @@ def config_from_mapping(data: Mapping[str, Any], source: str = "<config>") -> Be
             raise InputError(f"{key}: expected a mapping with keys {', '.join(sub)}", path=source)
         for subkey in value:
             if not isinstance(subkey, str) or subkey not in sub:
-                raise InputError(f"unknown key '{key}.{str(subkey)[:60]}'{_closest(str(subkey), sub)}",
-                                 path=source)
+                raise InputError(f"unknown key '{key}.{show(subkey, 60).strip(chr(39))}'"
+                                 f"{_closest(show(subkey, 60), sub)}", path=source)
 
     def section(name: str) -> _Reader:
         value = data.get(name) or {}
@@ -324,7 +219,7 @@ def config_from_mapping(data: Mapping[str, Any], source: str = "<config>") -> Be
     model, task, train, lora = section("model"), section("task"), section("train"), section("lora")
     comp, audit, runtime, policy = section("compression"), section("audit"), section("runtime"), section("policy")
     d = BenchConfig()
-    values: dict[str, Any] = {"source": source, "raw": dict(data)}
+    values: dict[str, Any] = {"source": source, "raw": dict(data), "ignored_keys": tuple(ignored)}
 
     def put(attr: str, value: Any) -> None:
         if value is not None:
@@ -332,7 +227,9 @@ def config_from_mapping(data: Mapping[str, Any], source: str = "<config>") -> Be
 
     version = data.get("bench_version")
     if version is not None:
-        put("bench_version", str(version)[:32])
+        if isinstance(version, (dict, list)):
+            raise InputError(f"bench_version: expected a version string, got {type(version).__name__}", path=source)
+        put("bench_version", show(version, 32).strip("'"))
     put("model", model.text("name"))
     put("dataset", task.text("dataset"))
     put("subset", task.text("subset"))
@@ -358,6 +255,8 @@ def config_from_mapping(data: Mapping[str, Any], source: str = "<config>") -> Be
     put("max_new_tokens", task.integer("max_new_tokens", 1, 4096))
     put("text_column", task.text("text_column"))
     put("answer_column", task.text("answer_column"))
+    _generation(task, values, source)
+    _probe_gate(task, values, source)
 
     put("train_seed", train.integer("seed", 0, 2**32 - 1))
     put("max_steps", train.integer("max_steps", 1, 10_000_000))
@@ -369,6 +268,17 @@ def config_from_mapping(data: Mapping[str, Any], source: str = "<config>") -> Be
     put("logging_steps", train.integer("logging_steps", 1, 10_000_000))
     put("gradient_accumulation_steps", train.integer("gradient_accumulation_steps", 1, 65536))
     put("warmup_ratio", train.number("warmup_ratio", 0.0, 1.0))
+    # The reference saves Trainer checkpoints every save_steps; the bench keeps none (each arm's adapter is
+    # saved once, at the end): the keys are checked and have no effect on what is measured.
+    train.integer("save_steps", 1, 10_000_000)
+    train.text("save_strategy")
+
+    dtype = model.text("torch_dtype")
+    if dtype is not None and dtype not in TORCH_DTYPES:
+        raise InputError(f"model.torch_dtype: {show(dtype)}: choose from {', '.join(TORCH_DTYPES)}", path=source)
+    put("torch_dtype", None if dtype == "auto" else dtype)
+    put("gradient_checkpointing", model.flag("gradient_checkpointing"))
+    model.flag("use_cache")  # the KV cache during training: speed/memory only (transformers turns it off anyway)
 
     put("probe_r", lora.integer("probe_r", 1, _MAX_RANK))
     put("alpha", lora.number("alpha", 1e-6, 1e6))
@@ -383,6 +293,7 @@ def config_from_mapping(data: Mapping[str, Any], source: str = "<config>") -> Be
     put("base_model", audit.text("base_model"))
     put("compute_udr", audit.flag("compute_udr"))
     put("base_norms_cache", audit.text("base_norms_cache"))
+    audit.flag("enable_composition_analysis")  # the reference's energy-concentration block: not computed here
 
     device = runtime.text("device")
     if device is not None and device not in DEVICES:
@@ -397,6 +308,8 @@ def config_from_mapping(data: Mapping[str, Any], source: str = "<config>") -> Be
     put("launcher", launcher)
     put("num_processes", runtime.integer("num_processes", 1, 1024))
     put("bootstrap_samples", runtime.integer("bootstrap_samples", 100, 1_000_000))
+    put("keep_adapter_weights", runtime.flag("keep_adapter_weights"))
+    runtime.flag("keep_checkpoints")  # no intermediate checkpoints are written (see train.save_steps)
 
     if data.get("seeds") is not None:
         values["seeds"] = parse_seeds(data["seeds"], source)
@@ -415,26 +328,62 @@ def config_from_mapping(data: Mapping[str, Any], source: str = "<config>") -> Be
     return cfg
 
 
+def parse_arms(spec: Any, path: str = "--arms") -> tuple[str, ...]:
+    """Arm names: the built-in ones and ``uniform:K``; a string is comma/space separated."""
+    return _parse_arms(spec, path, KNOWN_ARMS)
+
+
+def _generation(task: _Reader, values: dict[str, Any], source: str) -> None:
+    """task.generation (gsm8k_causal_lm.py): max_new_tokens is used; decoding is greedy, as the reference's configs ask."""
+    gen = task.get("generation")
+    if gen is None:
+        return
+    if not isinstance(gen, Mapping):
+        raise InputError("task.generation: expected a mapping (max_new_tokens, do_sample, temperature, num_beams)",
+                         path=source)
+    known = ("max_new_tokens", "do_sample", "temperature", "num_beams")
+    for key in gen:
+        if key not in known:
+            raise InputError(f"unknown key 'task.generation.{show(key, 60).strip(chr(39))}'"
+                             f"{_closest(show(key, 60), known)}", path=source)
+    g = _Reader(source, "task.generation", gen)
+    n = g.integer("max_new_tokens", 1, 4096)
+    if n is not None:
+        if values.get("max_new_tokens") not in (None, n):
+            raise InputError("task.max_new_tokens and task.generation.max_new_tokens differ; keep one", path=source)
+        values["max_new_tokens"] = n
+    g.number("temperature", 0.0, 100.0)
+    # Paired per-item verdicts need every arm decoded the same deterministic way: greedy only.
+    if g.flag("do_sample") or (g.integer("num_beams", 1, 64) or 1) != 1:
+        raise InputError("task.generation: the bench decodes greedily (do_sample: false, num_beams: 1) so that "
+                         "every arm is scored on identical, deterministic generations", path=source)
+
+
+def _probe_gate(task: _Reader, values: dict[str, Any], source: str) -> None:
+    """task.probe_gate (task_profiles/*.py probe_gate): the probe must reach ``min_value`` of the metric."""
+    gate = task.get("probe_gate")
+    if gate is None:
+        return
+    if not isinstance(gate, Mapping) or not set(gate) <= {"metric", "min_value"}:
+        raise InputError("task.probe_gate: expected a mapping with keys metric, min_value", path=source)
+    g = _Reader(source, "task.probe_gate", gate)
+    minimum = g.number("min_value", -1e9, 1e9)
+    if minimum is None:
+        raise InputError("task.probe_gate.min_value: missing", path=source)
+    metric = g.text("metric")
+    expected = values.get("metric") or "accuracy"
+    if metric is not None and metric != expected:
+        raise InputError(f"task.probe_gate.metric: {show(metric)}, but the bench measures {expected}", path=source)
+    values["probe_gate_min"] = minimum
+
+
 def load_bench_config(path: str | os.PathLike[str]) -> BenchConfig:
-    """Read and validate a bench YAML/JSON file (safe YAML only, size-capped)."""
-    import yaml
+    """Read and validate a bench YAML/JSON file: a regular file (never a FIFO or device), size-capped, parsed
+    by the one bounded safe YAML loader (alias bombs and deep nesting refused while reading)."""
+    from gradience.config.loader import _parse_yaml
+    from gradience.io.textfile import read_text_limited
 
     p = Path(path)
-    if not p.exists():
-        raise InputError("config file does not exist", path=p)
-    if not p.is_file():
-        raise InputError("not a regular file", path=p)
-    size = p.stat().st_size
-    if size > _MAX_CONFIG_BYTES:
-        raise InputError(f"config file is {size} bytes; a bench config is at most {_MAX_CONFIG_BYTES}", path=p)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read config: {exc}", path=p) from None
-    try:
-        data = yaml.safe_load(text) if text.strip() else {}
-    except yaml.YAMLError as exc:
-        raise InputError(f"not valid YAML: {str(exc).splitlines()[0][:200]}", path=p) from None
-    except RecursionError:
-        raise InputError("config is nested too deeply", path=p) from None
+    text = read_text_limited(p, what="config file", max_bytes=_MAX_CONFIG_BYTES, missing="config file does not exist")
+    data = _parse_yaml(text, p) if text.strip() else {}
     return config_from_mapping(data if data is not None else {}, str(p))
