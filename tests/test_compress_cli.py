@@ -62,6 +62,10 @@ def test_non_empty_out_needs_force_and_is_replaced_whole(adapter: Path, tmp_path
     argv = ["compress", "--peft-dir", str(adapter), "--out", str(out), "--rank", "2"]
     assert "--force" in _err(capsys, argv)
     assert (out / "old.txt").exists()
+    # --force replaces only an earlier output of ours (one holding our compress.json)
+    assert "not an earlier output of ours" in _err(capsys, [*argv, "--force"])
+    assert (out / "old.txt").exists()
+    (out / "compress.json").write_text(json.dumps({"schema": "gradience.compress/v1"}))
     assert main([*argv, "--force"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
                                                      "compress.json"]
@@ -115,7 +119,7 @@ def test_a_crash_while_writing_leaves_no_out(adapter: Path, tmp_path: Path, monk
             raise OSError(28, "No space left on device")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr("gradience.compress.core.truncated_factors", flaky)
+    monkeypatch.setattr("gradience.compress.tensors.truncated_factors", flaky)
     out = tmp_path / "out"
     assert "No space left" in _err(capsys, ["compress", "--peft-dir", str(adapter), "--out", str(out), "--rank", "2"])
     assert not out.exists()

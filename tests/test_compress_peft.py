@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from gradience.cli.main import main
+from gradience.engines import next_allowed_max_lora_rank
 from gradience.io.safetensors import SafetensorsFile
 
 pytest.importorskip("peft")
@@ -392,7 +393,15 @@ def test_heterogeneous_output_portability(llama_decay_adapter: Path, tmp_path: P
     assert len({row["r_after"] for row in doc["layers"]}) > 1
     port = doc["portability"]
     assert port["peft"]["ok"] and port["llama_cpp"]["ok"]
-    assert not port["vllm"]["ok"] and "--uniform" in port["vllm"]["reason"]
+    # vLLM >= 0.33.0 reads rank_pattern (PEFTHelper.get_rank_and_scaling): per-module ranks are fine there
+    assert port["vllm"]["ok"] and "--uniform" not in port["vllm"]["reason"]
+    assert port["vllm"]["version"] == ">= 0.33.0" and port["vllm"]["rules"] == ["vllm.rank_pattern"]
+    top = max(row["r_after"] for row in doc["layers"])
+    assert f"--max-lora-rank {next_allowed_max_lora_rank(top)}" in port["vllm"]["reason"]
+    # older releases used one lora_alpha/r for every module
+    old = run_compress(llama_decay_adapter, tmp_path / "het_old", "--energy", "0.8", "--engine-version",
+                       "vllm=0.10.2", capsys=capsys)["portability"]["vllm"]
+    assert not old["ok"] and "--uniform" in old["reason"] and old["version"] == "0.10.2"
 
 
 def test_text_output_names_policy_table_and_portability(llama_decay_adapter: Path, tmp_path: Path,

@@ -86,7 +86,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--base-norms-cache", metavar="F", help="cache file for base-weight norms")
     p.add_argument("--dry-run", action="store_true", help="plan only: print what would be written, write nothing")
     p.add_argument("--json", action="store_true", help="print the gradience.compress/v1 document")
-    p.add_argument("--force", action="store_true", help="replace a non-empty OUT")
+    p.add_argument("--force", action="store_true", help="replace OUT when it is an earlier compress output")
+    p.add_argument("--engine-version", action="append", default=[], metavar="ENGINE=VERSION",
+                   help="judge portability for this engine release (e.g. vllm=0.10.2; default: current "
+                        "releases, vLLM >= 0.33.0); repeatable")
     add_common_flags(p)
     p.set_defaults(func=run)
 
@@ -107,6 +110,23 @@ def _policy(args: argparse.Namespace) -> Any:
     return Policy(name=name, value=value, margin=args.margin, min_rank=args.min_rank, max_rank=args.max_rank,
                   allowed_ranks=parse_allowed_ranks(args.allowed_ranks) if args.allowed_ranks else None,
                   uniform=args.uniform)
+
+
+def _engine_versions(items: list[str]) -> dict[str, str]:
+    from gradience.engines import parse_engine_versions
+    from gradience.errors import InputError
+
+    versions: dict[str, str] = {}
+    for item in items:
+        engine, sep, version = item.partition("=")
+        if not sep:
+            raise InputError(f"--engine-version expects ENGINE=VERSION (e.g. vllm=0.10.2), got {item[:60]!r}")
+        versions[engine.strip().lower().replace("-", "_").replace(".", "_")] = version.strip()
+    try:
+        parse_engine_versions(versions)
+    except ValueError as exc:
+        raise InputError(f"--engine-version: {exc}") from None
+    return versions
 
 
 def run(args: argparse.Namespace) -> int:
@@ -131,7 +151,8 @@ def _run(args: argparse.Namespace) -> int:
         raise InputError("no output given: pass --out OUT (or --dry-run to plan only)")
     policy = _policy(args)
     options = CompressOptions(policy=policy, dtype=args.dtype, base_model=args.base_model,
-                              base_norms_cache=args.base_norms_cache, dry_run=args.dry_run, force=args.force)
+                              base_norms_cache=args.base_norms_cache, dry_run=args.dry_run, force=args.force,
+                              engine_versions=_engine_versions(args.engine_version))
     loaded = load_adapter(args.peft_dir, adapter_name=args.adapter_name)
     result = compress(loaded, args.out, options)
     doc = result.to_dict()

@@ -1,0 +1,209 @@
+"""``compress`` planning: refuse what cannot be compressed faithfully, then choose k per module (SPEC §12).
+
+The audit's exact spectra (one read of every pair) feed the policy; the result is a list of
+:class:`~gradience.compress.result.LayerPlan` and the output ``adapter_config.json``. Nothing is written here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from typing import Any
+
+import numpy as np
+
+from gradience.adapter.model import LoadedAdapter
+from gradience.audit.core import LayerAudit, audit_pairs, layer_issues
+from gradience.audit.suggest import per_layer_suggestions, unique_pattern_key
+from gradience.compress.budget import BudgetLayer, allocate, parse_budget, retained
+from gradience.compress.policy import Policy, apply_modifiers, budget_candidates, raw_rank, validate
+from gradience.compress.result import DTYPE_CHOICES, CompressOptions, LayerPlan
+from gradience.errors import InputError
+from gradience.issues import Issue
+from gradience.policy.thresholds import ALLOWED_RANKS_DEFAULT
+
+# init_lora_weights values whose saved factors are not a delta (SPEC §2), used when the adapter package does
+# not provide mutated_base_init (the DoRA/mutated-base work adds it to gradience.adapter.config).
+_MUTATED_PREFIXES = ("pissa", "olora", "corda", "loftq", "lora_ga")
+_BROKEN_INPUT_CODES = ("unpaired_factor", "shape_mismatch", "unsupported_dtype")
+
+
+def mutated_init(config: dict[str, Any]) -> str | None:
+    """The mutated-base ``init_lora_weights`` value of ``config`` (pissa*, olora, corda, loftq, lora_ga), or None.
+
+    Uses the adapter package's ``mutated_base_init`` (the audit's rule) when present.
+    """
+    from gradience.adapter import config as adapter_config
+
+    rule = getattr(adapter_config, "mutated_base_init", None)
+    if rule is not None:
+        found: str | None = rule(config)
+        return found
+    value = config.get("init_lora_weights")
+    if isinstance(value, str) and value.strip().lower().startswith(_MUTATED_PREFIXES):
+        return value
+    return None
+
+
+def _output_alpha(loaded: LoadedAdapter) -> float:
+    where = loaded.adapter_config_path or loaded.adapter_weights_path
+    if not loaded.config:
+        raise InputError("compress needs the adapter's adapter_config.json (the output config is derived from it)",
+                         where)
+    alpha = loaded.config.get("lora_alpha")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha == 0:
+        raise InputError(f"lora_alpha is {alpha!r}: compress needs a finite, non-zero lora_alpha to know each "
+                         "module's scale", where)
+    return float(alpha)
+
+
+def preflight(loaded: LoadedAdapter) -> float:
+    """Refuse inputs compress cannot turn into a faithful adapter; returns the output's lora_alpha."""
+    where = loaded.adapter_config_path or loaded.adapter_weights_path
+    mutated = mutated_init(loaded.config)
+    if mutated is not None:
+        raise InputError(f"init_lora_weights is {mutated!r}: the saved factors hold principal components of the "
+                         "base model, not a delta (s·B·A is not the update), so truncating them would change the "
+                         "base; convert the adapter with PEFT's path_initial_model_for_weight_conversion first",
+                         where)
+    broken = [i for i in loaded.issues if i.code in _BROKEN_INPUT_CODES]
+    if broken:
+        raise InputError("cannot write a loadable adapter from this one: " + "; ".join(i.message for i in broken),
+                         loaded.adapter_weights_path)
+    return _output_alpha(loaded)
+
+
+# -- planning ----------------------------------------------------------------------------------------------
+def _layer_ranks(audits: list[LayerAudit], policy: Policy, use_rslora: bool) -> tuple[list[int], dict[str, Any]]:
+    """k per layer after the policy and its modifiers (before --uniform); extra policy facts for the report."""
+    extra: dict[str, Any] = {}
+    finite = [la.singular_values is not None for la in audits]
+    if policy.name == "per_layer":
+        allowed = policy.allowed_ranks or ALLOWED_RANKS_DEFAULT
+        rows = per_layer_suggestions(audits, allowed, policy.margin, use_rslora)["layers"]
+        ks = [apply_modifiers(int(row["suggested_r"]), la.r, policy, round_to=None)
+              for row, la in zip(rows, audits, strict=True)]
+        return ks, extra
+    if policy.name == "budget":
+        before = sum(la.params for la in audits)
+        budget = parse_budget(str(policy.value), before)
+        extra["budget_params"] = budget
+        if policy.uniform:
+            return _uniform_budget(audits, budget, policy), extra
+        blayers = [BudgetLayer(sigma=la.singular_values if la.singular_values is not None else np.zeros(la.r),
+                               cost=la.d_in + la.d_out,
+                               candidates=budget_candidates(la.r, policy) if ok else (la.r,))
+                   for la, ok in zip(audits, finite, strict=True)]
+        res = allocate(blayers, budget)
+        extra.update({"budget_params_used": res.params, "objective": res.objective,
+                      "objective_upper_bound": res.upper_bound, "greedy_optimal_at_params": res.prefix_params})
+        return res.ranks, extra
+    ks = []
+    for la, ok in zip(audits, finite, strict=True):
+        if not ok:
+            ks.append(la.r)  # non-finite factors: nothing to judge, kept as they are
+            continue
+        assert la.singular_values is not None
+        k = raw_rank(policy, la.singular_values, la.r)
+        ks.append(apply_modifiers(k, la.r, policy, round_to=policy.allowed_ranks))
+    return ks, extra
+
+
+def _uniform_budget(audits: list[LayerAudit], budget: int, policy: Policy) -> list[int]:
+    """--budget --uniform: the largest single rank K (every module zero-padded to K) that fits the budget."""
+    per_rank = sum(la.d_in + la.d_out for la in audits)
+    top = max(la.r for la in audits)
+    if policy.max_rank is not None:
+        top = min(top, policy.max_rank)
+    k = min(top, budget // per_rank)
+    floor = max(1, policy.min_rank or 1)
+    if policy.allowed_ranks:
+        fitting = [a for a in policy.allowed_ranks if floor <= a <= k]
+        k = max(fitting) if fitting else 0
+    if k < floor:
+        raise InputError(f"--budget {budget} parameters cannot hold one uniform rank >= {floor} "
+                         f"({per_rank} parameters per rank unit)")
+    return [k] * len(audits)
+
+
+def _errors(sigma: np.ndarray | None, k: int) -> tuple[float | None, float | None, float | None]:
+    if sigma is None:
+        return None, None, None
+    s1 = float(sigma[0]) if sigma.size else 0.0
+    if s1 <= 0.0:
+        return 1.0, 0.0, 0.0
+    energy = min(1.0, retained(sigma, k))
+    spectral = float(sigma[k]) / s1 if k < sigma.size else 0.0
+    return energy, math.sqrt(max(0.0, 1.0 - energy)), spectral
+
+
+def _default_rank(ranks: list[int]) -> int:
+    counts = Counter(ranks)
+    top = max(counts.values())
+    return max(r for r, c in counts.items() if c == top)  # ties: the larger rank (as the audit's default_r)
+
+
+def _json_number(x: float) -> float | int:
+    return int(x) if float(x).is_integer() else x
+
+
+def plan(loaded: LoadedAdapter, options: CompressOptions) -> tuple[list[LayerPlan], dict[str, Any], list[Issue],
+                                                                    dict[str, Any]]:
+    """(layer plans, output config, issues, policy facts) without writing anything."""
+    policy = options.policy
+    validate(policy)
+    if options.dtype not in DTYPE_CHOICES:
+        raise InputError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, got {options.dtype!r}")
+    alpha = preflight(loaded)
+    audits = audit_pairs(loaded.pairs)
+    use_rslora = bool(loaded.config.get("use_rslora", False))
+    ks, extra = _layer_ranks(audits, policy, use_rslora)
+    if policy.uniform:
+        top = max(ks)
+        ks = [top] * len(ks)
+        extra["uniform_rank"] = top
+
+    layers: list[LayerPlan] = []
+    for pair, la, k in zip(loaded.pairs, audits, ks, strict=True):
+        if k < pair.r:
+            action = "truncated"
+        elif k == pair.r:
+            action = "kept"
+        else:
+            action = "padded"
+        sigma = la.singular_values
+        if action == "truncated" and sigma is not None and sigma[0] <= 0.0:
+            action_note = {"zero_update": True}
+        else:
+            action_note = {}
+        energy, frob, spectral = _errors(sigma, min(k, pair.r))
+        layers.append(LayerPlan(
+            name=pair.name, peft_prefix=pair.peft_prefix, module_type=la.module_type, kind=pair.kind,
+            dora=pair.dora, r_before=pair.r, r_after=k, d_in=pair.d_in, d_out=pair.d_out, action=action,
+            energy_retained=energy, rel_frob_error=frob, rel_spectral_error=spectral,
+            coef=pair.scale * k / alpha, pair=pair, sigma=sigma, extra=action_note))
+        if action != "truncated":
+            layers[-1].method = "copy" if layers[-1].verbatim else "rescale"
+
+    names = [la.name for la in layers]
+    default_r = _default_rank(ks)
+    config = dict(loaded.config)
+    config["r"] = default_r
+    config["lora_alpha"] = _json_number(alpha)
+    config["rank_pattern"] = {unique_pattern_key(la.name, names): la.r_after for la in layers if la.r_after != default_r}
+    config["alpha_pattern"] = {}
+    config["use_rslora"] = False
+
+    # The audit's own layer issues (zero_update, non_finite_weights, non_lora_tensors), in its wording.
+    issues = list(loaded.issues) + layer_issues(audits, loaded.non_lora)
+    dora = [la.name for la in layers if la.dora and la.action == "truncated"]
+    if dora:
+        issues.append(Issue("dora_directional_truncated",
+                            f"{len(dora)} DoRA module(s): the directional update s·B·A was truncated and the "
+                            "magnitude vectors were kept as they are; the merged weight's error depends on the base "
+                            "(pass --base-model for its exact value)", "info", modules=dora))
+    if extra.get("uniform_rank") is not None and any(la.action == "padded" for la in layers):
+        padded = [la.name for la in layers if la.action == "padded"]
+        issues.append(Issue("zero_padded", f"{len(padded)} module(s) of lower rank were zero-padded to the uniform "
+                                           f"rank {extra['uniform_rank']} (ΔW unchanged)", "info", modules=padded))
+    return layers, config, issues, extra

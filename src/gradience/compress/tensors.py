@@ -1,0 +1,177 @@
+"""The output tensors of ``compress``, produced lazily one pair at a time for the streaming writer.
+
+Each LoRA factor of a changed module is recomputed (truncated SVD or rescale, :mod:`gradience.compress.factors`)
+when the writer reaches it; everything else (verbatim modules, DoRA magnitudes, modules_to_save copies) is
+copied as stored bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gradience.adapter.model import LoadedAdapter, LoraPair
+from gradience.adapter.sources import SafetensorsSource
+from gradience.audit.spectrum import factor_grams
+from gradience.compress.factors import rescaled_factors, truncated_factors
+from gradience.compress.result import LayerPlan
+from gradience.engines import OutputFacts
+from gradience.errors import InputError
+from gradience.io.safetensors_write import TensorSpec
+
+_STORED_DTYPE = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64",
+                 "F32": "F32", "BF16": "BF16", "F16": "F16", "F64": "F64"}
+
+
+def _stored_name(dtype: str, key: str, where: str | None) -> str:
+    name = _STORED_DTYPE.get(dtype)
+    if name is None:
+        raise InputError(f"tensor '{key}' has dtype {dtype}, which compress cannot write", where)
+    return name
+
+
+def _factor_layout(pair: LoraPair, a: np.ndarray, b: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """New (A (k, d_in), B (d_out, k)) in the pair's stored layout: conv 4-D, transposed pairs transposed."""
+    if pair.kind == "conv":
+        return a.reshape((k, *pair.a_shape[1:])), b.reshape((pair.b_shape[0], k, *pair.b_shape[2:]))
+    if tuple(pair.a_shape) != (pair.r, pair.d_in):  # the reader transposed both factors back
+        return a.T, b.T
+    return a, b
+
+
+def _factor_shapes(pair: LoraPair, k: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    if pair.kind == "conv":
+        return (k, *pair.a_shape[1:]), (pair.b_shape[0], k, *pair.b_shape[2:])
+    if tuple(pair.a_shape) != (pair.r, pair.d_in):
+        return (pair.d_in, k), (k, pair.d_out)
+    return (k, pair.d_in), (pair.d_out, k)
+
+
+class _RawReader:
+    """Stored bytes of one tensor: zero-copy from safetensors, re-encoded (lossless) from pickled state dicts."""
+
+    def __init__(self, source: Any, where: str | None) -> None:
+        self.source = source
+        self.where = where
+        self.raw = source.read_raw if isinstance(source, SafetensorsSource) else None
+
+    def read(self, key: str, dtype: str) -> np.ndarray:
+        if self.raw is not None:
+            return self.raw(key)
+        from gradience.io.safetensors_write import encode_float
+
+        if dtype == "F64":
+            raise InputError(f"tensor '{key}' is float64 in a pickled file; convert the adapter to safetensors",
+                             self.where)
+        return encode_float(self.source.read_f32(key), dtype)
+
+
+def source_sha256(loaded: LoadedAdapter) -> str:
+    """sha256 of the weights file (for a sharded adapter: of its shards in index order, concatenated)."""
+    path = Path(loaded.adapter_weights_path or "")
+    files = [path]
+    if path.name.endswith(".index.json"):
+        try:
+            weight_map = json.loads(path.read_text(encoding="utf-8")).get("weight_map", {})
+        except (OSError, ValueError):
+            weight_map = {}
+        files = [path.parent / name for name in dict.fromkeys(weight_map.values())]
+    digest = hashlib.sha256()
+    for file in files:
+        try:
+            with open(file, "rb") as fh:
+                while chunk := fh.read(1 << 22):
+                    digest.update(chunk)
+        except OSError as exc:
+            raise InputError(f"cannot read: {exc.strerror or exc}", file) from None
+    return digest.hexdigest()
+
+
+def tensor_specs(loaded: LoadedAdapter, layers: list[LayerPlan], out_dtype: str | None
+                  ) -> tuple[list[TensorSpec], dict[str, int], dict[str, Any]]:
+    """The output tensors in the input's key order, each produced lazily (one pair's factors at a time)."""
+    from gradience.adapter.loader import open_weights
+    from gradience.adapter.pairs import parse_factor_key
+    from gradience.io.safetensors_write import encode_float
+
+    where = loaded.adapter_weights_path
+    source = open_weights(Path(where or ""))
+    raw = _RawReader(source, where)
+    metas = source.metas()
+    by_key: dict[str, tuple[LayerPlan, str]] = {}
+    for layer in layers:
+        assert layer.pair is not None
+        by_key[layer.pair.a_key] = (layer, "A")
+        by_key[layer.pair.b_key] = (layer, "B")
+    pending: dict[str, dict[str, np.ndarray]] = {}
+
+    def new_factors(layer: LayerPlan, side: str, dtype: str) -> np.ndarray:
+        pair = layer.pair
+        assert pair is not None
+        slot = pending.get(layer.name)
+        if slot is None:
+            a, b = pair.load_factors()
+            if layer.action == "truncated":
+                # The Grams are recomputed here, on factors just read, rather than kept from the audit pass
+                # (cheap next to the read, and independent of how the audit reduces its factors).
+                a_new, b_new, method = truncated_factors(a, b, layer.r_after, layer.coef, factor_grams(a, b))
+                layer.method = method
+            else:
+                a_new, b_new = rescaled_factors(a, b, layer.r_after, layer.coef)
+            a_st, b_st = _factor_layout(pair, a_new, b_new, layer.r_after)
+            try:
+                slot = pending[layer.name] = {"A": encode_float(a_st, dtype), "B": encode_float(b_st, dtype)}
+            except ValueError as exc:
+                raise InputError(f"module {layer.name}: {exc}; choose another --dtype", where) from None
+        out = slot.pop(side)
+        if not slot:
+            del pending[layer.name]
+        return out
+
+    specs: list[TensorSpec] = []
+    dtypes: Counter[str] = Counter()
+    non_lora: dict[str, Any] = {"count": 0, "params": 0, "names": [], "dora_magnitudes": 0, "lora_biases": 0}
+    for key, meta in metas.items():
+        stored = _stored_name(meta.dtype, key, where)
+        hit = by_key.get(key)
+        if hit is None:
+            parsed = parse_factor_key(key)
+            if parsed is not None and parsed.role == "lora_magnitude_vector":
+                non_lora["dora_magnitudes"] += 1
+            elif parsed is not None and parsed.param == "bias":
+                non_lora["lora_biases"] += 1
+            else:
+                non_lora["count"] += 1
+                non_lora["params"] += meta.numel
+                non_lora["names"].append(key)
+            specs.append(TensorSpec(key, stored, meta.shape, partial(raw.read, key, stored)))
+            dtypes[stored] += 1
+            continue
+        layer, side = hit
+        assert layer.pair is not None
+        dtype = out_dtype or stored
+        dtypes[dtype] += 1
+        if layer.verbatim and dtype == stored:
+            specs.append(TensorSpec(key, stored, meta.shape, partial(raw.read, key, stored)))
+            continue
+        if layer.verbatim:
+            layer.method = "convert"
+        a_shape, b_shape = _factor_shapes(layer.pair, layer.r_after)
+        specs.append(TensorSpec(key, dtype, a_shape if side == "A" else b_shape,
+                                partial(new_factors, layer, side, dtype)))
+    return specs, dict(dtypes), non_lora
+
+
+def output_facts(layers: list[LayerPlan], config: dict[str, Any], non_lora: dict[str, Any]) -> OutputFacts:
+    return OutputFacts(ranks=[la.r_after for la in layers], config_r=int(config["r"]),
+                       rank_pattern=config.get("rank_pattern") or {},
+                       has_modules_to_save=bool(non_lora["count"]) or bool(config.get("modules_to_save")),
+                       has_lora_bias=bool(non_lora["lora_biases"]),
+                       dora=bool(config.get("use_dora")) or any(la.dora for la in layers),
+                       kinds=frozenset(la.kind for la in layers))
