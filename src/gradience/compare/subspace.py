@@ -86,6 +86,13 @@ def compare_factors(a_a: np.ndarray, b_a: np.ndarray, scale_a: float,
     # One float64 pass over each factor: the Grams of the stacked factors hold both sides' own Grams and the
     # cross products B_aᵀ·B_b, A_b·A_aᵀ.
     g_right, g_left = factor_grams(np.concatenate([a_a, a_b], axis=0), np.concatenate([b_a, b_b], axis=1))
+    return compare_grams(g_right, g_left, ra, scale_a, scale_b)
+
+
+def compare_grams(g_right: np.ndarray, g_left: np.ndarray, ra: int, scale_a: float,
+                  scale_b: float) -> PairComparison:
+    """:func:`compare_factors` from the stacked Grams it computes: G_right of [A_a; A_b], G_left of [B_a | B_b]
+    (``ra`` rows/columns belong to side a). For callers that already hold these Grams (``merge``)."""
     if not (np.isfinite(g_left).all() and np.isfinite(g_right).all()):
         raise ValueError("factors contain NaN or Inf")
     norm2_a = float(np.sum(g_left[:ra, :ra] * g_right[:ra, :ra]))   # ‖B_a·A_a‖_F² = trace(G_Ba·G_Aa)

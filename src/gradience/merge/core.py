@@ -1,0 +1,190 @@
+"""``merge`` as a library: validate the inputs, measure every module, decide ranks, stream the merged adapter.
+
+Data flow: the adapter readers (headers only) → per module, the inputs' factors are read once and stacked:
+their float64 Grams give σ of the weighted sum and the interference diagnostics (``ties``/``dare``: the dense
+element-wise merge of that one module and its spectrum) → the policy decides k per module → the writer
+streams the new factors module by module (factors re-read; ``ties``/``dare`` recompute their module) into a
+staging directory that replaces OUT when complete. Nothing here prints.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from gradience.adapter.model import LoadedAdapter
+from gradience.compress.budget import retained
+from gradience.compress.policy import validate
+from gradience.errors import InputError
+from gradience.issues import Issue
+from gradience.merge import elementwise, factored
+from gradience.merge.inputs import ModuleGroup, output_config, parse_weights, validate_inputs
+from gradience.merge.ranks import RankInput, decide
+from gradience.merge.result import (
+    DTYPE_CHOICES,
+    METHODS,
+    REPORT_NAME,
+    MergeOptions,
+    MergeResult,
+    ModulePlan,
+)
+
+_STORED = {"F32": "F32", "BF16": "BF16", "F16": "F16", "F64": "F64"}
+
+
+def _check_options(options: MergeOptions) -> None:
+    if options.method not in METHODS:
+        raise InputError(f"--method must be one of {', '.join(METHODS)}, got {options.method!r}")
+    if options.dtype not in DTYPE_CHOICES:
+        raise InputError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, got {options.dtype!r}")
+    if options.policy is not None:
+        if options.method == "cat":
+            raise InputError("--method cat writes the exact sum at rank sum(r_i); a truncation policy needs "
+                             "--method linear or svd")
+        validate(options.policy)
+    if not 0.0 < options.density <= 1.0:
+        raise InputError(f"--density must be a fraction in (0, 1], got {options.density}")
+    if not 0.0 <= options.drop_rate < 1.0:
+        raise InputError(f"--drop-rate must be in [0, 1), got {options.drop_rate}")
+
+
+def _load_stack(group: ModuleGroup, weights: Sequence[float]) -> factored.Stack:
+    parts = []
+    for i, pair in enumerate(group.pairs):
+        if pair is None:
+            continue
+        a, b = pair.load_factors()
+        parts.append((i, a, b, weights[i], pair.scale))
+    try:
+        return factored.stack(group.name, parts)
+    finally:
+        for pair in group.pairs:
+            if pair is not None:
+                pair.release()
+
+
+def _dense(st: factored.Stack, group: ModuleGroup, options: MergeOptions) -> elementwise.DenseMerge:
+    return elementwise.dense_merge(st, group.name, group.d_out, group.d_in, options.method,
+                                   density=options.density, drop=options.drop_rate, seed=options.seed)
+
+
+def _measure(group: ModuleGroup, weights: Sequence[float], options: MergeOptions) -> tuple[ModulePlan, RankInput]:
+    """Phase 1 for one module: spectrum of what will be truncated, interference, default rank."""
+    st = _load_stack(group, weights)
+    spec = factored.stack_spectrum(st)
+    plan = ModulePlan(group=group, r_after=0, cap=st.rank, interference=factored.pairwise_interference(st, spec))
+    default = max(p.r for p in group.pairs if p is not None)
+    if options.method in ("ties", "dare"):
+        dm = _dense(st, group, options)
+        plan.sigma = elementwise.dense_spectrum(dm.m).sigma
+        plan.cap = int(plan.sigma.shape[0])
+        plan.sign_conflict_rate, plan.kept_fraction = dm.sign_conflict_rate, dm.kept_fraction
+    else:
+        plan.sigma, plan.grams = spec.sigma, spec
+        if options.method == "cat" or (options.method == "linear" and options.policy is None):
+            default = st.rank
+    return plan, RankInput(plan.sigma, plan.cap, min(default, plan.cap), group.d_in + group.d_out)
+
+
+def _energy(plan: ModulePlan, method: str) -> None:
+    k = plan.r_after
+    if method == "cat" or plan.sigma is None:
+        plan.energy_retained, plan.rel_frob_error = 1.0, 0.0
+        return
+    energy = min(1.0, retained(plan.sigma, k))
+    plan.energy_retained = energy
+    if method in ("linear", "svd"):  # Eckart–Young: the residual is orthogonal to the kept part
+        plan.rel_frob_error = math.sqrt(max(0.0, 1.0 - energy))
+
+
+def new_factors(plan: ModulePlan, weights: Sequence[float], options: MergeOptions,
+                alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    """Phase 2: the module's output factors (A' (k, d_in), B' (d_out, k)), float64, (α/k)·B'A' = the merge."""
+    group, k = plan.group, plan.r_after
+    st = _load_stack(group, weights)
+    if options.method in ("ties", "dare"):
+        dm = _dense(st, group, options)
+        spec = elementwise.dense_spectrum(dm.m)
+        a_new, b_new = elementwise.dense_factors(dm.m, spec, k, alpha)
+        del dm
+        err, ref = elementwise.error_vs_sum(st, a_new, b_new, k, alpha)
+        plan.rel_frob_error = err / ref if ref > 0.0 else (0.0 if err == 0.0 else None)
+        plan.factor_method = "eigh"
+        return a_new, b_new
+    if k >= st.rank:
+        a_new, b_new = factored.cat_factors(st, alpha, k)
+        plan.factor_method = "cat"
+        return a_new, b_new
+    a_new, b_new, how = factored.svd_factors(st, plan.grams, k, alpha)
+    plan.factor_method = how
+    return a_new, b_new
+
+
+def _inputs_doc(loaded: Sequence[LoadedAdapter], weights: Sequence[float]) -> list[dict[str, Any]]:
+    from gradience.compress.tensors import source_sha256
+
+    return [{"path": one.peft_dir, "adapter_name": one.adapter_name, "weights_path": one.adapter_weights_path,
+             "sha256": source_sha256(one), "weight": w, "r": one.config.get("r"),
+             "lora_alpha": one.config.get("lora_alpha"), "use_rslora": bool(one.config.get("use_rslora", False)),
+             "base_model_name_or_path": one.config.get("base_model_name_or_path"), "n_modules": len(one.pairs)}
+            for one, w in zip(loaded, weights, strict=True)]
+
+
+def _issues(plans: Sequence[ModulePlan], notes: Sequence[str], n_inputs: int) -> list[Issue]:
+    issues = [Issue("forced", note, "warning") for note in notes]
+    partial = [p.group.name for p in plans if p.group.partial]
+    if partial:
+        issues.append(Issue("partial_modules", f"{len(partial)} module(s) are in only some of the {n_inputs} "
+                                               "adapters: merged with a zero update for the others",
+                            "info", modules=partial))
+    zero = [p.group.name for p in plans if p.sigma is not None and (not p.sigma.size or p.sigma[0] <= 0.0)]
+    if zero:
+        issues.append(Issue("zero_update", f"{len(zero)} merged module(s) are exactly zero (the weighted updates "
+                                           "cancel or are zero)", "warning", modules=zero))
+    return issues
+
+
+def merge(loaded: Sequence[LoadedAdapter], out: str | os.PathLike[str] | None,
+          options: MergeOptions) -> MergeResult:
+    """Merge ``loaded`` adapters into ``out`` (a PEFT adapter + ``merge.json``); ``out=None`` / dry run: plan only."""
+    from gradience.compress.writer import check_adapter_out
+
+    _check_options(options)
+    inp = validate_inputs(loaded, force=options.force)
+    weights = parse_weights(options.weights, len(loaded))
+    out_dir = None
+    if out is not None:
+        sources = [p for one in loaded for p in (one.peft_dir, one.adapter_weights_path, one.adapter_config_path)
+                   if p]
+        out_dir = check_adapter_out(out, sources, options.force, report_name=REPORT_NAME,
+                                    clean=not options.dry_run)
+    measured = [_measure(g, weights, options) for g in inp.groups]
+    plans = [m[0] for m in measured]
+    params_sum = sum(g.summed_rank * (g.d_in + g.d_out) for g in inp.groups)
+    ks, extra = decide([m[1] for m in measured], options.policy, params_sum)
+    for plan, k in zip(plans, ks, strict=True):
+        plan.r_after = k
+        _energy(plan, options.method)
+    config = output_config(loaded[0].config, inp.groups, ks, inp.alpha, inp.base_model)
+    result = MergeResult(options=options, inputs=_inputs_doc(loaded, weights), modules=plans, out_config=config,
+                         out_dir=None if out is None else os.fspath(out),
+                         issues=_issues(plans, inp.notes, len(loaded)), policy_extra=extra)
+    from gradience.merge.writing import portability_of, tensor_specs, write
+
+    specs, dtypes = tensor_specs(loaded, plans, weights, options, inp.alpha)
+    result.dtype_out = dtypes
+    result.portability = portability_of(plans, config)
+    if options.dry_run or out_dir is None:
+        if options.method in ("ties", "dare"):
+            for plan in plans:
+                plan.rel_frob_error = None  # measured when the factors are written
+        return result
+    write(out_dir, specs, config, result)
+    return result
+
+
+__all__ = ["MergeOptions", "MergeResult", "merge", "new_factors"]
