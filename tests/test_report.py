@@ -100,6 +100,67 @@ def make_nan_spike_run(root: Path) -> Path:
                      explode_steps=(1500,), overfit=True)
 
 
+BENCH_ARMS: tuple[tuple[str, str, int | None, float], ...] = (
+    # (name, kind, r, params share of the probe) as the bench runner writes them; the ranks of a probe r=16
+    ("truncate_median", "truncate", 2, 2 / 16), ("truncate_p90", "truncate", 4, 4 / 16),
+    ("truncate_per_layer", "truncate", None, 0.21), ("retrain_median", "retrain", 2, 2 / 16),
+    ("retrain_p90", "retrain", 4, 4 / 16), ("retrain_per_layer", "retrain", None, 0.21),
+    ("retrain_shuffled", "retrain", None, 0.21), ("uniform:16", "uniform", 16, 1.0),
+    ("uniform:1", "uniform", 1, 1 / 16),
+)
+
+
+def make_bench_doc(seeds: tuple[int, ...] = (1, 2, 3), layers: int = 32) -> dict[str, Any]:
+    """A ``gradience.bench/v1`` document with the runner's keys (bench/runner.py ``_assemble``): nine arms of a
+    probe r=16 on a 7B-shaped model, three seeds, per-layer UDR per arm and seed. Several arms share one
+    params share (their points sit on one x), ``uniform:16`` is the probe's own rank (the no-op control) and
+    its UDR equals the probe's, so the sidebar has identical distributions to collapse."""
+    rng = np.random.default_rng(5)
+    modules = [f"base_model.model.model.layers.{i}.{'mlp' if leaf in synthetic.MLP_LEAVES else 'self_attn'}."
+               f"{leaf}" for i in range(layers) for leaf in synthetic.llama_targets(HIDDEN, INTER)]
+    probe_udr = {m: float(v) for m, v in zip(modules, rng.lognormal(-2.5, 0.6, len(modules)), strict=True)}
+
+    def udr_block(per_layer: dict[str, float]) -> dict[str, Any]:
+        vals = sorted(per_layer.values())
+        return {"udr_median": float(np.median(vals)), "udr_mean": float(np.mean(vals)),
+                "udr_p90": float(np.percentile(vals, 90)), "udr_max": vals[-1],
+                "fraction_udr_gt_0_1": sum(v > 0.1 for v in vals) / len(vals),
+                "fraction_udr_gt_0_3": sum(v > 0.3 for v in vals) / len(vals), "sdi_median": None,
+                "n_layers_with_udr": len(vals), "per_layer": per_layer}
+
+    probe_params = 16 * 1000
+    arms, udr_arms = [], {}
+    for j, (name, kind, r, share) in enumerate(BENCH_ARMS):
+        deltas = [float(-0.004 * (1 - share) * (j % 3) + 0.003 * rng.standard_normal()) for _ in seeds]
+        if name == "uniform:1":
+            deltas = [-0.09 + 0.01 * float(rng.standard_normal()) for _ in seeds]
+        per_seed = [{"seed": s, "metric": 0.9 + d, "delta": d, "ci95": [d - 0.01, d + 0.01],
+                     "verdict": "PASS" if d >= -0.01 else "FAIL", "params": round(share * probe_params), "r": r,
+                     "rank_pattern": None, "seconds": 10.0, "adapter_dir": None, "summary": {}} for s, d in
+                    zip(seeds, deltas, strict=True)]
+        mean = float(np.mean(deltas))
+        arms.append({"name": name, "kind": kind, "r": r, "rank_pattern": None,
+                     "label": "control: the probe's own rank" if name == "uniform:16" else None,
+                     "params": round(share * probe_params), "params_ratio": share, "per_seed": per_seed,
+                     "aggregate": {"n_seeds": len(seeds), "mean_delta": mean,
+                                   "sd_delta": float(np.std(deltas, ddof=1)) if len(seeds) > 1 else None,
+                                   "worst_delta": min(deltas), "pass_rate": sum(d >= -0.01 for d in deltas) / len(
+                                       deltas), "verdict": "PASS" if min(deltas) >= -0.01 else "FAIL"}})
+        scale = 1.0 if name == "uniform:16" else 0.4 + 0.15 * j
+        udr_arms[name] = {str(s): udr_block({m: v * scale for m, v in probe_udr.items()}) for s in seeds}
+    return {
+        "schema": "gradience.bench/v1", "config": {}, "seeds": list(seeds),
+        "task": {"kind": "classification", "model": "tiny-llama", "dataset": "toy", "metric": "accuracy",
+                 "higher_is_better": True, "n_eval_items": 200},
+        "probe": {"r": 16, "alpha": 32, "params": probe_params, "per_seed": []},
+        "arms": arms, "noise_floor": {"sd": 0.004, "note": "sd of the probe's metric across seeds"},
+        "policy": {"tolerance": 0.01, "min_pass_rate": 0.67, "rule": "Δ ≥ −tolerance"},
+        "verdict": "PASS", "recommended_arm": "truncate_median", "screening": len(seeds) == 1,
+        "udr": {"probe": {str(s): udr_block(dict(probe_udr)) for s in seeds}, "arms": udr_arms},
+        "elapsed_seconds": 100.0,
+    }
+
+
 @pytest.fixture(scope="session")
 def seven_b_shaped(fixture_root: Path) -> dict[str, Path]:
     return make_seven_b_shaped(fixture_root / "report_7b")

@@ -35,6 +35,9 @@ def add_parser(sub: Any) -> None:
                    help="base model (local dir or hub id in the local HF cache) for UDR of the adapter")
     p.add_argument("--title", metavar="T", default=None, help="page title (default: the input's name)")
     p.add_argument("--run-id", default=None, help="which run of a multi-run telemetry file (default: the last)")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite OUT even when it is not a report of PATH (a report of another input, or "
+                        "a file gradience did not write)")
     p.add_argument("--no-udr", action="store_true",
                    help="do not try the adapter's own base_model_name_or_path for UDR")
     add_common_flags(p)
@@ -45,6 +48,6 @@ def run(args: argparse.Namespace) -> int:
     from gradience.report import write_report
 
     target = write_report(args.path, args.out, base_model=args.base_model, title=args.title,
-                          udr=not args.no_udr, run_id=args.run_id)
+                          udr=not args.no_udr, run_id=args.run_id, force=args.force)
     print(f"gradience report: wrote {target}", file=sys.stdout)
     return 0

@@ -270,11 +270,13 @@ def build_report(path: str | os.PathLike[str], *, base_model: str | None = None,
     views: list[View] = []
     ids = ChartIds("c")
     subtitle = ""
+    run_label: str | None = None
     if p.kind == "run":
         assert p.run is not None
         report, curves = _monitor_and_curves(p.run, run_id)
         views.append(run_view(report, curves, ids))
-        subtitle = f"run {report.run_id}" if report.run_id else "run"
+        run_label = str(report.run_id) if report.run_id else None
+        subtitle = "training run" + (f" · adapter {adapter_name(p.adapter)}" if p.adapter is not None else "")
     summary: dict[str, Any] | None = None
     if p.adapter is not None:
         try:
@@ -312,13 +314,36 @@ def build_report(path: str | os.PathLike[str], *, base_model: str | None = None,
         subtitle = "bench"
     if not views:
         raise InputError("nothing to report", p.source)
-    page_title = title if title else _default_title(p)
+    page_title = title if title else _default_title(p, _subject(p, views, run_label))
     html = render_page(views, title=page_title, subtitle=subtitle, notes=p.notes, ids=ids)
     return Report(html=html, kind=p.kind, source=p.source, default_out=_default_out(p), views=views,
                   notes=p.notes)
 
 
-def _default_title(p: _Plan) -> str:
+# Directory names that say nothing about the adapter (the demo's "peft", a trainer's "checkpoint-500"): the
+# title then names the directory above too.
+_GENERIC_NAMES = re.compile(r"^(peft|adapter|adapters|lora|final|best|output|outputs|out|model|checkpoint-\d+|"
+                            r"adapter_model|adapter_config\.json|\.)$", re.IGNORECASE)
+
+
+def adapter_name(path: str | os.PathLike[str] | None) -> str:
+    """A readable name for an adapter directory: its own name, with the parent's when its own is generic."""
+    if not path:
+        return "adapter"
+    p = Path(path)
+    if p.name.lower() == "adapter_config.json":
+        p = p.parent
+    name = p.name or str(p)
+    if _GENERIC_NAMES.match(name) and p.parent.name:
+        return f"{p.parent.name}/{name}"
+    return name
+
+
+def _default_title(p: _Plan, subject: str) -> str:
+    """The page is titled after what it shows: the run id, the adapter's or the compared adapters' names, the
+    bench's model and task; the file or directory name only when the input names nothing better."""
+    if subject:
+        return subject
     src = p.source
     name = src.name or str(src)
     if src.is_dir():
@@ -326,13 +351,37 @@ def _default_title(p: _Plan) -> str:
     return f"{src.parent.name}/{name}" if src.parent.name else name
 
 
+def _subject(p: _Plan, views: list[View], run_id: str | None) -> str:
+    place = p.source.name if p.source.is_dir() else p.source.parent.name
+    if p.kind == "run":
+        where = f" · {place}" if place else ""
+        return (f"Run {run_id}" if run_id else "Training run") + where
+    if p.kind == "adapter":
+        return f"Adapter {adapter_name(p.adapter)}"
+    doc = p.document or {}
+    if p.kind == "audit":
+        if isinstance(doc.get("adapters"), dict):
+            return f"Audit of {len(doc['adapters'])} adapters" + (f" · {place}" if place else "")
+        return f"Audit of {adapter_name(doc.get('peft_dir'))}" if doc.get("peft_dir") else ""
+    if p.kind == "compare":
+        a, b = doc.get("a") or {}, doc.get("b") or {}
+        if a.get("path") or b.get("path"):
+            return f"Comparison {adapter_name(a.get('path'))} ↔ {adapter_name(b.get('path'))}"
+        return ""
+    if p.kind == "bench":
+        task = doc.get("task") or {}
+        what = f": {task.get('model')} on {task.get('dataset')}" if task.get("model") and task.get("dataset") else ""
+        return f"Bench {place}{what}" if place else f"Bench{what}"
+    return ""
+
+
 def render_report(path: str | os.PathLike[str], **kwargs: Any) -> str:
     """The report of PATH as an HTML string (the Python API of SPEC §14)."""
     return build_report(path, **kwargs).html
 
 
-def write_report(path: str | os.PathLike[str], out: str | os.PathLike[str] | None = None,
-                 **kwargs: Any) -> Path:
+def write_report(path: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, *,
+                 force: bool = False, **kwargs: Any) -> Path:
     """Build the report of PATH and write it atomically to ``out`` (default: ``report.html`` beside PATH)."""
     from gradience.jsonio import atomic_write_text
 

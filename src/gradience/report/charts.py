@@ -235,10 +235,18 @@ def spectra_chart(chart_id: str, most: Sequence[SpectrumLine], least: Sequence[S
         return figure_to_svg(fig, chart_id, "singular value spectra")
 
 
+UDR_PANEL_H_IN = 0.62     # one small multiple of the sidebar
+UDR_CHART_W_IN = 3.3
+MAX_UDR_PANELS = 12
+
+
 def udr_histogram(chart_id: str, groups: Sequence[tuple[str, list[float]]],
                   thresholds: Sequence[float]) -> str | None:
-    """Histogram of per-layer UDR on a log axis (one colour per group), threshold lines at 0.1 / 0.3."""
+    """Per-layer UDR on a log axis: one small histogram per group (shared x axis, each titled with its
+    label) instead of overlaid ones, so every distribution stays readable; threshold lines at 0.1 / 0.3.
+    Callers collapse identical distributions into one group first."""
     positive = [(label, [v for v in vals if math.isfinite(v) and v > 0]) for label, vals in groups]
+    positive = [(label, vals) for label, vals in positive if vals][:MAX_UDR_PANELS]
     everything = [v for _, vals in positive for v in vals]
     if not everything:
         return None
@@ -247,70 +255,39 @@ def udr_histogram(chart_id: str, groups: Sequence[tuple[str, list[float]]],
     hi = max(hi, math.log10(max(thresholds))) + 0.1 if thresholds else hi + 0.1
     n_bins = 24
     edges = [10 ** (lo + (hi - lo) * i / n_bins) for i in range(n_bins + 1)]
+    n = len(positive)
+    single = n == 1
+    panel_h = 1.6 if single else UDR_PANEL_H_IN
+    top_in, bottom_in, gap_in = 0.25, 0.45, 0.3
+    height = top_in + bottom_in + n * panel_h + (n - 1) * gap_in
     with mpl_context():
-        fig = new_figure(3.3, 2.4)
-        ax = fig.add_subplot()
-        ax.set_xscale("log")
-        _log_axis(ax.xaxis)
-        for j, (label, vals) in enumerate(positive):
-            if vals:
-                ax.hist(vals, bins=edges, color=SERIES[j % len(SERIES)], alpha=0.75 if len(positive) > 1 else 0.9,
-                        label=label if len(positive) > 1 else None, histtype="stepfilled")
-        for t, color in zip(thresholds, (WARN, BAD, INK), strict=False):
-            ax.axvline(t, color=color, linestyle="--", linewidth=1.0)
-            ax.annotate(f"{t:g}", xy=(t, 1.0), xycoords=("data", "axes fraction"), ha="center", va="bottom",
-                        fontsize=7, color=color)
-        ax.set_xlabel("UDR = ‖ΔW‖₂ / ‖W‖₂")
-        ax.set_ylabel("layers")
-        if len(positive) > 1:
-            ax.legend(loc="upper left", fontsize=7)
-        _margins(fig, 3.3, 2.4, left=0.5, right=0.1, top=0.25, bottom=0.45)
+        fig = new_figure(UDR_CHART_W_IN, height)
+        axes = fig.subplots(n, 1, sharex=True, squeeze=False)[:, 0]
+        for j, (ax, (label, vals)) in enumerate(zip(axes, positive, strict=True)):
+            ax.set_xscale("log")
+            ax.hist(vals, bins=edges, color=SERIES[0], alpha=0.9, histtype="stepfilled")
+            ax.set_xlim(edges[0], edges[-1])
+            ax.tick_params(axis="y", labelsize=6.5)
+            ax.yaxis.set_major_locator(_max_n_locator(2))
+            for t, color in zip(thresholds, (WARN, BAD, INK), strict=False):
+                ax.axvline(t, color=color, linestyle="--", linewidth=0.9)
+                if j == 0:
+                    ax.annotate(f"{t:g}", xy=(t, 1.0), xycoords=("data", "axes fraction"), ha="center",
+                                va="bottom", fontsize=7, color=color)
+            if not single:
+                ax.set_title(label, fontsize=7.5, loc="left", pad=2, fontweight="normal", color=INK)
+        _log_axis(axes[-1].xaxis)
+        axes[-1].set_xlabel("UDR = ‖ΔW‖₂ / ‖W‖₂")
+        fig.supylabel("layers", fontsize=8, x=0.02)
+        fig.subplots_adjust(left=0.45 / UDR_CHART_W_IN, right=1 - 0.1 / UDR_CHART_W_IN, top=1 - top_in / height,
+                            bottom=bottom_in / height, hspace=gap_in / panel_h)
         return figure_to_svg(fig, chart_id, "UDR distribution")
 
 
-@dataclass
-class ArmPoint:
-    """One bench arm for the parameters-vs-metric plot: its size against the probe and its Δ."""
+def _max_n_locator(n: int) -> Any:
+    from matplotlib.ticker import MaxNLocator
 
-    label: str
-    params_ratio: float
-    mean_delta: float
-    sd_delta: float | None
-    passed: bool | None
-    control: bool = False
-
-
-def params_metric_chart(chart_id: str, points: Sequence[ArmPoint], tolerance: float,
-                        higher_is_better: bool, metric: str) -> str | None:
-    """Δ metric (arm − probe, mean ± sd over seeds) against LoRA parameters as a share of the probe's; the
-    tolerance band shaded, PASS green, FAIL red, controls hollow."""
-    pts = [p for p in points if math.isfinite(p.params_ratio) and math.isfinite(p.mean_delta)]
-    if not pts:
-        return None
-    with mpl_context():
-        fig = new_figure(HALF_WIDTH_IN * 1.4, 3.2)
-        ax = fig.add_subplot()
-        ax.set_title(f"Δ {metric} vs LoRA parameters")
-        ax.set_xlabel("LoRA parameters (share of the probe's)")
-        ax.set_ylabel(f"Δ {metric} (arm − probe)")
-        bad_side = -tolerance if higher_is_better else tolerance
-        ax.axhline(0.0, color=MUTED, linewidth=0.8)
-        ax.plot([1.0], [0.0], marker="D", markersize=6, color=INK, linewidth=0)
-        ax.annotate("probe", xy=(1.0, 0.0), xytext=(-8, 6), textcoords="offset points", fontsize=7, color=INK,
-                    ha="right")
-        ax.axhline(bad_side, color=BAD, linestyle="--", linewidth=1.0, label=f"tolerance {tolerance:g}")
-        for p in pts:
-            color = GOOD if p.passed else (BAD if p.passed is False else MUTED)
-            ax.errorbar([p.params_ratio], [p.mean_delta], yerr=[[p.sd_delta or 0.0], [p.sd_delta or 0.0]],
-                        fmt="o", markersize=6, color=color, ecolor=color, capsize=3,
-                        markerfacecolor="white" if p.control else color)
-            ax.annotate(p.label, xy=(p.params_ratio, p.mean_delta), xytext=(5, 4), textcoords="offset points",
-                        fontsize=7, color=INK)
-        ax.xaxis.set_major_formatter(_percent_formatter())
-        ax.set_xlim(0.0, max(1.05, max(p.params_ratio for p in pts) * 1.1))
-        ax.legend(loc="lower right", fontsize=7)
-        _margins(fig, HALF_WIDTH_IN * 1.4, 3.2)
-        return figure_to_svg(fig, chart_id, "delta vs parameters")
+    return MaxNLocator(nbins=n, integer=True)
 
 
 # Colours exported for the view code (marks on curves).

@@ -12,18 +12,25 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from gradience.modules import classify_module, layer_index
 from gradience.report.svg import require_report
 
 CELL_W = 30
-CELL_H = 13
+CELL_H = 14          # the smallest cell is 30 x 14 px: readable and hoverable at any page width
 LABEL_W = 64         # row labels (block index)
-HEADER_H = 78        # rotated column labels
-LEGEND_H = 34
-NA_FILL = "#eef0f3"
+COL_LABEL_MAX = 24   # column labels longer than this are shortened with "…" (the full name is the tooltip)
+CHAR_W = 5.6         # px per character of the 9 px label font (DejaVu Sans average), for the header's size
+LEGEND_H = 40
+NA_FILL = "#f3f4f6"  # the background of the "not computed" hatch
+NA_STROKE = "#9aa5b1"
+# One palette direction for "more" on every map: light = less, dark blue = more. Sequential maps use
+# YlGnBu; signed maps (Δ, cos) use RdBu, whose positive end is the same blue and whose middle is white.
+SEQUENTIAL = "YlGnBu"
+DIVERGING = "RdBu"
+LEGEND_STEPS = 24
 
 
 @dataclass
@@ -45,14 +52,26 @@ class Heatmap:
     cells: list[Cell]
     width: int
     height: int
-    legend: list[tuple[int, str, str]]  # (x, fill, label or "")
+    legend: list[tuple[int, str, str]]  # (x, fill, "") colour-bar segments, data min to data max
     legend_y: int
     n_values: int
     cell_h: int = CELL_H
+    uid: str = "h"                      # page-unique prefix for the ids inside this map (the hatch pattern)
+    header_h: int = 78
+    legend_labels: list[tuple[int, str, str]] = field(default_factory=list)  # (x, anchor, text)
+    legend_w: int = 0
+    n_missing: int = 0
+    vmin: float | None = None
+    vmax: float | None = None
+    column_labels: list[str] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
         return self.n_values == 0
+
+    @property
+    def segment_w(self) -> int:
+        return self.legend[1][0] - self.legend[0][0] if len(self.legend) > 1 else self.legend_w
 
 
 def _split(name: str) -> tuple[str, int | None, str]:
@@ -117,65 +136,108 @@ class Grid:
 
 
 class ColorScale:
-    """Value -> colour through a matplotlib colormap; linear or log10; clamped to [lo, hi]."""
+    """Value -> colour through a matplotlib colormap; linear or log10; clamped to [lo, hi]. A diverging
+    scale (``center`` set) maps ``center`` to the colormap's middle and ±max|v − center| to its ends."""
 
-    def __init__(self, cmap: str, lo: float, hi: float, *, log: bool = False) -> None:
+    def __init__(self, cmap: str, lo: float, hi: float, *, log: bool = False, center: float | None = None) -> None:
         matplotlib = require_report("matplotlib")
         from matplotlib import colors
 
         self._cmap = matplotlib.colormaps[cmap]
         self._to_hex = colors.to_hex
         self.log = log
+        self.center = center
+        if center is not None:
+            half = max(abs(lo - center), abs(hi - center))
+            lo, hi = center - half, center + half
         self.lo, self.hi = lo, hi
+
+    @classmethod
+    def for_data(cls, values: Sequence[float], *, diverging: bool = False, log: bool = False) -> ColorScale:
+        """The scale a map of ``values`` uses: sequential from the data's min to its max (log10 for ratios
+        spanning decades), or diverging around 0 for signed differences."""
+        lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
+        if diverging:
+            return cls(DIVERGING, lo, hi, center=0.0)
+        if log and lo > 0:
+            return cls(SEQUENTIAL, lo, hi, log=True)
+        return cls(SEQUENTIAL, lo, hi)
 
     def position(self, value: float) -> float:
         lo, hi, v = self.lo, self.hi, value
         if self.log:
             lo, hi, v = math.log10(lo), math.log10(hi), math.log10(max(v, self.lo))
-        if hi <= lo:
-            return 0.5
+        if not hi > lo:
+            return 0.5 if self.center is not None else 1.0
         return min(1.0, max(0.0, (v - lo) / (hi - lo)))
 
     def color(self, value: float) -> str:
         return str(self._to_hex(self._cmap(self.position(value))))
 
-    def at(self, t: float) -> tuple[float, str]:
-        """(value, colour) at fraction t of the scale."""
-        if self.log:
-            lo, hi = math.log10(self.lo), math.log10(self.hi)
-            value = 10 ** (lo + t * (hi - lo))
-        else:
-            value = self.lo + t * (self.hi - self.lo)
-        return value, str(self._to_hex(self._cmap(t)))
+    def between(self, lo: float, hi: float, t: float) -> float:
+        """The value at fraction t of [lo, hi] (geometric on a log scale): where the colour bar samples."""
+        if self.log and lo > 0 and hi > 0:
+            return float(10 ** (math.log10(lo) + t * (math.log10(hi) - math.log10(lo))))
+        return lo + t * (hi - lo)
 
 
-def build_heatmap(key: str, title: str, grid: Grid, values: dict[str, float | None], scale: ColorScale,
-                  fmt: Callable[[float], str], *, note: str = "") -> Heatmap:
-    """Cells for the modules of ``grid``; a module without a finite value is a grey cell saying why."""
+def _col_label(col: str) -> str:
+    return col if len(col) <= COL_LABEL_MAX else col[: COL_LABEL_MAX - 1] + "…"
+
+
+def build_heatmap(key: str, title: str, grid: Grid, values: dict[str, float | None], scale: ColorScale | None,
+                  fmt: Callable[[float], str], *, note: str = "", uid: str = "h") -> Heatmap:
+    """Cells for the modules of ``grid``; a module without a finite value is a hatched cell ("not computed",
+    never a colour of the scale). ``scale`` None: :meth:`ColorScale.for_data` of the finite values. The
+    colour bar spans the data's min to max, both labelled (and 0 on a signed map that crosses it)."""
+    finite_vals = [v for v in (values.get(n) for n in grid.where) if v is not None and math.isfinite(v)]
+    if scale is None:
+        scale = ColorScale.for_data(finite_vals)
+    labels = [_col_label(c) for c in grid.columns]
+    header_h = int(max(40, 12 + 0.87 * CHAR_W * max((len(c) for c in labels), default=4)))
+    # Rotated labels lean right: the last column's label reaches this far past the grid.
+    overhang = int(0.5 * CHAR_W * max((len(c) for c in labels[-3:]), default=0))
     cells: list[Cell] = []
-    n_values = 0
-    # Few blocks (a toy model): taller cells, so the map stays legible; 32+ blocks: 13 px rows.
+    n_values = n_missing = 0
+    # Few blocks (a toy model): taller cells, so the map stays legible; 22+ blocks: 14 px rows.
     cell_h = max(CELL_H, min(22, 300 // max(1, len(grid.rows))))
     for name, (r, c) in grid.where.items():
         value = values.get(name)
-        x, y = LABEL_W + c * CELL_W, HEADER_H + r * cell_h
+        x, y = LABEL_W + c * CELL_W, header_h + r * cell_h
         if value is None or not math.isfinite(value):
-            cells.append(Cell(x, y, NA_FILL, f"{name}\n{title}: -", True))
+            n_missing += 1
+            cells.append(Cell(x, y, f"url(#{uid}-na)", f"{name}\n{title}: not computed", True))
             continue
         n_values += 1
         cells.append(Cell(x, y, scale.color(value), f"{name}\n{title}: {fmt(value)}", False))
-    width = LABEL_W + max(1, len(grid.columns)) * CELL_W + 8
-    grid_bottom = HEADER_H + len(grid.rows) * cell_h
+    grid_w = max(1, len(grid.columns)) * CELL_W
+    grid_bottom = header_h + len(grid.rows) * cell_h
+    legend_w = max(grid_w, 150)
+    seg = legend_w / LEGEND_STEPS
     legend: list[tuple[int, str, str]] = []
-    steps = 10
-    seg = max(8, (width - LABEL_W - 8) // steps)
-    for i in range(steps):
-        t = i / (steps - 1)
-        value, fill = scale.at(t)
-        label = fmt(value) if i in (0, steps - 1) else ""
-        legend.append((LABEL_W + i * seg, fill, label))
-    return Heatmap(key, title, note, grid.rows, grid.columns, cells, max(width, LABEL_W + steps * seg + 8),
-                   grid_bottom + LEGEND_H, legend, grid_bottom + 8, n_values, cell_h)
+    legend_labels: list[tuple[int, str, str]] = []
+    vmin = min(finite_vals) if finite_vals else None
+    vmax = max(finite_vals) if finite_vals else None
+    if vmin is not None and vmax is not None:
+        for i in range(LEGEND_STEPS):
+            t = (i + 0.5) / LEGEND_STEPS
+            legend.append((LABEL_W + round(i * seg), scale.color(scale.between(vmin, vmax, t)), ""))
+        if vmin == vmax:
+            legend_labels.append((LABEL_W, "start", f"all {fmt(vmin)}"))
+        else:
+            legend_labels.append((LABEL_W, "start", fmt(vmin)))
+            legend_labels.append((LABEL_W + legend_w, "end", fmt(vmax)))
+            if scale.center is not None and vmin < scale.center < vmax and not scale.log:
+                t = (scale.center - vmin) / (vmax - vmin)
+                if 0.2 < t < 0.8:  # room between the end labels
+                    legend_labels.append((LABEL_W + round(t * legend_w), "middle", "0"))
+    width = LABEL_W + max(grid_w + overhang, legend_w) + 8
+    if n_missing:
+        width = max(width, LABEL_W + legend_w + 8)
+    return Heatmap(key, title, note, grid.rows, grid.columns, cells, width, grid_bottom + LEGEND_H + (
+        16 if n_missing else 0), legend, grid_bottom + 8, n_values, cell_h, uid=uid, header_h=header_h,
+        legend_labels=legend_labels, legend_w=legend_w, n_missing=n_missing, vmin=vmin, vmax=vmax,
+        column_labels=labels)
 
 
 def finite_values(values: dict[str, float | None]) -> list[float]:
@@ -184,4 +246,4 @@ def finite_values(values: dict[str, float | None]) -> list[float]:
 
 def layout_info() -> dict[str, Any]:
     """Geometry constants the template needs."""
-    return {"cell_w": CELL_W, "cell_h": CELL_H, "label_w": LABEL_W, "header_h": HEADER_H}
+    return {"cell_w": CELL_W, "cell_h": CELL_H, "label_w": LABEL_W, "na_fill": NA_FILL, "na_stroke": NA_STROKE}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from importlib import resources
 from typing import Any
@@ -26,9 +27,22 @@ def _environment() -> Any:
             undefined=jinja2.StrictUndefined,    # a template typo is a bug, not a blank
             trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
         )
-        env.filters.update({"num": num, "pct": pct, "times": times, "rank": rank_value, "count": human_count})
+        env.filters.update({"num": num, "pct": pct, "times": times, "rank": rank_value, "count": human_count,
+                            "wbr": _wbr})
         _ENV = env
     return _ENV
+
+
+_BREAK_AFTER = re.compile(r"([_./:\\-]+)")
+
+
+def _wbr(text: Any) -> Any:
+    """Escaped text with a line-break opportunity after each ``_ . / : -`` run: a long module or arm name
+    wraps between its parts (``retrain_/per_/layer``), never inside a word."""
+    from markupsafe import Markup, escape
+
+    parts = _BREAK_AFTER.split(str(text))
+    return Markup("").join(escape(part) + (Markup("<wbr>") if i % 2 == 1 else "") for i, part in enumerate(parts))
 
 
 def _css() -> str:

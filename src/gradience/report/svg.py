@@ -19,6 +19,7 @@ from gradience.errors import MissingDependencyError
 
 PURPOSE = "gradience report"
 SVG_HASHSALT = "gradience-report"
+KEEP_ID_PREFIX = "gx-"
 
 # Colours used by the charts and the CSS (kept in one place so the page reads as one design).
 INK = "#1f2933"
@@ -108,7 +109,9 @@ def figure_to_svg(fig: Any, chart_id: str, label: str) -> str:
     # Only clip paths and markers are referenced (url(#id), href="#id"); every other id is dropped, the
     # referenced ones get the chart's prefix.
     referenced = set(_REF.findall(svg))
-    svg = _ID.sub(lambda m: f' id="{chart_id}-{m.group(1)}"' if m.group(1) in referenced else "", svg)
+    # Ids set on purpose (``set_gid("gx-...")``: the arm labels a test measures) are kept too.
+    svg = _ID.sub(lambda m: f' id="{chart_id}-{m.group(1)}"'
+                  if m.group(1) in referenced or m.group(1).startswith(KEEP_ID_PREFIX) else "", svg)
     svg = _REF_SUB.sub(lambda m: f"{m.group(1)}#{chart_id}-{m.group(2)}{m.group(3)}", svg)
     svg = _GROUP_NOID.sub("<g>", svg)
     # Text from inputs is already XML-escaped by matplotlib; quotes are escaped too, so that no input

@@ -1,0 +1,27 @@
+"""The report's views: one module per view family, each with one data function returning a :class:`View`.
+
+Adding a view (e.g. merge): a module here with ``def merge_view(doc, ids) -> View``, a template block
+``templates/views/merge.html.j2``, an entry in :data:`DOCUMENT_VIEWS` (schema prefix -> data function) and a
+shape check in :mod:`gradience.report.validate`. See :mod:`gradience.report`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from gradience.report.views.adapter import adapter_heatmaps, adapter_view
+from gradience.report.views.base import MAX_ISSUES_SHOWN, ChartIds, UdrGroup, View
+from gradience.report.views.bench import bench_view
+from gradience.report.views.compare import compare_view
+from gradience.report.views.run import run_view
+from gradience.report.views.sidebar import udr_sidebar
+
+#: Single-document inputs: the ``schema`` prefix of a JSON document -> the view that shows it.
+DOCUMENT_VIEWS: dict[str, Callable[[dict[str, Any], ChartIds], View]] = {
+    "gradience.compare": compare_view,
+    "gradience.bench": bench_view,
+}
+
+__all__ = ["DOCUMENT_VIEWS", "MAX_ISSUES_SHOWN", "ChartIds", "UdrGroup", "View", "adapter_heatmaps",
+           "adapter_view", "bench_view", "compare_view", "run_view", "udr_sidebar"]
