@@ -562,3 +562,170 @@ def test_trainer_state_with_odd_types(tmp_path: Path, capsys: pytest.CaptureFixt
     assert {i["index"] for i in doc["telemetry_issues"] if i["code"] == "bad_log_entry"} == {0, 1, 2}
     code, out, err = cli(capsys, "monitor", str(f))
     assert code == 0, err
+
+
+# -- issue 17: compare's audit JSON (cm_json_*) ----------------------------------------------------------------
+@pytest.mark.parametrize("case,needle", [
+    ("bigint", "more than 4300 digits"),
+    ("alpha_bigint", "adapter.lora_alpha"),
+    ("deep_targets", "nested too deeply"),
+    ("multi_list", "several adapter audits (1, 2)"),
+    ("nested", "nested too deeply"),
+    ("nested_obj", "nested too deeply"),
+    ("r_bigint", "layers[0].r"),
+    ("summary_bigint", "utilization_mean"),
+    ("util_bigint", "layers[0].utilization"),
+])
+def test_compare_hostile_audit_json(tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str,
+                                    needle: str) -> None:
+    from support.hostile import audit_json_doc, mutated_audit_json
+
+    good = audit_json_doc(good_adapter(tmp_path / "a"))
+    (tmp_path / "good.json").write_text(json.dumps(good))
+    bad = tmp_path / "bad.json"
+    bad.write_text(mutated_audit_json(case, good))
+    for argv in ([str(bad), str(tmp_path / "good.json")], [str(tmp_path / "good.json"), str(bad), "--json",
+                                                              "--fail-on", "r_delta>1,utilization_mean_delta>1"]):
+        code, out, err = cli(capsys, "compare", *argv)
+        assert_one_line_error(code, err, str(bad), needle)
+        assert out == ""
+
+
+def test_compare_huge_audit_json_is_refused_before_decoding(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """cm_json_300mb: 24M tiny rows would take gigabytes once decoded. The same refusal at a scaled-down limit
+    (the real limits are measured in the report: 195 MB / 15M rows refused in 1.0 s at 413 MB peak RSS)."""
+    import gradience.compare.sides as sides
+    from support.hostile import audit_json_doc
+
+    good = audit_json_doc(good_adapter(tmp_path / "a"))
+    (tmp_path / "good.json").write_text(json.dumps(good))
+    big = tmp_path / "big.json"
+    big.write_text(json.dumps({**good, "layers": [{"name": f"m{i}"} for i in range(5000)]}))
+    real_items = sides.MAX_AUDIT_JSON_ITEMS
+    monkeypatch.setattr(sides, "MAX_AUDIT_JSON_ITEMS", 4000)
+    code, _, err = cli(capsys, "compare", str(big), str(tmp_path / "good.json"))
+    assert_one_line_error(code, err, str(big), "refused before decoding")
+    monkeypatch.setattr(sides, "MAX_AUDIT_JSON_BYTES", 1000)
+    code, _, err = cli(capsys, "compare", str(big), str(tmp_path / "good.json"))
+    assert_one_line_error(code, err, str(big), "more than the 1000 bytes")
+    # the real limits hold a real large audit: 80 layers x 7 modules with 64 sigmas each
+    assert real_items > 80 * 7 * (64 + 40)
+
+
+# -- issue 17: run.jsonl (rj_*) --------------------------------------------------------------------------------
+def _lora_audit_event(**metrics: Any) -> dict[str, Any]:
+    return {"event": "metrics", "kind": "lora_audit",
+            "metrics": {"total_lora_params": 1000, "suggested_r_global_median": 4, "adapter": {"r": 8}, **metrics}}
+
+
+@pytest.mark.parametrize("case,metrics", [
+    ("inf_params", {"total_lora_params": "Infinity"}),
+    ("inf_rank", {"suggested_r_global_median": "Infinity"}),
+    ("nan_rank", {"suggested_r_global_median": "NaN"}),
+    ("nan_r", {"adapter": {"r": "NaN"}}),
+    ("bigint_params", {"total_lora_params": 10**400}),
+])
+def test_monitor_logged_audit_with_non_finite_counts(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                     case: str, metrics: dict[str, Any]) -> None:
+    log = telemetry(tmp_path / "run.jsonl", [{"event": "run_start", "config": {}}, _lora_audit_event(**metrics),
+                                             {"event": "train_step", "loss": 1.0}])
+    for fmt in ((), ("--json",)):
+        code, out, err = cli(capsys, "monitor", str(log), *fmt)
+        assert code == 0, err
+        assert "internal error" not in err
+    audit = json.loads(out)["audit"]
+    if case in ("inf_rank", "nan_rank"):
+        assert "median" not in audit["suggested"]  # no rank is suggested from a non-finite one
+    else:
+        assert audit["suggested"]["median"]["r"] == 4 and audit["suggested"]["median"]["params"] is None
+
+
+def test_monitor_record_nested_600_deep_is_a_reported_line(tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    from support.hostile import deep_list
+
+    log = telemetry(tmp_path / "run.jsonl", [{"event": "run_start", "config": {"x": deep_list(600)}},
+                                             {"event": "train_step", "loss": 1.0}])
+    code, out, err = cli(capsys, "monitor", str(log), "--json")
+    assert code == 0, err
+    issue = next(i for i in json.loads(out)["telemetry_issues"] if i["code"] == "bad_json")
+    assert issue["line"] == 1 and "nested too deeply" in issue["message"]
+
+
+@pytest.mark.parametrize("field", ["step", "ts"])
+def test_monitor_bigint_step_and_ts(tmp_path: Path, capsys: pytest.CaptureFixture[str], field: str) -> None:
+    from gradience.telemetry import TelemetryReader
+
+    rec = {"schema": "gradience.vnext.telemetry/v1", "ts": 1.0, "run_id": "r", "event": "train_step", "step": 1,
+           "loss": 1.0, field: 10**400}
+    log = tmp_path / "run.jsonl"
+    log.write_text(json.dumps(rec) + "\n" + json.dumps({**rec, "step": 2, field: 2}) + "\n")
+    records = list(TelemetryReader(log))
+    assert getattr(records[0], field) is None and getattr(records[1], field) == 2
+    for fmt in ((), ("--json",)):
+        code, _, err = cli(capsys, "monitor", str(log), *fmt)
+        assert code == 0 and "internal error" not in err, err
+
+
+# -- issue 17: writers ----------------------------------------------------------------------------------------
+def test_append_audit_of_config_nested_600_deep(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """w_append_nested_nan: a NaN 600 lists deep in adapter_config.json reached the redactor's recursion."""
+    from support.hostile import deep_list
+
+    d = good_adapter(tmp_path / "a")
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    cfg["extra_field"] = deep_list(600)
+    (d / "adapter_config.json").write_text(json.dumps(cfg).replace('"NaN"', "NaN"))
+    log = tmp_path / "run.jsonl"
+    code, _, err = cli(capsys, "audit", "--peft-dir", str(d), "--no-udr", "--append", str(log))
+    assert_one_line_error(code, err, "adapter_config.json", "nested too deeply")
+    assert not log.exists()
+
+
+def test_writer_refuses_a_payload_nested_too_deeply(tmp_path: Path) -> None:
+    from support.hostile import deep_list
+
+    from gradience.telemetry import TelemetryWriter
+
+    path = tmp_path / "run.jsonl"
+    with TelemetryWriter(path, run_id="r") as writer, pytest.raises(ValueError, match="nested too deeply"):
+        writer.metrics("custom", {"x": deep_list(600, float("nan"))})
+    assert all(json.loads(line)["event"] != "metrics" for line in path.read_text().splitlines())
+
+
+# -- issue 17: the norms cache holding another base's NaN entry ------------------------------------------------
+def test_norms_cache_with_nan_entry_of_another_base(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cache = tmp_path / "norms.json"
+    cache.write_text('{"schema": "gradience.base_norms/v1", "bases": {"other": {"t|F32": {"file": ["x", 1, 2], '
+                     '"sigma_max": NaN, "frob_norm": 1.0, "rtol": 0.001, "iterations": 3}, "u|F32": {"file": '
+                     '["x", 1, 2], "sigma_max": 2.0, "frob_norm": 3.0, "rtol": 0.001, "iterations": 3}}, '
+                     '"junk": 7}}')
+    argv = ("audit", "--peft-dir", str(good_adapter(tmp_path / "a")), "--base-model",
+            str(synthetic_base(tmp_path / "base")), "--base-norms-cache", str(cache), "--json")
+    code, out, err = cli(capsys, *argv)
+    assert code == 0, err
+    assert json.loads(out)["udr_median"] is not None
+    written = json.loads(cache.read_text())  # strict JSON again; the valid entry of the other base is kept
+    assert list(written["bases"]["other"]) == ["u|F32"] and "junk" not in written["bases"]
+    assert len(next(v for k, v in written["bases"].items() if k != "other")) == 2
+
+
+# -- issue 17: YAML / flag numbers ----------------------------------------------------------------------------
+@pytest.mark.parametrize("text,needle", [
+    ("r: 8\nlora_alpha: 16\nextras:\n  x: 0x" + "f" * 5000 + "\n", "6021 digits"),
+    ("model_name: 0x" + "f" * 5000 + "\nr: 8\n", "key 'model_name'"),
+    ("r: 1.0e+308\nlora_alpha: 16\n", "key 'r': rank 1e+308 is out of range"),
+])
+def test_check_yaml_huge_numbers(tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str,
+                                 needle: str) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    for fmt in ((), ("--json",)):
+        code, _, err = cli(capsys, "check", str(f), *fmt)
+        assert_one_line_error(code, err, str(f), needle)
+
+
+def test_check_flag_r_1e308(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = cli(capsys, "check", "--r", "1e308", "--alpha", "16")
+    assert_one_line_error(code, err, "'r'", "out of range")

@@ -53,3 +53,33 @@ def test_what_is_kept() -> None:
     assert out["num_passes"] == 3 and out["keyword"] == "x" and out["use_auth_token"] is True
     assert out["hub_token"] is None and out["lr"] == 1e-4
     assert is_secret_key("pass") and is_secret_key("db-pwd") and not is_secret_key("bypass_cache")
+
+
+# issue 17: a fine-grained PAT whose body holds no "gh" slipped past the redactor's cheap pre-filter.
+PAT_PLAIN = "github_pat_" + "11AAAAAAA0" + "B" * 12 + "_" + "c" * 59
+
+
+def test_github_fine_grained_token_without_gh_in_its_body(tmp_path: Path) -> None:
+    assert "gh" not in PAT_PLAIN[len("github_pat_"):]
+    path = tmp_path / "run.jsonl"
+    with TelemetryWriter(path, run_id="rd") as writer:
+        writer.metrics("custom", {"cmd": PAT_PLAIN, "url": f"https://x:{PAT_PLAIN}@github.com"})
+        writer.log("custom_event", {"v": [PAT_PLAIN], PAT_PLAIN: 1})
+    assert PAT_PLAIN not in path.read_text()
+
+
+def test_check_redacts_secrets_nested_in_extras(tmp_path: Path) -> None:
+    """y_secret_nested: an hf token inside lists and dicts of a config's unknown keys reached check's output."""
+    import json
+
+    from support.hostile import run_subprocess
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"r: 8\nextras:\n  tokens: [{HF}]\n  nested: {{a: {{b: 'x {HF}'}}}}\nmy_list:\n"
+                   f"  - {{note: {HF}}}\nlora:\n  r: 8\n  extras: {{deep: [[{HF}]], hub_token: plain}}\n")
+    for fmt in ([], ["--json"], ["--verbose"]):
+        proc = run_subprocess(["check", str(cfg), *fmt])
+        assert proc.returncode in (0, 1), proc.stderr
+        assert HF not in proc.stdout + proc.stderr and "plain" not in proc.stdout
+    doc = json.loads(run_subprocess(["check", str(cfg), "--json"]).stdout)
+    assert "[REDACTED]" in json.dumps(doc) and SECRET_PLACEHOLDER in json.dumps(doc)

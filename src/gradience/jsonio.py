@@ -59,6 +59,79 @@ def dumps(obj: Any, *, pretty: bool = True, nonfinite: NonFinite = "null") -> st
     return json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
+# Every JSON document Gradience reads is a few levels deep (audit/compare/bench JSON <= 6, HF configs and
+# telemetry payloads <= ~10). Python's decoder recurses in C up to the interpreter's recursion limit (~1000), and
+# whatever walks the result afterwards (redaction, to_jsonable, normalisation) recurses in Python: a document
+# 600 deep decodes and then crashes its consumer. So depth is bounded at the read, once, for every reader.
+MAX_JSON_DEPTH = 64
+# Counts, shapes, ranks and steps fit in 64 bits; a larger integer in an analysis document is corrupt (and
+# turns into OverflowError wherever it meets a float).
+MAX_JSON_INT = 2**63
+
+
+def json_problem(doc: Any, *, max_depth: int = MAX_JSON_DEPTH, max_abs_int: int | None = None) -> str | None:
+    """What makes a decoded document unusable (nesting deeper than ``max_depth``, an integer beyond
+    ``max_abs_int``), with where it is (``layers[3].r``); None when it is fine. Iterative: never recurses."""
+    stack: list[tuple[Any, int, tuple[str | int, ...]]] = [(doc, 0, ())]
+    while stack:
+        value, depth, where = stack.pop()
+        if isinstance(value, dict):
+            if depth >= max_depth:
+                return f"nested too deeply (more than {max_depth} levels, at {_json_path(where)})"
+            stack.extend((v, depth + 1, (*where, str(k))) for k, v in value.items()
+                         if isinstance(v, (dict, list)) or (max_abs_int is not None and type(v) is int))
+        elif isinstance(value, (list, tuple)):
+            if depth >= max_depth:
+                return f"nested too deeply (more than {max_depth} levels, at {_json_path(where)})"
+            stack.extend((v, depth + 1, (*where, i)) for i, v in enumerate(value)
+                         if isinstance(v, (dict, list)) or (max_abs_int is not None and type(v) is int))
+        elif max_abs_int is not None and type(value) is int and abs(value) > max_abs_int:
+            digits = int(value.bit_length() * 0.30103) + 1  # str() of a 5000-digit int itself raises
+            return f"integer of about {digits} digits at {_json_path(where)} (no count or size is that large)"
+    return None
+
+
+def _json_path(where: tuple[str | int, ...]) -> str:
+    out = "".join(f"[{p}]" if isinstance(p, int) else f".{p[:40]}" for p in where[:12]).lstrip(".")
+    return (out + ("…" if len(where) > 12 else "")) or "the top level"
+
+
+def loads_bounded(text: str | bytes, path: str | os.PathLike[str] | None = None, what: str = "file", *,
+                  max_depth: int = MAX_JSON_DEPTH, max_abs_int: int | None = None,
+                  max_items: int | None = None) -> Any:
+    """``json.loads`` for input Gradience did not write: every way a document can be unusable becomes one
+    :class:`~gradience.errors.InputError` naming ``path`` — syntax, nesting beyond ``max_depth``, integers
+    beyond Python's 4300-digit limit or beyond ``max_abs_int``, and (``max_items``) more containers and
+    values than a real document of its kind holds, refused *before* decoding, whose objects take ~10x the
+    text (a 300 MB file of tiny rows would need gigabytes)."""
+    from gradience.errors import InputError
+
+    if max_items is not None:
+        marks = (b"{", b"[", b",") if isinstance(text, bytes) else ("{", "[", ",")
+        count = sum(text.count(m) for m in marks)  # type: ignore[arg-type]
+        if count > max_items:
+            raise InputError(f"{what} holds about {count} JSON values, more than the {max_items} such a file "
+                             "can have; refused before decoding", path)
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{what} is not valid JSON (line {exc.lineno} column {exc.colno}: {exc.msg})",
+                         path) from None
+    except RecursionError:
+        raise InputError(f"{what} is not usable JSON: nested too deeply", path) from None
+    except UnicodeDecodeError:
+        raise InputError(f"{what} is not UTF-8 text", path) from None
+    except ValueError as exc:  # "Exceeds the limit (4300 digits) for integer string conversion"
+        text_exc = str(exc)
+        problem = ("an integer of more than 4300 digits" if "integer string conversion" in text_exc
+                   else text_exc.splitlines()[0][:200] if text_exc else type(exc).__name__)
+        raise InputError(f"{what} is not usable JSON: {problem}", path) from None
+    problem = json_problem(doc, max_depth=max_depth, max_abs_int=max_abs_int)
+    if problem is not None:
+        raise InputError(f"{what} is not usable JSON: {problem}", path)
+    return doc
+
+
 def decode_nonfinite(value: Any) -> Any:
     """Map telemetry's ``"NaN"``/``"Infinity"``/``"-Infinity"`` strings back to floats (others unchanged)."""
     if isinstance(value, str) and value in _NONFINITE_STRINGS:

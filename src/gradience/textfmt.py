@@ -16,7 +16,10 @@ def finite(x: Any) -> float | None:
     """``x`` as a float when it is a finite real number (bools excluded), else None."""
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         return None
-    return float(x) if math.isfinite(x) else None
+    try:
+        return float(x) if math.isfinite(x) else None
+    except OverflowError:  # an integer beyond float range (a 400-digit value from a hostile JSON)
+        return None
 
 
 def num(x: Any, fmt: str = ".2f") -> str:

@@ -90,3 +90,78 @@ def run_subprocess(args: list[str], timeout: float = 60, env: dict[str, str] | N
     full_env.update(env or {})
     return subprocess.run([sys.executable, "-m", "gradience", *args], capture_output=True, text=True,
                           timeout=timeout, env=full_env, errors="backslashreplace", **kwargs)
+
+
+# -- issue 17: compare audit JSON, run.jsonl, config and cache cases -------------------------------------------
+def deep_list(depth: int, leaf: Any = "NaN") -> Any:
+    """A JSON value nested ``depth`` lists deep (within what Python's decoder accepts, beyond what we allow)."""
+    value = leaf
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def audit_json_doc(adapter_dir: Path) -> dict[str, Any]:
+    """``gradience audit --json --no-udr`` of ``adapter_dir``, run in-process, as a dict to mutate."""
+    import contextlib
+    import io
+
+    from gradience.cli.main import main
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(["audit", "--peft-dir", str(adapter_dir), "--json", "--no-udr"]) == 0
+    doc: dict[str, Any] = json.loads(buf.getvalue())
+    return doc
+
+
+BIG = 10**400  # fits Python's digit limit, overflows every float conversion
+
+
+def mutated_audit_json(case: str, good: dict[str, Any]) -> str:
+    """The text of one hostile audit JSON (compare's ``cm_json_*`` corpus cases)."""
+    doc = json.loads(json.dumps(good))
+    if case == "bigint":
+        return json.dumps(doc).replace('"n_layers": 2', '"n_layers": 1' + "0" * 5000)
+    if case == "alpha_bigint":
+        doc["adapter"]["lora_alpha"] = BIG
+    elif case == "deep_targets":
+        doc["adapter"]["target_modules"] = deep_list(900, "q_proj")
+    elif case == "multi_list":
+        return json.dumps({"schema": "gradience.audit.multi/v1", "adapters": [1, 2]})
+    elif case == "nested":
+        return "[" * 100_000 + "]" * 100_000
+    elif case == "nested_obj":
+        return '{"a":' * 100_000 + "1" + "}" * 100_000
+    elif case == "r_bigint":
+        doc["layers"][0]["r"] = BIG
+    elif case == "summary_bigint":
+        doc["utilization_mean"] = BIG
+    elif case == "util_bigint":
+        doc["layers"][0]["utilization"] = BIG
+    else:
+        raise ValueError(case)
+    return json.dumps(doc)
+
+
+def reference_audit_json(ours: dict[str, Any], *, bench_layout: bool = False) -> dict[str, Any]:
+    """What the reference tool (johntnanney/gradience ``audit --json --layers``) writes for the same adapter:
+    no ``schema``, no ``adapter`` block, rows under ``layer_data.layer_rows`` (its bench ``audit.json``: under
+    ``layers`` with the summary nested) named by full PEFT key, ``delta_fro_norm``/``base_fro_norm`` spelling.
+    Built from our audit of the adapter (the metric definitions are the same), so values are comparable."""
+    rows = []
+    for row in ours["layers"]:
+        ref = {k: row[k] for k in ("r", "alpha", "a_shape", "b_shape", "params", "stable_rank", "effective_rank",
+                                   "utilization", "sigma_max", "energy_rank_90", "energy_rank_95",
+                                   "energy_rank_99", "delta_sigma_max", "scale", "udr", "udr_f", "sdi")}
+        ref["name"] = "base_model.model." + row["name"]
+        ref["module_type"] = "attn"
+        ref["delta_fro_norm"] = row["delta_frob_norm"]
+        ref["base_fro_norm"] = row.get("base_frob_norm")
+        rows.append(ref)
+    summary = {k: ours[k] for k in ("total_lora_params", "n_layers", "stable_rank_mean", "stable_rank_median",
+                                    "effective_rank_mean", "utilization_mean", "energy_rank_90_p50",
+                                    "energy_rank_90_p90", "by_type")}
+    if bench_layout:
+        return {"audit_timestamp": "2026-01-13T17:18:26", "probe_rank": 4, "summary": summary, "layers": rows}
+    return {**summary, "layer_data": {"layer_rows_schema": "v1", "layer_rows": rows}}

@@ -1,12 +1,12 @@
 """One side of a comparison: an adapter directory (audited here, factors available) or an audit JSON file
-(``gradience.audit/v1``: per-layer metrics only, so no cross measure of the updates themselves).
+(``gradience.audit/v1``, or the reference tool's audit JSON converted to it by :func:`load_audit_json`:
+per-layer metrics only, so no cross measure of the updates themselves).
 
 Both become the same thing: the audit summary (with ``layers``) plus, for a directory, the LoRA pairs by name.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -15,14 +15,23 @@ from pathlib import Path
 from typing import Any, Literal
 
 from gradience.adapter.model import LoraPair
+from gradience.adapter.pairs import module_name
 from gradience.errors import InputError
+from gradience.io.textfile import exists, is_file, read_bytes_limited
 from gradience.issues import Issue
+from gradience.jsonio import MAX_JSON_INT, loads_bounded
+from gradience.textfmt import safe_text
 
 SideKind = Literal["adapter", "audit_json"]
 AUDIT_SCHEMA = "gradience.audit/v1"
 AUDIT_MULTI_SCHEMA = "gradience.audit.multi/v1"
-# An audit JSON of a 70B adapter with every σ is a few MiB; anything far larger is not one.
-MAX_AUDIT_JSON_BYTES = 512 * 1024 * 1024
+REFERENCE_FORMAT = "johntnanney/gradience audit --json"
+# An audit JSON of a 70B adapter with every σ is a few MiB (560 rows x ~300 values); a 61-layer 256-expert MoE
+# adapter ~3M values. Decoded JSON takes ~10x its text, so both are bounded before decoding: a 300 MB file of
+# 24M tiny rows is refused in a second instead of exhausting memory.
+MAX_AUDIT_JSON_BYTES = 256 * 1024 * 1024
+MAX_AUDIT_JSON_ITEMS = 8_000_000
+_NAMES_SHOWN = 5
 
 
 @dataclass
@@ -54,42 +63,99 @@ class Side:
 
 def is_audit_json(path: str | os.PathLike[str]) -> bool:
     p = Path(path)
-    return p.is_file() and p.suffix.lower() == ".json" and p.name != "adapter_config.json"
+    return is_file(p) and p.suffix.lower() == ".json" and p.name != "adapter_config.json"
 
 
-def read_audit_json(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """A ``gradience audit --json`` output, validated enough to compare (rows with names)."""
+def load_audit_json(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """An audit JSON as a ``gradience.audit/v1`` document with ``layers`` (validated enough to compare and
+    report): ours, or the reference tool's (johntnanney/gradience ``audit --json --layers``: no ``schema``
+    key, rows under ``layer_data.layer_rows`` or ``layers``, full PEFT key names, ``delta_fro_norm``), which
+    is converted (see :func:`from_reference_audit`). Public: ``report`` reads audit JSON through this too.
+
+    Bounded before decoding: at most ``MAX_AUDIT_JSON_BYTES`` and ``MAX_AUDIT_JSON_ITEMS`` JSON values, nesting
+    and integers bounded by :func:`gradience.jsonio.loads_bounded`; every problem is one InputError."""
     p = Path(path)
-    try:
-        size = p.stat().st_size
-        if size > MAX_AUDIT_JSON_BYTES:
-            raise InputError(f"file is {size / 2**20:.0f} MiB, too large for an audit JSON", p)
-        text = p.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise InputError(f"cannot read: {exc.strerror or exc}", p) from None
-    except UnicodeDecodeError:
-        raise InputError("not a UTF-8 text file (expected an audit JSON or an adapter directory)", p) from None
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InputError(f"not valid JSON (line {exc.lineno}: {exc.msg})", p) from None
+    raw = read_bytes_limited(p, what="audit JSON", max_bytes=MAX_AUDIT_JSON_BYTES)
+    doc = loads_bounded(raw, p, "audit JSON", max_abs_int=MAX_JSON_INT, max_items=MAX_AUDIT_JSON_ITEMS)
     if not isinstance(doc, dict):
         raise InputError("expected a JSON object (a gradience audit --json output)", p)
     schema = doc.get("schema")
     if schema == AUDIT_MULTI_SCHEMA:
-        names = ", ".join(sorted(doc.get("adapters") or {})) or "-"
+        adapters = doc.get("adapters")
+        listed = sorted(str(k)[:60] for k in adapters) if isinstance(adapters, (dict, list)) else []
+        names = safe_text(", ".join(listed[:_NAMES_SHOWN]) + (" …" if len(listed) > _NAMES_SHOWN else "")) or "-"
         raise InputError(f"holds several adapter audits ({names}); audit one with "
                          "`gradience audit --peft-dir DIR --adapter-name NAME --json` and compare that", p)
-    if schema != AUDIT_SCHEMA:
-        raise InputError(f"schema is {schema!r}, expected {AUDIT_SCHEMA!r} (the output of "
+    if schema is None and _reference_rows(doc) is not None:
+        doc = from_reference_audit(doc)
+    elif schema != AUDIT_SCHEMA:
+        shown = safe_text(repr(schema)[:80])
+        raise InputError(f"schema is {shown}, expected {AUDIT_SCHEMA!r} (the output of "
                          "`gradience audit --json`)", p)
     layers = doc.get("layers")
     if not isinstance(layers, list) or not all(isinstance(r, dict) and isinstance(r.get("name"), str)
                                                for r in layers):
         raise InputError("'layers' must be a list of rows with a 'name' (an audit --json output)", p)
     if not layers:
-        raise InputError("the audit has no layers to compare", p)
+        hint = " (the reference tool writes rows only with --layers)" if doc.get("converted_from") else ""
+        raise InputError(f"the audit has no layers to compare{hint}", p)
     return doc
+
+
+read_audit_json = load_audit_json  # the earlier name
+
+
+def _reference_rows(doc: dict[str, Any]) -> list[Any] | None:
+    """The row list of a reference-tool audit JSON (``layer_data.layer_rows``, or ``layers`` in its bench
+    ``audit.json``), or None when ``doc`` is not one."""
+    data = doc.get("layer_data")
+    if isinstance(data, dict) and isinstance(data.get("layer_rows"), list):
+        rows: list[Any] = data["layer_rows"]
+        return rows
+    if isinstance(doc.get("layers"), list) or "total_lora_params" in doc:
+        rows = doc.get("layers") or []
+        return rows if isinstance(rows, list) else None
+    return None
+
+
+# Reference row keys that differ from ours only in spelling (ours are also written by our audit as aliases).
+_REFERENCE_ROW_KEYS = {"delta_fro_norm": "delta_frob_norm", "base_fro_norm": "base_frob_norm"}
+
+
+def from_reference_audit(doc: dict[str, Any]) -> dict[str, Any]:
+    """The reference tool's audit JSON in our ``gradience.audit/v1`` shape: rows renamed to base-model module
+    names (``base_model.model.`` stripped, the PEFT key kept as ``peft_prefix``), spelling aliases mapped,
+    and an ``adapter`` block with r / lora_alpha where every row agrees. Its metric values are used as they
+    are: its definitions of utilization, stable rank, energy ranks and UDR are ours (SPEC §3)."""
+    rows_in = _reference_rows(doc) or []
+    rows: list[dict[str, Any]] = []
+    for row in rows_in:
+        if not isinstance(row, dict):
+            rows.append(row)  # rejected by the caller's row check, naming the problem
+            continue
+        out = dict(row)
+        name = row.get("name")
+        if isinstance(name, str):
+            out["name"] = module_name(name)
+            out.setdefault("peft_prefix", name)
+        for theirs, ours in _REFERENCE_ROW_KEYS.items():
+            if ours not in out and theirs in row:
+                out[ours] = row[theirs]
+        out.setdefault("kind", "linear")
+        rows.append(out)
+    converted = {k: v for k, v in doc.items() if k not in ("layer_data", "layers")}
+    summary = doc.get("summary")
+    if isinstance(summary, dict):  # its bench audit.json nests the summary
+        for key, value in summary.items():
+            converted.setdefault(key, value)
+    adapter: dict[str, Any] = {}
+    for key, ours in (("r", "r"), ("alpha", "lora_alpha")):
+        values = {row.get(key) for row in rows if isinstance(row, dict) and isinstance(row.get(key), (int, float))}
+        adapter[ours] = values.pop() if len(values) == 1 else None
+    adapter["base_model_name_or_path"] = None
+    converted.update({"schema": AUDIT_SCHEMA, "converted_from": REFERENCE_FORMAT, "adapter": adapter,
+                      "layers": rows})
+    return converted
 
 
 def _dims(row: dict[str, Any]) -> tuple[int, int] | None:
@@ -110,7 +176,7 @@ def side_from_audit_json(path: str, *, base_model: str | None, base_norms_cache:
                          progress: bool) -> tuple[Side, list[Issue]]:
     """An audit JSON side; with ``base_model`` its UDR is recomputed from the rows' update norms (the base
     norms come from the shared cache when the other side already read them)."""
-    doc = read_audit_json(path)
+    doc = load_audit_json(path)
     issues: list[Issue] = []
     side = Side(path=str(path), kind="audit_json", summary=doc)
     if base_model:
@@ -162,12 +228,12 @@ def load_side(path: str, *, base_model: str | None, base_norms_cache: str | None
               progress: bool = False) -> tuple[Side, list[Issue]]:
     """Dispatch on what ``path`` is: an audit JSON file or an adapter directory (anything else: InputError)."""
     p = Path(path)
-    if not p.exists():
+    if not exists(p):
         raise InputError("not found (expected an adapter directory or an audit JSON file)", p)
     if is_audit_json(p):
         return side_from_audit_json(path, base_model=base_model, base_norms_cache=base_norms_cache,
                                     progress=progress)
-    if p.is_file():
+    if is_file(p):
         raise InputError("expected an adapter directory or an audit JSON file (.json from "
                          "`gradience audit --json`)", p)
     return side_from_adapter(path, base_model=base_model, base_norms_cache=base_norms_cache, progress=progress)

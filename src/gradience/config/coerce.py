@@ -22,6 +22,16 @@ _FALSE = frozenset({"false", "no", "n", "off", "0"})
 # or cyclic trees in a few bytes; copying them naively would hang or exhaust memory).
 MAX_EXTRAS_NODES = 100_000
 MAX_EXTRAS_DEPTH = 64
+# Ranks and counts beyond 2**53 are no longer exact as floats and no real config has one; r = 1e308 would
+# become a 309-digit int that overflows every ratio computed from it.
+MAX_CONFIG_INT = 2**53
+# YAML reads ``0x<5000 hex digits>`` as an int that ``str()`` refuses (Python's 4300-digit limit).
+_MAX_INT_BITS = 64
+
+
+def _digits(value: int) -> int:
+    """Decimal digits of ``value`` without ``str()`` (which raises beyond 4300 digits)."""
+    return int(abs(value).bit_length() * 0.30103) + 1
 
 
 class Where:
@@ -47,7 +57,7 @@ def to_float(value: Any, key: str, where: Where) -> float | None:
         try:
             out = float(value)
         except OverflowError:  # a 400-digit integer
-            raise where.error(key, f"number out of range ({len(str(abs(value)))} digits)") from None
+            raise where.error(key, f"number out of range ({_digits(value)} digits)") from None
     elif isinstance(value, str):
         text = value.strip()
         if not text or text.lower() in {"none", "null"}:
@@ -69,6 +79,8 @@ def to_rank(value: Any, key: str, where: Where) -> int | float | None:
     number = to_float(value, key, where)
     if number is None:
         return None
+    if abs(number) > MAX_CONFIG_INT:
+        raise where.error(key, f"rank {number:g} is out of range (larger than 2**53)")
     return int(number) if number.is_integer() else number
 
 
@@ -78,6 +90,8 @@ def to_int(value: Any, key: str, where: Where) -> int | None:
         return None
     if not number.is_integer():
         raise where.error(key, f"expected a whole number, got {value!r}")
+    if abs(number) > MAX_CONFIG_INT:
+        raise where.error(key, f"{number:g} is out of range (larger than 2**53)")
     return int(number)
 
 
@@ -102,6 +116,8 @@ def to_str(value: Any, key: str, where: Where) -> str | None:
         return None
     if isinstance(value, enum.Enum):
         value = value.value
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > _MAX_INT_BITS:
+        raise where.error(key, f"expected a string, got an integer of {_digits(value)} digits")
     if isinstance(value, (str, int, float)) and not isinstance(value, bool):
         text = str(value).strip()
         return text or None
@@ -169,6 +185,8 @@ def plain(value: Any, key: str, where: Where) -> Any:
         budget[0] -= 1
         if budget[0] < 0 or depth > MAX_EXTRAS_DEPTH:
             raise where.error(key, "value is too large or too deeply nested (cyclic YAML aliases?)")
+        if isinstance(v, int) and not isinstance(v, bool) and v.bit_length() > _MAX_INT_BITS:
+            raise where.error(key, f"an integer of {_digits(v)} digits (beyond what any setting holds)")
         if v is None or isinstance(v, (bool, int, str)):
             return v
         if isinstance(v, float):

@@ -8,7 +8,6 @@ mixes HF and PEFT key names). What differs per form is only where unknown keys a
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -24,6 +23,7 @@ from gradience.config.coerce import (
     to_str,
     to_targets,
 )
+from gradience.config.redact import redact_secrets
 from gradience.telemetry.types import (
     TASK_PROFILES,
     ConfigSnapshot,
@@ -216,18 +216,8 @@ def normalize_source(data: Mapping[str, Any], *, form: ConfigForm | None = None,
         # PEFT saves target_modules from a set, in an order that changes from process to process: sort it, as
         # the training callback does, so check and monitor show one order for one run.
         values[("lora", "target_modules")] = sorted(targets)
-    cleaned = {name: _redact_secrets(plain(dict(block), name or "extras", where)) for name, block in extras.items()}
+    cleaned = {name: redact_secrets(plain(dict(block), name or "extras", where)) for name, block in extras.items()}
     return form, _build(values, cleaned)
-
-
-_SECRET_KEY = re.compile(r"(token|api_key|apikey|password|passwd|secret)$", re.IGNORECASE)
-
-
-def _redact_secrets(block: dict[str, Any]) -> dict[str, Any]:
-    """Credentials sometimes sit in training configs (``hub_token``); a snapshot is printed and logged, so
-    their values never are. HF's own placeholders (``<HUB_TOKEN>``) are kept as they are."""
-    return {k: "[REDACTED]" if _SECRET_KEY.search(k) and isinstance(v, str) and v and not v.startswith("<")
-            else v for k, v in block.items()}
 
 
 def _gradience_keys() -> frozenset[str]:

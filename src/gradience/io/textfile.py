@@ -11,7 +11,6 @@ file and the problem.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import stat
 from typing import Any
@@ -94,18 +93,12 @@ def read_text_limited(path: str | os.PathLike[str], *, what: str = "file", max_b
 
 
 def parse_json(text: str | bytes, path: str | os.PathLike[str] | None, what: str = "file") -> Any:
-    """``json.loads`` whose every failure (syntax, nesting depth, giant integers) is an InputError."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{what} is not valid JSON (line {exc.lineno} column {exc.colno}: {exc.msg})",
-                         path) from None
-    except RecursionError:
-        raise InputError(f"{what} is not usable JSON: nested too deeply", path) from None
-    except UnicodeDecodeError:
-        raise InputError(f"{what} is not UTF-8 text", path) from None
-    except ValueError as exc:  # e.g. "Exceeds the limit (4300 digits) for integer string conversion"
-        raise InputError(f"{what} is not usable JSON: {str(exc).splitlines()[0][:200]}", path) from None
+    """``json.loads`` whose every failure (syntax, nesting depth, giant integers) is an InputError; nesting is
+    bounded below what the decoder tolerates, so no consumer recursing over the result can overflow
+    (the one loader: :func:`gradience.jsonio.loads_bounded`)."""
+    from gradience.jsonio import loads_bounded
+
+    return loads_bounded(text, path, what)
 
 
 def read_json_file(path: str | os.PathLike[str], *, what: str = "file", max_bytes: int = DEFAULT_MAX_BYTES,

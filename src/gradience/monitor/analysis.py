@@ -17,6 +17,7 @@ from typing import Any
 
 from gradience.monitor.guard import GuardAnalyzer
 from gradience.policy import thresholds as T
+from gradience.textfmt import finite
 
 MAX_LISTED_STEPS = 50       # steps listed per finding (NaN losses, spikes …); the rest are counted
 HISTORY_POINTS = 4096       # samples kept of loss/eval histories (evenly thinned beyond that)
@@ -517,7 +518,7 @@ class RunAnalyzer:
                 "utilization_mean", "energy_rank_90_p50", "energy_rank_90_p90", "suggested_r_global_median",
                 "suggested_r_global_90", "udr_median", "udr_mean", "udr_p90", "sdi_median",
                 "fraction_udr_gt_0_3")
-        out: dict[str, Any] = {"step": self.audit_step, "r": _num(adapter.get("r"))}
+        out: dict[str, Any] = {"step": self.audit_step, "r": finite(adapter.get("r"))}
         for k in keys:
             out[k] = a.get(k)
         out["by_type"] = by_type
@@ -526,19 +527,20 @@ class RunAnalyzer:
         # when present, else derived - LoRA params scale linearly with r, so params at a smaller uniform rank
         # are total * r_new / r.
         r = out["r"]
-        total = _num(a.get("total_lora_params"))
+        # finite(): a logged audit is input like any other; an infinite or NaN count is no count at all
+        total = finite(a.get("total_lora_params"))
         given_raw = a.get("global_rank_suggestions")
         given: dict[str, Any] = given_raw if isinstance(given_raw, dict) else {}
         suggested: dict[str, Any] = {}
         for label, key in (("median", "suggested_r_global_median"), ("p90", "suggested_r_global_90")):
-            r_new = _num(a.get(key))
+            r_new = finite(a.get(key))
             if r_new is None:
                 continue
             item_raw = given.get(label)
             item: dict[str, Any] = item_raw if isinstance(item_raw, dict) else {}
-            params = _num(item.get("params_at_suggested"))
+            params = finite(item.get("params_at_suggested"))
             if params is None and total is not None and r:
-                params = total * r_new / r
+                params = finite(total * r_new / r)
             ratio = _num(item.get("reduction_ratio"))
             if ratio is None and params is not None and total:
                 ratio = 1.0 - params / total

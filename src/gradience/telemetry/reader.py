@@ -23,7 +23,7 @@ from typing import Any
 
 from gradience.errors import InputError
 from gradience.issues import Issue, Severity
-from gradience.jsonio import decode_nonfinite
+from gradience.jsonio import MAX_JSON_DEPTH, MAX_JSON_INT, decode_nonfinite, json_problem
 from gradience.telemetry.schema import KNOWN_EVENTS, SCHEMA
 from gradience.telemetry.types import config_problems
 
@@ -83,10 +83,20 @@ def _coerce_step(value: Any) -> tuple[int | None, bool]:
     if isinstance(value, bool):
         return None, False
     if isinstance(value, int):
-        return value, True
-    if isinstance(value, float) and value.is_integer():
+        return (value, True) if abs(value) <= MAX_JSON_INT else (None, False)  # a 400-digit step is corrupt
+    if isinstance(value, float) and value.is_integer() and abs(value) <= MAX_JSON_INT:
         return int(value), True
     return None, False
+
+
+def _timestamp(ts: Any) -> float | None:
+    """A record's ``ts`` as a float; None for a missing, non-numeric or out-of-range one (an integer beyond
+    float range would raise OverflowError in every consumer)."""
+    if type(ts) is float:
+        return ts
+    if isinstance(ts, int) and not isinstance(ts, bool) and abs(ts) <= MAX_JSON_INT:
+        return float(ts)
+    return None
 
 
 # Payload fields the consumers read as numbers, per event (SPEC §5 table); their values must be real numbers
@@ -307,6 +317,12 @@ class TelemetryReader:
                 if type(obj) is not dict:
                     self._problem("not_an_object", f"JSON {type(obj).__name__}, not an object", lineno)
                     continue
+                # Consumers walk payloads recursively: a line nested 600 deep decodes, then overflows them.
+                if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH:
+                    deep = json_problem(obj)
+                    if deep is not None:
+                        self._problem("bad_json", f"record {deep}; ignored", lineno)
+                        continue
                 event = obj.get("event")
                 if not isinstance(event, str) or not event:
                     self._problem("missing_event", "record has no 'event' field", lineno)
@@ -331,7 +347,7 @@ class TelemetryReader:
                 if not usable:
                     continue
                 step = obj.get("step")
-                if type(step) is int:  # the common case, without the call
+                if type(step) is int and -MAX_JSON_INT <= step <= MAX_JSON_INT:  # the common case, no call
                     ok = True
                 else:
                     step, ok = _coerce_step(step)
@@ -346,10 +362,7 @@ class TelemetryReader:
                     self.run_ids.append(run_id)
                 ts = obj.get("ts")
                 self.n_records += 1
-                yield TelemetryRecord(lineno, event, run_id, step,
-                                      ts if type(ts) is float
-                                      else float(ts) if isinstance(ts, (int, float)) and not isinstance(ts, bool)
-                                      else None, obj)
+                yield TelemetryRecord(lineno, event, run_id, step, ts if type(ts) is float else _timestamp(ts), obj)
             self.lines = lineno
         finally:
             fh.close()

@@ -55,7 +55,7 @@ _KEY_TOKENS = frozenset({"pass", "pwd", "pw", "passwd", "cookies", "sessionid"})
 _TOKENIZER_KEYS = frozenset({"pad_token", "eos_token", "bos_token", "unk_token", "sep_token", "cls_token",
                              "mask_token"})
 # Cheap pre-filter: none of the patterns can match a string without one of these substrings.
-_TRIGGERS = ("hf_", "sk-", "gh", "AKIA", "ASIA", "uthorization", "UTHORIZATION", "earer", "EARER",
+_TRIGGERS = ("hf_", "sk-", "gh", "github_pat_", "AKIA", "ASIA", "uthorization", "UTHORIZATION", "earer", "EARER",
              "aws_secret", "ookie", "OOKIE", "://")
 
 

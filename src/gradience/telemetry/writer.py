@@ -48,12 +48,14 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable
+from functools import lru_cache
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from gradience.errors import InputError
 from gradience.io.textfile import is_dir, os_problem, probe
+from gradience.jsonio import MAX_JSON_DEPTH, json_problem
 from gradience.telemetry.redact import Redactor, is_secret_key
 from gradience.telemetry.schema import ALERT_SEVERITIES, ENVELOPE_KEYS, RUN_END_STATUSES, SCHEMA
 from gradience.telemetry.types import ConfigSnapshot, Recommendation
@@ -63,6 +65,8 @@ _ENVELOPE = frozenset(ENVELOPE_KEYS)
 # Compact, ASCII-only, strict (a non-finite float that escaped the redactor would raise, not be written).
 _ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 _MAX_EXP_ARG = 709.0  # math.exp overflows above ~709.78
+# Top-level payload keys go through the redactor's key rule too (cached: the same few keys every step).
+_payload_key = lru_cache(maxsize=4096)(Redactor._key)
 
 
 def _coerce_step(step: Any) -> int | None:
@@ -106,7 +110,7 @@ class TelemetryWriter:
             raise InputError(f"cannot create the directory for the telemetry file: {os_problem(exc)}",
                              self.path) from None
         try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)  # umask applies, as open() does
         except OSError as exc:
             raise InputError(f"cannot open for appending: {os_problem(exc)}", self.path) from None
         self._fd: int | None = fd
@@ -149,11 +153,16 @@ class TelemetryWriter:
                 k = key if type(key) is str else str(key)
                 if k in _ENVELOPE:
                     raise ValueError(f"payload key {k!r} collides with the telemetry envelope")
+                k = _payload_key(k)  # a key that is itself a token ({"github_pat_…": 1}) is replaced
                 # finite floats and ints need no redaction (hot path of train_step) unless the key names a
                 # credential (a numeric PIN under "password")
                 if ((type(value) is float and value - value == 0.0) or type(value) is int) and not is_secret_key(k):
                     record[k] = value
                 else:
+                    if isinstance(value, (dict, list, tuple)):  # the redactor recurses: bound the depth first
+                        deep = json_problem(value, max_depth=MAX_JSON_DEPTH - 1)
+                        if deep is not None:
+                            raise ValueError(f"payload field {k!r}: {deep}")
                     record[k] = clean(value, k)
         line = _ENCODER.encode(record).encode("ascii") + b"\n"
         self._write(line, event)

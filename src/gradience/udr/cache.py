@@ -131,11 +131,12 @@ class NormsCache:
         if not self._new:
             return None
         data = _read(self.path, []) or {"schema": CACHE_SCHEMA, "bases": {}}
-        base = data["bases"].get(self.identity)
-        if not isinstance(base, dict):
-            base = {}
+        # Only valid entries are written back, for every base: another base's malformed entry (a bare NaN
+        # token, which Python's json reads) would make the strict write fail; it would be recomputed anyway.
+        data["bases"] = {ident: {k: v for k, v in entries.items() if _valid_entry(v)}
+                         for ident, entries in data["bases"].items() if isinstance(entries, dict)}
+        base = data["bases"].setdefault(self.identity, {})
         base.update(self._new)
-        data["bases"][self.identity] = base
         try:
             atomic_write_text(self.path, json.dumps(data, indent=1, sort_keys=True, allow_nan=False) + "\n")
         except OSError as exc:
