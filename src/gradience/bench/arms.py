@@ -42,6 +42,21 @@ def slug(arm: str) -> str:
     return arm.replace(":", "_")
 
 
+def arm_key(plan: ArmPlan) -> tuple[Any, ...]:
+    """What an arm computes, so that two arms of a seed whose ranks coincide run once (issue 17 item 3).
+
+    Truncations are equal when every module keeps the same rank (one rank, or a per-layer pattern whose
+    ranks are all that rank); trainings are equal when the LoRA they train is (same ranks, alphas, targets).
+    """
+    if plan.kind == "truncate":
+        ranks = set(plan.rank_pattern.values()) if plan.rank_pattern else set()
+        if plan.r is not None or len(ranks) == 1:
+            return ("truncate", "r", plan.r if plan.r is not None else ranks.pop())
+        return ("truncate", "pattern", tuple(sorted((plan.rank_pattern or {}).items())))
+    spec = plan.lora.to_dict() if plan.lora is not None else {}
+    return ("train", tuple(sorted((k, repr(v)) for k, v in spec.items())))
+
+
 def _module_ranks(rows: list[dict[str, Any]]) -> dict[str, int]:
     return {row["name"]: int(row["suggested_r"]) for row in rows}
 

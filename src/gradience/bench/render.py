@@ -30,6 +30,50 @@ def _rank(arm: dict[str, Any]) -> str:
     return "-"
 
 
+def _note(arm: dict[str, Any], skipped: list[Any]) -> str:
+    twins = sorted({str(s["same_as"]) for s in arm.get("per_seed", []) if s.get("same_as")})
+    parts = [arm.get("label") or (f"skipped: {skipped[0]}" if skipped else "")]
+    if twins:
+        parts.append(f"same ranks as {', '.join(twins)}: one run, reported for both")
+    return "; ".join(p for p in parts if p)
+
+
+def _table(rows: list[list[str]]) -> list[str]:
+    """A plain text table, columns padded to their widest cell (what a terminal shows well)."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    out = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    return out
+
+
+def render_text(bench: dict[str, Any]) -> str:
+    """The terminal summary: the verdict, then one aligned row per arm (bench.md keeps the Markdown)."""
+    task, probe = bench["task"], bench["probe"]
+    rec = bench.get("recommended_arm")
+    lines = [f"Gradience Bench: {safe_text(str(task['model']))} on {safe_text(str(task['dataset']))}"]
+    if bench["screening"]:
+        lines.append("Screening run (one seed): verdicts are indicative; run several seeds (--seeds 1,2,3).")
+    lines.append(f"Verdict: {bench['verdict']}" + (f" (smallest passing arm: {rec})" if rec else
+                                                   " (no compression arm passed the policy)"))
+    better = "higher" if task["higher_is_better"] else "lower"
+    metrics = ", ".join(f"seed {p['seed']}: {_num(p['metric'])}" for p in probe["per_seed"])
+    lines += [f"Metric: {task['metric']} ({better} is better), {task['n_eval_items']} eval items. "
+              f"Probe r={probe['r']}: {metrics}.", ""]
+    rows = [["arm", "kind", "rank", "params", "ratio", "mean Δ", "worst Δ", "pass", "verdict", "note"]]
+    for arm in bench["arms"]:
+        agg = arm["aggregate"]
+        skipped = [s.get("skipped") for s in arm["per_seed"] if s.get("skipped")]
+        rows.append([safe_text(str(arm["name"])), arm["kind"], _rank(arm), _num(arm["params"], "{}"),
+                     _num(arm["params_ratio"], "{:.1%}"), _signed(agg["mean_delta"]), _signed(agg["worst_delta"]),
+                     _num(agg["pass_rate"], "{:.0%}"), agg["verdict"] or "-", safe_text(_note(arm, skipped))])
+    lines += _table(rows)
+    gate = bench.get("probe_gate")
+    if gate:
+        lines += ["", f"Probe gate ({gate['metric']} ≥ {gate['min_value']:g}): "
+                  + ("passed" if gate["passed"] else "NOT passed: the probe is undertrained; Δ values mean little")]
+    return "\n".join(lines) + "\n"
+
+
 def render_markdown(bench: dict[str, Any]) -> str:
     task, probe, policy = bench["task"], bench["probe"], bench["policy"]
     seeds = bench["seeds"]
@@ -64,11 +108,15 @@ def render_markdown(bench: dict[str, Any]) -> str:
     for arm in bench["arms"]:
         agg = arm["aggregate"]
         skipped = [s.get("skipped") for s in arm["per_seed"] if s.get("skipped")]
-        note = arm.get("label") or (f"skipped: {skipped[0]}" if skipped else "")
+        note = _note(arm, skipped)
         lines.append(f"| {arm['name']} | {arm['kind']} | {_rank(arm)} | {_num(arm['params'], '{}')} | "
                      f"{_num(arm['params_ratio'], '{:.1%}')} | {_signed(agg['mean_delta'])} | {_num(agg['sd_delta'])} | "
                      f"{_signed(agg['worst_delta'])} | {_num(agg['pass_rate'], '{:.0%}')} | {agg['verdict'] or '-'} | "
                      f"{note} |")
+    gate = bench.get("probe_gate")
+    if gate:
+        lines += ["", f"Probe gate ({gate['metric']} ≥ {gate['min_value']:g}): "
+                  + ("passed." if gate["passed"] else "**not passed**: the probe is undertrained; Δ values mean little.")]
     lines += ["", "Per seed (Δ = arm − probe, 95% paired-bootstrap interval over items):", "",
               "| seed | arm | metric | Δ | 95% CI | verdict |", "|---|---|---|---|---|---|"]
     for arm in bench["arms"]:

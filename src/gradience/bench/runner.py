@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from gradience.bench.arms import ArmPlan, plan_arms, slug
+from gradience.bench.arms import ArmPlan, arm_key, plan_arms, slug
 from gradience.bench.config import BenchConfig
 from gradience.bench.stats import Verdicts, metric_value, noise_floor, paired_bootstrap_ci
 from gradience.bench.tasks import (
@@ -45,6 +45,22 @@ from gradience.jsonio import atomic_write_text, dumps
 SCHEMA = "gradience.bench/v1"
 RESULT_SCHEMA = "gradience.bench.arm/v1"
 CONTROL_ARMS = ("retrain_shuffled",)
+_MAX_RESULT_BYTES = 64 << 20   # a result.json holds one score per eval item
+_MAX_STATE_BYTES = 1 << 20     # bench_config.json
+
+
+def _has_symlink(root: Path, path: Path) -> bool:
+    """Whether any component of ``path`` below ``root`` (``root`` itself excluded) is a symlink."""
+    try:
+        rel = path.relative_to(root)
+    except ValueError:
+        return True
+    current = root
+    for part in rel.parts:
+        current = current / part
+        if current.is_symlink():
+            return True
+    return False
 
 Progress = Callable[[str], None]
 
@@ -63,25 +79,39 @@ class ArmResult:
     adapter_dir: str
     udr: dict[str, Any] | None = None
     plan: dict[str, Any] | None = None
+    same_as: str | None = None   # an earlier arm of this seed with the same ranks: its result, not retrained
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema": RESULT_SCHEMA, "name": self.name, "seed": self.seed, "metric": self.metric,
                 "params": self.params, "seconds": self.seconds, "summary": self.summary,
-                "adapter_dir": self.adapter_dir, "udr": self.udr, "plan": self.plan, "per_item": self.per_item}
+                "adapter_dir": self.adapter_dir, "udr": self.udr, "plan": self.plan, "per_item": self.per_item,
+                **({"same_as": self.same_as} if self.same_as else {})}
 
     @classmethod
-    def load(cls, path: Path) -> ArmResult | None:
-        """A finished arm's result, or None when the file is missing, torn or from another schema."""
+    def load(cls, path: Path, adapter_dir: Path) -> ArmResult | None:
+        """A finished arm's result, or None when the file is missing, torn, odd or from another schema.
+
+        ``adapter_dir`` is where this arm's adapter must be (inside the bench directory): the path stored in
+        the file is never used, so an edited or foreign result.json cannot make the bench read elsewhere.
+        """
+        from gradience.errors import GradienceError
+        from gradience.io.textfile import read_json_file
+
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            if data.get("schema") != RESULT_SCHEMA:
+            data = read_json_file(path, what="arm result", max_bytes=_MAX_RESULT_BYTES)
+            if not isinstance(data, dict) or data.get("schema") != RESULT_SCHEMA:
                 return None
-            return cls(name=data["name"], seed=int(data["seed"]), metric=float(data["metric"]),
-                       per_item=[float(x) for x in data["per_item"]], params=int(data["params"]),
-                       seconds=float(data["seconds"]), summary=dict(data.get("summary") or {}),
-                       adapter_dir=str(data["adapter_dir"]), udr=data.get("udr"), plan=data.get("plan"))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            result = cls(name=str(data["name"]), seed=int(data["seed"]), metric=float(data["metric"]),
+                         per_item=[float(x) for x in data["per_item"]], params=int(data["params"]),
+                         seconds=float(data["seconds"]), summary=dict(data.get("summary") or {}),
+                         adapter_dir=str(adapter_dir), udr=data.get("udr"), plan=data.get("plan"),
+                         same_as=data.get("same_as") if isinstance(data.get("same_as"), str) else None)
+        except (GradienceError, OSError, ValueError, KeyError, TypeError, AttributeError, OverflowError):
             return None
+        if _has_symlink(path.parent, adapter_dir) or (
+                result.same_as is None and not (adapter_dir / "adapter_config.json").is_file()):
+            return None
+        return result
 
 
 @contextlib.contextmanager
@@ -129,27 +159,71 @@ class BenchRunner:
         self._arms_total = 0
 
     # -- set-up ---------------------------------------------------------------------------------------
+    def _start_over(self) -> str:
+        import shlex
+
+        return f"to start over, delete it (rm -r {shlex.quote(str(self.out))}) or choose another --output-dir"
+
     def _check_output_dir(self) -> None:
+        """OUT is new, empty, or (with --resume) holds a bench started with the same config."""
+        from gradience.errors import GradienceError
+        from gradience.io.textfile import probe, read_json_file
+
         state = self.out / "bench_config.json"
         resolved = dumps(self.cfg.to_dict())
-        if self.out.exists() and not self.out.is_dir():
+        st = probe(self.out)
+        if st is not None and not self.out.is_dir():
             raise InputError("output path exists and is not a directory", path=self.out)
-        if state.exists():
+        self._check_norms_cache()
+        if probe(state) is not None or state.is_symlink():
             if not self.resume:
-                raise InputError("holds an earlier bench; pass --resume to continue it or choose another "
-                                 "--output-dir", path=self.out)
-            previous = state.read_text(encoding="utf-8")
-            if json.loads(previous) != json.loads(resolved):
+                raise InputError(f"holds an earlier bench; pass --resume to continue it, or {self._start_over()}",
+                                 path=self.out)
+            try:
+                previous = read_json_file(state, what="bench state", max_bytes=_MAX_STATE_BYTES)
+            except GradienceError as exc:
+                raise InputError(f"cannot resume: {exc}; {self._start_over()}", path=self.out) from None
+            if previous != json.loads(resolved):
                 raise InputError("the config differs from the one this bench was started with; --resume needs "
-                                 "the same config (or choose another --output-dir)", path=state)
+                                 f"the same config, or {self._start_over()}", path=state)
+            for child in self.out.iterdir():
+                if child.name.startswith("seed_") and child.is_symlink():
+                    raise InputError(f"{child.name} is a symbolic link; a bench directory holds its own seed "
+                                     f"directories (nothing outside it is read or deleted): {self._start_over()}",
+                                     path=self.out)
             return
-        if self.out.exists() and any(self.out.iterdir()) and not self.resume:
-            raise InputError("output directory is not empty; choose an empty or new --output-dir", path=self.out)
+        if st is not None and any(self.out.iterdir()):
+            hint = (" (an earlier bench that never wrote its state?)" if any(
+                c.name.startswith("seed_") or c.name == "base" for c in self.out.iterdir()) else "")
+            raise InputError(f"output directory is not empty{hint}; {self._start_over()}", path=self.out)
         try:
             self.out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise InputError(f"cannot create output directory: {exc.strerror or exc}", path=self.out) from None
         atomic_write_text(state, resolved + "\n")
+
+    def _check_norms_cache(self) -> None:
+        """A config's ``audit.base_norms_cache`` stays inside the bench directory; elsewhere needs the CLI flag."""
+        cache = self.cfg.base_norms_cache
+        if not cache or self.cfg.base_norms_cache_from_cli:
+            return
+        path = Path(os.path.expanduser(cache))
+        full = path if path.is_absolute() else self.out / path
+        root = os.path.realpath(self.out)
+        if os.path.commonpath([root, os.path.realpath(full)]) != root:
+            raise InputError(f"audit.base_norms_cache {cache!r} is outside the bench directory; a config may only "
+                             "name a cache inside it (pass --base-norms-cache PATH on the command line to use "
+                             "another place)", path=self.cfg.source or "config")
+        self.cfg = replace(self.cfg, base_norms_cache=str(full))
+
+    def _fresh_dir(self, path: Path) -> None:
+        """Make ``path`` (inside OUT) an empty directory; never follows or deletes through a symlink."""
+        if _has_symlink(self.out, path):
+            raise InputError(f"{path.relative_to(self.out)} is (or lies under) a symbolic link; the bench never "
+                             f"deletes or writes through links: {self._start_over()}", path=self.out)
+        if path.exists():
+            shutil.rmtree(path)  # a half-finished earlier attempt: start afresh
+        path.mkdir(parents=True)
 
     # -- arms -----------------------------------------------------------------------------------------
     def _eta(self) -> float:
@@ -246,9 +320,7 @@ class BenchRunner:
 
     def _run_arm(self, task: PreparedTask, seed: int, plan: ArmPlan, probe: ArmResult) -> ArmResult:
         arm_dir = self.out / f"seed_{seed}" / slug(plan.name)
-        if arm_dir.exists():
-            shutil.rmtree(arm_dir)  # a half-finished earlier attempt: start the arm afresh
-        arm_dir.mkdir(parents=True)
+        self._fresh_dir(arm_dir)
         started = time.perf_counter()
         extra: dict[str, Any] = {}
         if plan.kind == "truncate":
@@ -267,17 +339,28 @@ class BenchRunner:
         atomic_write_text(arm_dir / "result.json", dumps(result.to_dict()) + "\n")
         return result
 
+    @staticmethod
+    def _cached_audit(path: Path) -> dict[str, Any] | None:
+        from gradience.errors import GradienceError
+        from gradience.io.textfile import read_json_file
+
+        try:
+            audit = read_json_file(path, what="probe audit", max_bytes=_MAX_RESULT_BYTES)
+        except GradienceError:
+            return None
+        return audit if isinstance(audit, dict) else None
+
     def _run_probe(self, task: PreparedTask, seed: int, targets: list[str] | None) -> tuple[ArmResult, dict[str, Any]]:
         probe_dir = self.out / f"seed_{seed}" / "probe"
         result_path, audit_path = probe_dir / "result.json", probe_dir / "audit.json"
-        cached = ArmResult.load(result_path) if self.resume else None
-        if cached is not None and audit_path.is_file():
+        cached = ArmResult.load(result_path, probe_dir / "adapter") if self.resume else None
+        audit = self._cached_audit(audit_path) if cached is not None else None
+        if cached is not None and audit is not None:
             self._done("train", None)
             self._note(seed, "probe", None)
-            return cached, json.loads(audit_path.read_text(encoding="utf-8"))
-        if probe_dir.exists():
-            shutil.rmtree(probe_dir)
-        probe_dir.mkdir(parents=True)
+            return cached, audit
+        self._fresh_dir(probe_dir)
+        self.progress(f"bench: training the probe of seed {seed} (r={self.cfg.probe_r}, {self.cfg.max_steps} steps)…")
         started = time.perf_counter()
         spec = LoraSpec(r=self.cfg.probe_r, alpha=self.cfg.alpha, target_modules=targets, dropout=self.cfg.dropout,
                         use_rslora=self.cfg.use_rslora)
@@ -296,14 +379,23 @@ class BenchRunner:
 
     # -- the whole bench --------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        self._check_output_dir()
-        with _quiet_hf():
-            return self._run()
+        try:
+            self._check_output_dir()
+            with _quiet_hf():
+                return self._run()
+        except OSError as exc:  # a full disk, a read-only or vanished directory: one line, not a traceback
+            from gradience.io.textfile import os_problem
+
+            where = exc.filename if isinstance(exc.filename, str) else self.out
+            raise InputError(f"bench stopped: cannot write or read its files: {os_problem(exc)} (finished arms "
+                             "are kept; free the space and rerun with --resume)", path=where) from None
 
     def _run(self) -> dict[str, Any]:
+        seeds = self.cfg.seed_list()
+        self.progress(f"bench: {len(seeds)} seed(s) × (probe + {len(self.cfg.arms)} arms) into {self.out}; "
+                      "loading data and the base model…")
         task = prepare_task(self.cfg, self.out)
         targets = list(self.cfg.target_modules) if self.cfg.target_modules else None
-        seeds = self.cfg.seed_list()
         self._arms_total = len(seeds) * (1 + len(self.cfg.arms))
         n_truncate = sum(a.startswith("truncate_") for a in self.cfg.arms)
         self._truncations_left = len(seeds) * n_truncate
@@ -313,6 +405,7 @@ class BenchRunner:
         for seed in seeds:
             probe, audit = self._run_probe(task, seed, targets)
             probes[seed] = probe
+            done_keys: dict[Any, ArmResult] = {}  # (kind, ranks) -> the arm of this seed that ran them
             for plan in plan_arms(self.cfg, audit, seed, targets):
                 kind = "truncate" if plan.kind == "truncate" else "train"
                 if plan.skipped:
@@ -320,21 +413,55 @@ class BenchRunner:
                     self._done(kind, None)
                     self._note(seed, plan.name, 0.0, f"  skipped: {plan.skipped}")
                     continue
-                result_path = self.out / f"seed_{seed}" / slug(plan.name) / "result.json"
-                cached = ArmResult.load(result_path) if self.resume else None
-                if cached is not None:
+                arm_dir = self.out / f"seed_{seed}" / slug(plan.name)
+                key = arm_key(plan)
+                cached = ArmResult.load(arm_dir / "result.json", arm_dir / "adapter") if self.resume else None
+                twin = done_keys.get(key)
+                if cached is not None and (cached.same_as is None or (twin and twin.name == cached.same_as)):
+                    if twin is not None and cached.same_as is not None:
+                        cached.adapter_dir = twin.adapter_dir
                     self._done(kind, None)
                     arms[plan.name][seed] = (plan, cached)
+                    done_keys.setdefault(key, cached)
                     self._note(seed, plan.name, None)
                     continue
+                if twin is not None:
+                    result = self._reuse(twin, plan, arm_dir)
+                    self._done(kind, None)
+                    arms[plan.name][seed] = (plan, result)
+                    self._note(seed, plan.name, 0.0, f"  same ranks as {twin.name}: its result (not run twice)")
+                    continue
                 result = self._run_arm(task, seed, plan, probe)
+                done_keys[key] = result
                 self._done(kind, result.seconds)
                 arms[plan.name][seed] = (plan, result)
                 delta = result.metric - probe.metric
                 self._note(seed, plan.name, result.seconds, f"  Δ={delta:+.4f}")
         bench = self._assemble(task, seeds, probes, arms)
         self._write_outputs(bench)
+        if not self.cfg.keep_adapter_weights:
+            self._drop_adapter_weights(seeds)
         return bench
+
+    def _reuse(self, twin: ArmResult, plan: ArmPlan, arm_dir: Path) -> ArmResult:
+        """The result of an arm with the same (kind, ranks), under this arm's name, recorded in its own dir."""
+        self._fresh_dir(arm_dir)
+        result = ArmResult(name=plan.name, seed=twin.seed, metric=twin.metric, per_item=list(twin.per_item),
+                           params=twin.params, seconds=0.0, summary=dict(twin.summary),
+                           adapter_dir=twin.adapter_dir, udr=twin.udr, plan=plan.describe(), same_as=twin.name)
+        atomic_write_text(arm_dir / "result.json", dumps(result.to_dict()) + "\n")
+        return result
+
+    def _drop_adapter_weights(self, seeds: tuple[int, ...]) -> None:
+        """runtime.keep_adapter_weights: false (the reference's disk saver): weights go, configs and JSON stay."""
+        for seed in seeds:
+            seed_dir = self.out / f"seed_{seed}"
+            if seed_dir.is_symlink() or not seed_dir.is_dir():
+                continue
+            for arm_dir in seed_dir.iterdir():
+                weights = arm_dir / "adapter" / "adapter_model.safetensors"
+                if not _has_symlink(self.out, weights) and weights.is_file():
+                    weights.unlink()
 
     def _assemble(self, task: PreparedTask, seeds: tuple[int, ...], probes: dict[int, ArmResult],
                   arms: dict[str, dict[int, tuple[ArmPlan, ArmResult | None]]]) -> dict[str, Any]:
@@ -361,6 +488,7 @@ class BenchRunner:
                 deltas.append(delta)
                 params.append(res.params)
                 per_seed.append({"seed": seed, "metric": res.metric, "delta": delta, "ci95": [lo, hi],
+                                 **({"same_as": res.same_as} if res.same_as else {}),
                                  "verdict": verdicts.verdict(delta), "params": res.params,
                                  "r": res.plan.get("r") if res.plan else None,
                                  "rank_pattern": res.plan.get("rank_pattern") if res.plan else None,
@@ -409,7 +537,18 @@ class BenchRunner:
                              for name in cfg.arms}}
             if any(p.udr for p in probes.values()) else None,
             "elapsed_seconds": time.perf_counter() - self._started,
+            **({"probe_gate": self._probe_gate(probes, seeds)} if cfg.probe_gate_min is not None else {}),
+            **({"ignored_config_keys": list(cfg.ignored_keys)} if cfg.ignored_keys else {}),
         }
+
+    def _probe_gate(self, probes: dict[int, ArmResult], seeds: tuple[int, ...]) -> dict[str, Any]:
+        """task.probe_gate: a probe below ``min_value`` is undertrained and its arms' Δ mean little."""
+        gate = self.cfg.probe_gate_min
+        assert gate is not None
+        ok = (lambda m: m >= gate) if self.cfg.higher_is_better else (lambda m: m <= gate)
+        per_seed = [{"seed": s, "metric": probes[s].metric, "passed": bool(ok(probes[s].metric))} for s in seeds]
+        return {"metric": self.cfg.metric, "min_value": gate, "passed": all(p["passed"] for p in per_seed),
+                "per_seed": per_seed}
 
     def _write_outputs(self, bench: dict[str, Any]) -> None:
         from gradience.bench.render import render_markdown

@@ -41,6 +41,9 @@ from gradience.toy.model import (
 BASE_SEED = 0          # the base (and a new classification head) is the same for every seed and arm
 DATA_SEED = 0          # data selection is fixed too: seeds vary LoRA init and batch order only
 _MAX_TOKENS = 128
+# A classification head has one row per label: labels up to 1e9 would allocate gigabytes. Real label sets
+# are small (GLUE: 2-3, banking77: 77); beyond this a label column is not class ids.
+MAX_LABELS = 10_000
 
 
 @dataclass
@@ -58,6 +61,7 @@ class PreparedTask:
     default_targets: list[str] | None = None
     eval_prompts: list[str] = field(default_factory=list)
     eval_answers: list[str] = field(default_factory=list)
+    torch_dtype: str | None = None  # model.torch_dtype of the config
 
 
 def _tokenize_classification(tokenizer: Any, texts: list[str], labels: list[int]) -> list[dict[str, Any]]:
@@ -79,12 +83,14 @@ def _save_base(model: Any, tokenizer: Any, base_dir: Path) -> None:
     import shutil
 
     from gradience.jsonio import make_staging_dir
+    from gradience.toy.run import plain_modes
 
     base_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = make_staging_dir(base_dir, "tmp")
     try:
         model.save_pretrained(str(staging), safe_serialization=True)
         tokenizer.save_pretrained(str(staging))
+        plain_modes(staging)  # safetensors writes 0600 whatever the umask
         os.replace(staging, base_dir)
     finally:
         if staging.exists():
@@ -110,8 +116,12 @@ def _load_failure(what: str, exc: Exception) -> str:
 
 def prepare_task(cfg: BenchConfig, output_dir: Path) -> PreparedTask:
     """Load the data and materialise the shared base under ``output_dir/base`` (reused when present)."""
-    require_hf("the bench")
     base_dir = output_dir / "base"
+    if cfg.model not in (BUILTIN_MODEL, BUILTIN_CAUSAL_MODEL) and not (base_dir / "config.json").is_file():
+        from gradience.toy.model import hub_load_kwargs
+
+        hub_load_kwargs(cfg.model, flag="model.name")  # a hub id neither cached nor reachable fails in seconds
+    require_hf("the bench")
     if cfg.task_type == "classification":
         return _prepare_classification(cfg, base_dir)
     return _prepare_causal(cfg, base_dir)
@@ -120,8 +130,19 @@ def prepare_task(cfg: BenchConfig, output_dir: Path) -> PreparedTask:
 def _prepare_classification(cfg: BenchConfig, base_dir: Path) -> PreparedTask:
     from gradience.toy.dataset import load_text_classification
 
-    data = load_text_classification(cfg.dataset_spec, seed=DATA_SEED, max_train_samples=cfg.max_train_samples,
-                                    max_test_samples=cfg.max_eval_samples)
+    try:
+        data = load_text_classification(cfg.dataset_spec, seed=DATA_SEED, max_train_samples=cfg.max_train_samples,
+                                        max_test_samples=cfg.max_eval_samples)
+    except (ValueError, TypeError, OverflowError) as exc:  # e.g. int('positive') of a text label column
+        raise InputError(f"labels must be integer class ids 0..N-1 ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0][:120] if str(exc) else ''})", path=cfg.dataset_spec) from None
+    if data.num_labels > MAX_LABELS:
+        raise InputError(f"the labels run up to {data.num_labels - 1}: a classification head needs one output per "
+                         f"label id, at most {MAX_LABELS} here (are the labels class ids 0..N-1?)",
+                         path=cfg.dataset_spec)
+    # The built-in data is returned whole by the loader: apply the config's (or --smoke's) sizes here too.
+    data.train_texts, data.train_labels = _head(data.train_texts, data.train_labels, cfg.max_train_samples)
+    data.test_texts, data.test_labels = _head(data.test_texts, data.test_labels, cfg.max_eval_samples)
     builtin = cfg.model == BUILTIN_MODEL
     if not (base_dir / "config.json").is_file():
         import torch
@@ -149,7 +170,12 @@ def _prepare_classification(cfg: BenchConfig, base_dir: Path) -> PreparedTask:
         kind="classification", model_name=cfg.model, base_dir=str(base_dir), dataset_name=data.name,
         tokenizer=tokenizer, train_set=_tokenize_classification(tokenizer, data.train_texts, data.train_labels),
         eval_set=_tokenize_classification(tokenizer, data.test_texts, data.test_labels),
-        num_labels=data.num_labels, default_targets=list(BUILTIN_TARGETS) if builtin else None)
+        num_labels=data.num_labels, default_targets=list(BUILTIN_TARGETS) if builtin else None,
+        torch_dtype=cfg.torch_dtype)
+
+
+def _head(texts: list[str], labels: list[int], n: int | None) -> tuple[list[str], list[int]]:
+    return (texts, labels) if n is None else (texts[:n], labels[:n])
 
 
 def _causal_texts(cfg: BenchConfig) -> tuple[str, list[str], list[str], list[str], list[str]]:
@@ -215,7 +241,7 @@ def _prepare_causal(cfg: BenchConfig, base_dir: Path) -> PreparedTask:
         kind="causal_lm", model_name=cfg.model, base_dir=base, dataset_name=name, tokenizer=tokenizer,
         train_set=_tokenize_causal(tokenizer, train_texts), eval_set=_tokenize_causal(tokenizer, eval_texts),
         default_targets=list(BUILTIN_CAUSAL_TARGETS) if builtin else None, eval_prompts=prompts,
-        eval_answers=answers)
+        eval_answers=answers, torch_dtype=cfg.torch_dtype)
 
 
 def load_base_model(task: PreparedTask, device: str = "cpu") -> Any:
@@ -224,6 +250,9 @@ def load_base_model(task: PreparedTask, device: str = "cpu") -> Any:
 
     cls = AutoModelForSequenceClassification if task.kind == "classification" else AutoModelForCausalLM
     kwargs: dict[str, Any] = {"num_labels": task.num_labels} if task.kind == "classification" else {}
+    dtype = _torch_dtype(task.torch_dtype, device)
+    if dtype is not None:
+        kwargs["torch_dtype"] = dtype
     try:
         model = cls.from_pretrained(os.path.expanduser(task.base_dir), trust_remote_code=False, **kwargs)
     except Exception as exc:
@@ -231,6 +260,17 @@ def load_base_model(task: PreparedTask, device: str = "cpu") -> Any:
     if task.kind == "classification" and model.config.pad_token_id is None:
         model.config.pad_token_id = task.tokenizer.pad_token_id
     return model.to(_torch_device(device))  # type: ignore[arg-type]
+
+
+def _torch_dtype(name: str | None, device: str) -> Any:
+    """model.torch_dtype as the reference applies it (protocol.py): bf16/fp16 on a GPU, float32 on a CPU."""
+    if name is None:
+        return None
+    import torch
+
+    if name in ("fp32", "float32") or _torch_device(device) == "cpu":
+        return torch.float32
+    return torch.bfloat16 if name in ("bf16", "bfloat16") else torch.float16
 
 
 def _torch_device(device: str) -> str:

@@ -93,6 +93,8 @@ def train_arm(task: PreparedTask, cfg: BenchConfig, seed: int, spec: LoraSpec, a
 
     training_dir = arm_dir / "training"
     device_kwargs: dict[str, Any] = {"use_cpu": True} if device == "cpu" else {}
+    if cfg.gradient_checkpointing:  # model.gradient_checkpointing: memory for compute, same results
+        device_kwargs.update(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
     args = TrainingArguments(
         output_dir=str(training_dir), max_steps=cfg.max_steps, per_device_train_batch_size=cfg.train_batch_size,
         per_device_eval_batch_size=cfg.eval_batch_size, learning_rate=cfg.lr, weight_decay=cfg.weight_decay,

@@ -6,6 +6,7 @@ Thin layer over :mod:`gradience.bench` (SPEC §15). torch / transformers are imp
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import replace
 from typing import Any
@@ -29,6 +30,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                         "audit/runtime sections, plus seeds, arms, policy)")
     p.add_argument("--base-model", metavar="ID_OR_DIR",
                    help="base model for UDR per arm (local dir or hub id in the local HF cache); implies UDR")
+    p.add_argument("--base-norms-cache", metavar="PATH",
+                   help="base-norm cache file for UDR, anywhere (a config's audit.base_norms_cache must lie inside "
+                        "the output directory)")
     p.add_argument("--output-dir", metavar="D", default=None, help="output directory (default runs/bench)")
     p.add_argument("--smoke", action="store_true",
                    help="a short run at the config's runtime.smoke_* sizes (steps, train and eval samples)")
@@ -58,13 +62,19 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from gradience.bench.config import load_bench_config, parse_arms, parse_seeds
-    from gradience.bench.render import render_markdown
+    from gradience.bench.render import render_text
     from gradience.bench.runner import run_bench
     from gradience.errors import InputError
     from gradience.jsonio import dumps
 
     cfg = load_bench_config(args.config)
+    if cfg.ignored_keys:
+        print(f"gradience bench: warning: {args.config}: ignored (the reference tool does not read them either): "
+              f"{', '.join(cfg.ignored_keys)}", file=sys.stderr)
     overrides: dict[str, Any] = {"smoke": bool(args.smoke)}
+    if args.base_norms_cache:
+        overrides["base_norms_cache"] = args.base_norms_cache
+        overrides["base_norms_cache_from_cli"] = True
     if args.seeds:
         overrides["seeds"] = parse_seeds(args.seeds)
     if args.arms:
@@ -86,9 +96,15 @@ def run(args: argparse.Namespace) -> int:
 
         if not torch.cuda.is_available():
             raise InputError("CUDA is not available on this machine; use --device cpu", path="--device")
-    bench = run_bench(cfg, args.output_dir or "runs/bench", resume=args.resume)
+    output_dir = args.output_dir or "runs/bench"
+    bench = run_bench(cfg, output_dir, resume=args.resume)
     from gradience.textfmt import safe_text
 
-    out = dumps(bench) if args.json else safe_text(render_markdown(bench), keep_newlines=True)
+    # A terminal gets a plain aligned table; the Markdown is in bench.md (and the full record in bench.json).
+    out = dumps(bench) if args.json else safe_text(render_text(bench), keep_newlines=True)
     sys.stdout.write(out + ("\n" if not out.endswith("\n") else ""))
-    return EXIT_POLICY_FAIL if args.ci and bench["verdict"] != "PASS" else 0
+    written = [n for n in ("bench.json", "bench.md", "report.html") if os.path.isfile(os.path.join(output_dir, n))]
+    print(f"bench: outputs in {safe_text(output_dir)}: {', '.join(written)} (per-arm adapters and logs under "
+          "seed_*/)", file=sys.stderr)
+    gate_failed = bool(bench.get("probe_gate")) and not bench["probe_gate"]["passed"]
+    return EXIT_POLICY_FAIL if args.ci and (bench["verdict"] != "PASS" or gate_failed) else 0
