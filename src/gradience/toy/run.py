@@ -25,7 +25,7 @@ from typing import Any
 from gradience.errors import InputError
 from gradience.jsonio import make_staging_dir
 from gradience.toy.dataset import BUILTIN_DATASET, TextClassificationData, load_text_classification
-from gradience.toy.model import BUILTIN_MODEL, MAX_LENGTH, load_model, require_hf
+from gradience.toy.model import BUILTIN_MODEL, MAX_LENGTH, hub_load_kwargs, load_model, require_hf
 
 TASK_PROFILE = "easy_classification"
 BASE_DIRNAME = "base"  # where the built-in base model is saved (gradience.report finds it there)
@@ -137,6 +137,23 @@ def _check_device(device: str) -> None:
         raise InputError("MPS is not available on this machine; use --device cpu", path="--device")
 
 
+def plain_modes(root: Path) -> None:
+    """Give every file and directory under ``root`` the mode a plain ``open``/``mkdir`` would (umask applied):
+    the pinned safetensors creates its files 0600, which hides adapters from a serving account."""
+    from gradience.jsonio import _umask_mode
+
+    file_mode, dir_mode = _umask_mode(0o666), _umask_mode(0o777)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                os.chmod(path, file_mode)
+        for name in dirnames:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                os.chmod(path, dir_mode)
+
+
 def save_adapter(model: Any, peft_dir: Path, **save_kwargs: Any) -> None:
     """PEFT ``save_pretrained`` into a temp dir, then swap it in, so ``peft/`` is never half-written
     (the same for the base model's ``save_pretrained`` into ``base/``, with no keyword arguments)."""
@@ -144,6 +161,7 @@ def save_adapter(model: Any, peft_dir: Path, **save_kwargs: Any) -> None:
     staging = make_staging_dir(peft_dir, "tmp")
     try:
         model.save_pretrained(str(staging), **save_kwargs)
+        plain_modes(staging)
         previous = None
         if peft_dir.exists():
             previous = peft_dir.with_name(f".{peft_dir.name}.old.{os.getpid()}")
@@ -163,6 +181,8 @@ def run_toy(cfg: ToyRunConfig | None = None) -> ToyRunResult:
         raise InputError("must be at least 1", path="--max-steps")
     if cfg.r < 1:
         raise InputError("LoRA rank must be a positive integer", path="--r")
+    if cfg.model != BUILTIN_MODEL:
+        hub_load_kwargs(cfg.model)  # a hub id neither cached nor reachable fails now, not after the imports
     # Data before the heavy imports: a mistyped --dataset fails at once (the built-in data needs no extra).
     data: TextClassificationData = load_text_classification(
         cfg.dataset, seed=cfg.seed, max_train_samples=cfg.max_train_samples,
