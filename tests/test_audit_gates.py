@@ -167,7 +167,7 @@ def test_check_action_gate_on_an_absent_value_is_exit_2(capsys: pytest.CaptureFi
 
 def test_check_gates_that_can_be_decided_still_decide(capsys: pytest.CaptureFixture[str]) -> None:
     base = ["check", "--r", "16", "--alpha", "32", "--targets", "q_proj", "v_proj", "--task", "gsm8k"]
-    assert cli(capsys, *base, "--lr", "5e-4", "--fail-on", "lower_lr")[0] == 1       # lr > 1e-4 on reasoning
-    assert cli(capsys, *base, "--lr", "5e-5", "--fail-on", "lower_lr")[0] == 0
+    assert cli(capsys, *base, "--lr", "2e-3", "--fail-on", "lower_lr")[0] == 1       # lr > 1e-3 (issue 18)
+    assert cli(capsys, *base, "--lr", "5e-4", "--fail-on", "lower_lr")[0] == 0
     assert cli(capsys, *base, "--fail-on", "set_lr")[0] == 1                          # fires because lr is unset
     assert cli(capsys, *base, "--fail-on", "warning")[0] == 1                         # severities always decide

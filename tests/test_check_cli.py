@@ -54,8 +54,8 @@ def test_seed_command_subprocess(toy_runs: Path) -> None:
     assert "r=8  alpha=16  alpha/r=2" in out
     assert "q_lin (attn)" in out and "lin1 (mlp)" in out
     assert "lr=0.0002" in out and "max_steps=60" in out
-    # The distilbert fixture targets MLP modules too: the classification rule says so.
-    assert "prefer_attention_only" in out
+    # The distilbert fixture targets attention and MLP modules at lr 2e-4: inside the evidence-based bands.
+    assert "prefer_attention_only" not in out and "config_ok" in out
     assert proc.stderr == ""
 
 
@@ -81,7 +81,8 @@ def test_seed_command_json_matches_the_input_files(toy_runs: Path, capsys: pytes
     assert data["sources"][0]["path"] == "runs/toy/peft/adapter_config.json"
     assert data["sources"][2]["text"] == "--task sst2"
     for rec in data["recommendations"]:
-        assert set(rec) == {"severity", "action", "message", "rationale", "confidence", "scope", "evidence"}
+        assert set(rec) == {"severity", "action", "message", "rationale", "confidence", "scope", "evidence",
+                            "source"}
 
 
 def test_check_does_not_import_torch(toy_runs: Path) -> None:
@@ -96,7 +97,7 @@ def test_check_does_not_import_torch(toy_runs: Path) -> None:
 
 def test_text_and_json_list_recommendations_in_the_same_order(tmp_path: Path,
                                                               capsys: pytest.CaptureFixture[str]) -> None:
-    argv = ["check", "--dataset", "gsm8k", "--lr", "3e-4", "--r", "64", "--weight-decay", "-0.1",
+    argv = ["check", "--dataset", "gsm8k", "--lr", "3e-3", "--r", "64", "--weight-decay", "-0.1",
             "--targets", "q_proj,up_proj", "frob"]
     _, text, _ = run_cli(argv, capsys)
     _, js, _ = run_cli([*argv, "--json"], capsys)
@@ -109,9 +110,13 @@ def test_text_and_json_list_recommendations_in_the_same_order(tmp_path: Path,
 
 def test_verbose_shows_rationale_and_evidence(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run_cli(["check", "--dataset", "sst2", "--lr", "1e-4", "--r", "8", "--alpha", "16",
-                            "--targets", "q_lin", "v_lin", "--verbose"], capsys)
+                            "--targets", "q_lin", "v_lin", "lin1", "lin2", "--verbose"], capsys)
     assert code == 0
     assert "[INFO] config_ok:" in out and "why:" in out and "evidence:" in out and "confidence: 0.50" in out
+    _, out, _ = run_cli(["check", "--dataset", "sst2", "--lr", "2e-3", "--model-size", "7B", "--verbose"], capsys)
+    assert "[WARNING] lower_lr:" in out
+    assert 'source: Schulman et al., "LoRA Without Regret", Thinking Machines Lab, 2025' in out
+    assert "Model:     - (7B parameters from --model-size)" in out
 
 
 def test_flags_win_over_files_and_yaml_lr_is_coerced(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -13,8 +13,8 @@ from gradience.policy.check_rules import ACTIONS, analyze_targets, check_config,
 from gradience.telemetry.types import SEVERITY_RANK, Recommendation
 
 # A config that fires nothing in any profile's conditional rules.
-CLEAN = {"lr": 5e-5, "r": 8, "alpha": 16, "targets": ["q_proj", "v_proj"], "lora_dropout": 0.05,
-         "weight_decay": 0.0}
+CLEAN = {"lr": 2e-4, "r": 8, "alpha": 16, "targets": ["q_proj", "v_proj", "up_proj", "down_proj"],
+         "lora_dropout": 0.05, "weight_decay": 0.0}
 
 
 def recs(profile: str, **changes: Any) -> dict[str, Recommendation]:
@@ -94,27 +94,59 @@ def test_review_targets_lists_only_unrecognized() -> None:
     assert rec.evidence["unrecognized"] == ["frobnicator", "lm_head"]
 
 
-# --- hard_reasoning ---------------------------------------------------------------------------------------
-def test_hard_reasoning_lr_bands() -> None:
-    assert recs("hard_reasoning", lr=_DROP)["set_lr"].severity == "warning"
-    assert recs("hard_reasoning", lr=_DROP)["set_lr"].evidence["suggested_lr"] == T.LR_CONSERVATIVE
-    high = recs("hard_reasoning", lr=1.5e-4)
-    assert high["lower_lr"].severity == "warning" and "consider_lower_lr" not in high
-    at_high = recs("hard_reasoning", lr=T.LR_HIGH)
-    assert "lower_lr" not in at_high and at_high["consider_lower_lr"].severity == "info"
-    assert "consider_lower_lr" in recs("hard_reasoning", lr=6e-5)
-    at_conservative = recs("hard_reasoning", lr=T.LR_CONSERVATIVE)
-    assert "consider_lower_lr" not in at_conservative and "lower_lr" not in at_conservative
+# --- learning rate (every profile; Schulman et al. 2025) ---------------------------------------------------
+@pytest.mark.parametrize("profile", ["easy_classification", "hard_reasoning", "generation", "unknown"])
+def test_lr_warns_only_on_clearly_harmful_values(profile: str) -> None:
+    for lr in (T.LR_FULL_FT_MAX * 1.01, *T.LR_LORA_BAND, T.LR_LORA_HARMFUL_HIGH):  # the whole band is quiet
+        got = recs(profile, lr=lr)
+        assert "lower_lr" not in got and "raise_lr" not in got, lr
+    high = recs(profile, lr=1.1e-3)["lower_lr"]
+    assert high.severity == "warning" and high.evidence["threshold"] == T.LR_LORA_HARMFUL_HIGH
+    assert "LoRA Without Regret" in (high.source or "")
+    low = recs(profile, lr=T.LR_FULL_FT_MAX)["raise_lr"]
+    assert low.severity == "warning" and low.evidence["suggested_lr"] == T.LR_LORA_SUGGESTED
 
 
-def test_hard_reasoning_targets() -> None:
-    assert recs("hard_reasoning", targets=[])["add_targets"].severity == "warning"
-    assert recs("hard_reasoning", targets=_DROP)["add_targets"].severity == "warning"
-    both = recs("hard_reasoning", targets=["q_proj", "v_proj", "up_proj"])
-    assert both["prefer_attention_only"].severity == "info" and "add_attention_targets" not in both
-    mlp_only = recs("hard_reasoning", targets=["gate_proj", "up_proj", "down_proj"])
-    assert mlp_only["add_attention_targets"].severity == "warning"
-    assert "prefer_attention_only" not in recs("hard_reasoning", targets=["q_proj", "k_proj"])
+def test_lr_bound_scales_with_the_model_size() -> None:
+    # Unknown size and >= 1B: 1e-3; known < 1B: 3e-3 (from --model-size / config key, or the name).
+    assert "lower_lr" in recs("hard_reasoning", lr=2e-3, model_name="meta-llama/Llama-2-7b-hf")
+    small = recs("hard_reasoning", lr=2e-3, model_name="HuggingFaceTB/SmolLM2-135M")
+    assert "lower_lr" not in small
+    fired = recs("hard_reasoning", lr=4e-3, model_size="135M")["lower_lr"]
+    assert fired.evidence["threshold"] == T.LR_LORA_HARMFUL_HIGH_SMALL and fired.evidence["model_params"] == 135e6
+    assert "lower_lr" in recs("hard_reasoning", lr=2e-3, model_size="1B")   # 1B is not "< 1B"
+
+
+def test_hard_reasoning_lr_unset_suggests_the_lora_band() -> None:
+    rec = recs("hard_reasoning", lr=_DROP)["set_lr"]
+    assert rec.severity == "warning" and rec.evidence["suggested_lr"] == T.LR_LORA_SUGGESTED == 2e-4
+
+
+# --- targets (every profile; QLoRA, Biderman 2024, Schulman 2025) ---------------------------------------------
+@pytest.mark.parametrize("profile", ["easy_classification", "hard_reasoning", "generation", "unknown"])
+def test_attention_only_gets_add_mlp_targets(profile: str) -> None:
+    rec = recs(profile, targets=["q_proj", "v_proj"])["add_mlp_targets"]
+    assert rec.severity == "info" and rec.evidence["suggested_targets"] == "all-linear"
+    assert "QLoRA" in (rec.source or "") and "Learns Less" in (rec.source or "")
+    for targets in (["q_proj", "v_proj", "up_proj"], ["gate_proj", "up_proj", "down_proj"], ["all-linear"]):
+        assert "add_mlp_targets" not in recs(profile, targets=targets), targets
+
+
+@pytest.mark.parametrize("profile", ["easy_classification", "hard_reasoning", "generation", "unknown"])
+def test_retired_rules_never_fire(profile: str) -> None:
+    from gradience.policy.check_rules import RETIRED_ACTIONS
+
+    cases = [{"targets": ["q_proj", "v_proj", "up_proj"]}, {"targets": ["gate_proj", "up_proj"]},
+             {"targets": ["q_lin", "lin1"]}, {"lr": 8e-5}, {"lr": 2e-4, "alpha": 16, "r": 8}, {"lr": 6e-4}]
+    for changes in cases:
+        assert not set(RETIRED_ACTIONS) & set(recs(profile, **changes)), changes
+    assert set(RETIRED_ACTIONS) <= set(ACTIONS)  # still accepted by --fail-on
+
+
+def test_hard_reasoning_targets_unset_suggest_all_linear() -> None:
+    for targets in ([], _DROP):
+        rec = recs("hard_reasoning", targets=targets)["add_targets"]
+        assert rec.severity == "warning" and "all-linear" in rec.message
 
 
 def test_hard_reasoning_rank() -> None:
@@ -127,43 +159,30 @@ def test_hard_reasoning_rank() -> None:
     assert recs("hard_reasoning", r=31, alpha=31)["consider_reduce_rank"].confidence == soft.confidence
 
 
-def test_hard_reasoning_alpha_over_r_at_high_lr() -> None:
-    fired = recs("hard_reasoning", lr=2e-4, r=8, alpha=8)["reduce_alpha_or_lr"]
-    assert fired.evidence["alpha_over_r"] == 1.0 and fired.evidence["lr"] == 2e-4
-    assert "reduce_alpha_or_lr" not in recs("hard_reasoning", lr=2e-4, r=8, alpha=7.9)
-    assert "reduce_alpha_or_lr" not in recs("hard_reasoning", lr=T.LR_HIGH, r=8, alpha=16)
-
-
 # --- easy_classification ----------------------------------------------------------------------------------
 def test_easy_classification_rules() -> None:
     big = recs("easy_classification", r=32, alpha=64)["reduce_rank"]
     assert big.severity == "info" and big.evidence["suggested_r"] == [4, 8]
     assert "reduce_rank" not in recs("easy_classification", r=16, alpha=32)
     assert "reduce_rank" not in recs("hard_reasoning", r=32, alpha=64)  # profile-specific
-    assert recs("easy_classification", targets=["q_lin", "lin1"])["prefer_attention_only"].severity == "info"
-    assert recs("easy_classification", lr=6e-4)["lower_lr"].severity == "warning"
-    assert "lower_lr" not in recs("easy_classification", lr=T.LR_EASY_CLASSIFICATION_MAX)
     # Reasoning-only rules stay quiet for classification.
     quiet = recs("easy_classification", lr=_DROP, r=_DROP, targets=[])
     assert not {"set_lr", "set_rank", "add_targets"} & set(quiet)
 
 
 # --- generation / unknown ---------------------------------------------------------------------------------
-def test_generation_calibration_and_lr() -> None:
+def test_generation_calibration() -> None:
     got = recs("generation")
     assert got["calibration_probe"].evidence["suggested_lr"] == T.LR_GENERATION_SUGGESTED
     assert got["calibration_probe"].evidence["suggested_targets"] == "attention+mlp"
     assert "lower_lr" not in got
-    assert recs("generation", lr=4e-4)["lower_lr"].severity == "warning"
-    assert "lower_lr" not in recs("generation", lr=T.LR_GENERATION_HIGH)
 
 
 def test_unknown_profile_suggests_the_probe() -> None:
     got = recs("unknown")
     probe = got["calibration_probe"]
-    assert probe.evidence["suggested_r"] == 8 and probe.evidence["suggested_lr"] == 5e-5
-    assert probe.evidence["suggested_targets"] == "attention-only"
-    assert "prefer_attention_only" not in got
+    assert probe.evidence["suggested_r"] == 8 and probe.evidence["suggested_lr"] == T.LR_LORA_SUGGESTED
+    assert probe.evidence["suggested_targets"] == "all-linear"
 
 
 # --- profile resolution and report -------------------------------------------------------------------------
@@ -184,7 +203,7 @@ def test_report_order_and_shape() -> None:
     for rec in report.recommendations:
         assert rec.action in ACTIONS
         assert 0.0 <= rec.confidence <= 1.0
-        assert rec.message and rec.rationale and rec.scope and rec.evidence
+        assert rec.message and rec.rationale and rec.scope and rec.evidence and rec.source
     data = report.to_dict()
     assert data["schema"] == "gradience.check/v1"
     assert data["task_profile"] == {"name": "hard_reasoning", "inferred": True}
@@ -216,4 +235,4 @@ def test_snapshot_read_back_from_a_log_with_strings_does_not_crash() -> None:
                                      "optimizer": {"lr": "3e-4", "weight_decay": "-0.1"},
                                      "lora": {"r": "64", "alpha": "oops", "target_modules": "q_proj,up_proj"}})
     got = {r.action: r for r in check_config(snap).recommendations}
-    assert {"lower_lr", "fix_weight_decay", "consider_reduce_rank", "set_alpha", "prefer_attention_only"} <= set(got)
+    assert {"fix_weight_decay", "consider_reduce_rank", "set_alpha"} <= set(got)

@@ -35,7 +35,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--peft-dir", metavar="D", help="directory holding adapter_config.json (searched below too)")
     p.add_argument("--training-dir", metavar="D", help="directory holding training_args.json (searched below too)")
     p.add_argument("--task", metavar="T", help="task / dataset name (e.g. sst2, gsm8k); names the dataset")
-    p.add_argument("--model", metavar="M", help="base model name or path")
+    p.add_argument("--model", metavar="M", help="base model name or path (a local directory's config.json gives "
+                   "its size, recurrent layers and experts)")
+    p.add_argument("--model-size", metavar="N", help="base model size in parameters (7B, 135M, 7e9): scales the "
+                   "learning-rate advice (default: from the config or the model name)")
     p.add_argument("--dataset", metavar="D", help="dataset name (used to infer the task profile)")
     p.add_argument("--task-profile", metavar="P",
                    choices=("easy_classification", "hard_reasoning", "generation", "unknown"),
@@ -48,7 +51,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--targets", nargs="+", metavar="MODULE",
                    help="target modules (names, space- or comma-separated)")
     p.add_argument("--notes", metavar="S", help="free-form notes kept in the config snapshot")
-    p.add_argument("--verbose", action="store_true", help="show rationale, confidence and evidence")
+    p.add_argument("--verbose", action="store_true", help="show rationale, source, confidence and evidence")
     p.add_argument("--json", action="store_true", help="print the machine-readable report")
     p.add_argument("--fail-on", action="append", metavar="RULES",
                    help="exit 1 when met: a severity (error, warning, info: that level or above) or an "
@@ -65,7 +68,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         out["dataset_name"] = dataset
     if args.task and args.dataset and args.task != args.dataset:
         out["task"] = args.task  # kept in extras: a second hint for profile inference
-    pairs = (("model_name", args.model), ("task_profile", args.task_profile), ("optimizer", args.optimizer),
+    pairs = (("model_name", args.model), ("model_size", args.model_size), ("task_profile", args.task_profile),
+             ("optimizer", args.optimizer),
              ("lr", args.lr), ("weight_decay", args.weight_decay), ("r", args.r), ("alpha", args.alpha),
              ("notes", args.notes))
     out.update({k: v for k, v in pairs if v is not None})
@@ -74,8 +78,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-_VALUE_FLAGS = ("task", "model", "dataset", "task_profile", "optimizer", "lr", "weight_decay", "r", "alpha",
-                "notes")
+_VALUE_FLAGS = ("task", "model", "model_size", "dataset", "task_profile", "optimizer", "lr", "weight_decay", "r",
+                "alpha", "notes")
 
 
 def _flags_text(args: argparse.Namespace) -> str:
@@ -193,7 +197,10 @@ def run(args: argparse.Namespace) -> int:
         config=slots.get("config", (None, None))[1], peft=slots.get("peft", (None, None))[1],
         training=slots.get("training", (None, None))[1], overrides=overrides or None,
         origins={slot: path for slot, (path, _data) in slots.items()})
-    report = check_config(snapshot, extra=_export_note(sources, snapshot))
+    from gradience.policy.check_context import check_context
+
+    context = check_context(snapshot, args.model_size, peft_path=_peft_path(sources))
+    report = check_config(snapshot, extra=_export_note(sources, snapshot), context=context)
     from gradience.policy.check_gates import require_inputs
 
     require_inputs(gates, snapshot)  # an action gate on a value the config lacks never passes silently
@@ -272,7 +279,7 @@ def render_text(report: Any, sources: list[dict[str, Any]], *, verbose: bool = F
     alpha_over_r = f"{lora.alpha / lora.r:.2f}" if lora.alpha is not None and isinstance(lora.r, int) \
         and lora.r > 0 else "-"
     lines += [
-        f"Model:     {_fmt(cfg.model_name)}",
+        f"Model:     {_fmt(cfg.model_name)}{_model_facts_text(getattr(report, 'model', None))}",
         f"Dataset:   {_fmt(cfg.dataset_name)}",
         f"Profile:   {profile}",
         f"Optimizer: {_fmt(opt.name)}  lr={_fmt(opt.lr)}  weight_decay={_fmt(opt.weight_decay)}",
@@ -298,10 +305,32 @@ def render_text(report: Any, sources: list[dict[str, Any]], *, verbose: bool = F
         lines.append(f"  [{rec.severity.upper()}] {rec.action}: {rec.message}")
         if verbose:
             lines.append(f"      why: {rec.rationale}")
+            if rec.source:
+                lines.append(f"      source: {rec.source}")
             lines.append(f"      confidence: {rec.confidence:.2f}  scope: {rec.scope}")
             evidence = ", ".join(f"{k}={_fmt_evidence(v)}" for k, v in rec.evidence.items())
             lines.append(f"      evidence: {evidence}")
     return "\n".join(lines)
+
+
+def _peft_path(sources: list[dict[str, Any]]) -> str | None:
+    return next((s["path"] for s in sources if s["role"] == "peft" and s.get("path")), None)
+
+
+def _model_facts_text(facts: dict[str, Any] | None) -> str:
+    """`` (7B parameters from model name; recurrent: model_type jamba; 16 experts)``, or nothing."""
+    if not facts:
+        return ""
+    from gradience.policy.evidence_rules import params_text
+
+    parts = []
+    if facts.get("params") is not None:
+        parts.append(f"{params_text(facts['params'])} from {facts.get('params_source')}")
+    if facts.get("recurrent"):
+        parts.append(f"recurrent: {facts.get('recurrent_reason')}")
+    if facts.get("num_experts"):
+        parts.append(f"{facts['num_experts']} experts")
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 def _fmt_evidence(value: Any) -> str:

@@ -1,8 +1,10 @@
 """Pre-flight rules of ``gradience check`` (SPEC §7): advice on a LoRA training config before compute is
-spent. Conservative by design: every recommendation says what it saw (``evidence``) and how sure it is
-(``confidence``); nothing here predicts accuracy.
+spent. Conservative by design: every recommendation says what it saw (``evidence``), how sure it is
+(``confidence``) and where the rule comes from (``source``: a paper, the PEFT docs, or "sanity rule");
+nothing here predicts accuracy. The evidence-based rules (learning rate, targets, rsLoRA, MoE, recurrent
+models, compressed adapters) live in :mod:`gradience.policy.evidence_rules`; README "check rules" lists all.
 
-Stable action ids (scripts match on these; never rename one):
+Stable action ids (scripts match on these; never rename one, never reuse a retired one):
 
 every profile
   ``fix_weight_decay``        error    weight decay is negative
@@ -11,49 +13,60 @@ every profile
   ``fix_rank``                error    r is not a positive integer
   ``set_alpha``               warning  lora_alpha missing: PEFT's default (8) silently sets the scale
   ``review_rslora``           info     rsLoRA with r <= 8, where alpha/sqrt(r) barely differs from alpha/r
+  ``consider_rslora``         info     r >= 64 without rsLoRA (Kalajdzievski 2023)
   ``review_targets``          info     target names the module classifier does not recognize
-  ``fix_alpha_scale``         warning  update scale alpha/r (alpha/sqrt(r) with rsLoRA) <= 0.25 or >= 16
+  ``fix_alpha_scale``         warning  update scale alpha/r (alpha/sqrt(r) with rsLoRA) <= 0.25 or >= 16 —
+                                       never on an adapter `gradience compress` wrote
+  ``alpha_is_serving_scale``  info     that adapter's extreme alpha/r is the scale compress chose for serving
   ``fix_config_key``          warning  an unknown key that looks like a misspelt known one (kept, but ignored)
+  ``lower_lr``                warning  lr > 1e-3 (models >= 1B or of unknown size) / > 3e-3 (known < 1B)
+  ``raise_lr``                warning  lr <= 1e-5: probably a full-fine-tuning lr (LoRA wants ~10x)
+  ``add_mlp_targets``         info     attention-only targets: all linear layers recommended
+  ``avoid_ssm_targets``       warning  recurrent / state-space model with its recurrence projections targeted
+  ``reduce_expert_rank``      info     MoE experts targeted at the full r: r // num_experts per expert
   ``export_training_args``    info     only a pickled training_args.bin: what trainer_state.json gave, and how
                                        to write training_args.json (added by the CLI, ``extra=``)
 hard_reasoning
-  ``set_lr``                  warning  lr unset (suggest 5e-5)
-  ``lower_lr``                warning  lr > 1e-4
-  ``consider_lower_lr``       info     5e-5 < lr <= 1e-4
-  ``add_targets``             warning  no target modules (suggest the attention projections)
-  ``prefer_attention_only``   info     MLP targets next to attention targets
-  ``add_attention_targets``   warning  MLP targets without any attention target
+  ``set_lr``                  warning  lr unset (suggest 2e-4)
+  ``add_targets``             warning  no target modules (suggest all linear layers)
   ``set_rank``                info     r unset (suggest 8)
   ``consider_reduce_rank``    info     r >= 32 (stronger) or 16 < r < 32 (softer)
-  ``reduce_alpha_or_lr``      info     alpha/r >= 1 at lr > 1e-4
 easy_classification
   ``reduce_rank``             info     r > 16 (suggest 4-8)
-  ``prefer_attention_only``   info     MLP targets
-  ``lower_lr``                warning  lr > 5e-4
 generation
-  ``lower_lr``                warning  lr > 3e-4
   ``calibration_probe``       info     always: a short probe judged on held-out perplexity
 unknown
-  ``lower_lr``                warning  lr > 5e-4 (high whatever the task)
-  ``calibration_probe``       info     always: attention-only, r=8, lr=5e-5 probe; name the task
+  ``calibration_probe``       info     always: all-linear, r=8, lr=2e-4 probe; name the task
 any
   ``config_ok``               info     only when no other rule fired
+
+Retired (they no longer fire; ``--fail-on`` still accepts them, and they are never reused):
+  ``prefer_attention_only``, ``add_attention_targets`` (attention-first targets: the evidence favours all linear
+  layers), ``consider_lower_lr`` and the per-profile ``lower_lr`` bands at 1e-4 / 3e-4 / 5e-4, and
+  ``reduce_alpha_or_lr`` (alpha = 2r at lr 2e-4 is the recommended recipe, not a risk) — issue 18.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from gradience.config.coerce import looks_like_regex, split_targets
+from gradience.config.coerce import split_targets
 from gradience.config.normalize import misspelt_keys
-from gradience.modules import classify_module
+from gradience.policy import sources as S
 from gradience.policy import thresholds as T
+from gradience.policy.model_facts import ModelFacts, model_facts
 from gradience.policy.profiles import infer_task_profile
 from gradience.policy.recommendations import dedupe_and_sort
+from gradience.policy.targets import (  # noqa: F401  (re-exported: public names of this module before the split)
+    ALL_LINEAR,
+    ATTENTION_EXAMPLES,
+    MLP_EXAMPLES,
+    TargetAnalysis,
+    analyze_targets,
+)
 from gradience.telemetry.types import TASK_PROFILES, ConfigSnapshot, Recommendation
 
 CHECK_SCHEMA = "gradience.check/v1"
@@ -62,92 +75,37 @@ ACTIONS: tuple[str, ...] = (
     "review_targets", "set_lr", "lower_lr", "consider_lower_lr", "add_targets", "prefer_attention_only",
     "add_attention_targets", "set_rank", "consider_reduce_rank", "reduce_alpha_or_lr", "reduce_rank",
     "calibration_probe", "fix_alpha_scale", "fix_config_key", "export_training_args", "config_ok",
+    "raise_lr", "add_mlp_targets", "avoid_ssm_targets", "reduce_expert_rank", "consider_rslora",
+    "alpha_is_serving_scale",
 )
-# PEFT's special value meaning every linear layer except the output head.
-ALL_LINEAR = "all-linear"
-ATTENTION_EXAMPLES = "q_proj,k_proj,v_proj,o_proj (Llama-style), c_attn (GPT-2), query,value (BERT)"
+RETIRED_ACTIONS: tuple[str, ...] = (
+    "prefer_attention_only", "add_attention_targets", "consider_lower_lr", "reduce_alpha_or_lr",
+)
+# Where each rule comes from (``Recommendation.source``; README "check rules" prints the same table).
+ACTION_SOURCES: dict[str, str] = {
+    "fix_weight_decay": S.HEURISTIC, "fix_lr_units": S.HEURISTIC, "fix_dropout": S.HEURISTIC,
+    "fix_rank": S.PEFT_LORA_CONFIG, "set_alpha": S.PEFT_LORA_CONFIG, "review_rslora": S.KALAJDZIEVSKI_2023,
+    "consider_rslora": S.KALAJDZIEVSKI_2023, "review_targets": S.PEFT_LORA_CONFIG,
+    "fix_alpha_scale": f"{S.HU_2021}; {S.DETTMERS_2023} (alpha = 2r)",
+    "alpha_is_serving_scale": "gradience compress (compress/factors.py rescaled_factors: alpha/k_i reproduces ΔW_k)",
+    "fix_config_key": S.HEURISTIC, "lower_lr": S.LORA_LR, "raise_lr": S.LORA_LR, "set_lr": S.LORA_LR,
+    "add_mlp_targets": S.ALL_LINEAR_TARGETS, "add_targets": S.ALL_LINEAR_TARGETS,
+    "avoid_ssm_targets": S.GALIM_2024, "reduce_expert_rank": S.PEFT_MOE_DOCS,
+    "set_rank": S.HU_2021, "consider_reduce_rank": f"{S.HU_2021}; {S.SCHULMAN_2025}",
+    "reduce_rank": S.HU_2021, "calibration_probe": S.LORA_LR,
+    "export_training_args": "transformers, training_args.py TrainingArguments.to_json_string",
+    "config_ok": S.HEURISTIC,
+}
 
 
 @dataclass
-class TargetAnalysis:
-    """What the target modules cover, by the one module classifier of SPEC §2."""
+class CheckContext:
+    """Facts from outside the config that switch rules: the base model (size, recurrent, experts) and whether
+    the adapter was written by ``gradience compress`` (``{"by": "compress.json" | "safetensors metadata",
+    "path": ...}``)."""
 
-    targets: list[str] | None
-    types: dict[str, str] = field(default_factory=dict)  # target -> attn|mlp|embed|other|attn+mlp
-    unrecognized: list[str] = field(default_factory=list)
-
-    @property
-    def has_attn(self) -> bool:
-        return any("attn" in t for t in self.types.values())
-
-    @property
-    def has_mlp(self) -> bool:
-        return any("mlp" in t for t in self.types.values())
-
-    @property
-    def empty(self) -> bool:
-        return not self.targets
-
-
-# Bare names PEFT matches in both blocks (it matches any module path ending in the name): GPT-2's
-# ``attn.c_proj`` and ``mlp.c_proj``; BERT's ``attention.output.dense``, ``intermediate.dense``, ``output.dense``.
-AMBIGUOUS_BARE_TARGETS: dict[str, str] = {"c_proj": "attn+mlp", "dense": "attn+mlp"}
-# ... except in architectures whose only bare ``dense`` is the attention output (Falcon, Bloom, GPT-NeoX, Phi).
-_DENSE_IS_ATTENTION_MODELS = ("falcon", "bloom", "neox", "pythia", "phi")
-
-
-def _classify_target(target: str, model_name: str | None = None) -> str:
-    bare = target.strip().lower()
-    if bare == ALL_LINEAR:
-        return "attn+mlp"
-    if bare == "dense" and model_name and any(m in model_name.lower() for m in _DENSE_IS_ATTENTION_MODELS):
-        return "attn"
-    if bare in AMBIGUOUS_BARE_TARGETS:
-        return AMBIGUOUS_BARE_TARGETS[bare]
-    if looks_like_regex(target):
-        return _classify_regex(target)
-    return classify_module(target)
-
-
-def _expand_alternations(pattern: str, limit: int = 64) -> list[str]:
-    """``mlp\\.(up|down)_proj`` -> ``mlp\\.up_proj``, ``mlp\\.down_proj`` (simple groups only, bounded)."""
-    out = [pattern]
-    group = re.compile(r"\(\??:?([A-Za-z0-9_|]+)\)")
-    for _ in range(8):
-        expanded = []
-        for text in out:
-            m = group.search(text)
-            if m is None:
-                expanded.append(text)
-                continue
-            expanded += [text[:m.start()] + alt + text[m.end():] for alt in m.group(1).split("|")]
-        if expanded == out:
-            break
-        out = expanded[:limit]
-    return out
-
-
-def _classify_regex(pattern: str) -> str:
-    """A PEFT regex target: classify the module names and containers it mentions, by the one classifier
-    (``.*(q_proj|v_proj)$`` -> attn, ``.*mlp\\.(up|down)_proj`` -> mlp)."""
-    kinds: set[str] = set()
-    for candidate in _expand_alternations(pattern):
-        for word in re.findall(r"[A-Za-z_][A-Za-z0-9_]*", candidate):
-            # A word is either a leaf (q_proj) or a container (mlp, self_attn): probe both readings.
-            kinds |= {classify_module(word), classify_module(f"{word}.child")}
-    found = sorted(kinds & {"attn", "mlp", "embed"})
-    return "+".join(found) if found else "other"
-
-
-def analyze_targets(targets: list[str] | None, model_name: str | None = None) -> TargetAnalysis:
-    """Classify each target (bare name, module path, PEFT regex or ``all-linear``)."""
-    analysis = TargetAnalysis(targets=None if targets is None else list(targets))
-    for target in targets or []:
-        kind = _classify_target(target, model_name)
-        analysis.types[target] = kind
-        if kind == "other":
-            analysis.unrecognized.append(target)
-    return analysis
+    model: ModelFacts | None = None
+    compressed: dict[str, Any] | None = None
 
 
 @dataclass
@@ -157,6 +115,8 @@ class CheckReport:
     task_profile_inferred: bool
     recommendations: list[Recommendation] = field(default_factory=list)
     target_types: dict[str, str] = field(default_factory=dict)
+    model: dict[str, Any] | None = None          # ModelFacts.to_dict(): size, recurrent, experts, and why
+    compressed: dict[str, Any] | None = None     # set when `gradience compress` wrote the adapter
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -164,6 +124,8 @@ class CheckReport:
             "config": self.config.to_dict(),
             "task_profile": {"name": self.task_profile, "inferred": self.task_profile_inferred},
             "target_types": dict(self.target_types),
+            "model": self.model,
+            "compressed_adapter": self.compressed,
             "recommendations": [r.to_dict() for r in self.recommendations],
         }
 
@@ -198,9 +160,11 @@ def _number(value: Any) -> float | int | None:
 class _Rules:
     """Collects recommendations for one snapshot; one method per rule group."""
 
-    def __init__(self, snapshot: ConfigSnapshot, profile: str) -> None:
+    def __init__(self, snapshot: ConfigSnapshot, profile: str, context: CheckContext) -> None:
         self.s = snapshot
         self.profile = profile
+        self.context = context
+        self.facts = context.model or ModelFacts()
         self.recs: list[Recommendation] = []
         self.lr = _number(snapshot.optimizer.lr)
         r = _number(snapshot.lora.r)
@@ -220,10 +184,13 @@ class _Rules:
             **evidence: Any) -> None:
         self.recs.append(Recommendation(severity=severity, action=action, message=message, rationale=rationale,
                                         confidence=confidence, scope=scope,
-                                        evidence={"task_profile": self.profile, **evidence}))
+                                        evidence={"task_profile": self.profile, **evidence},
+                                        source=ACTION_SOURCES.get(action)))
 
     # --- every profile -------------------------------------------------------------------------
     def universal(self) -> None:
+        from gradience.policy import evidence_rules
+
         s, lr = self.s, self.lr
         wd = _number(s.optimizer.weight_decay)
         if wd is not None and wd < 0:
@@ -233,9 +200,9 @@ class _Rules:
         if lr is not None and not self.lr_valid:
             problem = "is not positive" if lr <= 0 else f"is above {T.LR_MAX_SANE:g}"
             self.add("error", "fix_lr_units",
-                     f"learning rate {lr:g} {problem}: check its units (LoRA lrs are typically 1e-5 to 5e-4)",
+                     f"learning rate {lr:g} {problem}: check its units (LoRA lrs are typically 1e-4 to 5e-4)",
                      "A non-positive lr trains nothing or in reverse; an lr above 1e-2 is almost always a "
-                     "units mistake (e.g. 5 or 0.05 meant as 5e-5) and diverges within a few steps.",
+                     "units mistake (e.g. 2 or 0.02 meant as 2e-4) and diverges within a few steps.",
                      0.9, "optimizer.lr", lr=lr, max_sane=T.LR_MAX_SANE)
         r = self.r
         if r is not None and not self.r_valid:
@@ -247,7 +214,7 @@ class _Rules:
             scale_text = f" (alpha/r = {implied:g} at r={r})" if implied is not None else ""
             self.add("warning", "set_alpha",
                      f"lora_alpha is not set: PEFT's default alpha={T.PEFT_DEFAULT_LORA_ALPHA:g} decides the "
-                     f"update scale{scale_text}; set it explicitly",
+                     f"update scale{scale_text}; set it explicitly (alpha = 2r is common practice)",
                      "The LoRA update is scaled by alpha/r; leaving alpha to a library default makes the "
                      "effective step size change silently whenever r changes.", 0.7, "lora.alpha",
                      r=r, default_alpha=T.PEFT_DEFAULT_LORA_ALPHA, implied_alpha_over_r=implied)
@@ -264,7 +231,8 @@ class _Rules:
                      "rsLoRA's sqrt(r) scaling keeps updates from shrinking as r grows; at small ranks it "
                      "mostly just multiplies the scale by sqrt(r).", 0.6, "lora.use_rslora", r=r, alpha=alpha,
                      scale_rslora=alpha / math.sqrt(r), scale_plain=alpha / r)
-        self.alpha_scale()
+        evidence_rules.alpha_scale(self)
+        evidence_rules.rslora_at_high_rank(self)
         self.key_typos()
         if self.targets.unrecognized:
             self.add("info", "review_targets",
@@ -272,33 +240,10 @@ class _Rules:
                      "Unrecognized names may be fine (custom models) but are often typos or heads; PEFT only "
                      "errors when no module at all matches.", 0.5, "lora.target_modules",
                      unrecognized=list(self.targets.unrecognized), target_types=dict(self.targets.types))
-
-    def alpha_scale(self) -> None:
-        """The update is scaled by alpha/r (alpha/sqrt(r) with rsLoRA) whatever the lr: an extreme scale is a
-        mistake at any lr (PEFT's default alpha=8 at r=32 quarters the update; alpha=512 at r=8 multiplies it)."""
-        r, alpha = self.r, self.alpha
-        if alpha is None or not self.r_valid or not isinstance(r, int) or not math.isfinite(alpha) or alpha <= 0:
-            return
-        rslora = bool(self.s.lora.use_rslora)
-        scale = alpha / math.sqrt(r) if rslora else alpha / r
-        low, high = T.ALPHA_SCALE_EXTREME_LOW, T.ALPHA_SCALE_EXTREME_HIGH
-        if low < scale < high:
-            return
-        form = "alpha/sqrt(r)" if rslora else "alpha/r"
-        if scale <= low:
-            why = (f"the LoRA update is scaled by {form} = {scale:g}: it is shrunk {1 / scale:g}x, so the adapter "
-                   "learns far slower than the lr suggests (often PEFT's default alpha=8 left at a large r)")
-        else:
-            why = (f"the LoRA update is scaled by {form} = {scale:g}: every step is multiplied {scale:g}x, as if "
-                   "the lr were that much higher (often alpha typed for a different r)")
-        suggested = 2 * r if not rslora else round(2 * math.sqrt(r), 3)
-        self.add("warning", "fix_alpha_scale",
-                 f"lora_alpha={alpha:g} with r={r}: {why}; alpha = r to 2r (scale 1-2) is the usual choice, "
-                 f"e.g. lora_alpha={suggested:g}",
-                 "The effective step of a LoRA update is lr times the alpha scale; outside "
-                 f"{low:g}..{high:g} the scale, not the lr, decides how fast the adapter moves.",
-                 0.7, "lora.alpha", alpha=alpha, r=r, use_rslora=rslora, scale=scale,
-                 thresholds={"low": low, "high": high}, suggested_alpha=suggested)
+        evidence_rules.learning_rate(self)
+        evidence_rules.targets(self)
+        evidence_rules.recurrent_targets(self)
+        evidence_rules.expert_rank(self)
 
     def key_typos(self) -> None:
         """An unknown key is kept in extras and otherwise ignored: a misspelt one silently drops its value."""
@@ -311,38 +256,24 @@ class _Rules:
 
     # --- profile-specific ----------------------------------------------------------------------
     def hard_reasoning(self) -> None:
-        lr, r = self.lr, self.r
-        if lr is None:
-            self.add("warning", "set_lr", f"learning rate is not set; start at lr={T.LR_CONSERVATIVE:g} for reasoning",
-                     "Multi-step reasoning fine-tunes are sensitive to lr; a library default may not suit LoRA.",
-                     0.6, "optimizer.lr", lr=None, suggested_lr=T.LR_CONSERVATIVE)
-        elif self.lr_valid and lr > T.LR_HIGH:
-            self.add("warning", "lower_lr", f"lr={lr:g} is high for a reasoning task; try {T.LR_CONSERVATIVE:g}",
-                     "High LoRA learning rates on reasoning data tend to overfit the answer format and lose "
-                     "the base model's reasoning.", 0.7, "optimizer.lr", lr=lr, threshold=T.LR_HIGH,
-                     suggested_lr=T.LR_CONSERVATIVE)
-        elif self.lr_valid and lr > T.LR_CONSERVATIVE:
-            self.add("info", "consider_lower_lr",
-                     f"lr={lr:g} is workable for reasoning; {T.LR_CONSERVATIVE:g} is the conservative choice",
-                     "Between 5e-5 and 1e-4 runs usually converge; lower is safer when eval is noisy.",
-                     0.4, "optimizer.lr", lr=lr, threshold=T.LR_CONSERVATIVE, suggested_lr=T.LR_CONSERVATIVE)
+        r = self.r
+        if self.lr is None:
+            lo, hi = T.LR_LORA_BAND
+            self.add("warning", "set_lr", f"learning rate is not set; start at lr={T.LR_LORA_SUGGESTED:g} (the common "
+                     f"LoRA band is {lo:g}-{hi:g}, about 10x a full fine-tune's lr)",
+                     "Library defaults (transformers: 5e-5) are full-fine-tuning values; LoRA's best lr is about "
+                     "10x higher and nearly independent of the rank.",
+                     0.6, "optimizer.lr", lr=None, suggested_lr=T.LR_LORA_SUGGESTED, band=list(T.LR_LORA_BAND))
         t = self.targets
         if t.empty:
-            state = "not set (PEFT falls back to its per-architecture default)" if t.targets is None else "empty"
-            self.add("warning", "add_targets", f"target modules are {state}; target the attention projections "
-                     f"(e.g. {ATTENTION_EXAMPLES})",
-                     "Which modules get adapters is the main capacity decision; state it explicitly.",
+            state = "not set (PEFT falls back to its per-architecture default, usually attention only)" \
+                if t.targets is None else "empty"
+            self.add("warning", "add_targets", f"target modules are {state}; target all linear layers "
+                     f"(target_modules='all-linear', or the attention and MLP projections: {ATTENTION_EXAMPLES}; "
+                     f"{MLP_EXAMPLES})",
+                     "Which modules get adapters is the main capacity decision; adapting every linear layer, MLP "
+                     "included, matches full fine-tuning where attention-only falls short.",
                      0.7, "lora.target_modules", target_modules=t.targets)
-        elif t.has_mlp and t.has_attn:
-            self.add("info", "prefer_attention_only", "MLP modules are targeted too; attention-only is usually "
-                     "enough for reasoning and makes the adapter much smaller", "MLP adapters add many parameters and "
-                     "tend to memorize; start attention-only and add MLP only if eval asks for it.",
-                     0.5, "lora.target_modules", target_types=dict(t.types))
-        elif t.has_mlp:
-            self.add("warning", "add_attention_targets", "only MLP modules are targeted; add the attention "
-                     f"projections (e.g. {ATTENTION_EXAMPLES})", "Attention projections carry most of the "
-                     "adaptation in LoRA fine-tunes; an MLP-only adapter is an unusual choice.",
-                     0.6, "lora.target_modules", target_types=dict(t.types))
         if r is None:
             self.add("info", "set_rank", f"LoRA rank is not set; r={T.R_DEFAULT_SUGGESTION} is a good start",
                      "State the rank explicitly so runs are comparable.", 0.5, "lora.r",
@@ -351,42 +282,22 @@ class _Rules:
             strong = r >= T.R_LARGE
             self.add("info", "consider_reduce_rank",
                      f"r={r} is large; most LoRA updates use far fewer directions — try r={T.R_MEDIUM} or lower "
-                     "and check the audit's utilization", "Unused rank costs memory and can overfit; "
-                     "`gradience audit` measures how much of it a trained adapter uses.",
+                     "and check the audit's utilization", "Unused rank costs memory; rank only limits learning "
+                     "once the dataset outgrows the adapter's capacity, and `gradience audit` measures how much "
+                     "of it a trained adapter uses.",
                      0.6 if strong else 0.4, "lora.r", r=r,
                      threshold=T.R_LARGE if strong else T.R_MEDIUM, suggested_r=T.R_MEDIUM)
-        if (self.alpha_over_r is not None and self.alpha_over_r >= T.ALPHA_OVER_R_HIGH and self.lr_valid
-                and lr is not None and lr > T.LR_HIGH):
-            self.add("info", "reduce_alpha_or_lr",
-                     f"alpha/r={self.alpha_over_r:g} together with lr={lr:g}: the effective step is large; "
-                     "lower one of them", "The update size scales with alpha/r times lr; both high compounds.",
-                     0.4, "lora.alpha", alpha=self.alpha, r=r, alpha_over_r=self.alpha_over_r, lr=lr,
-                     alpha_over_r_threshold=T.ALPHA_OVER_R_HIGH, lr_threshold=T.LR_HIGH)
 
     def easy_classification(self) -> None:
-        lr, r = self.lr, self.r
+        r = self.r
         low, high = T.R_EASY_CLASSIFICATION_SUGGESTED
         if self.r_valid and isinstance(r, int) and r > T.R_EASY_CLASSIFICATION_MAX:
             self.add("info", "reduce_rank", f"r={r} is more than a classification task needs; try r={low}-{high}",
                      "Classification adapters are typically very low-rank; extra rank mostly adds overfitting "
                      "room.", 0.6, "lora.r", r=r, threshold=T.R_EASY_CLASSIFICATION_MAX,
                      suggested_r=list(T.R_EASY_CLASSIFICATION_SUGGESTED))
-        if self.targets.has_mlp:
-            self.add("info", "prefer_attention_only", "MLP modules are targeted; attention-only is usually enough "
-                     "for classification", "Fewer adapter parameters, same accuracy in most classification "
-                     "fine-tunes.", 0.5, "lora.target_modules", target_types=dict(self.targets.types))
-        if self.lr_valid and lr is not None and lr > T.LR_EASY_CLASSIFICATION_MAX:
-            self.add("warning", "lower_lr", f"lr={lr:g} is high even for classification; stay at or below "
-                     f"{T.LR_EASY_CLASSIFICATION_MAX:g}", "Very high LoRA learning rates make classification "
-                     "training unstable.", 0.6, "optimizer.lr", lr=lr, threshold=T.LR_EASY_CLASSIFICATION_MAX)
 
     def generation(self) -> None:
-        lr = self.lr
-        if self.lr_valid and lr is not None and lr > T.LR_GENERATION_HIGH:
-            self.add("warning", "lower_lr", f"lr={lr:g} is high for generation fine-tuning; try "
-                     f"{T.LR_GENERATION_SUGGESTED:g}", "Above ~3e-4, LoRA generation runs often diverge or "
-                     "forget the base model's fluency.", 0.6, "optimizer.lr", lr=lr,
-                     threshold=T.LR_GENERATION_HIGH, suggested_lr=T.LR_GENERATION_SUGGESTED)
         steps_lo, steps_hi = T.CALIBRATION_PROBE_STEPS
         self.add("info", "calibration_probe",
                  f"generation quality is not visible in train loss: run a {steps_lo}-{steps_hi} step probe "
@@ -396,33 +307,35 @@ class _Rules:
                  "the base model is the cheapest early signal.", 0.5, "run",
                  suggested_lr=T.LR_GENERATION_SUGGESTED, suggested_r=T.R_GENERATION_SUGGESTED,
                  suggested_targets="attention+mlp", probe_steps=list(T.CALIBRATION_PROBE_STEPS),
-                 lr=lr, r=self.r, target_types=dict(self.targets.types))
+                 lr=self.lr, r=self.r, target_types=dict(self.targets.types))
 
     def unknown(self) -> None:
-        lr = self.lr
-        if self.lr_valid and lr is not None and lr > T.LR_UNKNOWN_PROFILE_HIGH:
-            self.add("warning", "lower_lr", f"lr={lr:g} is high for LoRA whatever the task; stay at or below "
-                     f"{T.LR_UNKNOWN_PROFILE_HIGH:g} (pass --task-profile or --dataset for task-specific advice)",
-                     "Above 5e-4 LoRA runs are unstable for classification and diverge or forget for reasoning "
-                     "and generation; no task profile makes it safe.", 0.6, "optimizer.lr", lr=lr,
-                     threshold=T.LR_UNKNOWN_PROFILE_HIGH, suggested_lr=T.LR_CONSERVATIVE)
         steps_lo, steps_hi = T.CALIBRATION_PROBE_STEPS
         self.add("info", "calibration_probe",
-                 "task profile unknown: run a short calibration probe (attention-only targets, "
-                 f"r={T.R_DEFAULT_SUGGESTION}, lr={T.LR_CONSERVATIVE:g}, {steps_lo}-{steps_hi} steps) and compare "
+                 "task profile unknown: run a short calibration probe (all linear layers as targets, "
+                 f"r={T.R_DEFAULT_SUGGESTION}, lr={T.LR_LORA_SUGGESTED:g}, {steps_lo}-{steps_hi} steps) and compare "
                  "train vs held-out metrics; pass --task-profile or --dataset for task-specific advice",
-                 "Without knowing the task, a conservative probe is the cheapest way to find a working "
-                 "regime.", 0.5, "run", dataset_name=self.s.dataset_name, suggested_r=T.R_DEFAULT_SUGGESTION,
-                 suggested_lr=T.LR_CONSERVATIVE, suggested_targets="attention-only",
-                 probe_steps=list(T.CALIBRATION_PROBE_STEPS))
+                 "Without knowing the task, a short probe with the published LoRA defaults is the cheapest way "
+                 "to find a working regime.", 0.5, "run", dataset_name=self.s.dataset_name,
+                 suggested_r=T.R_DEFAULT_SUGGESTION, suggested_lr=T.LR_LORA_SUGGESTED,
+                 suggested_targets="all-linear", probe_steps=list(T.CALIBRATION_PROBE_STEPS))
 
 
-def check_config(snapshot: ConfigSnapshot, extra: Iterable[Recommendation] = ()) -> CheckReport:
+def default_context(snapshot: ConfigSnapshot) -> CheckContext:
+    """What the snapshot alone says about the model: its name, and a ``model_size`` key (flag or config)."""
+    size = snapshot.extras.get("model_size")
+    return CheckContext(model=model_facts(snapshot.model_name, size=size, size_source="model_size"))
+
+
+def check_config(snapshot: ConfigSnapshot, extra: Iterable[Recommendation] = (),
+                 context: CheckContext | None = None) -> CheckReport:
     """Run every pre-flight rule of SPEC §7 on a merged config; recommendations deduplicated and ordered
     (most severe first, then action id) exactly as text and JSON show them. ``extra`` holds findings about
-    the sources themselves (e.g. ``export_training_args``), ranked with the rest."""
+    the sources themselves (e.g. ``export_training_args``), ranked with the rest; ``context`` the model facts
+    and compress provenance the CLI found (default: what the snapshot's model name and ``model_size`` say)."""
     profile, inferred = resolve_task_profile(snapshot)
-    rules = _Rules(snapshot, profile)
+    ctx = context if context is not None else default_context(snapshot)
+    rules = _Rules(snapshot, profile, ctx)
     rules.universal()
     getattr(rules, profile)()
     recs = dedupe_and_sort([*rules.recs, *extra])
@@ -433,6 +346,9 @@ def check_config(snapshot: ConfigSnapshot, extra: Iterable[Recommendation] = ())
             rationale="Every pre-flight rule passed; this says nothing about the accuracy the run will reach.",
             confidence=0.5, scope="run",
             evidence={"task_profile": profile, "lr": snapshot.optimizer.lr, "r": snapshot.lora.r,
-                      "alpha": snapshot.lora.alpha, "target_types": dict(rules.targets.types)})]
+                      "alpha": snapshot.lora.alpha, "target_types": dict(rules.targets.types)},
+            source=ACTION_SOURCES["config_ok"])]
+    model = ctx.model.to_dict() if ctx.model is not None else None
     return CheckReport(config=snapshot, task_profile=profile, task_profile_inferred=inferred,
-                       recommendations=recs, target_types=dict(rules.targets.types))
+                       recommendations=recs, target_types=dict(rules.targets.types), model=model,
+                       compressed=ctx.compressed)

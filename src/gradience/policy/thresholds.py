@@ -33,6 +33,25 @@ ALPHA_SCALE_EXTREME_HIGH = 16.0  # scale >= this
 LR_UNKNOWN_PROFILE_HIGH = 5e-4  # unknown profile: lr above this is high for every profile (warning lower_lr)
 KEY_TYPO_CUTOFF = 0.85          # difflib ratio at which an unknown config key counts as a misspelling
 
+# --- check rules from evidence (issue 18; citations in gradience/policy/sources.py) -----------------------------
+# LoRA learning rate. Schulman et al. 2025 ("LoRA Without Regret"): the optimal LoRA lr is ~10x the full-FT lr,
+# nearly independent of rank; 1e-4 ... 5e-4 is the common band for 1-10B models (Hu et al. 2021 used 2e-4 ... 5e-4
+# on GPT-2 / RoBERTa; QLoRA 1e-4 / 2e-4). Only clearly harmful values warn.
+LR_LORA_BAND = (1e-4, 5e-4)          # the common band, quoted in messages
+LR_LORA_SUGGESTED = 2e-4             # suggested when the lr is unset (10x a typical 2e-5 full-FT lr)
+LR_LORA_HARMFUL_HIGH = 1e-3          # models >= 1B params (and unknown size): lr above this -> lower_lr (warning)
+LR_LORA_HARMFUL_HIGH_SMALL = 3e-3    # models known to be < 1B: smaller widths take larger steps (Schulman 2025:
+                                     # the optimal lr falls with width) -> lower_lr above this
+LR_LORA_SMALL_MODEL_PARAMS = 1e9     # the size that separates the two bounds above
+LR_FULL_FT_MAX = 1e-5                # lr <= this: probably a full-fine-tuning lr (LoRA wants ~10x) -> raise_lr
+# rsLoRA (Kalajdzievski 2023): with alpha/r the update's scale collapses as r grows; at r >= this without
+# use_rslora: consider_rslora (info).
+R_RSLORA_SUGGEST = 64
+ALPHA_OVER_R_COMMON = 2.0            # alpha = 2r: common practice (QLoRA, PEFT examples), quoted in messages
+# MoE (PEFT docs, "MoE expert parameters and vLLM"): expert rank = max(1, r // num_experts) keeps the adapter's
+# parameter budget close to a dense layer's; expert targets at the full r: reduce_expert_rank (info).
+MOE_MIN_EXPERTS = 2
+
 # --- monitor (SPEC §6) ----------------------------------------------------------------------------
 GAP_THRESHOLD = 1.5             # test_ppl / train_ppl at or above this: memorization_detected
 UNDERFIT_GAP_MAX = 1.2          # gap below this ...
@@ -52,6 +71,10 @@ LOSS_TREND_FLAT_TOLERANCE = 0.02  # |relative loss change over the trend window|
 OVERFIT_MIN_RISE = 0.01         # test loss this fraction above its minimum counts as "rising"
 LR_SCHEDULE_REL_TOL = 1e-6      # lr changes smaller than this (relative) are not warmup/decay
 TEST_SPLIT_FALLBACKS = ("val", "validation", "eval", "valid", "dev")  # stand-ins for a missing "test"
+# Run-failure signatures (issue 18 item 5; sources in gradience/policy/sources.py).
+CLIP_SATURATED_WINDOW = 10      # grad norm >= max_grad_norm on this many consecutive logged steps: clipping_saturated
+CLIP_SATURATED_RTOL = 1e-6      # "at max_grad_norm" allows this relative rounding (post-clip loggers)
+FROZEN_GRAD_WINDOW = 5          # grad norm exactly 0 on this many consecutive logged steps: frozen_adapter
 
 # --- guard (SPEC §16): defaults of GradienceCallbackConfig(guard=True, ...) --------------------------
 GUARD_SNAPSHOT_EVERY = 10       # optimizer steps between CPU snapshots of the trainable state

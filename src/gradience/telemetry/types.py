@@ -251,11 +251,17 @@ class Recommendation:
     confidence: float = 0.5
     scope: str = "run"
     evidence: dict[str, Any] = field(default_factory=dict)
+    # Short citation (authors, title, year; or an engine source file and function) of the evidence behind the
+    # rule; None for advice that only restates a measurement. Serialized only when set (additive in v1).
+    source: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"severity": self.severity, "action": self.action, "message": self.message,
-                "rationale": self.rationale, "confidence": self.confidence, "scope": self.scope,
-                "evidence": dict(self.evidence)}
+        out = {"severity": self.severity, "action": self.action, "message": self.message,
+               "rationale": self.rationale, "confidence": self.confidence, "scope": self.scope,
+               "evidence": dict(self.evidence)}
+        if self.source is not None:
+            out["source"] = self.source
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Recommendation:
@@ -269,4 +275,5 @@ class Recommendation:
             confidence=0.5 if confidence is None or confidence != confidence else confidence,
             scope=str(data.get("scope", "run") or "run"),
             evidence=dict(evidence) if isinstance(evidence, dict) else {},
+            source=str(data["source"]) if isinstance(data.get("source"), str) else None,
         )
