@@ -77,6 +77,7 @@ def _measure(group: ModuleGroup, weights: Sequence[float], options: MergeOptions
     st = _load_stack(group, weights)
     spec = factored.stack_spectrum(st)
     plan = ModulePlan(group=group, r_after=0, cap=st.rank, interference=factored.pairwise_interference(st, spec))
+    plan.cancelled = spec.cancelled
     default = max(p.r for p in group.pairs if p is not None)
     if options.method in ("ties", "dare"):
         dm = _dense(st, group, options)
@@ -141,7 +142,7 @@ def _issues(plans: Sequence[ModulePlan], notes: Sequence[str], n_inputs: int) ->
         issues.append(Issue("partial_modules", f"{len(partial)} module(s) are in only some of the {n_inputs} "
                                                "adapters: merged with a zero update for the others",
                             "info", modules=partial))
-    zero = [p.group.name for p in plans if p.sigma is not None and (not p.sigma.size or p.sigma[0] <= 0.0)]
+    zero = [p.group.name for p in plans if p.cancelled or (p.sigma is not None and (not p.sigma.size or p.sigma[0] <= 0.0))]
     if zero:
         issues.append(Issue("zero_update", f"{len(zero)} merged module(s) are exactly zero (the weighted updates "
                                            "cancel or are zero)", "warning", modules=zero))

@@ -26,6 +26,7 @@ import numpy as np
 from gradience.audit.spectrum import FactorGram, energy_rank, factor_gram, singular_values_many
 from gradience.compress.factors import truncated_factors
 from gradience.errors import InputError
+from gradience.policy.thresholds import MERGE_CANCEL_RTOL
 
 
 @dataclass
@@ -81,6 +82,13 @@ class StackSpectrum:
     gb: FactorGram
     gb_weighted: FactorGram
     sigma: np.ndarray
+    input_norms: list[float]     # ‖wᵢ·sᵢ·Bᵢ·Aᵢ‖_F of each stacked input, from the Gram blocks
+
+    @property
+    def cancelled(self) -> bool:
+        """The weighted sum is zero up to float64 rounding of the inputs (exactly opposite updates, zero weights)."""
+        total = float(np.sqrt(np.sum(np.square(self.sigma))))
+        return total <= MERGE_CANCEL_RTOL * sum(self.input_norms)
 
 
 def stack_spectrum(st: Stack) -> StackSpectrum:
@@ -90,7 +98,9 @@ def stack_spectrum(st: Stack) -> StackSpectrum:
     d = st.column_weights()
     gbw = FactorGram(gb.g * d[:, None] * d[None, :], gb.exp, gb.finite)
     sigmas, _ = singular_values_many([(ga, gbw)], lambda _i: (st.a, st.weighted_b()))
-    return StackSpectrum(ga, gb, gbw, np.asarray(sigmas[0], dtype=np.float64))
+    g_a, g_b = ga.unscaled(), gbw.unscaled()
+    norms = [math.sqrt(max(0.0, float(np.sum(g_a[lo:hi, lo:hi] * g_b[lo:hi, lo:hi])))) for lo, hi in st.blocks]
+    return StackSpectrum(ga, gb, gbw, np.asarray(sigmas[0], dtype=np.float64), norms)
 
 
 def cat_factors(st: Stack, alpha: float, k: int) -> tuple[np.ndarray, np.ndarray]:

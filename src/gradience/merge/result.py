@@ -48,6 +48,7 @@ class ModulePlan:
     interference: list[dict[str, Any]] = field(default_factory=list)
     sign_conflict_rate: float | None = None
     kept_fraction: list[float] | None = None
+    cancelled: bool = False              # the weighted updates cancel (zero up to rounding)
 
     @property
     def conflict(self) -> float | None:
