@@ -130,6 +130,19 @@ COMPARE_TOP_DEFAULT = 10        # modules in the text table (and in summary.bigg
 COMPARE_SIGMA_NOISE_RTOL = 1e-6
 COMPARE_MAX_WORKERS = 4          # modules compared in parallel threads (GRADIENCE_COMPARE_WORKERS overrides)
 
+# --- merge (issue 19) -----------------------------------------------------------------------------
+# TIES trim: keep the top 20% of each update's entries by magnitude (Yadav et al. 2023, "TIES-Merging", §3 and
+# §5: k = 20 is their default; PEFT's add_weighted_adapter takes it as ``density``).
+MERGE_TIES_DENSITY_DEFAULT = 0.2
+# DARE drop rate p (Yu et al. 2024, "Language Models are Super Mario", §4: p = 0.9 is their main setting;
+# survivors are rescaled by 1/(1-p)).
+MERGE_DARE_DROP_DEFAULT = 0.9
+MERGE_MAX_INPUTS = 64            # adapters in one merge (each module's work grows with the summed rank)
+MERGE_TEXT_TOP_MODULES = 10      # modules listed in the text output (most interfering first)
+# A merged module whose ‖ΣwᵢΔWᵢ‖_F is below this × Σ‖wᵢΔWᵢ‖_F is reported as cancelled (zero_update): the Gram
+# path resolves σ to ~1e-8 of the factor norms in the worst case (audit/spectrum.py, compare/subspace.py).
+MERGE_CANCEL_RTOL = 1e-7
+
 # --- bench (SPEC §15) ---------------------------------------------------------------------------------------
 BENCH_TOLERANCE_DEFAULT = 0.005     # an arm PASSes when Δ ≥ −tolerance (the reference tool's acc_tolerance)
 BENCH_MIN_PASS_RATE = 2.0 / 3.0     # policy verdict: pass rate across seeds at least this ...
