@@ -1,0 +1,311 @@
+"""``verify --merged``: did a merged checkpoint get exactly W_base + s·B·A, module by module?
+
+The merged checkpoint, the base and the adapter are streamed one weight at a time with the base reader of the
+UDR (:class:`gradience.udr.base.BaseWeights`: sharded safetensors in bf16/fp16/fp32, no torch), each weight in
+row blocks converted to float32 into a reusable buffer, and its mapped pages dropped once done: the peak memory is
+a few row blocks plus the factors, never a dense copy of a weight. Adapter modules are resolved to base weights by
+the UDR's name matcher; every base weight no adapter module touches is checked to be unchanged in the merge.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from gradience.adapter.config import module_scale
+from gradience.adapter.model import LoadedAdapter, LoraPair
+from gradience.errors import InputError
+from gradience.issues import Issue
+from gradience.udr.base import BaseWeights
+from gradience.udr.names import BaseNameIndex
+from gradience.verify import SCHEMA
+from gradience.verify.verdict import ModuleSums, classify, named_ratios, unit_roundoff
+
+# Bytes compared per step when checking that an untouched weight is bitwise unchanged.
+_COMPARE_CHUNK = 8 * 1024 * 1024
+_LIST_LIMIT = 20
+
+
+@dataclass
+class UnchangedCheck:
+    """Base weights no adapter module adapts: a merge must copy them unchanged."""
+
+    checked: int = 0
+    identical: int = 0
+    within_rounding: int = 0          # stored in another float dtype, equal within its rounding
+    changed: list[str] = field(default_factory=list)
+    missing_in_merged: list[str] = field(default_factory=list)
+    extra_in_merged: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"checked": self.checked, "identical": self.identical, "within_rounding": self.within_rounding,
+                "changed": self.changed, "missing_in_merged": self.missing_in_merged,
+                "extra_in_merged": self.extra_in_merged}
+
+
+def _open(spec: str, what: str) -> BaseWeights:
+    from gradience.udr.resolve import resolve_base
+
+    try:
+        weights = BaseWeights(resolve_base(spec, allow_download=False))
+    except InputError as exc:
+        raise InputError(f"{what}: {exc.problem}", exc.path) from None
+    if weights.file_problems:
+        fname, problem = next(iter(weights.file_problems.items()))
+        raise InputError(f"{what} is unusable: {problem}", weights.root / fname)
+    return weights
+
+
+def _orientation(pair: LoraPair, shape: tuple[int, ...], fan_in_fan_out: bool) -> bool | None:
+    """Is the base weight stored transposed relative to ΔW (d_out, d_in)? None when its shape fits neither way."""
+    from gradience.udr import UdrInput
+    from gradience.udr.measure import stored_transposed, weight_fits
+
+    if not weight_fits(pair.kind, shape, pair.d_out, pair.d_in):
+        return None
+    probe = UdrInput(name=pair.name, delta_sigma_max=None, delta_frob_norm=None, d_out=pair.d_out, d_in=pair.d_in,
+                     kind=pair.kind, fan_in_fan_out=fan_in_fan_out)
+    return bool(stored_transposed(probe, shape))
+
+
+def _update_rows(pair: LoraPair, transposed: bool) -> tuple[np.ndarray, np.ndarray, float]:
+    """(left, right, s) with ΔW as stored = s · left @ right, so a row block is s · left[i:j] @ right."""
+    a, b = pair.load_factors()
+    a32, b32 = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    if transposed:
+        return np.ascontiguousarray(a32.T), np.ascontiguousarray(b32.T), pair.scale
+    return b32, a32, pair.scale
+
+
+def _accumulate(base: BaseWeights, merged: BaseWeights, base_name: str, merged_name: str,
+                expected: Callable[[int, int, np.ndarray], np.ndarray]) -> ModuleSums:
+    """Stream one weight pair in row blocks; ``expected(i, j, w_base_block)`` is the update D for rows i:j."""
+    sums = ModuleSums()
+    blocks_b = base.row_blocks(base_name)
+    blocks_m = merged.row_blocks(merged_name)
+    rows = min(blocks_b.rows_per_block, blocks_m.rows_per_block)
+    for (i, j, wb), (_, _, wm) in zip(blocks_b.blocks(rows), blocks_m.blocks(rows), strict=True):
+        d = expected(i, j, wb)
+        e = wm - wb
+        sums.ee += float(np.vdot(e, e))
+        sums.ed += float(np.vdot(e, d))
+        sums.dd += float(np.vdot(d, d))
+        e -= d
+        sums.rr += float(np.vdot(e, e))
+        sums.mm += float(np.vdot(wm, wm))
+        sums.bb += float(np.vdot(wb, wb))
+        sums.n += e.size
+    return sums
+
+
+def _plain_update(left: np.ndarray, right: np.ndarray, s: float) -> Callable[[int, int, np.ndarray], np.ndarray]:
+    def expected(i: int, j: int, _wb: np.ndarray) -> np.ndarray:
+        d = left[i:j] @ right
+        d *= np.float32(s)
+        return d
+    return expected
+
+
+def _dora_update(left: np.ndarray, right: np.ndarray, s: float, m: np.ndarray
+                 ) -> Callable[[int, int, np.ndarray], np.ndarray]:
+    """DoRA's merge (peft/tuners/lora/dora.py): W' = m ⊙ (W + s·B·A) / ‖W + s·B·A‖ per output row; D = W' − W."""
+    m64 = np.asarray(m, np.float64)
+
+    def expected(i: int, j: int, wb: np.ndarray) -> np.ndarray:
+        full = wb.astype(np.float64) + s * (left[i:j].astype(np.float64) @ right.astype(np.float64))
+        norms = np.linalg.norm(full, axis=1, keepdims=True)
+        merged = m64[i:j, None] * full / np.where(norms > 0, norms, 1.0)
+        return (merged - wb).astype(np.float32)
+    return expected
+
+
+def _global_scale(config: dict[str, Any]) -> float | None:
+    """The scale one lora_alpha/r (no patterns) would give: what engines that ignore the patterns apply."""
+    r = config.get("r")
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        return None
+    plain = {k: v for k, v in config.items() if k not in ("rank_pattern", "alpha_pattern")}
+    _alpha, scale, _issues = module_scale(plain, "", r)
+    return scale
+
+
+def _row(pair: LoraPair, **extra: Any) -> dict[str, Any]:
+    row: dict[str, Any] = {"name": pair.name, "kind": pair.kind, "r": pair.r, "scale": pair.scale}
+    row.update(extra)
+    return row
+
+
+def _verify_module(pair: LoraPair, base: BaseWeights, merged: BaseWeights, base_name: str, merged_name: str,
+                   fan_in_fan_out: bool, global_scale: float | None) -> dict[str, Any]:
+    b_info, m_info = base.tensors[base_name], merged.tensors[merged_name]
+    where = {"base_tensor": base_name, "merged_tensor": merged_name, "dtype": m_info.dtype,
+             "shape": list(b_info.shape)}
+    if b_info.shape != m_info.shape:
+        return _row(pair, **where, verdict=None,
+                    problem=f"merged weight has shape {list(m_info.shape)}, the base {list(b_info.shape)}")
+    if not (b_info.is_float and m_info.is_float):
+        return _row(pair, **where, verdict=None,
+                    problem=f"not a 16/32-bit float weight ({b_info.dtype}/{m_info.dtype}): 4-bit and other "
+                            "quantized checkpoints are not read")
+    transposed = _orientation(pair, b_info.shape, fan_in_fan_out)
+    if transposed is None:
+        return _row(pair, **where, verdict=None,
+                    problem=f"base weight shape {list(b_info.shape)} does not fit the update "
+                            f"(d_out={pair.d_out}, d_in={pair.d_in})")
+    left, right, s = _update_rows(pair, transposed)
+    if pair.dora:
+        m = pair.load_magnitude()
+        if m is None or transposed or pair.kind != "linear":
+            pair.release()
+            return _row(pair, **where, verdict=None,
+                        problem="DoRA merge not checked (magnitude missing, or a transposed/embedding/conv layer)")
+        expected = _dora_update(left, right, s, m)
+    else:
+        expected = _plain_update(left, right, s)
+    try:
+        sums = _accumulate(base, merged, base_name, merged_name, expected)
+    finally:
+        base.release(base_name)
+        merged.release(merged_name)
+        pair.release()
+    u = unit_roundoff(m_info.dtype)
+    ratios = [] if pair.dora else named_ratios(pair.r, pair.scale, pair.alpha, global_scale)
+    result = classify(sums, u=u, r=pair.r, ratios=ratios)
+    return _row(pair, **where, dora=pair.dora, unit_roundoff=u, **result)
+
+
+def _bitwise_equal(a: np.ndarray, b: np.ndarray) -> bool:
+    fa, fb = a.reshape(-1).view(np.uint8), b.reshape(-1).view(np.uint8)
+    if fa.size != fb.size:
+        return False
+    return all(np.array_equal(fa[k:k + _COMPARE_CHUNK], fb[k:k + _COMPARE_CHUNK])
+               for k in range(0, fa.size, _COMPARE_CHUNK))
+
+
+def _within_rounding(base: BaseWeights, merged: BaseWeights, name: str, u: float) -> bool:
+    blocks_b, blocks_m = base.row_blocks(name), merged.row_blocks(name)
+    rows = min(blocks_b.rows_per_block, blocks_m.rows_per_block)
+    diff2 = ref2 = 0.0
+    for (_, _, wb), (_, _, wm) in zip(blocks_b.blocks(rows), blocks_m.blocks(rows), strict=True):
+        d = wm - wb
+        diff2 += float(np.vdot(d, d))
+        ref2 += float(np.vdot(wb, wb))
+    return math.sqrt(diff2) <= u * math.sqrt(ref2)
+
+
+def _check_unchanged(base: BaseWeights, merged: BaseWeights, adapted_base: set[str],
+                     adapted_merged: set[str]) -> UnchangedCheck:
+    check = UnchangedCheck()
+    for name, info in base.tensors.items():
+        if name in adapted_base:
+            continue
+        other = merged.tensors.get(name)
+        if other is None:
+            check.missing_in_merged.append(name)
+            continue
+        check.checked += 1
+        try:
+            if other.shape != info.shape:
+                check.changed.append(name)
+            elif other.dtype == info.dtype:
+                same = _bitwise_equal(base.row_blocks(name).raw, merged.row_blocks(name).raw)
+                if same:
+                    check.identical += 1
+                else:
+                    check.changed.append(name)
+            elif info.is_float and other.is_float:
+                u = max(unit_roundoff(info.dtype), unit_roundoff(other.dtype))
+                if _within_rounding(base, merged, name, u):
+                    check.within_rounding += 1
+                else:
+                    check.changed.append(name)
+            else:
+                check.changed.append(name)
+        finally:
+            base.release(name)
+            merged.release(name)
+    check.extra_in_merged = [n for n in merged.tensors if n not in base.tensors and n not in adapted_merged]
+    return check
+
+
+def verify_merged(loaded: LoadedAdapter, merged_spec: str, base_spec: str) -> dict[str, Any]:
+    """The ``gradience.verify/v1`` document of a merged checkpoint against its base and adapter."""
+    base = _open(base_spec, "base model")
+    merged = _open(merged_spec, "merged checkpoint")
+    base_index, merged_index = BaseNameIndex(base.tensors), BaseNameIndex(merged.tensors)
+    fan_in_fan_out = loaded.config.get("fan_in_fan_out") is True
+    global_scale = _global_scale(loaded.config)
+    rows: list[dict[str, Any]] = []
+    adapted_base: set[str] = set()
+    adapted_merged: set[str] = set()
+    for pair in loaded.pairs:
+        match = base_index.match(pair.name)
+        if match.tensor is None:
+            what = "several base weights" if match.how == "ambiguous" else "no base weight"
+            rows.append(_row(pair, verdict=None, problem=f"resolves to {what} "
+                                                         f"({', '.join(match.candidates[:3]) or pair.name + '.weight'})"))
+            continue
+        base_name = match.tensor
+        adapted_base.add(base_name)
+        merged_name = base_name if base_name in merged.tensors else merged_index.match(pair.name).tensor
+        if merged_name is None:
+            rows.append(_row(pair, base_tensor=base_name, verdict=None,
+                             problem="the merged checkpoint has no weight for this module"))
+            continue
+        adapted_merged.add(merged_name)
+        rows.append(_verify_module(pair, base, merged, base_name, merged_name, fan_in_fan_out, global_scale))
+    unchanged = _check_unchanged(base, merged, adapted_base, adapted_merged)
+    return _document(loaded, base, merged, rows, unchanged)
+
+
+def _document(loaded: LoadedAdapter, base: BaseWeights, merged: BaseWeights, rows: list[dict[str, Any]],
+              unchanged: UnchangedCheck) -> dict[str, Any]:
+    counts: dict[str, int] = {}
+    for row in rows:
+        key = row["verdict"] or "unchecked"
+        counts[key] = counts.get(key, 0) + 1
+    issues: list[Issue] = []
+    bad = [r["name"] for r in rows if r["verdict"] != "exact"]
+    if bad:
+        issues.append(Issue("not_exact", f"{len(bad)} of {len(rows)} adapted module(s) are not an exact merge: "
+                                         + ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else ""),
+                            "error", modules=bad))
+    if unchanged.changed:
+        issues.append(Issue("untouched_weight_changed",
+                            f"{len(unchanged.changed)} weight(s) no adapter module adapts differ in the merged "
+                            "checkpoint: " + ", ".join(unchanged.changed[:5]), "error",
+                            extra={"tensors": unchanged.changed[:_LIST_LIMIT]}))
+    if unchanged.missing_in_merged:
+        issues.append(Issue("missing_in_merged", f"{len(unchanged.missing_in_merged)} base tensor(s) are absent "
+                                                 "from the merged checkpoint (tied weights are saved once): "
+                            + ", ".join(unchanged.missing_in_merged[:5]), "warning"))
+    leftovers = [n for n in unchanged.extra_in_merged if ".lora_" in n or ".base_layer." in n]
+    if leftovers:
+        issues.append(Issue("not_unloaded", "the merged checkpoint still holds LoRA factors or base_layer weights "
+                                            "(saved from the PEFT model without merge_and_unload): "
+                            + ", ".join(leftovers[:5]), "error"))
+    dtypes = sorted({r["dtype"] for r in rows if "dtype" in r})
+    ok = not bad and not unchanged.changed and not leftovers
+    return {
+        "schema": SCHEMA,
+        "mode": "merged",
+        "merged": merged.resolved.display,
+        "base_model": base.resolved.display,
+        "peft_dir": loaded.peft_dir,
+        "ok": ok,
+        "summary": {"modules": len(rows), "exact": counts.get("exact", 0), "not_exact": len(bad),
+                    "verdicts": counts, "unchanged_checked": unchanged.checked,
+                    "unchanged_changed": len(unchanged.changed),
+                    "bytes_read": base.bytes_read + merged.bytes_read},
+        "rounding": {d: f"exact means ||W_merged - W_base - s*B*A||_F <= u*||W_merged||_F + (2+sqrt(r))*u*"
+                        f"||s*B*A||_F with u = {unit_roundoff(d):.3g} (unit roundoff of {d})" for d in dtypes},
+        "modules": rows,
+        "unchanged": {**unchanged.to_dict(), "changed": unchanged.changed[:_LIST_LIMIT],
+                      "missing_in_merged": unchanged.missing_in_merged[:_LIST_LIMIT],
+                      "extra_in_merged": unchanged.extra_in_merged[:_LIST_LIMIT]},
+        "issues": [i.to_dict() for i in loaded.issues + issues],
+    }
