@@ -226,3 +226,37 @@ def rule_sources() -> dict[str, dict[str, str]]:
         rows[rule_id] = {"engine": engine, "source": source, "versions": "all" if engine != "vllm" else ">= 0.33.0"}
     rows["vllm.uniform"] = {"engine": "vllm", "source": _VLLM_HELPER + ".__post_init__", "versions": "< 0.33.0"}
     return rows
+
+
+# -- name mapping: does each LoRA pair land on a base weight under the engine's naming? (verify, issue 20) ----
+@dataclass(frozen=True)
+class MappingRule:
+    """How an engine finds the base weight of a LoRA pair; ``verify --peft-dir --base-model --engine`` applies it
+    to every pair (gradience.verify.mapping) and cites the row when a pair does not resolve."""
+
+    id: str
+    engine: str
+    source: str
+    versions: str
+    claim: str
+
+
+MAPPING_RULES: tuple[MappingRule, ...] = (
+    MappingRule("peft.module_path", "peft",
+                "peft/utils/save_and_load.py set_peft_model_state_dict; peft/tuners/tuners_utils.py inject_adapter",
+                "all", "layers are created by target_modules, weights loaded by full key "
+                       "(base_model.model.<module path>); a key whose path the model lacks is left at its init (B = 0: "
+                       "the base is served) with only a missing-keys warning"),
+    MappingRule("vllm.module_path", "vllm",
+                "vllm/lora/utils.py parse_fine_tuned_lora_name; vllm/lora/models.py LoRAModel.from_local_checkpoint",
+                "all", "base_model.model. is stripped and the rest must equal a LoRA-capable module path of the "
+                       "served model (after the model's hf_to_vllm_mapper); a path the model lacks is never applied "
+                       "(vLLM issues 48019, 55193: the base is served)"),
+    MappingRule("vllm.packed_modules", "vllm", "vllm/model_executor/models/*: packed_modules_mapping", "all",
+                "q/k/v_proj are served stacked in qkv_proj and gate/up_proj in gate_up_proj"),
+    MappingRule("llama_cpp.tensor_name", "llama_cpp",
+                "convert_lora_to_gguf.py LoraModel.modify_tensors + gguf TensorNameMap; src/llama-adapter.cpp "
+                "llama_adapter_lora_init_impl", "all",
+                "each pair is named <GGUF base tensor>.lora_a/.lora_b; a name the model lacks stops the load "
+                "(\"does not exist in base model\"), a shape that differs too (\"has incorrect shape\")"),
+)

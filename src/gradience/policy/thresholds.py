@@ -152,3 +152,22 @@ BENCH_CI_LEVEL = 0.95
 BENCH_SMOKE_MAX_STEPS = 30          # --smoke defaults when the config has no runtime.smoke_* keys
 BENCH_SMOKE_TRAIN_SAMPLES = 256
 BENCH_SMOKE_EVAL_SAMPLES = 200
+
+# --- verify (issue 20) ----------------------------------------------------------------------------
+# Unit roundoff 2^-p of each stored float dtype (p = significand bits incl. the implicit one: IEEE 754 binary16/32/64,
+# bfloat16 = the top 16 bits of binary32). Rounding a value x to the dtype moves it by at most u·|x|, so one merge
+# W' = round(W + ΔW) is exact when ‖W' − W − ΔW‖_F ≤ u·‖W'‖_F + (2 + √r)·u·‖ΔW‖_F: the first term is the final
+# rounding, the second the rounding of ΔW = s·B·A itself (PEFT's Linear.merge computes get_delta_weight in fp32 on
+# CPU for fp16/bf16 weights, in the weight's dtype elsewhere, then adds: peft/tuners/lora/layer.py).
+VERIFY_UNIT_ROUNDOFF = {"BF16": 2.0**-8, "F16": 2.0**-11, "F32": 2.0**-24, "F64": 2.0**-53}
+# The applied scale c = <W' − W, ΔW> / ‖ΔW‖² is compared with 0 (not applied), 1, 2 (applied twice) and the named
+# wrong ratios (√r, 1/√r, ...) within max(absolute/relative tolerance, VERIFY_SCALE_SE_MULT standard errors of c);
+# the standard error of c is ‖W' − W − cΔW‖_F / (√n ‖ΔW‖_F) for a residual uncorrelated with ΔW.
+VERIFY_SCALE_ABS_TOL = 0.02
+VERIFY_SCALE_REL_TOL = 0.02
+VERIFY_SCALE_SE_MULT = 4.0
+# c's standard error above this: the residual swamps the update and c is not determined (residual_unexplained).
+VERIFY_SCALE_UNDETERMINED_SE = 0.25
+# GGUF round trip (verify --gguf): ‖ΔW_gguf − ΔW_peft‖_F / ‖ΔW_peft‖_F at most this for f32 files; f16/bf16 files
+# get the unit roundoff of their dtype times 4 (each factor rounded once, the product compared in float64).
+VERIFY_GGUF_REL_TOL_F32 = 1e-5

@@ -151,6 +151,13 @@ class BaseWeights:
         rows = int(raw.shape[0]) if raw.ndim else 1
         return RowBlocks(raw.reshape(rows, -1), bf16=bf16)
 
+    def release(self, name: str) -> None:
+        """Drop a safetensors tensor's mapped pages from the process once it has been streamed (verify reads
+        whole checkpoints; without this the resident set grows to the size of the files)."""
+        info = self.tensors.get(name)
+        if info is not None and info.file in self._st_files:
+            self._st_files[info.file].release(name)
+
     def _buffer(self, shape: tuple[int, ...]) -> np.ndarray:
         numel = int(np.prod(shape, dtype=np.int64))
         buf: np.ndarray | None = getattr(self._buffers, "data", None)

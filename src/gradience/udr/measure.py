@@ -487,3 +487,8 @@ def _problem_issues(problems: dict[str, list[str]], ambiguous: dict[str, list[st
             extra = {}
         out.append(Issue(code, msg, "warning", modules=list(modules), extra=extra))
     return out
+
+
+# Public names for verify (issue 20), which resolves adapted weights exactly as the UDR does.
+weight_fits = _fits
+stored_transposed = _stored_transposed
