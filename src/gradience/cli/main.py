@@ -17,7 +17,7 @@ from gradience._version import __version__
 
 # Each module defines ``add_parser(subparsers)``; it must import nothing heavy at module level so that
 # ``gradience --help`` and the light commands stay fast.
-COMMAND_MODULES = ("check", "monitor", "audit", "compress", "merge", "compare", "report", "bench", "demo")
+COMMAND_MODULES = ("check", "monitor", "audit", "compress", "merge", "compare", "report", "bench", "demo", "verify", "export")
 
 EXIT_OK = 0
 EXIT_GATE = 1
