@@ -138,7 +138,8 @@ def test_dtype_bfloat16_and_non_lora_tensors(two: tuple[Path, Path], tmp_path: P
     from gradience.io.safetensors import SafetensorsFile
 
     src = SafetensorsFile(a / "adapter_model.safetensors")
-    tensors = {k: src.read_f32(k) for k in src.keys()}
+    names = src.keys()
+    tensors = {k: src.read_f32(k) for k in names}
     tensors["base_model.model.lm_head.modules_to_save.default.weight"] = tensors[next(iter(tensors))] * 0 + 1
     extra = tmp_path / "extra"
     shutil.copytree(a, extra)

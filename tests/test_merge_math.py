@@ -63,7 +63,8 @@ def _read_out(out: Path) -> dict[str, np.ndarray]:
     assert not cfg["use_rslora"] and cfg["alpha_pattern"] == {}
     f = SafetensorsFile(out / "adapter_model.safetensors")
     res = {}
-    for key in f.keys():
+    names = f.keys()
+    for key in names:
         if key.endswith("lora_A.weight"):
             name = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
             a = np.asarray(f.read_f32(key), dtype=np.float64)

@@ -10,7 +10,11 @@ import numpy as np
 from gradience.compress.policy import Policy
 from gradience.issues import Issue
 from gradience.merge.inputs import ModuleGroup
-from gradience.policy.thresholds import MERGE_DARE_DROP_DEFAULT, MERGE_TIES_DENSITY_DEFAULT, MERGE_TEXT_TOP_MODULES
+from gradience.policy.thresholds import (
+    MERGE_DARE_DROP_DEFAULT,
+    MERGE_TEXT_TOP_MODULES,
+    MERGE_TIES_DENSITY_DEFAULT,
+)
 
 SCHEMA = "gradience.merge/v1"
 WEIGHTS_NAME = "adapter_model.safetensors"
