@@ -6,6 +6,7 @@ headers, PEFT adapter dirs, telemetry JSONL, HF cache layouts) with one thing wr
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -165,3 +166,143 @@ def reference_audit_json(ours: dict[str, Any], *, bench_layout: bool = False) ->
     if bench_layout:
         return {"audit_timestamp": "2026-01-13T17:18:26", "probe_rank": 4, "summary": summary, "layers": rows}
     return {**summary, "layer_data": {"layer_rows_schema": "v1", "layer_rows": rows}}
+
+
+# -- report (issue 17 rp_* cases) ---------------------------------------------------------------------------
+REPORT_CASES = ("rp_audit_bigint", "rp_audit_issues_weird", "rp_audit_layers_ints", "rp_audit_layers_str",
+                "rp_audit_nonfinite", "rp_bench_wrong_types", "rp_compare_module_types", "rp_compare_wrong_types",
+                "rp_out_long_name", "rp_run_huge_loss", "rp_run_step_bigint", "rp_run_surrogate",
+                "rp_title_surrogate")
+
+
+def _bench_doc() -> dict[str, Any]:
+    """The smallest bench.json the runner writes (one arm, one seed) to mutate."""
+    return {"schema": "gradience.bench/v1", "seeds": [1], "task": {"metric": "accuracy", "higher_is_better": True},
+            "probe": {"r": 8, "params": 100}, "policy": {"tolerance": 0.01}, "verdict": "PASS",
+            "arms": [{"name": "truncate_median", "kind": "truncate", "r": 2, "params": 25, "params_ratio": 0.25,
+                      "per_seed": [{"seed": 1, "metric": 0.9, "delta": 0.0, "ci95": [-0.01, 0.01],
+                                    "verdict": "PASS"}],
+                      "aggregate": {"mean_delta": 0.0, "sd_delta": None, "verdict": "PASS"}}]}
+
+
+def _compare_doc() -> dict[str, Any]:
+    return {"schema": "gradience.compare/v1", "a": {"path": "a"}, "b": {"path": "b"},
+            "summary": {"n_matched": 1, "cos_mean": 0.5},
+            "modules": [{"name": "model.layers.0.self_attn.q_proj", "cos": 0.5, "overlap_left": 0.4,
+                         "overlap_right": 0.3, "k": 2, "a": {"utilization": 0.2, "udr": 0.1},
+                         "b": {"utilization": 0.3, "udr": 0.2}, "delta": {"utilization": 0.1, "udr": 0.1}}],
+            "issues": []}
+
+
+def report_case(case: str, root: Path, good_audit: dict[str, Any]) -> list[str]:
+    """The ``gradience report`` arguments of one hostile case, its input written under ``root``
+    (``good_audit``: an audit JSON document of a small adapter, e.g. :func:`audit_json_doc`)."""
+    root.mkdir(parents=True, exist_ok=True)
+    out = str(root / "out.html")
+    audit = json.loads(json.dumps(good_audit))
+    if case.startswith("rp_audit_"):
+        what = case.removeprefix("rp_audit_")
+        if what == "bigint":
+            audit["total_lora_params"] = BIG
+        elif what == "issues_weird":
+            audit["issues"] = [1, "two", None, {"code": 3, "message": ["x"], "modules": 7}]
+        elif what == "layers_ints":
+            audit["layers"] = [1, 2, 3]
+        elif what == "layers_str":
+            audit["layers"] = "model.layers.0.self_attn.q_proj"
+        elif what == "nonfinite":
+            audit["adapter"]["r"] = math.inf
+            for row in audit["layers"]:
+                row.update(r=math.inf, energy_rank_90=math.nan, utilization=math.inf, singular_values=[math.nan])
+        path = root / "audit.json"
+        path.write_text(json.dumps(audit))  # NaN / Infinity as Python's json writes them
+        return [str(path), "-o", out]
+    if case == "rp_bench_wrong_types":
+        doc = _bench_doc()
+        doc.update(task=["accuracy"], arms=[{"name": "x", "aggregate": [1], "per_seed": {"1": 2}}], policy="strict",
+                   udr={"probe": [1], "arms": {"x": "y"}})
+        path = root / "bench.json"
+        path.write_text(json.dumps(doc))
+        return [str(path), "-o", out]
+    if case.startswith("rp_compare_"):
+        doc = _compare_doc()
+        if case == "rp_compare_module_types":
+            doc["modules"] = [{"name": "model.layers.0.self_attn.q_proj", "cos": BIG, "overlap_left": "0.4",
+                               "k": [2], "a": 5, "b": {"udr": BIG}, "delta": "x"}, 7, {"name": {"x": 1}}]
+        else:
+            doc.update(a=[1], b="b", summary=[], modules={"x": 1}, issues="none")
+        path = root / "compare.json"
+        path.write_text(json.dumps(doc))
+        return [str(path), "-o", out]
+    if case == "rp_out_long_name":
+        path = root / "audit.json"
+        path.write_text(json.dumps(audit))
+        return [str(path), "-o", str(root / ("r" * 300 + ".html"))]
+    if case.startswith("rp_run_"):
+        path = root / "run.jsonl"
+        records: list[dict[str, Any] | str] = [{"event": "run_start", "config": {"model_name": "m"}}]
+        for step in range(1, 30):
+            loss: Any = 1.0 / step
+            if case == "rp_run_huge_loss":
+                loss = 1e308 * (1 if step % 2 else -1)
+            records.append({"event": "train_step", "step": step, "loss": loss, "lr": 1e-4})
+        if case == "rp_run_step_bigint":
+            records.append({"event": "train_step", "step": BIG, "loss": 0.5})
+            records.append({"event": "train_step", "step": 31, "loss": BIG})
+        if case == "rp_run_surrogate":
+            records[0] = {"event": "run_start", "config": {"model_name": "m\ud800x", "dataset_name": "\udcff"}}
+            records.append({"event": "alert", "step": 3, "severity": "warning", "code": "c\ud800",
+                            "message": "lone \udfff surrogate"})
+        telemetry(path, records)
+        return [str(path), "-o", out]
+    if case == "rp_title_surrogate":
+        path = root / "audit.json"
+        path.write_text(json.dumps(audit))
+        return [str(path), "-o", out, "--title", "t\udcff\ud800itle"]
+    raise ValueError(case)
+
+
+# -- bench (issue 17 item 6) -------------------------------------------------------------------------------------
+TINY_BENCH_YAML = """train: {max_steps: 4, eval_steps: 4, lr: 0.005, per_device_train_batch_size: 16}
+lora: {probe_r: 4, alpha: 8}
+task: {max_train_samples: 64, max_eval_samples: 16}
+compression: {allowed_ranks: [1, 2, 4], acc_tolerance: 0.05}
+arms: [truncate_median]
+"""
+
+
+def yaml_alias_bomb(where: str) -> str:
+    """A billion-laughs bench config (9 levels of 9 aliases: 9^9 leaves) with the bomb at ``where``."""
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 9)]
+    body = {"arms": "arms: [*a8]", "flag": "lora: {use_rslora: *a8}", "seeds": "seeds: [*a8]",
+            "version": "bench_version: *a8"}[where]
+    return "\n".join([*lines, body]) + "\n"
+
+
+def bench_state(out: Path, kind: str) -> Path:
+    """A bench output dir whose ``bench_config.json`` is hostile: fifo, dir, garbage, latin1, nested, devzero."""
+    out.mkdir(parents=True, exist_ok=True)
+    state = out / "bench_config.json"
+    if kind == "fifo":
+        os.mkfifo(state)
+    elif kind == "dir":
+        state.mkdir()
+    elif kind == "garbage":
+        state.write_bytes(b"\x00\x01not json at all")
+    elif kind == "latin1":
+        state.write_bytes(b'{"a": "caf\xe9 \xff"}')
+    elif kind == "nested":
+        state.write_bytes(deep_json(100_000))
+    elif kind == "devzero":
+        state.symlink_to("/dev/zero")
+    else:
+        raise ValueError(kind)
+    return state
+
+
+def csv_dataset(path: Path, labels: list[Any], n: int = 60) -> Path:
+    """A text/label CSV (``labels`` cycled): text labels, or ids up to 1e9, for the bench's classification data."""
+    rows = ["text,label"] + [f"sample {i} {'good' if i % 2 else 'bad'},{labels[i % len(labels)]}" for i in range(n)]
+    path.write_text("\n".join(rows) + "\n")
+    return path

@@ -15,7 +15,6 @@ PATH is one of (SPEC §14):
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import stat
@@ -25,9 +24,12 @@ from typing import Any
 
 from gradience.errors import GradienceError, InputError
 from gradience.report.curves import RunCurves
+from gradience.report.validate import check_document
 from gradience.report.views import ChartIds, View, adapter_view, bench_view, compare_view, run_view
+from gradience.textfmt import safe_text
 
 MAX_JSON_BYTES = 256 * 1024 * 1024
+MAX_JSON_ITEMS = 8_000_000   # JSON values; as compare's audit JSON bound (a 70B audit holds a few hundred thousand)
 REPORT_FILENAME = "report.html"
 BASE_DIRNAME = "base"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -44,6 +46,7 @@ class Report:
     default_out: Path
     views: list[View] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    input_id: str = ""              # the input as the page records it (see write_report)
 
 
 @dataclass
@@ -59,25 +62,26 @@ class _Plan:
 
 
 def _load_json(path: Path) -> Any:
-    try:
-        st = path.stat()
-        if not stat.S_ISREG(st.st_mode):
-            raise InputError("not a regular file", path)
-        if st.st_size > MAX_JSON_BYTES:
-            raise InputError(f"{st.st_size} bytes is too large for a JSON input", path)
-        raw = path.read_bytes()
-    except PermissionError:
-        raise InputError("permission denied", path) from None
-    except OSError as exc:
-        raise InputError(f"cannot read: {exc.strerror or exc}", path) from None
+    """A JSON input, bounded before decoding (size, value count, nesting, integer size: one InputError)."""
+    from gradience.io.textfile import read_bytes_limited
+    from gradience.jsonio import MAX_JSON_INT, loads_bounded
+
+    raw = read_bytes_limited(path, what="JSON input", max_bytes=MAX_JSON_BYTES)
     if not raw.strip():
         raise InputError("empty file", path)
-    try:
-        return json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise InputError("not UTF-8 text", path) from None
-    except (ValueError, RecursionError) as exc:
-        raise InputError(f"invalid JSON ({str(exc)[:200]})", path) from None
+    return loads_bounded(raw, path, "JSON input", max_abs_int=MAX_JSON_INT, max_items=MAX_JSON_ITEMS)
+
+
+def _audit_document(doc: dict[str, Any], path: Path) -> dict[str, Any]:
+    """An audit JSON checked for the shape the adapter view reads; the reference tool's (no ``schema``,
+    ``layer_data.layer_rows``) converted to ours by compare's reader first."""
+    from gradience.compare.sides import from_reference_audit
+
+    if doc.get("schema") is None:
+        doc = from_reference_audit(doc)
+    if isinstance(doc.get("adapters"), dict):
+        return check_document("audit.multi", doc, path)
+    return check_document("audit", doc, path)
 
 
 def _has_run_files(d: Path) -> bool:
@@ -168,11 +172,13 @@ def plan(path: str | os.PathLike[str], base_model: str | None = None) -> _Plan:
         return _Plan("run", p, run=p, base_model=base_model)
     schema = doc.get("schema") if isinstance(doc, dict) else None
     if isinstance(schema, str) and schema.startswith("gradience.audit"):
-        return _Plan("audit", p, document=doc)
+        return _Plan("audit", p, document=_audit_document(doc, p))
     if isinstance(schema, str) and schema.startswith("gradience.compare"):
-        return _Plan("compare", p, document=doc)
+        return _Plan("compare", p, document=check_document("compare", doc, p))
     if isinstance(schema, str) and schema.startswith("gradience.bench"):
-        return _Plan("bench", p, document=doc)
+        return _Plan("bench", p, document=check_document("bench", doc, p))
+    if schema is None and isinstance(doc, dict) and _is_reference_audit(doc):
+        return _Plan("audit", p, document=_audit_document(doc, p))
     what = f"schema {schema!r}" if isinstance(schema, str) else "no 'schema' key and no 'log_history'"
     raise InputError(f"not a report input ({what}): expected a gradience audit or compare JSON, or an HF "
                      "trainer_state.json", p)
@@ -182,12 +188,35 @@ def _bench_document(path: Path) -> dict[str, Any]:
     doc = _load_json(path)
     if not isinstance(doc, dict) or not str(doc.get("schema", "")).startswith("gradience.bench"):
         raise InputError("not a gradience.bench JSON", path)
-    return doc
+    return check_document("bench", doc, path)
+
+
+def _is_reference_audit(doc: dict[str, Any]) -> bool:
+    """The reference tool's audit JSON (johntnanney/gradience ``audit --json``): no ``schema``, its rows under
+    ``layer_data.layer_rows`` (or ``layers`` with ``total_lora_params`` in its bench ``audit.json``)."""
+    data = doc.get("layer_data")
+    return (isinstance(data, dict) and "layer_rows" in data) or "total_lora_params" in doc or \
+        ("summary" in doc and isinstance(doc.get("layers"), list))
 
 
 def _default_out(p: _Plan) -> Path:
+    """``report.html`` in a directory input; ``X.html`` beside a file input ``X.json`` / ``X.jsonl`` (so the
+    reports of two files in one directory never share a name); an adapter_config.json's directory."""
     src = p.source
-    return (src if src.is_dir() else src.parent) / REPORT_FILENAME
+    if src.is_dir():
+        return src / REPORT_FILENAME
+    if src.name.lower() == "adapter_config.json":
+        return src.parent / REPORT_FILENAME
+    return src.parent / (src.name.rsplit(".", 1)[0] + ".html")
+
+
+def input_id(path: str | os.PathLike[str]) -> str:
+    """How a page records its input: the absolute path (symlinks resolved when possible)."""
+    p = Path(path)
+    try:
+        return str(p.resolve())
+    except (OSError, RuntimeError):
+        return str(p.absolute())
 
 
 def _run_curves(run_path: Path, run_id: str | None) -> RunCurves:
@@ -315,9 +344,10 @@ def build_report(path: str | os.PathLike[str], *, base_model: str | None = None,
     if not views:
         raise InputError("nothing to report", p.source)
     page_title = title if title else _default_title(p, _subject(p, views, run_label))
-    html = render_page(views, title=page_title, subtitle=subtitle, notes=p.notes, ids=ids)
+    source_id = input_id(p.source)
+    html = render_page(views, title=page_title, subtitle=subtitle, notes=p.notes, ids=ids, source=source_id)
     return Report(html=html, kind=p.kind, source=p.source, default_out=_default_out(p), views=views,
-                  notes=p.notes)
+                  notes=p.notes, input_id=source_id)
 
 
 # Directory names that say nothing about the adapter (the demo's "peft", a trainer's "checkpoint-500"): the
@@ -380,16 +410,69 @@ def render_report(path: str | os.PathLike[str], **kwargs: Any) -> str:
     return build_report(path, **kwargs).html
 
 
+INPUT_META = "gradience-report-input"
+_GENERATOR = b'<meta name="generator" content="gradience'
+_INPUT_META_RE = re.compile(r'<meta name="gradience-report-input" content="([^"]*)">')
+_HEAD_BYTES = 4096
+
+
+def _recorded_input(target: Path) -> tuple[bool, str | None]:
+    """(is a report we wrote, the input it records) of an existing file; InputError when it cannot be read."""
+    import html
+
+    try:
+        with open(target, "rb") as fh:  # a regular file (checked by the caller): no FIFO can block here
+            head = fh.read(_HEAD_BYTES)
+    except OSError as exc:
+        raise InputError(f"cannot read the existing file to check it: {exc.strerror or exc}", target) from None
+    if _GENERATOR not in head:
+        return False, None
+    m = _INPUT_META_RE.search(head.decode("utf-8", "replace"))
+    return True, html.unescape(m.group(1)) if m else None
+
+
+def _same_subject(recorded: str, current: str) -> bool:
+    """The same input, or a directory and a file directly in it (``gradience report OUT`` and the bench's own
+    ``report OUT/bench.json`` describe the same bench)."""
+    a, b = Path(recorded), Path(current)
+    return a == b or a.parent == b or b.parent == a
+
+
+def _check_overwrite(target: Path, source: str, force: bool) -> None:
+    """Refuse to replace a file that is not a report of this input unless ``force`` (issue 17 item 3)."""
+    try:
+        st = target.lstat()
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise InputError(f"cannot write the report: {exc.strerror or exc}", target) from None
+    if force:
+        return
+    if not stat.S_ISREG(os.stat(target).st_mode if stat.S_ISLNK(st.st_mode) else st.st_mode):
+        raise InputError("exists and is not a regular file; choose another -o", target)
+    ours, recorded = _recorded_input(target)
+    if not ours:
+        raise InputError("exists and is not a gradience report; pass --force to replace it, or choose another -o",
+                         target)
+    if recorded is not None and not _same_subject(recorded, source):
+        raise InputError(f"holds the report of another input ({safe_text(recorded, max_len=200)}); pass --force "
+                         "to replace it, or choose another -o", target)
+
+
 def write_report(path: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, *,
                  force: bool = False, **kwargs: Any) -> Path:
-    """Build the report of PATH and write it atomically to ``out`` (default: ``report.html`` beside PATH)."""
+    """Build the report of PATH and write it atomically to ``out`` (default: ``report.html`` in a directory,
+    ``X.html`` beside an input file ``X.json`` / ``X.jsonl``). An existing file there is replaced only when
+    it is a report of the same input (recorded in the page's ``gradience-report-input`` meta tag) or with
+    ``force``: a report of another input, or anyone's other file, is never overwritten silently."""
     from gradience.jsonio import atomic_write_text
 
     report = build_report(path, **kwargs)
     target = Path(out) if out is not None else report.default_out
-    if target.is_dir():
-        target = target / REPORT_FILENAME
     try:
+        if target.is_dir():
+            target = target / REPORT_FILENAME
+        _check_overwrite(target, report.input_id, force)
         atomic_write_text(target, report.html)
     except OSError as exc:
         raise InputError(f"cannot write the report: {exc.strerror or exc}", target) from None

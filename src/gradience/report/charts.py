@@ -33,6 +33,7 @@ FULL_WIDTH_IN = 10.0
 HALF_WIDTH_IN = 5.0
 CURVE_HEIGHT_IN = 2.8
 OFFSCALE_FACTOR = 1.0   # values above p98 + this x (p98 - min) are drawn clipped at the top edge
+PLOT_LIMIT = 1e300      # |values| beyond this are drawn at it: axis spans and paddings of ±1e308 overflow to inf
 
 
 @dataclass
@@ -55,15 +56,19 @@ class Mark:
     linestyle: str = "--"
 
 
+def _clamp(v: float) -> float:
+    return min(PLOT_LIMIT, max(-PLOT_LIMIT, v))
+
+
 def _curve_xy(d: Downsampler) -> tuple[list[float], list[float], list[float], list[float]]:
     """(x, mean, lo, hi) per bucket; NaN where a bucket holds no finite value (a gap in the line)."""
     xs, mean, lo, hi = [], [], [], []
     for b in d.buckets:
-        xs.append(b.x_first if d.exact else b.x_mid)
+        xs.append(_clamp(b.x_first if d.exact else b.x_mid))
         if b.n:
-            mean.append(b.mean)
-            lo.append(b.lo)
-            hi.append(b.hi)
+            mean.append(_clamp(b.mean))
+            lo.append(_clamp(b.lo))
+            hi.append(_clamp(b.hi))
         else:
             mean.append(math.nan)
             lo.append(math.nan)
@@ -86,6 +91,7 @@ def _y_limits(values: list[float]) -> tuple[float, float, bool] | None:
     """(bottom, top, clipped): top is lowered to a robust bound when a few values are far above the rest."""
     if not values:
         return None
+    values = [_clamp(v) for v in values]
     lo, hi = min(values), max(values)
     p98 = stats.percentile(values, 98.0)
     assert p98 is not None
@@ -94,7 +100,10 @@ def _y_limits(values: list[float]) -> tuple[float, float, bool] | None:
     clipped = hi > cap and len(values) >= 10
     top = cap if clipped else hi
     pad = (top - lo) * 0.06 or abs(top) * 0.05 or 1.0
-    return lo - pad, top + pad, clipped
+    bottom, top_lim = lo - pad, top + pad
+    if not (math.isfinite(bottom) and math.isfinite(top_lim)):  # spans near the float limit
+        bottom, top_lim = (lo, top) if top > lo else (lo - 1.0, lo + 1.0)
+    return bottom, top_lim, clipped
 
 
 def curve_chart(chart_id: str, title: str, ylabel: str, series: Sequence[Series],
@@ -148,7 +157,7 @@ def curve_chart(chart_id: str, title: str, ylabel: str, series: Sequence[Series]
                 for x in m.xs:
                     ax.axvline(x, color=m.color, linestyle=m.linestyle, linewidth=1.2, label=m.label)
             elif m.xs:
-                ys = [min(y, top) if top is not None and math.isfinite(y) else y for y in m.ys]
+                ys = [_clamp(min(y, top)) if top is not None and math.isfinite(y) else y for y in m.ys]
                 ax.scatter(m.xs, ys, marker="v", s=22, color=m.color, zorder=5, label=m.label)
         if log_y:
             ax.set_yscale("log")

@@ -33,11 +33,12 @@ def _environment() -> Any:
     return _ENV
 
 
-_BREAK_AFTER = re.compile(r"([_./:\\-]+)")
+# After "_", "/", ":" anywhere, after "." or "-" that follow a letter (never inside a number: 0.2341, -0.01).
+_BREAK_AFTER = re.compile(r"([_/:]+|(?<=[A-Za-z])[.-]+)")
 
 
 def _wbr(text: Any) -> Any:
-    """Escaped text with a line-break opportunity after each ``_ . / : -`` run: a long module or arm name
+    """Escaped text with a line-break opportunity after ``_ / :`` and a letter's ``. -``: a long module or arm name
     wraps between its parts (``retrain_/per_/layer``), never inside a word."""
     from markupsafe import Markup, escape
 
@@ -50,7 +51,7 @@ def _css() -> str:
 
 
 def render_page(views: Sequence[View], *, title: str, subtitle: str = "", notes: Sequence[str] = (),
-                ids: ChartIds | None = None) -> str:
+                ids: ChartIds | None = None, source: str = "") -> str:
     """The whole page. Chart SVGs come from our own renderer and are inserted as markup; every other value
     is escaped by the template."""
     env = _environment()
@@ -62,11 +63,14 @@ def render_page(views: Sequence[View], *, title: str, subtitle: str = "", notes:
     if sidebar.get("svg"):
         sidebar["svg"] = Markup(sidebar["svg"])
     template = env.get_template("page.html.j2")
-    return str(template.render(
+    html = str(template.render(
         title=title, subtitle=subtitle, notes=list(notes), views=list(views), sidebar=sidebar,
         version=__version__, css=Markup(_css()), geo=heatmap.layout_info(),
-        udr_levels=[f"{x:g}" for x in UDR_FRACTION_LEVELS],
+        udr_levels=[f"{x:g}" for x in UDR_FRACTION_LEVELS], source=source,
     ))
+    # Lone surrogates (undecodable bytes of a file name or argument, "\ud800" escapes in a JSON input)
+    # cannot be written as UTF-8: they appear escaped, as \udcff, instead of failing the write.
+    return html.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _mark_svgs(views: Sequence[View], markup: Any) -> None:
