@@ -108,11 +108,20 @@ def test_text_output_default_cache_and_adapter_hint(story: dict[str, Path]) -> N
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
     assert all(row.get("udr") is None for row in data["layers"])
-    # An explicit base that does not exist: exit 2 and one line naming it.
-    proc = _audit(story, "--peft-dir", "./runs/aggressive/adapter", "--base-model", "org/missing-model")
-    assert proc.returncode == 2
+    # An explicit base that does not exist: the audit still stands, UDR "not computed" with a warning issue and
+    # one stderr line naming it (the reference tool's behaviour); --require-udr makes it exit 2, stdout empty.
+    proc = _audit(story, "--peft-dir", "./runs/aggressive/adapter", "--base-model", "org/missing-model", "--json")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["udr_median"] is None and data["n_layers_with_udr"] is None
+    (issue,) = [i for i in data["issues"] if i["code"] == "base_model_unresolved"]
+    assert issue["severity"] == "warning" and "org/missing-model" in issue["message"]
+    assert proc.stderr.startswith("gradience audit: warning:") and proc.stderr.count("\n") == 1
+    proc = _audit(story, "--peft-dir", "./runs/aggressive/adapter", "--base-model", "org/missing-model", "--json",
+                  "--require-udr")
+    assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.startswith("gradience audit: error:") and "org/missing-model" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert "save_pretrained" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_explicit_norms_cache_file_is_used(story: dict[str, Path]) -> None:

@@ -32,7 +32,10 @@ class MissingDependencyError(GradienceError):
     def __init__(self, package: str, extra: str, purpose: str) -> None:
         self.package = package
         self.extra = extra
+        # The hint installs THIS project from its checkout: a different, unrelated package named
+        # "gradience" exists on PyPI, so `pip install gradience[...]` would install the wrong thing.
         super().__init__(
-            f"{purpose} needs '{package}', which is not installed; "
-            f"install it with: pip install 'gradience[{extra}]'"
+            f"{purpose} needs '{package}' (the gradience[{extra}] extra), which is not installed; "
+            f"install it from the Gradience checkout with: pip install -e \".[{extra}]\" -c constraints.txt "
+            "(the PyPI package named 'gradience' is another project)"
         )

@@ -22,6 +22,7 @@ from gradience.adapter.model import LoadedAdapter, LoraPair, NonLoraTensors
 from gradience.audit.composition import composition
 from gradience.audit.spectrum import FactorGram, pair_grams, singular_values_many, spectrum_metrics
 from gradience.audit.suggest import global_suggestion, per_layer_suggestions
+from gradience.errors import InputError
 from gradience.issues import Issue
 from gradience.modules import MODULE_TYPES, classify_module, layer_index
 from gradience.policy.thresholds import (
@@ -29,6 +30,7 @@ from gradience.policy.thresholds import (
     SUGGEST_MARGIN_DEFAULT,
     TOP_WASTEFUL_TEXT_DEFAULT,
 )
+from gradience.textfmt import safe_text
 from gradience.udr import PER_LAYER_KEYS, SUMMARY_KEYS
 
 SCHEMA = "gradience.audit/v1"
@@ -55,6 +57,10 @@ class AuditOptions:
     base_model: str | None = None
     base_norms_cache: str | None = None
     progress: bool = False
+    # An explicit ``base_model`` that cannot be resolved: InputError when True (compare, report); when False the
+    # audit stands with UDR "not computed" and a warning issue (``gradience audit`` without --require-udr, the
+    # reference tool's behaviour that scripts rely on).
+    base_required: bool = True
 
 
 @dataclass
@@ -320,17 +326,6 @@ def layer_issues(layers: Sequence[LayerAudit], non_lora: NonLoraTensors) -> list
     return issues
 
 
-def _sibling_base(loaded: LoadedAdapter) -> str | None:
-    """``<dir>/base`` next to the adapter directory when it holds a model checkpoint (config.json)."""
-    if not loaded.peft_dir:
-        return None
-    candidate = os.path.join(os.path.dirname(os.path.normpath(loaded.peft_dir)) or ".", "base")
-    try:
-        return candidate if os.path.isfile(os.path.join(candidate, "config.json")) else None
-    except (OSError, ValueError):
-        return None
-
-
 def _apply_udr(result: AuditResult, loaded: LoadedAdapter, options: AuditOptions) -> None:
     """Call the UDR seam (``gradience.udr.measure_udr``) and merge its per-layer values and summary."""
     hint = loaded.config.get("base_model_name_or_path")
@@ -346,17 +341,33 @@ def _apply_udr(result: AuditResult, loaded: LoadedAdapter, options: AuditOptions
                        d_out=la.d_out, d_in=la.d_in, kind=la.kind, dora=la.dora,
                        dora_loader=_dora_loader(pairs.get(la.name)) if la.dora else None, scale=la.scale,
                        fan_in_fan_out=fan_in_fan_out) for la in result.layers]
+    base_model = options.base_model
+    if not base_model:
+        # The toy run, the demo and the bench save the exact base they trained on as <run>/base beside
+        # <run>/peft: that is the base (the one resolver report/compare/audit share), and the output says so.
+        from gradience.udr.resolve import base_beside_adapter
+
+        beside = base_beside_adapter(loaded.peft_dir)
+        if beside is not None:
+            base_model = str(beside)
+            result.issues.append(Issue(
+                "base_model_beside_adapter",
+                f"UDR/SDI against the base model saved beside the adapter: {safe_text(base_model, max_len=300)} "
+                "(pass --base-model to use another, --no-udr for none)", "info", extra={"base_model": base_model}))
     try:
-        report = measure_udr(inputs, options.base_model, adapter_base_hint=hint,
+        report = measure_udr(inputs, base_model, adapter_base_hint=hint,
                              cache_path=options.base_norms_cache, progress=options.progress)
     except ImportError as exc:
         result.issues.append(Issue("udr_unavailable", f"UDR could not be computed: {exc}", "info"))
         return
-    sibling = _sibling_base(loaded)
-    for issue in report.issues:
-        if issue.code == "base_model_unresolved" and sibling is not None:
-            # The toy run, the demo and the bench save their base beside the adapter: name the flag that works.
-            issue.message += f" (a base model is saved beside this adapter: --base-model {sibling})"
+    except InputError as exc:
+        if options.base_required and options.base_model:
+            raise
+        result.issues.append(Issue("base_model_unresolved", f"UDR/SDI not computed: {exc}", "warning",
+                                   extra={"base_model": base_model}))
+        result.udr_requested = True
+        result.udr_summary = dict.fromkeys(SUMMARY_KEYS)
+        return
     result.issues.extend(report.issues)
     result.udr_requested = bool(report.requested)
     result.udr_base_model = getattr(report, "base_model", None)

@@ -29,10 +29,13 @@ def add_parser(sub: Any) -> None:
                     "energy ranks, rank suggestions and, with a base model, UDR/SDI.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
+               "  gradience audit runs/toy/peft                 # base saved beside it (runs/toy/base) gives UDR\n"
                "  gradience audit --peft-dir out/adapter --top-wasteful 10\n"
                "  gradience audit --peft-dir out/adapter --suggest-per-layer --emit-config lora_suggested.yaml\n"
                "  gradience audit --peft-dir out/adapter --base-model meta-llama/Llama-2-7b-hf --json "
                "--fail-on 'udr_median>0.3'")
+    p.add_argument("adapter", nargs="?", metavar="ADAPTER_DIR",
+                   help="PEFT adapter directory (the same as --peft-dir DIR)")
     p.add_argument("--peft-dir", metavar="DIR", help="PEFT adapter directory (adapter_config.json + weights)")
     p.add_argument("--adapter-config", metavar="F", help="adapter_config.json path (overrides discovery)")
     p.add_argument("--weights", metavar="F", help="adapter weights file (.safetensors, index, or .bin/.pt)")
@@ -56,7 +59,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--append", metavar="RUN.jsonl",
                    help="append the summary (without layers) as a lora_audit metrics event to a telemetry log")
     p.add_argument("--base-model", metavar="ID_OR_DIR",
-                   help="base model (local dir or hub id in the local HF cache) for UDR/SDI")
+                   help="base model (local dir or hub id in the local HF cache) for UDR/SDI (default: the base "
+                        "saved beside the adapter as ../base, else the adapter's base_model_name_or_path when it "
+                        "resolves locally); one that does not resolve leaves UDR 'not computed' with a warning "
+                        "issue unless --require-udr")
+    p.add_argument("--require-udr", action="store_true",
+                   help="exit 2 when UDR/SDI cannot be computed (no base, or the base does not resolve)")
     p.add_argument("--base-norms-cache", metavar="F", help="cache file for base-weight norms")
     p.add_argument("--no-udr", action="store_true",
                    help="do not try the adapter's own base_model_name_or_path for UDR")
@@ -88,6 +96,7 @@ def _options(args: argparse.Namespace) -> Any:
         base_model=args.base_model,
         base_norms_cache=args.base_norms_cache,
         progress=sys.stderr.isatty(),
+        base_required=bool(args.require_udr),
     )
 
 
@@ -96,8 +105,13 @@ def _load_all(args: argparse.Namespace) -> list[Any]:
     from gradience.adapter import list_adapters, load_adapter
     from gradience.errors import InputError
 
+    if args.adapter is not None:
+        if args.peft_dir is not None and args.peft_dir != args.adapter:
+            raise InputError(f"two adapters given: {args.adapter} and --peft-dir {args.peft_dir}; pass one")
+        args.peft_dir = args.adapter
     if not (args.peft_dir or args.weights or args.adapter_config):
-        raise InputError("no adapter given: pass --peft-dir DIR (or --weights F / --adapter-config F)")
+        raise InputError("no adapter given: pass the adapter directory (gradience audit DIR, or --peft-dir DIR; "
+                         "or --weights F / --adapter-config F)")
     explicit = {"adapter_config": args.adapter_config, "weights": args.weights}
     if args.adapter_name:
         return [load_adapter(args.peft_dir, adapter_name=args.adapter_name, **explicit)]
@@ -148,6 +162,7 @@ def _run(args: argparse.Namespace) -> int:
     results = [run_audit(loaded, options) for loaded in _load_all(args)]
     summaries = [result.to_summary(include_layers=True) for result in results]
     udr_disabled = bool(args.no_udr and not args.base_model)
+    _check_udr(args, summaries)
     if gates:
         for summary in summaries:
             validate_gates(gates, summary, udr_disabled=udr_disabled)
@@ -188,6 +203,22 @@ def _run(args: argparse.Namespace) -> int:
     for msg in met:
         print(f"gradience audit: fail-on met: {safe_text_line(msg)}", file=sys.stderr)
     return 1 if met else 0
+
+
+def _check_udr(args: argparse.Namespace, summaries: list[dict[str, Any]]) -> None:
+    """--require-udr: exit 2 (before anything is printed) when a summary has no UDR. Without it, an explicit
+    --base-model that did not resolve is said once on stderr; the output carries it as an issue."""
+    from gradience.errors import InputError
+
+    for summary in summaries:
+        unresolved = [i for i in summary.get("issues") or [] if i.get("code") == "base_model_unresolved"]
+        if args.require_udr and not summary.get("n_layers_with_udr"):
+            if args.no_udr and not args.base_model:
+                raise InputError("--require-udr and --no-udr contradict each other")
+            why = unresolved[0]["message"] if unresolved else "no layer got a UDR value (see the issues)"
+            raise InputError(f"--require-udr: {why}")
+        if args.base_model and unresolved:
+            print(f"gradience audit: warning: {safe_text_line(unresolved[0]['message'])}", file=sys.stderr)
 
 
 def _emit_format(args: argparse.Namespace) -> str | None:

@@ -13,13 +13,15 @@ from typing import Any
 from gradience.cli.main import add_common_flags
 from gradience.textfmt import safe_text
 
-EPILOG = """examples:
+EPILOG = """\
+A and B are PEFT adapter directories (full analysis: update cosine and subspace overlaps from the factors) or
+`gradience audit --json` files (metric deltas only). A base saved beside an adapter (../base, as the toy run,
+demo and bench write) gives UDR without --base-model. Exit 0; 1 when a --fail-on rule is met; 2 for bad input.
+
+examples:
   gradience compare runs/conservative/adapter runs/aggressive/adapter --base-model ./base
   gradience compare conservative_audit.json aggressive_audit.json --top 5
   gradience compare A B --json --fail-on 'cos<0.5,udr_median_delta>0.2'
-
-A and B are PEFT adapter directories (full analysis: update cosine and subspace overlaps from the factors) or
-`gradience audit --json` files (metric deltas only). Exit 0; 1 when a --fail-on rule is met; 2 for bad input.
 """
 
 FAIL_ON_HELP = (

@@ -24,17 +24,18 @@ policies (exactly one):
   --budget P          P LoRA parameters (integer, or a percentage like 30%), allocated greedily by retained
                       relative energy per parameter
 
+Output: OUT/adapter_model.safetensors, OUT/adapter_config.json (one lora_alpha, per-module ranks in
+rank_pattern, no alpha_pattern, use_rslora false) and OUT/compress.json (gradience.compress/v1), written to
+a temporary directory beside OUT and renamed into place.
+
 examples:
   gradience audit --peft-dir ./adapter --suggest-per-layer        # how much rank is used?
   gradience compress --peft-dir ./adapter --out ./adapter-r8 --energy 0.9 --dry-run
+  gradience compress ./adapter --out ./adapter-r4 --rank 4                 # the adapter as a positional too
   gradience compress --peft-dir ./adapter --out ./adapter-small --per-layer --margin 1.5
   gradience compress --peft-dir ./adapter --out ./adapter-vllm --energy 0.95 --uniform   # one rank: vLLM-safe
   gradience compress --peft-dir ./adapter --out ./adapter-30pct --budget 30% --dtype bfloat16 --json
   gradience audit --peft-dir ./adapter-small                      # the new ranks; then evaluate it
-
-Output: OUT/adapter_model.safetensors, OUT/adapter_config.json (one lora_alpha, per-module ranks in
-rank_pattern, no alpha_pattern, use_rslora false) and OUT/compress.json (gradience.compress/v1), written to
-a temporary directory beside OUT and renamed into place.
 """
 
 
@@ -52,6 +53,7 @@ def add_parser(sub: Any) -> None:
                     "factors (never the dense dW), balanced factors, a config PEFT loads directly, and a "
                     "portability verdict for PEFT, vLLM and llama.cpp.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("adapter", nargs="?", metavar="IN", help="PEFT adapter directory (the same as --peft-dir IN)")
     p.add_argument("--peft-dir", metavar="IN", help="PEFT adapter directory (adapter_config.json + weights)")
     p.add_argument("--adapter-name", metavar="N", help="which adapter of a multi-adapter directory")
     p.add_argument("--out", metavar="OUT", help="output directory (must not be IN or inside it)")
@@ -145,8 +147,12 @@ def _run(args: argparse.Namespace) -> int:
     from gradience.compress.render import render_text
     from gradience.errors import InputError
 
+    if args.adapter is not None:
+        if args.peft_dir is not None and args.peft_dir != args.adapter:
+            raise InputError(f"two adapters given: {args.adapter} and --peft-dir {args.peft_dir}; pass one")
+        args.peft_dir = args.adapter
     if not args.peft_dir:
-        raise InputError("no adapter given: pass --peft-dir IN")
+        raise InputError("no adapter given: pass the adapter directory (gradience compress IN, or --peft-dir IN)")
     if not args.out and not args.dry_run:
         raise InputError("no output given: pass --out OUT (or --dry-run to plan only)")
     policy = _policy(args)

@@ -22,7 +22,8 @@ def add_parser(sub: Any) -> None:
         "demo", help="run the golden path end to end: toy LoRA run, check, monitor, audit",
         description="Train a tiny LoRA classifier offline, then run check, monitor and audit on it.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n"
+        epilog="A rerun into the same --out starts a fresh run.jsonl (the previous one is kept as run.jsonl.prev).\n\n"
+               "examples:\n"
                "  gradience demo\n"
                "  gradience demo --out /tmp/gradience_demo --max-steps 20 --seed 1")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default ./{DEFAULT_OUT})")
@@ -53,6 +54,25 @@ def _check_out_dir(out: str) -> None:
         raise InputError(f"cannot write the demo output here: {os_problem(exc)}", path) from None
 
 
+def _fresh_run_log(out: str) -> None:
+    """A rerun into the same --out starts a fresh run.jsonl (the toy run appends, so monitor would otherwise
+    read a log of several runs); the previous log is kept as run.jsonl.prev, and the user is told."""
+    import os
+
+    from gradience.errors import InputError
+    from gradience.io.textfile import os_problem
+
+    log = os.path.join(out, "run.jsonl")
+    if not os.path.lexists(log):
+        return
+    try:
+        os.replace(log, log + ".prev")
+    except OSError as exc:
+        raise InputError(f"cannot move the previous run log aside: {os_problem(exc)}", log) from None
+    print(f"gradience demo: {out} holds an earlier demo; its run log is kept as {log}.prev and this run starts "
+          "a fresh run.jsonl", file=sys.stderr)
+
+
 def _banner(text: str) -> None:
     print(f"\n$ {text}", flush=True)
 
@@ -65,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
     _check_out_dir(args.out)  # a file, /proc/..., a read-only place: a usage error before the toy run
     from gradience.toy.run import ToyRunConfig, format_result, next_commands, run_toy
 
-    cfg = ToyRunConfig(out=args.out, device=args.device)
+    _fresh_run_log(args.out)
+    cfg = ToyRunConfig(out=args.out, device=args.device, progress=True)
     if args.max_steps is not None:
         cfg.max_steps = args.max_steps
     if args.seed is not None:

@@ -9,9 +9,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import io
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any, NoReturn
 
 from gradience._version import __version__
 
@@ -33,29 +35,80 @@ def _limit_blas_threads() -> None:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports usage errors as one line and exit 2, like every other input error."""
+    """argparse that reports usage errors as one line and exit 2, like every other input error.
 
-    def error(self, message: str) -> None:  # type: ignore[override]
+    Abbreviated long flags are refused (``allow_abbrev=False``): with prefix matching, ``--smok`` would run a
+    bench and a flag added later could silently change what an old abbreviation means."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
         self.exit(EXIT_INPUT, f"{self.prog}: error: {message}\n")
 
+    def unknown_arguments(self, extras: Sequence[str]) -> NoReturn:
+        """``unrecognized arguments`` from the parser of the command itself (so the line starts with
+        ``gradience <command>: error:``), with the closest known flag for each misspelled one."""
+        import difflib
 
-def build_parser() -> argparse.ArgumentParser:
+        known = [opt for opt in self._option_string_actions if opt.startswith("--")]
+        flags = [tok.split("=", 1)[0] for tok in extras if tok.startswith("-") and len(tok) > 1]
+        hints = []
+        for flag in flags:
+            close = difflib.get_close_matches(flag.replace("_", "-"), known, n=1, cutoff=0.6)
+            if close:
+                hints.append(f"did you mean {close[0]}?" if len(flags) == 1 else f"{flag}: did you mean {close[0]}?")
+        self.error(f"unrecognized arguments: {' '.join(extras)}" + (f" ({'; '.join(hints)})" if hints else ""))
+
+
+EPILOG = """examples:
+  gradience demo                                    # the golden path on a built-in toy run, offline
+  gradience audit runs/toy/peft --top-wasteful 10   # wasted rank and UDR of an adapter
+  gradience monitor runs/toy/run.jsonl --verbose    # the story of a run
+  gradience COMMAND --help                          # flags and examples of one command
+"""
+
+
+def _chosen_command(argv: Sequence[str]) -> str | None:
+    """The command argv names, if any: the top-level parser has no option that takes a value, so it is the
+    first token that is not an option."""
+    first = next((tok for tok in argv if not tok.startswith("-")), None)
+    return first if first in COMMAND_MODULES else None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``gradience`` parser; with ``command`` only that command's module is imported and its parser built
+    (start-up time of every run, SPEC §11); without, all of them (``gradience --help`` lists every command)."""
     parser = _Parser(
         prog="gradience",
         description="Flight recorder and mechanic for LoRA / PEFT fine-tuning.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"gradience {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for name in COMMAND_MODULES:
+    for name in COMMAND_MODULES if command is None else (command,):
         module = importlib.import_module(f"gradience.cli.{name}")
         module.add_parser(sub)
     return parser
 
 
+def _parse(argv: Sequence[str]) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    parser = build_parser(_chosen_command(argv))
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        command = getattr(args, "command", None)
+        subparsers = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+        chosen = subparsers.choices.get(command) if subparsers is not None and command else None
+        reporter = chosen if isinstance(chosen, _Parser) else parser
+        assert isinstance(reporter, _Parser)
+        reporter.unknown_arguments(extras)
+    return parser, args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     _limit_blas_threads()
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    parser, args = _parse(list(sys.argv[1:] if argv is None else argv))
     if not getattr(args, "command", None):
         parser.print_help()
         return EXIT_INPUT
@@ -69,8 +122,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         # escaped (\udc80) instead of failing with UnicodeEncodeError after half a report.
         sys.stdout.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
 
+    # --json: what the command prints is held back and written only when it succeeds, so on an error stdout
+    # gets nothing at all (never a partial document; `> out.json` then holds nothing rather than broken JSON).
+    # --follow streams on purpose and is left alone.
+    held = io.StringIO() if getattr(args, "json", False) and not getattr(args, "follow", False) else None
+    real_stdout = sys.stdout
     try:
-        return int(args.func(args) or 0)
+        if held is None:
+            return int(args.func(args) or 0)
+        sys.stdout = held
+        try:
+            rc = int(args.func(args) or 0)
+        finally:
+            sys.stdout = real_stdout
+        real_stdout.write(held.getvalue())
+        real_stdout.flush()
+        return rc
     except GradienceError as exc:
         if debug:
             raise

@@ -156,8 +156,10 @@ def _is_saved_to_disk(path: Path) -> bool:
 
 def _load_raw(spec: str) -> Any:
     """A ``datasets.DatasetDict`` (or Dataset) from a hub id, ``id:config``, a local directory or a file."""
-    datasets = _import_datasets()
     path = Path(spec).expanduser()
+    if not path.exists() and not looks_like_local_path(spec):
+        _check_hub_dataset(spec)  # before datasets is imported: a minute of retries otherwise
+    datasets = _import_datasets()
     if path.is_dir():
         if _is_saved_to_disk(path):
             return datasets.load_from_disk(str(path))
@@ -171,11 +173,25 @@ def _load_raw(spec: str) -> Any:
         return datasets.load_dataset(builder, data_files={"train": str(path)}, **kwargs)
     if looks_like_local_path(spec):
         raise InputError("dataset path does not exist", path=spec)
+    repo_id, config = _hub_dataset(spec)
+    return datasets.load_dataset(repo_id, config)
+
+
+def _hub_dataset(spec: str) -> tuple[str, str | None]:
+    """(repo id, config) of a hub dataset spec: ``glue/sst2`` is ``nyu-mll/glue`` with config ``sst2``."""
     name, _, config = spec.partition(":")
     owner, _, task = name.partition("/")
     if owner == "glue" and task in _GLUE_TASKS and not config:
-        return datasets.load_dataset("nyu-mll/glue", task)
-    return datasets.load_dataset(name, config or None)
+        return "nyu-mll/glue", task
+    return name, config or None
+
+
+def _check_hub_dataset(spec: str) -> None:
+    """Fail in seconds for a hub dataset that is neither cached nor reachable; read a cached one offline."""
+    from gradience.io.hub import force_offline, require_hub_id_available
+
+    if require_hub_id_available(_hub_dataset(spec)[0], repo_type="dataset", flag="--dataset", spec=spec):
+        force_offline()
 
 
 load_raw_dataset = _load_raw  # public name for the bench's causal-LM data (same loading rules)

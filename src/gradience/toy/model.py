@@ -75,6 +75,21 @@ def build_tiny_classifier(vocab_size: int, num_labels: int, seed: int) -> Any:
     return model
 
 
+def hub_load_kwargs(spec: str, flag: str = "--model") -> dict[str, Any]:
+    """Extra ``from_pretrained`` arguments for a model spec, decided before transformers is asked: {} for a local
+    directory or a reachable hub; ``local_files_only`` for a hub id that is cached while the hub is not
+    reachable (transformers would retry for a minute); InputError at once for one neither cached nor reachable,
+    saying how to proceed (``save_pretrained`` it and pass the directory)."""
+    if os.path.isdir(os.path.expanduser(spec)):
+        return {}
+    from gradience.io.hub import force_offline, require_hub_id_available
+
+    if require_hub_id_available(spec.partition("@")[0], repo_type="model", flag=flag, spec=spec):
+        force_offline()
+        return {"local_files_only": True}
+    return {}
+
+
 @dataclass
 class LoadedModel:
     model: Any
@@ -94,15 +109,16 @@ def load_model(spec: str, num_labels: int, train_texts: Sequence[str], seed: int
         tokenizer = build_word_tokenizer(train_texts)
         model = build_tiny_classifier(len(tokenizer), num_labels, seed)
         return LoadedModel(model, tokenizer, BUILTIN_MODEL, list(BUILTIN_TARGETS))
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
     if spec.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(spec)):
         raise InputError("model directory does not exist", path=spec)
     path = os.path.expanduser(spec)
+    hub = hub_load_kwargs(spec)
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False, **hub)
         model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=num_labels, trust_remote_code=False, ignore_mismatched_sizes=True)
+            path, num_labels=num_labels, trust_remote_code=False, ignore_mismatched_sizes=True, **hub)
     except Exception as exc:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         hint = " (offline and not in the local cache?)" if offline or not os.path.isdir(path) else ""

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from gradience.errors import InputError
+from gradience.io.textfile import os_problem
 from gradience.jsonio import make_staging_dir
 from gradience.toy.dataset import BUILTIN_DATASET, TextClassificationData, load_text_classification
 from gradience.toy.model import BUILTIN_MODEL, MAX_LENGTH, hub_load_kwargs, load_model, require_hf
@@ -55,6 +56,7 @@ class ToyRunConfig:
     telemetry_allow_text: bool = False
     audit: bool = True
     quiet: bool = True                 # silence transformers' progress bars and info logs
+    progress: bool = False             # one line on stderr per logging step (the script and the demo turn it on)
 
 
 @dataclass
@@ -160,7 +162,17 @@ def save_adapter(model: Any, peft_dir: Path, **save_kwargs: Any) -> None:
     peft_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = make_staging_dir(peft_dir, "tmp")
     try:
-        model.save_pretrained(str(staging), **save_kwargs)
+        try:
+            model.save_pretrained(str(staging), **save_kwargs)
+        except OSError as exc:
+            raise InputError(f"cannot write: {os_problem(exc)}", peft_dir) from None
+        except Exception as exc:
+            # safetensors reports a full disk as SafetensorError("... I/O error: No space left on device (os
+            # error 28)"): an output problem of the user's, not a bug; anything else is re-raised as it is
+            text = str(exc)
+            if "I/O error" not in text and "os error" not in text:
+                raise
+            raise InputError(f"cannot write: {text.rpartition('I/O error: ')[2][:200]}", peft_dir) from None
         plain_modes(staging)
         previous = None
         if peft_dir.exists():
@@ -199,6 +211,7 @@ def run_toy(cfg: ToyRunConfig | None = None) -> ToyRunResult:
 
     if cfg.quiet:
         transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()  # "Writing model shards" bars of save_pretrained
     transformers.set_seed(cfg.seed)
     loaded = load_model(cfg.model, data.num_labels, data.train_texts, cfg.seed)
     base_dir: Path | None = None
@@ -237,6 +250,8 @@ def run_toy(cfg: ToyRunConfig | None = None) -> ToyRunResult:
         from transformers import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)  # with tqdm disabled it would print every log dict
+    if cfg.progress:
+        trainer.add_callback(_progress_callback(cfg))
     started = time.perf_counter()
     with callback.guard():
         trainer.train()
@@ -253,6 +268,37 @@ def run_toy(cfg: ToyRunConfig | None = None) -> ToyRunResult:
                         run_id=callback.run_id, model_name=loaded.name, dataset_name=data.name,
                         train_seconds=seconds, test_metrics=test_metrics, train_metrics=train_metrics,
                         base_dir=base_dir)
+
+
+def _progress_callback(cfg: ToyRunConfig) -> Any:
+    """A TrainerCallback printing one short line on stderr at the start and at each log / eval step, so a
+    user sees the run move (tqdm and the Printer callback are off in quiet mode; their dicts are noise)."""
+    import sys
+
+    from transformers import TrainerCallback
+
+    class ToyProgress(TrainerCallback):
+        def __init__(self) -> None:
+            self.started = time.perf_counter()
+
+        def _say(self, text: str) -> None:
+            print(f"toy run: {text}", file=sys.stderr, flush=True)
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.started = time.perf_counter()
+            self._say(f"training {cfg.max_steps} steps on {cfg.device} (model {cfg.model}, dataset {cfg.dataset})")
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+            logs = logs or {}
+            parts = [f"step {state.global_step}/{state.max_steps}"]
+            if isinstance(logs.get("loss"), (int, float)):
+                parts.append(f"loss {logs['loss']:.4f}")
+            if isinstance(logs.get("eval_accuracy"), (int, float)):
+                parts.append(f"test acc {100 * logs['eval_accuracy']:.1f}%")
+            if len(parts) > 1:
+                self._say("  ".join(parts) + f"  ({time.perf_counter() - self.started:.1f}s)")
+
+    return ToyProgress()
 
 
 # --- command line (shared by the example script and `gradience demo`) ----------------------------------
@@ -291,7 +337,7 @@ def config_from_args(args: argparse.Namespace) -> ToyRunConfig:
     return ToyRunConfig(out=args.out, device=args.device, model=args.model, dataset=args.dataset,
                         max_steps=args.max_steps, r=args.r, alpha=args.alpha, lr=args.lr, targets=targets,
                         seed=args.seed, telemetry_allow_text=args.telemetry_allow_text,
-                        audit=not args.no_audit)
+                        audit=not args.no_audit, progress=True)
 
 
 def format_result(result: ToyRunResult) -> str:

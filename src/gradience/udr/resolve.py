@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gradience.errors import InputError
+from gradience.io.hub import hub_cache_dir, hub_reachable, offline_requested
 from gradience.io.textfile import is_dir, is_file, probe, read_bytes_limited, read_json_file
 from gradience.issues import Issue
 from gradience.textfmt import safe_text
@@ -49,17 +50,6 @@ class ResolvedBase:
     weight_map: dict[str, str] | None = None
     index_path: Path | None = None
     notes: list[str] = field(default_factory=list)
-
-
-def hub_cache_dir() -> Path:
-    """The hub cache the Hugging Face libraries would use: $HF_HUB_CACHE, else $HF_HOME/hub, else the default."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "huggingface" / "hub"
 
 
 def _read_index(path: Path) -> dict[str, str]:
@@ -130,11 +120,12 @@ def _from_hub_cache(repo_id: str, revision: str | None, cache: Path) -> tuple[Pa
     if is_file(ref):
         # refs/<branch> holds the commit hash the branch pointed to; anything else (binary garbage, a path
         # such as ../../x) must not be followed, or a planted cache file could point us anywhere.
-        commit = read_bytes_limited(ref, what=f"refs/{wanted}", max_bytes=MAX_REF_BYTES).decode(
-            "utf-8", errors="backslashreplace").strip()
+        raw = read_bytes_limited(ref, what=f"refs/{wanted}", max_bytes=MAX_REF_BYTES).strip()
+        commit = raw.decode("ascii", errors="replace")
         if not _COMMIT_RE.match(commit):
-            raise InputError(f"refs/{wanted} does not hold a commit hash (found "
-                             f"{safe_text(repr(commit[:60]), max_len=80)}); the Hugging Face cache is corrupt", ref)
+            raise InputError(f"refs/{wanted} does not hold a commit hash (40 hex digits) but {_ref_content(raw)}, "
+                             f"so this cache entry is corrupt and was not used; delete {safe_text(repo_dir.name)} "
+                             "from the cache or pass the base as a local directory", ref)
         if is_dir(snapshots / commit):
             return snapshots / commit, commit
         return f"{snapshots / commit} (refs/{wanted} names a snapshot that is not cached)"
@@ -146,19 +137,34 @@ def _from_hub_cache(repo_id: str, revision: str | None, cache: Path) -> tuple[Pa
     return f"{snapshots / revision} or {ref} (revision {revision!r} not cached)"
 
 
-def _try_download(repo_id: str, revision: str | None) -> Path | None:
-    """Fetch only weights + index + config when huggingface_hub is installed and the hub is not offline."""
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}:
-        return None
+def _ref_content(raw: bytes) -> str:
+    """What a corrupt ``refs/<branch>`` holds, said safely: a path is never followed, binary never printed."""
+    if not raw:
+        return "nothing"
+    if any(b < 0x20 or b > 0x7E for b in raw):
+        return f"{len(raw)} bytes of binary data"
+    text = safe_text(raw.decode("ascii"), max_len=60)
+    if "/" in text or "\\" in text or ".." in text:
+        return f"a path ({text!r}, not followed)"
+    return repr(text)
+
+
+def _try_download(repo_id: str, revision: str | None) -> Path | str:
+    """Fetch only weights + index + config when huggingface_hub is installed and the hub is reachable; else why
+    not (a quick probe first: huggingface_hub alone would retry for about a minute without network)."""
+    if offline_requested():
+        return "HF_HUB_OFFLINE is set"
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
-        return None
+        return "huggingface_hub is not installed"
+    if not hub_reachable():
+        return "the hub is not reachable"
     try:
         path = snapshot_download(repo_id, revision=revision,
                                  allow_patterns=["*.safetensors", "*.safetensors.index.json", "config.json"])
-    except Exception:  # network down, repo missing, gated: all mean "not available"
-        return None
+    except Exception as exc:  # repo missing, gated, connection lost: all mean "not available"
+        return f"download failed: {type(exc).__name__}"
     return Path(path)
 
 
@@ -185,21 +191,53 @@ def resolve_base(spec: str, *, allow_download: bool = False) -> ResolvedBase:
                          "name (letters, digits, . _ - and /-separated parts, no '..') or a commit hash", repo_id)
     cache = hub_cache_dir()
     found = _from_hub_cache(repo_id, revision, cache)
+    no_download = ""
     if isinstance(found, str) and allow_download:
         downloaded = _try_download(repo_id, revision)
-        if downloaded is not None:
+        if isinstance(downloaded, str):
+            no_download = f"; not downloaded: {downloaded}"
+        else:
             found = _from_hub_cache(repo_id, revision, cache)
             if isinstance(found, str):
                 commit = downloaded.name
                 found = (downloaded, commit)
     if isinstance(found, str):
-        problem = f"base model not found: no such directory, and no local Hugging Face cache entry; looked for {found}"
-        if allow_download:
-            problem += " (no download: HF_HUB_OFFLINE set, huggingface_hub missing, no network, or no such repo)"
+        problem = (f"base model not found: no such directory, and no local Hugging Face cache entry; looked for "
+                   f"{found}{no_download}")
+        problem += ("; on a machine with network, save it with AutoModel.from_pretrained(ID).save_pretrained(DIR) "
+                    "and pass --base-model DIR")
         raise InputError(problem, raw)
     snapshot, commit = found
     display = f"{repo_id}@{commit}"
     return inspect_directory(snapshot, spec, display, f"hub:{display}")
+
+
+SAVED_BASE_DIRNAME = "base"  # where the toy run, the demo and the bench save the base beside the adapter
+
+
+def saved_base_in(directory: str | os.PathLike[str]) -> Path | None:
+    """``<directory>/base`` when it holds a saved checkpoint (config.json + safetensors weights), else None.
+
+    The toy run, ``gradience demo`` and ``gradience bench`` write ``<run>/base`` next to ``<run>/peft``
+    (``save_pretrained`` of the exact base they trained on). The one place that layout is recognised:
+    audit, compare and report all ask here."""
+    try:
+        base = Path(directory) / SAVED_BASE_DIRNAME
+        if not is_file(base / "config.json"):
+            return None
+        if is_file(base / SAFETENSORS_SINGLE) or is_file(base / SAFETENSORS_INDEX):
+            return base
+        return base if any(p.name not in _NOT_BASE_WEIGHTS for p in base.glob("*.safetensors")) else None
+    except (OSError, ValueError, InputError):  # unreadable directory, NUL in a name: no saved base
+        return None
+
+
+def base_beside_adapter(adapter_dir: str | os.PathLike[str] | None) -> Path | None:
+    """The saved base of the run an adapter directory belongs to (``<adapter_dir>/../base``), or None."""
+    if not adapter_dir:
+        return None
+    parent = os.path.dirname(os.path.normpath(os.fspath(adapter_dir))) or "."
+    return saved_base_in(parent)
 
 
 def base_unresolved_issue(hint: str | None, problem: str | None = None) -> Issue:
