@@ -118,10 +118,10 @@ def _adapter_in_run_dir(d: Path) -> tuple[Path | None, str | None]:
 
 
 def _run_base(d: Path) -> Path | None:
-    base = d / BASE_DIRNAME
-    if (base / "config.json").is_file() and any(base.glob("*.safetensors")):
-        return base
-    return None
+    """``d/base`` when it holds a saved checkpoint: the one resolver audit and compare use too."""
+    from gradience.udr.resolve import saved_base_in
+
+    return saved_base_in(d)
 
 
 def plan(path: str | os.PathLike[str], base_model: str | None = None) -> _Plan:
