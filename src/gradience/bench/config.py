@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from gradience.bench.config_compat import translate
+from gradience.bench.config_compat import reference_keys, translate
 from gradience.bench.config_values import MAX_RANK as _MAX_RANK
 from gradience.bench.config_values import Reader as _Reader
 from gradience.bench.config_values import closest as _closest
@@ -199,7 +199,8 @@ def config_from_mapping(data: Mapping[str, Any], source: str = "<config>") -> Be
     data, ignored = translate(data, source)
     for key, value in data.items():
         if key not in SCHEMA_KEYS:
-            raise InputError(f"unknown key {show(key, 60)}{_closest(key, list(SCHEMA_KEYS))}", path=source)
+            raise InputError(f"unknown key {show(key, 60)}{_closest(key, [*SCHEMA_KEYS, *reference_keys('')])}",
+                             path=source)
         sub = SCHEMA_KEYS[key]
         if sub is None:
             continue
@@ -210,7 +211,7 @@ def config_from_mapping(data: Mapping[str, Any], source: str = "<config>") -> Be
         for subkey in value:
             if not isinstance(subkey, str) or subkey not in sub:
                 raise InputError(f"unknown key '{key}.{show(subkey, 60).strip(chr(39))}'"
-                                 f"{_closest(show(subkey, 60), sub)}", path=source)
+                                 f"{_closest(subkey if isinstance(subkey, str) else show(subkey), [*sub, *reference_keys(key)])}", path=source)
 
     def section(name: str) -> _Reader:
         value = data.get(name) or {}

@@ -53,6 +53,17 @@ IGNORED: dict[str, tuple[str, ...] | None] = {
 }
 
 
+def reference_keys(section: str) -> tuple[str, ...]:
+    """The reference's own names in ``section`` ("" for the top level): offered as "did you mean" too."""
+    names = [key for (sec, key) in ALIASES if sec == section]
+    if section == "":
+        names += [key for key, sub in IGNORED.items() if sub is None]
+    else:
+        names += list(IGNORED.get(section) or ())
+        names += {"model": ["type"], "task": ["profile"]}.get(section, [])
+    return tuple(names)
+
+
 def _conflict(source: str, a: str, b: str, va: Any, vb: Any) -> InputError:
     return InputError(f"{a} ({show(va)}) and {b} ({show(vb)}) say different things; keep one", path=source)
 
