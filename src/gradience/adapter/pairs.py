@@ -81,8 +81,9 @@ class _FactorLoader:
         self.r, self.d_in, self.d_out, self.transposed = r, d_in, d_out, transposed
 
     def __call__(self) -> tuple[np.ndarray, np.ndarray]:
-        a = self.source.read_f32(self.a_key)
-        b = self.source.read_f32(self.b_key)
+        read = getattr(self.source, "read_float", self.source.read_f32)  # F64 stays F64 (no overflow to inf)
+        a = read(self.a_key)
+        b = read(self.b_key)
         if self.transposed:
             a, b = a.T, b.T
         return a.reshape(self.r, self.d_in), b.reshape(self.d_out, self.r)

@@ -89,8 +89,23 @@ class SafetensorsSource:
     def metas(self) -> dict[str, TensorMeta]:
         return self._metas
 
+    def use_copies(self) -> None:
+        """Read every tensor with pread into memory from now on (no mapping): a file that shrinks meanwhile
+        gives a clean InputError instead of SIGBUS (see SafetensorsFile.copy_reads)."""
+        for sf in self._files.values():
+            sf.copy_reads = True
+
     def read_f32(self, key: str) -> np.ndarray:
         return self._files[key].read_f32(key)
+
+    def read_float(self, key: str) -> np.ndarray:
+        """One floating tensor as numbers without losing range: F64 as float64 (zero-copy), others as
+        :meth:`read_f32` gives them. Finite F64 values beyond float32's range (~3.4e38) must not become inf
+        before the math (which works in float64, scaled where a Gram would overflow) sees them."""
+        sf = self._files[key]
+        if sf.tensors[key].dtype == "F64":
+            return np.asarray(sf.read(key), dtype=np.float64)
+        return sf.read_f32(key)
 
     def read_raw(self, key: str) -> np.ndarray:
         """The stored bytes of one tensor (zero-copy view, its own dtype): what compress copies verbatim."""
@@ -103,7 +118,7 @@ class SafetensorsSource:
         sf = self._files[key]
         if sf.tensors[key].dtype == "BF16":
             return sf.read_raw(key), True
-        return sf.read_f32(key), False
+        return self.read_float(key), False
 
     def release(self, key: str) -> None:
         """Drop the tensor's mapped pages from the process once the math is done with it."""
@@ -157,6 +172,15 @@ class MappingSource:
         if _is_torch_tensor(value):
             return np.asarray(value.detach().float().cpu().numpy(), dtype=np.float32)
         return np.asarray(value, dtype=np.float32)
+
+    def read_float(self, key: str) -> np.ndarray:
+        """Like :meth:`read_f32`, but float64 tensors stay float64 (see SafetensorsSource.read_float)."""
+        value = self._tensors[key]
+        if self._metas[key].dtype == "float64":
+            if _is_torch_tensor(value):
+                return np.asarray(value.detach().cpu().numpy(), dtype=np.float64)
+            return np.asarray(value, dtype=np.float64)
+        return self.read_f32(key)
 
 
 def _pickle_reason(exc: Exception) -> str:

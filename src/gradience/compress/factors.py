@@ -26,7 +26,7 @@ from typing import Literal
 
 import numpy as np
 
-from gradience.audit.spectrum import factored_svd
+from gradience.audit.spectrum import factor_grams, factored_svd
 from gradience.policy.thresholds import COMPRESS_GRAM_SIGMA_RATIO, SPECTRUM_QR_REFINE_RATIO
 
 SplitMethod = Literal["gram", "qr"]
@@ -121,3 +121,26 @@ def rescaled_factors(a: np.ndarray, b: np.ndarray, k: int, coef: float) -> tuple
     a_new[:r] = np.asarray(a, dtype=np.float64) * root
     b_new[:, :r] = np.asarray(b, dtype=np.float64) * (root * (-1.0 if coef < 0 else 1.0))
     return a_new, b_new
+
+
+def _exponent(x: np.ndarray) -> int:
+    """e with max|x| ≈ 2^e (0 for an all-zero or non-finite x)."""
+    top = float(np.max(np.abs(x))) if x.size else 0.0
+    if top == 0.0 or not math.isfinite(top):
+        return 0
+    return math.frexp(top)[1]
+
+
+def scaled_truncated_factors(a: np.ndarray, b: np.ndarray, k: int, coef: float
+                             ) -> tuple[np.ndarray, np.ndarray, SplitMethod]:
+    """:func:`truncated_factors` for finite factors whose σ (or Grams) overflow or underflow float64
+    (values ~1e200 or ~1e-200): the SVD runs on A·2^-ea and B·2^-eb and the balanced split gets the factor
+    2^((ea+eb)/2) back on each side, so (α/k)·B'A' is unchanged while σ itself is never formed."""
+    ea, eb = _exponent(a), _exponent(b)
+    a_s = np.ldexp(np.asarray(a, dtype=np.float64), -ea)
+    b_s = np.ldexp(np.asarray(b, dtype=np.float64), -eb)
+    a_new, b_new, method = truncated_factors(a_s, b_s, k, coef, factor_grams(a_s, b_s))
+    half, odd = divmod(ea + eb, 2)
+    back = math.sqrt(2.0) if odd else 1.0
+    with np.errstate(over="ignore"):
+        return np.ldexp(a_new * back, half), np.ldexp(b_new * back, half), method

@@ -66,6 +66,16 @@ def preflight(loaded: LoadedAdapter) -> float:
                          "base model, not a delta (s·B·A is not the update), so truncating them would change the "
                          "base; convert the adapter with PEFT's path_initial_model_for_weight_conversion first",
                          where)
+    # PEFT stores A as (r, d_in) and B as (d_out, r); shapes that only fit transposed are either another
+    # layout or a mismatched pair (A (4, 16) with B (16, 8) "fits" as r=16 on 4x8): either way the output
+    # would be an adapter PEFT cannot load (issue 17), so compress refuses rather than guessing.
+    transposed = [i for i in loaded.issues if i.code == "transposed_factors"]
+    if transposed:
+        mods = transposed[0].modules or []
+        raise InputError(f"{len(mods) or 'some'} module(s) ({', '.join(mods[:3])}{' ...' if len(mods) > 3 else ''}) "
+                         "have lora_A/lora_B shapes that do not form a PEFT pair (A (r, d_in), B (d_out, r) with "
+                         "one r); they fit only transposed or mismatched, so compress would write an adapter "
+                         "PEFT cannot load", loaded.adapter_weights_path)
     broken = [i for i in loaded.issues if i.code in _BROKEN_INPUT_CODES]
     if broken:
         raise InputError("cannot write a loadable adapter from this one: " + "; ".join(i.message for i in broken),
@@ -155,7 +165,11 @@ def plan(loaded: LoadedAdapter, options: CompressOptions) -> tuple[list[LayerPla
     if options.dtype not in DTYPE_CHOICES:
         raise InputError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, got {options.dtype!r}")
     alpha = preflight(loaded)
-    audits = audit_pairs(loaded.pairs)
+    try:
+        audits = audit_pairs(loaded.pairs)
+    except np.linalg.LinAlgError as exc:
+        raise InputError(f"the spectrum of a module could not be computed ({exc}): the factors hold extreme "
+                         "values or changed while being read", loaded.adapter_weights_path) from None
     use_rslora = bool(loaded.config.get("use_rslora", False))
     ks, extra = _layer_ranks(audits, policy, use_rslora)
     if policy.uniform:

@@ -19,7 +19,7 @@ import numpy as np
 from gradience.adapter.model import LoadedAdapter, LoraPair
 from gradience.adapter.sources import SafetensorsSource
 from gradience.audit.spectrum import factor_grams
-from gradience.compress.factors import rescaled_factors, truncated_factors
+from gradience.compress.factors import rescaled_factors, scaled_truncated_factors, truncated_factors
 from gradience.compress.result import LayerPlan
 from gradience.engines import OutputFacts
 from gradience.errors import InputError
@@ -43,6 +43,40 @@ def _factor_layout(pair: LoraPair, a: np.ndarray, b: np.ndarray, k: int) -> tupl
     if tuple(pair.a_shape) != (pair.r, pair.d_in):  # the reader transposed both factors back
         return a.T, b.T
     return a, b
+
+
+def _finite(*arrays: np.ndarray) -> bool:
+    return all(bool(np.isfinite(x).all()) for x in arrays)
+
+
+def _truncate(layer: LayerPlan, a: np.ndarray, b: np.ndarray, where: str | None
+              ) -> tuple[np.ndarray, np.ndarray, str]:
+    """The truncated factors of one module; finite factors whose σ or Grams overflow float64 (F64 ~1e200)
+    go through the scaled path; NaN/Inf factors or a LAPACK failure are a clean InputError."""
+    try:
+        with np.errstate(over="ignore", invalid="ignore"):
+            a_new, b_new, method = truncated_factors(a, b, layer.r_after, layer.coef, factor_grams(a, b))
+        if _finite(a_new, b_new):
+            return a_new, b_new, method
+    except np.linalg.LinAlgError:
+        pass
+    if not _finite(a, b):
+        raise InputError(f"module {layer.name}: its factors hold NaN/Inf, which cannot be truncated", where)
+    try:
+        a_new, b_new, method = scaled_truncated_factors(a, b, layer.r_after, layer.coef)
+    except np.linalg.LinAlgError as exc:
+        raise InputError(f"module {layer.name}: its SVD failed ({exc}); the factors changed while being read?",
+                         where) from None
+    return a_new, b_new, method
+
+
+def _read_pair(raw: _RawReader, pair: LoraPair) -> tuple[np.ndarray, np.ndarray]:
+    """A (r, d_in), B (d_out, r) of ``pair`` read through the writer's own source (pread copies, F64 kept)."""
+    a = raw.read_float(pair.a_key, "")
+    b = raw.read_float(pair.b_key, "")
+    if pair.kind != "conv" and tuple(pair.a_shape) != (pair.r, pair.d_in):
+        a, b = a.T, b.T
+    return a.reshape(pair.r, pair.d_in), b.reshape(pair.d_out, pair.r)
 
 
 def _factor_shapes(pair: LoraPair, k: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -70,6 +104,11 @@ class _RawReader:
             raise InputError(f"tensor '{key}' is float64 in a pickled file; convert the adapter to safetensors",
                              self.where)
         return encode_float(self.source.read_f32(key), dtype)
+
+    def read_float(self, key: str, dtype: str) -> np.ndarray:
+        """One floating tensor as numbers (float64 kept as float64, BF16 widened exactly)."""
+        read = getattr(self.source, "read_float", None)
+        return read(key) if read is not None else self.source.read_f32(key)
 
 
 def source_sha256(loaded: LoadedAdapter) -> str:
@@ -102,6 +141,8 @@ def tensor_specs(loaded: LoadedAdapter, layers: list[LayerPlan], out_dtype: str 
 
     where = loaded.adapter_weights_path
     source = open_weights(Path(where or ""))
+    if isinstance(source, SafetensorsSource):
+        source.use_copies()  # one tensor at a time anyway; a shrinking input is an error, not SIGBUS
     raw = _RawReader(source, where)
     metas = source.metas()
     by_key: dict[str, tuple[LayerPlan, str]] = {}
@@ -116,11 +157,11 @@ def tensor_specs(loaded: LoadedAdapter, layers: list[LayerPlan], out_dtype: str 
         assert pair is not None
         slot = pending.get(layer.name)
         if slot is None:
-            a, b = pair.load_factors()
+            a, b = _read_pair(raw, pair)
             if layer.action == "truncated":
                 # The Grams are recomputed here, on factors just read, rather than kept from the audit pass
                 # (cheap next to the read, and independent of how the audit reduces its factors).
-                a_new, b_new, method = truncated_factors(a, b, layer.r_after, layer.coef, factor_grams(a, b))
+                a_new, b_new, method = _truncate(layer, a, b, where)
                 layer.method = method
             else:
                 a_new, b_new = rescaled_factors(a, b, layer.r_after, layer.coef)
@@ -134,9 +175,22 @@ def tensor_specs(loaded: LoadedAdapter, layers: list[LayerPlan], out_dtype: str 
             del pending[layer.name]
         return out
 
+    by_prefix = {layer.peft_prefix: layer for layer in layers}
+
+    def scaled_bias(key: str, layer: LayerPlan, stored: str) -> np.ndarray:
+        # PEFT applies lora_B's bias times the module's scale (forward: lora_B(lora_A(x)) * scaling; merge:
+        # base bias += scaling * lora_B.bias). The output's scale is α/k, so the bias carries the same
+        # coefficient c = s·k/α as B'·A' (issue 17: copied unchanged, it was applied r/k times too strongly).
+        value = np.asarray(raw.read_float(key, stored), dtype=np.float64) * layer.coef
+        try:
+            return encode_float(value, stored)
+        except ValueError as exc:
+            raise InputError(f"lora_B bias of module {layer.name}: {exc}", where) from None
+
     specs: list[TensorSpec] = []
     dtypes: Counter[str] = Counter()
-    non_lora: dict[str, Any] = {"count": 0, "params": 0, "names": [], "dora_magnitudes": 0, "lora_biases": 0}
+    non_lora: dict[str, Any] = {"count": 0, "params": 0, "names": [], "dora_magnitudes": 0, "lora_biases": 0,
+                                "lora_biases_rescaled": 0}
     for key, meta in metas.items():
         stored = _stored_name(meta.dtype, key, where)
         hit = by_key.get(key)
@@ -146,6 +200,12 @@ def tensor_specs(loaded: LoadedAdapter, layers: list[LayerPlan], out_dtype: str 
                 non_lora["dora_magnitudes"] += 1
             elif parsed is not None and parsed.param == "bias":
                 non_lora["lora_biases"] += 1
+                owner = by_prefix.get(parsed.prefix) if parsed.role in ("lora_B", "lora_embedding_B") else None
+                if owner is not None and not owner.verbatim:
+                    non_lora["lora_biases_rescaled"] += 1
+                    specs.append(TensorSpec(key, stored, meta.shape, partial(scaled_bias, key, owner, stored)))
+                    dtypes[stored] += 1
+                    continue
             else:
                 non_lora["count"] += 1
                 non_lora["params"] += meta.numel

@@ -74,3 +74,5 @@ def qk_permute_heads(arch: str, checkpoint_name: str, n_head: int | None, n_head
         return n_head_kv or n_head
     return None
 
+# convert_lora_to_gguf.py LoraModel.get_tensors skips saved base-layer copies (PEFT's save_embedding_layers).
+BASE_LAYER_SKIPPED = ".base_layer.weight"

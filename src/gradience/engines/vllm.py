@@ -36,7 +36,8 @@ def parse_version(text: str) -> tuple[int, int, int] | None:
     """``"0.33.0"`` / ``"v0.10.1.post1"`` -> (0, 33, 0) / (0, 10, 1); ``"current"`` -> None (the newest)."""
     if text.strip().lower() in ("", CURRENT, "latest"):
         return None
-    match = re.fullmatch(r"v?(\d{1,4})\.(\d{1,4})(?:\.(\d{1,4}))?(?:[.+-]?[A-Za-z0-9.+-]*)?", text.strip())
+    match = re.fullmatch(r"v?(\d{1,4})\.(\d{1,4})(?:\.(\d{1,4}))?(?:[.+-]?[A-Za-z][A-Za-z0-9.+-]{0,30})?",
+                         text.strip())
     if match is None:
         raise ValueError(f"not a vLLM version: {text[:40]!r} (expected e.g. 0.33.0)")
     return int(match.group(1)), int(match.group(2)), int(match.group(3) or 0)

@@ -85,6 +85,9 @@ class SafetensorsFile:
         self._mm: mmap.mmap | None = None
         self._fd: int | None = None
         self._size = 0
+        # True: tensors are read with pread into fresh memory, never through the mapping, so a file truncated
+        # while it is read gives a short read (a clean error) instead of SIGBUS (compress's writer uses this).
+        self.copy_reads = False
         self._parse_header()
 
     # -- header ---------------------------------------------------------------------------------
@@ -244,10 +247,31 @@ class SafetensorsFile:
         np_dtype = _DTYPES[info.dtype][0]
         if info.numel == 0:
             return np.zeros(info.shape, dtype=np_dtype)
+        if self.copy_reads:
+            return self._pread(info, np_dtype)
         mm = self._map()
         self._check_size()
         arr = np.frombuffer(mm, dtype=np_dtype, count=info.numel, offset=info.start)
         return arr.reshape(info.shape)
+
+    def _pread(self, info: TensorInfo, np_dtype: str) -> np.ndarray:
+        """The tensor's bytes copied with pread: a truncated file is a short read, never a SIGBUS."""
+        if self._fd is None:
+            self._map()
+        assert self._fd is not None
+        out = np.empty(info.numel, dtype=np_dtype)
+        view = memoryview(out).cast("B")
+        done, want = 0, info.end - info.start
+        while done < want:
+            try:
+                n = os.preadv(self._fd, [view[done:]], info.start + done)
+            except OSError as exc:
+                raise InputError(f"cannot read: {os_problem(exc)}", self.path) from None
+            if n <= 0:
+                raise InputError(f"file shrank while being read (tensor {_name(info.name)} ends at byte "
+                                 f"{info.end}; truncated?)", self.path)
+            done += n
+        return out.reshape(info.shape)
 
     def release(self, name: str) -> None:
         """Drop this tensor's mapped pages from the process (they stay in the page cache; a later read
