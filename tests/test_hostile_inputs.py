@@ -729,3 +729,62 @@ def test_check_yaml_huge_numbers(tmp_path: Path, capsys: pytest.CaptureFixture[s
 def test_check_flag_r_1e308(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = cli(capsys, "check", "--r", "1e308", "--alpha", "16")
     assert_one_line_error(code, err, "'r'", "out of range")
+
+
+# -- issue 17: a full disk under save_pretrained (w_demo_out_full) --------------------------------------------
+@pytest.mark.slow
+def test_save_adapter_on_a_full_disk_is_an_input_error(tmp_path: Path) -> None:
+    from support.hostile import tiny_full_disk, unmount
+
+    from gradience.errors import InputError
+
+    pytest.importorskip("peft")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from gradience.toy.run import save_adapter
+
+    disk = tmp_path / "disk"
+    if not tiny_full_disk(disk):
+        pytest.skip("needs root and tmpfs to make a full disk")
+    try:
+        cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=4)
+        model = LlamaForCausalLM(cfg)  # ~0.2 MB of fp32 weights: more than the 64 KiB disk holds
+        with pytest.raises(InputError, match="No space left on device") as err:
+            save_adapter(model, disk / "out" / "base")
+        assert str(disk / "out" / "base") in str(err.value)
+        assert not (disk / "out" / "base").exists() and [p.name for p in (disk / "out").iterdir()] == []
+    finally:
+        unmount(disk)
+
+
+# -- issue 17: a corrupt refs/main in the HF cache (bm_hub_ref_*) ---------------------------------------------
+@pytest.mark.parametrize("ref,needle", [(b"\xff\xfe\x00garbage\x1b[2J", "14 bytes of binary data"),
+                                        (b"../../x", "a path ('../../x', not followed)"),
+                                        (b"", "but nothing")])
+def test_hf_cache_ref_problem_is_said_safely(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ref: bytes,
+                                             needle: str) -> None:
+    from gradience.errors import InputError
+    from gradience.udr.resolve import resolve_base
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--org--m"
+    synthetic_base(repo / "snapshots" / ("a" * 40))
+    synthetic_base(tmp_path / "x")  # what ../../x would reach if it were followed
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_bytes(ref + b"\n")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(InputError) as err:
+        resolve_base("org/m")
+    message = str(err.value)
+    assert needle in message and "does not hold a commit hash" in message and "models--org--m" in message
+    assert "\x1b" not in message and "\\\\" not in message and "\n" not in message
+
+
+# -- issue 17: --adapter-config naming nothing (p_nonexistent_cfg) ---------------------------------------------
+def test_missing_adapter_config_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for cfg in (tmp_path / "nope" / "adapter_config.json", tmp_path / "adapter_config.json"):
+        code, _, err = cli(capsys, "audit", "--adapter-config", str(cfg))
+        assert_one_line_error(code, err, str(cfg), "adapter config not found")
+        assert "weights" not in err

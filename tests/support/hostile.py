@@ -306,3 +306,16 @@ def csv_dataset(path: Path, labels: list[Any], n: int = 60) -> Path:
     rows = ["text,label"] + [f"sample {i} {'good' if i % 2 else 'bad'},{labels[i % len(labels)]}" for i in range(n)]
     path.write_text("\n".join(rows) + "\n")
     return path
+
+
+def tiny_full_disk(path: Path, kib: int = 64) -> bool:
+    """Mount a ``kib``-KiB tmpfs at ``path`` (a full disk for ENOSPC cases); False where mounting is not allowed."""
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        return False
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(path)], capture_output=True)
+    return proc.returncode == 0
+
+
+def unmount(path: Path) -> None:
+    subprocess.run(["umount", str(path)], capture_output=True)

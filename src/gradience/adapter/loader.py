@@ -100,6 +100,8 @@ def load_adapter(peft_dir: str | None = None, *, adapter_config: str | None = No
         if peft_dir is not None:
             adapter_dir, resolved_name, issues = resolve_adapter_dir(peft_dir, adapter_name)
         elif adapter_config is not None:
+            # say what is missing: the config itself, not the weights that would sit next to it
+            regular_file_stat(adapter_config, "adapter config", missing="adapter config not found")
             adapter_dir = Path(adapter_config).parent
         else:
             raise InputError("no adapter given: pass a PEFT adapter directory (--peft-dir) or a weights file "
