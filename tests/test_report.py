@@ -491,7 +491,7 @@ def test_cli_default_output_and_bad_inputs(tmp_path: Path, small_with_base: dict
     (tmp_path / "empty").mkdir()
     (tmp_path / "bad.json").write_text("{not json")
     for target, message in (("missing", "no such file"), ("other.json", "not a report input"),
-                            ("empty", "nothing to report"), ("bad.json", "invalid JSON")):
+                            ("empty", "nothing to report"), ("bad.json", "not valid JSON")):
         proc = _cli(target, cwd=tmp_path)
         assert proc.returncode == 2, (target, proc.stderr)
         lines = proc.stderr.strip().splitlines()
@@ -550,3 +550,164 @@ def test_run_with_an_unreadable_adapter_still_reports_the_run(tmp_path: Path) ->
     assert "Training run" in page and "The adapter was not audited:" in page
     assert "adapter_model.safetensors" in page
     assert_self_contained(page)
+
+
+# -- readable at a glance (issue 17 item 2) -------------------------------------------------------------------
+_FIGURE = re.compile(r'<figure class="heatmap"[^>]*>(.*?)</figure>', re.DOTALL)
+_CELL = re.compile(r'<rect x="\d+" y="\d+" width="(\d+)" height="(\d+)" fill="([^"]+)"[^>]*><title>([^<]*)</title>')
+_LEGEND = re.compile(r'<text class="legend[^"]*" [^>]*>([^<]*)</text>')
+
+
+def heatmaps(page: str) -> dict[str, dict[str, Any]]:
+    """{map title: {"cells": [(w, h, fill, module, value text)], "legend": [label texts]}} of every heatmap."""
+    import html as html_mod
+
+    out = {}
+    for body in _FIGURE.findall(page):
+        title = html_mod.unescape(re.search(r"<b>(.*?)</b>", body).group(1))  # type: ignore[union-attr]
+        cells = []
+        for w, h, fill, tip in _CELL.findall(body):
+            name, _, rest = html_mod.unescape(tip).partition("\n")
+            cells.append((int(w), int(h), fill, name, rest.rpartition(": ")[2]))
+        out[title] = {"cells": cells, "legend": [html_mod.unescape(t) for t in _LEGEND.findall(body)], "svg": body}
+    return out
+
+
+def _value(text: str) -> float:
+    return float(text[:-1]) / 100 if text.endswith("%") else float(text)
+
+
+def _luminance(hex_fill: str) -> float:
+    r, g, b = (int(hex_fill[i:i + 2], 16) / 255 for i in (1, 3, 5))
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+
+def test_heatmaps_have_readable_cells_and_colour_bars_spanning_the_data(small_with_base: dict[str, Path],
+                                                                        tmp_path: Path) -> None:
+    page = render(small_with_base["adapter"], base_model=str(small_with_base["base"]),
+                  base_norms_cache=str(tmp_path / "norms.json"))
+    maps = heatmaps(page)
+    assert set(maps) == {"utilization", "k@90%", "UDR"}
+    for title, m in maps.items():
+        computed = [c for c in m["cells"] if not c[2].startswith("url(")]
+        assert len(computed) == 21, title  # 3 blocks x 7 modules, every one computed here
+        assert all(w >= 14 and h >= 14 for w, h, *_ in m["cells"]), title
+        lo = min(computed, key=lambda c: _value(c[4]))
+        hi = max(computed, key=lambda c: _value(c[4]))
+        # The colour bar's end labels are the data's min and max, formatted as the cells' own tooltips.
+        assert m["legend"][:2] == [lo[4], hi[4]], (title, m["legend"])
+        # One direction for "more" on every map: the largest value is the darker colour.
+        if lo[4] != hi[4]:
+            assert _luminance(hi[2]) < _luminance(lo[2]) - 0.2, (title, lo, hi)
+
+
+def test_compare_maps_tell_zero_from_not_computed_and_use_blue_for_more(tmp_path: Path) -> None:
+    names = [f"model.layers.{i}.self_attn.{leaf}_proj" for i in range(2) for leaf in "qk"]
+    deltas = [0.0, None, 0.05, -0.02]
+    modules = [{"name": n, "cos": 0.5, "a": {"udr": 0.1}, "b": {"udr": None if d is None else 0.1 + d},
+                "delta": {"udr": d, "utilization": d}} for n, d in zip(names, deltas, strict=True)]
+    doc = {"schema": "gradience.compare/v1", "a": {"path": "runs/a/peft"}, "b": {"path": "runs/b/peft"},
+           "summary": {"n_matched": 4}, "modules": modules, "issues": []}
+    (tmp_path / "cmp.json").write_text(json.dumps(doc))
+    page = render(tmp_path / "cmp.json")
+    m = heatmaps(page)["Δ UDR (B − A)"]
+    fill = {c[3]: c[2] for c in m["cells"]}
+    assert fill[names[1]].startswith("url(#") and fill[names[1]].endswith("-na)")  # the hatch pattern
+    assert f'<pattern id="{fill[names[1]][5:-1]}"' in m["svg"]
+    assert fill[names[0]].startswith("#") and _luminance(fill[names[0]]) > 0.9  # zero: the white middle
+    r, g, b = (int(fill[names[2]][i:i + 2], 16) for i in (1, 3, 5))
+    assert b > r + 60  # more (B − A > 0): blue, as the darker end of the sequential maps
+    r, g, b = (int(fill[names[3]][i:i + 2], 16) for i in (1, 3, 5))
+    assert r > b + 30
+    assert m["legend"] == ["-0.02", "+0.05", "0", "not computed (1)"]
+    assert "<title>Comparison a/peft ↔ b/peft</title>" in page
+
+
+def test_titles_name_the_run_and_the_adapter(tmp_path: Path, nan_spike_run: Path,
+                                             small_with_base: dict[str, Path]) -> None:
+    import shutil
+
+    assert "<title>Run run-0001 · report_nan_run</title>" in render(nan_spike_run)
+    peft = tmp_path / "my-run" / "peft"
+    shutil.copytree(small_with_base["adapter"], peft)
+    page = render(peft, udr=False)
+    assert "<title>Adapter my-run/peft</title>" in page
+    assert '<h1>Adapter my-run/peft</h1>' in page
+
+
+def test_bench_page_collapses_identical_udr_and_wraps_names_between_parts(tmp_path: Path) -> None:
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "bench.json").write_text(json.dumps(make_bench_doc()))
+    page = render(tmp_path / "b")
+    assert "<title>Bench b: tiny-llama on toy</title>" in page
+    # 10 distributions (probe + 9 arms); probe, retrain_p90 and uniform:16 are the same one.
+    assert "10 distributions, 8 distinct" in page
+    compact = re.search(r'<table class="udr-compact">(.*?)</table>', page, re.DOTALL).group(1)  # type: ignore[union-attr]
+    assert compact.count("<tr>") == 1 + 8
+    assert "probe = retrain_<wbr>p90 = uniform:<wbr>16" in compact
+    # One label per arm and the probe, each in its own group the browser test measures.
+    assert len(set(re.findall(r'id="c\d+-gx-arm-label-(\d+)"', page))) == 10
+    assert "bars: ± 1 sd of Δ over 3 seeds" in page
+    assert '<td class="name">retrain_<wbr>per_<wbr>layer</td>' in page
+    assert "0.<wbr>" not in page  # numbers never get a break opportunity
+
+
+def test_one_seed_bench_says_there_are_no_error_bars(tmp_path: Path) -> None:
+    (tmp_path / "bench.json").write_text(json.dumps(make_bench_doc(seeds=(1,))))
+    page = render(tmp_path / "bench.json")
+    assert "one seed: no error bars" in page
+
+
+@pytest.mark.parametrize(("wanted", "gap"), [
+    ([0.5, 0.5, 0.5, 0.5], 0.1), ([0.1, 0.9, 0.12, 0.11, 0.5], 0.05), ([0.0, 1.0], 0.3),
+    ([0.95, 0.96, 0.97, 0.98, 0.99, 1.0, 1.0], 0.1), (list(np.random.default_rng(1).random(30)), 0.03),
+])
+def test_spread_labels_keeps_every_pair_a_line_apart(wanted: list[float], gap: float) -> None:
+    from gradience.report.arm_chart import spread_labels
+
+    ys = spread_labels(wanted, gap, 0.0, 1.0)
+    order = sorted(range(len(wanted)), key=lambda i: (wanted[i], i))
+    placed = [ys[i] for i in order]
+    assert all(b - a >= gap - 1e-12 for a, b in zip(placed, placed[1:], strict=False))  # same order, apart
+    assert all(-1e-12 <= y <= 1.0 + 1e-12 for y in ys)
+    spaced = sorted(wanted)
+    if all(b - a >= gap for a, b in zip(spaced, spaced[1:], strict=False)):
+        assert ys == pytest.approx(wanted)  # nothing to move: labels stay level with their points
+
+
+def _report_cli(*args: str) -> tuple[int, str]:
+    import contextlib
+    import io
+
+    from gradience.cli.main import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = main(["report", *args])
+    return code, err.getvalue()
+
+
+def test_report_never_overwrites_another_inputs_page_without_force(tmp_path: Path) -> None:
+    from support.hostile import _compare_doc
+
+    (tmp_path / "a.json").write_text(json.dumps(_compare_doc()))
+    (tmp_path / "b.json").write_text(json.dumps({**_compare_doc(), "a": {"path": "x/other"}}))
+    assert _report_cli(str(tmp_path / "a.json")) == (0, "")
+    a_page = (tmp_path / "a.html").read_bytes()  # the default name comes from the input's
+    assert f'<meta name="gradience-report-input" content="{tmp_path / "a.json"}">'.encode() in a_page
+    code, err = _report_cli(str(tmp_path / "b.json"), "-o", str(tmp_path / "a.html"))
+    assert code == 2 and "holds the report of another input" in err and "--force" in err, err
+    assert (tmp_path / "a.html").read_bytes() == a_page
+    assert _report_cli(str(tmp_path / "a.json")) == (0, "")  # the same input: rewritten
+    (tmp_path / "notes.html").write_text("<p>mine</p>")
+    code, err = _report_cli(str(tmp_path / "a.json"), "-o", str(tmp_path / "notes.html"))
+    assert code == 2 and "not a gradience report" in err, err
+    assert (tmp_path / "notes.html").read_text() == "<p>mine</p>"
+    assert _report_cli(str(tmp_path / "b.json"), "-o", str(tmp_path / "a.html"), "--force") == (0, "")
+    assert f'content="{tmp_path / "b.json"}">'.encode() in (tmp_path / "a.html").read_bytes()
+    # A directory and a file in it describe the same thing (the bench writes OUT/report.html from
+    # OUT/bench.json; `gradience report OUT` rewrites it).
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "bench.json").write_text(json.dumps(make_bench_doc(seeds=(1,), layers=1)))
+    assert _report_cli(str(tmp_path / "bench" / "bench.json"), "-o", str(tmp_path / "bench" / "report.html")) == (0, "")
+    assert _report_cli(str(tmp_path / "bench")) == (0, "")

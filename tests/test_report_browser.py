@@ -127,7 +127,29 @@ class Browser:
             self.proc.stderr.close()
 
 
-def open_in_browser(html_path: Path, screenshot: Path, work_dir: Path) -> dict[str, Any]:
+# Layout facts measured by the browser itself: the arm labels' boxes, the heatmap cells' rendered sizes, the
+# words of names (a word drawn on two lines was broken inside it: <wbr> splits names into text nodes).
+_LAYOUT_JS = """JSON.stringify({
+    armLabels: Array.from(document.querySelectorAll('[id*="-gx-arm-label-"]')).map(g => {
+        const t = g.querySelector('text') || g; const r = t.getBoundingClientRect();
+        return [r.left, r.top, r.right, r.bottom, t.textContent]; }),
+    cells: Array.from(document.querySelectorAll('figure.heatmap rect > title')).map(t => {
+        const r = t.parentElement.getBoundingClientRect(); return [r.width, r.height]; }),
+    brokenNames: Array.from(document.querySelectorAll('td.name, .card .value, table.udr-compact td'))
+        .flatMap(el => Array.from(el.childNodes).filter(n => n.nodeType === 3 && n.textContent.trim()))
+        .flatMap(n => Array.from(n.textContent.matchAll(/\\S+/g)).map(m => [n, m.index, m[0]]))
+        .filter(([n, at, word]) => { const r = document.createRange(); r.setStart(n, at);
+                       r.setEnd(n, at + word.length);
+                       const tops = new Set(Array.from(r.getClientRects()).map(x => Math.round(x.top)));
+                       return tops.size > 1; })
+        .map(([n, at, word]) => word),
+    clippedColumnLabels: Array.from(document.querySelectorAll('figure.heatmap text.col')).filter(t => {
+        const r = t.getBoundingClientRect(), box = t.closest('.heatmap-scroll').getBoundingClientRect();
+        return r.top < box.top - 1 || r.right > box.right + 1; }).length
+})"""
+
+
+def open_in_browser(html_path: Path, screenshot: Path, work_dir: Path, width: int = WINDOW[0]) -> dict[str, Any]:
     """Load ``html_path`` from disk; return requests, errors and layout facts; save a PNG screenshot."""
     import base64
 
@@ -139,7 +161,7 @@ def open_in_browser(html_path: Path, screenshot: Path, work_dir: Path) -> dict[s
             "sessionId"]
         for domain in ("Page", "Runtime", "Log", "Network"):
             browser.send(f"{domain}.enable", session=session)
-        browser.send("Emulation.setDeviceMetricsOverride", {"width": WINDOW[0], "height": WINDOW[1],
+        browser.send("Emulation.setDeviceMetricsOverride", {"width": width, "height": WINDOW[1],
                                                             "deviceScaleFactor": 1, "mobile": False},
                      session=session)
         browser.events.clear()
@@ -157,6 +179,8 @@ def open_in_browser(html_path: Path, screenshot: Path, work_dir: Path) -> dict[s
             emptySvgs: Array.from(document.querySelectorAll('svg')).filter(
                 s => s.getBoundingClientRect().width < 20 || s.getBoundingClientRect().height < 20).length
         })"""}, session=session)
+        layout = browser.send("Runtime.evaluate", {"returnByValue": True, "expression": _LAYOUT_JS},
+                              session=session)
         shot = browser.send("Page.captureScreenshot", {"format": "png"}, session=session)
         screenshot.write_bytes(base64.b64decode(shot["data"]))
     finally:
@@ -172,7 +196,8 @@ def open_in_browser(html_path: Path, screenshot: Path, work_dir: Path) -> dict[s
             errors.append(json.dumps(params.get("args", []))[:500])
         elif method == "Log.entryAdded" and params.get("entry", {}).get("level") in ("error", "warning"):
             errors.append(params["entry"].get("text", "")[:500])
-    return {"url": url, "requests": requests, "errors": errors, **json.loads(facts["result"]["value"])}
+    return {"url": url, "requests": requests, "errors": errors, **json.loads(facts["result"]["value"]),
+            **json.loads(layout["result"]["value"])}
 
 
 @pytest.fixture(scope="module")
@@ -228,3 +253,49 @@ def test_run_report_with_nan_and_spikes_in_chromium(tmp_path: Path, nan_spike_ru
     assert result["sections"] == ["run"]
     assert result["svgs"] >= 3  # loss, lr, grad norm
     print(f"screenshot: {tmp_path / 'run_nan_spikes.png'}", file=sys.stderr)
+
+
+def _overlaps(boxes: list[list[Any]]) -> list[tuple[str, str]]:
+    return [(a[4], b[4]) for i, a in enumerate(boxes) for b in boxes[i + 1:]
+            if a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("width", [1400, 800])
+def test_bench_and_compare_pages_read_at_a_glance(tmp_path: Path, width: int) -> None:
+    """Issue 17 item 2, measured in the browser at both widths: the bench chart's arm labels never overlap,
+    heatmap cells are drawn at ≥ 14 px with no column label clipped, names break only between their parts."""
+    _require_chromium()
+    from gradience.report import write_report
+
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "bench.json").write_text(json.dumps(builders.make_bench_doc()))
+    bench = open_in_browser(write_report(tmp_path / "bench"), tmp_path / f"bench_{width}.png", tmp_path, width)
+    check_page(bench, width)
+    assert len(bench["armLabels"]) == 10  # nine arms and the probe
+    assert _overlaps(bench["armLabels"]) == []
+    assert all(b[3] - b[1] >= 6 for b in bench["armLabels"]), bench["armLabels"]  # drawn, not squashed
+    assert bench["brokenNames"] == []
+
+    seven_b = builders.make_seven_b_shaped(tmp_path / "7b")
+    other = builders.synthetic.write_synthetic_adapter(tmp_path / "other", layers=32, targets=builders.synthetic
+                                                       .llama_targets(builders.HIDDEN, builders.INTER), r=16,
+                                                       alpha=32, seed=9)
+    from gradience.cli.main import main
+
+    cmp_json = tmp_path / "cmp.json"
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(["compare", str(seven_b["adapter"]), str(other), "--json", "--base-model",
+                     str(seven_b["base"]), "--base-norms-cache", str(tmp_path / "norms.json")]) == 0
+    cmp_json.write_text(buf.getvalue())
+    cmp = open_in_browser(write_report(cmp_json), tmp_path / f"compare_{width}.png", tmp_path, width)
+    check_page(cmp, width)
+    assert len(cmp["cells"]) == 5 * 224
+    assert min(min(w, h) for w, h in cmp["cells"]) >= 14
+    assert cmp["clippedColumnLabels"] == 0
+    assert cmp["brokenNames"] == []
+    print(f"screenshots: {tmp_path}", file=sys.stderr)

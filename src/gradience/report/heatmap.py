@@ -19,7 +19,7 @@ from gradience.modules import classify_module, layer_index
 from gradience.report.svg import require_report
 
 CELL_W = 30
-CELL_H = 14          # the smallest cell is 30 x 14 px: readable and hoverable at any page width
+CELL_H = 15          # row pitch: the smallest drawn cell is 29 x 14 px (1 px gap), readable and hoverable
 LABEL_W = 64         # row labels (block index)
 COL_LABEL_MAX = 24   # column labels longer than this are shortened with "…" (the full name is the tooltip)
 CHAR_W = 5.6         # px per character of the 9 px label font (DejaVu Sans average), for the header's size
@@ -199,7 +199,7 @@ def build_heatmap(key: str, title: str, grid: Grid, values: dict[str, float | No
     overhang = int(0.5 * CHAR_W * max((len(c) for c in labels[-3:]), default=0))
     cells: list[Cell] = []
     n_values = n_missing = 0
-    # Few blocks (a toy model): taller cells, so the map stays legible; 22+ blocks: 14 px rows.
+    # Few blocks (a toy model): taller cells, so the map stays legible; 20+ blocks: 15 px rows.
     cell_h = max(CELL_H, min(22, 300 // max(1, len(grid.rows))))
     for name, (r, c) in grid.where.items():
         value = values.get(name)
