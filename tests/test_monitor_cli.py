@@ -112,7 +112,9 @@ def test_json_keys_and_strictness(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert data["audit"]["suggested"]["median"] == {"r": 4, "params": 147456, "params_saved": 147456,
                                                    "reduction_ratio": 0.5}
     for rec in data["recommendations"]:
-        assert set(rec) == {"severity", "action", "message", "rationale", "confidence", "scope", "evidence"}
+        assert {"severity", "action", "message", "rationale", "confidence", "scope", "evidence"} <= set(rec)
+        assert set(rec) - {"severity", "action", "message", "rationale", "confidence", "scope", "evidence"} \
+            <= {"source"}  # the evidence citation (issue 18), present on rules that have one
         assert 0.0 <= rec["confidence"] <= 1.0
 
 
@@ -140,7 +142,8 @@ def test_telemetry_issues_counted_and_listed_with_verbose(tmp_path: Path, capsys
 
 
 @pytest.mark.parametrize("rules,rc", [
-    (["gap>1.5"], 0), (["gap>1.05"], 1), (["gap>=1.08,test_acc<0.4"], 1), (["gap>=1.09,test_acc<0.4"], 0), (["warning"], 0), (["info"], 0),
+    (["gap>1.5"], 0), (["gap>1.05"], 1), (["gap>=1.08,test_acc<0.4"], 1), (["gap>=1.09,test_acc<0.4"], 0), (["warning"], 0),
+    (["info"], 1),  # add_mlp_targets (info): the seed's config adapts attention only (issue 18)
     (["utilization<0.2"], 1), (["nan_loss"], 0), (["nan_losses>0"], 0), (["issues"], 0),
 ])
 def test_fail_on_rules(tmp_path: Path, capsys: pytest.CaptureFixture[str], rules: list[str], rc: int) -> None:

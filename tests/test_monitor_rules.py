@@ -243,3 +243,141 @@ def test_recommendations_are_deduped_and_sorted_by_severity_then_action(tmp_path
     assert recs[0] == ("error", "nan_loss")
     assert {"memorization_detected", "lower_lr", "loss_spikes", "low_utilization", "compress_rank"} <= \
         {a for _, a in recs}
+
+
+# -- run-failure signatures (issue 18 item 5), constructed logs ------------------------------------------------
+def signature_log(path: Path, steps: list[dict[str, Any]], *, max_grad_norm: float | None = None,
+                  framework: str | None = None, evals: list[tuple[int, str, float]] = ()) -> Path:
+    extras = {} if max_grad_norm is None else {"max_grad_norm": max_grad_norm}
+    config = ConfigSnapshot(model_name="m", dataset_name="d", task_profile="generation",
+                            optimizer=OptimizerConfig(name="adamw", lr=2e-4),
+                            lora=LoraConfig(r=8, alpha=16, target_modules=["all-linear"]))
+    config.training.extras.update(extras)
+    with TelemetryWriter(path) as tw:
+        tw.run_start(config, meta={"framework": framework} if framework else {})
+        for i, fields in enumerate(steps, start=1):
+            tw.train_step(i, **fields)
+        for step, split, loss in evals:
+            tw.eval(step, split, {"loss": loss})
+    return path
+
+
+def test_loss_exactly_zero_with_a_nonfinite_grad_norm(tmp_path: Path) -> None:
+    steps = [{"loss": 0.7, "grad_norm": 1.0}] * 3 + [{"loss": 0.0, "grad_norm": math.nan},
+                                                      {"loss": 0.0, "grad_norm": math.inf}]
+    rec = actions(signature_log(tmp_path / "a.jsonl", steps))["nan_loss_logged_as_zero"]
+    assert rec.severity == "error" and rec.evidence == {"count": 2, "steps": [4, 5]}
+    assert "logging_nan_inf_filter" in (rec.source or "")
+    # A real zero loss (finite gradient) and a NaN gradient beside a non-zero loss are not this signature.
+    quiet = [{"loss": 0.0, "grad_norm": 0.5}, {"loss": 0.3, "grad_norm": math.nan}]
+    assert "nan_loss_logged_as_zero" not in actions(signature_log(tmp_path / "b.jsonl", quiet))
+
+
+@pytest.mark.parametrize(("run", "fires"), [(T.CLIP_SATURATED_WINDOW, True), (T.CLIP_SATURATED_WINDOW - 1, False)])
+def test_clipping_saturated_needs_a_full_window(tmp_path: Path, run: int, fires: bool) -> None:
+    # Pre-clip norms at or above the limit (HF logs those); one step below it breaks the run.
+    grads = [0.5, 0.5] + [1.0 + 0.1 * i for i in range(run)] + [0.9]
+    path = signature_log(tmp_path / "c.jsonl", [{"loss": 1.0, "grad_norm": g} for g in grads], max_grad_norm=1.0)
+    acts = actions(path)
+    assert ("clipping_saturated" in acts) == fires
+    if fires:
+        ev = acts["clipping_saturated"].evidence
+        assert ev["first_window"] == {"from_step": 3, "to_step": 2 + run, "steps": run}
+        assert ev["max_grad_norm"] == 1.0 and ev["max_grad_norm_source"] == "config"
+
+
+def test_clipping_pinned_at_the_limit_and_the_hf_default(tmp_path: Path) -> None:
+    # A post-clip logger: the norm sits at max_grad_norm (to rounding) on every step.
+    pinned = [{"loss": 1.0, "grad_norm": 0.3 * (1 - 1e-9)}] * T.CLIP_SATURATED_WINDOW
+    assert "clipping_saturated" in actions(signature_log(tmp_path / "p.jsonl", pinned, max_grad_norm=0.3))
+    # No max_grad_norm logged: an HF run uses transformers' default 1.0; another loop's limit is unknown.
+    over = [{"loss": 1.0, "grad_norm": 2.0}] * T.CLIP_SATURATED_WINDOW
+    hf = actions(signature_log(tmp_path / "hf.jsonl", over, framework="transformers"))["clipping_saturated"]
+    assert hf.evidence["max_grad_norm_source"] == "transformers default"
+    assert "clipping_saturated" not in actions(signature_log(tmp_path / "x.jsonl", over))
+
+
+@pytest.mark.parametrize(("run", "fires"), [(T.FROZEN_GRAD_WINDOW, True), (T.FROZEN_GRAD_WINDOW - 1, False)])
+def test_frozen_adapter(tmp_path: Path, run: int, fires: bool) -> None:
+    grads = [0.0] * run + [1e-12]   # a tiny non-zero norm is a gradient: it breaks the run
+    acts = actions(signature_log(tmp_path / "f.jsonl", [{"loss": 0.69, "grad_norm": g} for g in grads]))
+    assert ("frozen_adapter" in acts) == fires
+    if fires:
+        assert acts["frozen_adapter"].severity == "error"
+        assert acts["frozen_adapter"].evidence["first_window"] == {"from_step": 1, "to_step": run, "steps": run}
+
+
+def test_lr_zero_after_warmup(tmp_path: Path) -> None:
+    warm = [{"loss": 1.0, "lr": lr} for lr in (0.0, 1e-4, 2e-4)]      # a warmup that starts at 0 is fine
+    stuck = [*warm, *[{"loss": 1.0, "lr": 0.0}] * 3]
+    rec = actions(signature_log(tmp_path / "s.jsonl", stuck))["lr_zero_after_warmup"]
+    assert rec.severity == "warning" and rec.evidence == {"first_zero_step": 4, "steps_logged_after": 2}
+    # A linear schedule reaching 0 at its last step, and a warmup from 0, are not the signature.
+    ends = [*warm, {"loss": 1.0, "lr": 1e-4}, {"loss": 1.0, "lr": 0.0}]
+    assert "lr_zero_after_warmup" not in actions(signature_log(tmp_path / "e.jsonl", ends))
+    assert "lr_zero_after_warmup" not in actions(signature_log(tmp_path / "w.jsonl", warm))
+
+
+def test_eval_loss_nan_while_train_loss_is_finite(tmp_path: Path) -> None:
+    steps = [{"loss": 0.7}] * 4
+    rec = actions(signature_log(tmp_path / "n.jsonl", steps, evals=[(2, "test", 0.6), (4, "test", math.nan)]))
+    assert rec["eval_loss_nan"].severity == "error"
+    assert rec["eval_loss_nan"].evidence == {"count": 1, "steps": [4], "split": "test"}
+    # A NaN train-split eval, or a NaN eval of a run whose train loss was never finite, is another finding.
+    assert "eval_loss_nan" not in actions(signature_log(tmp_path / "t.jsonl", steps, evals=[(4, "train", math.nan)]))
+    nan_train = [{"loss": math.nan}] * 4
+    assert "eval_loss_nan" not in actions(signature_log(tmp_path / "u.jsonl", nan_train,
+                                                        evals=[(4, "test", math.nan)]))
+
+
+def test_signatures_set_the_run_status(tmp_path: Path) -> None:
+    report = monitor_run(signature_log(tmp_path / "z.jsonl", [{"loss": 0.7, "grad_norm": 0.0}] * 6))
+    assert report.status["overall"] == "error"
+    assert {"source": "analysis", "code": "frozen_adapter", "severity": "error"} in report.status["findings"]
+
+
+# -- the same signatures from real Trainer runs (tiny DistilBERT + LoRA, CPU, a few steps each) ---------------
+def _trainer_run(tmp_path: Path, case: str) -> Path:
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    from gradience.integrations.hf import GradienceCallback, GradienceCallbackConfig
+    from test_integration_callback import build_parts, make_trainer  # the shared tiny Trainer setup
+
+    parts = build_parts()
+    cb = GradienceCallback(GradienceCallbackConfig(audit_on_train_end=False))
+    kw: dict[str, Any] = {"logging_steps": 1, "eval_strategy": "no", "max_steps": 6}
+    if case == "clipping_saturated":
+        kw.update(max_steps=T.CLIP_SATURATED_WINDOW + 2, max_grad_norm=1e-6)   # every step is clipped
+    if case == "eval_loss_nan":   # every eval label masked: CrossEntropyLoss averages over no items
+        kw.update(eval_strategy="steps", eval_steps=3,
+                  eval_dataset=[{**row, "labels": -100} for row in parts["test"]])
+    trainer = make_trainer(parts, tmp_path, [cb], **kw)
+    model = trainer.model
+    if case == "nan_loss_logged_as_zero":   # NaN activations: every step's loss is NaN, the filter logs 0
+        model.base_model.model.distilbert.embeddings.register_forward_hook(
+            lambda mod, inp, out: out * float("nan") if mod.training else None)
+    if case == "frozen_adapter":   # only the LoRA factors train, and A = B = 0: no gradient reaches them
+        for name, param in model.named_parameters():
+            param.requires_grad_("lora_" in name)
+            if "lora_A" in name:
+                torch.nn.init.zeros_(param)
+    if case == "lr_zero_after_warmup":   # a schedule built for 3 steps in a 6-step run
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=3e-3)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1.0 - s / 3))
+        trainer.optimizer, trainer.lr_scheduler = opt, sched
+    trainer.train()
+    return tmp_path / "run.jsonl"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["nan_loss_logged_as_zero", "clipping_saturated", "frozen_adapter",
+                                  "lr_zero_after_warmup", "eval_loss_nan"])
+def test_signature_reproduced_by_a_real_trainer_run(tmp_path: Path, case: str) -> None:
+    report = monitor_run(_trainer_run(tmp_path, case))
+    found = {r.action: r for r in report.recommendations}
+    assert case in found, sorted(found)
+    assert found[case].severity in ("warning", "error") and report.status["overall"] != "ok"
+    others = set(found) & {"nan_loss_logged_as_zero", "clipping_saturated", "frozen_adapter",
+                           "lr_zero_after_warmup", "eval_loss_nan"}
+    assert others == {case}, others   # each run shows its own signature only

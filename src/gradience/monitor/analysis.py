@@ -9,42 +9,25 @@ thousand-step one.
 
 from __future__ import annotations
 
-import bisect
 import math
-from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
 from gradience.monitor.guard import GuardAnalyzer
+from gradience.monitor.streaming import (  # noqa: F401  (re-exported: names of this module before the split)
+    HISTORY_POINTS,
+    MAX_ALERT_KINDS,
+    MAX_LISTED_STEPS,
+    _Findings,
+    _finite,
+    _nonfinite_name,
+    _num,
+    _RunningMedian,
+    _Thinned,
+)
+from gradience.monitor.train_steps import TrainStepAnalyzer
 from gradience.policy import thresholds as T
 from gradience.textfmt import finite
-
-MAX_LISTED_STEPS = 50       # steps listed per finding (NaN losses, spikes …); the rest are counted
-HISTORY_POINTS = 4096       # samples kept of loss/eval histories (evenly thinned beyond that)
-MAX_ALERT_KINDS = 100       # distinct (severity, code) alert groups kept
-_MIN_HISTORY = T.RUNNING_MEDIAN_MIN_HISTORY
-_SPIKE_FACTOR = T.LOSS_SPIKE_FACTOR
-_EXPLOSION_FACTOR = T.GRAD_EXPLOSION_FACTOR
-
-
-def _num(value: Any) -> float | None:
-    """A float from a JSON value, or None (bools and non-numbers are not numbers here)."""
-    if isinstance(value, bool) or value is None:
-        return None
-    if isinstance(value, (int, float)):
-        return float(value)
-    return None
-
-
-def _nonfinite_name(x: float) -> str:
-    """Telemetry's spelling of a non-finite float (so JSON output stays strict and readable)."""
-    if math.isnan(x):
-        return "NaN"
-    return "Infinity" if x > 0 else "-Infinity"
-
-
-def _finite(value: float | None) -> bool:
-    return value is not None and math.isfinite(value)
 
 
 def ppl_from(metrics: dict[str, Any]) -> float | None:
@@ -64,245 +47,6 @@ def accuracy_from(metrics: dict[str, Any]) -> float | None:
     if acc is None or not math.isfinite(acc):
         return None
     return acc / 100.0 if acc > 1.0 else acc
-
-
-class _Thinned:
-    """Evenly spaced samples of an unbounded sequence: when full, every other sample is dropped and the
-    sampling stride doubles. The last item appended is always remembered separately."""
-
-    def __init__(self, capacity: int = HISTORY_POINTS) -> None:
-        self.capacity = capacity
-        self.items: list[tuple[int, float]] = []
-        self._stride = 1
-        self._count = 0
-
-    def due(self) -> bool:
-        """Whether the next ``add`` will be kept (lets callers skip computing a value that is dropped)."""
-        return self._count % self._stride == 0
-
-    def add(self, item: tuple[int, float]) -> None:
-        if self._count % self._stride == 0:
-            self.items.append(item)
-            if len(self.items) >= self.capacity:
-                self.items = self.items[::2]
-                self._stride *= 2
-        self._count += 1
-
-    def skip(self) -> None:
-        self._count += 1
-
-
-class _RunningMedian:
-    """Median of the last ``window`` values, in O(window) per update with a sorted list."""
-
-    def __init__(self, window: int) -> None:
-        self.window = window
-        self._order: deque[float] = deque()
-        self._sorted: list[float] = []
-
-    def __len__(self) -> int:
-        return len(self._order)
-
-    def median(self) -> float:
-        xs = self._sorted
-        n = len(xs)
-        mid = n // 2
-        return xs[mid] if n % 2 else 0.5 * (xs[mid - 1] + xs[mid])
-
-    def add(self, value: float) -> None:
-        order, xs = self._order, self._sorted
-        order.append(value)
-        bisect.insort(xs, value)
-        if len(order) > self.window:
-            del xs[bisect.bisect_left(xs, order.popleft())]
-
-    def median_if_at_least(self, n: int) -> float | None:
-        """The median when the window holds at least ``n`` values, else None."""
-        xs = self._sorted
-        size = len(xs)
-        if size < n:
-            return None
-        mid = size // 2
-        return xs[mid] if size % 2 else 0.5 * (xs[mid - 1] + xs[mid])
-
-
-class _Findings:
-    """Steps at which something happened: the first MAX_LISTED_STEPS kept, all counted."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.items: list[dict[str, Any]] = []
-
-    def add(self, **item: Any) -> None:
-        self.count += 1
-        if len(self.items) < MAX_LISTED_STEPS:
-            self.items.append(item)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"count": self.count, "listed": list(self.items)}
-
-
-class TrainStepAnalyzer:
-    """Everything the monitor derives from ``train_step`` events."""
-
-    def __init__(self) -> None:
-        self.n = 0
-        self.first_step: int | None = None
-        self.last_step: int | None = None
-        self.last_loss: float | None = None
-        self.min_loss: float | None = None
-        self.min_loss_step: int | None = None
-        self.nonfinite_loss = _Findings()
-        self.spikes = _Findings()
-        self.explosions = _Findings()
-        self.grad_norm_max: float | None = None
-        self.grad_norm_max_step: int | None = None
-        self.first_lr: float | None = None
-        self.peak_lr: float | None = None
-        self.peak_lr_step: int | None = None
-        self.last_lr: float | None = None
-        self.lr_rose = False
-        self.lr_fell = False
-        self._loss_median = _RunningMedian(T.LOSS_SPIKE_WINDOW)
-        self._grad_median = _RunningMedian(T.LOSS_SPIKE_WINDOW)
-        self._trend: deque[tuple[int, float]] = deque(maxlen=T.LOSS_TREND_WINDOW)
-        self.loss_history = _Thinned()  # (step, running-median loss) for the overfitting analysis
-        self._index = 0
-
-    def feed(self, step: int | None, data: dict[str, Any]) -> None:
-        self.n += 1
-        self._index += 1
-        s = step if step is not None else self._index
-        if self.first_step is None:
-            self.first_step = s
-        self.last_step = s
-        # Hot path (a million calls for a big log): JSON floats skip the generic conversion.
-        loss = data.get("loss")
-        if type(loss) is not float and loss is not None:
-            loss = _num(loss)
-        if loss is not None:
-            self._feed_loss(s, loss)
-        grad = data.get("grad_norm")
-        if type(grad) is not float and grad is not None:
-            grad = _num(grad)
-        if grad is not None:
-            self._feed_grad(s, grad)
-        lr = data.get("lr")
-        if lr is None:
-            lr = data.get("learning_rate")
-        if type(lr) is not float and lr is not None:
-            lr = _num(lr)
-        if lr is not None and math.isfinite(lr):
-            self._feed_lr(s, lr)
-
-    def _feed_loss(self, s: int, loss: float) -> None:
-        self.last_loss = loss
-        if loss - loss != 0.0:  # NaN or +-inf
-            self.nonfinite_loss.add(step=s, value=_nonfinite_name(loss))
-            return
-        if self.min_loss is None or loss < self.min_loss:
-            self.min_loss, self.min_loss_step = loss, s
-        window = self._loss_median
-        med = window.median_if_at_least(_MIN_HISTORY)
-        if med is not None and med > 0 and loss > _SPIKE_FACTOR * med:
-            self.spikes.add(step=s, loss=loss, running_median=med, ratio=loss / med)
-        window.add(loss)
-        self._trend.append((s, loss))
-        history = self.loss_history
-        if history.due():
-            history.add((s, window.median()))
-        else:
-            history.skip()
-
-    def _feed_grad(self, s: int, grad: float) -> None:
-        if grad - grad != 0.0:
-            self.explosions.add(step=s, grad_norm=_nonfinite_name(grad), running_median=None, ratio=None)
-            return
-        if self.grad_norm_max is None or grad > self.grad_norm_max:
-            self.grad_norm_max, self.grad_norm_max_step = grad, s
-        window = self._grad_median
-        med = window.median_if_at_least(_MIN_HISTORY)
-        if med is not None and med > 0 and grad > _EXPLOSION_FACTOR * med:
-            self.explosions.add(step=s, grad_norm=grad, running_median=med, ratio=grad / med)
-        window.add(grad)
-
-    def _feed_lr(self, s: int, lr: float) -> None:
-        if self.first_lr is None:
-            self.first_lr = self.peak_lr = lr
-            self.peak_lr_step = s
-        else:
-            assert self.peak_lr is not None and self.last_lr is not None
-            tol = T.LR_SCHEDULE_REL_TOL * max(abs(self.last_lr), 1e-30)
-            if lr > self.last_lr + tol:
-                self.lr_rose = True
-            elif lr < self.last_lr - tol:
-                self.lr_fell = True
-            if lr > self.peak_lr:
-                self.peak_lr, self.peak_lr_step = lr, s
-        self.last_lr = lr
-
-    def trend(self) -> dict[str, Any] | None:
-        """Least-squares slope of the loss over the last window, as a relative change across it."""
-        pts = list(self._trend)
-        if len(pts) < 3:
-            return None
-        xs = [float(p[0]) for p in pts]
-        ys = [p[1] for p in pts]
-        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-        sxx = sum((x - mx) ** 2 for x in xs)
-        if sxx == 0:
-            return None
-        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
-        change = slope * (xs[-1] - xs[0])
-        rel = change / abs(my) if my != 0 else None
-        if rel is None:
-            direction = "flat"
-        elif rel < -T.LOSS_TREND_FLAT_TOLERANCE:
-            direction = "decreasing"
-        elif rel > T.LOSS_TREND_FLAT_TOLERANCE:
-            direction = "increasing"
-        else:
-            direction = "flat"
-        return {"direction": direction, "window": len(pts), "from_step": pts[0][0], "to_step": pts[-1][0],
-                "slope_per_step": slope, "relative_change": rel}
-
-    def lr_schedule(self) -> dict[str, Any] | None:
-        if self.first_lr is None:
-            return None
-        assert self.peak_lr is not None and self.last_lr is not None
-        warmup = self.lr_rose and self.peak_lr > self.first_lr
-        decay = self.lr_fell and self.last_lr < self.peak_lr
-        if warmup and decay:
-            shape = "warmup+decay"
-        elif warmup:
-            shape = "warmup"
-        elif decay:
-            shape = "decay"
-        elif self.lr_rose or self.lr_fell:
-            shape = "varying"
-        else:
-            shape = "constant"
-        return {"shape": shape, "warmup": warmup, "decay": decay, "first": self.first_lr,
-                "peak": self.peak_lr, "peak_step": self.peak_lr_step, "last": self.last_lr}
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "steps_logged": self.n,
-            "first_step": self.first_step,
-            "last_step": self.last_step,
-            "last_loss": self.last_loss,
-            "min_loss": self.min_loss,
-            "min_loss_step": self.min_loss_step,
-            "loss_trend": self.trend(),
-            "nonfinite_loss": self.nonfinite_loss.to_dict(),
-            "loss_spikes": {**self.spikes.to_dict(), "factor": T.LOSS_SPIKE_FACTOR,
-                            "window": T.LOSS_SPIKE_WINDOW},
-            "grad_norm_max": self.grad_norm_max,
-            "grad_norm_max_step": self.grad_norm_max_step,
-            "grad_explosions": {**self.explosions.to_dict(), "factor": T.GRAD_EXPLOSION_FACTOR,
-                                "window": T.LOSS_SPIKE_WINDOW},
-            "lr_schedule": self.lr_schedule(),
-        }
 
 
 def _is_train_split(split: str) -> bool:
@@ -399,6 +143,7 @@ class RunAnalyzer:
             meta = data.get("meta")
             self.meta = meta if isinstance(meta, dict) else None
             self.guard.feed_start(data)
+            self.train.signatures.configure(self.config, self.meta)
         elif event == "run_end":
             status = data.get("status")
             self.status = str(status) if status is not None else None
@@ -422,6 +167,7 @@ class RunAnalyzer:
                                                                   "split")}
         self.last_eval[split] = {"step": step, "metrics": metrics}
         loss = _num(metrics.get("loss"))
+        self.train.signatures.feed_eval(step, split, loss)
         if loss is not None:
             hist = self.eval_history.get(split)
             if hist is None:

@@ -204,6 +204,7 @@ def monitor_run(path: str | os.PathLike[str], *, run_id: str | None = None,
         if not state.events:
             raise InputError("log_history has no train or eval entries", source.path)
         analyzer = RunAnalyzer(None)
+        analyzer.train.signatures.configure(None, {"source": "trainer_state"})  # an HF run: its max_grad_norm default
         for event, step, data in state.events:
             analyzer.feed(event, step, data)
         if state.summary:

@@ -12,13 +12,14 @@ from typing import Any
 
 from gradience.policy import thresholds as T
 from gradience.policy.guard_rules import GUARD_ACTIONS, guard_recommendations
+from gradience.policy.signature_rules import SIGNATURE_ACTIONS, signature_recommendations
 from gradience.telemetry.types import ConfigSnapshot, Recommendation
 from gradience.textfmt import finite, human_count
 
 RUN_ACTIONS: tuple[str, ...] = (
     "memorization_detected", "lower_lr", "log_train_test_ppl", "possible_underfitting", "low_utilization",
     "compress_rank", "compress_mlp_targets", "nan_loss", "grad_explosion", "loss_spikes", "early_stop_at",
-    *GUARD_ACTIONS,
+    *GUARD_ACTIONS, *SIGNATURE_ACTIONS,
 )
 
 
@@ -224,4 +225,5 @@ def run_recommendations(*, signals: dict[str, Any], training: dict[str, Any], au
         *instability_rules(training),
         *overfitting_rule(training),
         *guard_recommendations(training.get("guard")),
+        *signature_recommendations(training.get("failure_signatures")),
     ]
