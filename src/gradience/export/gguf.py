@@ -86,9 +86,10 @@ def refusal(loaded: LoadedAdapter) -> str | None:
     if dora or loaded.config.get("use_dora") is True:
         return ("DoRA adapters cannot be written as a GGUF LoRA: llama.cpp applies B·A only, not DoRA's magnitude "
                 "rescaling; merge the adapter into the base (PEFT merge_and_unload) and convert the merged model")
-    if loaded.non_lora.names:
-        shown = ", ".join(loaded.non_lora.names[:3])
-        return (f"the adapter carries non-LoRA tensors ({shown}{' ...' if len(loaded.non_lora.names) > 3 else ''}: "
+    extra = [n for n in loaded.non_lora.names if cpp.BASE_LAYER_SKIPPED not in n]  # base copies: skipped
+    if extra:
+        shown = ", ".join(extra[:3])
+        return (f"the adapter carries non-LoRA tensors ({shown}{' ...' if len(extra) > 3 else ''}: "
                 "modules_to_save copies, heads or lora_B biases), which a GGUF LoRA cannot hold (llama.cpp loads only "
                 "lora_a/lora_b pairs); merge the adapter into the base (PEFT merge_and_unload) and convert the "
                 "merged model")
@@ -260,8 +261,7 @@ def _write(gguf: Any, target: Path, arch: str, alpha: float, planned: list[Plann
             if raw_dtype is None:
                 writer.add_tensor(name, data)
             else:
-                writer.add_tensor(name, data, raw_shape=(*data.shape[:-1], data.shape[-1] // 2),
-                                  raw_dtype=raw_dtype)
+                writer.add_tensor(name, data, raw_shape=data.shape, raw_dtype=raw_dtype)  # shape in bytes
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
