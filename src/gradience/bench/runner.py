@@ -22,15 +22,17 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from gradience.bench.arms import ArmPlan, arm_key, plan_arms, slug
+from gradience.bench.assemble import assemble
 from gradience.bench.config import BenchConfig
-from gradience.bench.stats import Verdicts, metric_value, noise_floor, paired_bootstrap_ci
+from gradience.bench.results import ArmResult, cached_audit, has_symlink
+from gradience.bench.stats import metric_value
 from gradience.bench.tasks import (
     PreparedTask,
     evaluate_per_item,
@@ -42,76 +44,9 @@ from gradience.bench.train import LoraSpec, train_arm
 from gradience.errors import InputError
 from gradience.jsonio import atomic_write_text, dumps
 
-SCHEMA = "gradience.bench/v1"
-RESULT_SCHEMA = "gradience.bench.arm/v1"
-CONTROL_ARMS = ("retrain_shuffled",)
-_MAX_RESULT_BYTES = 64 << 20   # a result.json holds one score per eval item
 _MAX_STATE_BYTES = 1 << 20     # bench_config.json
 
-
-def _has_symlink(root: Path, path: Path) -> bool:
-    """Whether any component of ``path`` below ``root`` (``root`` itself excluded) is a symlink."""
-    try:
-        rel = path.relative_to(root)
-    except ValueError:
-        return True
-    current = root
-    for part in rel.parts:
-        current = current / part
-        if current.is_symlink():
-            return True
-    return False
-
 Progress = Callable[[str], None]
-
-
-@dataclass
-class ArmResult:
-    """One arm (or the probe) of one seed, as stored in its ``result.json``."""
-
-    name: str
-    seed: int
-    metric: float
-    per_item: list[float]
-    params: int
-    seconds: float
-    summary: dict[str, Any]
-    adapter_dir: str
-    udr: dict[str, Any] | None = None
-    plan: dict[str, Any] | None = None
-    same_as: str | None = None   # an earlier arm of this seed with the same ranks: its result, not retrained
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"schema": RESULT_SCHEMA, "name": self.name, "seed": self.seed, "metric": self.metric,
-                "params": self.params, "seconds": self.seconds, "summary": self.summary,
-                "adapter_dir": self.adapter_dir, "udr": self.udr, "plan": self.plan, "per_item": self.per_item,
-                **({"same_as": self.same_as} if self.same_as else {})}
-
-    @classmethod
-    def load(cls, path: Path, adapter_dir: Path) -> ArmResult | None:
-        """A finished arm's result, or None when the file is missing, torn, odd or from another schema.
-
-        ``adapter_dir`` is where this arm's adapter must be (inside the bench directory): the path stored in
-        the file is never used, so an edited or foreign result.json cannot make the bench read elsewhere.
-        """
-        from gradience.errors import GradienceError
-        from gradience.io.textfile import read_json_file
-
-        try:
-            data = read_json_file(path, what="arm result", max_bytes=_MAX_RESULT_BYTES)
-            if not isinstance(data, dict) or data.get("schema") != RESULT_SCHEMA:
-                return None
-            result = cls(name=str(data["name"]), seed=int(data["seed"]), metric=float(data["metric"]),
-                         per_item=[float(x) for x in data["per_item"]], params=int(data["params"]),
-                         seconds=float(data["seconds"]), summary=dict(data.get("summary") or {}),
-                         adapter_dir=str(adapter_dir), udr=data.get("udr"), plan=data.get("plan"),
-                         same_as=data.get("same_as") if isinstance(data.get("same_as"), str) else None)
-        except (GradienceError, OSError, ValueError, KeyError, TypeError, AttributeError, OverflowError):
-            return None
-        if _has_symlink(path.parent, adapter_dir) or (
-                result.same_as is None and not (adapter_dir / "adapter_config.json").is_file()):
-            return None
-        return result
 
 
 @contextlib.contextmanager
@@ -119,6 +54,10 @@ def _quiet_hf() -> Any:
     """No per-load progress bars or deprecation chatter between the bench's own progress lines."""
     import warnings
 
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # read when datasets is imported
+    if "datasets" in sys.modules:
+        with contextlib.suppress(Exception):
+            sys.modules["datasets"].disable_progress_bars()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
         try:
@@ -138,6 +77,19 @@ def _stderr(line: str) -> None:
 def _fmt_seconds(s: float) -> str:
     s = max(0.0, s)
     return f"{s:.0f}s" if s < 90 else f"{int(s // 60)}m{int(s % 60):02d}s"
+
+
+def _io_problem(exc: BaseException) -> str | None:
+    """The OS's words for a failed read/write (``No space left on device``), also when safetensors' Rust writer
+    reports it as ``SafetensorError: ... I/O error: ...``; None for anything that is not an I/O failure."""
+    if isinstance(exc, OSError):
+        from gradience.io.textfile import os_problem
+
+        return os_problem(exc)
+    text = str(exc)
+    if type(exc).__name__ == "SafetensorError" and "I/O error" in text:
+        return text[text.index("I/O error"):][:200]
+    return None
 
 
 class BenchRunner:
@@ -180,6 +132,8 @@ class BenchRunner:
                 raise InputError(f"holds an earlier bench; pass --resume to continue it, or {self._start_over()}",
                                  path=self.out)
             try:
+                if state.is_symlink():
+                    raise InputError("bench_config.json is a symbolic link (a bench reads only its own files)")
                 previous = read_json_file(state, what="bench state", max_bytes=_MAX_STATE_BYTES)
             except GradienceError as exc:
                 raise InputError(f"cannot resume: {exc}; {self._start_over()}", path=self.out) from None
@@ -218,7 +172,7 @@ class BenchRunner:
 
     def _fresh_dir(self, path: Path) -> None:
         """Make ``path`` (inside OUT) an empty directory; never follows or deletes through a symlink."""
-        if _has_symlink(self.out, path):
+        if has_symlink(self.out, path):
             raise InputError(f"{path.relative_to(self.out)} is (or lies under) a symbolic link; the bench never "
                              f"deletes or writes through links: {self._start_over()}", path=self.out)
         if path.exists():
@@ -339,22 +293,11 @@ class BenchRunner:
         atomic_write_text(arm_dir / "result.json", dumps(result.to_dict()) + "\n")
         return result
 
-    @staticmethod
-    def _cached_audit(path: Path) -> dict[str, Any] | None:
-        from gradience.errors import GradienceError
-        from gradience.io.textfile import read_json_file
-
-        try:
-            audit = read_json_file(path, what="probe audit", max_bytes=_MAX_RESULT_BYTES)
-        except GradienceError:
-            return None
-        return audit if isinstance(audit, dict) else None
-
     def _run_probe(self, task: PreparedTask, seed: int, targets: list[str] | None) -> tuple[ArmResult, dict[str, Any]]:
         probe_dir = self.out / f"seed_{seed}" / "probe"
         result_path, audit_path = probe_dir / "result.json", probe_dir / "audit.json"
-        cached = ArmResult.load(result_path, probe_dir / "adapter") if self.resume else None
-        audit = self._cached_audit(audit_path) if cached is not None else None
+        cached = ArmResult.load(result_path, probe_dir / "adapter", self.out) if self.resume else None
+        audit = cached_audit(audit_path) if cached is not None and not has_symlink(self.out, audit_path) else None
         if cached is not None and audit is not None:
             self._done("train", None)
             self._note(seed, "probe", None)
@@ -383,12 +326,14 @@ class BenchRunner:
             self._check_output_dir()
             with _quiet_hf():
                 return self._run()
-        except OSError as exc:  # a full disk, a read-only or vanished directory: one line, not a traceback
-            from gradience.io.textfile import os_problem
-
-            where = exc.filename if isinstance(exc.filename, str) else self.out
-            raise InputError(f"bench stopped: cannot write or read its files: {os_problem(exc)} (finished arms "
-                             "are kept; free the space and rerun with --resume)", path=where) from None
+        except Exception as exc:  # a full disk, a read-only or vanished directory: one line, not a traceback
+            problem = _io_problem(exc)
+            if problem is None:
+                raise
+            where = getattr(exc, "filename", None)
+            raise InputError(f"bench stopped: cannot write or read its files: {problem} (finished arms are kept; "
+                             "free the space and rerun with --resume)",
+                             path=where if isinstance(where, str) else self.out) from None
 
     def _run(self) -> dict[str, Any]:
         seeds = self.cfg.seed_list()
@@ -415,7 +360,7 @@ class BenchRunner:
                     continue
                 arm_dir = self.out / f"seed_{seed}" / slug(plan.name)
                 key = arm_key(plan)
-                cached = ArmResult.load(arm_dir / "result.json", arm_dir / "adapter") if self.resume else None
+                cached = ArmResult.load(arm_dir / "result.json", arm_dir / "adapter", self.out) if self.resume else None
                 twin = done_keys.get(key)
                 if cached is not None and (cached.same_as is None or (twin and twin.name == cached.same_as)):
                     if twin is not None and cached.same_as is not None:
@@ -437,7 +382,7 @@ class BenchRunner:
                 arms[plan.name][seed] = (plan, result)
                 delta = result.metric - probe.metric
                 self._note(seed, plan.name, result.seconds, f"  Δ={delta:+.4f}")
-        bench = self._assemble(task, seeds, probes, arms)
+        bench = assemble(self.cfg, task, seeds, probes, arms, time.perf_counter() - self._started)
         self._write_outputs(bench)
         if not self.cfg.keep_adapter_weights:
             self._drop_adapter_weights(seeds)
@@ -460,95 +405,8 @@ class BenchRunner:
                 continue
             for arm_dir in seed_dir.iterdir():
                 weights = arm_dir / "adapter" / "adapter_model.safetensors"
-                if not _has_symlink(self.out, weights) and weights.is_file():
+                if not has_symlink(self.out, weights) and weights.is_file():
                     weights.unlink()
-
-    def _assemble(self, task: PreparedTask, seeds: tuple[int, ...], probes: dict[int, ArmResult],
-                  arms: dict[str, dict[int, tuple[ArmPlan, ArmResult | None]]]) -> dict[str, Any]:
-        cfg = self.cfg
-        verdicts = Verdicts(tolerance=cfg.tolerance, min_pass_rate=cfg.min_pass_rate,
-                            higher_is_better=cfg.higher_is_better)
-        probe_params = probes[seeds[0]].params
-        arm_rows: list[dict[str, Any]] = []
-        for name in cfg.arms:
-            per_seed: list[dict[str, Any]] = []
-            deltas: list[float] = []
-            params: list[int] = []
-            plans = [plan for plan, _ in arms[name].values()]
-            for seed in seeds:
-                plan, res = arms[name].get(seed, (None, None))
-                if res is None:
-                    per_seed.append({"seed": seed, "metric": None, "delta": None, "ci95": None, "verdict": None,
-                                     "skipped": plan.skipped if plan else "not run"})
-                    continue
-                probe = probes[seed]
-                delta = res.metric - probe.metric
-                lo, hi = paired_bootstrap_ci(probe.per_item, res.per_item, cfg.metric,
-                                             samples=cfg.bootstrap_samples)
-                deltas.append(delta)
-                params.append(res.params)
-                per_seed.append({"seed": seed, "metric": res.metric, "delta": delta, "ci95": [lo, hi],
-                                 **({"same_as": res.same_as} if res.same_as else {}),
-                                 "verdict": verdicts.verdict(delta), "params": res.params,
-                                 "r": res.plan.get("r") if res.plan else None,
-                                 "rank_pattern": res.plan.get("rank_pattern") if res.plan else None,
-                                 "seconds": res.seconds, "adapter_dir": res.adapter_dir, "summary": res.summary})
-            kind = plans[0].kind if plans else ("uniform" if name.startswith("uniform:") else name.split("_", 1)[0])
-            rs = {p.r for p in plans if p.r is not None}
-            mean_params = sum(params) / len(params) if params else None
-            aggregate = verdicts.aggregate(deltas) if deltas else {
-                "n_seeds": 0, "mean_delta": None, "sd_delta": None, "worst_delta": None, "pass_rate": None,
-                "verdict": None}
-            labels = {p.label for p in plans if p.label}
-            arm_rows.append({
-                "name": name, "kind": kind, "r": rs.pop() if len(rs) == 1 else None,
-                "rank_pattern": plans[0].rank_pattern if plans and plans[0].rank_pattern and len(seeds) == 1 else None,
-                "label": labels.pop() if len(labels) == 1 else None,
-                "params": round(mean_params) if mean_params is not None else None,
-                "params_ratio": (mean_params / probe_params) if mean_params is not None and probe_params else None,
-                "per_seed": per_seed, "aggregate": aggregate,
-            })
-        candidates = [row for row in arm_rows
-                      if row["aggregate"]["verdict"] == "PASS" and row["name"] not in CONTROL_ARMS
-                      and row["label"] is None and row["params_ratio"] is not None and row["params_ratio"] < 1.0]
-        best = min(candidates, key=lambda row: (row["params_ratio"], row["name"])) if candidates else None
-        probe_metrics = [probes[s].metric for s in seeds]
-        return {
-            "schema": SCHEMA,
-            "config": cfg.to_dict(),
-            "seeds": list(seeds),
-            "task": {"kind": task.kind, "model": task.model_name, "dataset": task.dataset_name,
-                     "metric": cfg.metric, "higher_is_better": cfg.higher_is_better, "n_eval_items":
-                     len(probes[seeds[0]].per_item)},
-            "probe": {"r": cfg.probe_r, "alpha": cfg.alpha, "params": probe_params,
-                      "per_seed": [{"seed": s, "metric": probes[s].metric, "summary": probes[s].summary,
-                                    "seconds": probes[s].seconds, "adapter_dir": probes[s].adapter_dir}
-                                   for s in seeds]},
-            "arms": arm_rows,
-            "noise_floor": noise_floor(probe_metrics),
-            "policy": {"tolerance": cfg.tolerance, "min_pass_rate": cfg.min_pass_rate,
-                       "rule": "an arm PASSes a seed when Δ ≥ −tolerance (Δ ≤ +tolerance for a loss); across "
-                               "seeds when its pass rate ≥ min_pass_rate and its worst Δ passes"},
-            "verdict": "PASS" if best else "FAIL",
-            "recommended_arm": best["name"] if best else None,
-            "screening": len(seeds) == 1,
-            "udr": {"probe": {str(s): probes[s].udr for s in seeds},
-                    "arms": {name: {str(s): (res.udr if res else None) for s, (_, res) in arms[name].items()}
-                             for name in cfg.arms}}
-            if any(p.udr for p in probes.values()) else None,
-            "elapsed_seconds": time.perf_counter() - self._started,
-            **({"probe_gate": self._probe_gate(probes, seeds)} if cfg.probe_gate_min is not None else {}),
-            **({"ignored_config_keys": list(cfg.ignored_keys)} if cfg.ignored_keys else {}),
-        }
-
-    def _probe_gate(self, probes: dict[int, ArmResult], seeds: tuple[int, ...]) -> dict[str, Any]:
-        """task.probe_gate: a probe below ``min_value`` is undertrained and its arms' Δ mean little."""
-        gate = self.cfg.probe_gate_min
-        assert gate is not None
-        ok = (lambda m: m >= gate) if self.cfg.higher_is_better else (lambda m: m <= gate)
-        per_seed = [{"seed": s, "metric": probes[s].metric, "passed": bool(ok(probes[s].metric))} for s in seeds]
-        return {"metric": self.cfg.metric, "min_value": gate, "passed": all(p["passed"] for p in per_seed),
-                "per_seed": per_seed}
 
     def _write_outputs(self, bench: dict[str, Any]) -> None:
         from gradience.bench.render import render_markdown
