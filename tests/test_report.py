@@ -7,6 +7,7 @@ fixtures. Numbers on the page are checked against an independent computation (nu
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -615,9 +616,9 @@ def test_compare_maps_tell_zero_from_not_computed_and_use_blue_for_more(tmp_path
     assert fill[names[1]].startswith("url(#") and fill[names[1]].endswith("-na)")  # the hatch pattern
     assert f'<pattern id="{fill[names[1]][5:-1]}"' in m["svg"]
     assert fill[names[0]].startswith("#") and _luminance(fill[names[0]]) > 0.9  # zero: the white middle
-    r, g, b = (int(fill[names[2]][i:i + 2], 16) for i in (1, 3, 5))
+    r, _g, b = (int(fill[names[2]][i:i + 2], 16) for i in (1, 3, 5))
     assert b > r + 60  # more (B − A > 0): blue, as the darker end of the sequential maps
-    r, g, b = (int(fill[names[3]][i:i + 2], 16) for i in (1, 3, 5))
+    r, _g, b = (int(fill[names[3]][i:i + 2], 16) for i in (1, 3, 5))
     assert r > b + 30
     assert m["legend"] == ["-0.02", "+0.05", "0", "not computed (1)"]
     assert "<title>Comparison a/peft ↔ b/peft</title>" in page
@@ -668,10 +669,10 @@ def test_spread_labels_keeps_every_pair_a_line_apart(wanted: list[float], gap: f
     ys = spread_labels(wanted, gap, 0.0, 1.0)
     order = sorted(range(len(wanted)), key=lambda i: (wanted[i], i))
     placed = [ys[i] for i in order]
-    assert all(b - a >= gap - 1e-12 for a, b in zip(placed, placed[1:], strict=False))  # same order, apart
+    assert all(b - a >= gap - 1e-12 for a, b in itertools.pairwise(placed))  # same order, apart
     assert all(-1e-12 <= y <= 1.0 + 1e-12 for y in ys)
     spaced = sorted(wanted)
-    if all(b - a >= gap for a, b in zip(spaced, spaced[1:], strict=False)):
+    if all(b - a >= gap for a, b in itertools.pairwise(spaced)):
         assert ys == pytest.approx(wanted)  # nothing to move: labels stay level with their points
 
 

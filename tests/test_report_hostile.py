@@ -50,7 +50,7 @@ def test_hostile_report_input(case: str, tmp_path: Path, good_audit: dict[str, A
                               capsys: pytest.CaptureFixture[str]) -> None:
     argv = report_case(case, tmp_path / case, good_audit)
     code = main(["report", *argv])
-    out, err = capsys.readouterr()
+    _out, err = capsys.readouterr()
     want_code, needles = EXPECTED[case]
     assert "internal error" not in err and "Traceback" not in err, err
     assert code == want_code, err

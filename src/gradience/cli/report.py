@@ -30,10 +30,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument("path", metavar="PATH",
                    help="run directory, run.jsonl, adapter directory, audit/compare/bench JSON, bench directory")
     p.add_argument("-o", "--out", metavar="OUT.html", default=None,
-                   help="output file (default: report.html in PATH, or beside a file)")
+                   help="output file (default: report.html in a directory PATH, X.html beside a file X.json; an existing "
+                        "file is replaced only when it is the report of the same PATH, else --force)")
     p.add_argument("--base-model", metavar="ID_OR_DIR", default=None,
                    help="base model (local dir or hub id in the local HF cache) for UDR of the adapter")
-    p.add_argument("--title", metavar="T", default=None, help="page title (default: the input's name)")
+    p.add_argument("--title", metavar="T", default=None,
+                   help="page title (default: what the page shows: the run id, the adapter's or bench's name)")
     p.add_argument("--run-id", default=None, help="which run of a multi-run telemetry file (default: the last)")
     p.add_argument("--force", action="store_true",
                    help="overwrite OUT even when it is not a report of PATH (a report of another input, or "

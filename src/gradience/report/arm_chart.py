@@ -132,9 +132,11 @@ def params_metric_chart(chart_id: str, points: Sequence[ArmPoint], tolerance: fl
         placed = spread_labels(wanted, gap, bottom_in / height + gap / 2, 1 - top_in / height - gap / 2)
         label_x = (axes_right_in + 0.3) / WIDTH_IN
         for i, (x, p, y) in enumerate(zip(xs, everyone, placed, strict=True)):
+            # The label takes its point's colour, so a label and its point pair up even where lines converge.
+            color = INK if p is probe else (GOOD if p.passed else (BAD if p.passed is False else MUTED))
             ann = ax.annotate(_short(p.label), xy=(x, p.mean_delta), xycoords="data", xytext=(label_x, y),
                               textcoords="figure fraction", ha="left", va="center", fontsize=LABEL_FONT_PT,
-                              color=INK, annotation_clip=False,
+                              color=color, annotation_clip=False,
                               arrowprops={"arrowstyle": "-", "color": MUTED, "linewidth": 0.5,
                                           "shrinkA": 2, "shrinkB": 4})
             ann.set_gid(f"{LABEL_GID}-{i}")

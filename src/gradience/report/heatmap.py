@@ -20,7 +20,7 @@ from gradience.report.svg import require_report
 
 CELL_W = 30
 CELL_H = 15          # row pitch: the smallest drawn cell is 29 x 14 px (1 px gap), readable and hoverable
-LABEL_W = 64         # row labels (block index)
+LABEL_W = 40         # narrowest row-label column ("block", "31"); wider for "encoder 11" or "other"
 COL_LABEL_MAX = 24   # column labels longer than this are shortened with "…" (the full name is the tooltip)
 CHAR_W = 5.6         # px per character of the 9 px label font (DejaVu Sans average), for the header's size
 LEGEND_H = 40
@@ -64,6 +64,7 @@ class Heatmap:
     vmin: float | None = None
     vmax: float | None = None
     column_labels: list[str] = field(default_factory=list)
+    label_w: int = LABEL_W
 
     @property
     def empty(self) -> bool:
@@ -191,6 +192,7 @@ def build_heatmap(key: str, title: str, grid: Grid, values: dict[str, float | No
     never a colour of the scale). ``scale`` None: :meth:`ColorScale.for_data` of the finite values. The
     colour bar spans the data's min to max, both labelled (and 0 on a signed map that crosses it)."""
     finite_vals = [v for v in (values.get(n) for n in grid.where) if v is not None and math.isfinite(v)]
+    label_w = max(LABEL_W, int(12 + CHAR_W * max((len(r) for r in grid.rows), default=0)))
     if scale is None:
         scale = ColorScale.for_data(finite_vals)
     labels = [_col_label(c) for c in grid.columns]
@@ -203,7 +205,7 @@ def build_heatmap(key: str, title: str, grid: Grid, values: dict[str, float | No
     cell_h = max(CELL_H, min(22, 300 // max(1, len(grid.rows))))
     for name, (r, c) in grid.where.items():
         value = values.get(name)
-        x, y = LABEL_W + c * CELL_W, header_h + r * cell_h
+        x, y = label_w + c * CELL_W, header_h + r * cell_h
         if value is None or not math.isfinite(value):
             n_missing += 1
             cells.append(Cell(x, y, f"url(#{uid}-na)", f"{name}\n{title}: not computed", True))
@@ -221,23 +223,23 @@ def build_heatmap(key: str, title: str, grid: Grid, values: dict[str, float | No
     if vmin is not None and vmax is not None:
         for i in range(LEGEND_STEPS):
             t = (i + 0.5) / LEGEND_STEPS
-            legend.append((LABEL_W + round(i * seg), scale.color(scale.between(vmin, vmax, t)), ""))
+            legend.append((label_w + round(i * seg), scale.color(scale.between(vmin, vmax, t)), ""))
         if vmin == vmax:
-            legend_labels.append((LABEL_W, "start", f"all {fmt(vmin)}"))
+            legend_labels.append((label_w, "start", f"all {fmt(vmin)}"))
         else:
-            legend_labels.append((LABEL_W, "start", fmt(vmin)))
-            legend_labels.append((LABEL_W + legend_w, "end", fmt(vmax)))
+            legend_labels.append((label_w, "start", fmt(vmin)))
+            legend_labels.append((label_w + legend_w, "end", fmt(vmax)))
             if scale.center is not None and vmin < scale.center < vmax and not scale.log:
                 t = (scale.center - vmin) / (vmax - vmin)
                 if 0.2 < t < 0.8:  # room between the end labels
-                    legend_labels.append((LABEL_W + round(t * legend_w), "middle", "0"))
-    width = LABEL_W + max(grid_w + overhang, legend_w) + 8
+                    legend_labels.append((label_w + round(t * legend_w), "middle", "0"))
+    width = label_w + max(grid_w + overhang, legend_w) + 8
     if n_missing:
-        width = max(width, LABEL_W + legend_w + 8)
+        width = max(width, label_w + legend_w + 8)
     return Heatmap(key, title, note, grid.rows, grid.columns, cells, width, grid_bottom + LEGEND_H + (
         16 if n_missing else 0), legend, grid_bottom + 8, n_values, cell_h, uid=uid, header_h=header_h,
         legend_labels=legend_labels, legend_w=legend_w, n_missing=n_missing, vmin=vmin, vmax=vmax,
-        column_labels=labels)
+        column_labels=labels, label_w=label_w)
 
 
 def finite_values(values: dict[str, float | None]) -> list[float]:
