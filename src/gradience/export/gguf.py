@@ -53,7 +53,8 @@ class BaseModelFacts:
 
 def base_model_facts(config: dict[str, Any], where: str | Path) -> BaseModelFacts:
     """From the base's ``config.json`` (``text_config`` of a VL model first, as the converter reads it)."""
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    sub = config.get("text_config")
+    text: dict[str, Any] = sub if isinstance(sub, dict) else {}
     archs = text.get("architectures") or config.get("architectures")
     if not isinstance(archs, list) or not archs or not isinstance(archs[0], str):
         raise InputError("config.json has no 'architectures' list: the GGUF tensor names depend on it", where)

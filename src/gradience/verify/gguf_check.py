@@ -112,8 +112,8 @@ def _compare_factors(a1: np.ndarray, b1: np.ndarray, s1: float, a2: np.ndarray, 
     X − Y = [s1·B1, −s2·B2] · [A1; A2] and ‖Q_L R_L (Q_R R_R)ᵀ‖_F = ‖R_L R_Rᵀ‖_F, so no dense d_out × d_in matrix
     and no cancellation between ‖X‖² and ‖Y‖² (a Gram-trace difference loses everything below ~1e-8)."""
     def norm_of(left: np.ndarray, right: np.ndarray) -> float:
-        r_l = np.linalg.qr(left, mode="r")
-        r_r = np.linalg.qr(right.T, mode="r")
+        r_l: np.ndarray = np.linalg.qr(left, mode="r")  # type: ignore[assignment]
+        r_r: np.ndarray = np.linalg.qr(right.T, mode="r")  # type: ignore[assignment]
         return float(np.linalg.norm(r_l @ r_r.T))
 
     x_norm = norm_of(s1 * b1, a1)
