@@ -110,12 +110,14 @@ class LayerAudit:
             "b_shape": list(self.b_shape), "status": self.status,
             "frob_norm": self.frob_norm, "sigma_max": self.sigma_max,
             "delta_frob_norm": self.delta_frob_norm, "delta_sigma_max": self.delta_sigma_max,
+            "delta_fro_norm": self.delta_frob_norm,  # the reference tool's spelling: saved audits stay comparable
             "stable_rank": self.stable_rank, "utilization": self.utilization,
             "effective_rank": self.effective_rank, "energy_rank_90": self.energy_rank_90,
             "energy_rank_95": self.energy_rank_95, "energy_rank_99": self.energy_rank_99,
             "singular_values": sv,
         }
         row.update({key: self.udr.get(key) for key in UDR_ROW_KEYS})
+        row["base_fro_norm"] = row["base_frob_norm"]  # the reference tool's spelling
         return row
 
 

@@ -59,6 +59,44 @@ from gradience.policy import thresholds as T
 TRIGGERS = ("nonfinite_loss", "nonfinite_grad_norm", "loss_spike")
 LOSS_SOURCES = ("auto", "step", "log")
 
+# The reference tool's Guard fields (johntnanney/gradience, vnext/integrations/hf.py GradienceCallbackConfig,
+# experimental/guard.py), accepted from its users' code by gradience.vnext: renamed ones mean the same here;
+# the others have no counterpart and are accepted with what this Guard does instead. One table, used by
+# translate_reference_guard_fields only (guard_snapshot_every and guard_max_rollbacks keep their names).
+REFERENCE_GUARD_ALIASES: dict[str, str] = {
+    "enable_guard": "guard", "guard_ring_size": "guard_ring", "guard_window_steps": "guard_window",
+}
+REFERENCE_GUARD_NO_EFFECT: dict[str, str] = {
+    "guard_grad_threshold": "a finite gradient norm is no trigger (the Trainer has clipped it before the guard "
+                            "sees it); non-finite norms and loss spikes (guard_spike_factor) are",
+    "guard_cooldown_steps": "rollbacks are bounded by guard_max_rollbacks within guard_window steps",
+    "guard_steps_back": "the newest snapshot is restored, the next older one when training fails again before "
+                        "a newer snapshot is taken",
+    "guard_prune_newer_on_rollback": "snapshots newer than the restored one never exist or are dropped",
+}
+
+
+def translate_reference_guard_fields(fields: dict[str, Any], *, stacklevel: int = 2) -> dict[str, Any]:
+    """``fields`` with the reference's Guard names replaced by ours (one DeprecationWarning per name used);
+    names with no counterpart are dropped with a DeprecationWarning saying what happens instead."""
+    import warnings
+
+    out: dict[str, Any] = {}
+    for name, value in fields.items():
+        if name in REFERENCE_GUARD_ALIASES:
+            new = REFERENCE_GUARD_ALIASES[name]
+            if new in fields:
+                raise TypeError(f"both {name} (deprecated) and {new} given; pass {new} only")
+            warnings.warn(f"{name} is deprecated: use {new} (same meaning)", DeprecationWarning,
+                          stacklevel=stacklevel)
+            out[new] = value
+        elif name in REFERENCE_GUARD_NO_EFFECT:
+            warnings.warn(f"{name} is deprecated and has no effect: {REFERENCE_GUARD_NO_EFFECT[name]}",
+                          DeprecationWarning, stacklevel=stacklevel)
+        else:
+            out[name] = value
+    return out
+
 
 # ------------------------------------------------------------------------------------------------------------
 # pure logic

@@ -1,0 +1,1 @@
+"""``gradience.vnext.integrations``: the reference tool's path to the framework integrations (lazy)."""
