@@ -159,3 +159,65 @@ def test_telemetry_reader_and_monitor(body: list[str], trailing_newline: bool) -
 
         dumps(report.to_dict())
         render_text(report, verbose=True)
+
+
+# -- issue 17: the one bounded JSON loader and compare's audit JSON reader ------------------------------------
+deep_json_values = st.recursive(json_scalars | st.integers(-10**400, 10**400),
+                                lambda kids: st.lists(kids, max_size=2) | st.dictionaries(st.text(max_size=4), kids,
+                                                                                          max_size=2),
+                                max_leaves=80)
+
+
+def _depth(value: Any) -> int:
+    if isinstance(value, dict):
+        return 1 + max((_depth(v) for v in value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max((_depth(v) for v in value), default=0)
+    return 0
+
+
+def _max_int(value: Any) -> int:
+    if isinstance(value, dict):
+        return max((_max_int(v) for v in value.values()), default=0)
+    if isinstance(value, list):
+        return max((_max_int(v) for v in value), default=0)
+    return abs(value) if type(value) is int else 0
+
+
+@FUZZ
+@given(value=deep_json_values, max_depth=st.integers(1, 8))
+def test_loads_bounded_matches_a_recursive_check(value: Any, max_depth: int) -> None:
+    """Accepted exactly when the document is within the depth and integer bounds (an independent recursive
+    measure on these shallow values); otherwise one InputError naming the file."""
+    from gradience.jsonio import MAX_JSON_INT, loads_bounded
+
+    text = json.dumps(value)
+    fits = _depth(value) <= max_depth and _max_int(value) <= MAX_JSON_INT
+    try:
+        out = loads_bounded(text, "f.json", max_depth=max_depth, max_abs_int=MAX_JSON_INT)
+    except InputError as exc:
+        assert not fits and str(exc).startswith("f.json: ")
+    else:
+        assert fits
+        assert json.dumps(out) == text
+
+
+@FUZZ
+@given(value=json_values, as_reference=st.booleans())
+def test_compare_audit_json_reader(value: Any, as_reference: bool) -> None:
+    from gradience.compare.sides import load_audit_json
+
+    doc: Any = value
+    if as_reference:
+        doc = {"total_lora_params": 1, "layer_data": {"layer_rows": value}}
+    elif isinstance(value, dict):
+        doc = {"schema": "gradience.audit/v1", **value}
+    path = _tmp() / "a.json"
+    path.write_text(json.dumps(doc))
+    try:
+        out = load_audit_json(path)
+    except InputError as exc:
+        assert str(path) in str(exc)
+    else:
+        assert out["schema"] == "gradience.audit/v1" and out["layers"]
+        assert all(isinstance(r, dict) and isinstance(r["name"], str) for r in out["layers"])

@@ -107,8 +107,10 @@ def loads_bounded(text: str | bytes, path: str | os.PathLike[str] | None = None,
     from gradience.errors import InputError
 
     if max_items is not None:
-        marks = (b"{", b"[", b",") if isinstance(text, bytes) else ("{", "[", ",")
-        count = sum(text.count(m) for m in marks)  # type: ignore[arg-type]
+        if isinstance(text, bytes):
+            count = text.count(b"{") + text.count(b"[") + text.count(b",")
+        else:
+            count = text.count("{") + text.count("[") + text.count(",")
         if count > max_items:
             raise InputError(f"{what} holds about {count} JSON values, more than the {max_items} such a file "
                              "can have; refused before decoding", path)
@@ -123,9 +125,9 @@ def loads_bounded(text: str | bytes, path: str | os.PathLike[str] | None = None,
         raise InputError(f"{what} is not UTF-8 text", path) from None
     except ValueError as exc:  # "Exceeds the limit (4300 digits) for integer string conversion"
         text_exc = str(exc)
-        problem = ("an integer of more than 4300 digits" if "integer string conversion" in text_exc
-                   else text_exc.splitlines()[0][:200] if text_exc else type(exc).__name__)
-        raise InputError(f"{what} is not usable JSON: {problem}", path) from None
+        reason = ("an integer of more than 4300 digits" if "integer string conversion" in text_exc
+                  else text_exc.splitlines()[0][:200] if text_exc else type(exc).__name__)
+        raise InputError(f"{what} is not usable JSON: {reason}", path) from None
     problem = json_problem(doc, max_depth=max_depth, max_abs_int=max_abs_int)
     if problem is not None:
         raise InputError(f"{what} is not usable JSON: {problem}", path)

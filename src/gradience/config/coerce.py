@@ -57,7 +57,7 @@ def to_float(value: Any, key: str, where: Where) -> float | None:
         try:
             out = float(value)
         except OverflowError:  # a 400-digit integer
-            raise where.error(key, f"number out of range ({_digits(value)} digits)") from None
+            raise where.error(key, f"number out of range ({_digits(int(value))} digits)") from None
     elif isinstance(value, str):
         text = value.strip()
         if not text or text.lower() in {"none", "null"}:

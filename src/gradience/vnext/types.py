@@ -1,18 +1,17 @@
 """``gradience.vnext.types``: the reference tool's type names over this project's types.
 
 ``Severity`` and ``TaskProfile`` are string enums there (``Severity.WARNING == "warning"``); here severities
-and profiles are plain strings, so the enums are built from the one list of each (telemetry's alert
-severities, the config's task profiles) and every writer/reader accepts their members as the strings they
-equal. The snapshot classes are this project's own under the reference's names.
+and profiles are plain strings, so the enums spell out the one list of each (telemetry's
+``ALERT_SEVERITIES``, the config's ``TASK_PROFILES``; tests/test_vnext_compat.py keeps them equal) and every
+writer/reader accepts their members as the strings they equal. The snapshot classes are this project's own under the reference's names.
 """
 
 from __future__ import annotations
 
 import enum
 
-from gradience.telemetry.schema import ALERT_SEVERITIES, SCHEMA
+from gradience.telemetry.schema import SCHEMA
 from gradience.telemetry.types import (
-    TASK_PROFILES,
     ConfigSnapshot,
     LoraConfig,
     OptimizerConfig,
@@ -34,10 +33,23 @@ class _StrEnum(str, enum.Enum):
         return format(str(self.value), spec)
 
 
-Severity = _StrEnum("Severity", {s.upper(): s for s in ALERT_SEVERITIES})  # type: ignore[misc]
-Severity.__doc__ = "Alert / recommendation severity: info, warning, error, critical (telemetry v1)."
-TaskProfile = _StrEnum("TaskProfile", {p.upper(): p for p in TASK_PROFILES})  # type: ignore[misc]
-TaskProfile.__doc__ = "Task profile of a run (check's rule sets): easy_classification ... unknown."
+class Severity(_StrEnum):
+    """Alert / recommendation severity (telemetry v1's ``ALERT_SEVERITIES``; a test keeps them equal)."""
+
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+    CRITICAL = "critical"
+
+
+class TaskProfile(_StrEnum):
+    """Task profile of a run, check's rule sets (``TASK_PROFILES``; a test keeps them equal)."""
+
+    EASY_CLASSIFICATION = "easy_classification"
+    HARD_REASONING = "hard_reasoning"
+    GENERATION = "generation"
+    UNKNOWN = "unknown"
+
 
 LoRAConfigSnapshot = LoraConfig
 OptimizerConfigSnapshot = OptimizerConfig
