@@ -319,3 +319,48 @@ def tiny_full_disk(path: Path, kib: int = 64) -> bool:
 
 def unmount(path: Path) -> None:
     subprocess.run(["umount", str(path)], capture_output=True)
+
+
+# -- compress / IO builders (issue 17 item 6) -----------------------------------------------------------------
+def f64_adapter(out: Path, a_scale: float, b_scale: float | None = None, r: int = 4, d: int = 16,
+                seed: int = 0) -> Path:
+    """One q_proj pair stored as F64 with finite values of magnitude ~a_scale (A) and ~b_scale (B)."""
+    rng = np.random.default_rng(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    decay = 0.5 ** np.arange(r)
+    tensors = {f"{Q}.lora_A.weight": rng.standard_normal((r, d)) * a_scale,
+               f"{Q}.lora_B.weight": rng.standard_normal((d, r)) * decay * (a_scale if b_scale is None else b_scale)}
+    write_safetensors(out / "adapter_model.safetensors", tensors, dtype="F64")
+    (out / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": r, "lora_alpha": 2 * r,
+                                                         "target_modules": ["q_proj"]}))
+    return out
+
+
+def mismatched_pair_adapter(out: Path) -> Path:
+    """lora_A (4, 16) with lora_B (16, 8): no PEFT pair, but it "fits" transposed as r=16 on 4x8."""
+    rng = np.random.default_rng(1)
+    return adapter_with_tensors(out, {f"{Q}.lora_A.weight": rng.standard_normal((4, 16)).astype(np.float32),
+                                      f"{Q}.lora_B.weight": rng.standard_normal((16, 8)).astype(np.float32)})
+
+
+def many_pairs_adapter(out: Path, n_layers: int = 8, d: int = 256, r: int = 8) -> Path:
+    """A larger synthetic adapter (q/k/v/o per layer) whose data spans many pages, for truncate-while-read."""
+    targets = {m: (d, d) for m in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    return write_synthetic_adapter(out, layers=n_layers, targets=targets, r=r, alpha=2 * r)
+
+
+def huge_rank_pattern_config(adapter: Path, n: int = 100_000) -> Path:
+    cfg_path = adapter / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["rank_pattern"] = {f"layers.{i}.x_proj": 2 for i in range(n)}
+    cfg_path.write_text(json.dumps(cfg))
+    return adapter
+
+
+def bigint_alpha_config(adapter: Path, digits: int = 400) -> Path:
+    cfg_path = adapter / "adapter_config.json"
+    text = cfg_path.read_text()
+    cfg = json.loads(text)
+    cfg["lora_alpha"] = 0
+    cfg_path.write_text(json.dumps(cfg).replace('"lora_alpha": 0', '"lora_alpha": 1' + "0" * digits))
+    return adapter

@@ -34,6 +34,9 @@ MAX_CONFIG_BYTES = 16 * 1024 * 1024
 MAX_PATTERN_CHARS = 1000
 MAX_PATTERN_UNBOUNDED = 2
 MAX_MATCHED_NAME_CHARS = 256
+# PEFT writes at most one rank_pattern/alpha_pattern entry per adapted module; every module is matched against
+# every key, so a forged config with 100k keys would take minutes per command (issue 17, cx_rank_pattern_100k).
+MAX_PATTERN_ENTRIES = 8192
 
 
 def read_adapter_config(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -41,6 +44,11 @@ def read_adapter_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     config = read_json_file(path, what="adapter config", max_bytes=MAX_CONFIG_BYTES)
     if not isinstance(config, dict):
         raise InputError(f"adapter config is not a JSON object (found {type(config).__name__})", path)
+    for field_name in ("rank_pattern", "alpha_pattern"):
+        value = config.get(field_name)
+        if isinstance(value, dict) and len(value) > MAX_PATTERN_ENTRIES:
+            raise InputError(f"{field_name} has {len(value)} entries; at most {MAX_PATTERN_ENTRIES} are supported "
+                             "(PEFT writes one per adapted module)", path)
     return config
 
 

@@ -51,10 +51,16 @@ def _output_alpha(loaded: LoadedAdapter) -> float:
         raise InputError("compress needs the adapter's adapter_config.json (the output config is derived from it)",
                          where)
     alpha = loaded.config.get("lora_alpha")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha == 0:
-        raise InputError(f"lora_alpha is {alpha!r}: compress needs a finite, non-zero lora_alpha to know each "
+    try:
+        number = None if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) else float(alpha)
+    except OverflowError:  # an integer beyond float's range (a 400-digit lora_alpha)
+        number = None
+    if number is None or not math.isfinite(number) or number == 0:
+        shown = (f"an integer of ~{int(alpha.bit_length() * 0.30103) + 1} digits"
+                 if isinstance(alpha, int) and not isinstance(alpha, bool) and abs(alpha) >= 10**30 else repr(alpha))
+        raise InputError(f"lora_alpha is {shown}: compress needs a finite, non-zero lora_alpha to know each "
                          "module's scale", where)
-    return float(alpha)
+    return number
 
 
 def preflight(loaded: LoadedAdapter) -> float:

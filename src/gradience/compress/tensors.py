@@ -45,6 +45,11 @@ def _factor_layout(pair: LoraPair, a: np.ndarray, b: np.ndarray, k: int) -> tupl
     return a, b
 
 
+# Largest/smallest Gram diagonal for which the unscaled truncation keeps float64 accuracy (an all-zero factor
+# has a zero Gram and goes the scaled way too, which handles it).
+_GRAM_SAFE = (1e-250, 1e250)
+
+
 def _finite(*arrays: np.ndarray) -> bool:
     return all(bool(np.isfinite(x).all()) for x in arrays)
 
@@ -54,10 +59,14 @@ def _truncate(layer: LayerPlan, a: np.ndarray, b: np.ndarray, where: str | None
     """The truncated factors of one module; finite factors whose σ or Grams overflow float64 (F64 ~1e200)
     go through the scaled path; NaN/Inf factors or a LAPACK failure are a clean InputError."""
     try:
-        with np.errstate(over="ignore", invalid="ignore"):
-            a_new, b_new, method = truncated_factors(a, b, layer.r_after, layer.coef, factor_grams(a, b))
-        if _finite(a_new, b_new):
-            return a_new, b_new, method
+        with np.errstate(over="ignore", invalid="ignore", under="ignore"):
+            grams = factor_grams(a, b)
+            tops = [float(np.max(np.diag(g))) if g.size else 1.0 for g in grams]
+            # Grams near float64's ends (subnormal or overflowing) lose the σ accuracy: scaled path below.
+            if all(_GRAM_SAFE[0] <= t <= _GRAM_SAFE[1] for t in tops):
+                a_new, b_new, method = truncated_factors(a, b, layer.r_after, layer.coef, grams)
+                if _finite(a_new, b_new):
+                    return a_new, b_new, method
     except np.linalg.LinAlgError:
         pass
     if not _finite(a, b):
