@@ -383,18 +383,19 @@ def effective_rank(sigma: np.ndarray) -> float:
 def spectrum_metrics(sigma: np.ndarray, r: int) -> SpectrumMetrics:
     """Per-layer metrics of SPEC §3.1 from a finite descending σ vector of a rank-r pair."""
     sigma = np.asarray(sigma, dtype=np.float64)
-    frob2 = float(np.sum(np.square(sigma)))
     s1 = float(sigma[0]) if sigma.size else 0.0
     if s1 <= 0.0:
         return SpectrumMetrics(0.0, 0.0, 0.0, 0.0, 0.0, 0, 0, 0)
-    stable = frob2 / (s1 * s1)
-    k90, k95, k99 = (energy_rank(sigma, level) for level in ENERGY_LEVELS)
+    # Ratios from σ/σ₁: σ² of F64 factors ~1e-160 underflows to 0 and of ~1e170 overflows (issue 17).
+    t = sigma / s1
+    stable = float(np.sum(np.square(t)))
+    k90, k95, k99 = (energy_rank(t, level) for level in ENERGY_LEVELS)
     return SpectrumMetrics(
-        frob_norm=math.sqrt(frob2),
+        frob_norm=s1 * math.sqrt(stable),
         sigma_max=s1,
         stable_rank=stable,
         utilization=stable / r if r > 0 else 0.0,
-        effective_rank=effective_rank(sigma),
+        effective_rank=effective_rank(t),
         energy_rank_90=k90,
         energy_rank_95=k95,
         energy_rank_99=k99,
