@@ -135,7 +135,9 @@ def test_hf_cache_ref_must_be_a_commit(tmp_path: Path, capsys: pytest.CaptureFix
     (repo / "refs" / "main").write_bytes(ref)
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    code, _, err = cli(capsys, "audit", "--peft-dir", str(good_adapter(tmp_path / "a")), "--base-model", "org/tiny")
+    # --require-udr: without it an unresolvable base is a warning issue and the audit still prints (issue 17)
+    code, _, err = cli(capsys, "audit", "--peft-dir", str(good_adapter(tmp_path / "a")), "--base-model", "org/tiny",
+                       "--require-udr")
     assert_one_line_error(code, err, "refs/main", "does not hold a commit hash")
     assert "\x1b" not in err
 
@@ -146,7 +148,7 @@ def test_revision_must_be_a_plain_name(tmp_path: Path, capsys: pytest.CaptureFix
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     code, _, err = cli(capsys, "audit", "--peft-dir", str(good_adapter(tmp_path / "a")),
-                       "--base-model", f"org/tiny@{rev}")
+                       "--base-model", f"org/tiny@{rev}", "--require-udr")
     assert_one_line_error(code, err, "org/tiny")
 
 
@@ -436,7 +438,7 @@ def test_monitor_on_a_growing_log_ends(tmp_path: Path) -> None:
 # -- paths -----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("argv", [["audit", "--peft-dir", "P"], ["audit", "--weights", "P"], ["monitor", "P"],
                                   ["check", "P"], ["check", "--peft-dir", "P"],
-                                  ["audit", "--peft-dir", "A", "--base-model", "P"]])
+                                  ["audit", "--peft-dir", "A", "--base-model", "P", "--require-udr"]])
 def test_name_too_long(tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
     long_path = str(tmp_path / ("x" * 300) / ("y" * 5000))
     a = str(good_adapter(tmp_path / "a"))
