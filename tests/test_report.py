@@ -712,3 +712,18 @@ def test_report_never_overwrites_another_inputs_page_without_force(tmp_path: Pat
     (tmp_path / "bench" / "bench.json").write_text(json.dumps(make_bench_doc(seeds=(1,), layers=1)))
     assert _report_cli(str(tmp_path / "bench" / "bench.json"), "-o", str(tmp_path / "bench" / "report.html")) == (0, "")
     assert _report_cli(str(tmp_path / "bench")) == (0, "")
+
+
+def test_reference_tool_audit_json_is_reported_with_our_numbers(small_with_base: dict[str, Path],
+                                                                tmp_path: Path) -> None:
+    """The reference tool's audit JSON (no schema, ``layer_data.layer_rows``, full PEFT names) is converted by
+    compare's reader and shows the same per-layer values as our own audit of the adapter."""
+    from support.hostile import audit_json_doc, reference_audit_json
+
+    ours = audit_json_doc(small_with_base["adapter"])
+    (tmp_path / "ref.json").write_text(json.dumps(reference_audit_json(ours)))
+    (tmp_path / "ours.json").write_text(json.dumps(ours))
+    ref_tips = tooltips(parse(render(tmp_path / "ref.json")))
+    our_tips = tooltips(parse(render(tmp_path / "ours.json")))
+    util = {k: v for k, v in our_tips.items() if k[1] == "utilization"}
+    assert len(util) == 21 and all(ref_tips[k] == v for k, v in util.items())
