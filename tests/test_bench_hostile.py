@@ -196,3 +196,26 @@ def test_tiny_bench_sizes_modes_dedupe_and_terminal_output(tmp_path: Path) -> No
     dirs = [s["adapter_dir"] for a in again["arms"] for s in a["per_seed"]]
     assert all(Path(d).resolve().is_relative_to(out.resolve()) for d in dirs), dirs
     assert resumed.stderr.count("resumed") == 6  # the probe and the five arms: nothing retrained
+
+
+def test_save_pretrained_outputs_get_the_umask_mode(tmp_path: Path) -> None:
+    """The demo's peft/ and base/ (toy.run.save_adapter): safetensors creates 0600 whatever the umask."""
+    from peft import LoraConfig, get_peft_model
+
+    from gradience.toy.model import build_tiny_classifier
+    from gradience.toy.run import save_adapter
+
+    base = build_tiny_classifier(50, 2, 0)
+    old = os.umask(0o002)
+    try:
+        save_adapter(base, tmp_path / "base")
+        peft = get_peft_model(build_tiny_classifier(50, 2, 0), LoraConfig(r=2, target_modules=["q_lin"]))
+        save_adapter(peft, tmp_path / "peft", save_embedding_layers=False)
+    finally:
+        os.umask(old)
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".safetensors" for p in files) and len(files) >= 4
+    for path in files:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o664, path
+    for d in (tmp_path / "base", tmp_path / "peft"):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o775
