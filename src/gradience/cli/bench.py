@@ -20,7 +20,10 @@ EPILOG = """examples:
   python -m gradience.bench --config examples/bench/toy.yaml --seeds 1,2,3 --output-dir runs/bench
   python -m gradience.bench --config experiments.yaml --base-model microsoft/DialoGPT-medium --ci
 
-exit codes: 0 finished; 1 with --ci when the policy verdict is FAIL; 2 bad config or input.
+  python -m gradience.bench.run_bench --config F --output D           # the reference tool's command line
+
+exit codes: 0 finished; 1 with --ci when the policy verdict is FAIL or task.probe_gate is not met;
+2 bad config or input (one line on stderr; an output directory holding another bench says how to start over).
 """
 
 
