@@ -19,7 +19,6 @@ EPILOG = """examples:
   gradience bench --config examples/bench/toy.yaml --smoke            # offline toy, ~1-3 min on a CPU
   python -m gradience.bench --config examples/bench/toy.yaml --seeds 1,2,3 --output-dir runs/bench
   python -m gradience.bench --config experiments.yaml --base-model microsoft/DialoGPT-medium --ci
-
   python -m gradience.bench.run_bench --config F --output D           # the reference tool's command line
 
 exit codes: 0 finished; 1 with --ci when the policy verdict is FAIL or task.probe_gate is not met;
