@@ -97,6 +97,65 @@ def ensure_adapter(name: str, data_dir: Path = DATA_DIR, *, force: bool = False)
     return out, True
 
 
+# --- "trained" spectra (issue 17 item 7): the shape of what a real training run gives -----------------------------
+# Per module B = 0.02·G·diag(e^(−i/τ))·Q (G Gaussian d_out×r, Q a random r×r rotation, τ log-uniform in
+# [0.4, r/1.5]: effective rank from ~1 to ~r across modules) and A Gaussian/√d_in, fp32. Unlike the "steep"
+# adapters above (decay placed on one factor, σ_r/σ₁ < 1e-4 everywhere), about half of these pairs are
+# ill-conditioned only through the rotation Q, which is what sends the audit down its Cholesky-root path.
+TRAINED_ADAPTERS: dict[str, tuple[str, int, dict[str, tuple[int, int]], int]] = {
+    "llama7b_r16_trained_f32": ("7B shapes, r=16, trained-like spectra (B = 0.02·G·diag(e^(-i/τ))·Q)", 32,
+                                _LLAMA7B, 16),
+}
+
+
+def trained_pair(rng: Any, d_out: int, d_in: int, r: int) -> tuple[Any, Any, float]:
+    """(A (r, d_in), B (d_out, r), τ) of one trained-like module, float32."""
+    import numpy as np
+
+    tau = float(np.exp(rng.uniform(np.log(0.4), np.log(r / 1.5))))
+    q, _ = np.linalg.qr(rng.standard_normal((r, r)))
+    g = rng.standard_normal((d_out, r))
+    b = (0.02 * g * np.exp(-np.arange(r) / tau)) @ q
+    a = rng.standard_normal((r, d_in)) / np.sqrt(d_in)
+    return a.astype(np.float32), b.astype(np.float32), tau
+
+
+def ensure_trained_adapter(name: str, data_dir: Path = DATA_DIR, *, force: bool = False) -> tuple[Path, bool]:
+    """Generate the trained-like adapter ``name`` (see TRAINED_ADAPTERS) unless it is up to date."""
+    import numpy as np
+
+    from support.synthetic import MLP_LEAVES, write_safetensors
+
+    _, layers, targets, r = TRAINED_ADAPTERS[name]
+    out = data_dir / name
+    wanted = {"layers": layers, "targets": {k: list(v) for k, v in targets.items()}, "r": r, "alpha": 2 * r,
+              "dtype": "F32", "seed": 0, "generator": "trained-1", "base_model_name_or_path": DEFAULT_BASE_NAME}
+    recipe_path, weights = out / RECIPE_FILE, out / "adapter_model.safetensors"
+    if (not force and recipe_path.is_file() and weights.is_file()
+            and json.loads(recipe_path.read_text()) == wanted):
+        return out, False
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    tensors: dict[str, Any] = {}
+    rng = np.random.default_rng(0)
+    for i in range(layers):
+        for leaf, (d_out, d_in) in targets.items():
+            part = "mlp" if leaf in MLP_LEAVES else "self_attn"
+            prefix = f"base_model.model.model.layers.{i}.{part}.{leaf}"
+            a, b, _ = trained_pair(rng, d_out, d_in, r)
+            tensors[f"{prefix}.lora_A.weight"], tensors[f"{prefix}.lora_B.weight"] = a, b
+    write_safetensors(weights, tensors, dtype="F32")
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": 2 * r,
+              "target_modules": sorted(targets), "use_rslora": False, "rank_pattern": {}, "alpha_pattern": {},
+              "base_model_name_or_path": DEFAULT_BASE_NAME, "lora_dropout": 0.0, "bias": "none",
+              "fan_in_fan_out": False, "modules_to_save": None, "use_dora": False, "init_lora_weights": True,
+              "inference_mode": True}
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    recipe_path.write_text(json.dumps(wanted, indent=2) + "\n")
+    return out, True
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("names", nargs="*", help=f"adapters to build (default: all): {', '.join(ADAPTERS)}")

@@ -166,9 +166,16 @@ def test_local_model_and_dataset_paths(tmp_path: Path) -> None:
 
 
 def test_unknown_hub_model_offline_is_one_input_error(tmp_path: Path) -> None:
+    import time
+
+    started = time.perf_counter()
     with pytest.raises(InputError) as info:
         run_toy(ToyRunConfig(out=str(tmp_path / "o"), model="someone/not-cached-model", max_steps=2))
-    assert str(info.value).startswith("someone/not-cached-model: cannot load model")
+    message = str(info.value)
+    assert message.startswith("someone/not-cached-model: not in the local Hugging Face cache")
+    assert "save_pretrained(DIR)" in message and message.endswith("pass --model DIR")
+    assert time.perf_counter() - started < 5.0  # decided before transformers is asked (it would retry)
+    assert not (tmp_path / "o").exists()  # nothing written for a run that cannot start
 
 
 def test_targets_that_match_nothing_is_one_input_error(tmp_path: Path) -> None:

@@ -14,9 +14,10 @@ factors). Then, batched over pairs of equal rank (Python overhead paid once per 
 * a factor whose H is still ill-conditioned (λ_min < ``SPECTRUM_FACTOR_SPLIT_RATIO``·λ_max: rank-deficient, or
   steep in a rotated basis) keeps its well-resolved directions from the Gram and recomputes the others from the
   data: Z = V_smallᵀ·X (a thin product, k ≤ r rows), whose own Gram is accurate relative to *its* scale,
-  recursively. That is far cheaper than a Householder QR of the whole factor (the previous refinement, ~8x the
-  Gram pass on 7B shapes) and at least as accurate: every σ within ~1e-12·σ₁ of a dense float64 SVD on steep,
-  rank-deficient and rotated cases. Directions below the factor's float64 noise floor are exactly 0.
+  recursively (:mod:`gradience.audit.refine`). That is far cheaper than a Householder QR of the whole factor
+  (the previous refinement, ~8x the Gram pass on 7B shapes) and at least as accurate: every σ within
+  ~1e-12·σ₁ of a dense float64 SVD on steep, rank-deficient and rotated cases. Directions below the factor's
+  float64 noise floor are exactly 0.
 
 Factors whose Gram would overflow or underflow float64 (float64 factors near 1e±160) are scaled by a power of
 two first and σ unscaled after (exact), so finite factors are never reported as non-finite.
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from gradience.audit.refine import Scratch, refined_root
 from gradience.io.safetensors import bf16_to_f32
 from gradience.policy.thresholds import (
     ENERGY_LEVELS,
@@ -175,67 +177,6 @@ def _safe_gram(x: np.ndarray, gram: Callable[..., np.ndarray], bf16: bool = Fals
     return gram(np.ldexp(np.asarray(x, dtype=np.float64), -e)), e, True
 
 
-def _as_float64(x: np.ndarray, scale_exp: int) -> np.ndarray:
-    """x·2^-e as float64 (a copy unless x already is float64 and e = 0)."""
-    y = np.asarray(x, dtype=np.float64)
-    return np.ldexp(y, -scale_exp) if scale_exp else y
-
-
-def _rows_times_a(a: np.ndarray, scale_exp: int) -> Callable[[np.ndarray], np.ndarray]:
-    """u -> uᵀ·(A·2^-e) in float64 for A (r, d); A is converted once, on first use."""
-    cache: list[np.ndarray] = []
-
-    def apply(u: np.ndarray) -> np.ndarray:
-        if not cache:
-            cache.append(_as_float64(a, scale_exp))
-        return u.T @ cache[0]
-    return apply
-
-
-def _rows_times_bt(b: np.ndarray, scale_exp: int) -> Callable[[np.ndarray], np.ndarray]:
-    """u -> uᵀ·(B·2^-e)ᵀ = ((B·2^-e)·u)ᵀ in float64 for B (d, r); B is converted once, on first use."""
-    cache: list[np.ndarray] = []
-
-    def apply(u: np.ndarray) -> np.ndarray:
-        if not cache:
-            cache.append(_as_float64(b, scale_exp))
-        return (cache[0] @ u).T
-    return apply
-
-
-def _root(rows_times: Callable[[np.ndarray], np.ndarray], w: np.ndarray, v: np.ndarray, floor2: float,
-          depth: int = 0) -> np.ndarray:
-    """T (n×n) with Y = T·Q, Q with orthonormal rows, for the n×d matrix Y whose Gram is V·diag(w)·Vᵀ.
-
-    ``rows_times(U)`` computes Uᵀ·Y from the data. Directions with w >= ratio·w_max are taken from the Gram
-    (T column = v·sqrt(w)); the others are recomputed as Z = V_smallᵀ·Y and handled the same way on Z's own
-    Gram, whose rounding is relative to Z's (small) scale. Anything whose Gram is below ``floor2`` is noise: 0.
-    """
-    n = v.shape[0]
-    w = np.clip(w, 0.0, None)
-    top = float(w[-1]) if n else 0.0
-    t = np.zeros((n, n))
-    if top <= floor2:
-        return t
-    k = int(np.searchsorted(w, SPECTRUM_FACTOR_SPLIT_RATIO * top, side="left"))  # w ascending
-    t[:, k:] = v[:, k:] * np.sqrt(w[k:])
-    if k == 0 or depth >= 8:  # each level shrinks the scale by the ratio: 8 levels are far below the floor
-        return t
-    vs = v[:, :k]
-    z = rows_times(vs)
-    gz = z @ z.T
-    wz, vz = np.linalg.eigh(0.5 * (gz + gz.T))
-    t[:, :k] = vs @ _root(lambda u: u.T @ z, wz, vz, floor2, depth + 1)
-    return t
-
-
-def _noise_floor2(shape: tuple[int, ...], top: float) -> float:
-    """Squared absolute noise level of a thin float64 product over a factor whose largest Gram eigenvalue
-    is ``top`` (rounding ~sqrt(d)·eps·‖X‖ on a length-d row, with a safety factor)."""
-    d = max(shape) if shape else 1
-    return (8.0 * math.sqrt(d) * _EPS) ** 2 * top
-
-
 @dataclass(frozen=True)
 class FactorGram:
     """One factor's float64 Gram (A·Aᵀ or Bᵀ·B) of the factor scaled by 2^-exp (exp = 0 unless the plain
@@ -289,16 +230,6 @@ def unit_diagonal(g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return h, d
 
 
-def _refined_root(x: np.ndarray, exp: int, h: np.ndarray, d: np.ndarray, *, rows: bool) -> np.ndarray:
-    """Root D·T_H of a factor whose unit-diagonal Gram H is ill-conditioned (rank-deficient, or steep in a
-    rotated basis): its weak directions are recomputed from the data x."""
-    w, v = np.linalg.eigh(h)
-    rows_times = _rows_times_a(x, exp) if rows else _rows_times_bt(x, exp)
-    inv = np.divide(1.0, d, out=np.zeros_like(d), where=d > 0.0)
-    root = _root(lambda u: rows_times(u * inv[:, None]), w, v, _noise_floor2(x.shape, float(w[-1])))
-    return d[:, None] * root
-
-
 def singular_values_many(
     grams: Sequence[tuple[FactorGram, FactorGram]], load: Callable[[int], tuple[np.ndarray, np.ndarray]],
 ) -> tuple[list[np.ndarray], int]:
@@ -318,6 +249,7 @@ def singular_values_many(
             by_rank.setdefault(ga.g.shape[0], []).append(i)
     n_refined = 0
     split = SPECTRUM_FACTOR_SPLIT_RATIO
+    scratch = Scratch()
     for idx in by_rank.values():
         n = len(idx)
         h, d = unit_diagonal(np.stack([grams[i][0].g for i in idx] + [grams[i][1].g for i in idx]))
@@ -327,14 +259,19 @@ def singular_values_many(
         ok = ~steep
         if ok.any():  # H = L·Lᵀ (safely positive definite here): T = D·L, a root at a fraction of eigh's cost
             t[ok] = d[ok][:, :, None] * np.linalg.cholesky(h[ok])
-        for row in np.flatnonzero(steep[:n] | steep[n:]).tolist():
-            i = idx[row]
-            a, b = load(i)
-            n_refined += 1
-            if steep[row]:
-                t[row] = _refined_root(a, grams[i][0].exp, h[row], d[row], rows=True)
-            if steep[n + row]:
-                t[n + row] = _refined_root(b, grams[i][1].exp, h[n + row], d[n + row], rows=False)
+        if steep.any():
+            # The steep factors' eigenvectors in one batched call; their weak directions from the data.
+            ws, vs = np.linalg.eigh(h[steep])
+            where = np.full(len(steep), -1)
+            where[steep] = np.arange(len(ws))
+            for row in np.flatnonzero(steep[:n] | steep[n:]).tolist():
+                i = idx[row]
+                a, b = load(i)
+                n_refined += 1
+                for j, x, rows, g in ((row, a, True, grams[i][0]), (n + row, b, False, grams[i][1])):
+                    if steep[j]:
+                        t[j] = refined_root(x, g.exp, ws[where[j]], vs[where[j]], d[j], rows=rows,
+                                            scratch=scratch)
         sigma = np.linalg.svd(np.swapaxes(t[n:], -1, -2) @ t[:n], compute_uv=False)
         for row, i in enumerate(idx):
             shift = grams[i][0].exp + grams[i][1].exp

@@ -9,13 +9,9 @@ an uncached id with no reachable hub fails at once with one line that says how t
 
 from __future__ import annotations
 
-import contextlib
 import os
-import socket
-import threading
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from gradience.errors import InputError
 
@@ -43,6 +39,8 @@ def offline_requested() -> bool:
 
 def _probe_target() -> tuple[str, int]:
     """The host a hub request would first connect to: the HTTPS proxy when one is set, else the endpoint."""
+    from urllib.parse import urlsplit
+
     proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
     url = proxy or os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
     parts = urlsplit(url if "//" in url else f"//{url}")
@@ -54,7 +52,12 @@ def hub_reachable(timeout: float = PROBE_TIMEOUT_S) -> bool:
     """True when a TCP connection to the hub (or the HTTPS proxy) opens within ``timeout`` seconds.
 
     ``getaddrinfo`` has no timeout of its own, so the lookup runs in a daemon thread that is abandoned
-    when it takes too long. Answered once per process."""
+    when it takes too long. Answered once per process. (socket/threading imported here: the audit imports
+    this module on every run and never probes unless asked to download.)"""
+    import contextlib
+    import socket
+    import threading
+
     if offline_requested():
         return False
     host, port = _probe_target()
