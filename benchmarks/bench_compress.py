@@ -50,6 +50,47 @@ def _run(argv: list[str]) -> tuple[float, float]:
     return wall, rss_kib / 1024.0
 
 
+# compress called as a library from a fresh interpreter with the BLAS left at its default thread count (what a
+# training script or notebook gets); PIN=0 replaces gradience.blas.limited_blas_threads by a no-op (the
+# behaviour before the library pinned the tiny LAPACK calls itself).
+_LIBRARY_CHILD = r"""
+import contextlib, sys, time
+t0 = time.perf_counter()
+import gradience.blas
+if sys.argv[1] == "0":
+    gradience.blas.limited_blas_threads = lambda n=1: contextlib.nullcontext()
+from gradience.adapter import load_adapter
+from gradience.compress import CompressOptions, Policy, compress
+compress(load_adapter(sys.argv[2]), sys.argv[3], CompressOptions(policy=Policy(name="energy", value=0.9), force=True))
+print(f"@@ 0 {time.perf_counter() - t0:.6f} 0", file=sys.stderr)
+"""
+
+
+def _library_run(adapter: Path, out: Path, pin: bool) -> float:
+    """Whole-process wall seconds of one in-process ``compress()`` (BLAS threads: the library's default)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
+                                                            "MKL_NUM_THREADS")}
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", _LIBRARY_CHILD, "1" if pin else "0", str(adapter), str(out)],
+                          capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"library run failed ({proc.returncode})\n{proc.stderr[-2000:]}")
+    return time.perf_counter() - t0
+
+
+def in_process_vs_cli(adapter: Path, work: Path, runs: int) -> dict[str, float]:
+    """Medians (s) of compress --energy 0.9: the CLI (BLAS pinned by cli/main.py), the library with its own
+    pinning (gradience.blas) and the library without it; runs interleaved so machine load hits all three."""
+    walls: dict[str, list[float]] = {"cli": [], "library_pinned": [], "library_unpinned": []}
+    out = work / "out_lib"
+    for _ in range(runs):
+        walls["cli"].append(_run(["compress", "--peft-dir", str(adapter), "--out", str(out), "--energy", "0.9",
+                                  "--force", "--json"])[0])
+        walls["library_pinned"].append(_library_run(adapter, out, pin=True))
+        walls["library_unpinned"].append(_library_run(adapter, out, pin=False))
+    return {k: statistics.median(v) for k, v in walls.items()}
+
+
 def _median_runs(argv: list[str], runs: int, before: object | None = None) -> tuple[float, float]:
     walls, rss = [], []
     for _ in range(runs):
@@ -100,6 +141,8 @@ def main() -> int:
     ap.add_argument("--adapter", default="llama7b_r64_bf16", help="name under benchmarks/_data")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--dense-layers", type=int, default=1, help="layers per shape for the dense-SVD comparison")
+    ap.add_argument("--in-process", action="store_true",
+                    help="only compare compress in-process (library, BLAS pinned or not) with the CLI")
     args = ap.parse_args()
     adapter = DATA_DIR / args.adapter
     if not (adapter / "adapter_model.safetensors").is_file():
@@ -107,6 +150,18 @@ def main() -> int:
         return 2
     in_size = (adapter / "adapter_model.safetensors").stat().st_size
     work = Path(tempfile.mkdtemp(prefix="bench_compress_"))
+    if args.in_process:
+        try:
+            med = in_process_vs_cli(adapter, work, args.runs)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        print(f"adapter: {args.adapter}  compress --energy 0.9, whole process, median of {args.runs} "
+              f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
+        for key, label in (("cli", "CLI (BLAS pinned by cli/main.py)"),
+                           ("library_pinned", "library, gradience.blas pinning"),
+                           ("library_unpinned", "library, no pinning (before)")):
+            print(f"  {label:<36} {med[key]:.3f} s")
+        return 0
     try:
         out = work / "out"
         audit_t, audit_rss = _median_runs(["audit", "--peft-dir", str(adapter), "--json", "--no-udr"], args.runs)

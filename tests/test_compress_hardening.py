@@ -245,3 +245,36 @@ def test_engine_version_flag(adapter: Path, tmp_path: Path, capsys: pytest.Captu
                   "vllm=latest-ish"], "not a vLLM version")
     _err(capsys, ["compress", "--peft-dir", str(adapter), "--dry-run", "--rank", "2", "--engine-version",
                   "tgi=1.0"], "unknown engine")
+
+
+def test_library_pins_blas_threads_around_the_lapack_calls(adapter: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process callers get one BLAS thread for the r×r LAPACK calls (the CLI sets it by environment),
+    restored afterwards; nested use keeps the outer setting."""
+    from gradience import blas
+    from gradience.adapter import load_adapter
+    from gradience.compress import CompressOptions, Policy, compress
+    from gradience.compress import factors as factors_mod
+
+    lib = blas._find()
+    if lib is None:
+        pytest.skip("no known BLAS loaded")
+    original = lib.get_threads()
+    lib.set_threads(2)  # as a multi-core machine without OPENBLAS_NUM_THREADS would run
+    try:
+        seen: list[int | None] = []
+        real = factors_mod.truncated_factors
+
+        def spy(*args: Any, **kwargs: Any) -> Any:
+            seen.append(blas.blas_threads())
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr("gradience.compress.tensors.truncated_factors", spy)
+        compress(load_adapter(str(adapter)), tmp_path / "o", CompressOptions(policy=Policy(name="rank", value=2)))
+        assert seen and set(seen) == {1}
+        assert blas.blas_threads() == 2
+        with blas.limited_blas_threads(), blas.limited_blas_threads():
+            assert blas.blas_threads() == 1
+        assert blas.blas_threads() == 2
+    finally:
+        lib.set_threads(original)
