@@ -229,12 +229,23 @@ def _ties_ref(updates: list[np.ndarray], weights: list[float], density: float) -
     return merged, conflict.sum() / several.sum()
 
 
+def _splitmix(x: int) -> int:
+    m = (1 << 64) - 1
+    z = (x + 0x9E3779B97F4A7C15) & m
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
+    return z ^ (z >> 31)
+
+
 def _dare_ref(updates: list[np.ndarray], weights: list[float], p: float, seed: int, name: str) -> np.ndarray:
+    """DARE with the documented counter-based mask: entry (r, c) of input i is kept when
+    (splitmix64(key_i + r·d_in + c) >> 11)·2⁻⁵³ >= p, key_i = splitmix64(splitmix64(splitmix64(seed) ^ i) ^ crc32)."""
     out = np.zeros_like(updates[0])
+    crc = zlib.crc32(name.encode())
     for i, (w, t) in enumerate(zip(weights, updates, strict=True)):
-        rng = np.random.default_rng([seed, i, zlib.crc32(name.encode())])
-        keep = rng.random(t.shape) >= p
-        out += w * np.where(keep, t / (1 - p), 0.0)
+        key = _splitmix(_splitmix(_splitmix(seed) ^ i) ^ crc)
+        u = np.array([(_splitmix(key + c) >> 11) / float(1 << 53) for c in range(t.size)]).reshape(t.shape)
+        out += w * np.where(u >= p, t / (1 - p), 0.0)
     return out
 
 
@@ -264,14 +275,28 @@ def test_ties_and_dare_match_a_dense_reference(pair: Any, tmp_path: Path) -> Non
         assert row["energy_retained"] == pytest.approx(float(np.sum(s[:5] ** 2) / np.sum(s ** 2)), rel=1e-9)
 
 
-def test_dense_factors_equal_numpy_truncation() -> None:
-    from gradience.merge.elementwise import dense_factors, dense_spectrum
+@pytest.mark.parametrize("shape", [(30, 50), (50, 30)])
+def test_elementwise_refactor_equals_numpy_truncation(shape: tuple[int, int]) -> None:
+    """The slab/Gram re-factorisation of M = the numpy SVD truncation (both orientations, several slabs)."""
+    from gradience.merge import elementwise
+    from gradience.merge.factored import stack
 
     rng = np.random.default_rng(0)
-    for shape in ((30, 50), (50, 30)):
-        m = rng.standard_normal(shape) * (0.6 ** np.arange(shape[1]))[None, :]
-        spec = dense_spectrum(m)
-        a, b = dense_factors(m, spec, 6, 3.0)
-        assert _rel((3.0 / 6) * b @ a, _best(m, 6)) < 1e-10
-        # the Gram route resolves σ to ~eps·σ₁²/σ: absolute accuracy relative to σ₁ (what energies use)
-        assert np.allclose(spec.sigma, np.linalg.svd(m, compute_uv=False), rtol=1e-8, atol=1e-8 * spec.sigma[0])
+    d_out, d_in = shape
+    parts = []
+    for i in range(2):
+        a = rng.standard_normal((20, d_in)) * (0.7 ** np.arange(20))[:, None]
+        parts.append((i, a, rng.standard_normal((d_out, 20)), 1.0, 0.5))
+    st = stack("m", parts)
+    slabs = elementwise.Slabs(d_out, d_in)
+    slabs.spans = [slice(i, min(i + 7, max(shape))) for i in range(0, max(shape), 7)]  # several slabs
+    ew = elementwise.prepare(st, "m", slabs, "dare", density=1.0, drop=0.0, seed=0)   # p = 0: M = the sum
+    m = sum(0.5 * b @ a for _i, a, b, _w, _s in parts)
+    sigma = elementwise.spectrum_of_gram(elementwise.merged_gram(st, slabs, ew))
+    # the Gram route resolves σ to ~eps·σ₁²/σ: absolute accuracy relative to σ₁ (what energies use)
+    ref = np.linalg.svd(m, compute_uv=False)
+    assert np.allclose(sigma, ref, rtol=1e-8, atol=1e-8 * ref[0])
+    sig, vec = elementwise.top_vectors(elementwise.merged_gram(st, slabs, ew), 6)
+    a, b, err, norm = elementwise.factors(st, slabs, ew, sig, vec, 6, 3.0)
+    assert _rel((3.0 / 6) * b @ a, _best(m, 6)) < 1e-10
+    assert err / norm == pytest.approx(_rel(_best(m, 6), m), rel=1e-8)

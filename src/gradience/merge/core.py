@@ -67,9 +67,12 @@ def _load_stack(group: ModuleGroup, weights: Sequence[float]) -> factored.Stack:
                 pair.release()
 
 
-def _dense(st: factored.Stack, group: ModuleGroup, options: MergeOptions) -> elementwise.DenseMerge:
-    return elementwise.dense_merge(st, group.name, group.d_out, group.d_in, options.method,
-                                   density=options.density, drop=options.drop_rate, seed=options.seed)
+def _elementwise(st: factored.Stack, group: ModuleGroup, options: MergeOptions
+                 ) -> tuple[elementwise.Slabs, elementwise.Elementwise]:
+    slabs = elementwise.Slabs(group.d_out, group.d_in)
+    ew = elementwise.prepare(st, group.name, slabs, options.method, density=options.density,
+                             drop=options.drop_rate, seed=options.seed)
+    return slabs, ew
 
 
 def _measure(group: ModuleGroup, weights: Sequence[float], options: MergeOptions) -> tuple[ModulePlan, RankInput]:
@@ -80,10 +83,13 @@ def _measure(group: ModuleGroup, weights: Sequence[float], options: MergeOptions
     plan.cancelled = spec.cancelled
     default = max(p.r for p in group.pairs if p is not None)
     if options.method in ("ties", "dare"):
-        dm = _dense(st, group, options)
-        plan.sigma = elementwise.dense_spectrum(dm.m).sigma
+        slabs, ew = _elementwise(st, group, options)
+        stats = elementwise.SlabStats()
+        plan.sigma = elementwise.spectrum_of_gram(elementwise.merged_gram(st, slabs, ew, stats))
         plan.cap = int(plan.sigma.shape[0])
-        plan.sign_conflict_rate, plan.kept_fraction = dm.sign_conflict_rate, dm.kept_fraction
+        numel = group.d_out * group.d_in
+        plan.sign_conflict_rate = None if stats.multi == 0 else stats.conflicts / stats.multi
+        plan.kept_fraction = [c / numel for c in (stats.kept or [])]
     else:
         plan.sigma, plan.grams = spec.sigma, spec
         if options.method == "cat" or (options.method == "linear" and options.policy is None):
@@ -108,11 +114,11 @@ def new_factors(plan: ModulePlan, weights: Sequence[float], options: MergeOption
     group, k = plan.group, plan.r_after
     st = _load_stack(group, weights)
     if options.method in ("ties", "dare"):
-        dm = _dense(st, group, options)
-        spec = elementwise.dense_spectrum(dm.m)
-        a_new, b_new = elementwise.dense_factors(dm.m, spec, k, alpha)
-        del dm
-        err, ref = elementwise.error_vs_sum(st, a_new, b_new, k, alpha)
+        slabs, ew = _elementwise(st, group, options)
+        gram = elementwise.merged_gram(st, slabs, ew)
+        sigma, vec = elementwise.top_vectors(gram, k)
+        del gram
+        a_new, b_new, err, ref = elementwise.factors(st, slabs, ew, sigma, vec, k, alpha)
         plan.rel_frob_error = err / ref if ref > 0.0 else (0.0 if err == 0.0 else None)
         plan.factor_method = "eigh"
         return a_new, b_new

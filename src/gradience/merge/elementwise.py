@@ -1,4 +1,4 @@
-"""ties / dare: the published element-wise merges, on one module's dense ΔW at a time, then re-factored.
+"""ties / dare: the published element-wise merges, one module's dense ΔW at a time, then re-factored.
 
 TIES (Yadav et al. 2023, "TIES-Merging: Resolving Interference When Merging Models", Alg. 1): per input
 τᵢ = sᵢ·Bᵢ·Aᵢ, *trim* to its top-``density`` entries by magnitude (k = int(density·numel), ties at the
@@ -6,156 +6,218 @@ threshold kept; PEFT's ``magnitude_based_pruning``), *elect* the sign γ = sgn(�
 rule), *disjoint mean* Σ_{i: sgn(wᵢτ̂ᵢ)=γ} wᵢ·τ̂ᵢ / #{i: sgn(wᵢτ̂ᵢ)=γ} (PEFT's ``disjoint_merge``). sgn(0) = 0
 as in the paper: entries whose trimmed values cancel exactly stay 0.
 DARE (Yu et al. 2024, "Language Models are Super Mario", Eq. 2): drop each entry of τᵢ with probability p,
-rescale the survivors by 1/(1−p), then the weighted sum Σᵢ wᵢ·τ̃ᵢ (PEFT's ``dare_linear``). The mask comes
-from ``numpy.random.default_rng([seed, input index, crc32(module name)])``, one uniform per entry in
-row-major order: the same seed gives the same adapter whatever the order modules are processed in.
+rescale the survivors by 1/(1−p), then the weighted sum Σᵢ wᵢ·τ̃ᵢ (PEFT's ``dare_linear``). Entry (row, col)
+of input i is kept when u ≥ p, u = splitmix64(keyᵢ + row·d_in + col)·2⁻⁶⁴ (top 53 bits) with
+keyᵢ = splitmix64(seed, i, crc32(module name)): a counter-based stream, so the same seed gives the same
+adapter whatever the order or the blocking of the computation.
 
-Memory: one module's dense ΔW (float64) plus row chunks. The trim thresholds need the whole |τᵢ| once per
-input; that pass reuses the same buffer (in-place ``partition``). The merged matrix M is then re-factored by
-its exact truncated SVD, from the eigen-decomposition of the smaller Gram M·Mᵀ or Mᵀ·M (float64): the kept
-directions are accurate to ~eps·σ₁²/σ_k², and ‖M‖_F (hence the retained energy) is exact.
+Memory: M is never held whole. It is produced in slabs along its long side and folded into the Gram of its
+short side (G = M·Mᵀ or Mᵀ·M, float64, min(d)² entries), whose eigen-decomposition gives σ and the kept
+singular vectors; the factors are then one more slab pass (B' ∝ U_k, A' ∝ U_kᵀ·M, or the transpose). TIES'
+trim thresholds need each |τᵢ| whole once (one dense float64 buffer, freed before G exists). The kept
+directions are accurate to ~eps·σ₁²/σ_k (absolute, relative to σ₁), and ‖M‖_F (hence the retained energy)
+is exact.
 """
 
 from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
 from gradience.merge.factored import Stack
 
-_CHUNK_ELEMS = 1 << 20  # entries per row chunk of the dense passes (8 MiB of float64)
+_CHUNK_ELEMS = 1 << 20  # entries per slab of the dense passes (8 MiB of float64)
+_M64 = (1 << 64) - 1
 
 
-def _chunks(d_out: int, d_in: int) -> list[slice]:
-    rows = max(1, _CHUNK_ELEMS // max(d_in, 1))
-    return [slice(i, min(i + rows, d_out)) for i in range(0, d_out, rows)]
+def _splitmix64_int(x: int) -> int:
+    z = (x + 0x9E3779B97F4A7C15) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
 
 
-def _update_rows(st: Stack, x: int, rows: slice) -> np.ndarray:
-    """sᵢ·Bᵢ[rows]·Aᵢ (unweighted update of stacked input x) in float64."""
-    lo, hi = st.blocks[x]
-    return (st.b[rows, lo:hi] * st.scales[x]) @ st.a[lo:hi]
+def dare_key(seed: int, index: int, name: str) -> int:
+    """The per-(input, module) key of the DARE mask stream."""
+    crc = zlib.crc32(name.encode("utf-8", "surrogatepass"))
+    return _splitmix64_int(_splitmix64_int(_splitmix64_int(seed & _M64) ^ index) ^ crc)
+
+
+def dare_uniforms(key: int, counters: np.ndarray) -> np.ndarray:
+    """Uniforms in [0, 1) for the uint64 ``counters`` (entry indices row·d_in + col), splitmix64 vectorised."""
+    with np.errstate(over="ignore"):
+        z = counters.astype(np.uint64) + np.uint64((key + 0x9E3779B97F4A7C15) & _M64)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z ^= z >> np.uint64(31)
+    return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+class Slabs:
+    """Slabs of a d_out×d_in module along its long side: columns when d_out <= d_in (then G = M·Mᵀ), else rows
+    (G = Mᵀ·M). ``left`` says which singular vectors the Gram gives (left = U, of the d_out side)."""
+
+    def __init__(self, d_out: int, d_in: int) -> None:
+        self.d_out, self.d_in = d_out, d_in
+        self.left = d_out <= d_in
+        short, long_ = (d_out, d_in) if self.left else (d_in, d_out)
+        width = max(1, _CHUNK_ELEMS // max(short, 1))
+        self.spans = [slice(i, min(i + width, long_)) for i in range(0, long_, width)]
+
+    def update(self, st: Stack, x: int, span: slice) -> np.ndarray:
+        """sᵢ·Bᵢ·Aᵢ restricted to the slab (unweighted update of stacked input x), float64."""
+        lo, hi = st.blocks[x]
+        if self.left:
+            return (st.b[:, lo:hi] * st.scales[x]) @ st.a[lo:hi, span]
+        return (st.b[span, lo:hi] * st.scales[x]) @ st.a[lo:hi]
+
+    def counters(self, span: slice) -> np.ndarray:
+        """Row-major entry indices row·d_in + col of the slab (the DARE mask counters)."""
+        if self.left:
+            rows = np.arange(self.d_out, dtype=np.uint64)[:, None] * np.uint64(self.d_in)
+            return rows + np.arange(span.start, span.stop, dtype=np.uint64)[None, :]
+        rows = np.arange(span.start, span.stop, dtype=np.uint64)[:, None] * np.uint64(self.d_in)
+        return rows + np.arange(self.d_in, dtype=np.uint64)[None, :]
+
+    def gram(self, slab: np.ndarray) -> np.ndarray:
+        return slab @ slab.T if self.left else slab.T @ slab
 
 
 @dataclass
-class DenseMerge:
-    """The merged dense update M (d_out, d_in) float64 and what the element-wise step measured."""
+class Elementwise:
+    """What a TIES/DARE merge needs besides the factors: the method, its parameters and TIES' thresholds."""
 
-    m: np.ndarray
-    sign_conflict_rate: float | None   # over entries where ≥ 2 inputs are non-zero after trim/drop
-    kept_fraction: list[float]         # per input: fraction of entries surviving trim/drop
-
-
-def _trim_thresholds(st: Stack, buf: np.ndarray, density: float) -> list[float]:
-    """Per input, the magnitude at the k-th largest |τᵢ| entry (k = int(density·numel)); inf keeps nothing."""
-    numel = buf.size
-    keep = int(density * numel)
-    out = []
-    for x in range(len(st.blocks)):
-        if keep <= 0:
-            out.append(math.inf)
-            continue
-        for rows in _chunks(*buf.shape):
-            np.abs(_update_rows(st, x, rows), out=buf[rows])
-        flat = buf.reshape(-1)
-        flat.partition(numel - keep)  # in place: no second dense buffer
-        out.append(float(flat[numel - keep]))
-    return out
+    method: str
+    density: float
+    drop: float
+    keys: list[int]             # DARE keys per stacked input
+    thresholds: list[float]     # TIES trim magnitude per stacked input
 
 
-def _dare_rng(seed: int, x: int, name: str) -> np.random.Generator:
-    return np.random.default_rng([seed, x, zlib.crc32(name.encode("utf-8", "surrogatepass"))])
-
-
-def dense_merge(st: Stack, name: str, d_out: int, d_in: int, method: str, *, density: float, drop: float,
-                seed: int) -> DenseMerge:
-    """TIES or DARE of the module's inputs (see the module docstring)."""
-    m = np.empty((d_out, d_in))
-    n = len(st.blocks)
-    thresholds = _trim_thresholds(st, m, density) if method == "ties" else []
-    rngs = [_dare_rng(seed, st.inputs[x], name) for x in range(n)] if method == "dare" else []
-    kept = [0] * n
-    multi = conflicts = 0
-    for rows in _chunks(d_out, d_in):
-        vals = np.empty((n, rows.stop - rows.start, d_in))
-        for x in range(n):
-            t = _update_rows(st, x, rows)
-            if method == "ties":
-                t[np.abs(t) < thresholds[x]] = 0.0
-            else:
-                mask = rngs[x].random(t.shape) >= drop
-                t = np.where(mask, t / (1.0 - drop), 0.0)
-            kept[x] += int(np.count_nonzero(t))
-            vals[x] = t * st.weights[x]
-        signs = np.sign(vals)
-        nonzero = np.count_nonzero(signs, axis=0)
-        pos = np.count_nonzero(signs > 0, axis=0)
-        several = nonzero >= 2
-        multi += int(np.count_nonzero(several))
-        conflicts += int(np.count_nonzero(several & (pos > 0) & (pos < nonzero)))
-        if method == "ties":
-            gamma = np.sign(vals.sum(axis=0))
-            agree = (signs == gamma[None]) & (signs != 0)
-            count = agree.sum(axis=0)
-            m[rows] = np.where(agree, vals, 0.0).sum(axis=0) / np.maximum(count, 1)
+def prepare(st: Stack, name: str, slabs: Slabs, method: str, *, density: float, drop: float,
+            seed: int) -> Elementwise:
+    """TIES: each input's trim threshold, from one dense |τᵢ| buffer (in-place ``partition``); DARE: keys."""
+    thresholds: list[float] = []
+    if method == "ties":
+        numel = slabs.d_out * slabs.d_in
+        keep = int(density * numel)
+        if keep > 0:
+            buf = np.empty((slabs.d_out, slabs.d_in))
+            for x in range(len(st.blocks)):
+                for span in slabs.spans:
+                    target = buf[:, span] if slabs.left else buf[span]
+                    np.abs(slabs.update(st, x, span), out=target)
+                flat = buf.reshape(-1)
+                flat.partition(numel - keep)
+                thresholds.append(float(flat[numel - keep]))
+            del buf
         else:
-            m[rows] = vals.sum(axis=0)
-    numel = d_out * d_in
-    return DenseMerge(m, None if multi == 0 else conflicts / multi, [c / numel for c in kept])
+            thresholds = [math.inf] * len(st.blocks)
+    keys = [dare_key(seed, i, name) for i in st.inputs] if method == "dare" else []
+    return Elementwise(method, density, drop, keys, thresholds)
 
 
 @dataclass
-class DenseSpectrum:
-    """Eigen-decomposition of the smaller Gram of M: σ descending, the matching singular vectors of that side."""
-
-    sigma: np.ndarray
-    vectors: np.ndarray     # (d_out, q) left vectors when ``left`` else (d_in, q) right vectors
-    left: bool
+class SlabStats:
+    multi: int = 0          # entries where >= 2 inputs are non-zero after trim/drop
+    conflicts: int = 0      # ... of which the signs disagree
+    kept: list[int] | None = None
 
 
-def dense_spectrum(m: np.ndarray) -> DenseSpectrum:
-    d_out, d_in = m.shape
-    left = d_out <= d_in
-    g = m @ m.T if left else m.T @ m
-    w, v = np.linalg.eigh(0.5 * (g + g.T))
-    w, v = w[::-1], v[:, ::-1]
-    return DenseSpectrum(np.sqrt(np.clip(w, 0.0, None)), v, left)
+def merged_slabs(st: Stack, slabs: Slabs, ew: Elementwise, stats: SlabStats | None = None
+                 ) -> Iterator[tuple[slice, np.ndarray]]:
+    """(span, M restricted to the slab) for every slab, in order; ``stats`` accumulates the sign statistics."""
+    n = len(st.blocks)
+    for span in slabs.spans:
+        vals = []
+        for x in range(n):
+            t = slabs.update(st, x, span)
+            if ew.method == "ties":
+                t[np.abs(t) < ew.thresholds[x]] = 0.0
+            else:
+                keep = dare_uniforms(ew.keys[x], slabs.counters(span)) >= ew.drop
+                t = np.where(keep, t * (1.0 / (1.0 - ew.drop)), 0.0)
+            if stats is not None:
+                stats.kept = stats.kept or [0] * n
+                stats.kept[x] += int(np.count_nonzero(t))
+            vals.append(t * st.weights[x])
+        v = np.stack(vals)
+        signs = np.sign(v)
+        if stats is not None:
+            nonzero = np.count_nonzero(signs, axis=0)
+            pos = np.count_nonzero(signs > 0, axis=0)
+            several = nonzero >= 2
+            stats.multi += int(np.count_nonzero(several))
+            stats.conflicts += int(np.count_nonzero(several & (pos > 0) & (pos < nonzero)))
+        if ew.method == "ties":
+            gamma = np.sign(v.sum(axis=0))
+            agree = (signs == gamma[None]) & (signs != 0)
+            yield span, np.where(agree, v, 0.0).sum(axis=0) / np.maximum(agree.sum(axis=0), 1)
+        else:
+            yield span, v.sum(axis=0)
 
 
-def dense_factors(m: np.ndarray, spec: DenseSpectrum, k: int, alpha: float) -> tuple[np.ndarray, np.ndarray]:
-    """(A' (k, d_in), B' (d_out, k)) with (α/k)·B'·A' = M_k, the best rank-k approximation (exact projection of
-    M on its top-k singular vectors), split evenly between the factors."""
-    d_out, d_in = m.shape
-    q = spec.sigma.shape[0]
-    kk = min(k, q)
+def merged_gram(st: Stack, slabs: Slabs, ew: Elementwise, stats: SlabStats | None = None) -> np.ndarray:
+    """The Gram of M's short side, accumulated slab by slab (M is never held whole)."""
+    short = slabs.d_out if slabs.left else slabs.d_in
+    g = np.zeros((short, short))
+    for _span, slab in merged_slabs(st, slabs, ew, stats):
+        g += slabs.gram(slab)
+    return g
+
+
+def spectrum_of_gram(g: np.ndarray) -> np.ndarray:
+    """σ of M (descending) from its Gram; eigvalsh reads the lower triangle only, so G needs no symmetrising."""
+    w = np.linalg.eigvalsh(g)[::-1]
+    return np.sqrt(np.clip(w, 0.0, None))
+
+
+def top_vectors(g: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(σ (descending, all), the top-k singular vectors of the Gram's side (short, min(k, q)))."""
+    w, v = np.linalg.eigh(g)
+    kk = min(k, w.shape[0])
+    vec = np.ascontiguousarray(v[:, ::-1][:, :kk])
+    del v
+    return np.sqrt(np.clip(w[::-1], 0.0, None)), vec
+
+
+def factors(st: Stack, slabs: Slabs, ew: Elementwise, sigma: np.ndarray, vec: np.ndarray, k: int,
+            alpha: float) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """(A' (k, d_in), B' (d_out, k), ‖(α/k)B'A' − S‖_F, ‖S‖_F) with (α/k)·B'·A' = M_k, the best rank-k
+    approximation of M (its projection on the top-k singular vectors of the Gram's side), split evenly; S is
+    the exact weighted sum Σᵢ wᵢsᵢBᵢAᵢ. One slab pass for the factors, one for the error."""
+    kk = vec.shape[1]
     root = math.sqrt(k / alpha)
-    s = spec.sigma[:kk]
-    floor = max(d_out, d_in) * np.finfo(np.float64).eps * (float(s[0]) if kk else 0.0)
+    s = sigma[:kk]
+    floor = max(slabs.d_out, slabs.d_in) * np.finfo(np.float64).eps * (float(s[0]) if kk else 0.0)
     live = s > floor
     inv = np.divide(1.0, np.sqrt(s), out=np.zeros_like(s), where=live)
     half = np.sqrt(s) * live
-    a_new = np.zeros((k, d_in))
-    b_new = np.zeros((d_out, k))
-    vec = spec.vectors[:, :kk]
-    if spec.left:   # M_k = U_k·U_kᵀ·M: B' ∝ U_k·Σ^½, A' ∝ Σ^-½·U_kᵀ·M
+    a_new = np.zeros((k, slabs.d_in))
+    b_new = np.zeros((slabs.d_out, k))
+    for span, slab in merged_slabs(st, slabs, ew):
+        if slabs.left:   # M_k = U_k·U_kᵀ·M: A' ∝ Σ^-½·U_kᵀ·M (columns of this slab)
+            a_new[:kk, span] = (inv * root)[:, None] * (vec.T @ slab)
+        else:            # M_k = M·V_k·V_kᵀ: B' ∝ M·V_k·Σ^-½ (rows of this slab)
+            b_new[span, :kk] = (slab @ vec) * (inv * root)[None, :]
+    if slabs.left:
         b_new[:, :kk] = vec * (half * root)[None, :]
-        a_new[:kk] = (inv * root)[:, None] * (vec.T @ m)
-    else:           # M_k = M·V_k·V_kᵀ: B' ∝ M·V_k·Σ^-½, A' ∝ Σ^½·V_kᵀ
-        b_new[:, :kk] = (m @ vec) * (inv * root)[None, :]
+    else:
         a_new[:kk] = (half * root)[:, None] * vec.T
-    return a_new, b_new
-
-
-def error_vs_sum(st: Stack, a_new: np.ndarray, b_new: np.ndarray, k: int, alpha: float) -> tuple[float, float]:
-    """(‖(α/k)B'A' − S‖_F, ‖S‖_F) with S = Σᵢ wᵢsᵢBᵢAᵢ the exact weighted sum, in row chunks."""
-    bw = st.weighted_b()
     err2 = ref2 = 0.0
-    for rows in _chunks(b_new.shape[0], a_new.shape[1]):
-        ref = bw[rows] @ st.a
-        diff = (b_new[rows] * (alpha / k)) @ a_new - ref
+    bw = st.weighted_b()
+    scale = alpha / k
+    for span in slabs.spans:
+        if slabs.left:
+            ref = bw @ st.a[:, span]
+            diff = (b_new * scale) @ a_new[:, span] - ref
+        else:
+            ref = bw[span] @ st.a
+            diff = (b_new[span] * scale) @ a_new - ref
         err2 += float(np.sum(diff * diff))
         ref2 += float(np.sum(ref * ref))
-    return math.sqrt(err2), math.sqrt(ref2)
+    return a_new, b_new, math.sqrt(err2), math.sqrt(ref2)
