@@ -790,3 +790,37 @@ def test_missing_adapter_config_is_named(tmp_path: Path, capsys: pytest.CaptureF
         code, _, err = cli(capsys, "audit", "--adapter-config", str(cfg))
         assert_one_line_error(code, err, str(cfg), "adapter config not found")
         assert "weights" not in err
+
+
+# -- issue 17, beyond the list: hostile adapter_config values against the wave-3 commands -----------------------
+_CONFIG_CASES = {
+    "alpha_5000_digits": ('"lora_alpha": 8', '"lora_alpha": 1' + "0" * 5000),
+    "alpha_inf": ('"lora_alpha": 8', '"lora_alpha": Infinity'),
+    "r_nan": ('"r": 4', '"r": NaN'),
+    "rank_pattern_text": ('"rank_pattern": {}', '"rank_pattern": {"q_proj": "x"}'),
+    "alpha_pattern_nan": ('"alpha_pattern": {}', '"alpha_pattern": {"q_proj": NaN}'),
+    "nested_600": ('"r": 4', '"r": 4, "extra": ' + "[" * 600 + "]" * 600),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_CONFIG_CASES))
+def test_wave3_commands_on_hostile_adapter_configs(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                    case: str) -> None:
+    good = good_adapter(tmp_path / "good", rank_pattern={}, alpha_pattern={})
+    bad = good_adapter(tmp_path / "bad", rank_pattern={}, alpha_pattern={})
+    cfg_path = bad / "adapter_config.json"
+    old, new = _CONFIG_CASES[case]
+    text = json.dumps(json.loads(cfg_path.read_text()))
+    assert old in text
+    cfg_path.write_text(text.replace(old, new, 1))
+    base = synthetic_base(tmp_path / "base")
+    for argv in (["merge", str(good), str(bad), "--out", str(tmp_path / "m"), "--json"],
+                 ["verify", "--peft-dir", str(bad), "--base-model", str(base), "--json"],
+                 ["compress", "--peft-dir", str(bad), "--out", str(tmp_path / "c"), "--rank", "2", "--json"],
+                 ["audit", "--peft-dir", str(bad), "--json", "--no-udr"]):
+        code, out, err = cli(capsys, *argv)
+        assert "internal error" not in err and "Traceback" not in err, (argv[0], err)
+        if code == 2:
+            assert_one_line_error(code, err, str(bad))
+        else:
+            assert code in (0, 1) and json.loads(out)["schema"], (argv[0], err)
