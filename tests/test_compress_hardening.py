@@ -227,6 +227,32 @@ def test_input_truncated_while_compress_reads_it_is_a_clean_error(tmp_path: Path
 
 
 @pytest.mark.slow
+def test_input_overwritten_while_compress_reads_it_is_a_clean_error(tmp_path: Path) -> None:
+    """cx_in_overwritten: the data turns into NaN bit patterns after the audit pass (SVD cannot converge on
+    them): one clean error line, no OUT."""
+    src = many_pairs_adapter(tmp_path / "big")
+    weights = src / "adapter_model.safetensors"
+    patch = ("import gradience.compress.tensors as t\n"
+             "real = t.truncated_factors\n"
+             f"W = {os.fspath(weights)!r}\n"
+             "state = []\n"
+             "def spoil(a, b, *args, **kw):\n"
+             "    if not state:\n"
+             "        state.append(1)\n"
+             "        size = os.path.getsize(W)\n"
+             "        with open(W, 'r+b') as fh:\n"
+             "            fh.seek(size // 2)\n"
+             "            fh.write(b'\\xff' * (size - size // 2))\n"
+             "    return real(a, b, *args, **kw)\n"
+             "t.truncated_factors = spoil\n")
+    out = tmp_path / "out"
+    res = _killing_run(["compress", "--peft-dir", str(src), "--out", str(out), "--rank", "2"], patch, tmp_path)
+    assert res.returncode == 2, (res.returncode, res.stderr[-500:])
+    assert res.stderr.count("\n") == 1 and "NaN" in res.stderr and "internal error" not in res.stderr
+    assert not out.exists()
+
+
+@pytest.mark.slow
 def test_hostile_configs_are_one_line_errors_in_time(tmp_path: Path) -> None:
     big = huge_rank_pattern_config(good_adapter(tmp_path / "rp"))
     res = run_subprocess(["compress", "--peft-dir", str(big), "--out", str(tmp_path / "o1"), "--rank", "2"],

@@ -260,7 +260,7 @@ class SafetensorsFile:
             self._map()
         assert self._fd is not None
         out = np.empty(info.numel, dtype=np_dtype)
-        view = memoryview(out).cast("B")
+        view = memoryview(out.view(np.uint8).data)
         done, want = 0, info.end - info.start
         while done < want:
             try:
