@@ -26,14 +26,17 @@ policies (exactly one):
 
 Output: OUT/adapter_model.safetensors, OUT/adapter_config.json (one lora_alpha, per-module ranks in
 rank_pattern, no alpha_pattern, use_rslora false) and OUT/compress.json (gradience.compress/v1), written to
-a temporary directory beside OUT and renamed into place.
+a temporary directory beside OUT and swapped into place atomically. --force replaces only an earlier output
+of ours (OUT holding compress.json); leftovers of killed runs beside OUT are cleaned up and reported.
+Portability: PEFT, vLLM (current releases, >= 0.33.0, unless --engine-version vllm=X.Y.Z) and llama.cpp, from
+the engine table in gradience.engines (each row names the engine source it encodes).
 
 examples:
   gradience audit --peft-dir ./adapter --suggest-per-layer        # how much rank is used?
   gradience compress --peft-dir ./adapter --out ./adapter-r8 --energy 0.9 --dry-run
   gradience compress ./adapter --out ./adapter-r4 --rank 4                 # the adapter as a positional too
   gradience compress --peft-dir ./adapter --out ./adapter-small --per-layer --margin 1.5
-  gradience compress --peft-dir ./adapter --out ./adapter-vllm --energy 0.95 --uniform   # one rank: vLLM-safe
+  gradience compress --peft-dir ./adapter --out ./adapter-vllm --energy 0.95 --uniform   # one rank (vLLM < 0.33)
   gradience compress --peft-dir ./adapter --out ./adapter-30pct --budget 30% --dtype bfloat16 --json
   gradience audit --peft-dir ./adapter-small                      # the new ranks; then evaluate it
 """
@@ -79,7 +82,7 @@ def add_parser(sub: Any) -> None:
                    help="round each k up to one of these ranks (default: exact k; --per-layer: 1,2,4,...,256)")
     p.add_argument("--uniform", action="store_true",
                    help="one rank everywhere (the largest per-layer choice; lower-rank modules zero-padded), "
-                        "for engines that ignore rank_pattern such as vLLM")
+                        "for engines that ignore rank_pattern (vLLM before 0.33.0; current vLLM reads it)")
     p.add_argument("--dtype", choices=("keep", "float32", "bfloat16", "float16"), default="keep",
                    help="dtype of the new factors (default: keep each factor's dtype)")
     p.add_argument("--base-model", metavar="ID_OR_DIR",

@@ -71,7 +71,9 @@ def render_text(doc: dict[str, Any]) -> str:
     lines += ["", "Portability:"]
     for engine, label in (("peft", "PEFT"), ("vllm", "vLLM"), ("llama_cpp", "llama.cpp")):
         v = doc["portability"][engine]
-        lines.append(f"  {label:<10} {'ok' if v['ok'] else 'NOT OK':<7} {safe_text(v['reason'])}")
+        if engine == "vllm" and v.get("version"):
+            label = f"vLLM {v['version']}"  # the release range the verdict assumes (--engine-version)
+        lines.append(f"  {label:<16} {'ok' if v['ok'] else 'NOT OK':<7} {safe_text(v['reason'])}")
     dora = doc.get("dora")
     if any(r.get("dora") for r in doc["layers"]):
         if dora and dora.get("rel_error_of_update_max") is not None:
@@ -86,7 +88,7 @@ def render_text(doc: dict[str, Any]) -> str:
         lines.append(f"  UDR (median): {num(b.get('udr_median'), '.4f')} -> {num(a.get('udr_median'), '.4f')}; "
                      f"layers with UDR: {a.get('n_layers_with_udr')}")
     issues = [i for i in doc["issues"] if i.get("severity") != "info" or i.get("code") in
-              ("dora_directional_truncated", "zero_padded")]
+              ("dora_directional_truncated", "zero_padded", "output_leftovers")]
     if issues:
         lines += ["", "Issues:"]
         for issue in issues:
