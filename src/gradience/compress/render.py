@@ -18,7 +18,7 @@ _POLICY_TEXT = {
 }
 
 
-def _policy_line(policy: dict[str, Any]) -> str:
+def policy_line(policy: dict[str, Any]) -> str:
     text = _POLICY_TEXT.get(policy["name"], policy["name"]).format(v=policy.get("value"))
     mods = []
     if policy["name"] == "per_layer":
@@ -42,7 +42,7 @@ def render_text(doc: dict[str, Any]) -> str:
         lines.append(f"Output:    {safe_text(out.get('path') or '-')} (dry run: nothing written)")
     else:
         lines.append(f"Output:    {safe_text(out.get('path') or '-')}")
-    lines.append(f"Policy:    {_policy_line(doc['policy'])}")
+    lines.append(f"Policy:    {policy_line(doc['policy'])}")
     pol = doc["policy"]
     if pol["name"] == "budget" and pol.get("budget_params") is not None:
         used = pol.get("budget_params_used")
@@ -98,3 +98,6 @@ def render_text(doc: dict[str, Any]) -> str:
                   + "  (check the new ranks), then evaluate OUT on your task before shipping it."]
     lines.append("")
     return "\n".join(lines)
+
+
+_policy_line = policy_line  # the earlier private name (merge's renderer imported it)

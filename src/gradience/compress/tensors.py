@@ -36,7 +36,7 @@ def _stored_name(dtype: str, key: str, where: str | None) -> str:
     return name
 
 
-def _factor_layout(pair: LoraPair, a: np.ndarray, b: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def factor_layout(pair: LoraPair, a: np.ndarray, b: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """New (A (k, d_in), B (d_out, k)) in the pair's stored layout: conv 4-D, transposed pairs transposed."""
     if pair.kind == "conv":
         return a.reshape((k, *pair.a_shape[1:])), b.reshape((pair.b_shape[0], k, *pair.b_shape[2:]))
@@ -88,7 +88,7 @@ def _read_pair(raw: _RawReader, pair: LoraPair) -> tuple[np.ndarray, np.ndarray]
     return a.reshape(pair.r, pair.d_in), b.reshape(pair.d_out, pair.r)
 
 
-def _factor_shapes(pair: LoraPair, k: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def factor_shapes(pair: LoraPair, k: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     if pair.kind == "conv":
         return (k, *pair.a_shape[1:]), (pair.b_shape[0], k, *pair.b_shape[2:])
     if tuple(pair.a_shape) != (pair.r, pair.d_in):
@@ -174,7 +174,7 @@ def tensor_specs(loaded: LoadedAdapter, layers: list[LayerPlan], out_dtype: str 
                 layer.method = method
             else:
                 a_new, b_new = rescaled_factors(a, b, layer.r_after, layer.coef)
-            a_st, b_st = _factor_layout(pair, a_new, b_new, layer.r_after)
+            a_st, b_st = factor_layout(pair, a_new, b_new, layer.r_after)
             try:
                 slot = pending[layer.name] = {"A": encode_float(a_st, dtype), "B": encode_float(b_st, dtype)}
             except ValueError as exc:
@@ -231,7 +231,7 @@ def tensor_specs(loaded: LoadedAdapter, layers: list[LayerPlan], out_dtype: str 
             continue
         if layer.verbatim:
             layer.method = "convert"
-        a_shape, b_shape = _factor_shapes(layer.pair, layer.r_after)
+        a_shape, b_shape = factor_shapes(layer.pair, layer.r_after)
         specs.append(TensorSpec(key, dtype, a_shape if side == "A" else b_shape,
                                 partial(new_factors, layer, side, dtype)))
     return specs, dict(dtypes), non_lora
@@ -244,3 +244,8 @@ def output_facts(layers: list[LayerPlan], config: dict[str, Any], non_lora: dict
                        has_lora_bias=bool(non_lora["lora_biases"]),
                        dora=bool(config.get("use_dora")) or any(la.dora for la in layers),
                        kinds=frozenset(la.kind for la in layers))
+
+
+# Earlier private names (merge imported them before they were public).
+_factor_layout = factor_layout
+_factor_shapes = factor_shapes
