@@ -11,18 +11,20 @@ per view and the UDR sidebar.
 The page loads nothing: no scripts, no fonts, no images, a Content-Security-Policy of ``default-src 'none'``;
 the same input gives the same bytes. Needs the ``report`` extra (matplotlib, Jinja2), imported lazily.
 
-Adding a view (e.g. the bench view) is one data function and one template block:
+Adding a view for a new JSON document kind (e.g. ``gradience.merge/v1``) is one module, one template block, and
+two table entries:
 
-1. a data function in ``views.py``, ``def bench_view(doc: dict, ids: ChartIds) -> View``, returning
-   ``View(key="bench", title="Bench", template="views/bench.html.j2", context={...}, udr=[UdrGroup(...)])``:
+1. ``views/merge.py`` with ``def merge_view(doc: dict, ids: ChartIds) -> View``, returning
+   ``View(key="merge", title="Merge", template="views/merge.html.j2", context={...}, udr=[UdrGroup(...)])``:
    ``context`` is whatever the block shows (keys ending in ``_svg`` are inserted as markup, everything else is
    escaped; make charts with ``charts.*`` and ``ids.next()``), ``udr`` holds the distributions the sidebar
-   shows (one ``UdrGroup`` per arm);
-2. the block ``templates/views/bench.html.j2``: it sees its context as ``c`` and the macros of
+   shows (identical ones are collapsed there);
+2. the block ``templates/views/merge.html.j2``: it sees its context as ``c`` and the macros of
    ``_macros.html.j2`` (``facts``, ``meta``, ``chart``, ``heatmap``, ``issues``);
+3. ``"merge": merge_view`` in ``views.DOCUMENT_VIEWS`` and ``"merge": Shape(...)`` in ``validate.SHAPES`` (the
+   keys the view reads and what they hold: checked once when the file is read, so the view needs no guards).
 
-then let ``build.plan`` recognise the input (a ``bench.json`` / its directory) and append the view in
-``build_report``. The page header links every view; the sidebar merges every view's UDR groups.
+The page header links every view; the sidebar merges every view's UDR groups.
 
 Python API: :func:`render_report` returns the HTML string, :func:`write_report` writes it atomically,
 :func:`build_report` returns both with the views.

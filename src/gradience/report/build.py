@@ -25,7 +25,7 @@ from typing import Any
 from gradience.errors import GradienceError, InputError
 from gradience.report.curves import RunCurves
 from gradience.report.validate import check_document
-from gradience.report.views import ChartIds, View, adapter_view, bench_view, compare_view, run_view
+from gradience.report.views import DOCUMENT_VIEWS, ChartIds, View, adapter_view, run_view
 from gradience.textfmt import safe_text
 
 MAX_JSON_BYTES = 256 * 1024 * 1024
@@ -173,10 +173,9 @@ def plan(path: str | os.PathLike[str], base_model: str | None = None) -> _Plan:
     schema = doc.get("schema") if isinstance(doc, dict) else None
     if isinstance(schema, str) and schema.startswith("gradience.audit"):
         return _Plan("audit", p, document=_audit_document(doc, p))
-    if isinstance(schema, str) and schema.startswith("gradience.compare"):
-        return _Plan("compare", p, document=check_document("compare", doc, p))
-    if isinstance(schema, str) and schema.startswith("gradience.bench"):
-        return _Plan("bench", p, document=check_document("bench", doc, p))
+    for kind in DOCUMENT_VIEWS:  # gradience.compare/v1, gradience.bench/v1, ...: one view per document kind
+        if isinstance(schema, str) and schema.startswith(f"gradience.{kind}/"):
+            return _Plan(kind, p, document=check_document(kind, doc, p))
     if schema is None and isinstance(doc, dict) and _is_reference_audit(doc):
         return _Plan("audit", p, document=_audit_document(doc, p))
     what = f"schema {schema!r}" if isinstance(schema, str) else "no 'schema' key and no 'log_history'"
@@ -333,14 +332,11 @@ def build_report(path: str | os.PathLike[str], *, base_model: str | None = None,
         else:
             views.append(adapter_view(doc, ids, source=str(p.source)))
         subtitle = "audit"
-    if p.kind == "compare":
+    if p.kind in DOCUMENT_VIEWS:
         assert p.document is not None
-        views.append(compare_view(p.document, ids))
-        subtitle = "comparison"
-    if p.kind == "bench":
-        assert p.document is not None
-        views.append(bench_view(p.document, ids))
-        subtitle = "bench"
+        view = DOCUMENT_VIEWS[p.kind](p.document, ids)
+        views.append(view)
+        subtitle = view.title
     if not views:
         raise InputError("nothing to report", p.source)
     page_title = title if title else _default_title(p, _subject(p, views, run_label))

@@ -1,8 +1,8 @@
 """The report's views: one module per view family, each with one data function returning a :class:`View`.
 
 Adding a view (e.g. merge): a module here with ``def merge_view(doc, ids) -> View``, a template block
-``templates/views/merge.html.j2``, an entry in :data:`DOCUMENT_VIEWS` (schema prefix -> data function) and a
-shape check in :mod:`gradience.report.validate`. See :mod:`gradience.report`.
+``templates/views/merge.html.j2``, an entry in :data:`DOCUMENT_VIEWS` (``"merge": merge_view``, for documents
+whose schema is ``gradience.merge/v1``) and its ``Shape`` in :data:`gradience.report.validate.SHAPES`.
 """
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ from gradience.report.views.compare import compare_view
 from gradience.report.views.run import run_view
 from gradience.report.views.sidebar import udr_sidebar
 
-#: Single-document inputs: the ``schema`` prefix of a JSON document -> the view that shows it.
+#: Single-document inputs: kind -> the view that shows it. A JSON document whose ``schema`` is
+#: ``gradience.<kind>/vN`` is checked against ``validate.SHAPES[kind]`` and shown by this function.
 DOCUMENT_VIEWS: dict[str, Callable[[dict[str, Any], ChartIds], View]] = {
-    "gradience.compare": compare_view,
-    "gradience.bench": bench_view,
+    "compare": compare_view,
+    "bench": bench_view,
 }
 
 __all__ = ["DOCUMENT_VIEWS", "MAX_ISSUES_SHOWN", "ChartIds", "UdrGroup", "View", "adapter_heatmaps",
