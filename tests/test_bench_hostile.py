@@ -100,6 +100,11 @@ def test_resume_refuses_a_symlinked_arm_dir_and_deletes_nothing_outside(
     (out / "seed_42").mkdir(parents=True)
     (out / "bench_config.json").write_text(_state_for(cfg))
     (out / "seed_42" / "probe").symlink_to(outside, target_is_directory=True)
+    (out / "base").symlink_to(outside, target_is_directory=True)  # never read, never replaced
+    code = main(["bench", "--config", str(cfg), "--output-dir", str(out), "--resume"])
+    line = _one_error_line(capsys.readouterr().err)
+    assert code == 2 and "base is a symbolic link" in line
+    (out / "base").unlink()
     code = main(["bench", "--config", str(cfg), "--output-dir", str(out), "--resume"])
     line = _one_error_line(capsys.readouterr().err)
     assert code == 2 and "symbolic link" in line
@@ -153,7 +158,10 @@ def test_tiny_bench_sizes_modes_dedupe_and_terminal_output(tmp_path: Path) -> No
     body = TINY_BENCH_YAML.replace("arms: [truncate_median]",
                                    "arms: [truncate_median, truncate_p90, truncate_per_layer, retrain_median, "
                                    "uniform:4]").replace("allowed_ranks: [1, 2, 4]", "allowed_ranks: [4]")
-    body += "audit: {compute_udr: true, base_norms_cache: norms.json}\n"
+    body = body.replace("task: {max_train_samples: 64, max_eval_samples: 16}",
+                        "task: {max_train_samples: 64, max_eval_samples: 16, "
+                        "probe_gate: {metric: accuracy, min_value: 0.99}}")
+    body += "audit: {compute_udr: true, base_norms_cache: norms.json}\nruntime: {keep_adapter_weights: false}\n"
     cfg = _config(tmp_path, body)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "gradience.bench.run_bench", "--config", str(cfg), "--output", str(out)]
@@ -167,6 +175,14 @@ def test_tiny_bench_sizes_modes_dedupe_and_terminal_output(tmp_path: Path) -> No
     for path in [*out.rglob("*.safetensors"), *out.rglob("run.jsonl"), *out.rglob("*.json")]:
         assert stat.S_IMODE(path.stat().st_mode) == 0o664, path
     assert (out / "norms.json").is_file()  # a relative cache path from the config lives inside the bench
+    # runtime.keep_adapter_weights: false drops the arms' weights at the end (configs and results stay).
+    assert not list((out / "seed_42").rglob("*.safetensors"))
+    assert (out / "seed_42" / "probe" / "adapter" / "adapter_config.json").is_file()
+    # task.probe_gate: the tiny probe (4 steps) does not reach 0.99; recorded, and said on the terminal.
+    gate = bench["probe_gate"]
+    assert gate["passed"] is False and gate["min_value"] == 0.99
+    assert gate["per_seed"][0]["metric"] == bench["probe"]["per_seed"][0]["metric"] < 0.99
+    assert "Probe gate (accuracy ≥ 0.99): NOT passed" in proc.stdout
     # Dedupe: with allowed_ranks [4] every truncation keeps r=4 and both trainings train the same LoRA.
     arms = {a["name"]: a for a in bench["arms"]}
     assert arms["truncate_p90"]["per_seed"][0]["same_as"] == "truncate_median"
@@ -196,6 +212,7 @@ def test_tiny_bench_sizes_modes_dedupe_and_terminal_output(tmp_path: Path) -> No
     dirs = [s["adapter_dir"] for a in again["arms"] for s in a["per_seed"]]
     assert all(Path(d).resolve().is_relative_to(out.resolve()) for d in dirs), dirs
     assert resumed.stderr.count("resumed") == 6  # the probe and the five arms: nothing retrained
+    assert again["probe_gate"]["passed"] is False
 
 
 def test_save_pretrained_outputs_get_the_umask_mode(tmp_path: Path) -> None:

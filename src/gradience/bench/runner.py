@@ -141,10 +141,10 @@ class BenchRunner:
                 raise InputError("the config differs from the one this bench was started with; --resume needs "
                                  f"the same config, or {self._start_over()}", path=state)
             for child in self.out.iterdir():
-                if child.name.startswith("seed_") and child.is_symlink():
-                    raise InputError(f"{child.name} is a symbolic link; a bench directory holds its own seed "
-                                     f"directories (nothing outside it is read or deleted): {self._start_over()}",
-                                     path=self.out)
+                if (child.name.startswith("seed_") or child.name == "base") and child.is_symlink():
+                    raise InputError(f"{child.name} is a symbolic link; a bench directory holds its own base and "
+                                     f"seed directories (nothing outside it is read or deleted): "
+                                     f"{self._start_over()}", path=self.out)
             return
         if st is not None and any(self.out.iterdir()):
             hint = (" (an earlier bench that never wrote its state?)" if any(
