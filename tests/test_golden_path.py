@@ -44,6 +44,11 @@ def test_seed_golden_path_verbatim(tmp_path: Path) -> None:
                          cwd=tmp_path, capture_output=True, text=True, env=_env(), timeout=300)
     assert toy.returncode == 0, toy.stderr[-3000:]
     assert toy.stdout.rstrip().splitlines()[-3:] == [f"  {c}" for c in SEED_COMMANDS]
+    # progress while it trains: a start line, then step lines up to the last step (stderr, stdout stays clean)
+    progress = [line for line in toy.stderr.splitlines() if line.startswith("toy run: ")]
+    assert progress[0].startswith("toy run: training 100 steps on cpu"), toy.stderr[-2000:]
+    assert any(line.startswith("toy run: step 100/100") for line in progress), toy.stderr[-2000:]
+    assert "Writing model shards" not in toy.stderr
     assert (tmp_path / "runs/toy/run.jsonl").is_file()
     assert (tmp_path / "runs/toy/peft/adapter_config.json").is_file()
     assert (tmp_path / "runs/toy/peft/adapter_model.safetensors").is_file()
@@ -78,6 +83,9 @@ def test_seed_golden_path_verbatim(tmp_path: Path) -> None:
     assert audit.returncode == 0, audit.stderr
     assert "Most wasteful layers" in audit.stdout
     assert "PEFT dir: runs/toy/peft" in audit.stdout
+    # the "Next:" audit line shows UDR: the toy run saved its base beside the adapter (runs/toy/base)
+    assert "UDR (update vs base spectral norm, base: runs/toy/base)" in audit.stdout
+    assert re.search(rf"Median: {NUMBER}", audit.stdout), audit.stdout
 
 
 @pytest.mark.slow
@@ -98,6 +106,7 @@ def test_demo_runs_the_whole_golden_path(tmp_path: Path) -> None:
     assert out.index("GRADIENCE CHECK") > positions[1]
     assert positions[2] < out.index("GRADIENCE MONITOR") < positions[3] < out.index("GRADIENCE LoRA AUDIT")
     assert (tmp_path / "demo_out" / "run.jsonl").is_file()
+    assert "UDR (update vs base spectral norm, base: demo_out/base)" in out  # the demo's audit shows UDR
 
 
 def test_demo_without_torch_is_one_clear_error(tmp_path: Path) -> None:

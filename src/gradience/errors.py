@@ -32,8 +32,8 @@ class MissingDependencyError(GradienceError):
     def __init__(self, package: str, extra: str, purpose: str) -> None:
         self.package = package
         self.extra = extra
-        # The hint installs THIS project from its checkout: a different, unrelated package named
-        # "gradience" exists on PyPI, so `pip install gradience[...]` would install the wrong thing.
+        # The hint installs THIS project from its checkout: a different, unrelated package of the same name
+        # exists on PyPI, so installing the extra by distribution name would fetch the wrong project.
         super().__init__(
             f"{purpose} needs '{package}' (the gradience[{extra}] extra), which is not installed; "
             f"install it from the Gradience checkout with: pip install -e \".[{extra}]\" -c constraints.txt "

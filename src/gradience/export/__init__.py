@@ -1,6 +1,6 @@
 """``gradience export`` (issue 20): write an adapter for another engine; today a llama.cpp LoRA GGUF.
 
-Needs the ``gguf`` extra (``pip install 'gradience[gguf]'``), imported only when an export runs.
+Needs the ``gguf`` extra (from the checkout: ``pip install -e ".[gguf]"``), imported only when an export runs.
 """
 
 from __future__ import annotations
