@@ -272,7 +272,7 @@ def udr_histogram(chart_id: str, groups: Sequence[tuple[str, list[float]]],
     with mpl_context():
         fig = new_figure(UDR_CHART_W_IN, height)
         axes = fig.subplots(n, 1, sharex=True, squeeze=False)[:, 0]
-        for j, (ax, (label, vals)) in enumerate(zip(axes, positive, strict=True)):
+        for ax, (label, vals) in zip(axes, positive, strict=True):
             ax.set_xscale("log")
             ax.hist(vals, bins=edges, color=SERIES[0], alpha=0.9, histtype="stepfilled")
             ax.set_xlim(edges[0], edges[-1])
@@ -280,7 +280,7 @@ def udr_histogram(chart_id: str, groups: Sequence[tuple[str, list[float]]],
             ax.yaxis.set_major_locator(_max_n_locator(2))
             for t, color in zip(thresholds, (WARN, BAD, INK), strict=False):
                 ax.axvline(t, color=color, linestyle="--", linewidth=0.9)
-                if j == 0:
+                if single:  # several panels: their titles take the top; the sidebar text names the lines
                     ax.annotate(f"{t:g}", xy=(t, 1.0), xycoords=("data", "axes fraction"), ha="center",
                                 va="bottom", fontsize=7, color=color)
             if not single:
