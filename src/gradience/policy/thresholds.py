@@ -111,6 +111,9 @@ TOP_UDR_TEXT = 5                # modules listed in the text UDR block
 UDR_SIGMA_RTOL = 1e-4           # relative accuracy of the base weight's σ₁ (iterative, never a full SVD)
 UDR_SDI_EPS = 1e-12             # sdi = log10(udr + eps): a zero update gives sdi = -12, not -inf
 UDR_FRACTION_LEVELS = (0.1, 0.3)  # fraction_udr_gt_0_1 / _0_3 (strict >)
+# A base whose every matrix has σ₁·√(mn)/(‖W‖_F(√m+√n)) below this sits at the i.i.d. random-matrix edge (≈ 1 at
+# init, Bai & Yin 1988): audit flags base_looks_random_init next to UDR (udr/init_scale.py).
+UDR_RANDOM_INIT_EDGE_RATIO = 1.3
 # A non-float32 base tensor whose float32 copy would exceed this is streamed (converted block by block on every
 # pass) instead of converted once: bounded memory for huge tensors, the faster convert-once path below it.
 UDR_STREAM_MIN_BYTES = 1 << 30
@@ -171,3 +174,4 @@ VERIFY_SCALE_UNDETERMINED_SE = 0.25
 # GGUF round trip (verify --gguf): ‖ΔW_gguf − ΔW_peft‖_F / ‖ΔW_peft‖_F at most this for f32 files; f16/bf16 files
 # get the unit roundoff of their dtype times 4 (each factor rounded once, the product compared in float64).
 VERIFY_GGUF_REL_TOL_F32 = 1e-5
+VERIFY_MAX_WORKERS = 2           # modules verified in parallel threads (GRADIENCE_VERIFY_WORKERS overrides)

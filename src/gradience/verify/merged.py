@@ -10,7 +10,10 @@ the UDR's name matcher; every base weight no adapter module touches is checked t
 from __future__ import annotations
 
 import math
+import os
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,13 +23,13 @@ from gradience.adapter.config import module_scale
 from gradience.adapter.model import LoadedAdapter, LoraPair
 from gradience.errors import InputError
 from gradience.issues import Issue
+from gradience.policy.thresholds import VERIFY_MAX_WORKERS
 from gradience.udr.base import BaseWeights
 from gradience.udr.names import BaseNameIndex
 from gradience.verify import SCHEMA
+from gradience.verify.blocks import TensorBlocks, bitwise_equal
 from gradience.verify.verdict import ModuleSums, classify, named_ratios, unit_roundoff
 
-# Bytes compared per step when checking that an untouched weight is bitwise unchanged.
-_COMPARE_CHUNK = 8 * 1024 * 1024
 _LIST_LIMIT = 20
 
 
@@ -72,55 +75,72 @@ def _orientation(pair: LoraPair, shape: tuple[int, ...], fan_in_fan_out: bool) -
     return bool(stored_transposed(probe, shape))
 
 
+_FACTOR_LOCK = threading.Lock()  # the adapter's reader maps its file lazily: one thread at a time
+
+
 def _update_rows(pair: LoraPair, transposed: bool) -> tuple[np.ndarray, np.ndarray, float]:
     """(left, right, s) with ΔW as stored = s · left @ right, so a row block is s · left[i:j] @ right."""
-    a, b = pair.load_factors()
-    a32, b32 = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    with _FACTOR_LOCK:
+        a, b = pair.load_factors()
+        a32, b32 = np.array(a, np.float32), np.array(b, np.float32)  # copies: the mapped pages can go
+        pair.release()
     if transposed:
         return np.ascontiguousarray(a32.T), np.ascontiguousarray(b32.T), pair.scale
     return b32, a32, pair.scale
 
 
 def _accumulate(base: BaseWeights, merged: BaseWeights, base_name: str, merged_name: str,
-                expected: Callable[[int, int, np.ndarray], np.ndarray]) -> ModuleSums:
-    """Stream one weight pair in row blocks; ``expected(i, j, w_base_block)`` is the update D for rows i:j."""
+                expected: Callable[[int, int, np.ndarray, np.ndarray], np.ndarray]) -> ModuleSums:
+    """Stream one weight pair in row blocks; ``expected(i, j, w_base_block, out)`` writes the update D for rows
+    i:j into ``out`` (or returns a new array). Two buffers are reused across blocks: fresh block-sized arrays
+    would page-fault on every block, which costs more than the arithmetic."""
     sums = ModuleSums()
-    blocks_b = base.row_blocks(base_name)
-    blocks_m = merged.row_blocks(merged_name)
+    blocks_b = TensorBlocks(base, base_name)
+    blocks_m = TensorBlocks(merged, merged_name)
     rows = min(blocks_b.rows_per_block, blocks_m.rows_per_block)
+    cols = blocks_b.shape[1]
+    d_buf = np.empty(min(rows, blocks_b.shape[0]) * cols, np.float32)
+    r_buf = np.empty_like(d_buf)
     for (i, j, wb), (_, _, wm) in zip(blocks_b.blocks(rows), blocks_m.blocks(rows), strict=True):
-        d = expected(i, j, wb)
-        e = wm - wb
-        sums.ee += float(np.vdot(e, e))
-        sums.ed += float(np.vdot(e, d))
+        n = (j - i) * cols
+        d = expected(i, j, wb, d_buf[:n].reshape(j - i, cols))
+        r = np.subtract(wm, wb, out=r_buf[:n].reshape(j - i, cols))
+        r -= d
+        sums.rr += float(np.vdot(r, r))
+        sums.rd += float(np.vdot(r, d))
         sums.dd += float(np.vdot(d, d))
-        e -= d
-        sums.rr += float(np.vdot(e, e))
         sums.mm += float(np.vdot(wm, wm))
-        sums.bb += float(np.vdot(wb, wb))
-        sums.n += e.size
+        sums.n += n
     return sums
 
 
-def _plain_update(left: np.ndarray, right: np.ndarray, s: float) -> Callable[[int, int, np.ndarray], np.ndarray]:
-    def expected(i: int, j: int, _wb: np.ndarray) -> np.ndarray:
-        d = left[i:j] @ right
-        d *= np.float32(s)
-        return d
+def _plain_update(left: np.ndarray, right: np.ndarray, s: float
+                  ) -> Callable[[int, int, np.ndarray, np.ndarray], np.ndarray]:
+    scaled = left * np.float32(s)  # the scale folded into the small factor once, not into every block
+
+    def expected(i: int, j: int, _wb: np.ndarray, out: np.ndarray) -> np.ndarray:
+        return np.matmul(scaled[i:j], right, out=out)
     return expected
 
 
 def _dora_update(left: np.ndarray, right: np.ndarray, s: float, m: np.ndarray
-                 ) -> Callable[[int, int, np.ndarray], np.ndarray]:
+                 ) -> Callable[[int, int, np.ndarray, np.ndarray], np.ndarray]:
     """DoRA's merge (peft/tuners/lora/dora.py): W' = m ⊙ (W + s·B·A) / ‖W + s·B·A‖ per output row; D = W' − W."""
     m64 = np.asarray(m, np.float64)
 
-    def expected(i: int, j: int, wb: np.ndarray) -> np.ndarray:
+    def expected(i: int, j: int, wb: np.ndarray, out: np.ndarray) -> np.ndarray:
         full = wb.astype(np.float64) + s * (left[i:j].astype(np.float64) @ right.astype(np.float64))
         norms = np.linalg.norm(full, axis=1, keepdims=True)
         merged = m64[i:j, None] * full / np.where(norms > 0, norms, 1.0)
-        return (merged - wb).astype(np.float32)
+        np.subtract(merged, wb, out=out, casting="same_kind")
+        return out
     return expected
+
+
+def _workers(tasks: int) -> int:
+    env = os.environ.get("GRADIENCE_VERIFY_WORKERS", "")
+    wanted = int(env) if env.isdigit() and int(env) > 0 else min(VERIFY_MAX_WORKERS, os.cpu_count() or 1)
+    return max(1, min(wanted, tasks))
 
 
 def _global_scale(config: dict[str, Any]) -> float | None:
@@ -158,7 +178,8 @@ def _verify_module(pair: LoraPair, base: BaseWeights, merged: BaseWeights, base_
                             f"(d_out={pair.d_out}, d_in={pair.d_in})")
     left, right, s = _update_rows(pair, transposed)
     if pair.dora:
-        m = pair.load_magnitude()
+        with _FACTOR_LOCK:
+            m = pair.load_magnitude()
         if m is None or transposed or pair.kind != "linear":
             pair.release()
             return _row(pair, **where, verdict=None,
@@ -166,28 +187,15 @@ def _verify_module(pair: LoraPair, base: BaseWeights, merged: BaseWeights, base_
         expected = _dora_update(left, right, s, m)
     else:
         expected = _plain_update(left, right, s)
-    try:
-        sums = _accumulate(base, merged, base_name, merged_name, expected)
-    finally:
-        base.release(base_name)
-        merged.release(merged_name)
-        pair.release()
+    sums = _accumulate(base, merged, base_name, merged_name, expected)
     u = unit_roundoff(m_info.dtype)
     ratios = [] if pair.dora else named_ratios(pair.r, pair.scale, pair.alpha, global_scale)
     result = classify(sums, u=u, r=pair.r, ratios=ratios)
     return _row(pair, **where, dora=pair.dora, unit_roundoff=u, **result)
 
 
-def _bitwise_equal(a: np.ndarray, b: np.ndarray) -> bool:
-    fa, fb = a.reshape(-1).view(np.uint8), b.reshape(-1).view(np.uint8)
-    if fa.size != fb.size:
-        return False
-    return all(np.array_equal(fa[k:k + _COMPARE_CHUNK], fb[k:k + _COMPARE_CHUNK])
-               for k in range(0, fa.size, _COMPARE_CHUNK))
-
-
 def _within_rounding(base: BaseWeights, merged: BaseWeights, name: str, u: float) -> bool:
-    blocks_b, blocks_m = base.row_blocks(name), merged.row_blocks(name)
+    blocks_b, blocks_m = TensorBlocks(base, name), TensorBlocks(merged, name)
     rows = min(blocks_b.rows_per_block, blocks_m.rows_per_block)
     diff2 = ref2 = 0.0
     for (_, _, wb), (_, _, wm) in zip(blocks_b.blocks(rows), blocks_m.blocks(rows), strict=True):
@@ -208,26 +216,21 @@ def _check_unchanged(base: BaseWeights, merged: BaseWeights, adapted_base: set[s
             check.missing_in_merged.append(name)
             continue
         check.checked += 1
-        try:
-            if other.shape != info.shape:
-                check.changed.append(name)
-            elif other.dtype == info.dtype:
-                same = _bitwise_equal(base.row_blocks(name).raw, merged.row_blocks(name).raw)
-                if same:
-                    check.identical += 1
-                else:
-                    check.changed.append(name)
-            elif info.is_float and other.is_float:
-                u = max(unit_roundoff(info.dtype), unit_roundoff(other.dtype))
-                if _within_rounding(base, merged, name, u):
-                    check.within_rounding += 1
-                else:
-                    check.changed.append(name)
+        if other.shape != info.shape:
+            check.changed.append(name)
+        elif other.dtype == info.dtype:
+            if bitwise_equal(TensorBlocks(base, name), TensorBlocks(merged, name)):
+                check.identical += 1
             else:
                 check.changed.append(name)
-        finally:
-            base.release(name)
-            merged.release(name)
+        elif info.is_float and other.is_float:
+            u = max(unit_roundoff(info.dtype), unit_roundoff(other.dtype))
+            if _within_rounding(base, merged, name, u):
+                check.within_rounding += 1
+            else:
+                check.changed.append(name)
+        else:
+            check.changed.append(name)
     check.extra_in_merged = [n for n in merged.tensors if n not in base.tensors and n not in adapted_merged]
     return check
 
@@ -239,9 +242,10 @@ def verify_merged(loaded: LoadedAdapter, merged_spec: str, base_spec: str) -> di
     base_index, merged_index = BaseNameIndex(base.tensors), BaseNameIndex(merged.tensors)
     fan_in_fan_out = loaded.config.get("fan_in_fan_out") is True
     global_scale = _global_scale(loaded.config)
-    rows: list[dict[str, Any]] = []
+    rows: list[dict[str, Any] | None] = []
     adapted_base: set[str] = set()
     adapted_merged: set[str] = set()
+    tasks: list[tuple[int, LoraPair, str, str]] = []
     for pair in loaded.pairs:
         match = base_index.match(pair.name)
         if match.tensor is None:
@@ -257,9 +261,19 @@ def verify_merged(loaded: LoadedAdapter, merged_spec: str, base_spec: str) -> di
                              problem="the merged checkpoint has no weight for this module"))
             continue
         adapted_merged.add(merged_name)
-        rows.append(_verify_module(pair, base, merged, base_name, merged_name, fan_in_fan_out, global_scale))
+        tasks.append((len(rows), pair, base_name, merged_name))
+        rows.append(None)
+
+    def work(task: tuple[int, LoraPair, str, str]) -> tuple[int, dict[str, Any]]:
+        index, pair, base_name, merged_name = task
+        return index, _verify_module(pair, base, merged, base_name, merged_name, fan_in_fan_out, global_scale)
+
+    # Modules in parallel threads: numpy's conversions, matmuls and dot products release the GIL.
+    with ThreadPoolExecutor(max_workers=_workers(len(tasks))) as pool:
+        for index, row in pool.map(work, tasks):
+            rows[index] = row
     unchanged = _check_unchanged(base, merged, adapted_base, adapted_merged)
-    return _document(loaded, base, merged, rows, unchanged)
+    return _document(loaded, base, merged, [r for r in rows if r is not None], unchanged)
 
 
 def _document(loaded: LoadedAdapter, base: BaseWeights, merged: BaseWeights, rows: list[dict[str, Any]],

@@ -1,8 +1,9 @@
-"""From the five sums of one module to a verdict: what the merge actually applied.
+"""From four sums of one module to a verdict: what the merge actually applied.
 
-With E = W_merged − W_base and D = s·B·A (PEFT's ΔW) accumulated block by block as ‖E‖², ⟨E, D⟩, ‖D‖², ‖E − D‖²
-and ‖W_merged‖², the applied scale is c = ⟨E, D⟩ / ‖D‖² (the least-squares multiple of D in E) and the residual
-after fitting it is ‖E − cD‖. A verdict names the nearest explanation: c ≈ 1 with a residual inside the dtype's
+With E = W_merged − W_base, D = s·B·A (PEFT's ΔW) and R = E − D accumulated block by block as ‖R‖², ⟨R, D⟩, ‖D‖²
+and ‖W_merged‖², the applied scale is c = ⟨E, D⟩ / ‖D‖² = 1 + ⟨R, D⟩ / ‖D‖² (the least-squares multiple of D in E)
+and the residual after fitting it is ‖E − cD‖² = ‖R‖² − ⟨R, D⟩² / ‖D‖² (no cancellation: R is small exactly when
+the merge is right). A verdict names the nearest explanation: c ≈ 1 with a residual inside the dtype's
 rounding is ``exact``; c ≈ 0 ``not_applied``; c ≈ 2 ``applied_twice``; c ≈ √r, 1/√r or another named ratio
 ``wrong_scale``; c ≈ 1 with a residual far above rounding ``different_base`` (the right update added to other
 weights, e.g. QLoRA's de-quantized 4-bit weights against the 16-bit ones); anything else ``residual_unexplained``.
@@ -26,15 +27,28 @@ VERDICTS = ("exact", "not_applied", "applied_twice", "wrong_scale", "different_b
 
 @dataclass
 class ModuleSums:
-    """Sums over one weight (float64): E = merged − base, D = expected update."""
+    """Sums over one weight (float64): E = merged − base, D = expected update, R = E − D."""
 
-    ee: float = 0.0      # ‖E‖²
-    ed: float = 0.0      # ⟨E, D⟩
+    rr: float = 0.0      # ‖R‖²
+    rd: float = 0.0      # ⟨R, D⟩
     dd: float = 0.0      # ‖D‖²
-    rr: float = 0.0      # ‖E − D‖²
     mm: float = 0.0      # ‖W_merged‖²
-    bb: float = 0.0      # ‖W_base‖²
     n: int = 0           # elements
+
+    @property
+    def ed(self) -> float:
+        """⟨E, D⟩."""
+        return self.rd + self.dd
+
+    @property
+    def ee(self) -> float:
+        """‖E‖²."""
+        return max(self.rr + 2 * self.rd + self.dd, 0.0)
+
+    def resid_sq(self, t: float) -> float:
+        """‖E − tD‖² = ‖R + (1 − t)D‖²."""
+        k = 1.0 - t
+        return max(self.rr + 2 * k * self.rd + k * k * self.dd, 0.0)
 
 
 @dataclass(frozen=True)
@@ -90,7 +104,7 @@ def _within(c: float, target: float, se: float) -> bool:
 def classify(sums: ModuleSums, *, u: float, r: int, ratios: list[Ratio]) -> dict[str, object]:
     """Verdict and the numbers behind it for one adapted weight."""
     norm_d = math.sqrt(sums.dd)
-    norm_w = math.sqrt(sums.bb)
+    norm_w = math.sqrt(sums.mm)
     if sums.dd <= 0.0:  # a zero update (B = 0 as initialised): the merge must leave the weight unchanged
         floor = rounding_floor(sums, u, r)
         verdict = "exact" if math.sqrt(sums.ee) <= floor else "residual_unexplained"
@@ -99,15 +113,12 @@ def classify(sums: ModuleSums, *, u: float, r: int, ratios: list[Ratio]) -> dict
                 "detail": "the adapter's update is zero here; the merged weight " +
                           ("equals the base" if verdict == "exact" else "differs from the base")}
     c = sums.ed / sums.dd
-    resid_fit = math.sqrt(max(sums.ee - sums.ed * sums.ed / sums.dd, 0.0))
+    resid_fit = math.sqrt(max(sums.rr - sums.rd * sums.rd / sums.dd, 0.0))
     se = resid_fit / (math.sqrt(max(sums.n, 1)) * norm_d)
     residual = math.sqrt(max(sums.rr, 0.0))
 
     def resid_at(target: float) -> float:
-        # ‖E − tD‖² = ‖E‖² − 2t⟨E,D⟩ + t²‖D‖² (at t = 1 the directly accumulated ‖E − D‖² is used: no cancellation)
-        if target == 1.0:
-            return residual
-        return math.sqrt(max(sums.ee - 2 * target * sums.ed + target * target * sums.dd, 0.0))
+        return math.sqrt(sums.resid_sq(target))
 
     out: dict[str, object] = {"applied_scale": c, "applied_scale_stderr": se, "residual": residual / norm_d,
                               "residual_after_fit": resid_fit / norm_d,

@@ -1,0 +1,120 @@
+"""Row blocks of a checkpoint tensor read with ``pread`` into reused buffers: what verify streams.
+
+Why not the memory map of :class:`gradience.io.safetensors.SafetensorsFile`: verify reads every byte of two whole
+checkpoints, and mapped pages stay resident until released, so the peak memory would be whole tensors (a 32000 ×
+4096 embedding is 250 MB per checkpoint). Copying each row block into one reused buffer keeps the peak at a few
+blocks whatever the tensor size, costs the same as the page faults it replaces, and a file truncated while it is
+read is a short read (a clean error), never a SIGBUS. Headers, shards and dtypes still come from the validated
+directory of :class:`gradience.udr.base.BaseWeights`; a pickled ``.bin`` checkpoint falls back to its reader.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from gradience.errors import InputError
+from gradience.io.safetensors import bf16_to_f32
+from gradience.io.textfile import os_problem
+from gradience.udr.base import BaseWeights
+from gradience.udr.spectral import CHUNK_BYTES
+
+_STORED = {"BF16": ("<u2", 2), "F16": ("<f2", 2), "F32": ("<f4", 4), "F64": ("<f8", 8)}
+COMPARE_CHUNK = 8 * 1024 * 1024
+
+
+def _pread_exact(fd: int, view: memoryview, offset: int, path: Path) -> None:
+    done = 0
+    while done < len(view):
+        try:
+            n = os.preadv(fd, [view[done:]], offset + done)
+        except OSError as exc:
+            raise InputError(f"cannot read: {os_problem(exc)}", path) from None
+        if n <= 0:
+            raise InputError(f"file shrank while being read (expected data at byte {offset + done}; truncated?)",
+                             path)
+        done += n
+
+
+class TensorBlocks:
+    """One tensor of a checkpoint, flattened to (rows, cols) with rows = shape[0], as float32 row blocks."""
+
+    def __init__(self, weights: BaseWeights, name: str) -> None:
+        self.weights = weights
+        self.name = name
+        info = weights.tensors[name]
+        self.info = info
+        rows = int(info.shape[0]) if info.shape else 1
+        numel = int(np.prod(info.shape, dtype=np.int64))
+        self.shape = (rows, numel // rows if rows else 0)
+        self.pread = weights.resolved.fmt == "safetensors" and info.dtype in _STORED
+        self.rows_per_block = max(1, CHUNK_BYTES // (4 * max(1, self.shape[1])))
+
+    @property
+    def path(self) -> Path:
+        return self.weights.root / self.info.file
+
+    def blocks(self, rows_per_block: int) -> Iterator[tuple[int, int, np.ndarray]]:
+        """(start, stop, float32 block); the block is valid until the next one is produced."""
+        if not self.pread:
+            yield from self.weights.row_blocks(self.name).blocks(rows_per_block)
+            return
+        np_dtype, itemsize = _STORED[self.info.dtype]
+        rows, cols = self.shape
+        step = max(1, min(rows_per_block, rows))
+        raw = np.empty(step * cols, np_dtype)
+        out = raw if self.info.dtype == "F32" else np.empty(step * cols, np.float32)
+        fd = self._open()
+        try:
+            for a in range(0, rows, step):
+                b = min(rows, a + step)
+                n = (b - a) * cols
+                _pread_exact(fd, raw[:n].view(np.uint8).data, self.info.offset + a * cols * itemsize,
+                             self.path)
+                block = out[:n].reshape(b - a, cols)
+                if self.info.dtype == "BF16":
+                    bf16_to_f32(raw[:n].reshape(b - a, cols), block)
+                elif self.info.dtype != "F32":
+                    np.copyto(block, raw[:n].reshape(b - a, cols), casting="unsafe")
+                yield a, b, block
+        finally:
+            os.close(fd)
+        self.weights.bytes_read += rows * cols * itemsize
+        self.weights.tensors_read += 1
+
+    def raw_chunks(self, chunk_bytes: int = COMPARE_CHUNK) -> Iterator[memoryview]:
+        """The stored bytes in chunks of one reused buffer (for bitwise comparisons)."""
+        nbytes = self.shape[0] * self.shape[1] * _STORED[self.info.dtype][1]
+        buf = np.empty(min(chunk_bytes, max(nbytes, 1)), np.uint8)
+        fd = self._open()
+        try:
+            for start in range(0, nbytes, len(buf)):
+                view = buf[: min(len(buf), nbytes - start)].data
+                _pread_exact(fd, view, self.info.offset + start, self.path)
+                yield view
+        finally:
+            os.close(fd)
+        self.weights.bytes_read += nbytes
+
+    def _open(self) -> int:
+        try:
+            return os.open(self.path, os.O_RDONLY)
+        except OSError as exc:
+            raise InputError(f"cannot read: {os_problem(exc)}", self.path) from None
+
+
+def bitwise_equal(a: TensorBlocks, b: TensorBlocks) -> bool:
+    """Same stored bytes (both tensors' dtypes and shapes are equal; read chunk by chunk)."""
+    if not (a.pread and b.pread):
+        ra, rb = a.weights.row_blocks(a.name).raw, b.weights.row_blocks(b.name).raw
+        return bool(np.array_equal(ra.reshape(-1).view(np.uint8), rb.reshape(-1).view(np.uint8)))
+    for ca, cb in zip(a.raw_chunks(), b.raw_chunks(), strict=True):
+        xa, xb = np.frombuffer(ca, np.uint8), np.frombuffer(cb, np.uint8)
+        if len(xa) % 8 == 0:
+            xa, xb = xa.view(np.uint64), xb.view(np.uint64)
+        if not np.array_equal(xa, xb):
+            return False
+    return True
