@@ -103,3 +103,42 @@ def test_lora_bias_is_scaled_like_the_factors(tmp_path: Path, capsys: pytest.Cap
     assert not port["vllm"]["ok"] and "rejected outright" in port["vllm"]["reason"]
     assert "vllm.lora_bias" in port["vllm"]["rules"]
     assert not port["llama_cpp"]["ok"] and "llama_cpp.lora_bias" in port["llama_cpp"]["rules"]
+
+
+def _save_peft(model: Any, out: Path, **lora: Any) -> Path:
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(model, LoraConfig(lora_dropout=0.0, **lora))
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+    peft_model.save_pretrained(str(out))
+    return out
+
+
+@pytest.mark.slow
+def test_score_head_and_saved_norm_verdicts(tiny_llama_dir: Path, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """A real PEFT classification adapter (modules_to_save = score) is fine for current vLLM and stops the
+    llama.cpp converter; a saved norm passes the converter and is dropped at run time."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    cls = AutoModelForSequenceClassification.from_pretrained(str(tiny_llama_dir), num_labels=3, dtype=torch.float32)
+    head = _save_peft(cls, tmp_path / "cls", r=4, lora_alpha=8, task_type="SEQ_CLS", target_modules=["q_proj"])
+    lm = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32)
+    norm = _save_peft(lm, tmp_path / "norm", r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["norm"])
+    verdicts = {}
+    for src in (head, norm):
+        assert main(["compress", "--peft-dir", str(src), "--dry-run", "--rank", "2", "--json"]) == 0
+        verdicts[src.name] = json.loads(capsys.readouterr().out)["portability"]
+    v = verdicts["cls"]
+    assert v["peft"]["ok"] and v["vllm"]["ok"] and v["vllm"]["version"] == ">= 0.33.0"
+    assert not v["llama_cpp"]["ok"] and v["llama_cpp"]["rules"] == ["llama_cpp.non_lora_tensor"]
+    v = verdicts["norm"]
+    assert not v["llama_cpp"]["ok"] and v["llama_cpp"]["rules"] == ["llama_cpp.norm_dropped"]
+    assert "silently dropped at run time" in v["llama_cpp"]["reason"]
+    assert not v["vllm"]["ok"] and v["vllm"]["rules"] == ["vllm.modules_to_save"]

@@ -21,7 +21,7 @@ from gradience.adapter.sources import SafetensorsSource
 from gradience.audit.spectrum import factor_grams
 from gradience.compress.factors import rescaled_factors, scaled_truncated_factors, truncated_factors
 from gradience.compress.result import LayerPlan
-from gradience.engines import OutputFacts
+from gradience.engines import OutputFacts, facts_from_config
 from gradience.errors import InputError
 from gradience.io.safetensors_write import TensorSpec
 
@@ -238,12 +238,10 @@ def tensor_specs(loaded: LoadedAdapter, layers: list[LayerPlan], out_dtype: str 
 
 
 def output_facts(layers: list[LayerPlan], config: dict[str, Any], non_lora: dict[str, Any]) -> OutputFacts:
-    return OutputFacts(ranks=[la.r_after for la in layers], config_r=int(config["r"]),
-                       rank_pattern=config.get("rank_pattern") or {},
-                       has_modules_to_save=bool(non_lora["count"]) or bool(config.get("modules_to_save")),
-                       has_lora_bias=bool(non_lora["lora_biases"]),
-                       dora=bool(config.get("use_dora")) or any(la.dora for la in layers),
-                       kinds=frozenset(la.kind for la in layers))
+    """The written adapter as the engine table sees it (the one rule set of :mod:`gradience.engines`)."""
+    return facts_from_config(config, [la.r_after for la in layers], kinds={la.kind for la in layers},
+                             non_lora_names=non_lora["names"], has_lora_bias=bool(non_lora["lora_biases"]),
+                             dora=bool(config.get("use_dora")) or any(la.dora for la in layers))
 
 
 # Earlier private names (merge imported them before they were public).
