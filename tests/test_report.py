@@ -727,3 +727,25 @@ def test_reference_tool_audit_json_is_reported_with_our_numbers(small_with_base:
     our_tips = tooltips(parse(render(tmp_path / "ours.json")))
     util = {k: v for k, v in our_tips.items() if k[1] == "utilization"}
     assert len(util) == 21 and all(ref_tips[k] == v for k, v in util.items())
+
+
+def test_a_bench_with_hundreds_of_arms_draws_a_bounded_page(tmp_path: Path) -> None:
+    """Sizes an input controls are bounded: 300 arms draw 40 points and 12 histograms, every arm in the table."""
+    import time
+
+    doc = make_bench_doc(seeds=(1,), layers=1)
+    template = doc["arms"][0]
+    doc["arms"] = [{**template, "name": f"arm_{i}", "params_ratio": 1 / (2 + i % 7)} for i in range(300)]
+    block = doc["udr"]["arms"]["truncate_median"]["1"]
+    doc["udr"]["arms"] = {f"arm_{i}": {"1": {**block, "per_layer": {k: v * (1 + i) for k, v in
+                                                                    block["per_layer"].items()}}}
+                          for i in range(300)}
+    (tmp_path / "bench.json").write_text(json.dumps(doc))
+    started = time.perf_counter()
+    page = render(tmp_path / "bench.json")
+    assert time.perf_counter() - started < 30
+    assert "(first 40 of 300 arms)" in page
+    assert len(set(re.findall(r'id="c\d+-gx-arm-label-(\d+)"', page))) == 41  # 40 arms and the probe
+    assert "The first 12 of 301 distributions are drawn." in page
+    assert "… and 251 more." in page
+    assert page.count('<td class="name">arm_<wbr>') == 2 * 300  # the arms table and the per-seed table

@@ -22,6 +22,7 @@ LABEL_GAP_IN = 0.17       # centre-to-centre distance of two labels (the font is
 MAX_LABEL_CHARS = 30      # longer arm names are shortened in the chart (the table has them in full)
 DODGE_LOG2 = 0.09         # sideways step between arms at the same share (in log2 units)
 LABEL_GID = "gx-arm-label"
+MAX_ARMS_DRAWN = 40       # a bench.json with thousands of arms draws the first 40 (the table lists every one)
 
 
 @dataclass
@@ -83,6 +84,8 @@ def params_metric_chart(chart_id: str, points: Sequence[ArmPoint], tolerance: fl
            and math.isfinite(p.mean_delta)]
     if not pts:
         return None
+    shown_note = f" (first {MAX_ARMS_DRAWN} of {len(pts)} arms)" if len(pts) > MAX_ARMS_DRAWN else ""
+    pts = pts[:MAX_ARMS_DRAWN]
     probe = ArmPoint("probe", 1.0, 0.0, None, None)
     everyone = [*pts, probe]
     n = len(everyone)
@@ -97,7 +100,7 @@ def params_metric_chart(chart_id: str, points: Sequence[ArmPoint], tolerance: fl
         fig.subplots_adjust(left=left_in / WIDTH_IN, right=axes_right_in / WIDTH_IN, top=1 - top_in / height,
                             bottom=bottom_in / height)
         ax = fig.add_subplot()
-        ax.set_title(f"Δ {metric} against LoRA parameters")
+        ax.set_title(f"Δ {metric} against LoRA parameters{shown_note}")
         ax.set_xlabel("LoRA parameters, share of the probe's (log scale: each step halves the rank)")
         ax.set_ylabel(f"Δ {metric} (arm − probe)")
         bad_side = -tolerance if higher_is_better else tolerance

@@ -11,6 +11,7 @@ from gradience.report.views.base import ChartIds, UdrGroup
 from gradience.textfmt import num, pct
 
 MAX_NAMES_IN_TITLE = 3
+MAX_GROUPS_LISTED = 50   # distributions listed with their numbers (a bench of thousands of arms lists the first)
 
 
 def _key(values: Sequence[float]) -> tuple[float, ...]:
@@ -48,7 +49,7 @@ def udr_sidebar(groups: Sequence[UdrGroup], ids: ChartIds) -> dict[str, Any]:
     with_values = [(_title(labels), g.values) for labels, g in merged if g.values]
     svg = charts.udr_histogram(ids.next(), with_values, UDR_FRACTION_LEVELS) if with_values else None
     rows = []
-    for labels, g in merged:
+    for labels, g in merged[:MAX_GROUPS_LISTED]:
         s = g.summary
         rows.append({
             "label": _title(labels), "labels": labels, "unavailable": g.unavailable, "base": s.get("base_model"),
@@ -60,4 +61,5 @@ def udr_sidebar(groups: Sequence[UdrGroup], ids: ChartIds) -> dict[str, Any]:
                                      else len(g.values)))],
         })
     return {"svg": svg, "groups": rows, "any": bool(with_values), "present": bool(groups),
-            "n_distinct": len(with_values), "n_groups": len(groups)}
+            "n_distinct": len(with_values), "n_groups": len(groups), "n_unlisted": max(0, len(merged) - len(rows)),
+            "n_drawn": min(len(with_values), charts.MAX_UDR_PANELS)}
