@@ -263,3 +263,21 @@ def test_real_peft_gpt2_conv1d_merge_is_exact(tmp_path: Path, tiny_gpt2_dir: Pat
     merged = _peft_merge(tiny_gpt2_dir, gpt2_adapter_dir, tmp_path / "merged")
     doc = verify_merged(load_adapter(str(gpt2_adapter_dir)), str(merged), str(tiny_gpt2_dir))
     assert doc["ok"] is True, [(r["name"], r["verdict"], r.get("detail")) for r in doc["modules"]]
+
+
+def test_untouched_weight_in_another_dtype_is_checked_within_rounding(tmp_path: Path) -> None:
+    """A merge saved in bf16 from an fp32 base: untouched weights equal within bf16 rounding, not bitwise."""
+    base, adapter, merged, base_vals, pairs = _triple(tmp_path, dtype="F32")
+    from gradience.io.safetensors import SafetensorsFile
+
+    src = SafetensorsFile(merged / "model.safetensors")
+    tensors = {k: np.array(src.read_f32(k)) for k in src.tensors}
+    src.close()
+    write_safetensors(merged / "model.safetensors", tensors, dtype="F32",
+                      dtypes={"model.norm.weight": "BF16", "model.embed_tokens.weight": "BF16"})
+    doc = _run(base, adapter, merged)
+    assert doc["unchanged"]["within_rounding"] == 2 and doc["unchanged"]["identical"] == 1
+    assert doc["ok"] is True
+    tensors["model.norm.weight"] = tensors["model.norm.weight"] * 1.01     # 1% off: beyond bf16 rounding
+    write_safetensors(merged / "model.safetensors", tensors, dtype="F32", dtypes={"model.norm.weight": "BF16"})
+    assert _run(base, adapter, merged)["unchanged"]["changed"] == ["model.norm.weight"]

@@ -42,13 +42,15 @@ def _pread_exact(fd: int, view: memoryview, offset: int, path: Path) -> None:
 class TensorBlocks:
     """One tensor of a checkpoint, flattened to (rows, cols) with rows = shape[0], as float32 row blocks."""
 
-    def __init__(self, weights: BaseWeights, name: str) -> None:
+    def __init__(self, weights: BaseWeights, name: str, *, flat: bool = False) -> None:
+        """``flat``: blocks of elements in storage order, as (numel, 1): for element-wise comparisons, so that a
+        tensor with one enormous row never needs a row-sized buffer."""
         self.weights = weights
         self.name = name
         info = weights.tensors[name]
         self.info = info
-        rows = int(info.shape[0]) if info.shape else 1
         numel = int(np.prod(info.shape, dtype=np.int64))
+        rows = numel if flat else (int(info.shape[0]) if info.shape else 1)
         self.shape = (rows, numel // rows if rows else 0)
         self.pread = weights.resolved.fmt == "safetensors" and info.dtype in _STORED
         self.rows_per_block = max(1, CHUNK_BYTES // (4 * max(1, self.shape[1])))

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from gradience.adapter.model import LoadedAdapter, LoraPair
+from gradience.adapter.pairs import rank_bound_problem
 from gradience.engines import llama_cpp as cpp
 from gradience.errors import InputError
 from gradience.export.gguf import BaseModelFacts, gguf_base_name, import_gguf, permute_rows, read_base_facts
@@ -148,6 +149,10 @@ def _compare_module(pair: LoraPair, ggufa: GgufAdapter, gguf_name: str, permute:
                                               f"the module (d_out={pair.d_out}, d_in={pair.d_in})")
         return row
     rank_g = b_g.shape[1]
+    bomb = rank_bound_problem(rank_g, pair.d_in, pair.d_out)
+    if bomb is not None:  # refused before any r×r work
+        row.update(verdict="mismatch", detail=f"GGUF pair rank: {bomb}")
+        return row
     scale_g = cpp.runtime_scale(ggufa.alpha, rank_g)
     best: tuple[float, float, int | None] | None = None
     for heads in permute:

@@ -90,10 +90,12 @@ def _update_rows(pair: LoraPair, transposed: bool) -> tuple[np.ndarray, np.ndarr
 
 
 def _accumulate(base: BaseWeights, merged: BaseWeights, base_name: str, merged_name: str,
-                expected: Callable[[int, int, np.ndarray, np.ndarray], np.ndarray]) -> ModuleSums:
+                expected: Callable[[int, int, np.ndarray, np.ndarray], np.ndarray],
+                dd: float | None = None) -> ModuleSums:
     """Stream one weight pair in row blocks; ``expected(i, j, w_base_block, out)`` writes the update D for rows
     i:j into ``out`` (or returns a new array). Two buffers are reused across blocks: fresh block-sized arrays
-    would page-fault on every block, which costs more than the arithmetic."""
+    would page-fault on every block, which costs more than the arithmetic. ``dd``: ‖D‖² when known from the
+    factors (one pass less)."""
     sums = ModuleSums()
     blocks_b = TensorBlocks(base, base_name)
     blocks_m = TensorBlocks(merged, merged_name)
@@ -108,10 +110,19 @@ def _accumulate(base: BaseWeights, merged: BaseWeights, base_name: str, merged_n
         r -= d
         sums.rr += float(np.vdot(r, r))
         sums.rd += float(np.vdot(r, d))
-        sums.dd += float(np.vdot(d, d))
+        if dd is None:
+            sums.dd += float(np.vdot(d, d))
         sums.mm += float(np.vdot(wm, wm))
         sums.n += n
+    if dd is not None:
+        sums.dd = dd
     return sums
+
+
+def _frobenius_sq(left: np.ndarray, right: np.ndarray, s: float) -> float:
+    """‖s·left·right‖_F² from the factors alone: s²·Σ (leftᵀleft) ∘ (right·rightᵀ), r×r products in float64."""
+    l64, r64 = left.astype(np.float64), right.astype(np.float64)
+    return float(s * s * np.sum((l64.T @ l64) * (r64 @ r64.T)))
 
 
 def _plain_update(left: np.ndarray, right: np.ndarray, s: float
@@ -187,7 +198,8 @@ def _verify_module(pair: LoraPair, base: BaseWeights, merged: BaseWeights, base_
         expected = _dora_update(left, right, s, m)
     else:
         expected = _plain_update(left, right, s)
-    sums = _accumulate(base, merged, base_name, merged_name, expected)
+    sums = _accumulate(base, merged, base_name, merged_name, expected,
+                       None if pair.dora else _frobenius_sq(left, right, s))
     u = unit_roundoff(m_info.dtype)
     ratios = [] if pair.dora else named_ratios(pair.r, pair.scale, pair.alpha, global_scale)
     result = classify(sums, u=u, r=pair.r, ratios=ratios)
@@ -195,7 +207,7 @@ def _verify_module(pair: LoraPair, base: BaseWeights, merged: BaseWeights, base_
 
 
 def _within_rounding(base: BaseWeights, merged: BaseWeights, name: str, u: float) -> bool:
-    blocks_b, blocks_m = TensorBlocks(base, name), TensorBlocks(merged, name)
+    blocks_b, blocks_m = TensorBlocks(base, name, flat=True), TensorBlocks(merged, name, flat=True)
     rows = min(blocks_b.rows_per_block, blocks_m.rows_per_block)
     diff2 = ref2 = 0.0
     for (_, _, wb), (_, _, wm) in zip(blocks_b.blocks(rows), blocks_m.blocks(rows), strict=True):
