@@ -65,6 +65,7 @@ def test_refusals_are_one_line_exit_2(two: tuple[Path, Path], tmp_path: Path,
     assert "--drop-rate" in _err(capsys, [*base, "--method", "dare", "--drop-rate", "1"])
     assert "fraction" in _err(capsys, [*base, "--method", "svd", "--energy", "2"])
     assert "invalid choice" in _err(capsys, [*base, "--method", "magic"])
+    assert "needs a policy" in _err(capsys, [*base, "--uniform"])
     assert "inside it" in _err(capsys, ["merge", str(a), str(b), "--out", str(a / "sub")])
     assert "directory not found" in _err(capsys, ["merge", str(a), str(tmp_path / "nope"), "--out", out])
     assert not Path(out).exists()

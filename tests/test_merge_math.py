@@ -162,6 +162,14 @@ def test_budget_and_uniform(pair: Any, tmp_path: Path) -> None:
                 ).to_dict()
     assert len(doc["summary"]["ranks_after"]) == 1 and doc["config"]["rank_pattern"] == {}
     assert doc["portability"]["vllm"]["ok"]
+    # linear at a rank >= every module's sum(r_i), one rank everywhere: still the exact sum (zero-padded)
+    doc = merge(inputs, tmp_path / "pad", MergeOptions(method="linear", policy=Policy("rank", 20, uniform=True))
+                ).to_dict()
+    assert doc["summary"]["ranks_after"] == [14] and doc["summary"]["rel_frob_error_max"] == 0.0
+    got = _read_out(tmp_path / "pad")
+    _p1, _p2, d1, d2 = pair
+    for name in MODS:
+        assert _rel(got[name], d1[name] + d2[name]) < 1e-6
 
 
 def test_disjoint_modules_are_merged_with_zero_elsewhere(tmp_path: Path) -> None:

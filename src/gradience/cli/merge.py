@@ -94,6 +94,11 @@ def _policy(args: argparse.Namespace) -> Any:
 
     named = any(getattr(args, n) is not None for n in ("rank", "energy", "sv_fro", "sv_cumulative", "sv_ratio",
                                                          "budget")) or args.per_layer
+    if not named and args.uniform:
+        from gradience.errors import InputError
+
+        raise InputError("--uniform needs a policy; for the exact sum at one rank everywhere use --method linear "
+                         "--rank K --uniform with K >= the largest sum(r_i)")
     return compress_policy(args) if named else None
 
 
