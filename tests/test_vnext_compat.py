@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import warnings
@@ -46,8 +47,8 @@ def test_vnext_names_are_ours() -> None:
     assert [s.value for s in types.Severity] == list(ALERT_SEVERITIES)
     assert [p.value for p in types.TaskProfile] == list(TASK_PROFILES)
     assert types.Severity.WARNING == "warning" and f"{types.Severity.ERROR}" == "error"
-    with pytest.raises(AttributeError, match="monitor"):
-        v.SignalSnapshot  # noqa: B018
+    with pytest.raises(AttributeError, match="gradience.audit.audit_state_dict"):
+        v.audit_lora_state_dict  # noqa: B018
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         v.nope  # noqa: B018
 
@@ -90,6 +91,31 @@ def test_reference_writer_calls_write_the_same_records(tmp_path: Path) -> None:
     assert cfg is not None and cfg.lora.r == 8 and cfg.model_name == "m"
     assert reader.latest_eval_event(split="test")["metrics"]["accuracy"] == 0.5  # type: ignore[index]
     assert reader.validate() == ["line 6: unknown event 'custom' (ignored by v1 readers)"]
+    test = reader.latest_eval(split="test")
+    assert test is not None and (test.loss, test.accuracy) == (1.25, 0.5)
+    assert test.ppl == pytest.approx(math.exp(1.25))  # the writer adds ppl = exp(loss)
+    assert reader.latest_eval(split="train") is None
+
+
+def test_reference_reader_summarize(tmp_path: Path) -> None:
+    """The reference README's ``r.summarize()`` / ``r.latest_eval(split="test")``, filled by our monitor."""
+    from gradience.vnext.telemetry import TelemetryWriter
+    from gradience.vnext.telemetry_reader import TelemetryReader
+    from gradience.vnext.types import EvalMetrics, SignalSnapshot
+
+    path = tmp_path / "run.jsonl"
+    with TelemetryWriter(path, "r") as tw:
+        tw.run_start({"model_name": "m", "lora": {"r": 8, "alpha": 16}})
+        for step in (1, 2, 3):
+            tw.train_step(step, loss=1.0 / step)
+        tw.eval(3, split="train", metrics={"loss": 0.3, "accuracy": 0.9, "n": 10})
+        tw.eval(3, split="test", metrics={"loss": 0.6, "accuracy": 0.7, "n": 10})
+        tw.metrics(3, kind="lora_audit", metrics={"stable_rank_mean": 2.0, "utilization_mean": 0.25})
+    snap = TelemetryReader(path).summarize()
+    assert isinstance(snap, SignalSnapshot) and snap.test == EvalMetrics(0.6, math.exp(0.6), 0.7, 10)
+    assert snap.gap == pytest.approx(math.exp(0.6) / math.exp(0.3))
+    assert (snap.stable_rank_mean, snap.utilization_mean) == (2.0, 0.25)
+    assert snap.to_dict()["train"]["accuracy"] == 0.9
 
 
 def test_reference_writer_appends_instead_of_truncating(tmp_path: Path) -> None:

@@ -28,6 +28,8 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "OptimizerConfigSnapshot": ("gradience.vnext.types", "OptimizerConfigSnapshot"),
     "TrainingConfigSnapshot": ("gradience.vnext.types", "TrainingConfigSnapshot"),
     "Recommendation": ("gradience.vnext.types", "Recommendation"),
+    "EvalMetrics": ("gradience.vnext.types", "EvalMetrics"),
+    "SignalSnapshot": ("gradience.vnext.types", "SignalSnapshot"),
     "TelemetryWriter": ("gradience.vnext.telemetry", "TelemetryWriter"),
     "TelemetryReader": ("gradience.vnext.telemetry_reader", "TelemetryReader"),
     "GradienceCallback": ("gradience.vnext.integrations.hf", "GradienceCallback"),
@@ -36,8 +38,6 @@ _EXPORTS: dict[str, tuple[str, str]] = {
 
 # Reference names that have no counterpart here, and what to use instead.
 _REPLACED: dict[str, str] = {
-    "EvalMetrics": "eval metrics are plain dicts: TelemetryWriter.eval(step, split, {'loss': ..., 'accuracy': ...})",
-    "SignalSnapshot": "`gradience monitor RUN.jsonl --json` (gradience.monitor.monitor_run)",
     "check_config": "gradience.policy.check_rules.check_config(snapshot) (a report holding the recommendations)",
     "check_run": "`gradience monitor --json` or gradience.api.monitor",
     "LoRAAdapterConfig": "gradience.adapter.load_adapter(DIR).config",

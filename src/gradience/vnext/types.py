@@ -9,6 +9,8 @@ writer/reader accepts their members as the strings they equal. The snapshot clas
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass, field
+from typing import Any
 
 from gradience.telemetry.schema import SCHEMA
 from gradience.telemetry.types import (
@@ -51,9 +53,61 @@ class TaskProfile(_StrEnum):
     UNKNOWN = "unknown"
 
 
+@dataclass(frozen=True)
+class EvalMetrics:
+    """The reference's per-split evaluation record (what ``TelemetryReader.latest_eval`` returns)."""
+
+    loss: float | None = None
+    ppl: float | None = None
+    accuracy: float | None = None
+    n: int | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"loss": self.loss, "ppl": self.ppl, "accuracy": self.accuracy, "n": self.n,
+                "extras": dict(self.extras)}
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> EvalMetrics:
+        known = ("loss", "ppl", "accuracy", "n")
+        extras = {k: v for k, v in d.items() if k not in known and k != "extras"}
+        extras.update(d.get("extras") or {})
+        return EvalMetrics(d.get("loss"), d.get("ppl"), d.get("accuracy"), d.get("n"), extras)
+
+
+@dataclass(frozen=True)
+class SignalSnapshot:
+    """The reference's run summary (``TelemetryReader.summarize``); filled from ``gradience monitor``'s signals."""
+
+    train: EvalMetrics = field(default_factory=EvalMetrics)
+    test: EvalMetrics = field(default_factory=EvalMetrics)
+    gap: float | None = None                    # test ppl / train ppl
+    stable_rank_mean: float | None = None       # from the last lora_audit metrics event
+    utilization_mean: float | None = None
+    dominance_act_mean: float | None = None     # not measured here: always None
+    kappa_mean: float | None = None             # not measured here: always None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"train": self.train.to_dict(), "test": self.test.to_dict(), "gap": self.gap,
+                "stable_rank_mean": self.stable_rank_mean, "utilization_mean": self.utilization_mean,
+                "dominance_act_mean": self.dominance_act_mean, "kappa_mean": self.kappa_mean,
+                "extras": dict(self.extras)}
+
+
 LoRAConfigSnapshot = LoraConfig
 OptimizerConfigSnapshot = OptimizerConfig
 TrainingConfigSnapshot = TrainingConfig
 
-__all__ = ["TELEMETRY_SCHEMA_VERSION", "ConfigSnapshot", "LoRAConfigSnapshot", "OptimizerConfigSnapshot",
-           "Recommendation", "Severity", "TaskProfile", "TrainingConfigSnapshot"]
+__all__ = [
+    "TELEMETRY_SCHEMA_VERSION",
+    "ConfigSnapshot",
+    "EvalMetrics",
+    "LoRAConfigSnapshot",
+    "OptimizerConfigSnapshot",
+    "Recommendation",
+    "Severity",
+    "SignalSnapshot",
+    "TaskProfile",
+    "TrainingConfigSnapshot",
+]
