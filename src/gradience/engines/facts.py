@@ -38,7 +38,8 @@ class OutputFacts:
 
     @property
     def max_rank(self) -> int:
-        return max([*self.ranks, *self.rank_pattern.values()], default=self.config_r)
+        # vLLM's validate_legal checks max(r, *rank_pattern.values()): the config's r counts too
+        return max([*self.ranks, *self.rank_pattern.values(), self.config_r])
 
     @property
     def uniform(self) -> bool:
@@ -73,8 +74,8 @@ def facts_from_config(config: Mapping[str, Any], ranks: Iterable[int], *, kinds:
     rank_pattern = config.get("rank_pattern") if isinstance(config.get("rank_pattern"), dict) else {}
     alpha_pattern = config.get("alpha_pattern") if isinstance(config.get("alpha_pattern"), dict) else {}
     # a config is input: a pattern value that is not a number (the loader reports it) is no engine fact
-    rank_pattern = {k: v for k, v in rank_pattern.items() if type(v) is int}
-    alpha_pattern = {k: v for k, v in alpha_pattern.items() if type(v) in (int, float)}
+    rank_pattern = {k: v for k, v in (rank_pattern or {}).items() if type(v) is int}
+    alpha_pattern = {k: v for k, v in (alpha_pattern or {}).items() if type(v) in (int, float)}
     r = config.get("r")
     return OutputFacts(
         ranks=list(ranks), config_r=r if isinstance(r, int) and not isinstance(r, bool) else 0,
