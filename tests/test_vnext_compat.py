@@ -207,6 +207,7 @@ def test_compare_reads_reference_audit_json(tmp_path: Path, capsys: pytest.Captu
     assert [r["name"] for r in doc["layers"]] == [r["name"] for r in ours["layers"]]  # PEFT prefix stripped
     assert [r["delta_frob_norm"] for r in doc["layers"]] == [r["delta_frob_norm"] for r in ours["layers"]]
     assert doc["adapter"]["r"] == 4 and doc["adapter"]["lora_alpha"] == 8 and doc["n_layers"] == 2
+    assert [r["module_type"] for r in doc["layers"]] == [r["module_type"] for r in ours["layers"]]
     code, out, err = cli(capsys, "compare", str(ref), str(tmp_path / "ours.json"), "--json")
     assert code == 0, err
     cmp = json.loads(out)

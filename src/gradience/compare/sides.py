@@ -20,6 +20,7 @@ from gradience.errors import InputError
 from gradience.io.textfile import exists, is_file, read_bytes_limited
 from gradience.issues import Issue
 from gradience.jsonio import MAX_JSON_INT, loads_bounded
+from gradience.modules import classify_module
 from gradience.textfmt import safe_text
 
 SideKind = Literal["adapter", "audit_json"]
@@ -119,7 +120,8 @@ def _reference_rows(doc: dict[str, Any]) -> list[Any] | None:
 
 
 # Reference row keys that differ from ours only in spelling (ours are also written by our audit as aliases).
-_REFERENCE_ROW_KEYS = {"delta_fro_norm": "delta_frob_norm", "base_fro_norm": "base_frob_norm"}
+_REFERENCE_ROW_KEYS = {"delta_fro_norm": "delta_frob_norm", "base_fro_norm": "base_frob_norm",
+                       "top_singular_values": "singular_values"}
 
 
 def from_reference_audit(doc: dict[str, Any]) -> dict[str, Any]:
@@ -138,6 +140,7 @@ def from_reference_audit(doc: dict[str, Any]) -> dict[str, Any]:
         if isinstance(name, str):
             out["name"] = module_name(name)
             out.setdefault("peft_prefix", name)
+            out["module_type"] = classify_module(out["name"])  # our classifier's vocabulary, not its attn/mlp/other
         for theirs, ours in _REFERENCE_ROW_KEYS.items():
             if ours not in out and theirs in row:
                 out[ours] = row[theirs]
