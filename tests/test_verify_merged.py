@@ -267,7 +267,7 @@ def test_real_peft_gpt2_conv1d_merge_is_exact(tmp_path: Path, tiny_gpt2_dir: Pat
 
 def test_untouched_weight_in_another_dtype_is_checked_within_rounding(tmp_path: Path) -> None:
     """A merge saved in bf16 from an fp32 base: untouched weights equal within bf16 rounding, not bitwise."""
-    base, adapter, merged, base_vals, pairs = _triple(tmp_path, dtype="F32")
+    base, adapter, merged, _, _ = _triple(tmp_path, dtype="F32")
     from gradience.io.safetensors import SafetensorsFile
 
     src = SafetensorsFile(merged / "model.safetensors")
