@@ -162,6 +162,7 @@ def test_tiny_bench_sizes_modes_dedupe_and_terminal_output(tmp_path: Path) -> No
                         "task: {max_train_samples: 64, max_eval_samples: 16, "
                         "probe_gate: {metric: accuracy, min_value: 0.99}}")
     body += "audit: {compute_udr: true, base_norms_cache: norms.json}\nruntime: {keep_adapter_weights: false}\n"
+    body += "model: {gradient_checkpointing: true}\n"  # the reference's memory switch: same training, less memory
     cfg = _config(tmp_path, body)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "gradience.bench.run_bench", "--config", str(cfg), "--output", str(out)]
@@ -169,6 +170,7 @@ def test_tiny_bench_sizes_modes_dedupe_and_terminal_output(tmp_path: Path) -> No
                           timeout=600, env=ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
     bench = json.loads((out / "bench.json").read_text())
+    assert bench["config"]["model_options"]["gradient_checkpointing"] is True
     # Sizes: task.max_eval_samples 16 of the built-in data (was 200).
     assert bench["task"]["n_eval_items"] == 16 and len(bench["probe"]["per_seed"]) == 1
     # Modes: what a plain open gives under umask 002 (safetensors wrote 0600; run.jsonl was 0644).

@@ -94,7 +94,15 @@ def train_arm(task: PreparedTask, cfg: BenchConfig, seed: int, spec: LoraSpec, a
     training_dir = arm_dir / "training"
     device_kwargs: dict[str, Any] = {"use_cpu": True} if device == "cpu" else {}
     if cfg.gradient_checkpointing:  # model.gradient_checkpointing: memory for compute, same results
-        device_kwargs.update(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
+        # (newer transformers name it activation_checkpointing and warn on the old names)
+        new = "activation_checkpointing" in getattr(TrainingArguments, "__dataclass_fields__", {})
+        prefix = "activation" if new else "gradient"
+        device_kwargs.update({f"{prefix}_checkpointing": True,
+                              f"{prefix}_checkpointing_kwargs": {"use_reentrant": False}})
+    if device != "cpu" and cfg.torch_dtype in ("bf16", "bfloat16", "fp16", "float16"):
+        # a half-precision base trains under autocast, as the reference does (gsm8k_causal_lm.py: bf16=True);
+        # PEFT keeps the LoRA factors themselves in float32
+        device_kwargs["bf16" if cfg.torch_dtype.startswith("b") else "fp16"] = True
     args = TrainingArguments(
         output_dir=str(training_dir), max_steps=cfg.max_steps, per_device_train_batch_size=cfg.train_batch_size,
         per_device_eval_batch_size=cfg.eval_batch_size, learning_rate=cfg.lr, weight_decay=cfg.weight_decay,
