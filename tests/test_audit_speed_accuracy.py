@@ -195,6 +195,32 @@ def test_make_adapters_lists_steep_twins_of_the_flat_benchmarks() -> None:
     assert make_adapters.recipe("llama7b_r16_steep_f32")["spectrum"] == "steep"
 
 
+def test_trained_like_spectra_take_the_refinement_path_and_stay_exact() -> None:
+    """The benchmark's trained-like generator (issue 17 item 7: B = 0.02·G·diag(e^(−i/τ))·Q) on small shapes:
+    about half the pairs need the refinement (τ small: steep in a rotated basis), and every σ, including those
+    many decades down, matches a dense float64 SVD; the deeper refinement levels keep the top level's bound."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import make_adapters
+
+    rng = np.random.default_rng(17)
+    r = 16
+    pairs = []
+    taus = []
+    for i in range(24):
+        d_in, d_out = (96, 160) if i % 2 else (160, 96)
+        a, b, tau = make_adapters.trained_pair(rng, d_out, d_in, r)
+        pairs.append((a, b))
+        taus.append(tau)
+    assert min(taus) >= 0.4 and max(taus) <= r / 1.5
+    sigmas, n_refined = singular_values_many([pair_grams(a, b) for a, b in pairs], lambda i: pairs[i])
+    assert 4 <= n_refined <= 20
+    for (a, b), s in zip(pairs, sigmas, strict=True):
+        ref = dense_sigma(a, b)
+        np.testing.assert_allclose(s, ref, rtol=0, atol=ATOL * ref[0])
+
+
 def test_json_fast_path_is_the_same_document(synthetic_adapter_dir: Path) -> None:
     result = run_audit(load_adapter(str(synthetic_adapter_dir)), AuditOptions(top_wasteful=3))
     summary = result.to_summary()
