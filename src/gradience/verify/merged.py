@@ -217,30 +217,33 @@ def _within_rounding(base: BaseWeights, merged: BaseWeights, name: str, u: float
     return math.sqrt(diff2) <= u * math.sqrt(ref2)
 
 
-def _check_unchanged(base: BaseWeights, merged: BaseWeights, adapted_base: set[str],
-                     adapted_merged: set[str]) -> UnchangedCheck:
+def _unchanged_status(base: BaseWeights, merged: BaseWeights, name: str) -> str:
+    """identical | within_rounding | changed | missing, for a base weight no adapter module adapts."""
+    info, other = base.tensors[name], merged.tensors.get(name)
+    if other is None:
+        return "missing"
+    if other.shape != info.shape:
+        return "changed"
+    if other.dtype == info.dtype:
+        return "identical" if bitwise_equal(TensorBlocks(base, name), TensorBlocks(merged, name)) else "changed"
+    if info.is_float and other.is_float:
+        u = max(unit_roundoff(info.dtype), unit_roundoff(other.dtype))
+        return "within_rounding" if _within_rounding(base, merged, name, u) else "changed"
+    return "changed"
+
+
+def _collect_unchanged(statuses: list[tuple[str, str]], base: BaseWeights, merged: BaseWeights,
+                       adapted_merged: set[str]) -> UnchangedCheck:
     check = UnchangedCheck()
-    for name, info in base.tensors.items():
-        if name in adapted_base:
-            continue
-        other = merged.tensors.get(name)
-        if other is None:
+    for name, status in statuses:
+        if status == "missing":
             check.missing_in_merged.append(name)
             continue
         check.checked += 1
-        if other.shape != info.shape:
-            check.changed.append(name)
-        elif other.dtype == info.dtype:
-            if bitwise_equal(TensorBlocks(base, name), TensorBlocks(merged, name)):
-                check.identical += 1
-            else:
-                check.changed.append(name)
-        elif info.is_float and other.is_float:
-            u = max(unit_roundoff(info.dtype), unit_roundoff(other.dtype))
-            if _within_rounding(base, merged, name, u):
-                check.within_rounding += 1
-            else:
-                check.changed.append(name)
+        if status == "identical":
+            check.identical += 1
+        elif status == "within_rounding":
+            check.within_rounding += 1
         else:
             check.changed.append(name)
     check.extra_in_merged = [n for n in merged.tensors if n not in base.tensors and n not in adapted_merged]
@@ -280,11 +283,17 @@ def verify_merged(loaded: LoadedAdapter, merged_spec: str, base_spec: str) -> di
         index, pair, base_name, merged_name = task
         return index, _verify_module(pair, base, merged, base_name, merged_name, fan_in_fan_out, global_scale)
 
-    # Modules in parallel threads: numpy's conversions, matmuls and dot products release the GIL.
-    with ThreadPoolExecutor(max_workers=_workers(len(tasks))) as pool:
+    untouched = [n for n in base.tensors if n not in adapted_base]
+    # Modules and untouched weights in parallel threads (numpy's reads, conversions, matmuls and dot products
+    # release the GIL); the largest untouched weights (an embedding) first, so they overlap the modules.
+    untouched.sort(key=lambda n: -int(np.prod(base.tensors[n].shape, dtype=np.int64)))
+    with ThreadPoolExecutor(max_workers=_workers(len(tasks) + len(untouched))) as pool:
+        pending = pool.map(lambda n: (n, _unchanged_status(base, merged, n)), untouched)
         for index, row in pool.map(work, tasks):
             rows[index] = row
-    unchanged = _check_unchanged(base, merged, adapted_base, adapted_merged)
+        order = {n: k for k, n in enumerate(base.tensors)}
+        statuses = sorted(pending, key=lambda item: order[item[0]])
+    unchanged = _collect_unchanged(statuses, base, merged, adapted_merged)
     return _document(loaded, base, merged, [r for r in rows if r is not None], unchanged)
 
 
