@@ -712,6 +712,10 @@ def test_report_never_overwrites_another_inputs_page_without_force(tmp_path: Pat
     (tmp_path / "bench" / "bench.json").write_text(json.dumps(make_bench_doc(seeds=(1,), layers=1)))
     assert _report_cli(str(tmp_path / "bench" / "bench.json"), "-o", str(tmp_path / "bench" / "report.html")) == (0, "")
     assert _report_cli(str(tmp_path / "bench")) == (0, "")
+    # Any other file in that directory is another input.
+    (tmp_path / "bench" / "cmp.json").write_text(json.dumps(_compare_doc()))
+    code, err = _report_cli(str(tmp_path / "bench" / "cmp.json"), "-o", str(tmp_path / "bench" / "report.html"))
+    assert code == 2 and "holds the report of another input" in err, err
 
 
 def test_reference_tool_audit_json_is_reported_with_our_numbers(small_with_base: dict[str, Path],

@@ -427,11 +427,15 @@ def _recorded_input(target: Path) -> tuple[bool, str | None]:
     return True, html.unescape(m.group(1)) if m else None
 
 
+# Files a directory's report is made from: ``report DIR`` and ``report DIR/<one of these>`` describe one thing.
+_DIRECTORY_FILES = frozenset({"bench.json", "run.jsonl", "trainer_state.json", "adapter_config.json"})
+
+
 def _same_subject(recorded: str, current: str) -> bool:
-    """The same input, or a directory and a file directly in it (``gradience report OUT`` and the bench's own
-    ``report OUT/bench.json`` describe the same bench)."""
+    """The same input, or a directory and the file its report reads (``gradience report OUT`` and the bench's
+    own ``report OUT/bench.json`` describe the same bench)."""
     a, b = Path(recorded), Path(current)
-    return a == b or a.parent == b or b.parent == a
+    return a == b or (a.parent == b and a.name in _DIRECTORY_FILES) or (b.parent == a and b.name in _DIRECTORY_FILES)
 
 
 def _check_overwrite(target: Path, source: str, force: bool) -> None:
