@@ -824,3 +824,13 @@ def test_wave3_commands_on_hostile_adapter_configs(tmp_path: Path, capsys: pytes
             assert_one_line_error(code, err, str(bad))
         else:
             assert code in (0, 1) and json.loads(out)["schema"], (argv[0], err)
+
+
+def test_check_json_config_nested_300_deep(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Within Python's decoder limit, beyond the shared bound: refused at the read, naming the place."""
+    from support.hostile import deep_list
+
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"r": 8, "x": deep_list(300, 1)}))
+    code, _, err = cli(capsys, "check", str(f))
+    assert_one_line_error(code, err, str(f), "nested too deeply", "at x[0]")

@@ -10,6 +10,7 @@ from typing import Any, Literal
 from gradience.config.normalize import ConfigForm, detect_form, unwrap
 from gradience.errors import InputError
 from gradience.io.textfile import is_dir, is_file, read_text_limited
+from gradience.jsonio import json_problem
 
 # A training/LoRA config is a few KiB; anything this large is not one, and reading it would only waste memory.
 MAX_CONFIG_BYTES = 16 * 1024 * 1024
@@ -49,6 +50,10 @@ def read_mapping(path: str | os.PathLike[str]) -> dict[str, Any]:
             raise InputError("JSON nested too deeply", p) from None
         except ValueError as exc:  # integers beyond Python's digit limit
             raise InputError(f"unusable JSON: {str(exc).splitlines()[0][:200]}", p) from None
+        else:
+            deep = json_problem(data)  # the shared depth bound (gradience.jsonio): normalisation recurses
+            if deep is not None:
+                raise InputError(f"unusable JSON: {deep}", p)
     if not isinstance(data, dict):
         raise InputError(f"expected a mapping of keys to values at the top level, got {type(data).__name__}", p)
     return data
