@@ -70,6 +70,12 @@ def test_earlier_bench_without_resume_says_how_to_start_over(tmp_path: Path,
     assert main(["bench", "--config", str(cfg), "--output-dir", str(out)]) == 2
     line = _one_error_line(capsys.readouterr().err)
     assert "earlier bench" in line and "to start over" in line
+    mine = tmp_path / "home"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    assert main(["bench", "--config", str(cfg), "--output-dir", str(mine)]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "holds no bench" in line and "rm -r" not in line  # never advise deleting someone's directory
 
 
 def test_resume_refuses_a_symlinked_seed_dir_and_deletes_nothing_outside(

@@ -126,6 +126,7 @@ def _task_type(out: dict[str, Any], source: str) -> None:
     """``model.type`` and ``task.profile`` decide the task type (and, for gsm8k, exact match on question/answer)."""
     model, task = out.get("model"), out.get("task")
     implied: dict[str, Any] = {}
+    mtype: Any = None
     if isinstance(model, dict) and "type" in model:
         mtype = model.pop("type")
         if not isinstance(mtype, str) or mtype not in MODEL_TYPES:
@@ -137,7 +138,7 @@ def _task_type(out: dict[str, Any], source: str) -> None:
             raise InputError(f"task.profile: {show(profile)}: choose from {', '.join(PROFILES)}", path=source)
         for key, value in PROFILES[profile].items():
             if key in implied and implied[key] != value:
-                raise _conflict(source, "task.profile", "model.type", profile, model.get("type") if model else None)
+                raise _conflict(source, "task.profile", "model.type", profile, mtype)
             implied[key] = value
     if not implied:
         return

@@ -147,9 +147,12 @@ class BenchRunner:
                                      f"{self._start_over()}", path=self.out)
             return
         if st is not None and any(self.out.iterdir()):
-            hint = (" (an earlier bench that never wrote its state?)" if any(
-                c.name.startswith("seed_") or c.name == "base" for c in self.out.iterdir()) else "")
-            raise InputError(f"output directory is not empty{hint}; {self._start_over()}", path=self.out)
+            if any(c.name.startswith("seed_") or c.name in ("base", "bench.json") for c in self.out.iterdir()):
+                raise InputError(f"holds an earlier bench that never wrote its state (a failed start?); "
+                                 f"{self._start_over()}", path=self.out)
+            # not a bench of ours: never suggest deleting it
+            raise InputError("output directory is not empty and holds no bench; choose an empty or new "
+                             "--output-dir", path=self.out)
         try:
             self.out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
