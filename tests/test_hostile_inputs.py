@@ -834,3 +834,13 @@ def test_check_json_config_nested_300_deep(tmp_path: Path, capsys: pytest.Captur
     f.write_text(json.dumps({"r": 8, "x": deep_list(300, 1)}))
     code, _, err = cli(capsys, "check", str(f))
     assert_one_line_error(code, err, str(f), "nested too deeply", "at x[0]")
+
+
+def test_trainer_state_bigint_step_is_reported(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = tmp_path / "trainer_state.json"
+    f.write_text(json.dumps({"log_history": [{"step": 10**400, "loss": 1.0}, {"step": 2, "loss": 0.5}]}))
+    code, out, err = cli(capsys, "monitor", str(f), "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["training"]["last_step"] == 2 and len(str(doc["training"]["first_step"])) < 20
+    assert [i["index"] for i in doc["telemetry_issues"] if i["code"] == "bad_log_entry"] == [0]

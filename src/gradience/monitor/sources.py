@@ -19,6 +19,7 @@ from typing import Any, Literal
 from gradience.errors import GradienceError, InputError
 from gradience.io.textfile import is_file, os_problem, probe, read_json_file
 from gradience.issues import Issue
+from gradience.jsonio import MAX_JSON_INT
 from gradience.telemetry.types import ConfigSnapshot
 
 SourceKind = Literal["telemetry", "trainer_state"]
@@ -131,7 +132,11 @@ def read_trainer_state(path: str | os.PathLike[str]) -> TrainerState:
         if not isinstance(entry, dict):
             issues.append(Issue("bad_log_entry", f"log_history[{i}] is not an object", extra={"index": i}))
             continue
-        step = entry.get("step") if isinstance(entry.get("step"), int) else None
+        raw_step = entry.get("step")
+        step = raw_step if type(raw_step) is int and abs(raw_step) <= MAX_JSON_INT else None
+        if raw_step is not None and step is None:
+            issues.append(Issue("bad_log_entry", f"log_history[{i}]: step is not an integer of at most 64 bits; "
+                                "treated as missing", extra={"index": i}))
         if any(k.startswith("eval_") for k in entry):
             bad = [k for k, v in entry.items()
                    if k.startswith("eval_") and not isinstance(v, (str, bool, type(None))) and not _real(v)]
