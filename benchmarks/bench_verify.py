@@ -174,7 +174,11 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--no-embed", action="store_true")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="GRADIENCE_VERIFY_WORKERS for the verify runs (default: verify's own choice)")
     args = ap.parse_args()
+    if args.workers:
+        os.environ["GRADIENCE_VERIFY_WORKERS"] = str(args.workers)
     out = DATA_DIR / f"verify7b_L{args.layers}{'_noembed' if args.no_embed else ''}"
     build(out, args.layers, not args.no_embed)
     base, merged, adapter = out / "base", out / "merged", out / "adapter"
@@ -190,7 +194,8 @@ def main() -> int:
     largest_module = HIDDEN * INTERMEDIATE * 2 / 2**20
     beyond = verify[2] - idle[2] - adapter_mib
     print(f"7B shapes, {args.layers} block(s){'' if args.no_embed else ' + embedding'}: two bf16 checkpoints "
-          f"of {size / 2 / 2**30:.2f} GiB each, r={RANK} adapter {adapter_mib:.0f} MiB; medians of {args.runs} runs")
+          f"of {size / 2 / 2**30:.2f} GiB each, r={RANK} adapter {adapter_mib:.0f} MiB; medians of {args.runs} runs; "
+          f"verify workers: {os.environ.get('GRADIENCE_VERIFY_WORKERS', 'default')}, {os.cpu_count()} CPUs")
     print(f"  raw read of both files : {raw[0]:7.2f} s wall {raw[1]:7.2f} s CPU")
     print(f"  read both (f32 blocks) : {read[0]:7.2f} s wall {read[1]:7.2f} s CPU   peak RSS {read[2]:6.0f} MiB")
     print(f"  verify --merged        : {verify[0]:7.2f} s wall {verify[1]:7.2f} s CPU   peak RSS {verify[2]:6.0f} MiB "
