@@ -42,12 +42,15 @@ def test_vnext_names_are_ours() -> None:
     from gradience.vnext import types
 
     assert issubclass(v.TelemetryWriter, TelemetryWriter) and issubclass(v.TelemetryReader, TelemetryReader)
+    from gradience.vnext import telemetry, telemetry_reader
+
+    assert telemetry.TelemetryReader is telemetry_reader.TelemetryReader is v.TelemetryReader
     assert v.ConfigSnapshot is ConfigSnapshot and types.LoRAConfigSnapshot is LoraConfig
     assert v.TELEMETRY_SCHEMA_VERSION == SCHEMA == "gradience.vnext.telemetry/v1"
     assert [s.value for s in types.Severity] == list(ALERT_SEVERITIES)
     assert [p.value for p in types.TaskProfile] == list(TASK_PROFILES)
     assert types.Severity.WARNING == "warning" and f"{types.Severity.ERROR}" == "error"
-    with pytest.raises(AttributeError, match="gradience.audit.audit_state_dict"):
+    with pytest.raises(AttributeError, match=r"gradience\.audit\.audit_state_dict"):
         v.audit_lora_state_dict  # noqa: B018
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         v.nope  # noqa: B018
@@ -186,7 +189,7 @@ def test_api_wrappers_run_the_cli(tmp_path: Path) -> None:
         api.audit(peft_dir=tmp_path / "missing", log_path=tmp_path / "bad.log")
     (tmp_path / "bench.json").write_text('{"schema": "gradience.bench/v1"}')
     assert api.load_bench_report(tmp_path) == {"schema": "gradience.bench/v1"}
-    with pytest.raises(GradienceError, match="bench_aggregate.json"):
+    with pytest.raises(GradienceError, match=r"bench_aggregate\.json"):
         api.load_bench_aggregate(tmp_path)
     with pytest.raises(GradienceError, match="--seeds"):
         api.aggregate_bench_runs(runs=[tmp_path], output=tmp_path / "agg")

@@ -13,9 +13,9 @@ import os
 import warnings
 from typing import Any
 
-from gradience.telemetry.reader import TelemetryReader
 from gradience.telemetry.schema import RUN_END_STATUSES
 from gradience.telemetry.writer import TelemetryWriter as _Writer
+from gradience.vnext.telemetry_reader import TelemetryReader  # the reference exported it here too
 
 
 class TelemetryWriter(_Writer):
