@@ -686,9 +686,8 @@ def test_append_audit_of_config_nested_600_deep(tmp_path: Path, capsys: pytest.C
 
 
 def test_writer_refuses_a_payload_nested_too_deeply(tmp_path: Path) -> None:
-    from support.hostile import deep_list
-
     from gradience.telemetry import TelemetryWriter
+    from support.hostile import deep_list
 
     path = tmp_path / "run.jsonl"
     with TelemetryWriter(path, run_id="r") as writer, pytest.raises(ValueError, match="nested too deeply"):
@@ -736,9 +735,8 @@ def test_check_flag_r_1e308(capsys: pytest.CaptureFixture[str]) -> None:
 # -- issue 17: a full disk under save_pretrained (w_demo_out_full) --------------------------------------------
 @pytest.mark.slow
 def test_save_adapter_on_a_full_disk_is_an_input_error(tmp_path: Path) -> None:
-    from support.hostile import tiny_full_disk, unmount
-
     from gradience.errors import InputError
+    from support.hostile import tiny_full_disk, unmount
 
     pytest.importorskip("peft")
     from transformers import LlamaConfig, LlamaForCausalLM
