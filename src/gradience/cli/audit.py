@@ -26,11 +26,11 @@ def add_parser(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser(
         "audit", help="analyze a LoRA adapter for wasted rank and update size (UDR)",
         description="Audit a PEFT LoRA adapter: exact per-layer spectra from the factors, utilization, "
-                    "energy ranks, rank suggestions and, with a base model, UDR/SDI.",
+                    "energy ranks, rank suggestions and, with a base model, UDR/SDI (a base saved beside the "
+                    "adapter, as runs/toy/base is beside runs/toy/peft, is used without --base-model).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
-               "  gradience audit runs/toy/peft                 # base saved beside it (runs/toy/base) gives UDR\n"
-               "  gradience audit --peft-dir out/adapter --top-wasteful 10\n"
+               "  gradience audit runs/toy/peft --top-wasteful 10\n"
                "  gradience audit --peft-dir out/adapter --suggest-per-layer --emit-config lora_suggested.yaml\n"
                "  gradience audit --peft-dir out/adapter --base-model meta-llama/Llama-2-7b-hf --json "
                "--fail-on 'udr_median>0.3'")
