@@ -30,6 +30,7 @@ Python API: :func:`render_report` returns the HTML string, :func:`write_report` 
 :func:`build_report` returns both with the views.
 """
 
-from gradience.report.build import REPORT_FILENAME, Report, build_report, render_report, write_report
+from gradience.report.build import REPORT_FILENAME, Report, build_report, render_report
+from gradience.report.write import write_report
 
 __all__ = ["REPORT_FILENAME", "Report", "build_report", "render_report", "write_report"]

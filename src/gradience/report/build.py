@@ -26,7 +26,6 @@ from gradience.errors import GradienceError, InputError
 from gradience.report.curves import RunCurves
 from gradience.report.validate import check_document
 from gradience.report.views import DOCUMENT_VIEWS, ChartIds, View, adapter_view, run_view
-from gradience.textfmt import safe_text
 
 MAX_JSON_BYTES = 256 * 1024 * 1024
 MAX_JSON_ITEMS = 8_000_000   # JSON values; as compare's audit JSON bound (a 70B audit holds a few hundred thousand)
@@ -209,15 +208,6 @@ def _default_out(p: _Plan) -> Path:
     return src.parent / (src.name.rsplit(".", 1)[0] + ".html")
 
 
-def input_id(path: str | os.PathLike[str]) -> str:
-    """How a page records its input: the absolute path (symlinks resolved when possible)."""
-    p = Path(path)
-    try:
-        return str(p.resolve())
-    except (OSError, RuntimeError):
-        return str(p.absolute())
-
-
 def _run_curves(run_path: Path, run_id: str | None) -> RunCurves:
     """The curves of the same run ``monitor_run`` summarizes (the last one of the file unless ``run_id``)."""
     from gradience.monitor.sources import read_trainer_state, resolve_run_path, telemetry_events
@@ -340,6 +330,8 @@ def build_report(path: str | os.PathLike[str], *, base_model: str | None = None,
     if not views:
         raise InputError("nothing to report", p.source)
     page_title = title if title else _default_title(p, _subject(p, views, run_label))
+    from gradience.report.write import input_id
+
     source_id = input_id(p.source)
     html = render_page(views, title=page_title, subtitle=subtitle, notes=p.notes, ids=ids, source=source_id)
     return Report(html=html, kind=p.kind, source=p.source, default_out=_default_out(p), views=views,
@@ -404,76 +396,3 @@ def _subject(p: _Plan, views: list[View], run_id: str | None) -> str:
 def render_report(path: str | os.PathLike[str], **kwargs: Any) -> str:
     """The report of PATH as an HTML string (the Python API of SPEC §14)."""
     return build_report(path, **kwargs).html
-
-
-INPUT_META = "gradience-report-input"
-_GENERATOR = b'<meta name="generator" content="gradience'
-_INPUT_META_RE = re.compile(r'<meta name="gradience-report-input" content="([^"]*)">')
-_HEAD_BYTES = 4096
-
-
-def _recorded_input(target: Path) -> tuple[bool, str | None]:
-    """(is a report we wrote, the input it records) of an existing file; InputError when it cannot be read."""
-    import html
-
-    try:
-        with open(target, "rb") as fh:  # a regular file (checked by the caller): no FIFO can block here
-            head = fh.read(_HEAD_BYTES)
-    except OSError as exc:
-        raise InputError(f"cannot read the existing file to check it: {exc.strerror or exc}", target) from None
-    if _GENERATOR not in head:
-        return False, None
-    m = _INPUT_META_RE.search(head.decode("utf-8", "replace"))
-    return True, html.unescape(m.group(1)) if m else None
-
-
-# Files a directory's report is made from: ``report DIR`` and ``report DIR/<one of these>`` describe one thing.
-_DIRECTORY_FILES = frozenset({"bench.json", "run.jsonl", "trainer_state.json", "adapter_config.json"})
-
-
-def _same_subject(recorded: str, current: str) -> bool:
-    """The same input, or a directory and the file its report reads (``gradience report OUT`` and the bench's
-    own ``report OUT/bench.json`` describe the same bench)."""
-    a, b = Path(recorded), Path(current)
-    return a == b or (a.parent == b and a.name in _DIRECTORY_FILES) or (b.parent == a and b.name in _DIRECTORY_FILES)
-
-
-def _check_overwrite(target: Path, source: str, force: bool) -> None:
-    """Refuse to replace a file that is not a report of this input unless ``force`` (issue 17 item 3)."""
-    try:
-        st = target.lstat()
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        raise InputError(f"cannot write the report: {exc.strerror or exc}", target) from None
-    if force:
-        return
-    if not stat.S_ISREG(os.stat(target).st_mode if stat.S_ISLNK(st.st_mode) else st.st_mode):
-        raise InputError("exists and is not a regular file; choose another -o", target)
-    ours, recorded = _recorded_input(target)
-    if not ours:
-        raise InputError("exists and is not a gradience report; pass --force to replace it, or choose another -o",
-                         target)
-    if recorded is not None and not _same_subject(recorded, source):
-        raise InputError(f"holds the report of another input ({safe_text(recorded, max_len=200)}); pass --force "
-                         "to replace it, or choose another -o", target)
-
-
-def write_report(path: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, *,
-                 force: bool = False, **kwargs: Any) -> Path:
-    """Build the report of PATH and write it atomically to ``out`` (default: ``report.html`` in a directory,
-    ``X.html`` beside an input file ``X.json`` / ``X.jsonl``). An existing file there is replaced only when
-    it is a report of the same input (recorded in the page's ``gradience-report-input`` meta tag) or with
-    ``force``: a report of another input, or anyone's other file, is never overwritten silently."""
-    from gradience.jsonio import atomic_write_text
-
-    report = build_report(path, **kwargs)
-    target = Path(out) if out is not None else report.default_out
-    try:
-        if target.is_dir():
-            target = target / REPORT_FILENAME
-        _check_overwrite(target, report.input_id, force)
-        atomic_write_text(target, report.html)
-    except OSError as exc:
-        raise InputError(f"cannot write the report: {exc.strerror or exc}", target) from None
-    return target
