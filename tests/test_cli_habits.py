@@ -200,7 +200,7 @@ def test_hub_probe_and_cache_check(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(hub, "_reachable", {})
     started = time.perf_counter()
     assert hub.hub_reachable() is False and time.perf_counter() - started < 5.0
-    with pytest.raises(InputError, match="not reachable.*save_pretrained"):
+    with pytest.raises(InputError, match=r"not reachable.*save_pretrained"):
         hub.require_hub_id_available("org/none", flag="--model")
     model = tmp_path / "m"
     model.mkdir()
