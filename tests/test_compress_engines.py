@@ -104,6 +104,26 @@ def test_lora_bias_is_scaled_like_the_factors(tmp_path: Path, capsys: pytest.Cap
     assert "vllm.lora_bias" in port["vllm"]["rules"]
     assert not port["llama_cpp"]["ok"] and "llama_cpp.lora_bias" in port["llama_cpp"]["rules"]
 
+    # kept at its rank but rescaled (rsLoRA input: scale α/√r becomes α/r): ΔW and the bias term unchanged
+    rs = _bias_adapter(base, tmp_path / "rs", r=8, lora_alpha=16, use_rslora=True, target_modules=["q_proj"])
+    out_rs = tmp_path / "out_rs"
+    assert main(["compress", "--peft-dir", str(rs), "--out", str(out_rs), "--rank", "8", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert {row["method"] for row in doc["layers"]} == {"rescale"}
+    assert doc["non_lora_tensors"]["lora_biases_rescaled"] == len(doc["layers"])
+    before, _ = _lora_modules(rs)
+    after, _ = _lora_modules(out_rs)
+    for name, mod_in in before.items():
+        mod_out = after[name]
+        x0 = torch.zeros(1, mod_in.in_features, dtype=torch.float64)
+        with torch.no_grad():
+            np.testing.assert_allclose((mod_out(x0) - mod_out.base_layer(x0)).numpy(),
+                                       (mod_in(x0) - mod_in.base_layer(x0)).numpy(), rtol=1e-6, atol=1e-9)
+            want = mod_in.get_delta_weight("default").numpy()
+            # the rescaled factors are stored as float32 again: float32 rounding of the products
+            np.testing.assert_allclose(mod_out.get_delta_weight("default").numpy(), want, rtol=0,
+                                       atol=1e-6 * np.abs(want).max())
+
 
 def _save_peft(model: Any, out: Path, **lora: Any) -> Path:
     import torch
