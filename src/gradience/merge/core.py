@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -75,17 +76,35 @@ def _elementwise(st: factored.Stack, group: ModuleGroup, options: MergeOptions
     return slabs, ew
 
 
-def _measure(group: ModuleGroup, weights: Sequence[float], options: MergeOptions) -> tuple[ModulePlan, RankInput]:
-    """Phase 1 for one module: spectrum of what will be truncated, interference, default rank."""
+@dataclass
+class Eager:
+    """Per-module policies (everything but ``--budget`` and ``--uniform``) decide k from the module alone, so its
+    factors are made while its stack is in memory: one read of every input instead of two."""
+
+    alpha: float
+    encode: Callable[[ModulePlan, np.ndarray, np.ndarray], None] | None   # None: dry run, factors not kept
+
+
+def _measure(group: ModuleGroup, weights: Sequence[float], options: MergeOptions,
+             eager: Eager | None) -> tuple[ModulePlan, RankInput]:
+    """Phase 1 for one module: spectrum of what will be truncated, interference, default rank (and, eagerly,
+    the factors)."""
     st = _load_stack(group, weights)
     spec = factored.stack_spectrum(st)
     plan = ModulePlan(group=group, r_after=0, cap=st.rank, interference=factored.pairwise_interference(st, spec))
     plan.cancelled = spec.cancelled
     default = max(p.r for p in group.pairs if p is not None)
+    eig: tuple[np.ndarray, np.ndarray] | None = None
     if options.method in ("ties", "dare"):
         slabs, ew = _elementwise(st, group, options)
         stats = elementwise.SlabStats()
-        plan.sigma = elementwise.spectrum_of_gram(elementwise.merged_gram(st, slabs, ew, stats))
+        gram = elementwise.merged_gram(st, slabs, ew, stats)
+        if eager is not None:
+            eig = elementwise.eigh_desc(gram)
+            plan.sigma = eig[0]
+        else:
+            plan.sigma = elementwise.spectrum_of_gram(gram)
+        del gram
         plan.cap = int(plan.sigma.shape[0])
         numel = group.d_out * group.d_in
         plan.sign_conflict_rate = None if stats.multi == 0 else stats.conflicts / stats.multi
@@ -94,7 +113,15 @@ def _measure(group: ModuleGroup, weights: Sequence[float], options: MergeOptions
         plan.sigma, plan.grams = spec.sigma, spec
         if options.method == "cat" or (options.method == "linear" and options.policy is None):
             default = st.rank
-    return plan, RankInput(plan.sigma, plan.cap, min(default, plan.cap), group.d_in + group.d_out)
+    ri = RankInput(plan.sigma, plan.cap, min(default, plan.cap), group.d_in + group.d_out)
+    if eager is not None:
+        plan.r_after = decide([ri], options.policy, 0)[0][0]
+        a_new, b_new = _make_factors(plan, st, options, eager.alpha, eig)
+        del eig
+        if eager.encode is not None:
+            eager.encode(plan, a_new, b_new)
+        plan.grams = None
+    return plan, ri
 
 
 def _energy(plan: ModulePlan, method: str) -> None:
@@ -108,16 +135,19 @@ def _energy(plan: ModulePlan, method: str) -> None:
         plan.rel_frob_error = math.sqrt(max(0.0, 1.0 - energy))
 
 
-def new_factors(plan: ModulePlan, weights: Sequence[float], options: MergeOptions,
-                alpha: float) -> tuple[np.ndarray, np.ndarray]:
-    """Phase 2: the module's output factors (A' (k, d_in), B' (d_out, k)), float64, (α/k)·B'A' = the merge."""
+def _make_factors(plan: ModulePlan, st: factored.Stack, options: MergeOptions, alpha: float,
+                  eig: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The module's output factors (A' (k, d_in), B' (d_out, k)), float64, (α/k)·B'A' = the merge.
+    ``eig``: ties/dare's (σ, vectors) of M's Gram when phase 1 already has them."""
     group, k = plan.group, plan.r_after
-    st = _load_stack(group, weights)
     if options.method in ("ties", "dare"):
         slabs, ew = _elementwise(st, group, options)
-        gram = elementwise.merged_gram(st, slabs, ew)
-        sigma, vec = elementwise.top_vectors(gram, k)
-        del gram
+        if eig is None:
+            gram = elementwise.merged_gram(st, slabs, ew)
+            eig = elementwise.eigh_desc(gram)
+            del gram
+        sigma, vec = eig[0], np.ascontiguousarray(eig[1][:, :min(k, eig[1].shape[1])])
+        eig = None
         a_new, b_new, err, ref = elementwise.factors(st, slabs, ew, sigma, vec, k, alpha)
         plan.rel_frob_error = err / ref if ref > 0.0 else (0.0 if err == 0.0 else None)
         plan.factor_method = "eigh"
@@ -126,9 +156,16 @@ def new_factors(plan: ModulePlan, weights: Sequence[float], options: MergeOption
         a_new, b_new = factored.cat_factors(st, alpha, k)
         plan.factor_method = "cat"
         return a_new, b_new
-    a_new, b_new, how = factored.svd_factors(st, plan.grams, k, alpha)
+    grams = plan.grams if plan.grams is not None else factored.stack_spectrum(st)
+    a_new, b_new, how = factored.svd_factors(st, grams, k, alpha)
     plan.factor_method = how
     return a_new, b_new
+
+
+def new_factors(plan: ModulePlan, weights: Sequence[float], options: MergeOptions,
+                alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    """Phase 2 (``--budget`` / ``--uniform``): read the module again and make its factors."""
+    return _make_factors(plan, _load_stack(plan.group, weights), options, alpha)
 
 
 def _inputs_doc(loaded: Sequence[LoadedAdapter], weights: Sequence[float]) -> list[dict[str, Any]]:
@@ -169,7 +206,12 @@ def merge(loaded: Sequence[LoadedAdapter], out: str | os.PathLike[str] | None,
                    if p]
         out_dir = check_adapter_out(out, sources, options.force, report_name=REPORT_NAME,
                                     clean=not options.dry_run)
-    measured = [_measure(g, weights, options) for g in inp.groups]
+    from gradience.merge.writing import Encoder, portability_of, tensor_specs, write
+
+    per_module = options.policy is None or (options.policy.name != "budget" and not options.policy.uniform)
+    encoder = Encoder(loaded, options)
+    eager = Eager(inp.alpha, None if options.dry_run or out_dir is None else encoder) if per_module else None
+    measured = [_measure(g, weights, options, eager) for g in inp.groups]
     plans = [m[0] for m in measured]
     params_sum = sum(g.summed_rank * (g.d_in + g.d_out) for g in inp.groups)
     ks, extra = decide([m[1] for m in measured], options.policy, params_sum)
@@ -180,15 +222,13 @@ def merge(loaded: Sequence[LoadedAdapter], out: str | os.PathLike[str] | None,
     result = MergeResult(options=options, inputs=_inputs_doc(loaded, weights), modules=plans, out_config=config,
                          out_dir=None if out is None else os.fspath(out),
                          issues=_issues(plans, inp.notes, len(loaded)), policy_extra=extra)
-    from gradience.merge.writing import portability_of, tensor_specs, write
-
-    specs, dtypes = tensor_specs(loaded, plans, weights, options, inp.alpha)
+    specs, dtypes = tensor_specs(encoder, plans, weights, options, inp.alpha)
     result.dtype_out = dtypes
     result.portability = portability_of(plans, config)
     if options.dry_run or out_dir is None:
-        if options.method in ("ties", "dare"):
+        if options.method in ("ties", "dare") and eager is None:
             for plan in plans:
-                plan.rel_frob_error = None  # measured when the factors are written
+                plan.rel_frob_error = None  # measured when the factors are made, at write time
         return result
     write(out_dir, specs, config, result)
     return result

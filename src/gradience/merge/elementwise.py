@@ -71,9 +71,10 @@ class Slabs:
     def update(self, st: Stack, x: int, span: slice) -> np.ndarray:
         """sᵢ·Bᵢ·Aᵢ restricted to the slab (unweighted update of stacked input x), float64."""
         lo, hi = st.blocks[x]
+        f64 = np.float64
         if self.left:
-            return (st.b[:, lo:hi] * st.scales[x]) @ st.a[lo:hi, span]
-        return (st.b[span, lo:hi] * st.scales[x]) @ st.a[lo:hi]
+            return (np.asarray(st.b[:, lo:hi], f64) * st.scales[x]) @ np.asarray(st.a[lo:hi, span], f64)
+        return (np.asarray(st.b[span, lo:hi], f64) * st.scales[x]) @ np.asarray(st.a[lo:hi], f64)
 
     def counters(self, span: slice) -> np.ndarray:
         """Row-major entry indices row·d_in + col of the slab (the DARE mask counters)."""
@@ -176,13 +177,10 @@ def spectrum_of_gram(g: np.ndarray) -> np.ndarray:
     return np.sqrt(np.clip(w, 0.0, None))
 
 
-def top_vectors(g: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(σ (descending, all), the top-k singular vectors of the Gram's side (short, min(k, q)))."""
+def eigh_desc(g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(σ descending, the matching singular vectors of the Gram's side, as columns) from M's Gram."""
     w, v = np.linalg.eigh(g)
-    kk = min(k, w.shape[0])
-    vec = np.ascontiguousarray(v[:, ::-1][:, :kk])
-    del v
-    return np.sqrt(np.clip(w[::-1], 0.0, None)), vec
+    return np.sqrt(np.clip(w[::-1], 0.0, None)), v[:, ::-1]
 
 
 def factors(st: Stack, slabs: Slabs, ew: Elementwise, sigma: np.ndarray, vec: np.ndarray, k: int,
@@ -210,13 +208,14 @@ def factors(st: Stack, slabs: Slabs, ew: Elementwise, sigma: np.ndarray, vec: np
         a_new[:kk] = (half * root)[:, None] * vec.T
     err2 = ref2 = 0.0
     bw = st.weighted_b()
+    a64 = np.asarray(st.a, np.float64)
     scale = alpha / k
     for span in slabs.spans:
         if slabs.left:
-            ref = bw @ st.a[:, span]
+            ref = bw @ a64[:, span]
             diff = (b_new * scale) @ a_new[:, span] - ref
         else:
-            ref = bw[span] @ st.a
+            ref = bw[span] @ a64
             diff = (b_new[span] * scale) @ a_new - ref
         err2 += float(np.sum(diff * diff))
         ref2 += float(np.sum(ref * ref))

@@ -31,7 +31,7 @@ from gradience.policy.thresholds import MERGE_CANCEL_RTOL
 
 @dataclass
 class Stack:
-    """One module's stacked factors: A_s (R, d_in) and the unweighted B_s (d_out, R), float64; per present input
+    """One module's stacked factors: A_s (R, d_in) and the unweighted B_s (d_out, R) (float32 or float64); per input
     its weight wᵢ, PEFT scale sᵢ, column range in the stack and input index."""
 
     a: np.ndarray
@@ -58,7 +58,8 @@ class Stack:
         return d
 
     def weighted_b(self) -> np.ndarray:
-        return self.b * self.column_weights()[None, :]
+        """B_w in float64."""
+        return np.asarray(self.b, dtype=np.float64) * self.column_weights()[None, :]
 
 
 def stack(name: str, factors: Sequence[tuple[int, np.ndarray, np.ndarray, float, float]]) -> Stack:
@@ -67,8 +68,11 @@ def stack(name: str, factors: Sequence[tuple[int, np.ndarray, np.ndarray, float,
     for f in factors:
         blocks.append((lo, lo + f[1].shape[0]))
         lo += f[1].shape[0]
-    a_s = np.concatenate([np.asarray(f[1], dtype=np.float64) for f in factors], axis=0)
-    b_s = np.concatenate([np.asarray(f[2], dtype=np.float64) for f in factors], axis=1)
+    # In the factors' own float dtype (float32 for float32/bf16/fp16 files): the Gram pass and compress's
+    # truncation convert to float64 block by block, so no float64 copy of the stack is needed.
+    dtype = np.result_type(*(f[1] for f in factors), *(f[2] for f in factors), np.float32)
+    a_s = np.concatenate([np.asarray(f[1], dtype=dtype) for f in factors], axis=0)
+    b_s = np.concatenate([np.asarray(f[2], dtype=dtype) for f in factors], axis=1)
     if not (np.isfinite(a_s).all() and np.isfinite(b_s).all()):
         raise InputError(f"module {name}: the factors hold NaN or Inf; nothing meaningful can be merged")
     return Stack(a_s, b_s, [f[3] for f in factors], [f[4] for f in factors], blocks, [f[0] for f in factors])
@@ -120,8 +124,19 @@ def cat_factors(st: Stack, alpha: float, k: int) -> tuple[np.ndarray, np.ndarray
 
 
 def svd_factors(st: Stack, spec: StackSpectrum, k: int, alpha: float) -> tuple[np.ndarray, np.ndarray, str]:
-    """(A' (k, d_in), B' (d_out, k), "gram"|"qr") with (α/k)·B'·A' the best rank-k approximation of the sum."""
-    return truncated_factors(st.a, st.weighted_b(), k, k / alpha, (spec.ga.unscaled(), spec.gb_weighted.unscaled()))
+    """(A' (k, d_in), B' (d_out, k), "gram"|"qr") with (α/k)·B'·A' the best rank-k approximation of the sum.
+
+    compress's Gram coefficients (:func:`gradience.compress.factors.gram_split`) on the weighted Grams; since
+    B_w = B_s·D (D the column weights), B' = B_s·(D·x_b) needs no weighted copy of B. Ill-conditioned stacks
+    (identical inputs, steep spectra) take compress's QR path (:func:`truncated_factors`).
+    """
+    from gradience.compress.factors import _left_product, _right_product, gram_split  # compress's (private)
+
+    split = gram_split(spec.ga.unscaled(), spec.gb_weighted.unscaled(), k, k / alpha)
+    if split is not None:
+        x_b = st.column_weights()[:, None] * split.x_b
+        return _right_product(split.y_a, st.a), _left_product(st.b, x_b), "gram"
+    return truncated_factors(st.a, st.weighted_b(), k, k / alpha)
 
 
 def pairwise_interference(st: Stack, spec: StackSpectrum) -> list[dict[str, object]]:

@@ -53,6 +53,7 @@ class ModulePlan:
     sign_conflict_rate: float | None = None
     kept_fraction: list[float] | None = None
     cancelled: bool = False              # the weighted updates cancel (zero up to rounding)
+    ready: dict[str, np.ndarray] | None = field(default=None, repr=False)  # encoded A/B made in phase 1
 
     @property
     def conflict(self) -> float | None:

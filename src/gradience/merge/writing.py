@@ -25,53 +25,60 @@ from gradience.merge.result import DTYPE_CHOICES, REPORT_NAME, MergeOptions, Mer
 _STORED = {"F32": "F32", "BF16": "BF16", "F16": "F16", "F64": "F64"}
 
 
-def _stored_dtypes(loaded: Sequence[LoadedAdapter]) -> list[dict[str, str]]:
-    """Each input's stored dtype per tensor key (headers only)."""
-    from gradience.adapter.loader import open_weights
+class Encoder:
+    """Output dtype of every module (``--dtype``, else the stored dtype of the first input that has the module)
+    and the encoding of its factors into the stored layout (compress's layout rules)."""
 
-    out = []
-    for one in loaded:
-        metas = open_weights(Path(one.adapter_weights_path or "")).metas()
-        out.append({key: meta.dtype for key, meta in metas.items()})
-    return out
+    def __init__(self, loaded: Sequence[LoadedAdapter], options: MergeOptions) -> None:
+        from gradience.adapter.loader import open_weights
+
+        self.stored = [{key: meta.dtype for key, meta in open_weights(Path(one.adapter_weights_path or "")).metas()
+                        .items()} for one in loaded]
+        self.forced = DTYPE_CHOICES[options.dtype]
+
+    def dtype(self, plan: ModulePlan) -> str:
+        src = next(i for i, p in enumerate(plan.group.pairs) if p is not None)
+        return self.forced or _STORED.get(self.stored[src].get(plan.group.template.a_key, "F32"), "F32")
+
+    def encode(self, plan: ModulePlan, a_new: np.ndarray, b_new: np.ndarray) -> dict[str, np.ndarray]:
+        from gradience.compress.tensors import _factor_layout  # compress's layout rules (private name)
+        from gradience.io.safetensors_write import encode_float
+
+        dtype = self.dtype(plan)
+        a_st, b_st = _factor_layout(plan.group.template, a_new, b_new, plan.r_after)
+        try:
+            return {"A": encode_float(a_st, dtype), "B": encode_float(b_st, dtype)}
+        except ValueError as exc:
+            raise InputError(f"module {plan.group.name}: {exc}; choose another --dtype") from None
+
+    def __call__(self, plan: ModulePlan, a_new: np.ndarray, b_new: np.ndarray) -> None:
+        """Keep the encoded factors on the plan until the writer reaches them (phase-1 factors)."""
+        plan.ready = self.encode(plan, a_new, b_new)
 
 
-def tensor_specs(loaded: Sequence[LoadedAdapter], plans: Sequence[ModulePlan], weights: Sequence[float],
+def tensor_specs(encoder: Encoder, plans: Sequence[ModulePlan], weights: Sequence[float],
                  options: MergeOptions, alpha: float) -> tuple[list[TensorSpec], dict[str, int]]:
-    """(specs, dtype counts): A then B of every module, in the modules' order; factors computed on demand."""
-    from gradience.compress.tensors import _factor_layout, _factor_shapes  # compress's layout rules (private)
-    from gradience.io.safetensors_write import encode_float
+    """(specs, dtype counts): A then B of every module, in the modules' order; factors made in phase 1 are
+    handed over (and dropped), the others computed when the writer reaches them."""
+    from gradience.compress.tensors import _factor_shapes  # compress's layout rules (private name)
     from gradience.merge.core import new_factors
 
-    stored = _stored_dtypes(loaded)
-    forced = DTYPE_CHOICES[options.dtype]
-    pending: dict[str, dict[str, np.ndarray]] = {}
-
-    def produce(plan: ModulePlan, side: str, dtype: str) -> np.ndarray:
-        name = plan.group.name
-        slot = pending.get(name)
-        if slot is None:
-            a_new, b_new = new_factors(plan, weights, options, alpha)
-            a_st, b_st = _factor_layout(plan.group.template, a_new, b_new, plan.r_after)
-            try:
-                slot = pending[name] = {"A": encode_float(a_st, dtype), "B": encode_float(b_st, dtype)}
-            except ValueError as exc:
-                raise InputError(f"module {name}: {exc}; choose another --dtype") from None
-        out = slot.pop(side)
-        if not slot:
-            del pending[name]
+    def produce(plan: ModulePlan, side: str) -> np.ndarray:
+        if plan.ready is None:
+            plan.ready = encoder.encode(plan, *new_factors(plan, weights, options, alpha))
+        out = plan.ready.pop(side)
+        if not plan.ready:
+            plan.ready = None
         return out
 
     specs: list[TensorSpec] = []
     dtypes: Counter[str] = Counter()
     for plan in plans:
         tpl = plan.group.template
-        src = next(i for i, p in enumerate(plan.group.pairs) if p is not None)
-        raw = stored[src].get(tpl.a_key, "F32")
-        dtype = forced or _STORED.get(raw, "F32")
+        dtype = encoder.dtype(plan)
         a_shape, b_shape = _factor_shapes(tpl, plan.r_after)
         for key, side, shape in ((tpl.a_key, "A", a_shape), (tpl.b_key, "B", b_shape)):
-            specs.append(TensorSpec(key, dtype, shape, partial(produce, plan, side, dtype)))
+            specs.append(TensorSpec(key, dtype, shape, partial(produce, plan, side)))
             dtypes[dtype] += 1
     return specs, dict(dtypes)
 
