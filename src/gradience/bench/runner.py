@@ -15,9 +15,7 @@ killed bench continues where it stopped. Progress goes to a callback (the CLI pr
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -31,6 +29,7 @@ import numpy as np
 from gradience.bench.arms import ArmPlan, arm_key, plan_arms, slug
 from gradience.bench.assemble import assemble
 from gradience.bench.config import BenchConfig
+from gradience.bench.outdir import fresh_dir, prepare_output_dir
 from gradience.bench.results import ArmResult, cached_audit, has_symlink
 from gradience.bench.stats import metric_value
 from gradience.bench.tasks import (
@@ -43,8 +42,6 @@ from gradience.bench.tasks import (
 from gradience.bench.train import LoraSpec, train_arm
 from gradience.errors import InputError
 from gradience.jsonio import atomic_write_text, dumps
-
-_MAX_STATE_BYTES = 1 << 20     # bench_config.json
 
 Progress = Callable[[str], None]
 
@@ -111,76 +108,11 @@ class BenchRunner:
         self._arms_total = 0
 
     # -- set-up ---------------------------------------------------------------------------------------
-    def _start_over(self) -> str:
-        import shlex
-
-        return f"to start over, delete it (rm -r {shlex.quote(str(self.out))}) or choose another --output-dir"
-
     def _check_output_dir(self) -> None:
-        """OUT is new, empty, or (with --resume) holds a bench started with the same config."""
-        from gradience.errors import GradienceError
-        from gradience.io.textfile import probe, read_json_file
-
-        state = self.out / "bench_config.json"
-        resolved = dumps(self.cfg.to_dict())
-        st = probe(self.out)
-        if st is not None and not self.out.is_dir():
-            raise InputError("output path exists and is not a directory", path=self.out)
-        self._check_norms_cache()
-        if probe(state) is not None or state.is_symlink():
-            if not self.resume:
-                raise InputError(f"holds an earlier bench; pass --resume to continue it, or {self._start_over()}",
-                                 path=self.out)
-            try:
-                if state.is_symlink():
-                    raise InputError("bench_config.json is a symbolic link (a bench reads only its own files)")
-                previous = read_json_file(state, what="bench state", max_bytes=_MAX_STATE_BYTES)
-            except GradienceError as exc:
-                raise InputError(f"cannot resume: {exc}; {self._start_over()}", path=self.out) from None
-            if previous != json.loads(resolved):
-                raise InputError("the config differs from the one this bench was started with; --resume needs "
-                                 f"the same config, or {self._start_over()}", path=state)
-            for child in self.out.iterdir():
-                if (child.name.startswith("seed_") or child.name == "base") and child.is_symlink():
-                    raise InputError(f"{child.name} is a symbolic link; a bench directory holds its own base and "
-                                     f"seed directories (nothing outside it is read or deleted): "
-                                     f"{self._start_over()}", path=self.out)
-            return
-        if st is not None and any(self.out.iterdir()):
-            if any(c.name.startswith("seed_") or c.name in ("base", "bench.json") for c in self.out.iterdir()):
-                raise InputError(f"holds an earlier bench that never wrote its state (a failed start?); "
-                                 f"{self._start_over()}", path=self.out)
-            # not a bench of ours: never suggest deleting it
-            raise InputError("output directory is not empty and holds no bench; choose an empty or new "
-                             "--output-dir", path=self.out)
-        try:
-            self.out.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise InputError(f"cannot create output directory: {exc.strerror or exc}", path=self.out) from None
-        atomic_write_text(state, resolved + "\n")
-
-    def _check_norms_cache(self) -> None:
-        """A config's ``audit.base_norms_cache`` stays inside the bench directory; elsewhere needs the CLI flag."""
-        cache = self.cfg.base_norms_cache
-        if not cache or self.cfg.base_norms_cache_from_cli:
-            return
-        path = Path(os.path.expanduser(cache))
-        full = path if path.is_absolute() else self.out / path
-        root = os.path.realpath(self.out)
-        if os.path.commonpath([root, os.path.realpath(full)]) != root:
-            raise InputError(f"audit.base_norms_cache {cache!r} is outside the bench directory; a config may only "
-                             "name a cache inside it (pass --base-norms-cache PATH on the command line to use "
-                             "another place)", path=self.cfg.source or "config")
-        self.cfg = replace(self.cfg, base_norms_cache=str(full))
+        self.cfg = prepare_output_dir(self.out, self.cfg, self.resume)
 
     def _fresh_dir(self, path: Path) -> None:
-        """Make ``path`` (inside OUT) an empty directory; never follows or deletes through a symlink."""
-        if has_symlink(self.out, path):
-            raise InputError(f"{path.relative_to(self.out)} is (or lies under) a symbolic link; the bench never "
-                             f"deletes or writes through links: {self._start_over()}", path=self.out)
-        if path.exists():
-            shutil.rmtree(path)  # a half-finished earlier attempt: start afresh
-        path.mkdir(parents=True)
+        fresh_dir(self.out, path)
 
     # -- arms -----------------------------------------------------------------------------------------
     def _eta(self) -> float:
