@@ -91,6 +91,16 @@ def test_mismatched_and_unmergeable_inputs(tmp_path: Path, capsys: pytest.Captur
     noconf = _adapter(tmp_path / "noconf", seed=8)
     (noconf / "adapter_config.json").unlink()
     assert "adapter_config.json" in _err(capsys, ["merge", str(a), str(noconf), "--out", str(tmp_path / "o2")])
+    nan = _adapter(tmp_path / "nan", seed=9)
+    from gradience.io.safetensors import SafetensorsFile
+
+    src = SafetensorsFile(nan / "adapter_model.safetensors")
+    names = src.keys()
+    tensors = {k: src.read_f32(k).copy() for k in names}
+    src.close()
+    tensors[names[0]][0, 0] = float("nan")
+    synthetic.write_safetensors(nan / "adapter_model.safetensors", tensors)
+    assert "NaN" in _err(capsys, ["merge", str(a), str(nan), "--out", str(tmp_path / "o2")])
     assert not (tmp_path / "o2").exists()
 
 

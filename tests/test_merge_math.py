@@ -152,6 +152,18 @@ def test_energy_policy_and_default_rank(pair: Any, tmp_path: Path) -> None:
     assert {r["name"]: r["r_after"] for r in res.to_dict()["modules"]} == {MODS[0]: 8, MODS[1]: 6, MODS[2]: 8}
 
 
+def test_per_layer_policy_is_the_audits_rule_on_the_merged_spectrum(pair: Any) -> None:
+    """allowed rank >= margin·k@90% of the merged σ, rounded up to the allowed ranks, capped at sum(r_i)."""
+    p1, p2, d1, d2 = pair
+    res = merge([load_adapter(str(p1)), load_adapter(str(p2))], None,
+                MergeOptions(method="svd", policy=Policy("per_layer", margin=1.5, allowed_ranks=(2, 4, 8, 16))))
+    for row in res.to_dict()["modules"]:
+        s = np.linalg.svd(d1[row["name"]] + d2[row["name"]], compute_uv=False)
+        k90 = int(np.searchsorted(np.cumsum(s ** 2) / np.sum(s ** 2), 0.9 * (1 - 1e-12))) + 1
+        want = min(next(a for a in (2, 4, 8, 16, 10**6) if a >= 1.5 * k90), row["r_sum"])
+        assert row["r_after"] == want, row["name"]
+
+
 def test_budget_and_uniform(pair: Any, tmp_path: Path) -> None:
     p1, p2, *_ = pair
     inputs = [load_adapter(str(p1)), load_adapter(str(p2))]
