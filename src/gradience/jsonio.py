@@ -173,13 +173,12 @@ def make_staging_dir(final: Path, tag: str) -> Path:
     """A fresh directory next to ``final`` to build an output in, then rename into place.
 
     ``mkdtemp`` makes it 0700; it gets the mode a plain ``mkdir`` would have, so a written adapter or report
-    is readable by the serving process and colleagues exactly as any other file the user creates.
+    is readable by the serving process and colleagues exactly as any other file the user creates. The one
+    implementation is :func:`gradience.io.outdir.make_staging_dir` (its name fits NAME_MAX for 255-byte names).
     """
-    import tempfile
+    from gradience.io.outdir import make_staging_dir as _make
 
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.{tag}-", dir=final.parent))
-    os.chmod(staging, _umask_mode(0o777))
-    return staging
+    return _make(final, tag)
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
