@@ -110,6 +110,13 @@ def test_one_resolver_for_the_saved_base(run_dir: Path, tmp_path: Path) -> None:
     assert base_beside_adapter(str(run_dir / "peft") + "/") == run_dir / "base"  # trailing slash
     (tmp_path / "nobase" / "base").mkdir(parents=True)  # a base/ without config.json + weights is no base
     assert saved_base_in(tmp_path / "nobase") is None and base_beside_adapter(None) is None
+    # the bench's layout: OUT/base and OUT/seed_<S>/<arm>/adapter; nothing else up the tree is searched
+    bench = tmp_path / "bench"
+    synthetic_base(bench / "base")
+    good_adapter(bench / "seed_1" / "probe" / "adapter")
+    good_adapter(bench / "elsewhere" / "probe" / "adapter")
+    assert base_beside_adapter(bench / "seed_1" / "probe" / "adapter") == (bench / "base").absolute()
+    assert base_beside_adapter(bench / "elsewhere" / "probe" / "adapter") is None
 
 
 # --- item 1: unresolvable bases, --require-udr, --json errors ---------------------------------------------------

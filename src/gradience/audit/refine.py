@@ -88,7 +88,7 @@ def _root(rows_times: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], w: 
     per factor of ρ (same accuracy, a fraction of the eigen-solves).
     """
     n = v.shape[0]
-    w = np.clip(w, 0.0, None)
+    w = np.maximum(w, 0.0)  # (a ufunc: np.clip's wrapper costs more than the op on r values)
     top = float(w[-1]) if n else 0.0
     t = np.zeros((n, n))
     if top <= floor2:
@@ -100,7 +100,7 @@ def _root(rows_times: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], w: 
         return t
     vs = v[:, :k]
     z, gz = rows_times(vs)
-    wz, vz = np.linalg.eigh(0.5 * (gz + gz.T))
+    wz, vz = np.linalg.eigh(gz)  # reads the lower triangle only: no symmetrising pass needed
     if float(wz[-1]) <= floor2:
         return t  # the weak part is noise: its columns stay 0
     # z may live in the caller's scratch buffer: it is only overwritten by the next factor, after this returns.

@@ -232,12 +232,23 @@ def saved_base_in(directory: str | os.PathLike[str]) -> Path | None:
         return None
 
 
+_BENCH_SEED_DIR = re.compile(r"^seed_\d+$")
+
+
 def base_beside_adapter(adapter_dir: str | os.PathLike[str] | None) -> Path | None:
-    """The saved base of the run an adapter directory belongs to (``<adapter_dir>/../base``), or None."""
+    """The saved base of the run an adapter directory belongs to, or None: ``<adapter_dir>/../base`` (toy run,
+    demo: ``<run>/peft`` beside ``<run>/base``), else the bench's ``OUT/base`` for an adapter at
+    ``OUT/seed_<S>/<arm>/adapter``. Only these two layouts: never a search up the tree."""
     if not adapter_dir:
         return None
     parent = os.path.dirname(os.path.normpath(os.fspath(adapter_dir))) or "."
-    return saved_base_in(parent)
+    found = saved_base_in(parent)
+    if found is not None:
+        return found
+    seed_dir = os.path.dirname(os.path.abspath(parent))
+    if _BENCH_SEED_DIR.match(os.path.basename(seed_dir)):
+        return saved_base_in(os.path.dirname(seed_dir))
+    return None
 
 
 def base_unresolved_issue(hint: str | None, problem: str | None = None) -> Issue:
