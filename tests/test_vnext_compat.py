@@ -251,3 +251,36 @@ def test_no_udr_keeps_the_keys_as_null_as_the_readme_says(tmp_path: Path,
     assert all(row[key] is None for row in doc["layers"] for key in PER_LAYER_KEYS)
     readme = (REPO_ROOT / "README.md").read_text()
     assert "its\nsummary omits the `udr_*` keys, ours keeps them as `null`" in readme
+
+
+# -- gradience.vnext.audit / check_config (its docs' other two calls) -----------------------------------------
+def test_vnext_audit_lora_peft_dir_is_our_audit(tmp_path: Path) -> None:
+    from gradience.adapter import load_adapter
+    from gradience.audit import AuditOptions, run_audit
+    from gradience.errors import GradienceError
+    from gradience.vnext.audit import audit_lora_peft_dir
+
+    adapter, base = good_adapter(tmp_path / "a"), synthetic_base(tmp_path / "base")
+    res = audit_lora_peft_dir(adapter, include_top_singular_values=2)
+    ours = run_audit(load_adapter(str(adapter)), AuditOptions(top_singular_values=2)).to_summary()
+    assert res.config.r == 4 and res.config.lora_alpha == 8 and len(res.layers) == 2
+    full = res.to_summary_dict(include_layers=True)
+    assert [r["singular_values"] for r in full["layers"]] == [r["singular_values"] for r in ours["layers"]]
+    assert all(len(r["singular_values"]) == 2 for r in full["layers"]) and "layers" not in res.to_summary_dict()
+    lowest = min(ours["layers"], key=lambda r: r["utilization"])["name"]
+    assert [r["name"] for r in res.to_summary_dict(include_layers=True, topk_layers=1)["layers"]] == [lowest]
+    with_base = audit_lora_peft_dir(adapter, base_model_id=str(base), base_norms_cache=tmp_path / "c.json")
+    assert all(r["udr"] is not None for r in with_base.to_summary_dict(include_layers=True)["layers"])
+    with pytest.raises(GradienceError, match="base_model_id=DIR"):
+        audit_lora_peft_dir(adapter, base_model_weights={"w": 1})
+
+
+def test_vnext_check_config_returns_the_check_recommendations() -> None:
+    import gradience.vnext as v
+    from gradience.policy.check_rules import check_config as run_check
+
+    cfg = {"model_name": "m", "lora": {"r": 64, "alpha": 8}, "optimizer": {"name": "adamw", "lr": 0.1}}
+    recs = v.check_config(cfg)
+    expected = run_check(v.ConfigSnapshot.from_dict(cfg)).recommendations
+    assert [(r.severity, r.action, r.message) for r in recs] == [(r.severity, r.action, r.message) for r in expected]
+    assert len(recs) > 1

@@ -32,18 +32,18 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "SignalSnapshot": ("gradience.vnext.types", "SignalSnapshot"),
     "TelemetryWriter": ("gradience.vnext.telemetry", "TelemetryWriter"),
     "TelemetryReader": ("gradience.vnext.telemetry_reader", "TelemetryReader"),
+    "audit_lora_peft_dir": ("gradience.vnext.audit", "audit_lora_peft_dir"),
+    "check_config": ("gradience.vnext.policy", "check_config"),
     "GradienceCallback": ("gradience.vnext.integrations.hf", "GradienceCallback"),
     "GradienceCallbackConfig": ("gradience.vnext.integrations.hf", "GradienceCallbackConfig"),
 }
 
 # Reference names that have no counterpart here, and what to use instead.
 _REPLACED: dict[str, str] = {
-    "check_config": "gradience.policy.check_rules.check_config(snapshot) (a report holding the recommendations)",
     "check_run": "`gradience monitor --json` or gradience.api.monitor",
     "LoRAAdapterConfig": "gradience.adapter.load_adapter(DIR).config",
     "LoRALayerAudit": "the rows of gradience.audit.run_audit(...).to_summary(include_layers=True)['layers']",
     "LoRAAuditResult": "gradience.audit.run_audit (returns the audit result)",
-    "audit_lora_peft_dir": "gradience.audit.run_audit(gradience.adapter.load_adapter(DIR)) or gradience.api.audit",
     "audit_lora_state_dict": "gradience.audit.audit_state_dict(tensors, config)",
 }
 
