@@ -68,6 +68,7 @@ def test_github_fine_grained_token_without_gh_in_its_body(tmp_path: Path) -> Non
     assert PAT_PLAIN not in path.read_text()
 
 
+@pytest.mark.slow
 def test_check_redacts_secrets_nested_in_extras(tmp_path: Path) -> None:
     """y_secret_nested: an hf token inside lists and dicts of a config's unknown keys reached check's output."""
     import json

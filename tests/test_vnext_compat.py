@@ -193,6 +193,12 @@ def test_api_wrappers_run_the_cli(tmp_path: Path) -> None:
         api.load_bench_aggregate(tmp_path)
     with pytest.raises(GradienceError, match="--seeds"):
         api.aggregate_bench_runs(runs=[tmp_path], output=tmp_path / "agg")
+    # run_bench's command line, seen by a stand-in interpreter that prints its arguments (no training here)
+    arts = api.run_bench(config="c.yaml", output=tmp_path / "out", smoke=True, ci=True, python="/bin/echo",
+                         log_path=tmp_path / "bench.log")
+    assert (tmp_path / "bench.log").read_text().split() == [
+        "-m", "gradience.bench.run_bench", "--config", "c.yaml", "--output", str(tmp_path / "out"), "--smoke", "--ci"]
+    assert arts.bench_json == tmp_path / "out" / "bench.json" and arts.bench_md.name == "bench.md"
 
 
 # -- the reference's audit JSON in compare --------------------------------------------------------------------
