@@ -281,3 +281,42 @@ def test_untouched_weight_in_another_dtype_is_checked_within_rounding(tmp_path: 
     tensors["model.norm.weight"] = tensors["model.norm.weight"] * 1.01     # 1% off: beyond bf16 rounding
     write_safetensors(merged / "model.safetensors", tensors, dtype="F32", dtypes={"model.norm.weight": "BF16"})
     assert _run(base, adapter, merged)["unchanged"]["changed"] == ["model.norm.weight"]
+
+
+
+def test_quantized_weight_is_a_named_problem_not_a_crash(tmp_path: Path) -> None:
+    """4-bit merges are stored packed in uint8 (bitsandbytes): not read here; that module says so."""
+    from gradience.io.safetensors import SafetensorsFile
+    from gradience.io.safetensors_write import TensorSpec
+    from gradience.io.safetensors_write import write_safetensors as write_specs
+
+    base, adapter, merged, _, _ = _triple(tmp_path, dtype="F32")
+    src = SafetensorsFile(merged / "model.safetensors")
+    specs = []
+    for name, info in src.tensors.items():
+        if name == f"{Q}.weight":
+            packed = np.zeros((info.shape[0] * info.shape[1] // 2, 1), np.uint8)
+            specs.append(TensorSpec(name, "U8", packed.shape, lambda p=packed: p))
+        else:
+            specs.append(TensorSpec(name, "F32", info.shape, lambda n=name: np.array(src.read_f32(n))))
+    (tmp_path / "q4").mkdir()
+    write_specs(tmp_path / "q4" / "model.safetensors", specs)
+    doc = _run(base, adapter, tmp_path / "q4")
+    row = _rows(doc)[Q]
+    assert row["verdict"] is None and "quantized" in row["problem"]
+    assert doc["summary"]["exact"] == 6 and doc["ok"] is False
+
+
+@pytest.mark.slow
+def test_real_peft_merge_of_a_sharded_base_saved_sharded(tmp_path: Path, tiny_llama_sharded_dir: Path,
+                                                          llama_adapter_dir: Path) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_sharded_dir), torch_dtype=torch.float32)
+    merged = PeftModel.from_pretrained(model, str(llama_adapter_dir)).merge_and_unload()
+    merged.save_pretrained(str(tmp_path / "merged"), max_shard_size="20KB")
+    assert (tmp_path / "merged" / "model.safetensors.index.json").is_file()
+    doc = verify_merged(load_adapter(str(llama_adapter_dir)), str(tmp_path / "merged"), str(tiny_llama_sharded_dir))
+    assert doc["ok"] is True and doc["summary"]["exact"] == 14

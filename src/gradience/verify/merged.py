@@ -175,13 +175,13 @@ def _verify_module(pair: LoraPair, base: BaseWeights, merged: BaseWeights, base_
     b_info, m_info = base.tensors[base_name], merged.tensors[merged_name]
     where = {"base_tensor": base_name, "merged_tensor": merged_name, "dtype": m_info.dtype,
              "shape": list(b_info.shape)}
-    if b_info.shape != m_info.shape:
-        return _row(pair, **where, verdict=None,
-                    problem=f"merged weight has shape {list(m_info.shape)}, the base {list(b_info.shape)}")
     if not (b_info.is_float and m_info.is_float):
         return _row(pair, **where, verdict=None,
                     problem=f"not a 16/32-bit float weight ({b_info.dtype}/{m_info.dtype}): 4-bit and other "
                             "quantized checkpoints are not read")
+    if b_info.shape != m_info.shape:
+        return _row(pair, **where, verdict=None,
+                    problem=f"merged weight has shape {list(m_info.shape)}, the base {list(b_info.shape)}")
     transposed = _orientation(pair, b_info.shape, fan_in_fan_out)
     if transposed is None:
         return _row(pair, **where, verdict=None,
