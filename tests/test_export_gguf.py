@@ -270,3 +270,20 @@ def test_unsupported_architecture_is_refused(tmp_path: Path, capsys: pytest.Capt
                str(tmp_path / "base"), "--out", str(tmp_path / "a.gguf")])
     err = capsys.readouterr().err
     assert rc == 2 and "FancyNewForCausalLM" in err and "LlamaForCausalLM" in err
+
+
+def test_qwen2_names_and_no_row_permutation(tmp_path: Path) -> None:
+    vt.make_base(tmp_path / "base")
+    cfg = json.loads((tmp_path / "base" / "config.json").read_text())
+    cfg["architectures"] = ["Qwen2ForCausalLM"]
+    (tmp_path / "base" / "config.json").write_text(json.dumps(cfg))
+    pairs = vt.make_adapter(tmp_path / "adapter", use_rslora=True)
+    out = tmp_path / "q.gguf"
+    doc = export_gguf(load_adapter(str(tmp_path / "adapter")), str(tmp_path / "base"), out)
+    assert doc["architecture"] == "qwen2" and not any(m["rows_permuted"] for m in doc["modules"])
+    deltas, meta = _gguf_deltas(out)
+    assert meta["general.architecture"] == "qwen2"
+    for module, (a, b, s) in pairs.items():       # Qwen2 keeps the HF row order: no un-permutation here
+        expected = s * (b.astype(np.float64) @ a.astype(np.float64))
+        assert np.linalg.norm(deltas[_gguf_name(module)] - expected) / np.linalg.norm(expected) < 1e-6
+    assert verify_gguf(load_adapter(str(tmp_path / "adapter")), str(out))["ok"] is True
