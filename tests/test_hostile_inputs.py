@@ -842,3 +842,22 @@ def test_trainer_state_bigint_step_is_reported(tmp_path: Path, capsys: pytest.Ca
     doc = json.loads(out)
     assert doc["training"]["last_step"] == 2 and len(str(doc["training"]["first_step"])) < 20
     assert [i["index"] for i in doc["telemetry_issues"] if i["code"] == "bad_log_entry"] == [0]
+
+
+@pytest.mark.parametrize("reference", [False, True])
+def test_compare_audit_json_with_a_module_twice(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                reference: bool) -> None:
+    from support.hostile import audit_json_doc, reference_audit_json
+
+    good = audit_json_doc(good_adapter(tmp_path / "a"))
+    (tmp_path / "good.json").write_text(json.dumps(good))
+    if reference:  # "base_model.model.X" and "X" are the same module once the PEFT prefix is stripped
+        doc: dict[str, Any] = reference_audit_json(good)
+        rows = doc["layer_data"]["layer_rows"]
+        rows.append({**rows[0], "name": rows[0]["name"][len("base_model.model."):]})
+    else:
+        doc = {**good, "layers": [*good["layers"], good["layers"][0]]}
+    bad = tmp_path / "dup.json"
+    bad.write_text(json.dumps(doc))
+    code, _, err = cli(capsys, "compare", str(bad), str(tmp_path / "good.json"))
+    assert_one_line_error(code, err, str(bad), "rows 0 and 2 are both module")

@@ -100,6 +100,12 @@ def load_audit_json(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not layers:
         hint = " (the reference tool writes rows only with --layers)" if doc.get("converted_from") else ""
         raise InputError(f"the audit has no layers to compare{hint}", p)
+    seen: dict[str, int] = {}
+    for i, row in enumerate(layers):  # two rows for one module: which one to compare is unknowable
+        first = seen.setdefault(row["name"], i)
+        if first != i:
+            raise InputError(f"rows {first} and {i} are both module {safe_text(row['name'], max_len=120)!r}; "
+                             "an audit has one row per module", p)
     return doc
 
 
