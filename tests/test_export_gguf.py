@@ -287,3 +287,18 @@ def test_qwen2_names_and_no_row_permutation(tmp_path: Path) -> None:
         expected = s * (b.astype(np.float64) @ a.astype(np.float64))
         assert np.linalg.norm(deltas[_gguf_name(module)] - expected) / np.linalg.norm(expected) < 1e-6
     assert verify_gguf(load_adapter(str(tmp_path / "adapter")), str(out))["ok"] is True
+
+
+def test_gguf_pair_with_an_implausible_rank_is_refused_per_module(tmp_path: Path) -> None:
+    """A forged pair whose shared dimension exceeds the layer's: named, before any r×r work."""
+    vt.make_base(tmp_path / "base")
+    pairs = vt.make_adapter(tmp_path / "adapter")
+    module = vt.module_names()[list(vt.TARGETS).index("o_proj")]
+    rng = np.random.default_rng(0)
+    forged = dict(pairs)
+    forged[module] = (rng.normal(size=(300, vt.HIDDEN)).astype(np.float32),
+                      rng.normal(size=(vt.HIDDEN, 300)).astype(np.float32), 1.0)
+    _write_like_the_converter(tmp_path / "f.gguf", forged, alpha=16)
+    rows = {r["name"]: r for r in verify_gguf(load_adapter(str(tmp_path / "adapter")), str(tmp_path / "f.gguf"))
+            ["modules"]}
+    assert rows[module]["verdict"] == "mismatch" and "rank 300" in rows[module]["detail"]
