@@ -56,6 +56,9 @@ class _Parser(argparse.ArgumentParser):
         flags = [tok.split("=", 1)[0] for tok in extras if tok.startswith("-") and len(tok) > 1]
         hints = []
         for flag in flags:
+            if flag in known:  # a flag of this command given before the command's name
+                hints.append(f"{flag} goes after the command name")
+                continue
             close = difflib.get_close_matches(flag.replace("_", "-"), known, n=1, cutoff=0.6)
             if close:
                 hints.append(f"did you mean {close[0]}?" if len(flags) == 1 else f"{flag}: did you mean {close[0]}?")
