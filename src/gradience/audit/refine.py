@@ -7,9 +7,11 @@ recomputed from the data instead: Z = V_weakᵀ·Y (a thin product, k ≤ r rows
 *its* scale, and the same split is applied to Z, recursively, until the rest is below the float64 noise floor.
 
 Why this module is shaped for speed (SPEC §11, issue 17 item 7): the one product that touches the factor's
-data is done chunk by chunk through a reused float64 buffer (never a whole float64 copy of an 11008×16 factor,
-whose fresh pages cost more than the arithmetic), into an output buffer reused across the factors of one
-audit; the eigen-solves of every steep factor's H are done in one batched call by the caller.
+data converts it into a float64 buffer reused across the factors of one audit and writes Z into another (a
+fresh float64 copy of an 11008×16 factor per pair costs page faults on top of the arithmetic); the
+eigen-solves of every steep factor's H are done in one batched call by the caller; and the recursion keeps
+the top level's absolute error bound instead of re-splitting by the ratio at every level (see :func:`_root`),
+so a trained adapter's steep factors need one or two levels, not one per six decades.
 """
 
 from __future__ import annotations
