@@ -45,7 +45,10 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_INPUT, f"{self.prog}: error: {message}\n")
+        """One line, escaped: argv can hold newlines or terminal escape sequences."""
+        from gradience.textfmt import safe_text
+
+        self.exit(EXIT_INPUT, f"{self.prog}: error: {safe_text(message, max_len=MAX_ERROR_CHARS)}\n")
 
     def unknown_arguments(self, extras: Sequence[str]) -> NoReturn:
         """``unrecognized arguments`` from the parser of the command itself (so the line starts with
