@@ -244,6 +244,14 @@ def test_unknown_flag_gets_did_you_mean_and_the_command_prefix(capsys: pytest.Ca
     assert err.count("\n") == 1
 
 
+def test_usage_errors_stay_one_line_with_hostile_argv(capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, err = cli(capsys, "audit", "DIR", "--x\nfake line\x1b[31m")
+    assert rc == 2 and out == "" and err.count("\n") == 1 and "\x1b" not in err
+    assert err.startswith("gradience audit: error: unrecognized arguments: --x\\nfake line")
+    rc, _, err = cli(capsys, "--debug", "audit", "DIR")
+    assert rc == 2 and "--debug goes after the command name" in err
+
+
 def test_abbreviations_are_off_on_every_parser(capsys: pytest.CaptureFixture[str]) -> None:
     import argparse
 
