@@ -114,12 +114,14 @@ def _datasets_cache_dir() -> Path:
 
 
 def how_to_proceed(repo_id: str, repo_type: str, flag: str) -> str:
-    """The one sentence every 'hub id not available' error ends with."""
+    """The one sentence every 'hub id not available' error ends with (``flag``: a command-line flag such as
+    ``--model``, or a config key such as ``model.name``)."""
+    use = f"pass {flag} DIR" if flag.startswith("-") else f"set {flag} to DIR"
     if repo_type == "dataset":
         return (f"on a machine with network, save it with datasets.load_dataset({repo_id!r}).save_to_disk(DIR) "
-                f"and pass {flag} DIR")
+                f"and {use}")
     return (f"on a machine with network, save it with AutoModel.from_pretrained({repo_id!r}).save_pretrained(DIR) "
-            f"(and its tokenizer) and pass {flag} DIR")
+            f"(and its tokenizer) and {use}")
 
 
 def require_hub_id_available(repo_id: str, *, repo_type: str = "model", flag: str = "--model",
