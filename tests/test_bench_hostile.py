@@ -221,6 +221,20 @@ def test_tiny_bench_sizes_modes_dedupe_and_terminal_output(tmp_path: Path) -> No
     assert all(Path(d).resolve().is_relative_to(out.resolve()) for d in dirs), dirs
     assert resumed.stderr.count("resumed") == 6  # the probe and the five arms: nothing retrained
     assert again["probe_gate"]["passed"] is False
+    # A result.json scored on other items (edited, or from another config) is rerun, not a crash in the CIs.
+    retrain_result = out / "seed_42" / "retrain_median" / "result.json"
+    planted = json.loads(retrain_result.read_text())
+    planted["per_item"] = planted["per_item"][:3]
+    retrain_result.write_text(json.dumps(planted))
+    third = subprocess.run([*cmd, "--resume", "--json"], capture_output=True, text=True, timeout=600, env=ENV)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert third.stderr.count("resumed") == 5 and "Δ=" in third.stderr  # retrain_median ran again
+    assert len(json.loads(retrain_result.read_text())["per_item"]) == 16
+    # A truncation needs the probe's weights, dropped by keep_adapter_weights: false: one line that says so.
+    result_path.write_text(json.dumps(planted))
+    fourth = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=600, env=ENV)
+    line = _one_error_line(fourth.stderr)
+    assert fourth.returncode == 2 and "keep_adapter_weights" in line and "to start over" in line
 
 
 def test_save_pretrained_outputs_get_the_umask_mode(tmp_path: Path) -> None:

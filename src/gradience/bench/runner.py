@@ -209,6 +209,12 @@ class BenchRunner:
 
     def _run_arm(self, task: PreparedTask, seed: int, plan: ArmPlan, probe: ArmResult) -> ArmResult:
         arm_dir = self.out / f"seed_{seed}" / slug(plan.name)
+        if plan.kind == "truncate" and not any(Path(probe.adapter_dir).glob("adapter_model.*")):
+            from gradience.bench.outdir import start_over
+
+            raise InputError("the probe's adapter weights are gone (runtime.keep_adapter_weights: false removes "
+                             f"them when a bench ends), so {plan.name} cannot be truncated from it; "
+                             f"{start_over(self.out)}", path=probe.adapter_dir)
         self._fresh_dir(arm_dir)
         started = time.perf_counter()
         extra: dict[str, Any] = {}
@@ -228,10 +234,19 @@ class BenchRunner:
         atomic_write_text(arm_dir / "result.json", dumps(result.to_dict()) + "\n")
         return result
 
+    def _cached(self, task: PreparedTask, result_path: Path, adapter_dir: Path) -> ArmResult | None:
+        """A finished result to reuse on --resume: read safely, and scored on this task's eval items."""
+        if not self.resume:
+            return None
+        cached = ArmResult.load(result_path, adapter_dir, self.out)
+        exact = task.kind == "causal_lm" and self.cfg.metric == "exact_match"
+        n_items = len(task.eval_prompts) if exact else len(task.eval_set)
+        return cached if cached is not None and len(cached.per_item) == n_items else None
+
     def _run_probe(self, task: PreparedTask, seed: int, targets: list[str] | None) -> tuple[ArmResult, dict[str, Any]]:
         probe_dir = self.out / f"seed_{seed}" / "probe"
         result_path, audit_path = probe_dir / "result.json", probe_dir / "audit.json"
-        cached = ArmResult.load(result_path, probe_dir / "adapter", self.out) if self.resume else None
+        cached = self._cached(task, result_path, probe_dir / "adapter")
         audit = cached_audit(audit_path) if cached is not None and not has_symlink(self.out, audit_path) else None
         if cached is not None and audit is not None:
             self._done("train", None)
@@ -295,7 +310,7 @@ class BenchRunner:
                     continue
                 arm_dir = self.out / f"seed_{seed}" / slug(plan.name)
                 key = arm_key(plan)
-                cached = ArmResult.load(arm_dir / "result.json", arm_dir / "adapter", self.out) if self.resume else None
+                cached = self._cached(task, arm_dir / "result.json", arm_dir / "adapter")
                 twin = done_keys.get(key)
                 if cached is not None and (cached.same_as is None or (twin and twin.name == cached.same_as)):
                     if twin is not None and cached.same_as is not None:
