@@ -67,7 +67,7 @@ def test_lower_lr_only_with_a_gap_and_lr_above_conservative(tmp_path: Path, lr: 
     acts = actions(make_log(tmp_path / "r.jsonl", lr=lr, train_ppl=2.0, test_ppl=4.0))
     assert ("lower_lr" in acts) == fires
     if fires:
-        assert acts["lower_lr"].evidence == {"lr": lr, "suggested_lr": T.LR_CONSERVATIVE, "gap": 2.0}
+        assert acts["lower_lr"].evidence == {"lr": lr, "suggested_lr": lr / 2, "gap": 2.0}  # halved (issue 18)
     no_gap = actions(make_log(tmp_path / "n.jsonl", lr=1e-4, train_ppl=2.0, test_ppl=2.0))
     assert "lower_lr" not in no_gap
 

@@ -145,6 +145,8 @@ def render_text(summary: Mapping[str, Any], *, top_wasteful: int, show_layers: b
                   f"  Layers with UDR > 0.1: {pct(s['fraction_udr_gt_0_1'])}   "
                   f"> 0.3: {pct(s['fraction_udr_gt_0_3'])}   (of {s['n_layers_with_udr']})",
                   f"  SDI (log10 UDR) median: {_sdi(s)}"]
+        lines += [f"  ! {safe_text(i.get('message', ''))}" for i in s.get("issues") or []
+                  if i.get("code") == "base_looks_random_init"]  # said next to the numbers (issue 18)
         ranked = sorted((r for r in rows if r.get("udr") is not None), key=lambda r: -r["udr"])[:TOP_UDR_TEXT]
         if ranked:
             lines.append(f"  Top {plural(len(ranked), 'module')} by UDR:")

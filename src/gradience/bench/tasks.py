@@ -33,7 +33,7 @@ from gradience.toy.causal import (
 from gradience.toy.model import (
     BUILTIN_MODEL,
     BUILTIN_TARGETS,
-    build_tiny_classifier,
+    build_builtin_classifier,
     build_word_tokenizer,
     require_hf,
 )
@@ -147,9 +147,8 @@ def _prepare_classification(cfg: BenchConfig, base_dir: Path) -> PreparedTask:
     if not (base_dir / "config.json").is_file():
         import torch
 
-        if builtin:
-            tokenizer = build_word_tokenizer(data.train_texts)
-            model = build_tiny_classifier(len(tokenizer), data.num_labels, BASE_SEED)
+        if builtin:  # the shipped pretrained body when its vocabulary covers the data (issue 18), else random init
+            tokenizer, model, _pretrained = build_builtin_classifier(data.train_texts, data.num_labels, BASE_SEED)
         else:
             from transformers import AutoModelForSequenceClassification
 

@@ -26,7 +26,8 @@ def add_parser(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser(
         "audit", help="analyze a LoRA adapter for wasted rank and update size (UDR)",
         description="Audit a PEFT LoRA adapter: exact per-layer spectra from the factors, utilization, "
-                    "energy ranks, rank suggestions and, with a base model, UDR/SDI (a base saved beside the "
+                    "energy ranks, rank suggestions and, with a base model, UDR/SDI (Update Dominance Ratio, Spectral "
+                    "Drift Index; a base saved beside the "
                     "adapter, as runs/toy/base is beside runs/toy/peft, is used without --base-model).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
@@ -54,7 +55,8 @@ def add_parser(sub: Any) -> None:
                         "target_modules, rank_pattern, alpha_pattern) to F: JSON for .json, YAML for .yaml/.yml "
                         "(implies --suggest-per-layer)")
     p.add_argument("--margin", type=float, default=None, metavar="M",
-                   help="per-layer suggestion: allowed rank >= M x k@90%% (default 1.0)")
+                   help="per-layer suggestion: allowed rank >= M x k@90%% (energy rank: directions holding 90%% "
+                        "of the update energy; default 1.0)")
     p.add_argument("--allowed-ranks", metavar="LIST", help="ranks suggestions may use (default 1,2,4,...,256)")
     p.add_argument("--append", metavar="RUN.jsonl",
                    help="append the summary (without layers) as a lora_audit metrics event to a telemetry log")

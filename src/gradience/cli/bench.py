@@ -31,7 +31,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="bench YAML (the reference tool's bench_version/model/task/train/lora/compression/"
                         "audit/runtime sections, plus seeds, arms, policy)")
     p.add_argument("--base-model", metavar="ID_OR_DIR",
-                   help="base model for UDR per arm (local dir or hub id in the local HF cache); implies UDR")
+                   help="base model for UDR (Update Dominance Ratio) per arm (local dir or hub id in the "
+                        "local HF cache); implies UDR")
     p.add_argument("--base-norms-cache", metavar="PATH",
                    help="base-norm cache file for UDR, anywhere (a config's audit.base_norms_cache must lie inside "
                         "the output directory)")

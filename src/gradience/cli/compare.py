@@ -39,7 +39,8 @@ def add_parser(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser(
         "compare", help="compare two LoRA adapters: update cosine, subspace overlap, UDR differences",
         description="Compare two LoRA adapters module by module: each side's rank, utilization, update size\n"
-                    "and UDR with their differences, the cosine of the two updates ΔW and the overlap of their\n"
+                    "and UDR (Update Dominance Ratio) with their differences, the cosine of the two updates ΔW and the "
+                    "overlap of their\n"
                     "top-k singular subspaces (from the factors; the dense ΔW is never formed).",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("a", metavar="A", help="adapter directory or audit JSON file (gradience audit --json)")

@@ -75,7 +75,8 @@ def add_parser(sub: Any) -> None:
     group.add_argument("--budget", metavar="P",
                        help="total LoRA parameters: an integer or a percentage of the input's (e.g. 30%%)")
     p.add_argument("--margin", type=float, default=1.0, metavar="M",
-                   help="--per-layer: allowed rank >= M x k@90%% (default 1.0)")
+                   help="--per-layer: allowed rank >= M x k@90%% (energy rank: directions holding 90%% "
+                        "of the update energy; default 1.0)")
     p.add_argument("--min-rank", type=int, metavar="K", help="never below K (the layer's r caps it)")
     p.add_argument("--max-rank", type=int, metavar="K", help="never above K (wins over rounding)")
     p.add_argument("--allowed-ranks", metavar="LIST",

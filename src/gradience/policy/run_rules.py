@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from gradience.policy import sources as S
 from gradience.policy import thresholds as T
 from gradience.policy.guard_rules import GUARD_ACTIONS, guard_recommendations
 from gradience.policy.signature_rules import SIGNATURE_ACTIONS, signature_recommendations
@@ -66,13 +67,16 @@ def gap_rules(signals: dict[str, Any], lr: float | None, gap_threshold: float) -
         evidence={"gap": gap, "train_ppl": signals.get("train_ppl"), "test_ppl": signals.get("test_ppl"),
                   "threshold": gap_threshold, "test_split": signals.get("test_split")})]
     if lr is not None and lr > T.LR_CONSERVATIVE:
+        # Halve it, not drop it to a full-fine-tuning value: LoRA's best lr is ~10x full FT's (Schulman 2025).
+        suggested = lr / 2
         recs.append(Recommendation(
             "warning", "lower_lr",
-            f"Lower the learning rate toward {T.LR_CONSERVATIVE:g} (run used {lr:g}) and compare the gap.",
+            f"Lower the learning rate (run used {lr:g}; try {suggested:g}) and compare the gap; below "
+            f"{T.LR_LORA_BAND[0]:g} LoRA usually learns too slowly rather than memorizing less.",
             rationale="With a memorization gap, a lower lr is the least invasive first change; verify on held-out "
                       "data.",
             confidence=0.6, scope="optimizer",
-            evidence={"lr": lr, "suggested_lr": T.LR_CONSERVATIVE, "gap": gap}))
+            evidence={"lr": lr, "suggested_lr": suggested, "gap": gap}, source=S.LORA_LR))
     return recs
 
 

@@ -1,6 +1,8 @@
-"""The toy run's model and tokenizer: a tiny DistilBERT-shaped classifier built locally (random init) with a
-word-level tokenizer trained on the data, or a real checkpoint (hub id or local path) loaded with the
-ordinary ``AutoTokenizer`` / ``AutoModelForSequenceClassification`` code paths.
+"""The toy run's model and tokenizer: a tiny DistilBERT-shaped classifier built locally — its body pretrained
+(masked LM on generated review sentences, weights shipped as package data: :mod:`gradience.toy.pretrain`) when
+the data's words are in its vocabulary, else random-init with a word-level tokenizer trained on the data — or
+a real checkpoint (hub id or local path) loaded with the ordinary ``AutoTokenizer`` /
+``AutoModelForSequenceClassification`` code paths.
 
 Imports torch/transformers lazily so ``gradience.toy`` itself stays importable without the ``hf`` extra.
 """
@@ -21,10 +23,9 @@ SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 MAX_LENGTH = 32
 
 # Shape of the built-in model: small enough to train ~100 steps on 2 CPU cores in seconds.
-_TINY_DIM = 64
-_TINY_LAYERS = 2
-_TINY_HEADS = 4
-_TINY_HIDDEN = 128
+TINY_SHAPE: dict[str, Any] = {"dim": 64, "n_layers": 2, "n_heads": 4, "hidden_dim": 128}
+# The pretrained body is used when at least this fraction of the data's words is in its vocabulary.
+PRETRAINED_MIN_COVERAGE = 0.99
 
 
 def require_hf(purpose: str) -> None:
@@ -63,9 +64,8 @@ def build_tiny_classifier(vocab_size: int, num_labels: int, seed: int) -> Any:
     from transformers import DistilBertConfig, DistilBertForSequenceClassification
 
     config = DistilBertConfig(  # type: ignore[call-arg]  # num_labels etc. go through **kwargs
-        vocab_size=vocab_size, dim=_TINY_DIM, n_layers=_TINY_LAYERS, n_heads=_TINY_HEADS,
-        hidden_dim=_TINY_HIDDEN, max_position_embeddings=MAX_LENGTH, num_labels=num_labels,
-        dropout=0.0, attention_dropout=0.0, pad_token_id=0,
+        vocab_size=vocab_size, max_position_embeddings=MAX_LENGTH, num_labels=num_labels,
+        dropout=0.0, attention_dropout=0.0, pad_token_id=0, **TINY_SHAPE,
     )
     # Named so the saved adapter_config.json says which base it belongs to (`gradience check` shows it).
     config.name_or_path = BUILTIN_MODEL
@@ -90,12 +90,27 @@ def hub_load_kwargs(spec: str, flag: str = "--model") -> dict[str, Any]:
     return {}
 
 
+def build_builtin_classifier(train_texts: Sequence[str], num_labels: int, seed: int) -> tuple[Any, Any, bool]:
+    """(tokenizer, model, pretrained) for the built-in model: the shipped pretrained body (head from ``seed``)
+    when its vocabulary covers ``train_texts``, else the random-init model with a tokenizer of the texts."""
+    from gradience.toy import pretrain
+
+    if pretrain.shipped_files_present():
+        tokenizer = pretrain.load_pretrained_tokenizer()
+        if pretrain.vocabulary_coverage(tokenizer, train_texts) >= PRETRAINED_MIN_COVERAGE:
+            tokenizer, model = pretrain.load_pretrained_classifier(num_labels, seed)
+            return tokenizer, model, True
+    tokenizer = build_word_tokenizer(train_texts)
+    return tokenizer, build_tiny_classifier(len(tokenizer), num_labels, seed), False
+
+
 @dataclass
 class LoadedModel:
     model: Any
     tokenizer: Any
     name: str
     default_targets: list[str] | None  # None: let PEFT choose for this architecture
+    pretrained: bool = True            # False: the built-in model at random init (data outside its vocabulary)
 
 
 def load_model(spec: str, num_labels: int, train_texts: Sequence[str], seed: int) -> LoadedModel:
@@ -106,9 +121,8 @@ def load_model(spec: str, num_labels: int, train_texts: Sequence[str], seed: int
     """
     require_hf("the toy run")
     if spec == BUILTIN_MODEL:
-        tokenizer = build_word_tokenizer(train_texts)
-        model = build_tiny_classifier(len(tokenizer), num_labels, seed)
-        return LoadedModel(model, tokenizer, BUILTIN_MODEL, list(BUILTIN_TARGETS))
+        tokenizer, model, pretrained = build_builtin_classifier(train_texts, num_labels, seed)
+        return LoadedModel(model, tokenizer, BUILTIN_MODEL, list(BUILTIN_TARGETS), pretrained)
     if spec.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(spec)):
         raise InputError("model directory does not exist", path=spec)
     path = os.path.expanduser(spec)

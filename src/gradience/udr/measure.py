@@ -21,6 +21,7 @@ from gradience.policy.thresholds import UDR_FRACTION_LEVELS, UDR_SDI_EPS, UDR_SI
 from gradience.udr import SUMMARY_KEYS, UdrInput, UdrReport
 from gradience.udr.base import BaseTensorInfo, BaseWeights
 from gradience.udr.cache import CachedNorms, NormsCache
+from gradience.udr.init_scale import random_init_issue
 from gradience.udr.names import BaseNameIndex
 from gradience.udr.resolve import ResolvedBase, resolve_base, resolve_hint
 from gradience.udr.spectral import (
@@ -350,6 +351,7 @@ def _measure(layers: list[UdrInput], resolved: ResolvedBase, *, cache_path: str 
         bar.close()
 
     zero_base: list[str] = []
+    bases_seen: list[tuple[str, float, float, int, int]] = []  # for the random-init check (udr/init_scale.py)
     for tname, inputs in plan.items():
         base = norms_by_tensor.get(tname)
         if base is None or not math.isfinite(base.sigma_max):
@@ -358,6 +360,7 @@ def _measure(layers: list[UdrInput], resolved: ResolvedBase, *, cache_path: str 
             row = per_layer[inp.name]
             row["base_sigma_max"] = base.sigma_max
             row["base_frob_norm"] = base.frob_norm
+            bases_seen.append((inp.name, base.sigma_max, base.frob_norm, inp.d_out, inp.d_in))
             if base.sigma_max <= 0.0:
                 zero_base.append(inp.name)
                 continue
@@ -389,6 +392,9 @@ def _measure(layers: list[UdrInput], resolved: ResolvedBase, *, cache_path: str 
     if zero_base:
         issues.append(Issue("base_weight_zero", f"base weight is all zeros; UDR undefined for: {_names(zero_base)}",
                             "warning", modules=zero_base))
+    random_init = random_init_issue(bases_seen)
+    if random_init is not None:
+        issues.append(random_init)
     if not_converged:
         issues.append(Issue("base_sigma_not_converged",
                             f"σ₁ of {len(not_converged)} base tensor(s) did not reach relative accuracy "

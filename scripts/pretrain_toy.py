@@ -1,0 +1,16 @@
+"""Pretrain the built-in tiny model once and write its package data (issue 18 item 4).
+
+    python scripts/pretrain_toy.py            # writes src/gradience/toy/data/tiny_distilbert{.safetensors,_config.json,_tokenizer.json}
+
+Masked-LM pretraining of the 2-block DistilBERT on generated review sentences (gradience/toy/pretrain.py has
+the recipe: corpus seed, steps, batch, lr). One CPU thread, fixed seeds: the same torch build gives the same bits.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from gradience.toy.pretrain import main
+
+if __name__ == "__main__":
+    sys.exit(main())
