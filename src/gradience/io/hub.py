@@ -113,19 +113,19 @@ def _datasets_cache_dir() -> Path:
     return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "huggingface" / "datasets"
 
 
-def how_to_proceed(repo_id: str, repo_type: str, flag: str) -> str:
+def how_to_proceed(repo_id: str, repo_type: str, flag: str, config: str | None = None) -> str:
     """The one sentence every 'hub id not available' error ends with (``flag``: a command-line flag such as
     ``--model``, or a config key such as ``model.name``)."""
     use = f"pass {flag} DIR" if flag.startswith("-") else f"set {flag} to DIR"
     if repo_type == "dataset":
-        return (f"on a machine with network, save it with datasets.load_dataset({repo_id!r}).save_to_disk(DIR) "
-                f"and {use}")
+        args = f"{repo_id!r}, {config!r}" if config else repr(repo_id)
+        return f"on a machine with network, save it with datasets.load_dataset({args}).save_to_disk(DIR) and {use}"
     return (f"on a machine with network, save it with AutoModel.from_pretrained({repo_id!r}).save_pretrained(DIR) "
             f"(and its tokenizer) and {use}")
 
 
 def require_hub_id_available(repo_id: str, *, repo_type: str = "model", flag: str = "--model",
-                             spec: str | None = None) -> bool:
+                             spec: str | None = None, config: str | None = None) -> bool:
     """Check a hub id before the Hugging Face libraries are asked to load it.
 
     Returns True when the id must be loaded from the local cache only (cached, and the hub is not reachable or
@@ -137,14 +137,14 @@ def require_hub_id_available(repo_id: str, *, repo_type: str = "model", flag: st
         if cached:
             return True
         raise InputError(f"not in the local Hugging Face cache ({hub_cache_dir()}) and HF_HUB_OFFLINE is set; "
-                         + how_to_proceed(repo_id, repo_type, flag), spec or repo_id)
+                         + how_to_proceed(repo_id, repo_type, flag, config), spec or repo_id)
     if hub_reachable():
         return False
     if cached:
         return True
     host, port = _probe_target()
     raise InputError(f"not in the local Hugging Face cache ({hub_cache_dir()}) and the hub ({host}:{port}) "
-                     f"is not reachable; " + how_to_proceed(repo_id, repo_type, flag), spec or repo_id)
+                     f"is not reachable; " + how_to_proceed(repo_id, repo_type, flag, config), spec or repo_id)
 
 
 def force_offline() -> None:

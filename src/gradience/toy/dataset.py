@@ -190,7 +190,8 @@ def _check_hub_dataset(spec: str) -> None:
     """Fail in seconds for a hub dataset that is neither cached nor reachable; read a cached one offline."""
     from gradience.io.hub import force_offline, require_hub_id_available
 
-    if require_hub_id_available(_hub_dataset(spec)[0], repo_type="dataset", flag="--dataset", spec=spec):
+    repo_id, config = _hub_dataset(spec)
+    if require_hub_id_available(repo_id, repo_type="dataset", flag="--dataset", spec=spec, config=config):
         force_offline()
 
 
