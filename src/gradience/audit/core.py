@@ -61,6 +61,8 @@ class AuditOptions:
     # audit stands with UDR "not computed" and a warning issue (``gradience audit`` without --require-udr, the
     # reference tool's behaviour that scripts rely on).
     base_required: bool = True
+    # Intruder dimensions (issue 23): a gradience.intruders.IntruderOptions, or None (not computed).
+    intruders: Any = None
 
 
 @dataclass
@@ -93,6 +95,7 @@ class LayerAudit:
     energy_rank_95: int | None = None
     energy_rank_99: int | None = None
     udr: dict[str, float | None] = field(default_factory=lambda: dict.fromkeys(UDR_ROW_KEYS))
+    intruders: dict[str, Any] | None = None     # gradience.intruders.ROW_KEYS, only with --intruders
 
     @property
     def params(self) -> int:
@@ -118,6 +121,8 @@ class LayerAudit:
         }
         row.update({key: self.udr.get(key) for key in UDR_ROW_KEYS})
         row["base_fro_norm"] = row["base_frob_norm"]  # the reference tool's spelling
+        if self.intruders is not None:
+            row.update(self.intruders)
         return row
 
 
@@ -195,6 +200,8 @@ class AuditResult:
     udr_base_model: str | None = None
     udr_summary: dict[str, Any] = field(default_factory=dict)
     udr_stats: dict[str, Any] = field(default_factory=dict)
+    intruder_summary: dict[str, Any] | None = None   # issue 23 keys, only when intruders were requested
+    intruder_stats: dict[str, Any] = field(default_factory=dict)
 
     # -- summary pieces --------------------------------------------------------------------------
     def adapter_r(self) -> int:
@@ -287,6 +294,9 @@ class AuditResult:
         out["udr_base_model"] = self.udr_base_model
         for key in UDR_SUMMARY_KEYS:
             out[key] = self.udr_summary.get(key)
+        if self.intruder_summary is not None:
+            out.update(self.intruder_summary)
+            out["intruder_stats"] = self.intruder_stats
         non_lora: NonLoraTensors = self.adapter.non_lora
         out["non_lora_tensors"] = {"count": non_lora.count, "params": non_lora.params,
                                    "names": list(non_lora.names)}
@@ -396,6 +406,10 @@ def run_audit(loaded: LoadedAdapter, options: AuditOptions | None = None) -> Aud
     dora_issue = _dora_directional_issue(result.layers)
     if dora_issue is not None:
         result.issues.append(dora_issue)
+    if options.intruders is not None:
+        from gradience.intruders.audit import apply_intruders
+
+        apply_intruders(result, loaded, options, mutated)
     return result
 
 

@@ -71,6 +71,17 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--no-udr", action="store_true",
                    help="do not try the adapter's own base_model_name_or_path for UDR")
     p.add_argument("--fail-on", action="append", metavar="RULES", help=FAIL_ON_HELP)
+    # Intruder dimensions (issue 23; Shuttleworth et al. 2025, PEFT reduce_intruder_dimension).
+    p.add_argument("--intruders", action="store_true",
+                   help="per layer, the top-k singular vectors of W + dW whose best |cos| against every singular "
+                        "vector of the base W is below eps (intruder dimensions); needs the base model")
+    p.add_argument("--intruder-k", type=int, default=None, metavar="K",
+                   help="--intruders: how many top singular vectors of W + dW are checked (default 10)")
+    p.add_argument("--intruder-eps", type=float, default=None, metavar="EPS",
+                   help="--intruders: |cos| threshold (default 0.5)")
+    p.add_argument("--intruder-cache", metavar="DIR", help="--intruders: cache directory for base partial spectra")
+    p.add_argument("--device", default=None, choices=("auto", "numpy", "cpu", "cuda"),
+                   help="--intruders: where W's products run (auto: torch on the CPU when installed, else numpy)")
     add_common_flags(p)
     p.set_defaults(func=run)
 
@@ -99,7 +110,29 @@ def _options(args: argparse.Namespace) -> Any:
         base_norms_cache=args.base_norms_cache,
         progress=sys.stderr.isatty(),
         base_required=bool(args.require_udr),
+        intruders=_intruder_options(args),
     )
+
+
+def _intruder_options(args: argparse.Namespace) -> Any:
+    """IntruderOptions with --intruders (checked before any work), None without; its flags alone are an error."""
+    from gradience.errors import InputError
+
+    given = [flag for flag, value in (("--intruder-k", args.intruder_k), ("--intruder-eps", args.intruder_eps),
+                                      ("--intruder-cache", args.intruder_cache), ("--device", args.device))
+             if value is not None]
+    if not args.intruders:
+        if given:
+            raise InputError(f"{given[0]} needs --intruders")
+        return None
+    from gradience.intruders import IntruderOptions
+    from gradience.policy.thresholds import INTRUDER_EPS, INTRUDER_TOP_K
+
+    opts = IntruderOptions(k=INTRUDER_TOP_K if args.intruder_k is None else args.intruder_k,
+                           eps=INTRUDER_EPS if args.intruder_eps is None else args.intruder_eps,
+                           device=args.device or "auto", cache_dir=args.intruder_cache)
+    opts.validate()
+    return opts
 
 
 def _load_all(args: argparse.Namespace) -> list[Any]:

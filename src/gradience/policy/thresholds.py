@@ -175,3 +175,27 @@ VERIFY_SCALE_UNDETERMINED_SE = 0.25
 # get the unit roundoff of their dtype times 4 (each factor rounded once, the product compared in float64).
 VERIFY_GGUF_REL_TOL_F32 = 1e-5
 VERIFY_MAX_WORKERS = 2           # modules verified in parallel threads (GRADIENCE_VERIFY_WORKERS overrides)
+
+# --- intruder dimensions (issue 23) -----------------------------------------------------------------------------
+# Shuttleworth et al. 2025 ("LoRA vs Full Fine-tuning: An Illusion of Equivalence", NeurIPS) and PEFT's
+# reduce_intruder_dimension (peft/tuners/lora/intruders.py): among the top-k left singular vectors of W + ΔW, one
+# whose best |cos| against every left singular vector of W is below ε is an intruder; k = 10, ε = 0.5 in both.
+INTRUDER_TOP_K = 10
+INTRUDER_EPS = 0.5
+INTRUDER_MAX_K = 256                 # --intruder-k above this is refused (the Krylov basis grows with k)
+# PEFT's default mitigation_lambda (the intruder components of W + ΔW are scaled by λ; Fig. 8 of the paper).
+INTRUDER_LAMBDA_DEFAULT = 0.75
+# Top-k of W + s·B·A by block Krylov: stop when every ‖M v_i − σ_i u_i‖ ≤ RTOL·σ₁. By Wedin's theorem the angle of
+# u_i is then within RTOL·σ₁/gap of the exact one; float32 products of W are accurate to ~1e-6·σ₁ (7B widths).
+INTRUDER_RESIDUAL_RTOL = 1e-4
+INTRUDER_BLOCK_EXTRA = 10            # Krylov block = k + this (oversampling, Halko et al. 2011 §4.2)
+INTRUDER_MAX_BLOCKS = 40             # Krylov blocks at most (then the Ritz vectors are reported unconverged)
+# Base side: a partial SVD of W with this many vectors first (×4 each time the bound cannot decide); past
+# INTRUDER_DENSE_FRACTION of min(m, n) the dense SVD of W (PEFT's own computation) is cheaper than Krylov.
+INTRUDER_BASE_P0 = 32
+INTRUDER_DENSE_FRACTION = 0.25
+# A |cos| within this of ε is not decided from the partial SVD (its vectors are accurate to ~RTOL·σ₁/gap).
+INTRUDER_DECIDE_MARGIN = 1e-3
+# Base partial spectra cache: at most this many vectors per tensor and this many bytes in all (oldest dropped).
+INTRUDER_CACHE_MAX_VECTORS = 128
+INTRUDER_CACHE_MAX_BYTES = 2 * 1024**3

@@ -1,0 +1,174 @@
+"""Top-k singular triplets of W + s·L·R from products with W and the low-rank term only (block Krylov).
+
+Why: the dense SVD of a 4096×11008 merged weight costs tens of seconds per layer and a second dense copy of W;
+the top-k triplets live in a Krylov space of a few blocks. The basis is kept in the left space:
+Q₀ = orth(M·Ω), Q_{j+1} = orth((I − QQᵀ)·M·Mᵀ·Q_j) (two Gram–Schmidt passes), and Rayleigh–Ritz on QᵀM = Zᵀ with
+Z = Mᵀ·Q gives u = Q·ũ, σ, v. The stop is residual based: ‖M·v_i − σ_i·u_i‖ ≤ rtol·σ₁ for every i < k (Mᵀ·u_i =
+σ_i·v_i holds exactly by construction). The Krylov products run in float32 against W as stored (no float64 copy
+of W); the basis and the small problems are float64. ``TorchOperator`` runs W's products on a torch device.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from gradience.policy.thresholds import INTRUDER_BLOCK_EXTRA, INTRUDER_MAX_BLOCKS, INTRUDER_RESIDUAL_RTOL
+
+
+class Operator(Protocol):
+    """A real m×n matrix seen through its products with blocks of vectors (float64 in and out)."""
+
+    shape: tuple[int, int]
+
+    def matmat(self, x: np.ndarray) -> np.ndarray: ...   # M @ x, x (n, b)
+
+    def rmatmat(self, y: np.ndarray) -> np.ndarray: ...  # Mᵀ @ y, y (m, b)
+
+
+class LowRankPlus:
+    """M = W + s·L·R for W (m, n) float32 (a view of the file is fine), L (m, r), R (r, n); L None: M = W."""
+
+    def __init__(self, w: np.ndarray, l_fac: np.ndarray | None = None, r_fac: np.ndarray | None = None,
+                 scale: float = 1.0) -> None:
+        self.w = w
+        self.shape = (int(w.shape[0]), int(w.shape[1]))
+        self.l = None if l_fac is None else np.asarray(l_fac, dtype=np.float64) * float(scale)
+        self.r = None if r_fac is None else np.asarray(r_fac, dtype=np.float64)
+
+    def _w(self, w: Any, x: np.ndarray) -> np.ndarray:
+        return np.asarray(w @ x.astype(np.float32), dtype=np.float64)
+
+    def matmat(self, x: np.ndarray) -> np.ndarray:
+        out = self._w(self.w, x)
+        if self.l is not None and self.r is not None:
+            out += self.l @ (self.r @ x)
+        return out
+
+    def rmatmat(self, y: np.ndarray) -> np.ndarray:
+        out = self._w(self.w.T, y)
+        if self.l is not None and self.r is not None:
+            out += self.r.T @ (self.l.T @ y)
+        return out
+
+
+class TorchOperator(LowRankPlus):
+    """The same operator with W's products on a torch device (the low-rank term stays in numpy float64)."""
+
+    def __init__(self, w: np.ndarray, l_fac: np.ndarray | None = None, r_fac: np.ndarray | None = None,
+                 scale: float = 1.0, device: str = "cpu") -> None:
+        super().__init__(w, l_fac, r_fac, scale)
+        import torch
+
+        self._torch = torch
+        self.device = device
+        self.tw = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)).to(device)
+
+    def _w(self, w: Any, x: np.ndarray) -> np.ndarray:
+        torch = self._torch
+        tx = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)
+        tw = self.tw if w is self.w else self.tw.T
+        return np.asarray((tw @ tx).cpu().numpy(), dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class TopK:
+    """u (m, k), sigma (k,) descending, v (n, k) float64; ``residual`` ‖M·v_i − σ_i·u_i‖ per triplet."""
+
+    u: np.ndarray
+    sigma: np.ndarray
+    v: np.ndarray
+    residual: np.ndarray
+    converged: bool
+    products: int        # block products with M or Mᵀ (each costs one pass over W)
+    blocks: int
+
+
+def _orth_against(y: np.ndarray, basis: list[np.ndarray], floor: float) -> np.ndarray:
+    """Columns spanning y minus its projection on the basis (CGS2), without directions below ``floor``."""
+    for _ in range(2):
+        for q in basis:
+            y = y - q @ (q.T @ y)
+    if y.size == 0:
+        return y
+    u, s, _ = np.linalg.svd(y, full_matrices=False)
+    keep = s > floor
+    return np.ascontiguousarray(u[:, keep])
+
+
+def top_singular(op: Operator, k: int, *, rtol: float = INTRUDER_RESIDUAL_RTOL, block: int | None = None,
+                 max_blocks: int = INTRUDER_MAX_BLOCKS, seed: int = 0) -> TopK:
+    """The k largest singular triplets of ``op`` (k ≤ min(m, n)); see the module docstring for the method."""
+    m, n = op.shape
+    full = min(m, n)
+    k = max(1, min(k, full))
+    b = min(full, block if block is not None else k + INTRUDER_BLOCK_EXTRA)
+    rng = np.random.default_rng(seed)
+    y = op.matmat(rng.standard_normal((n, b)))
+    products = 1
+    scale = float(np.linalg.norm(y)) or 1.0
+    floor = scale * 1e-13
+    basis: list[np.ndarray] = []
+    zs: list[np.ndarray] = []
+    q = _orth_against(y, basis, floor)
+    dim = 0
+    result: TopK | None = None
+    for blocks in range(1, max_blocks + 1):
+        if q.shape[1] == 0:
+            break
+        basis.append(q)
+        dim += q.shape[1]
+        z = op.rmatmat(q)
+        products += 1
+        zs.append(z)
+        zall = np.concatenate(zs, axis=1)  # (n, dim): Zᵀ = Qᵀ·M
+        vz, s, uzt = np.linalg.svd(zall, full_matrices=False)
+        kk = min(k, s.shape[0])
+        qall = np.concatenate(basis, axis=1)
+        u = qall @ uzt.T[:, :kk]
+        v = vz[:, :kk]
+        sig = s[:kk]
+        mv = op.matmat(v)
+        products += 1
+        res = np.linalg.norm(mv - u * sig, axis=0)
+        sigma1 = float(sig[0]) if sig.size else 0.0
+        exhausted = dim >= full
+        ok = kk == k and bool(np.all(res <= rtol * max(sigma1, np.finfo(float).tiny)))
+        result = TopK(u, sig, v, res, ok or exhausted, products, blocks)
+        if ok or exhausted or sigma1 == 0.0:
+            break
+        # Next block: M·Mᵀ·Q_j; the new directions M·z are what the residuals lack.
+        y = op.matmat(z)
+        products += 1
+        q = _orth_against(y, basis, floor * max(1.0, sigma1))
+    if result is None:  # M·Ω was zero: M is the zero matrix (or Ω missed its range)
+        zero_u = np.zeros((m, k))
+        return TopK(zero_u, np.zeros(k), np.zeros((n, k)), np.zeros(k), True, products, 0)
+    if result.sigma.shape[0] < k:  # the range of M has fewer than k dimensions: pad with zero triplets
+        pad = k - result.sigma.shape[0]
+        result = TopK(np.pad(result.u, ((0, 0), (0, pad))), np.pad(result.sigma, (0, pad)),
+                      np.pad(result.v, ((0, 0), (0, pad))), np.pad(result.residual, (0, pad)),
+                      result.converged, result.products, result.blocks)
+    return result
+
+
+def dense_left_singular(w: np.ndarray, device: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """All left singular vectors (m, min(m, n)) and σ of the base W: the fallback when a partial SVD cannot
+    decide (PEFT's own computation, ``torch.linalg.svd(W, full_matrices=False)``)."""
+    if device is not None:
+        import torch
+
+        tw = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)).to(device)
+        u, s, _ = torch.linalg.svd(tw, full_matrices=False)
+        return u.cpu().numpy().astype(np.float64), s.cpu().numpy().astype(np.float64)
+    u, s, _ = np.linalg.svd(np.asarray(w, dtype=np.float32), full_matrices=False)
+    return u.astype(np.float64), s.astype(np.float64)
+
+
+def blocks_for(k: int, full: int) -> int:
+    """How many Krylov blocks a complete basis needs (the solver is exact at that point)."""
+    b = min(full, k + INTRUDER_BLOCK_EXTRA)
+    return math.ceil(full / max(b, 1))
