@@ -18,6 +18,7 @@ import numpy as np
 
 from gradience.errors import InputError, MissingDependencyError
 from gradience.io.safetensors import FLOAT_DTYPES, SafetensorsFile
+from gradience.quant.bnb4 import Bnb4Tensor, find_bnb4_tensors, read_bnb4
 from gradience.udr.resolve import ResolvedBase
 from gradience.udr.spectral import RowBlocks
 
@@ -32,7 +33,13 @@ class BaseTensorInfo:
 
     @property
     def is_float(self) -> bool:
-        return self.dtype in FLOAT_DTYPES or self.dtype in {"float32", "float16", "bfloat16", "float64"}
+        return (self.dtype in FLOAT_DTYPES or self.dtype in {"float32", "float16", "bfloat16", "float64"}
+                or self.dtype in QUANT_4BIT_DTYPES)
+
+
+# bitsandbytes 4-bit weights (QLoRA bases) are listed under these dtypes with their logical shape and read
+# de-quantised in numpy (gradience.quant.bnb4), so every base measurement treats them as float tensors.
+QUANT_4BIT_DTYPES = frozenset({"NF4", "FP4"})
 
 
 def file_fingerprint(path: Path) -> tuple[int, int]:
@@ -50,6 +57,7 @@ class BaseWeights:
         self.file_problems: dict[str, str] = {}
         self._st_files: dict[str, SafetensorsFile] = {}
         self._bin_files: dict[str, dict[str, Any]] = {}
+        self._bnb4: dict[str, Bnb4Tensor] = {}  # 4-bit weight name -> its quant state (see QUANT_4BIT_DTYPES)
         self.tensors: dict[str, BaseTensorInfo] = {}
         self.bytes_read = 0
         self.tensors_read = 0
@@ -89,6 +97,12 @@ class BaseWeights:
                 if wmap is not None and wmap.get(tname, fname) != fname:
                     continue  # the index says another shard holds the authoritative copy
                 self.tensors[tname] = BaseTensorInfo(tname, fname, info.dtype, info.shape, info.start)
+            for tname, q4 in find_bnb4_tensors(st).items():
+                if tname in self.tensors:
+                    self._bnb4[tname] = q4
+                    start = self.tensors[tname].offset
+                    self.tensors[tname] = BaseTensorInfo(tname, fname, q4.state.quant_type.upper(), q4.state.shape,
+                                                         start)
         else:
             state = _torch_load(path)
             self._bin_files[fname] = state
@@ -111,6 +125,8 @@ class BaseWeights:
         info = self.tensors[name]
         if info.file in self.file_problems:
             raise InputError(self.file_problems[info.file], self.root / info.file)
+        if name in self._bnb4:
+            return self._read_4bit(name)
         if self.resolved.fmt == "safetensors":
             st = self._st_files[info.file]
             out = None if info.dtype == "F32" else self._buffer(info.shape)
@@ -132,6 +148,9 @@ class BaseWeights:
         info = self.tensors[name]
         if info.file in self.file_problems:
             raise InputError(self.file_problems[info.file], self.root / info.file)
+        if name in self._bnb4:
+            arr = self._read_4bit(name)
+            return RowBlocks(arr.reshape(int(arr.shape[0]) if arr.ndim else 1, -1))
         if self.resolved.fmt == "safetensors":
             st = self._st_files[info.file]
             with self._lock:
@@ -150,6 +169,17 @@ class BaseWeights:
                    else tensor.contiguous().numpy())
         rows = int(raw.shape[0]) if raw.ndim else 1
         return RowBlocks(raw.reshape(rows, -1), bf16=bf16)
+
+    def _read_4bit(self, name: str) -> np.ndarray:
+        """A bitsandbytes 4-bit weight de-quantised to float32 (a fresh array: codes x block absmax, rounded to the
+        dtype bitsandbytes would return)."""
+        q4 = self._bnb4[name]
+        st = self._st_files[self.tensors[name].file]
+        with self._lock:
+            arr = read_bnb4(st, q4)
+            self.bytes_read += sum(st.tensors[k].nbytes for k in (name, *q4.keys.values()))
+            self.tensors_read += 1
+        return arr
 
     def release(self, name: str) -> None:
         """Drop a safetensors tensor's mapped pages from the process once it has been streamed (verify reads
