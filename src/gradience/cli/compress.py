@@ -90,6 +90,10 @@ def add_parser(sub: Any) -> None:
                    help="base model (local dir or hub id in the local HF cache): UDR before/after and the exact "
                         "merged-weight error of DoRA modules")
     p.add_argument("--base-norms-cache", metavar="F", help="cache file for base-weight norms")
+    p.add_argument("--scale-intruders", type=_fraction, metavar="LAMBDA",
+                   help="instead of a rank policy: scale the intruder dimensions of W + dW by LAMBDA (PEFT's "
+                        "reduce_intruder_dimension, default there 0.75), same ranks; needs --base-model; writes "
+                        "OUT/intruders.json (gradience.intruders.mitigate/v1)")
     p.add_argument("--dry-run", action="store_true", help="plan only: print what would be written, write nothing")
     p.add_argument("--json", action="store_true", help="print the gradience.compress/v1 document")
     p.add_argument("--force", action="store_true", help="replace OUT when it is an earlier compress output")
@@ -159,6 +163,8 @@ def _run(args: argparse.Namespace) -> int:
         raise InputError("no adapter given: pass the adapter directory (gradience compress IN, or --peft-dir IN)")
     if not args.out and not args.dry_run:
         raise InputError("no output given: pass --out OUT (or --dry-run to plan only)")
+    if args.scale_intruders is not None:
+        return _scale_intruders(args)
     policy = _policy(args)
     options = CompressOptions(policy=policy, dtype=args.dtype, base_model=args.base_model,
                               base_norms_cache=args.base_norms_cache, dry_run=args.dry_run, force=args.force,
@@ -170,4 +176,38 @@ def _run(args: argparse.Namespace) -> int:
         sys.stdout.write(jsonio.dumps(doc, pretty=True) + "\n")
     else:
         sys.stdout.write(safe_text(render_text(doc), keep_newlines=True))  # names from the files, escaped
+    return 0
+
+
+def _scale_intruders(args: argparse.Namespace) -> int:
+    """``--scale-intruders λ``: the intruder mitigation instead of a rank policy (same ranks, same config)."""
+    from gradience import jsonio
+    from gradience.adapter import load_adapter
+    from gradience.errors import InputError
+    from gradience.intruders.mitigate import mitigate_adapter
+
+    others = [flag for flag, value in (("--rank", args.rank), ("--energy", args.energy), ("--sv-fro", args.sv_fro),
+                                       ("--sv-cumulative", args.sv_cumulative), ("--sv-ratio", args.sv_ratio),
+                                       ("--budget", args.budget)) if value is not None]
+    if args.per_layer:
+        others.append("--per-layer")
+    if others:
+        raise InputError(f"--scale-intruders keeps every rank: it cannot be combined with {others[0]}")
+    if not args.base_model:
+        raise InputError("--scale-intruders needs the base model (--base-model DIR_OR_ID)")
+    loaded = load_adapter(args.peft_dir, adapter_name=args.adapter_name)
+    doc = mitigate_adapter(loaded, args.base_model, args.out, args.scale_intruders, force=args.force,
+                           dry_run=args.dry_run)
+    if args.json:
+        sys.stdout.write(jsonio.dumps(doc, pretty=True) + "\n")
+    else:
+        rows = [row for row in doc["layers"] if row["intruder_count"]]
+        lines = [f"intruders scaled by {doc['lambda']:g}: {doc['n_layers_changed']} of {doc['n_layers_checked']} "
+                 f"layers changed (k={doc['intruder_k']}, eps={doc['intruder_eps']:g})"]
+        for row in rows:
+            kept = row["energy_retained"]
+            lines.append(f"  {row['name']}: {row['intruder_count']} intruder(s), energy retained at rank r "
+                         f"{'n/a' if kept is None else format(kept, '.4f')}")
+        lines.append(f"wrote {doc['out_dir']}" if doc["written"] else "dry run: nothing written")
+        sys.stdout.write(safe_text("\n".join(lines) + "\n", keep_newlines=True))
     return 0
