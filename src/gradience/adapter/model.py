@@ -45,6 +45,11 @@ class LoraPair:
     # for plain LoRA, and for a DoRA pair whose magnitude is missing or misshapen (an issue says which).
     magnitude_key: str | None = None
     magnitude_loader: Callable[[], np.ndarray] | None = field(default=None, repr=False, compare=False)
+    # MoE expert LoRA (PEFT target_parameters, adapter/experts.py): the expert index within the stacked parameter,
+    # the number of experts, and the parameter's name (``gate_up_proj``); None for an ordinary module.
+    expert: int | None = None
+    num_experts: int | None = None
+    parameter: str | None = None
 
     @property
     def params(self) -> int:

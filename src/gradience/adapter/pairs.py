@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from gradience.adapter.config import merge_issues, module_rank, module_scale
+from gradience.adapter.experts import split_expert_slots
 from gradience.adapter.model import LoraPair, NonLoraTensors, PairKind
 from gradience.adapter.sources import TensorMeta, TensorSource
 from gradience.issues import Issue
@@ -220,7 +221,9 @@ def build_pairs(source: TensorSource, config: Mapping[str, Any], adapter_name: s
     magnitude_bad: dict[str, str] = {}
     used_magnitudes: set[tuple[str, str | None]] = set()
     per_module_issues: list[Issue] = []
-    pairs: list[LoraPair] = []
+    # PEFT target_parameters wrappers (MoE experts): one pair per expert, named after the parameter
+    pairs, expert_issues = split_expert_slots(slots, source, config, module_name)
+    issues.extend(expert_issues)
 
     for (prefix, _adapter), slot in slots.items():
         name = module_name(prefix)

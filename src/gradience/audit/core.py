@@ -20,6 +20,7 @@ from gradience import stats
 from gradience.adapter.config import mutated_base_init
 from gradience.adapter.model import LoadedAdapter, LoraPair, NonLoraTensors
 from gradience.audit.composition import composition
+from gradience.audit.experts import annotate_experts, expert_summary
 from gradience.audit.spectrum import FactorGram, pair_grams, singular_values_many, spectrum_metrics
 from gradience.audit.suggest import global_suggestion, per_layer_suggestions
 from gradience.errors import InputError
@@ -96,6 +97,11 @@ class LayerAudit:
     energy_rank_99: int | None = None
     udr: dict[str, float | None] = field(default_factory=lambda: dict.fromkeys(UDR_ROW_KEYS))
     intruders: dict[str, Any] | None = None     # gradience.intruders.ROW_KEYS, only with --intruders
+    expert: int | None = None                   # MoE expert LoRA: expert index (row keys only for expert rows)
+    num_experts: int | None = None
+    parameter: str | None = None
+    energy_share: float | None = None           # share of Σ‖ΔW_e‖² over its parameter's experts (audit/experts.py)
+    adapted: bool | None = None                 # False: zero or negligible expert update
 
     @property
     def params(self) -> int:
@@ -123,6 +129,9 @@ class LayerAudit:
         row["base_fro_norm"] = row["base_frob_norm"]  # the reference tool's spelling
         if self.intruders is not None:
             row.update(self.intruders)
+        if self.expert is not None:
+            row.update(expert=self.expert, num_experts=self.num_experts, parameter=self.parameter,
+                       energy_share=self.energy_share, adapted=self.adapted)
         return row
 
 
@@ -131,7 +140,8 @@ def _layer_from_pair(pair: LoraPair, sigma: np.ndarray) -> LayerAudit:
         name=pair.name, peft_prefix=pair.peft_prefix, module_type=classify_module(pair.name),
         layer=layer_index(pair.name), kind=pair.kind, dora=pair.dora, r=pair.r, alpha=pair.alpha,
         scale=pair.scale, d_in=pair.d_in, d_out=pair.d_out, a_shape=tuple(pair.a_shape),
-        b_shape=tuple(pair.b_shape), status="ok",
+        b_shape=tuple(pair.b_shape), status="ok", expert=pair.expert, num_experts=pair.num_experts,
+        parameter=pair.parameter,
     )
     if not np.isfinite(sigma).all():
         layer.status = "non_finite"
@@ -290,6 +300,9 @@ class AuditResult:
             },
             "composition": self._composition(),
         }
+        experts = expert_summary(layers)
+        if experts is not None:
+            out["experts"] = experts
         out["udr_requested"] = self.udr_requested
         out["udr_base_model"] = self.udr_base_model
         for key in UDR_SUMMARY_KEYS:
@@ -397,7 +410,8 @@ def run_audit(loaded: LoadedAdapter, options: AuditOptions | None = None) -> Aud
     options = options or AuditOptions()
     layers = audit_pairs(loaded.pairs)
     result = AuditResult(adapter=loaded, layers=layers, options=options,
-                         issues=list(loaded.issues) + layer_issues(layers, loaded.non_lora))
+                         issues=list(loaded.issues) + layer_issues(layers, loaded.non_lora)
+                         + annotate_experts(layers))
     mutated = mutated_base_init(loaded.config)
     if mutated is not None:
         result.issues.append(_mutated_base_issue(mutated))

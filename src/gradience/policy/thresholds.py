@@ -94,6 +94,14 @@ ALLOWED_RANKS_DEFAULT = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 # refused from the header before the r x r Gram is allocated (r = 4096: a 128 MiB Gram, seconds to solve).
 MAX_FACTOR_RANK = 4096
 RANK_ABOVE_DIM_MAX = 64
+# MoE expert LoRA (issue 21): a PEFT target_parameters factor stacks E experts' ranks (r·E rows). Public MoE bases
+# have at most 384 routed experts (Kimi K2 config.json n_routed_experts=384; DeepSeek-V3 256, Qwen3-MoE 128); a
+# header claiming more than this is refused before any slice is made.
+MAX_EXPERTS = 4096
+# An expert whose ‖ΔW_e‖_F is at most this fraction of its parameter's median expert is "never adapted": PEFT
+# starts B at 0 (LoRA §4.1), so an expert the router never picked keeps exactly 0; 1e-3 of the median (a 60 dB
+# energy gap) also catches experts that saw a handful of tokens, far below any trained sibling.
+EXPERT_NEGLIGIBLE_REL = 1e-3
 ENERGY_LEVELS = (0.90, 0.95, 0.99)
 SUGGEST_MARGIN_DEFAULT = 1.0
 # σ from the r×r Gram eigen-solve lose ~sqrt(eps)·σ₁ on tiny values: when λ_min < this·λ_max the pair's σ
