@@ -10,6 +10,7 @@ from typing import Any
 from gradience.errors import InputError
 from gradience.issues import Issue
 from gradience.monitor.analysis import RunAnalyzer
+from gradience.monitor.external import EXTERNAL_KINDS, read_external
 from gradience.monitor.sources import RunSource, read_trainer_state, resolve_run_path, telemetry_events
 from gradience.policy import thresholds as T
 from gradience.policy.recommendations import dedupe_and_sort
@@ -194,6 +195,10 @@ def monitor_run(path: str | os.PathLike[str], *, run_id: str | None = None,
             raise InputError(f"no run with id {run_id!r} (runs in this file: {shown})", source.path)
         if analyzer is not None and analyzer.config is not None:
             config = ConfigSnapshot.from_dict(analyzer.config)
+    elif source.kind in EXTERNAL_KINDS:
+        external = read_external(source.kind, source.path, run_id=run_id, strict=strict)
+        analyzer, issues, runs = external.analyzer, external.issues, external.runs
+        lines, config = external.lines, external.config
     else:
         state = read_trainer_state(source.path)
         if strict and state.issues:

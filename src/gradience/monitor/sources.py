@@ -3,7 +3,9 @@
 RUN is a telemetry JSONL, a Hugging Face ``trainer_state.json`` (its ``log_history``), or a directory holding
 one of them: ``run.jsonl``, else a single ``*.jsonl``, else ``trainer_state.json``, else the
 ``trainer_state.json`` of the latest ``checkpoint-N/``. Runs trained without the Gradience callback can be
-monitored too.
+monitored too. A file is recognised by its content (``telemetry.sniff``): also TensorBoard event files, a W&B
+``run-*.wandb``, a W&B history export and LLaMA-Factory's ``trainer_log.jsonl``; a directory may also be a
+W&B run directory, a ``wandb/`` directory of runs, or a tree of TensorBoard event files (``runs/<date>_<host>/``).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from gradience.issues import Issue
 from gradience.jsonio import MAX_JSON_INT
 from gradience.telemetry.types import ConfigSnapshot
 
-SourceKind = Literal["telemetry", "trainer_state"]
+SourceKind = Literal["telemetry", "trainer_state", "tensorboard", "wandb", "wandb_export", "llamafactory"]
 MAX_TRAINER_STATE_BYTES = 256 * 1024 * 1024  # far above real files; guards json.loads of a huge input
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # HF log entries that summarize the whole training (written once at the end), not a train step.
@@ -43,17 +45,27 @@ def resolve_run_path(path: str | os.PathLike[str]) -> RunSource:
         raise InputError("no such file or directory", p)
     if stat.S_ISDIR(st.st_mode):
         return _resolve_dir(p)
-    kind: SourceKind = "trainer_state" if p.suffix.lower() == ".json" else "telemetry"
-    return RunSource(kind, p)
+    if not stat.S_ISREG(st.st_mode):
+        kind: SourceKind = "trainer_state" if p.suffix.lower() == ".json" else "telemetry"
+        return RunSource(kind, p)  # a FIFO or device: never opened here to sniff (it may block)
+    from gradience.telemetry.sniff import sniff_file
+
+    return RunSource(sniff_file(p), p)  # type: ignore[arg-type]
 
 
 def _resolve_dir(d: Path) -> RunSource:
     try:
         if is_file(d / "run.jsonl"):
             return RunSource("telemetry", d / "run.jsonl")
+        from gradience.telemetry.wandb import is_run_dir
+
+        if is_run_dir(d):
+            return RunSource("wandb", d)
         jsonls = sorted(x for x in d.glob("*.jsonl") if is_file(x))
         if len(jsonls) == 1:
-            return RunSource("telemetry", jsonls[0])
+            from gradience.telemetry.sniff import sniff_file
+
+            return RunSource(sniff_file(jsonls[0]), jsonls[0])  # type: ignore[arg-type]
         if len(jsonls) > 1:
             names = ", ".join(x.name for x in jsonls[:10])
             raise InputError(f"several telemetry files and no run.jsonl ({names}); pass one of them", d)
@@ -68,8 +80,42 @@ def _resolve_dir(d: Path) -> RunSource:
         raise InputError(f"cannot list directory: {os_problem(exc)}", d) from None
     if checkpoints:
         return RunSource("trainer_state", max(checkpoints)[1])
-    raise InputError("no run.jsonl, *.jsonl, trainer_state.json or checkpoint-*/trainer_state.json in this "
-                     "directory", d)
+    wandb_runs = _wandb_runs(d)
+    if wandb_runs:
+        return RunSource("wandb", wandb_runs[-1])
+    if _has_event_files(d):
+        return RunSource("tensorboard", d)
+    raise InputError("no run.jsonl, *.jsonl, trainer_state.json, checkpoint-*/trainer_state.json, W&B run or "
+                     "TensorBoard event file in this directory", d)
+
+
+_WANDB_RUN_DIR = re.compile(r"^(offline-)?run-\d{8}_\d{6}-[A-Za-z0-9]+$")
+
+
+def _wandb_runs(d: Path) -> list[Path]:
+    """``wandb/`` (or its parent): its run directories, oldest first (their names start with the date)."""
+    from gradience.telemetry.wandb import is_run_dir
+
+    for base in (d, d / "wandb"):
+        try:
+            subs = sorted((x for x in base.iterdir() if _WANDB_RUN_DIR.match(x.name)), key=lambda x: x.name.split("run-", 1)[1])
+        except OSError:
+            continue
+        runs = [x for x in subs[-1000:] if is_run_dir(x)]
+        if runs:
+            return runs
+    return []
+
+
+def _has_event_files(d: Path) -> bool:
+    """An event file in ``d``, ``d/runs/*`` or ``d/*`` (the Trainer's ``runs/<date>_<host>/`` layout)."""
+    for pattern in ("*tfevents*", "*/*tfevents*", "runs/*/*tfevents*"):
+        try:
+            if next(iter(d.glob(pattern)), None) is not None:
+                return True
+        except OSError:
+            continue
+    return False
 
 
 # -- trainer_state.json -----------------------------------------------------------------------------------

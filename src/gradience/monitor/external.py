@@ -1,0 +1,90 @@
+"""Runs logged by other tools (TensorBoard, W&B, W&B exports, LLaMA-Factory) -> a fed ``RunAnalyzer``.
+
+The readers (``gradience.telemetry.tensorboard`` / ``wandb`` / ``llamafactory``) stream run events in the
+shapes of ``run.jsonl``, so the analysis, gates, ``--json`` and ``report`` are the ones of a Gradience log.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gradience.errors import GradienceError, InputError
+from gradience.issues import Issue
+from gradience.monitor.analysis import RunAnalyzer
+from gradience.telemetry.types import ConfigSnapshot
+
+EXTERNAL_KINDS = ("tensorboard", "wandb", "wandb_export", "llamafactory")
+
+
+@dataclass
+class ExternalRun:
+    analyzer: RunAnalyzer
+    issues: list[Issue]
+    runs: list[str | None]
+    lines: int
+    config: ConfigSnapshot | None
+
+
+def open_log(kind: str, path: Path, run_id: str | None) -> Any:
+    """The reader for ``kind`` (its optional dependency is imported here, lazily)."""
+    if kind == "tensorboard":
+        from gradience.telemetry.tensorboard import TensorBoardLog
+
+        return TensorBoardLog(path, run_id)
+    if kind == "wandb":
+        from gradience.telemetry.wandb import WandbLog
+
+        return WandbLog(path, run_id)
+    from gradience.telemetry.llamafactory import LlamaFactoryLog, WandbExportLog
+
+    return (LlamaFactoryLog if kind == "llamafactory" else WandbExportLog)(path, run_id)
+
+
+def _snapshot(training_args: dict[str, Any] | None) -> ConfigSnapshot | None:
+    """TrainingArguments (TensorBoard's ``args`` text, W&B's run config) -> a ConfigSnapshot; None when the
+    log holds none or it cannot be read as a config."""
+    if not training_args:
+        return None
+    try:
+        from gradience.config import snapshot_from_sources
+
+        return snapshot_from_sources(training=training_args)
+    except (ImportError, NotImplementedError, GradienceError):
+        return None
+
+
+def read_external(kind: str, path: Path, *, run_id: str | None, strict: bool) -> ExternalRun:
+    log = open_log(kind, path, run_id)
+    analyzer = RunAnalyzer(getattr(log, "run_id", None))
+    n = 0
+    configured = False
+    for event, step, data in log.events():
+        if not configured:
+            configured = True
+            _configure(analyzer, log)
+        analyzer.feed(event, step, data)
+        n += 1
+    analyzer.run_id = log.run_id
+    if strict and log.issues:
+        bad = next((i for i in log.issues if i.severity != "info"), None)
+        if bad is not None:
+            raise InputError(f"{bad.message} (strict schema)", path)
+    if n == 0:
+        problem = f"; {log.issues[0].message}" if log.issues else ""
+        raise InputError(f"no train or eval metrics in this {kind} log{problem}", path)
+    if log.summary:
+        analyzer.summary_extra["hf_train_summary"] = log.summary
+    args = getattr(log, "training_args", None) or getattr(log, "config", None)
+    return ExternalRun(analyzer, log.issues, list(log.runs), log.records, _snapshot(args))
+
+
+def _configure(analyzer: RunAnalyzer, log: Any) -> None:
+    """What the log says about clipping: the logged TrainingArguments' ``max_grad_norm`` when there are some,
+    else the Trainer's default for logs written by the Trainer (as for trainer_state.json)."""
+    args = getattr(log, "training_args", None) or getattr(log, "config", None)
+    if args:
+        analyzer.train.signatures.configure(args, {"framework": "transformers"} if log.transformers else None)
+    elif log.transformers:
+        analyzer.train.signatures.configure(None, {"framework": "transformers"})

@@ -1,0 +1,180 @@
+"""LLaMA-Factory's ``trainer_log.jsonl`` and W&B history exports -> run events.
+
+``trainer_log.jsonl`` is written by LLaMA-Factory's ``LogCallback.on_log``
+(``src/llamafactory/train/callbacks.py``): one JSON object per log call with ``current_steps``,
+``total_steps``, ``loss``, ``lr``, ``epoch``, ``eval_loss``, ``percentage``, ``elapsed_time`` … (keys whose
+value is None are left out). A W&B history export is ``run.history()`` / the UI's "Export CSV": one row per
+log call with ``_step`` (or ``Step``) and the Trainer's ``train/…`` / ``eval/…`` columns; the UI prefixes
+columns with ``<run name> - `` and adds ``__MIN``/``__MAX`` companions, which are dropped.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from gradience.errors import InputError
+from gradience.issues import Issue
+from gradience.telemetry.logmap import Event, EventBuilder
+
+MAX_LINE_BYTES = 16 * 1024 * 1024
+MAX_EXPORT_BYTES = 512 * 1024 * 1024  # a JSON export is one document: parsed whole
+MAX_BAD_REPORTED = 10
+
+
+def _open(path: Path) -> Any:
+    try:
+        return open(path, "rb")
+    except OSError as exc:
+        from gradience.io.textfile import os_problem
+
+        raise InputError(f"cannot read: {os_problem(exc)}", path) from None
+
+
+def _int_step(value: Any) -> int | None:
+    if type(value) is int and abs(value) < 2**63:
+        return value
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return _int_step(float(value))
+        except ValueError:
+            return None
+    return None
+
+
+class _RowLog:
+    """Rows (one log call each) -> events through the shared mapper; subclasses yield rows."""
+
+    source = "?"
+
+    def __init__(self, path: Path, run_id: str | None = None) -> None:
+        if run_id is not None:
+            raise InputError(f"--run-id applies to telemetry logs and TensorBoard/W&B directories; a {self.source} "
+                             "file holds one run", path)
+        self.path = path
+        self.issues: list[Issue] = []
+        self.records = 0
+        self.summary: dict[str, Any] = {}
+        self.runs: list[str | None] = [None]
+        self.run_id: str | None = None
+        self.transformers = True  # both are the Trainer's log() dicts: its max_grad_norm default applies
+        self._bad = 0
+
+    def rows(self) -> Iterator[tuple[int | None, dict[str, Any]]]:
+        raise NotImplementedError
+
+    def _bad_row(self, where: str, problem: str) -> None:
+        self._bad += 1
+        if self._bad <= MAX_BAD_REPORTED:
+            self.issues.append(Issue("bad_log_entry", f"{where}: {problem}; skipped"))
+
+    def events(self) -> Iterator[Event]:
+        builder = EventBuilder()
+        for step, row in self.rows():
+            self.records += 1
+            yield from builder.flush()
+            for key, value in row.items():
+                yield from builder.add(key, step, value)
+        yield from builder.flush()
+        self.summary = builder.summary
+        self.issues.extend(builder.issues())
+        if self._bad > MAX_BAD_REPORTED:
+            self.issues.append(Issue("bad_log_entry", f"{self._bad - MAX_BAD_REPORTED} more bad lines"))
+
+
+class LlamaFactoryLog(_RowLog):
+    source = "llamafactory"
+
+    def rows(self) -> Iterator[tuple[int | None, dict[str, Any]]]:
+        with _open(self.path) as f:
+            for number, line in enumerate(iter(lambda: f.readline(MAX_LINE_BYTES + 1), b""), 1):
+                if len(line) > MAX_LINE_BYTES:
+                    self._bad_row(f"line {number}", f"longer than {MAX_LINE_BYTES} bytes")
+                    while line and not line.endswith(b"\n"):
+                        line = f.readline(1 << 20)
+                    continue
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except (ValueError, RecursionError):
+                    self._bad_row(f"line {number}", "not valid JSON")
+                    continue
+                if not isinstance(obj, dict):
+                    self._bad_row(f"line {number}", "not a JSON object")
+                    continue
+                yield _int_step(obj.get("current_steps")), obj
+
+
+def _strip_export_column(name: str) -> str | None:
+    """``<run> - train/loss`` -> ``train/loss``; ``…__MIN`` / ``…__MAX`` -> None."""
+    if name.endswith(("__MIN", "__MAX")):
+        return None
+    if " - " in name:
+        name = name.rsplit(" - ", 1)[1]
+    return name
+
+
+class WandbExportLog(_RowLog):
+    source = "wandb_export"
+
+    def rows(self) -> Iterator[tuple[int | None, dict[str, Any]]]:
+        with _open(self.path) as f:
+            head = f.read(MAX_EXPORT_BYTES + 1)
+        if len(head) > MAX_EXPORT_BYTES:
+            raise InputError(f"W&B export larger than {MAX_EXPORT_BYTES} bytes", self.path)
+        text = head.decode("utf-8", "replace")
+        if text.lstrip().startswith("["):
+            yield from self._json_rows(text)
+        else:
+            yield from self._csv_rows(text)
+
+    def _json_rows(self, text: str) -> Iterator[tuple[int | None, dict[str, Any]]]:
+        try:
+            rows = json.loads(text)
+        except (ValueError, RecursionError) as exc:
+            raise InputError(f"not a W&B history export: invalid JSON ({exc})", self.path) from None
+        for i, row in enumerate(rows):
+            if not isinstance(row, dict):
+                self._bad_row(f"row {i}", "not an object")
+                continue
+            yield _row_step(row), row
+
+    def _csv_rows(self, text: str) -> Iterator[tuple[int | None, dict[str, Any]]]:
+        reader = csv.reader(io.StringIO(text))
+        header = next(reader, None) or []
+        names = [_strip_export_column(h) for h in header]
+        for _number, cells in enumerate(reader, 2):
+            row: dict[str, Any] = {}
+            for name, cell in zip(names, cells, strict=False):
+                if name is None or cell == "":
+                    continue
+                try:
+                    row[name] = float(cell)
+                except ValueError:
+                    row[name] = cell
+            if row:
+                yield _row_step(row), row
+
+
+def _row_step(row: dict[str, Any]) -> int | None:
+    for key in ("train/global_step", "_step", "Step", "step"):
+        if key in row:
+            return _int_step(row[key])
+    return None
+
+
+def looks_like_llamafactory(obj: Any) -> bool:
+    return isinstance(obj, dict) and "current_steps" in obj and "total_steps" in obj
+
+
+def looks_like_wandb_export_header(header: list[str]) -> bool:
+    names = {_strip_export_column(h) for h in header}
+    return bool(names & {"_step", "Step", "train/global_step"}) and any(
+        n is not None and (n.startswith(("train/", "eval/")) or n in ("loss", "eval_loss")) for n in names)

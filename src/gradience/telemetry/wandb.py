@@ -1,0 +1,213 @@
+"""Weights & Biases run directories -> run events (the ``[wandb]`` extra; no network, no login).
+
+W&B writes every run (online or ``offline-run-*``) to a local transaction log ``run-<id>.wandb``. It has no
+public reader, so this module reads it with W&B's own code, not a re-derived format: the framing (LevelDB
+log blocks, CRC32 per fragment) by ``wandb.sdk.internal.datastore.DataStore`` (its ``open_for_scan`` /
+``scan_data``), and each record by ``wandb.proto.wandb_internal_pb2.Record``. The only change to DataStore
+is opening the file read-only (its ``open_for_scan`` asks for write access) and a cap on one record's size.
+A corrupt fragment (DataStore's assertions) is reported with its offset and reading resumes at the next
+32 KiB block, the log format's own recovery point. wandb 0.30 moved this code out of Python: the extra
+pins a release that has it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from gradience.errors import InputError, MissingDependencyError
+from gradience.issues import Issue
+from gradience.telemetry.logmap import Event, EventBuilder
+
+MAX_RECORD_BYTES = 64 * 1024 * 1024
+MAX_CORRUPT_REPORTED = 10
+_RUN_FILE = re.compile(r"^run-[A-Za-z0-9_-]+\.wandb$")
+_PURPOSE = "reading a W&B run directory"
+
+
+def _import_wandb() -> tuple[Any, Any]:
+    try:
+        from wandb.proto import wandb_internal_pb2
+        from wandb.sdk.internal import datastore
+    except ImportError:
+        raise MissingDependencyError("wandb<0.30", "wandb", _PURPOSE) from None
+    return datastore, wandb_internal_pb2
+
+
+def find_run_file(path: Path) -> Path:
+    """``run-*.wandb`` in a run directory (``offline-run-*`` / ``run-*``), or the file itself."""
+    if not path.is_dir():
+        return path
+    try:
+        found = sorted(p for p in path.iterdir() if _RUN_FILE.match(p.name) and p.is_file())
+    except OSError as exc:
+        from gradience.io.textfile import os_problem
+
+        raise InputError(f"cannot list directory: {os_problem(exc)}", path) from None
+    if not found:
+        raise InputError("no run-*.wandb file in this W&B run directory", path)
+    if len(found) > 1:
+        raise InputError(f"several run-*.wandb files ({', '.join(p.name for p in found[:5])}); pass one", path)
+    return found[0]
+
+
+def is_run_dir(path: Path) -> bool:
+    try:
+        return path.is_dir() and any(_RUN_FILE.match(p.name) for p in path.iterdir())
+    except OSError:
+        return False
+
+
+def _store_class(datastore: Any) -> Any:
+    class ReadOnlyStore(datastore.DataStore):  # type: ignore[misc, name-defined]
+        """DataStore opened read-only, with one record's fragments capped at MAX_RECORD_BYTES."""
+
+        def open_for_scan(self, fname: str) -> None:
+            self._fname = fname
+            self._fp = open(fname, "rb")  # noqa: SIM115 - closed by close()
+            self._index = 0
+            self._size_bytes = os.fstat(self._fp.fileno()).st_size
+            self._opened_for_scan = True
+            self._pending = 0
+            self._read_header()
+
+        def scan_record(self) -> Any:
+            record = super().scan_record()
+            if record is not None:
+                dtype, data = record
+                self._pending = len(data) if dtype in (datastore.LEVELDBLOG_FULL, datastore.LEVELDBLOG_FIRST) \
+                    else self._pending + len(data)
+                if self._pending > MAX_RECORD_BYTES:
+                    raise AssertionError(f"record larger than {MAX_RECORD_BYTES} bytes")
+            return record
+
+    return ReadOnlyStore
+
+
+def _value(value_json: str) -> Any:
+    try:
+        return json.loads(value_json)
+    except (ValueError, RecursionError):
+        return None
+
+
+def _key(item: Any) -> str:
+    return "/".join(item.nested_key) if len(item.nested_key) else str(item.key)
+
+
+class WandbLog:
+    """One W&B run, read in one streaming pass (``events()``); ``issues``, ``config``, ``summary`` and
+    ``records`` are complete once the iterator is exhausted."""
+
+    source = "wandb"
+
+    def __init__(self, path: Path, run_id: str | None = None) -> None:
+        _import_wandb()
+        self.path = path
+        self.file = find_run_file(path)
+        self.issues: list[Issue] = []
+        self.records = 0
+        self.summary: dict[str, Any] = {}
+        self.config: dict[str, Any] = {}
+        self.run_id: str | None = None
+        self.requested_run_id = run_id
+        self.transformers = False
+
+    @property
+    def runs(self) -> list[str | None]:
+        return [self.run_id]
+
+    def events(self) -> Iterator[Event]:
+        datastore, pb = _import_wandb()
+        from google.protobuf.message import DecodeError
+
+        store = _store_class(datastore)()
+        try:
+            store.open_for_scan(os.fspath(self.file))
+        except OSError as exc:
+            from gradience.io.textfile import os_problem
+
+            raise InputError(f"cannot read: {os_problem(exc)}", self.file) from None
+        except Exception:
+            store.close()
+            raise InputError("not a W&B transaction log (bad :W&B header)", self.file) from None
+        builder = EventBuilder()
+        corrupt = 0
+        block = datastore.LEVELDBLOG_BLOCK_LEN
+        try:
+            while True:
+                start = store._index
+                try:
+                    data = store.scan_data()
+                except (AssertionError, struct_error()) as exc:
+                    corrupt += 1
+                    if corrupt <= MAX_CORRUPT_REPORTED:
+                        self.issues.append(Issue("corrupt_record", f"{self.file.name}: corrupt record at byte "
+                                                 f"{start} ({exc}); resuming at the next block",
+                                                 severity="error", extra={"offset": start}))
+                    resume = (start // block + 1) * block
+                    if resume >= store._size_bytes:
+                        break
+                    store.seek(resume)
+                    continue
+                if data is None:
+                    break
+                record = pb.Record()
+                try:
+                    record.ParseFromString(data)
+                except DecodeError:
+                    corrupt += 1
+                    continue
+                self.records += 1
+                kind = record.WhichOneof("record_type")
+                if kind == "history":
+                    yield from self._history(record.history, builder)
+                elif kind == "run":
+                    self.run_id = record.run.run_id or self.run_id
+                    self._config(record.run.config)
+                elif kind == "config":
+                    self._config(record.config)
+        finally:
+            store.close()
+        yield from builder.flush()
+        self.summary = builder.summary
+        self.issues.extend(builder.issues())
+        if corrupt > MAX_CORRUPT_REPORTED:
+            self.issues.append(Issue("corrupt_record", f"{corrupt - MAX_CORRUPT_REPORTED} more corrupt records",
+                                     severity="error"))
+        if self.requested_run_id is not None and self.requested_run_id != self.run_id:
+            raise InputError(f"no run with id {self.requested_run_id!r} (this directory holds run "
+                             f"{self.run_id!r})", self.path)
+
+    def _history(self, history: Any, builder: EventBuilder) -> Iterator[Event]:
+        """One history row = one log call. The step is the Trainer's ``train/global_step`` when logged
+        (WandbCallback defines it as the step metric), else W&B's ``_step``."""
+        row = {_key(item): item.value_json for item in history.item}
+        raw_step = row.get("train/global_step", row.get("_step"))
+        step_value = _value(raw_step) if raw_step is not None else None
+        step = step_value if type(step_value) is int else history.step.num or None
+        if "train/global_step" in row:
+            self.transformers = True
+        yield from builder.flush()
+        for key, value_json in row.items():
+            yield from builder.add(key, step, _value(value_json))
+
+    def _config(self, config: Any) -> None:
+        for item in config.update:
+            key = _key(item)
+            if key == "_wandb" or len(self.config) >= 10_000:
+                continue
+            value = _value(item.value_json)
+            # W&B config files wrap values as {"value": v, "desc": ...}; records hold the value itself.
+            self.config[key] = value["value"] if isinstance(value, dict) and set(value) <= {"value", "desc"} \
+                and "value" in value else value
+
+
+def struct_error() -> type[Exception]:
+    import struct
+
+    return struct.error
