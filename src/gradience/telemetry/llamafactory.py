@@ -124,6 +124,10 @@ def _strip_export_column(name: str) -> str | None:
 class WandbExportLog(_RowLog):
     source = "wandb_export"
 
+    def __init__(self, path: Path, run_id: str | None = None) -> None:
+        super().__init__(path, run_id)
+        self.transformers = False  # set when a row has the Trainer's train/global_step
+
     def rows(self) -> Iterator[tuple[int | None, dict[str, Any]]]:
         with _open(self.path) as f:
             head = f.read(MAX_EXPORT_BYTES + 1)
@@ -144,6 +148,7 @@ class WandbExportLog(_RowLog):
             if not isinstance(row, dict):
                 self._bad_row(f"row {i}", "not an object")
                 continue
+            self.transformers = self.transformers or "train/global_step" in row
             yield _row_step(row), row
 
     def _csv_rows(self, text: str) -> Iterator[tuple[int | None, dict[str, Any]]]:
@@ -160,10 +165,12 @@ class WandbExportLog(_RowLog):
                 except ValueError:
                     row[name] = cell
             if row:
+                self.transformers = self.transformers or "train/global_step" in row
                 yield _row_step(row), row
 
 
 def _row_step(row: dict[str, Any]) -> int | None:
+    """The Trainer's ``train/global_step`` (WandbCallback's step metric), else W&B's ``_step``."""
     for key in ("train/global_step", "_step", "Step", "step"):
         if key in row:
             return _int_step(row[key])
