@@ -26,6 +26,7 @@ WEIGHT_FILENAMES = (
     "adapter_model.bin",
     "adapter_model.pt",
     "adapter_model.pth",
+    "adapters.safetensors",  # MLX-LM (adapter/mlx.py)
 )
 SHARD_RE = re.compile(r"^adapter_model-\d+-of-\d+\.safetensors$")
 DEFAULT_ADAPTER = "default"

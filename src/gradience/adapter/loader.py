@@ -13,6 +13,7 @@ from typing import Any
 
 from gradience.adapter.config import CONFIG_FILENAME, read_adapter_config
 from gradience.adapter.discovery import existing_dir, find_weights, resolve_adapter_dir
+from gradience.adapter.mlx import MLX_WEIGHTS, build_mlx_pairs, is_mlx_config, mlx_config_view
 from gradience.adapter.model import LoadedAdapter
 from gradience.adapter.pairs import build_pairs
 from gradience.adapter.sources import MappingSource, SafetensorsSource, TensorSource, torch_pickle_source
@@ -69,7 +70,13 @@ def _not_lora_issue(config: Mapping[str, Any]) -> list[Issue]:
 def _assemble(source: TensorSource, config: dict[str, Any], issues: list[Issue], *, where: str | None,
               peft_dir: str | None, config_path: str | None, weights_path: str | None,
               adapter_name: str | None, key_adapter: str | None = None) -> LoadedAdapter:
-    pairs, non_lora, pair_issues = build_pairs(source, config, key_adapter)
+    if is_mlx_config(config) or (weights_path is not None and Path(weights_path).name == MLX_WEIGHTS
+                                 and not config.get("peft_type")):
+        # MLX-LM layout: its own key names and factor orientation; the rest of the tool sees PEFT's view
+        pairs, non_lora, pair_issues = build_mlx_pairs(source, config, where)
+        config = mlx_config_view(config, where)
+    else:
+        pairs, non_lora, pair_issues = build_pairs(source, config, key_adapter)
     issues = issues + _not_lora_issue(config) + pair_issues
     if not pairs:
         reasons = [i.message for i in issues if i.severity != "info"]
