@@ -8,6 +8,7 @@ a constructed adapter; the GGUF's ΔW is rebuilt here independently of gradience
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -302,3 +303,37 @@ def test_gguf_pair_with_an_implausible_rank_is_refused_per_module(tmp_path: Path
     rows = {r["name"]: r for r in verify_gguf(load_adapter(str(tmp_path / "adapter")), str(tmp_path / "f.gguf"))
             ["modules"]}
     assert rows[module]["verdict"] == "mismatch" and "rank 300" in rows[module]["detail"]
+
+
+_LLAMA_CPP = os.environ.get("GRADIENCE_LLAMA_CPP_DIR", "")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (Path(_LLAMA_CPP) / "convert_lora_to_gguf.py").is_file(),
+                    reason="set GRADIENCE_LLAMA_CPP_DIR to a llama.cpp checkout to run its own converter")
+def test_llama_cpp_converter_output(tmp_path: Path, tiny_llama_dir: Path, llama_adapter_dir: Path,
+                                    llama_adapter_patterns_dir: Path) -> None:
+    """llama.cpp's convert_lora_to_gguf.py: a plain adapter converts exactly (the names, layout and q/k permutation
+    verify reproduces are the converter's); an rsLoRA + alpha_pattern adapter converts without error and computes
+    another ΔW, which verify names; the same adapter exported by gradience is exact."""
+    import subprocess
+    import sys
+
+    def convert(adapter: Path, out: Path) -> None:
+        proc = subprocess.run([sys.executable, "convert_lora_to_gguf.py", "--base", str(tiny_llama_dir),
+                               "--outfile", str(out), str(adapter)], cwd=_LLAMA_CPP, capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+
+    convert(llama_adapter_dir, tmp_path / "plain.gguf")
+    plain = verify_gguf(load_adapter(str(llama_adapter_dir)), str(tmp_path / "plain.gguf"), str(tiny_llama_dir))
+    assert plain["ok"] is True and plain["summary"]["exact"] == 14
+    convert(llama_adapter_patterns_dir, tmp_path / "patterns.gguf")
+    converted = verify_gguf(load_adapter(str(llama_adapter_patterns_dir)), str(tmp_path / "patterns.gguf"),
+                            str(tiny_llama_dir))
+    assert converted["ok"] is False
+    assert {r["verdict"] for r in converted["modules"]} == {"wrong_scale"}
+    assert all("copied without PEFT's own scale" in r["detail"] for r in converted["modules"])
+    ours = tmp_path / "ours.gguf"
+    export_gguf(load_adapter(str(llama_adapter_patterns_dir)), str(tiny_llama_dir), ours)
+    assert verify_gguf(load_adapter(str(llama_adapter_patterns_dir)), str(ours), str(tiny_llama_dir))["ok"] is True

@@ -169,7 +169,14 @@ def _compare_module(pair: LoraPair, ggufa: GgufAdapter, gguf_name: str, permute:
         return row
     ratios = named_ratios(pair.r, pair.scale, pair.alpha, None)
     hit = min(ratios, key=lambda x: abs(c - x.value), default=None)
-    if hit is not None and abs(c - hit.value) <= max(VERIFY_SCALE_ABS_TOL, 0.02 * abs(hit.value)):
+    copied = scale_g / pair.scale if pair.scale else None   # B_g·A_g = B·A: the factors copied, scale not baked
+    if copied is not None and abs(c - copied) <= max(VERIFY_SCALE_ABS_TOL, 0.02 * abs(copied)):
+        label = f"; {hit.label}" if hit is not None and abs(hit.value - copied) <= 1e-9 * abs(copied) else ""
+        row.update(verdict="wrong_scale", detail=(
+            f"llama.cpp applies {c:.4g}x PEFT's ΔW: the factors were copied without PEFT's own scale (as "
+            f"convert_lora_to_gguf.py does), so llama.cpp applies alpha/rank = {scale_g:.4g} where PEFT applies "
+            f"{pair.scale:.4g}{label}"))
+    elif hit is not None and abs(c - hit.value) <= max(VERIFY_SCALE_ABS_TOL, 0.02 * abs(hit.value)):
         row.update(verdict="wrong_scale", detail=f"llama.cpp applies {c:.4g}x PEFT's ΔW: {hit.label}")
     else:
         row.update(verdict="mismatch", detail=f"ΔW differs from PEFT's by {rel:.3g} (relative), applied scale "

@@ -66,8 +66,7 @@ def named_ratios(r: int, scale: float, alpha: float | None, global_scale: float 
     B·A without the α/r factor gives 1/s; an engine that ignores rank_pattern/alpha_pattern applies the config's
     global scale instead of the module's own; an unmerge run instead of a merge gives −1.
     """
-    out = [Ratio(-1.0, "-1 (the update was subtracted: unmerged instead of merged)"),
-           Ratio(0.5, "1/2 (half the update)")]
+    out: list[Ratio] = []  # the specific causes first: on a tie (r = 4 makes 1/sqrt(r) = 1/2) the first wins
     if r > 1:
         root = math.sqrt(r)
         out += [Ratio(root, f"sqrt(r) = {root:.4g} (alpha/sqrt(r) applied where alpha/r is right: rsLoRA scale)"),
@@ -80,6 +79,8 @@ def named_ratios(r: int, scale: float, alpha: float | None, global_scale: float 
     if global_scale is not None and scale and not math.isclose(global_scale, scale, rel_tol=1e-9):
         out.append(Ratio(global_scale / scale, f"{global_scale / scale:.4g} (the config's global lora_alpha/r "
                                                "applied: rank_pattern/alpha_pattern ignored)"))
+    out += [Ratio(-1.0, "-1 (the update was subtracted: unmerged instead of merged)"),
+            Ratio(0.5, "1/2 (half the update)")]
     del alpha  # the alpha-dependent mistakes are expressed through scale
     return [x for x in out if not any(abs(x.value - t) <= VERIFY_SCALE_ABS_TOL for t in (0.0, 1.0, 2.0))]
 
