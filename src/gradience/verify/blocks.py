@@ -11,6 +11,7 @@ directory of :class:`gradience.udr.base.BaseWeights`; a pickled ``.bin`` checkpo
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +25,13 @@ from gradience.udr.spectral import CHUNK_BYTES
 
 _STORED = {"BF16": ("<u2", 2), "F16": ("<f2", 2), "F32": ("<f4", 4), "F64": ("<f8", 8)}
 COMPARE_CHUNK = 8 * 1024 * 1024
+_COUNT_LOCK = threading.Lock()  # verify reads tensors from several threads
+
+
+def _count(weights: BaseWeights, nbytes: int, tensors: int = 0) -> None:
+    with _COUNT_LOCK:
+        weights.bytes_read += nbytes
+        weights.tensors_read += tensors
 
 
 def _pread_exact(fd: int, view: memoryview, offset: int, path: Path) -> None:
@@ -84,8 +92,7 @@ class TensorBlocks:
                 yield a, b, block
         finally:
             os.close(fd)
-        self.weights.bytes_read += rows * cols * itemsize
-        self.weights.tensors_read += 1
+        _count(self.weights, rows * cols * itemsize, 1)
 
     def raw_chunks(self, chunk_bytes: int = COMPARE_CHUNK) -> Iterator[memoryview]:
         """The stored bytes in chunks of one reused buffer (for bitwise comparisons)."""
@@ -99,7 +106,7 @@ class TensorBlocks:
                 yield view
         finally:
             os.close(fd)
-        self.weights.bytes_read += nbytes
+        _count(self.weights, nbytes)
 
     def _open(self) -> int:
         try:
