@@ -321,3 +321,34 @@ def test_elementwise_refactor_equals_numpy_truncation(shape: tuple[int, int]) ->
     a, b, err, norm = elementwise.factors(st, slabs, ew, sig, vec, 6, 3.0)
     assert _rel((3.0 / 6) * b @ a, _best(m, 6)) < 1e-10
     assert err / norm == pytest.approx(_rel(_best(m, 6), m), rel=1e-8)
+
+
+def test_subspace_iteration_path_gives_the_best_rank_k(pair: Any, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Large modules take the subspace-iteration path (no m×m eigen-decomposition): forced here on small ones,
+    the written ties adapter is the best rank-k approximation of the dense TIES reference."""
+    monkeypatch.setattr("gradience.policy.thresholds.MERGE_EXACT_EIGH_MAX", 4)
+    p1, p2, d1, d2 = pair
+    res = merge([load_adapter(str(p1)), load_adapter(str(p2))], tmp_path / "t",
+                MergeOptions(method="ties", density=0.5, policy=Policy("rank", 3)))
+    got = _read_out(tmp_path / "t")
+    rows = {r["name"]: r for r in res.to_dict()["modules"]}
+    for name in MODS:
+        ref, _ = _ties_ref([d1[name], d2[name]], [1.0, 1.0], 0.5)
+        best = _best(ref, 3)
+        assert _rel(got[name], best) < 1e-5, name
+        row = rows[name]
+        assert row["factor_method"] == "subspace" and row["subspace"]["converged"]
+        s = np.linalg.svd(ref, compute_uv=False)
+        assert row["energy_retained"] == pytest.approx(float(np.sum(s[:3] ** 2) / np.sum(s ** 2)), rel=1e-9)
+        assert row["rel_frob_error"] == pytest.approx(_rel(best, d1[name] + d2[name]), rel=1e-6)
+    # a σ-based policy on the same path: the Gram's eigenvalues decide k, its top-k vectors the factors
+    res = merge([load_adapter(str(p1)), load_adapter(str(p2))], tmp_path / "e",
+                MergeOptions(method="ties", density=0.5, policy=Policy("energy", 0.8)))
+    got = _read_out(tmp_path / "e")
+    for row in res.to_dict()["modules"]:
+        ref, _ = _ties_ref([d1[row["name"]], d2[row["name"]]], [1.0, 1.0], 0.5)
+        s = np.linalg.svd(ref, compute_uv=False)
+        k = int(np.searchsorted(np.cumsum(s ** 2) / np.sum(s ** 2), 0.8 * (1 - 1e-12))) + 1
+        assert row["r_after"] == k
+        assert _rel(got[row["name"]], _best(ref, k)) < 1e-5

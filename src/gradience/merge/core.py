@@ -94,18 +94,21 @@ def _measure(group: ModuleGroup, weights: Sequence[float], options: MergeOptions
     plan = ModulePlan(group=group, r_after=0, cap=st.rank, interference=factored.pairwise_interference(st, spec))
     plan.cancelled = spec.cancelled
     default = max(p.r for p in group.pairs if p is not None)
-    eig: tuple[np.ndarray, np.ndarray] | None = None
+    gram: np.ndarray | None = None
     if options.method in ("ties", "dare"):
         slabs, ew = _elementwise(st, group, options)
         stats = elementwise.SlabStats()
-        gram = elementwise.merged_gram(st, slabs, ew, stats)
-        if eager is not None:
-            eig = elementwise.eigh_desc(gram)
-            plan.sigma = eig[0]
-        else:
+        if options.policy is not None and options.policy.name != "rank":
+            # σ-based policies need M's whole spectrum: the short side's Gram and its eigenvalues.
+            gram = elementwise.merged_gram(st, slabs, ew, stats)
             plan.sigma = elementwise.spectrum_of_gram(gram)
-        del gram
-        plan.cap = int(plan.sigma.shape[0])
+            plan.fro2 = float(np.trace(gram))
+            if eager is None:
+                gram = None
+        else:  # a fixed rank: ‖M‖_F² is all the accounting needs; the top-k directions come later
+            plan.fro2 = elementwise.frobenius2(st, slabs, ew, stats)
+        plan.cap = min(group.d_out, group.d_in)
+        plan.cancelled = plan.cancelled or plan.fro2 <= 0.0
         numel = group.d_out * group.d_in
         plan.sign_conflict_rate = None if stats.multi == 0 else stats.conflicts / stats.multi
         plan.kept_fraction = [c / numel for c in (stats.kept or [])]
@@ -113,11 +116,12 @@ def _measure(group: ModuleGroup, weights: Sequence[float], options: MergeOptions
         plan.sigma, plan.grams = spec.sigma, spec
         if options.method == "cat" or (options.method == "linear" and options.policy is None):
             default = st.rank
-    ri = RankInput(plan.sigma, plan.cap, min(default, plan.cap), group.d_in + group.d_out)
+    sigma = plan.sigma if plan.sigma is not None else np.zeros(0)
+    ri = RankInput(sigma, plan.cap, min(default, plan.cap), group.d_in + group.d_out)
     if eager is not None:
         plan.r_after = decide([ri], options.policy, 0)[0][0]
-        a_new, b_new = _make_factors(plan, st, options, eager.alpha, eig)
-        del eig
+        a_new, b_new = _make_factors(plan, st, options, eager.alpha, gram)
+        del gram
         if eager.encode is not None:
             eager.encode(plan, a_new, b_new)
         plan.grams = None
@@ -126,8 +130,10 @@ def _measure(group: ModuleGroup, weights: Sequence[float], options: MergeOptions
 
 def _energy(plan: ModulePlan, method: str) -> None:
     k = plan.r_after
-    if method == "cat" or plan.sigma is None:
+    if method == "cat":
         plan.energy_retained, plan.rel_frob_error = 1.0, 0.0
+        return
+    if plan.sigma is None:  # ties/dare at a fixed rank: measured from the top-k directions when they are made
         return
     energy = min(1.0, retained(plan.sigma, k))
     plan.energy_retained = energy
@@ -136,21 +142,22 @@ def _energy(plan: ModulePlan, method: str) -> None:
 
 
 def _make_factors(plan: ModulePlan, st: factored.Stack, options: MergeOptions, alpha: float,
-                  eig: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                  gram: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The module's output factors (A' (k, d_in), B' (d_out, k)), float64, (α/k)·B'A' = the merge.
-    ``eig``: ties/dare's (σ, vectors) of M's Gram when phase 1 already has them."""
+    ``gram``: ties/dare's Gram of M when phase 1 already holds it."""
     group, k = plan.group, plan.r_after
     if options.method in ("ties", "dare"):
         slabs, ew = _elementwise(st, group, options)
-        if eig is None:
-            gram = elementwise.merged_gram(st, slabs, ew)
-            eig = elementwise.eigh_desc(gram)
-            del gram
-        sigma, vec = eig[0], np.ascontiguousarray(eig[1][:, :min(k, eig[1].shape[1])])
-        eig = None
-        a_new, b_new, err, ref = elementwise.factors(st, slabs, ew, sigma, vec, k, alpha)
+        top = elementwise.top_k(st, slabs, ew, k, gram)
+        gram = None
+        a_new, b_new, err, ref = elementwise.factors(st, slabs, ew, top.sigma, top.vectors, k, alpha)
         plan.rel_frob_error = err / ref if ref > 0.0 else (0.0 if err == 0.0 else None)
-        plan.factor_method = "eigh"
+        plan.factor_method = top.method
+        plan.subspace = {"iterations": top.iterations, "converged": top.converged} if top.method == "subspace" \
+            else None
+        if plan.sigma is None and plan.fro2 is not None:
+            plan.energy_retained = (min(1.0, float(np.sum(top.sigma ** 2)) / plan.fro2) if plan.fro2 > 0.0
+                                    else 1.0)
         return a_new, b_new
     if k >= st.rank:
         a_new, b_new = factored.cat_factors(st, alpha, k)
@@ -186,6 +193,12 @@ def _issues(plans: Sequence[ModulePlan], notes: Sequence[str], n_inputs: int) ->
                                                "adapters: merged with a zero update for the others",
                             "info", modules=partial))
     zero = [p.group.name for p in plans if p.cancelled or (p.sigma is not None and (not p.sigma.size or p.sigma[0] <= 0.0))]
+    stalled = [p.group.name for p in plans if p.subspace is not None and not p.subspace["converged"]]
+    if stalled:
+        issues.append(Issue("subspace_not_converged", f"{len(stalled)} module(s): the top-k directions of the "
+                                                      "element-wise merge did not converge within the iteration "
+                                                      "bound; their retained energy is what was reached",
+                            "warning", modules=stalled))
     if zero:
         issues.append(Issue("zero_update", f"{len(zero)} merged module(s) are exactly zero (the weighted updates "
                                            "cancel or are zero)", "warning", modules=zero))

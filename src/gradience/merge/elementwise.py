@@ -183,6 +183,73 @@ def eigh_desc(g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.sqrt(np.clip(w[::-1], 0.0, None)), v[:, ::-1]
 
 
+def frobenius2(st: Stack, slabs: Slabs, ew: Elementwise, stats: SlabStats | None = None) -> float:
+    """‖M‖_F² in one slab pass (and the sign statistics)."""
+    return float(sum(float(np.sum(slab * slab)) for _span, slab in merged_slabs(st, slabs, ew, stats)))
+
+
+@dataclass
+class TopK:
+    """The top-k singular directions of M on the Gram's side: σ (descending), vectors (short, kk)."""
+
+    sigma: np.ndarray
+    vectors: np.ndarray
+    method: str            # "eigh" (exact eigen-decomposition) or "subspace" (converged subspace iteration)
+    iterations: int = 0
+    converged: bool = True
+
+
+def top_k(st: Stack, slabs: Slabs, ew: Elementwise, k: int, gram: np.ndarray | None = None) -> TopK:
+    """The top-k singular vectors of M without an m×m eigen-decomposition when m is large.
+
+    Small Gram side (<= ``MERGE_EXACT_EIGH_MAX``): the exact ``eigh`` of the Gram. Otherwise subspace iteration
+    on G (Halko, Martinsson & Tropp 2011, Alg. 4.4 with Rayleigh–Ritz), applied as G·Q = Σ slab·(slabᵀ·Q) over
+    slabs of M (or with ``gram`` when it is already in memory): memory m×(k+p), no m² workspace. It stops when
+    the captured energy Σ_{i<=k} λ_i (the quantity the best rank-k approximation maximises) changes by less than
+    ``MERGE_SUBSPACE_RTOL`` relative, or after ``MERGE_SUBSPACE_MAX_ITER`` passes (``converged`` False).
+    """
+    from gradience.policy.thresholds import (
+        MERGE_EXACT_EIGH_MAX,
+        MERGE_SUBSPACE_MAX_ITER,
+        MERGE_SUBSPACE_OVERSAMPLE,
+        MERGE_SUBSPACE_RTOL,
+    )
+
+    short = slabs.d_out if slabs.left else slabs.d_in
+    kk = min(k, short)
+    width = min(short, kk + max(kk, MERGE_SUBSPACE_OVERSAMPLE))
+    if short <= MERGE_EXACT_EIGH_MAX or width >= short:
+        g = gram if gram is not None else merged_gram(st, slabs, ew)
+        sigma, vec = eigh_desc(g)
+        return TopK(sigma[:kk], np.ascontiguousarray(vec[:, :kk]), "eigh")
+
+    def apply(q: np.ndarray) -> np.ndarray:
+        if gram is not None:
+            return gram @ q
+        out = np.zeros_like(q)
+        for _span, slab in merged_slabs(st, slabs, ew):
+            out += slab @ (slab.T @ q) if slabs.left else slab.T @ (slab @ q)
+        return out
+
+    q, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((short, width)))
+    captured_prev = -1.0
+    lam = np.zeros(width)
+    vecs = q
+    for it in range(1, MERGE_SUBSPACE_MAX_ITER + 1):
+        y = apply(q)
+        t = q.T @ y                                  # Rayleigh quotient (width×width)
+        lam, rot = np.linalg.eigh(0.5 * (t + t.T))
+        lam, rot = lam[::-1], rot[:, ::-1]
+        vecs = q @ rot                               # Ritz vectors of this subspace
+        captured = float(np.sum(np.clip(lam[:kk], 0.0, None)))
+        if captured <= 0.0 or abs(captured - captured_prev) <= MERGE_SUBSPACE_RTOL * captured:
+            return TopK(np.sqrt(np.clip(lam[:kk], 0.0, None)), np.ascontiguousarray(vecs[:, :kk]), "subspace", it)
+        captured_prev = captured
+        q, _ = np.linalg.qr(y)
+    return TopK(np.sqrt(np.clip(lam[:kk], 0.0, None)), np.ascontiguousarray(vecs[:, :kk]), "subspace",
+                MERGE_SUBSPACE_MAX_ITER, converged=False)
+
+
 def factors(st: Stack, slabs: Slabs, ew: Elementwise, sigma: np.ndarray, vec: np.ndarray, k: int,
             alpha: float) -> tuple[np.ndarray, np.ndarray, float, float]:
     """(A' (k, d_in), B' (d_out, k), ‖(α/k)B'A' − S‖_F, ‖S‖_F) with (α/k)·B'·A' = M_k, the best rank-k

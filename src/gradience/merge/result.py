@@ -54,6 +54,8 @@ class ModulePlan:
     kept_fraction: list[float] | None = None
     cancelled: bool = False              # the weighted updates cancel (zero up to rounding)
     ready: dict[str, np.ndarray] | None = field(default=None, repr=False)  # encoded A/B made in phase 1
+    fro2: float | None = None             # ties/dare: ‖M‖_F² of the element-wise merge
+    subspace: dict[str, Any] | None = None  # ties/dare on a large module: iterations, converged
 
     @property
     def conflict(self) -> float | None:
@@ -75,7 +77,8 @@ class ModulePlan:
                 "params_after": self.params_after,
                 "interference": {"conflict_max": self.conflict, "cos_min": min(cos) if cos else None,
                                  "pairs": self.interference},
-                "sign_conflict_rate": self.sign_conflict_rate, "kept_fraction": self.kept_fraction}
+                "sign_conflict_rate": self.sign_conflict_rate, "kept_fraction": self.kept_fraction,
+                "subspace": self.subspace}
 
 
 @dataclass
