@@ -1,10 +1,11 @@
 """``verify --merged``: did a merged checkpoint get exactly W_base + s·B·A, module by module?
 
-The merged checkpoint, the base and the adapter are streamed one weight at a time with the base reader of the
-UDR (:class:`gradience.udr.base.BaseWeights`: sharded safetensors in bf16/fp16/fp32, no torch), each weight in
-row blocks converted to float32 into a reusable buffer, and its mapped pages dropped once done: the peak memory is
-a few row blocks plus the factors, never a dense copy of a weight. Adapter modules are resolved to base weights by
-the UDR's name matcher; every base weight no adapter module touches is checked to be unchanged in the merge.
+The merged checkpoint and the base are opened with the base reader of the UDR
+(:class:`gradience.udr.base.BaseWeights`: validated headers, sharded safetensors in bf16/fp16/fp32, no torch) and
+streamed one weight at a time in row blocks read into reused buffers (:mod:`gradience.verify.blocks`): the peak
+memory is a few row blocks plus one module's factors, never a dense copy of a weight. Adapter modules are resolved
+to base weights by the UDR's name matcher; every base weight no adapter module touches is checked to be unchanged.
+Modules and untouched weights run in a small thread pool (numpy releases the GIL in the heavy calls).
 """
 
 from __future__ import annotations
