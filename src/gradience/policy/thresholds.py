@@ -153,6 +153,13 @@ MERGE_TEXT_TOP_MODULES = 10      # modules listed in the text output (most inter
 # A merged module whose ‖ΣwᵢΔWᵢ‖_F is below this × Σ‖wᵢΔWᵢ‖_F is reported as cancelled (zero_update): the Gram
 # path resolves σ to ~1e-8 of the factor norms in the worst case (audit/spectrum.py, compare/subspace.py).
 MERGE_CANCEL_RTOL = 1e-7
+# ties/dare re-factorisation: a Gram side up to this size is eigen-decomposed exactly; above it the top-k directions
+# come from subspace iteration (Halko, Martinsson & Tropp 2011, Alg. 4.4) with k + max(k, this) vectors, stopped
+# when the captured energy sum_{i<=k} sigma_i^2 changes by less than the rtol (relative), at most MAX_ITER passes.
+MERGE_EXACT_EIGH_MAX = 1024
+MERGE_SUBSPACE_OVERSAMPLE = 16
+MERGE_SUBSPACE_RTOL = 1e-13
+MERGE_SUBSPACE_MAX_ITER = 100
 
 # --- bench (SPEC §15) ---------------------------------------------------------------------------------------
 BENCH_TOLERANCE_DEFAULT = 0.005     # an arm PASSes when Δ ≥ −tolerance (the reference tool's acc_tolerance)
