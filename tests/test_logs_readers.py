@@ -8,7 +8,6 @@ bookkeeping) the monitor of a run.jsonl holding the same values.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -18,73 +17,16 @@ import pytest
 from gradience.cli.main import main
 from gradience.monitor import monitor_run
 from gradience.monitor.sources import resolve_run_path
+from support.logs_runs import (
+    assert_same_but_clipping_default,
+    assert_same_run,
+    f32,
+    reference_jsonl,
+    run_json,
+    scripted_run,
+)
 
 tb = pytest.importorskip("tensorboard")
-
-# Keys that name the input rather than describe the run.
-BOOKKEEPING = ("source", "file", "run_id", "runs", "telemetry_issues", "audit_hint")
-
-
-def f32(x: float) -> float:
-    """TensorBoard stores scalars as float32: the reference log holds the same rounded values."""
-    return float(np.float32(x))
-
-
-def scripted_run(n: int = 30) -> list[tuple[str, int, dict[str, Any]]]:
-    """A run with a warmup+decay lr, a loss spike, a NaN loss and evals on two splits every 10 steps."""
-    events: list[tuple[str, int, dict[str, Any]]] = []
-    for step in range(1, n + 1):
-        loss = 2.0 * math.exp(-step / 10) + 0.25
-        if step == 17:
-            loss = 9.0
-        if step == 23:
-            loss = float("nan")
-        lr = 1e-3 * min(step / 5, (n - step + 1) / (n - 4))
-        events.append(("train_step", step, {"loss": loss, "lr": lr, "grad_norm": 0.5 + step / 40,
-                                            "epoch": step / n}))
-        if step % 10 == 0:
-            events.append(("eval", step, {"split": "eval", "metrics": {"loss": 0.4 + step / 100, "accuracy": 0.5}}))
-    return events
-
-
-def reference_jsonl(path: Path, events: list[tuple[str, int, dict[str, Any]]], rounding: Any = float) -> Path:
-    lines = []
-    for event, step, data in events:
-        if event == "train_step":
-            payload: dict[str, Any] = {k: rounding(v) for k, v in data.items()}
-        else:
-            payload = {"split": data["split"], "metrics": {k: rounding(v) for k, v in data["metrics"].items()}}
-        rec = {"schema": "gradience.telemetry/v1", "run_id": "r", "event": event, "step": step, **payload}
-        lines.append(json.dumps(rec))
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def run_json(capsys: pytest.CaptureFixture[str], path: Path, *extra: str) -> dict[str, Any]:
-    rc = main(["monitor", str(path), "--json", *extra])
-    out, err = capsys.readouterr()
-    assert rc == 0, err
-    return json.loads(out)  # type: ignore[no-any-return]
-
-
-def assert_same_run(ours: dict[str, Any], ref: dict[str, Any]) -> None:
-    a = {k: v for k, v in ours.items() if k not in BOOKKEEPING}
-    b = {k: v for k, v in ref.items() if k not in BOOKKEEPING}
-    assert a == b
-
-
-def assert_same_but_clipping_default(ours: dict[str, Any], ref: dict[str, Any]) -> None:
-    """A Trainer log (its max_grad_norm default known) against a run.jsonl without a run_start: equal but for
-    the clipping evidence that default adds."""
-    assert ours["signals"] == ref["signals"] and ours["alerts"] == ref["alerts"]
-    ours, ref = json.loads(json.dumps(ours)), json.loads(json.dumps(ref))
-    for doc in (ours, ref):
-        del doc["training"]["failure_signatures"]["clipping"]
-    assert ours["training"] == ref["training"]
-    drop = {"clipping_saturated"}
-    assert [r for r in ours["recommendations"] if r["action"] not in drop] == \
-        [r for r in ref["recommendations"] if r["action"] not in drop]
-
 
 def write_tensorboard(log_dir: Path, events: list[tuple[str, int, dict[str, Any]]], extra_tag: bool = True) -> Path:
     """The Trainer's tag names (transformers ``rewrite_logs``), one add_scalar per value, as it logs them."""
@@ -188,7 +130,7 @@ def test_truncated_event_file_reports_and_keeps_the_prefix(tb_file: Path, tmp_pa
 def test_crc_errors(tb_file: Path, tmp_path: Path) -> None:
     data = bytearray(tb_file.read_bytes())
     recs = _records(bytes(data))
-    off, size = recs[10]
+    off, _size = recs[10]
     data[off + 14] ^= 0xFF  # a byte of the record's payload: its data CRC fails, the record is skipped
     bad = tmp_path / "events.out.tfevents.2.host"
     bad.write_bytes(bytes(data))
@@ -340,7 +282,7 @@ def test_wandb_exports_equal_jsonl(tmp_path: Path, capsys: pytest.CaptureFixture
     assert_same_but_clipping_default(ours, ref)
     plain = tmp_path / "plain.json"  # no train/global_step: not known to be a Trainer run, equal in full
     plain.write_text(json.dumps([{k: v for k, v in r.items() if k != "train/global_step"} | {"_step": s}
-                                 for r, (_, s, _) in zip(rows, events)]))
+                                 for r, (_, s, _) in zip(rows, events, strict=False)]))
     assert_same_run(run_json(capsys, plain), ref)
     columns = sorted({k for r in rows for k in r})
     header = ["Step" if c == "_step" else f"my-run - {c}" for c in columns]
@@ -348,7 +290,7 @@ def test_wandb_exports_equal_jsonl(tmp_path: Path, capsys: pytest.CaptureFixture
     lines = [",".join(header)]
     for r in rows:
         cells = ["" if c not in r else repr(float(r[c])) if c != "_step" else str(r[c]) for c in columns]
-        lines.append(",".join(cells + ["0", "0"]))
+        lines.append(",".join([*cells, "0", "0"]))
     as_csv = tmp_path / "export.csv"
     as_csv.write_text("\n".join(lines) + "\n")
     ours = run_json(capsys, as_csv)

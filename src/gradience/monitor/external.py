@@ -60,10 +60,12 @@ def read_external(kind: str, path: Path, *, run_id: str | None, strict: bool) ->
     analyzer = RunAnalyzer(getattr(log, "run_id", None))
     n = 0
     configured = False
+    snapshot: ConfigSnapshot | None = None
     for event, step, data in log.events():
-        if not configured:
+        if not configured:  # the config records come first: the run's TrainingArguments are known by now
             configured = True
-            _configure(analyzer, log)
+            snapshot = _snapshot(getattr(log, "training_args", None) or getattr(log, "config", None))
+            _configure(analyzer, log, snapshot)
         analyzer.feed(event, step, data)
         n += 1
     analyzer.run_id = log.run_id
@@ -76,15 +78,12 @@ def read_external(kind: str, path: Path, *, run_id: str | None, strict: bool) ->
         raise InputError(f"no train or eval metrics in this {kind} log{problem}", path)
     if log.summary:
         analyzer.summary_extra["hf_train_summary"] = log.summary
-    args = getattr(log, "training_args", None) or getattr(log, "config", None)
-    return ExternalRun(analyzer, log.issues, list(log.runs), log.records, _snapshot(args))
+    return ExternalRun(analyzer, log.issues, list(log.runs), log.records, snapshot)
 
 
-def _configure(analyzer: RunAnalyzer, log: Any) -> None:
+def _configure(analyzer: RunAnalyzer, log: Any, snapshot: ConfigSnapshot | None) -> None:
     """What the log says about clipping: the logged TrainingArguments' ``max_grad_norm`` when there are some,
     else the Trainer's default for logs written by the Trainer (as for trainer_state.json)."""
-    args = getattr(log, "training_args", None) or getattr(log, "config", None)
-    if args:
-        analyzer.train.signatures.configure(args, {"framework": "transformers"} if log.transformers else None)
-    elif log.transformers:
-        analyzer.train.signatures.configure(None, {"framework": "transformers"})
+    meta = {"framework": "transformers"} if log.transformers else None
+    if snapshot is not None or meta is not None:
+        analyzer.train.signatures.configure(None if snapshot is None else snapshot.to_dict(), meta)

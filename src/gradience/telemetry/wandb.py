@@ -137,11 +137,15 @@ class WandbLog:
             raise InputError("not a W&B transaction log (bad :W&B header)", self.file) from None
         builder = EventBuilder()
         corrupt = 0
+        resumed_at = -1
         block = datastore.LEVELDBLOG_BLOCK_LEN
         try:
             while True:
                 start = store._index
                 try:
+                    if resumed_at == start:
+                        _skip_continuations(store, datastore)
+                        start = store._index
                     data = store.scan_data()
                 except (AssertionError, struct_error()) as exc:
                     corrupt += 1
@@ -149,10 +153,12 @@ class WandbLog:
                         self.issues.append(Issue("corrupt_record", f"{self.file.name}: corrupt record at byte "
                                                  f"{start} ({exc}); resuming at the next block",
                                                  severity="error", extra={"offset": start}))
-                    resume = (start // block + 1) * block
+                    # the block after the failing fragment's (the record may have begun in an earlier one)
+                    resume = (max(store._index - 1, start) // block + 1) * block
                     if resume >= store._size_bytes:
                         break
                     store.seek(resume)
+                    resumed_at = resume
                     continue
                 if data is None:
                     break
@@ -205,6 +211,22 @@ class WandbLog:
             # W&B config files wrap values as {"value": v, "desc": ...}; records hold the value itself.
             self.config[key] = value["value"] if isinstance(value, dict) and set(value) <= {"value", "desc"} \
                 and "value" in value else value
+
+
+def _skip_continuations(store: Any, datastore: Any) -> None:
+    """At a block start after corruption: pass the fragments (MIDDLE/LAST, read and CRC-checked by
+    DataStore's ``scan_record``) that end the record the corruption cut, up to the next FULL/FIRST one."""
+    block, header = datastore.LEVELDBLOG_BLOCK_LEN, datastore.LEVELDBLOG_HEADER_LEN
+    while True:
+        if block - store._index % block < header:  # a block trailer: zero padding
+            store.seek((store._index // block + 1) * block)
+        at = store._index
+        record = store.scan_record()
+        if record is None:
+            return
+        if record[0] in (datastore.LEVELDBLOG_FULL, datastore.LEVELDBLOG_FIRST):
+            store.seek(at)
+            return
 
 
 def struct_error() -> type[Exception]:
