@@ -88,7 +88,7 @@ def test_shipped_files_are_small_and_say_how_they_were_made() -> None:
     with resources.as_file(DATA.joinpath(pretrain.WEIGHTS_FILE)) as path, safe_open(str(path), "np") as fh:
         meta = fh.metadata()
         keys = list(fh.keys())
-    assert "scripts/pretrain_toy.py" in meta["made_by"] and meta["objective"] == "masked LM"
+    assert "scripts/pretrain_toy.py" in meta["made_by"] and meta["objective"].startswith("masked LM")
     assert meta["steps"] == str(pretrain.PRETRAIN_STEPS) and meta["seed"] == str(pretrain.PRETRAIN_SEED)
     assert not any(k.startswith(("vocab_", "classifier", "pre_classifier")) for k in keys)  # the body only
     config = json.loads(DATA.joinpath(pretrain.CONFIG_FILE).read_text())

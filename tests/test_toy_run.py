@@ -37,7 +37,7 @@ def test_outputs_exist(toy: ToyRunResult) -> None:
     assert (toy.out / "peft" / "adapter_config.json").is_file()
     assert (toy.out / "peft" / "adapter_model.safetensors").is_file()
     args = json.loads((toy.out / "training" / "training_args.json").read_text())
-    assert args["learning_rate"] == pytest.approx(5e-3)
+    assert args["learning_rate"] == pytest.approx(1e-3)
     assert args["max_steps"] == 100
     assert args["seed"] == 42
     # No stray staging directories left next to peft/ (base/: the built-in base model, saved for UDR).
@@ -65,7 +65,7 @@ def test_run_start_config(toy: ToyRunResult) -> None:
     assert config["dataset_name"] == "gradience/tiny-sentiment"
     assert config["task_profile"] == "easy_classification"
     assert config["optimizer"]["name"] == "adamw_torch_fused"
-    assert config["optimizer"]["lr"] == pytest.approx(5e-3)
+    assert config["optimizer"]["lr"] == pytest.approx(1e-3)
     assert config["lora"]["r"] == 8 and config["lora"]["alpha"] == 16
     assert sorted(config["lora"]["target_modules"]) == ["k_lin", "out_lin", "q_lin", "v_lin"]
     assert config["training"]["seed"] == 42

@@ -19,6 +19,8 @@ from gradience.errors import InputError, MissingDependencyError
 BUILTIN_MODEL = "gradience/tiny-distilbert"
 # LoRA targets for the built-in model: every attention projection, so the audit has 4 modules per block.
 BUILTIN_TARGETS = ("q_lin", "k_lin", "v_lin", "out_lin")
+# The classification head of the built-in model is new at every run (both layers): trained in full.
+BUILTIN_HEAD_MODULES = ("pre_classifier", "classifier")
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 MAX_LENGTH = 32
 
@@ -111,6 +113,9 @@ class LoadedModel:
     name: str
     default_targets: list[str] | None  # None: let PEFT choose for this architecture
     pretrained: bool = True            # False: the built-in model at random init (data outside its vocabulary)
+    # New (untrained) head layers LoRA must train in full; None: PEFT's task default (``classifier``/``score``),
+    # which leaves DistilBERT's new pre_classifier frozen at its random init.
+    head_modules: list[str] | None = None
 
 
 def load_model(spec: str, num_labels: int, train_texts: Sequence[str], seed: int) -> LoadedModel:
@@ -122,7 +127,8 @@ def load_model(spec: str, num_labels: int, train_texts: Sequence[str], seed: int
     require_hf("the toy run")
     if spec == BUILTIN_MODEL:
         tokenizer, model, pretrained = build_builtin_classifier(train_texts, num_labels, seed)
-        return LoadedModel(model, tokenizer, BUILTIN_MODEL, list(BUILTIN_TARGETS), pretrained)
+        return LoadedModel(model, tokenizer, BUILTIN_MODEL, list(BUILTIN_TARGETS), pretrained,
+                           list(BUILTIN_HEAD_MODULES))
     if spec.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(spec)):
         raise InputError("model directory does not exist", path=spec)
     path = os.path.expanduser(spec)

@@ -3,7 +3,9 @@
 A LoRA fine-tune of a random-init base is not a LoRA fine-tune as users run them: the update dwarfs the base
 (UDR medians of 4-14) and results swing with the seed. So the tiny DistilBERT is pretrained once, by masked
 language modelling on generated movie-review sentences (the toy data's generator, with a different seed and
-every sentence of the shipped data excluded), and its weights ship as package data:
+every sentence of the shipped data excluded) plus a label-free sentence objective — the [CLS] output predicts
+which words the sentence holds (bag of words), so that [CLS], which MLM never trains, summarises the sentence
+as a classification head expects — and its weights ship as package data:
 
 - ``toy/data/tiny_distilbert.safetensors``: the DistilBERT body (embeddings + transformer blocks), float32,
   with ``__metadata__`` naming this module, the seed, the steps and a hash of the corpus;
@@ -37,6 +39,8 @@ PRETRAIN_STEPS = 1200
 PRETRAIN_BATCH = 64
 PRETRAIN_LR = 1e-3
 MASK_PROB = 0.15
+BOW_WEIGHT = 10.0           # the bag-of-words BCE is per vocabulary entry (~1/100 the scale of the MLM loss)
+N_SPECIAL = 5               # the word tokenizer's special tokens take ids 0-4 (gradience.toy.model.SPECIAL_TOKENS)
 
 
 def pretraining_corpus(size: int = CORPUS_SIZE, seed: int = CORPUS_SEED) -> list[str]:
@@ -153,11 +157,13 @@ def _pretrain(out_dir: str | Path, *, steps: int, corpus_size: int, seed: int, l
     config = DistilBertConfig(vocab_size=len(tokenizer), max_position_embeddings=MAX_LENGTH, pad_token_id=0,
                               dropout=0.0, attention_dropout=0.0, **TINY_SHAPE)
     model = DistilBertForMaskedLM(config)
+    bow_head = torch.nn.Linear(config.dim, config.vocab_size)   # [CLS] -> words of the sentence (not shipped)
     enc = tokenizer(corpus, truncation=True, max_length=MAX_LENGTH, padding="max_length", return_tensors="pt",
                     return_special_tokens_mask=True)
     ids, attn = enc["input_ids"], enc["attention_mask"]
     special = enc["special_tokens_mask"].bool() | (attn == 0)
-    opt = torch.optim.AdamW(model.parameters(), lr=PRETRAIN_LR, weight_decay=0.01)
+    params = [*model.parameters(), *bow_head.parameters()]
+    opt = torch.optim.AdamW(params, lr=PRETRAIN_LR, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / (steps // 10 + 1)) * max(0.0, 1.0 - s / steps))
     losses: list[float] = []
@@ -166,21 +172,27 @@ def _pretrain(out_dir: str | Path, *, steps: int, corpus_size: int, seed: int, l
         idx = torch.randint(len(corpus), (PRETRAIN_BATCH,), generator=gen)
         width = int(attn[idx].sum(dim=1).max())   # pad to the batch's longest sentence, not to MAX_LENGTH
         inputs, labels = _mask(ids[idx, :width], special[idx, :width], tokenizer.mask_token_id, len(tokenizer), gen)
-        loss = model(input_ids=inputs, attention_mask=attn[idx, :width], labels=labels).loss
+        out = model(input_ids=inputs, attention_mask=attn[idx, :width], labels=labels, output_hidden_states=True)
+        words = torch.zeros(len(idx), config.vocab_size)
+        words.scatter_(1, ids[idx, :width], 1.0)
+        words[:, :N_SPECIAL] = 0.0   # [PAD] [UNK] [CLS] [SEP] [MASK] are not words of the sentence
+        bow = torch.nn.functional.binary_cross_entropy_with_logits(bow_head(out.hidden_states[-1][:, 0]), words)
+        loss = out.loss + BOW_WEIGHT * bow
         opt.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         if step % log_every == 0 or step == steps - 1:
             losses.append(round(float(loss.detach()), 4))
             if progress:
-                print(f"step {step + 1}/{steps}  mlm loss {losses[-1]:.4f}", flush=True)
+                print(f"step {step + 1}/{steps}  loss (MLM + bag of words) {losses[-1]:.4f}", flush=True)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     body = {k: v.detach().contiguous() for k, v in model.distilbert.state_dict().items()
             if not k.endswith("position_ids")}
-    meta = {"made_by": "gradience.toy.pretrain (python scripts/pretrain_toy.py)", "objective": "masked LM",
+    meta = {"made_by": "gradience.toy.pretrain (python scripts/pretrain_toy.py)",
+            "objective": "masked LM + [CLS] bag of words",
             "seed": str(seed), "steps": str(steps), "batch": str(PRETRAIN_BATCH), "lr": str(PRETRAIN_LR),
             "corpus": f"{len(corpus)} generated sentences, seed {CORPUS_SEED}, shipped data excluded",
             "corpus_sha256": corpus_sha, "torch": torch.__version__}

@@ -44,7 +44,7 @@ class ToyRunConfig:
     max_steps: int = 100
     r: int = 8
     alpha: float = 16.0
-    lr: float = 5e-3
+    lr: float = 1e-3                   # LoRA on the pretrained tiny base: inside check's band (issue 18)
     targets: list[str] | None = None   # None: the model's default targets
     seed: int = 42
     batch_size: int = 16
@@ -223,7 +223,7 @@ def run_toy(cfg: ToyRunConfig | None = None) -> ToyRunResult:
     targets = cfg.targets or loaded.default_targets
     alpha: Any = int(cfg.alpha) if float(cfg.alpha).is_integer() else cfg.alpha  # PEFT types alpha as int
     lora = LoraConfig(task_type=TaskType.SEQ_CLS, r=cfg.r, lora_alpha=alpha, lora_dropout=0.0,
-                      target_modules=targets)
+                      target_modules=targets, modules_to_save=loaded.head_modules)
     try:
         with warnings.catch_warnings():
             # peft 0.21 probes a property transformers 5 deprecated; nothing the user can act on.
