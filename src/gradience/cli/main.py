@@ -19,7 +19,7 @@ from gradience._version import __version__
 
 # Each module defines ``add_parser(subparsers)``; it must import nothing heavy at module level so that
 # ``gradience --help`` and the light commands stay fast.
-COMMAND_MODULES = ("check", "monitor", "audit", "compress", "merge", "compare", "report", "bench", "demo", "verify", "export")
+COMMAND_MODULES = ("check", "monitor", "audit", "compress", "merge", "compare", "report", "bench", "demo", "verify", "export", "series")
 
 EXIT_OK = 0
 EXIT_GATE = 1

@@ -92,8 +92,13 @@ BENCH = Shape({"task": OBJ, "policy": OBJ, "probe": OBJ, "arms": OBJ_LIST, "seed
               {"arms": _ARM, "udr": Shape({"probe": OBJ_MAP, "arms": OBJ}),
                "probe": Shape({"per_seed": OBJ_LIST})})
 
+SERIES = Shape({"checkpoints": OBJ_LIST, "suggestion": OBJ, "notes": LIST},
+                {"checkpoints": Shape({"eval": OBJ, "audit": OBJ}, required=("checkpoint",))},
+                required=("checkpoints",))
+
 #: document kind -> its shape
-SHAPES: dict[str, Shape] = {"audit": AUDIT, "audit.multi": AUDIT_MULTI, "compare": COMPARE, "bench": BENCH}
+SHAPES: dict[str, Shape] = {"audit": AUDIT, "audit.multi": AUDIT_MULTI, "compare": COMPARE, "bench": BENCH,
+                            "series": SERIES}
 
 
 def check_document(kind: str, doc: Any, path: str | os.PathLike[str]) -> dict[str, Any]:

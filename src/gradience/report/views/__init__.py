@@ -15,6 +15,7 @@ from gradience.report.views.base import MAX_ISSUES_SHOWN, ChartIds, UdrGroup, Vi
 from gradience.report.views.bench import bench_view
 from gradience.report.views.compare import compare_view
 from gradience.report.views.run import run_view
+from gradience.report.views.series import series_view
 from gradience.report.views.sidebar import udr_sidebar
 
 #: Single-document inputs: kind -> the view that shows it. A JSON document whose ``schema`` is
@@ -22,6 +23,7 @@ from gradience.report.views.sidebar import udr_sidebar
 DOCUMENT_VIEWS: dict[str, Callable[[dict[str, Any], ChartIds], View]] = {
     "compare": compare_view,
     "bench": bench_view,
+    "series": series_view,
 }
 
 __all__ = ["DOCUMENT_VIEWS", "MAX_ISSUES_SHOWN", "ChartIds", "UdrGroup", "View", "adapter_heatmaps",
