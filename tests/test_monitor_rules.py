@@ -381,3 +381,24 @@ def test_signature_reproduced_by_a_real_trainer_run(tmp_path: Path, case: str) -
     others = set(found) & {"nan_loss_logged_as_zero", "clipping_saturated", "frozen_adapter",
                            "lr_zero_after_warmup", "eval_loss_nan"}
     assert others == {case}, others   # each run shows its own signature only
+
+
+def test_signature_ids_work_as_fail_on_gates(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from gradience.cli.main import main
+
+    frozen = signature_log(tmp_path / "g.jsonl", [{"loss": 0.7, "grad_norm": 0.0}] * 6)
+    assert main(["monitor", str(frozen), "--fail-on", "frozen_adapter"]) == 1
+    assert main(["monitor", str(frozen), "--fail-on", "clipping_saturated,eval_loss_nan"]) == 0
+    _, err = capsys.readouterr()
+    assert "frozen_adapter" in err
+
+
+def test_verbose_text_cites_the_source(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from gradience.cli.main import main
+    from gradience.policy import sources as S
+
+    zero = signature_log(tmp_path / "v.jsonl", [{"loss": 0.0, "grad_norm": math.nan}] * 2)
+    main(["monitor", str(zero), "--verbose"])
+    out = capsys.readouterr().out
+    block = out[out.index("nan_loss_logged_as_zero:"):]
+    assert f"      source: {S.HF_TRAINER}" in block.splitlines()[:4]

@@ -172,6 +172,8 @@ def render_text(report: MonitorReport, *, verbose: bool = False) -> str:
         lines.append(f"  - [{rec.severity}] {rec.action}: {rec.message}")
         if verbose and rec.rationale:
             lines.append(f"      why: {rec.rationale} (confidence {rec.confidence:.2f})")
+        if verbose and rec.source:
+            lines.append(f"      source: {rec.source}")
 
     issues = report.telemetry_issues
     lines += ["", f"Telemetry issues: {len(issues)}" + ("" if verbose or not issues else " (list with --verbose)")]
