@@ -126,3 +126,27 @@ def test_cli_errors_are_one_line(case: dict[str, Any]) -> None:
     assert proc.returncode == 0
     assert doc["n_layers_with_intruders"] is None and doc["layers"][0]["intruder_count"] is None
     assert any(i["code"] == "intruders_unavailable" for i in doc["issues"])
+
+
+def test_report_shows_the_intruder_heatmap_with_cos_profiles(case: dict[str, Any]) -> None:
+    if case["arch"] != "llama":
+        pytest.skip("one architecture is enough for the view")
+    proc = _cli("audit", case["adapter"], "--base-model", case["base"], "--intruders", "--json",
+                "--intruder-cache", case["root"] / "cache")
+    audit = case["root"] / "audit.json"
+    audit.write_text(proc.stdout)
+    page = case["root"] / "page.html"
+    rep = _cli("report", audit, "--out", page)
+    assert rep.returncode == 0, rep.stderr
+    html = page.read_text()
+    doc = json.loads(proc.stdout)
+    row = next(r for r in doc["layers"] if r["intruder_count"])
+    profile = " ".join(f"{c:.2f}{'*' if i in row['intruder_indices'] else ''}"
+                       for i, c in enumerate(row["intruder_cos"]))
+    assert "intruders" in html and profile in html
+    # Without --intruders the page has no intruder map (the keys are absent, not null).
+    plain = case["root"] / "plain.json"
+    plain.write_text(_cli("audit", case["adapter"], "--base-model", case["base"], "--json").stdout)
+    assert "intruder_count" not in json.loads(plain.read_text())["layers"][0]
+    assert _cli("report", plain, "--out", case["root"] / "plain.html").returncode == 0
+    assert "best |cos|" not in (case["root"] / "plain.html").read_text()

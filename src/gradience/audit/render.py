@@ -151,6 +151,12 @@ def render_text(summary: Mapping[str, Any], *, top_wasteful: int, show_layers: b
         if ranked:
             lines.append(f"  Top {plural(len(ranked), 'module')} by UDR:")
             lines += [f"    {r['udr']:.3f}  {safe_text(r['name'])}" for r in ranked]
+    if s.get("n_layers_intruder_checked"):  # audit --intruders (issue 23)
+        lines += ["", f"Intruder dimensions (top-{s['intruder_k']} of W + ΔW, best |cos| vs base < "
+                      f"{s['intruder_eps']:g}):",
+                  f"  Layers with intruders: {s['n_layers_with_intruders']} of {s['n_layers_intruder_checked']} "
+                  f"({pct(s['intruder_layer_share'])}); intruders: {s['intruder_count_total']}; "
+                  f"energy Σσ²: {num(s['intruder_energy_total'], '.4g')}"]
 
     g = s["global_rank_suggestions"]
     lines += ["", "Suggested rank:",

@@ -3,7 +3,7 @@
 Why: the dense SVD of a 4096×11008 merged weight costs tens of seconds per layer and a second dense copy of W;
 the top-k triplets live in a Krylov space of a few blocks. The basis is kept in the left space:
 Q₀ = orth(M·Ω), Q_{j+1} = orth((I − QQᵀ)·M·Mᵀ·Q_j) (two Gram–Schmidt passes), and Rayleigh–Ritz on QᵀM = Zᵀ with
-Z = Mᵀ·Q gives u = Q·ũ, σ, v. The stop is residual based: ‖M·v_i − σ_i·u_i‖ ≤ rtol·σ₁ for every i < k (Mᵀ·u_i =
+Z = Mᵀ·Q (through the small Gram ZᵀZ, grown one block at a time) gives u, σ, v. The stop is residual based: ‖M·v_i − σ_i·u_i‖ ≤ rtol·σ₁ for every i < k (Mᵀ·u_i =
 σ_i·v_i holds exactly by construction). The Krylov products run in float32 against W as stored (no float64 copy
 of W); the basis and the small problems are float64. ``TorchOperator`` runs W's products on a torch device.
 """
@@ -101,7 +101,11 @@ def _orth_against(y: np.ndarray, basis: list[np.ndarray], floor: float) -> np.nd
 
 def top_singular(op: Operator, k: int, *, rtol: float = INTRUDER_RESIDUAL_RTOL, block: int | None = None,
                  max_blocks: int = INTRUDER_MAX_BLOCKS, seed: int = 0) -> TopK:
-    """The k largest singular triplets of ``op`` (k ≤ min(m, n)); see the module docstring for the method."""
+    """The k largest singular triplets of ``op`` (k ≤ min(m, n)); see the module docstring for the method.
+
+    Two products per block: Z_j = Mᵀ·Q_j and Y_j = M·Z_j. Y_j is both the next block's raw directions and, kept,
+    what makes the residual free: with ZᵀZ = E·Θ·Eᵀ, σ = √θ, u = Q·e, v = Z·e/σ and M·v = Y·e/σ exactly.
+    """
     m, n = op.shape
     full = min(m, n)
     k = max(1, min(k, full))
@@ -109,41 +113,42 @@ def top_singular(op: Operator, k: int, *, rtol: float = INTRUDER_RESIDUAL_RTOL, 
     rng = np.random.default_rng(seed)
     y = op.matmat(rng.standard_normal((n, b)))
     products = 1
-    scale = float(np.linalg.norm(y)) or 1.0
-    floor = scale * 1e-13
-    basis: list[np.ndarray] = []
+    floor = (float(np.linalg.norm(y)) or 1.0) * 1e-13
+    qs: list[np.ndarray] = []
     zs: list[np.ndarray] = []
-    q = _orth_against(y, basis, floor)
-    dim = 0
+    ys: list[np.ndarray] = []
+    gram = np.zeros((0, 0))
+    q = _orth_against(y, qs, floor)
     result: TopK | None = None
     for blocks in range(1, max_blocks + 1):
         if q.shape[1] == 0:
             break
-        basis.append(q)
-        dim += q.shape[1]
         z = op.rmatmat(q)
-        products += 1
+        y = op.matmat(z)
+        products += 2
+        # Gram of Z = [Z_0 … Z_j], grown by the new block only.
+        cross = np.concatenate(zs, axis=1).T @ z if zs else np.zeros((0, z.shape[1]))
+        gram = np.block([[gram, cross], [cross.T, z.T @ z]])
+        qs.append(q)
         zs.append(z)
-        zall = np.concatenate(zs, axis=1)  # (n, dim): Zᵀ = Qᵀ·M
-        vz, s, uzt = np.linalg.svd(zall, full_matrices=False)
-        kk = min(k, s.shape[0])
-        qall = np.concatenate(basis, axis=1)
-        u = qall @ uzt.T[:, :kk]
-        v = vz[:, :kk]
-        sig = s[:kk]
-        mv = op.matmat(v)
-        products += 1
+        ys.append(y)
+        theta, e = np.linalg.eigh(gram)
+        order = np.argsort(theta)[::-1]
+        kk = min(k, theta.shape[0])
+        e = e[:, order[:kk]]
+        sig = np.sqrt(np.clip(theta[order[:kk]], 0.0, None))
+        safe = np.where(sig > 0, sig, 1.0)
+        u = np.concatenate(qs, axis=1) @ e
+        v = (np.concatenate(zs, axis=1) @ e) / safe
+        mv = (np.concatenate(ys, axis=1) @ e) / safe
         res = np.linalg.norm(mv - u * sig, axis=0)
         sigma1 = float(sig[0]) if sig.size else 0.0
-        exhausted = dim >= full
+        exhausted = gram.shape[0] >= full
         ok = kk == k and bool(np.all(res <= rtol * max(sigma1, np.finfo(float).tiny)))
         result = TopK(u, sig, v, res, ok or exhausted, products, blocks)
         if ok or exhausted or sigma1 == 0.0:
             break
-        # Next block: M·Mᵀ·Q_j; the new directions M·z are what the residuals lack.
-        y = op.matmat(z)
-        products += 1
-        q = _orth_against(y, basis, floor * max(1.0, sigma1))
+        q = _orth_against(y, qs, floor * max(1.0, sigma1))
     if result is None:  # M·Ω was zero: M is the zero matrix (or Ω missed its range)
         zero_u = np.zeros((m, k))
         return TopK(zero_u, np.zeros(k), np.zeros((n, k)), np.zeros(k), True, products, 0)

@@ -177,6 +177,11 @@ def adapter_view(summary: dict[str, Any], ids: ChartIds, *, key: str = "adapter"
         "issue_count": len(summary.get("issues") or []), "layers": table,
         "composition": summary.get("composition") or {},
     }
+    from gradience.report.intruders import intruder_heatmap  # issue 23: only for audits run with --intruders
+
+    intruders = intruder_heatmap(rows, ids, summary)
+    if intruders is not None:
+        context["heatmaps"].append(intruders)
     return View(key, label, "views/adapter.html.j2", context, [udr_group])
 
 

@@ -1,0 +1,124 @@
+"""Benchmark intruder detection (issue 23): a 7B-shaped base + r16 adapter, cold and with the base spectra cached.
+
+    python benchmarks/bench_intruders.py [--layers 1] [--spectrum outliers] [--device auto|numpy|cpu|cuda]
+                                         [--adapter llama7b_r16_trained_f32] [--dense-baseline]
+
+The base is ``make_base.py``'s synthetic Llama-2-7B checkpoint with ``--layers`` decoder blocks (bf16, 7 linear
+weights per block: q/k/v/o 4096×4096, gate/up 11008×4096, down 4096×11008); the adapter is ``make_adapters.py``'s
+(32 blocks; only the blocks present in the base are measured, the rest are skipped by name). Two runs of
+``gradience.intruders.measure_intruders`` on the same fresh cache directory: cold (every base partial spectrum
+computed) and cached (read back). Reported: wall time per run and per layer (median), the extrapolation to all
+224 linear layers of a 7B model (per-layer mean × 224, stated as such), the fraction of layers decided from the
+first partial SVD alone / a longer one / the dense SVD of W, and the intruder counts. ``--dense-baseline`` also
+times PEFT's computation (two dense float32 SVDs, W and W + ΔW) on one 4096×4096 layer. Runs on a GPU when
+``--device cuda`` and one is visible. Results go to ``benchmarks/results/intruders-<time>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as the CLI: one BLAS thread (2 busy cores here)
+
+BENCH_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH_DIR))
+sys.path.insert(0, str(BENCH_DIR.parent / "tests"))
+
+import numpy as np  # noqa: E402
+
+from make_adapters import TRAINED_ADAPTERS, ensure_adapter, ensure_trained_adapter  # noqa: E402
+from make_base import generate  # noqa: E402
+
+LINEAR_LAYERS_7B = 224
+
+
+def _run(pairs: list, base: Path, cache: Path, device: str, k: int, eps: float) -> dict:
+    from gradience.intruders import IntruderOptions, measure_intruders
+
+    t0 = time.perf_counter()
+    report = measure_intruders(pairs, str(base), IntruderOptions(k=k, eps=eps, device=device, cache_dir=str(cache)))
+    wall = time.perf_counter() - t0
+    rows = report.per_layer
+    return {"wall_s": wall, "stats": report.stats, "summary": report.summary,
+            "per_layer": {name: {"count": la.count, "decided_by": la.decided_by, "base_vectors": la.base_vectors,
+                                 "products": la.products, "converged": la.converged} for name, la in rows.items()},
+            "issues": [i.code for i in report.issues]}
+
+
+def _dense_baseline(base: Path, pairs: list) -> float:
+    """PEFT's per-layer work: torch.linalg.svd(W) and svd(W + ΔW), dense, here numpy float32 (one 4096² layer)."""
+    from gradience.udr.base import BaseWeights
+    from gradience.udr.resolve import resolve_base
+
+    weights = BaseWeights(resolve_base(str(base)))
+    pair = next(p for p in pairs if p.d_in == p.d_out)
+    w = np.array(weights.read_f32(f"{pair.name}.weight"))
+    a, b = pair.load_factors()
+    t0 = time.perf_counter()
+    np.linalg.svd(w, full_matrices=False)
+    np.linalg.svd(w + np.float32(pair.scale) * (b @ a).astype(np.float32), full_matrices=False)
+    return time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=1, help="decoder blocks of the base (default 1 = 7 layers)")
+    ap.add_argument("--spectrum", choices=["gaussian", "outliers"], default="outliers")
+    ap.add_argument("--adapter", default="llama7b_r16_trained_f32")
+    ap.add_argument("--device", default="auto", choices=("auto", "numpy", "cpu", "cuda"))
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--eps", type=float, default=0.5)
+    ap.add_argument("--dense-baseline", action="store_true")
+    args = ap.parse_args(argv)
+
+    from gradience.adapter import load_adapter
+    from gradience.modules import layer_index
+
+    base = generate(args.layers, args.spectrum)
+    adapter, _ = (ensure_trained_adapter if args.adapter in TRAINED_ADAPTERS else ensure_adapter)(args.adapter)
+    loaded = load_adapter(str(adapter))
+    pairs = [p for p in loaded.pairs if (layer_index(p.name) or 0) < args.layers]
+    out: dict = {"base": str(base), "adapter": str(adapter), "layers_measured": len(pairs), "device": args.device,
+                 "k": args.k, "eps": args.eps, "cpu_count": os.cpu_count(), "load_avg": os.getloadavg()}
+    with tempfile.TemporaryDirectory(prefix="intruder_cache_") as tmp:
+        cache = Path(tmp) / "spectra"
+        for label in ("cold", "cached"):
+            res = _run(pairs, base, cache, args.device, args.k, args.eps)
+            out[label] = res
+            n = max(1, len(res["per_layer"]))
+            st = res["stats"]
+            print(f"{label}: {res['wall_s']:.1f} s for {n} layers ({res['wall_s'] / n:.2f} s/layer; "
+                  f"merged top-k {st['time_merged_s']:.1f} s, base side {st['time_base_s']:.1f} s, "
+                  f"read+hash {st['time_read_s']:.1f} s) on {st['device']}; "
+                  f"extrapolated to {LINEAR_LAYERS_7B} layers: {res['wall_s'] / n * LINEAR_LAYERS_7B / 60:.1f} min")
+            decided = [v["decided_by"] for v in res["per_layer"].values()]
+            print(f"  decided from the first partial SVD alone: {decided.count('partial')}/{n}, "
+                  f"extended partial: {decided.count('extended')}/{n}, dense SVD of W: {decided.count('dense')}/{n}; "
+                  f"cache hits {st['cache_hits']}, base spectra computed {st['base_spectra_computed']}")
+            print("  intruders per layer: " + ", ".join(
+                f"{name.split('.')[-1]}={v['count']}" for name, v in res["per_layer"].items()))
+    cold, cached = out["cold"]["wall_s"], out["cached"]["wall_s"]
+    per_layer_cold = [out["cold"]["wall_s"] / max(1, len(pairs))]
+    out["median_s_per_layer_cold"] = statistics.median(per_layer_cold)
+    out["cached_over_cold"] = cached / cold if cold else None
+    print(f"cached / cold wall: {out['cached_over_cold']:.2f}")
+    if args.dense_baseline:
+        out["dense_baseline_4096_s"] = _dense_baseline(base, pairs)
+        print(f"dense baseline (PEFT's two SVDs) on one 4096x4096 layer: {out['dense_baseline_4096_s']:.1f} s")
+    results = BENCH_DIR / "results"
+    results.mkdir(exist_ok=True)
+    path = results / f"intruders-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(out, indent=1, default=str) + "\n")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
