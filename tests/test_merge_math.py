@@ -328,6 +328,7 @@ def test_subspace_iteration_path_gives_the_best_rank_k(pair: Any, tmp_path: Path
     """Large modules take the subspace-iteration path (no m×m eigen-decomposition): forced here on small ones,
     the written ties adapter is the best rank-k approximation of the dense TIES reference."""
     monkeypatch.setattr("gradience.policy.thresholds.MERGE_EXACT_EIGH_MAX", 4)
+    monkeypatch.setattr("gradience.policy.thresholds.MERGE_SUBSPACE_OVERSAMPLE", 2)
     p1, p2, d1, d2 = pair
     res = merge([load_adapter(str(p1)), load_adapter(str(p2))], tmp_path / "t",
                 MergeOptions(method="ties", density=0.5, policy=Policy("rank", 3)))

@@ -50,11 +50,20 @@ def dare_key(seed: int, index: int, name: str) -> int:
 def dare_uniforms(key: int, counters: np.ndarray) -> np.ndarray:
     """Uniforms in [0, 1) for the uint64 ``counters`` (entry indices row·d_in + col), splitmix64 vectorised."""
     with np.errstate(over="ignore"):
-        z = counters.astype(np.uint64) + np.uint64((key + 0x9E3779B97F4A7C15) & _M64)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z ^= z >> np.uint64(31)
-    return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+        z = counters.astype(np.uint64)  # a fresh array: every step below is in place (uint64 wraps mod 2^64)
+        z += np.uint64((key + 0x9E3779B97F4A7C15) & _M64)
+        t = z >> np.uint64(30)
+        z ^= t
+        z *= np.uint64(0xBF58476D1CE4E5B9)
+        np.right_shift(z, np.uint64(27), out=t)
+        z ^= t
+        z *= np.uint64(0x94D049BB133111EB)
+        np.right_shift(z, np.uint64(31), out=t)
+        z ^= t
+        z >>= np.uint64(11)
+    out = z.astype(np.float64)
+    out *= 1.0 / (1 << 53)
+    return out
 
 
 class Slabs:
