@@ -157,7 +157,7 @@ MERGE_CANCEL_RTOL = 1e-7
 # come from subspace iteration (Halko, Martinsson & Tropp 2011, Alg. 4.4) with k + max(k, this) vectors, stopped
 # when the captured energy sum_{i<=k} sigma_i^2 changes by less than the rtol (relative), at most MAX_ITER passes.
 MERGE_EXACT_EIGH_MAX = 1024
-MERGE_SUBSPACE_OVERSAMPLE = 16
+MERGE_SUBSPACE_OVERSAMPLE = 64
 MERGE_SUBSPACE_RTOL = 1e-13
 MERGE_SUBSPACE_MAX_ITER = 100
 
