@@ -186,3 +186,39 @@ def test_torch_operator_matches_numpy() -> None:
     a = top_singular(LowRankPlus(w, l_fac, r_fac, 1.0), 5)
     t = top_singular(TorchOperator(w, l_fac, r_fac, 1.0, device="cpu"), 5)
     np.testing.assert_allclose(a.sigma, t.sigma, rtol=1e-5)
+
+
+def test_lanczos_bound_is_an_upper_bound_and_certifies_a_spread_direction() -> None:
+    from gradience.intruders.lanczos import remaining_cos_bound
+
+    rng = np.random.default_rng(7)
+    m = 300
+    s = np.sort(rng.uniform(0.5, 3.0, m))[::-1]
+    s[:3] = [9.0, 8.0, 7.0]
+    w = np.diag(s).astype(np.float32)        # singular vectors are the unit vectors: c_j = |u_j|, known exactly
+    base = BaseSpectrum(np.eye(m)[:, :3], s[:3], complete=False)
+    spread = rng.standard_normal((m, 4))
+    spread /= np.linalg.norm(spread, axis=0)
+    peaked = spread.copy()
+    peaked[:, 1] = 0.2 * spread[:, 1] + np.eye(m)[:, 150]   # one remaining cosine ≈ 0.98
+    peaked /= np.linalg.norm(peaked, axis=0)
+    for u in (spread, peaked):
+        bound = remaining_cos_bound(LowRankPlus(w), base, u, target=0.0, max_steps=36)
+        true = np.abs(u[3:]).max(axis=0)
+        assert np.all(bound >= true - 1e-6)
+    bound = remaining_cos_bound(LowRankPlus(w), base, spread, target=0.45)
+    assert np.all(bound < 0.45)              # a direction spread over the bulk is certified
+    assert remaining_cos_bound(LowRankPlus(w), base, peaked[:, [1]], target=0.45)[0] > 0.9
+
+
+def test_bulk_intruder_of_a_wide_weight_is_certified_by_lanczos_not_a_dense_svd() -> None:
+    w, u0, v0 = _base()
+    w, u0, v0 = np.ascontiguousarray(w.T), v0, u0     # m ≤ n: W·Wᵀ has no null space
+    rng = np.random.default_rng(3)
+    l_fac = np.stack([40.0 * _bulk_direction(rng, u0), 0.01 * rng.standard_normal(w.shape[0])], axis=1)
+    r_fac = np.stack([_bulk_direction(rng, v0), 0.01 * rng.standard_normal(w.shape[1])])
+    expected, cos, _ = _dense_reference(w, l_fac, r_fac, 1.0)
+    top = top_singular(LowRankPlus(w, l_fac, r_fac, 1.0), 10)
+    found, _ = layer_intruders(top, lambda p: partial_base(w, p), min(w.shape), 10, 0.5, w_op=LowRankPlus(w))
+    assert expected == [0] and found.indices == expected and found.decided_by == "lanczos"
+    assert found.cos_upper[0] < 0.5 and found.cos_upper[0] >= cos[0] - 1e-6

@@ -8,6 +8,8 @@ Certification from a partial SVD U_p (the top p base vectors): the cosines over 
 Σ_j c_ij² ≤ ‖u_i‖² = 1, so every base vector outside U_p has |cos| ≤ √(1 − Σ_{j≤p} c_ij²). Hence
 * some |cos| over U_p ≥ ε  →  not an intruder (whatever the rest holds);
 * every |cos| over U_p < ε and √(1 − Σ c²) < ε  →  an intruder.
+A direction whose cosines over U_p are all small but whose remaining mass is not (a direction in W's bulk, the
+typical intruder) gets the Lanczos bound on each single remaining cosine (:mod:`gradience.intruders.lanczos`).
 Otherwise the partial SVD is extended (×4) and, past a fraction of min(m, n), replaced by the dense SVD of W
 (exact, PEFT's computation). A margin around ε leaves near-ties to the dense path.
 """
@@ -19,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from gradience.intruders.solver import TopK, dense_left_singular, top_singular
+from gradience.intruders.solver import Operator, TopK, dense_left_singular, top_singular
 from gradience.policy.thresholds import INTRUDER_BASE_P0, INTRUDER_DECIDE_MARGIN, INTRUDER_DENSE_FRACTION
 
 
@@ -43,7 +45,7 @@ class LayerIntruders:
     sigma: list[float]                     # the top-k σ of W + ΔW
     cos: list[float]
     cos_upper: list[float]
-    decided_by: str                        # "partial" (p0 vectors) | "extended" (more) | "dense"
+    decided_by: str                        # "partial" (p0 vectors) | "lanczos" (+ the Lanczos bound) | "extended" | "dense"
     base_vectors: int                      # p of the partial SVD that decided
     converged: bool
     residual_max: float
@@ -108,16 +110,37 @@ def _converged_prefix(top: TopK) -> np.ndarray:
     return keep
 
 
+def _lanczos(w_op: Operator, u: np.ndarray, base: BaseSpectrum, eps: float, intr: np.ndarray, decided: np.ndarray,
+             best: np.ndarray, upper: np.ndarray) -> bool:
+    """Try the Lanczos certificate (:mod:`gradience.intruders.lanczos`) on the undecided directions whose cosines
+    over the partial SVD are all below ε; updates the arrays in place, True when it decided any."""
+    from gradience.intruders.lanczos import remaining_cos_bound
+
+    target = eps - INTRUDER_DECIDE_MARGIN
+    cand = np.flatnonzero(~decided & (best < target))
+    if cand.size == 0:
+        return False
+    bound = remaining_cos_bound(w_op, base, u[:, cand], target)
+    ok = bound < target
+    upper[cand] = np.maximum(best[cand], np.minimum(upper[cand], bound))
+    intr[cand[ok]] = True
+    decided[cand[ok]] = True
+    return bool(ok.any())
+
+
 def layer_intruders(merged: TopK, base_for: BaseProvider, full: int, k: int, eps: float,
-                    p0: int = INTRUDER_BASE_P0) -> tuple[LayerIntruders, BaseSpectrum]:
+                    p0: int = INTRUDER_BASE_P0, w_op: Operator | None = None) -> tuple[LayerIntruders, BaseSpectrum]:
     """Decide every top-k direction of ``merged``; ``base_for(p)`` gives a base spectrum with ≥ p vectors (from the
-    cache or computed; complete when p reaches the dense share of ``full`` = min(m, n))."""
+    cache or computed; complete when p reaches the dense share of ``full`` = min(m, n)). ``w_op``: W's products,
+    for the Lanczos certificate of bulk directions (m ≤ n only)."""
     u = merged.u[:, :k]
     p = p0
     base = base_for(p)
-    extended = False
+    extended = lanczos = False
     while True:
         intr, decided, best, upper = decide(u, base, eps)
+        if not decided.all() and not base.complete and w_op is not None and w_op.shape[0] <= w_op.shape[1]:
+            lanczos = _lanczos(w_op, u, base, eps, intr, decided, best, upper) or lanczos
         if decided.all() or base.complete:
             break
         extended = True
@@ -127,7 +150,7 @@ def layer_intruders(merged: TopK, base_for: BaseProvider, full: int, k: int, eps
     out = LayerIntruders(
         k=k, eps=eps, indices=idx, sigma=[float(x) for x in merged.sigma[:k]],
         cos=[float(x) for x in best], cos_upper=[float(x) for x in upper],
-        decided_by="dense" if base.complete else ("extended" if extended else "partial"), base_vectors=int(base.u.shape[1]),
+        decided_by="dense" if base.complete else ("extended" if extended else ("lanczos" if lanczos else "partial")), base_vectors=int(base.u.shape[1]),
         converged=merged.converged, residual_max=float(merged.residual[:k].max()) if k else 0.0,
         products=merged.products, triplets=merged)
     return out, base

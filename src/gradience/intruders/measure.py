@@ -132,7 +132,9 @@ def measure_pairs(pairs: Sequence[LoraPair], weights: Any, matches: dict[str, tu
                 cache.put(key, spec)
             return spec
 
-        found, _base = layer_intruders(merged, base_for, full, min(options.k, full), float(options.eps))
+        w_op = LowRankPlus(w) if device is None else TorchOperator(w, device=device)
+        found, _base = layer_intruders(merged, base_for, full, min(options.k, full), float(options.eps),
+                                       w_op=w_op)
         t_base += time.perf_counter() - t3
         if not merged.converged:
             report.issues.append(Issue("intruder_not_converged", f"{pair.name}: the top-{options.k} of W + ΔW did "
@@ -145,7 +147,8 @@ def measure_pairs(pairs: Sequence[LoraPair], weights: Any, matches: dict[str, tu
     decided = [la.decided_by for la in report.per_layer.values()]
     report.stats = {
         "device": device or "numpy", "layers": len(report.per_layer),
-        "decided_partial": decided.count("partial"), "decided_extended": decided.count("extended"),
+        "decided_partial": decided.count("partial"), "decided_lanczos": decided.count("lanczos"),
+        "decided_extended": decided.count("extended"),
         "decided_dense": decided.count("dense"), "base_spectra_computed": base_computed,
         "cache_dir": None if cache is None else str(cache.root),
         "cache_hits": 0 if cache is None else cache.hits, "cache_misses": 0 if cache is None else cache.misses,
@@ -167,7 +170,8 @@ def summarize(per_layer: dict[str, LayerIntruders], options: IntruderOptions) ->
         "intruder_layer_share": with_intruders / n if n else None,
         "intruder_count_total": sum(la.count for la in rows),
         "intruder_energy_total": math.fsum(la.energy for la in rows) if n else None,
-        "intruder_decided_partial_fraction": (sum(la.decided_by == "partial" for la in rows) / n) if n else None,
+        "intruder_decided_partial_fraction": (sum(la.decided_by in ("partial", "lanczos") for la in rows) / n)
+        if n else None,
         "intruder_count_mean": stats.mean([la.count for la in rows]) if n else None,
     }
 
