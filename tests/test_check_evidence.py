@@ -193,3 +193,15 @@ def test_compressed_adapter_alpha_is_a_serving_scale(tmp_path: Path, capsys: pyt
                                     alpha=written["lora_alpha"])
     _, data = check_json(capsys, "--peft-dir", str(plain), "--lr", "2e-4")
     assert any(r["action"] == "fix_alpha_scale" for r in data["recommendations"])
+
+
+def test_new_action_gates_need_their_inputs(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", "--r", "8", "--alpha", "16", "--fail-on", "raise_lr"]) == 2    # no lr: cannot decide
+    assert main(["check", "--r", "8", "--alpha", "16", "--lr", "1e-5", "--fail-on", "raise_lr"]) == 1
+    assert main(["check", "--r", "8", "--alpha", "16", "--lr", "2e-4", "--fail-on", "raise_lr"]) == 0
+    assert main(["check", "--lr", "2e-4", "--r", "8", "--alpha", "16", "--fail-on", "add_mlp_targets"]) == 2
+    assert main(["check", "--lr", "2e-4", "--r", "8", "--alpha", "16", "--targets", "q_proj",
+                 "--fail-on", "add_mlp_targets"]) == 1
+    assert main(["check", "--lr", "2e-4", "--r", "8", "--alpha", "16", "--targets", "q_proj",
+                 "--fail-on", "prefer_attention_only"]) == 0   # retired: accepted, never met
+    capsys.readouterr()

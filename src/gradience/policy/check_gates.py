@@ -29,6 +29,9 @@ ACTION_INPUTS: dict[str, tuple[Need, ...]] = {
     "fix_rank": (_R,), "consider_reduce_rank": (_R,), "reduce_rank": (_R,), "review_rslora": (_R,),
     "fix_alpha_scale": (_R, _ALPHA), "prefer_attention_only": (_TARGETS,), "add_attention_targets": (_TARGETS,),
     "review_targets": (_TARGETS,), "fix_weight_decay": (_WD,), "fix_dropout": (_DROPOUT,),
+    # issue 18's rules
+    "raise_lr": (_LR,), "add_mlp_targets": (_TARGETS,), "avoid_ssm_targets": (_TARGETS,),
+    "reduce_expert_rank": (_R,), "consider_rslora": (_R,), "alpha_is_serving_scale": (_R, _ALPHA),
 }
 
 
