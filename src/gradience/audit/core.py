@@ -31,6 +31,7 @@ from gradience.policy.thresholds import (
     SUGGEST_MARGIN_DEFAULT,
     TOP_WASTEFUL_TEXT_DEFAULT,
 )
+from gradience.quant.residual import qlora_block, trained_on_4bit
 from gradience.textfmt import safe_text
 from gradience.udr import PER_LAYER_KEYS, SUMMARY_KEYS
 
@@ -64,6 +65,9 @@ class AuditOptions:
     base_required: bool = True
     # Intruder dimensions (issue 23): a gradience.intruders.IntruderOptions, or None (not computed).
     intruders: Any = None
+    # QLoRA merge residual (issue 21): with a 16-bit base, ‖W₁₆ − deq(Q(W₁₆))‖ / ‖s·B·A‖ per layer
+    # (gradience.quant.residual); also computed when the config's base name says it was a 4-bit base.
+    qlora: bool = False
 
 
 @dataclass
@@ -212,6 +216,7 @@ class AuditResult:
     udr_stats: dict[str, Any] = field(default_factory=dict)
     intruder_summary: dict[str, Any] | None = None   # issue 23 keys, only when intruders were requested
     intruder_stats: dict[str, Any] = field(default_factory=dict)
+    qlora: dict[str, Any] | None = None                # the qlora block (gradience.quant.residual.qlora_block)
 
     # -- summary pieces --------------------------------------------------------------------------
     def adapter_r(self) -> int:
@@ -303,6 +308,8 @@ class AuditResult:
         experts = expert_summary(layers)
         if experts is not None:
             out["experts"] = experts
+        if self.qlora is not None:
+            out["qlora"] = self.qlora
         out["udr_requested"] = self.udr_requested
         out["udr_base_model"] = self.udr_base_model
         for key in UDR_SUMMARY_KEYS:
@@ -417,6 +424,9 @@ def run_audit(loaded: LoadedAdapter, options: AuditOptions | None = None) -> Aud
         result.issues.append(_mutated_base_issue(mutated))
     elif options.udr:
         _apply_udr(result, loaded, options)
+    if result.udr_base_model and (options.qlora or trained_on_4bit(loaded.config)):
+        result.qlora, qlora_issues = qlora_block(result.layers, result.udr_base_model)
+        result.issues.extend(qlora_issues)
     dora_issue = _dora_directional_issue(result.layers)
     if dora_issue is not None:
         result.issues.append(dora_issue)

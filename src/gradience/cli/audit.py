@@ -70,6 +70,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--base-norms-cache", metavar="F", help="cache file for base-weight norms")
     p.add_argument("--no-udr", action="store_true",
                    help="do not try the adapter's own base_model_name_or_path for UDR")
+    p.add_argument("--qlora", action="store_true",
+                   help="the adapter was trained on a 4-bit (QLoRA) version of the 16-bit --base-model: report per "
+                        "layer the residual a merge into the 16-bit weights adds, ‖W16 - deq(Q(W16))‖ / ‖s·B·A‖, "
+                        "and which base to merge into (automatic when the config's base name says bnb-4bit)")
     p.add_argument("--fail-on", action="append", metavar="RULES", help=FAIL_ON_HELP)
     # Intruder dimensions (issue 23; Shuttleworth et al. 2025, PEFT reduce_intruder_dimension).
     p.add_argument("--intruders", action="store_true",
@@ -111,6 +115,7 @@ def _options(args: argparse.Namespace) -> Any:
         progress=sys.stderr.isatty(),
         base_required=bool(args.require_udr),
         intruders=_intruder_options(args),
+        qlora=bool(getattr(args, "qlora", False)),
     )
 
 

@@ -102,6 +102,10 @@ MAX_EXPERTS = 4096
 # starts B at 0 (LoRA §4.1), so an expert the router never picked keeps exactly 0; 1e-3 of the median (a 60 dB
 # energy gap) also catches experts that saw a handful of tokens, far below any trained sibling.
 EXPERT_NEGLIGIBLE_REL = 1e-3
+# QLoRA merge residual (issue 21 item 2): a layer whose ‖W₁₆ − deq(Q(W₁₆))‖_F is at least this multiple of its
+# update ‖s·B·A‖_F gets a "merge into the de-quantised base" warning: at ρ ≥ 1 the residual a merge into the
+# 16-bit weights adds is as large as the update itself (unsloth-zoo PR 810 measured 10-150x on some layers).
+QLORA_RESIDUAL_MAX = 1.0
 ENERGY_LEVELS = (0.90, 0.95, 0.99)
 SUGGEST_MARGIN_DEFAULT = 1.0
 # σ from the r×r Gram eigen-solve lose ~sqrt(eps)·σ₁ on tiny values: when λ_min < this·λ_max the pair's σ
