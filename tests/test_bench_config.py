@@ -425,8 +425,8 @@ def test_alias_bombs_are_refused_while_reading(tmp_path: Path, capsys: pytest.Ca
 def test_shipped_reference_keys_example_means_the_toy(tmp_path: Path) -> None:
     ref = load_bench_config(REPO / "examples" / "bench" / "toy_reference_keys.yaml")
     assert ref.ignored_keys == ("run_type",)
-    assert (ref.lr, ref.max_train_samples, ref.max_eval_samples, ref.task_type) == (0.005, 800, 200, "classification")
+    assert (ref.max_train_samples, ref.max_eval_samples, ref.task_type) == (800, 200, "classification")
     assert ref.arms == ("retrain_median", "retrain_p90", "retrain_per_layer") and ref.probe_gate_min == 0.6
     toy = load_bench_config(REPO / "examples" / "bench" / "toy.yaml")
-    assert (ref.model, ref.dataset, ref.probe_r, ref.alpha, ref.max_steps) == (toy.model, toy.dataset, toy.probe_r,
-                                                                                toy.alpha, toy.max_steps)
+    assert (ref.model, ref.dataset, ref.probe_r, ref.alpha, ref.max_steps, ref.lr) == (
+        toy.model, toy.dataset, toy.probe_r, toy.alpha, toy.max_steps, toy.lr)  # train.learning_rate is train.lr
