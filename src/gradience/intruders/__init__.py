@@ -44,7 +44,7 @@ def match_base(pairs: Sequence[LoraPair], weights: object, *, fan_in_fan_out: bo
             continue
         match = index.match(pair.name)
         info = tensors.get(match.tensor) if match.tensor else None
-        if info is None or info.file in problems or not info.is_float:
+        if info is None or match.tensor is None or info.file in problems or not info.is_float:
             skipped.setdefault(f"base weight {match.how if info is None else 'unusable'}", []).append(pair.name)
             continue
         inp = UdrInput(name=pair.name, delta_sigma_max=None, delta_frob_norm=None, d_out=pair.d_out,

@@ -11,6 +11,7 @@ as the expected arrays is reported (info) and recomputed, never trusted.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -40,7 +41,7 @@ def tensor_hash(raw: np.ndarray, dtype: str, shape: tuple[int, ...], transposed:
     """blake2b of the stored bytes plus what makes the same bytes a different matrix."""
     h = hashlib.blake2b(digest_size=20)
     h.update(f"{_FORMAT}|{dtype}|{list(shape)}|{int(transposed)}|".encode())
-    h.update(memoryview(np.ascontiguousarray(raw)).cast("B"))
+    h.update(np.ascontiguousarray(raw).reshape(-1).view(np.uint8).data)  # the mapped bytes, no copy
     return h.hexdigest()
 
 
@@ -83,10 +84,8 @@ class SpectraCache:
         if u.shape[1] < min_vectors and not complete:
             return None
         self.hits += 1
-        try:
+        with contextlib.suppress(OSError):
             os.utime(path)  # recently used: kept longest when the directory is trimmed
-        except OSError:
-            pass
         return BaseSpectrum(u, sigma, complete)
 
     def put(self, key: str, spectrum: BaseSpectrum) -> None:

@@ -60,7 +60,7 @@ def remaining_cos_bound(op: Operator, base: BaseSpectrum, u: np.ndarray, target:
                         max_steps: int = LANCZOS_MAX_STEPS) -> np.ndarray:
     """For each column of u (m, q): an upper bound on |cos| with every base left singular vector outside ``base``
     (stops early for a column once its bound is below ``target``)."""
-    m, q = u.shape
+    q = u.shape[1]
     up = base.u
     w = u - up @ (up.T @ u)
     rho = np.linalg.norm(w, axis=0)

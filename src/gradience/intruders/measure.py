@@ -119,7 +119,7 @@ def measure_pairs(pairs: Sequence[LoraPair], weights: Any, matches: dict[str, tu
         t_merged += t3 - t2
         full = min(w.shape)
 
-        def base_for(p: int, w: np.ndarray = w, key: str = key) -> BaseSpectrum:
+        def base_for(p: int, w: np.ndarray = w, key: str = key, full: int = full) -> BaseSpectrum:
             nonlocal base_computed
             if cache is not None:
                 hit = cache.get(key, w.shape[0], min(p, full))

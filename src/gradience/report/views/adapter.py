@@ -181,7 +181,8 @@ def adapter_view(summary: dict[str, Any], ids: ChartIds, *, key: str = "adapter"
 
     intruders = intruder_heatmap(rows, ids, summary)
     if intruders is not None:
-        context["heatmaps"].append(intruders)
+        heatmaps: list[Heatmap] = context["heatmaps"]  # type: ignore[assignment]
+        heatmaps.append(intruders)
     return View(key, label, "views/adapter.html.j2", context, [udr_group])
 
 
