@@ -52,8 +52,8 @@ MAX_STATE_BYTES = 64 * 1024
 MAX_NDIM = 4
 MAX_NUMEL = 2**40
 _DTYPES = ("bfloat16", "float16", "float32")
-# Elements de-quantised per step: bounds the int/float temporaries to a few MB per call.
-_CHUNK = 1 << 22
+# Elements de-quantised per step (a multiple of every block size): temporaries of a few MB that stay in cache.
+_CHUNK = 1 << 20
 
 COMPANIONS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 
@@ -212,7 +212,10 @@ def round_to_dtype(values: np.ndarray, dtype: str) -> np.ndarray:
     """float32 values rounded in place to ``dtype`` (bfloat16: round to nearest even; float16 via numpy)."""
     if dtype == "bfloat16":
         bits = values.view(np.uint32)
-        bits += np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
+        carry = bits >> np.uint32(16)
+        carry &= np.uint32(1)
+        carry += np.uint32(0x7FFF)
+        bits += carry
         bits &= np.uint32(0xFFFF0000)
     elif dtype == "float16":
         values[...] = values.astype(np.float16)
@@ -227,24 +230,23 @@ def dequantize_4bit(packed: np.ndarray, absmax: np.ndarray, quant_map: np.ndarra
     """
     flat = np.asarray(packed).reshape(-1).view(np.uint8)
     code = np.asarray(quant_map, np.float32).reshape(16)
+    # byte -> (code[high nibble], code[low nibble]) as one 8-byte word: one gather per byte writes both elements
+    pairs = np.ascontiguousarray(np.stack([np.repeat(code, 16), np.tile(code, 16)], axis=1)).view(np.uint64)
+    pairs = pairs.reshape(256)
     scales = np.asarray(absmax, np.float32).reshape(-1)
     n = state.numel
-    out = np.empty(n, np.float32)
-    step = _CHUNK - _CHUNK % (2 * state.blocksize)  # chunks start on a block boundary and an even element
-    nibbles = np.empty(min(step, n + 1), np.uint8)
+    out = np.empty(2 * state.packed_bytes, np.float32)
+    words = out.view(np.uint64)
+    step = _CHUNK  # a multiple of 2·blocksize: every chunk starts on a block boundary and an even element
     for start in range(0, n, step):
         stop = min(n, start + step)
         byte_lo, byte_hi = start // 2, -(-stop // 2)
-        src = flat[byte_lo:byte_hi]
-        width = 2 * src.shape[0]
-        nib = nibbles[:width]
-        np.right_shift(src, 4, out=nib[0::2])
-        np.bitwise_and(src, 0xF, out=nib[1::2])
+        words[byte_lo:byte_hi] = pairs[flat[byte_lo:byte_hi]]
         chunk = out[start:stop]
-        np.take(code, nib[:stop - start], out=chunk)
         _blockwise(chunk, scales[start // state.blocksize:-(-stop // state.blocksize)], state.blocksize)
-    if round_to_state_dtype:
-        round_to_dtype(out, state.dtype)
+        if round_to_state_dtype:  # in the chunk while it is in cache
+            round_to_dtype(chunk, state.dtype)
+    out = out[:n]
     return out.reshape(state.shape)
 
 
