@@ -164,15 +164,13 @@ def _layer_from_pair(pair: LoraPair, sigma: np.ndarray) -> LayerAudit:
 
 def _single_threaded_blas() -> AbstractContextManager[object]:
     """Tiny r×r LAPACK calls run several times slower multi-threaded (SPEC §11). The CLI pins BLAS to one
-    thread before numpy loads; library callers (a training process) get the same through threadpoolctl
-    when it happens to be installed (optional, not a dependency)."""
+    thread before numpy loads; library callers (a training process, a notebook) get the same through the
+    loaded BLAS's own thread setter (:func:`gradience.blas.limited_blas_threads`), restored on exit."""
     if os.environ.get("OPENBLAS_NUM_THREADS") == "1" and os.environ.get("OMP_NUM_THREADS") == "1":
         return nullcontext()
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        return nullcontext()
-    return threadpool_limits(limits=1, user_api="blas")
+    from gradience.blas import limited_blas_threads
+
+    return limited_blas_threads(1)
 
 
 def _grams_once(pair: LoraPair) -> tuple[FactorGram, FactorGram]:
