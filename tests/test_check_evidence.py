@@ -205,3 +205,18 @@ def test_new_action_gates_need_their_inputs(capsys: pytest.CaptureFixture[str]) 
     assert main(["check", "--lr", "2e-4", "--r", "8", "--alpha", "16", "--targets", "q_proj",
                  "--fail-on", "prefer_attention_only"]) == 0   # retired: accepted, never met
     capsys.readouterr()
+
+
+def test_size_from_the_base_saved_beside_the_adapter(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # The toy run's layout: <run>/peft beside <run>/base (config.json + model.safetensors).
+    peft = write_synthetic_adapter(tmp_path / "run" / "peft", layers=1, targets={"q_proj": (32, 32)}, r=4, alpha=8,
+                                   base_model_name_or_path="gradience/tiny-model")
+    base = tmp_path / "run" / "base"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2,
+                                                  "intermediate_size": 128, "vocab_size": 100}))
+    (base / "model.safetensors").write_bytes(b"")   # only its presence marks a saved base
+    _, data = check_json(capsys, "--peft-dir", str(peft), "--lr", "2e-3")
+    assert data["model"]["params"] == 2 * (4 * 64 * 64 + 3 * 64 * 128) + 100 * 64
+    assert data["model"]["config_path"] == str(base / "config.json")
+    assert not any(r["action"] == "lower_lr" for r in data["recommendations"])   # < 1B: 2e-3 is inside 3e-3

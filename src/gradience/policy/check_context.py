@@ -58,10 +58,19 @@ def compress_provenance(peft_config_path: str | os.PathLike[str] | None) -> dict
 
 def check_context(snapshot: ConfigSnapshot, model_size: str | None = None,
                   peft_path: str | os.PathLike[str] | None = None) -> CheckContext:
-    """Model facts (``--model-size`` > config ``model_size`` > the model dir's config.json > the name) and the
-    compress provenance of the adapter whose ``adapter_config.json`` is ``peft_path``."""
+    """Model facts (``--model-size`` > config ``model_size`` > the model dir's config.json, or the base saved
+    beside the adapter > the name) and the compress provenance of the adapter whose ``adapter_config.json`` is
+    ``peft_path``."""
     size = model_size if model_size is not None else snapshot.extras.get("model_size")
     path, config = read_model_config(snapshot.model_name)
+    if config is None and peft_path is not None:
+        # A base saved beside the adapter (the toy run's and demo's <run>/base next to <run>/peft, the bench's
+        # OUT/base): the same resolver audit uses for UDR.
+        from gradience.udr.resolve import base_beside_adapter
+
+        beside = base_beside_adapter(Path(peft_path).parent)
+        if beside is not None:
+            path, config = read_model_config(str(beside))
     facts = model_facts(snapshot.model_name, size=size,
                         size_source="--model-size" if model_size is not None else "model_size",
                         config=config, config_path=path)
