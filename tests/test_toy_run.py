@@ -115,6 +115,22 @@ def test_lora_audit_event_matches_numpy_svd_of_saved_adapter(toy: ToyRunResult) 
     assert metrics["stable_rank_mean"] == pytest.approx(np.mean(stable_ranks), rel=1e-4)
 
 
+def test_the_toy_looks_like_a_real_run(toy: ToyRunResult, capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 18: the pretrained base moves little under LoRA (UDR median < 1, where the random-init toy gave
+    4-14), audit does not call it random-init, and check has only the attention-only note to make."""
+    from gradience.cli.main import main
+
+    assert main(["audit", "--peft-dir", str(toy.peft_dir), "--json"]) == 0
+    audit = json.loads(capsys.readouterr().out)
+    summary = audit.get("summary", audit)
+    assert summary["udr_median"] < 1.0 and summary["n_layers_with_udr"] == 8
+    assert "base_looks_random_init" not in [i["code"] for i in audit.get("issues", [])]
+    assert main(["check", "--task", "sst2", "--peft-dir", str(toy.peft_dir), "--training-dir",
+                 str(toy.training_dir), "--json"]) == 0
+    check = json.loads(capsys.readouterr().out)
+    assert [r["action"] for r in check["recommendations"]] == ["add_mlp_targets"]
+
+
 def test_next_commands_are_the_seed_commands() -> None:
     assert next_commands("runs/toy") == [
         "gradience check --task sst2 --peft-dir runs/toy/peft --training-dir runs/toy/training",
