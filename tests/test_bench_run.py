@@ -53,6 +53,8 @@ def test_toy_smoke_bench_writes_every_output(toy_smoke: tuple[Path, dict]) -> No
     for key in ("config", "seeds", "probe", "arms", "noise_floor", "policy", "verdict", "screening", "udr"):
         assert key in bench
     assert bench["screening"] is True and bench["seeds"] == [42]
+    assert bench["policy"]["headline"] == "interval" and bench["policy"]["point_estimate_verdict"] in ("PASS", "FAIL")
+    assert bench["verdict"] in ("PASS", "FAIL", "INCONCLUSIVE")
     assert bench["policy"]["tolerance"] == 0.02 and bench["policy"]["min_pass_rate"] == pytest.approx(2 / 3)
     assert bench["probe"]["r"] == 16 and bench["probe"]["params"] > 0
     probe_metric = bench["probe"]["per_seed"][0]["metric"]
@@ -64,8 +66,12 @@ def test_toy_smoke_bench_writes_every_output(toy_smoke: tuple[Path, dict]) -> No
         assert s["delta"] == pytest.approx(s["metric"] - probe_metric)
         lo, hi = s["ci95"]
         assert lo <= s["delta"] + 1e-12 and s["delta"] - 1e-12 <= hi
-        assert s["verdict"] == ("PASS" if s["delta"] >= -0.02 - 1e-9 else "FAIL")
-        assert arm["aggregate"]["verdict"] == s["verdict"]
+        # Headline: the interval against −tol (issue 18); the reference tool's point rule is kept beside it.
+        assert s["point_estimate_verdict"] == ("PASS" if s["delta"] >= -0.02 - 1e-9 else "FAIL")
+        assert s["verdict"] == ("PASS" if lo >= -0.02 - 1e-9 else "FAIL" if hi < -0.02 - 1e-9 else "INCONCLUSIVE")
+        assert (s.get("n_eval_items_needed") is not None) == (s["verdict"] == "INCONCLUSIVE" and s["delta"] != -0.02)
+        assert arm["aggregate"]["point_estimate_verdict"] == s["point_estimate_verdict"]
+        assert arm["aggregate"]["verdict"] in ("PASS", "FAIL", "INCONCLUSIVE") and arm["aggregate"]["ci95"]
         assert 0 < arm["params_ratio"] <= 1.0
         assert (out / "seed_42" / arm["name"] / "result.json").is_file()
         # an arm whose ranks coincide with an earlier one's reuses its run (issue 17): its files are the twin's

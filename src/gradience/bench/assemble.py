@@ -6,6 +6,7 @@ from typing import Any
 
 from gradience.bench.arms import ArmPlan
 from gradience.bench.config import BenchConfig
+from gradience.bench.intervals import HEADLINE_RULE, POINT_RULE, across_seeds, seed_decision
 from gradience.bench.results import ArmResult
 from gradience.bench.stats import Verdicts, noise_floor, paired_bootstrap_ci
 from gradience.bench.tasks import PreparedTask
@@ -24,6 +25,7 @@ def assemble(cfg: BenchConfig, task: PreparedTask, seeds: tuple[int, ...], probe
     for name in cfg.arms:
         per_seed: list[dict[str, Any]] = []
         deltas: list[float] = []
+        pairs: list[tuple[list[float], list[float]]] = []
         params: list[int] = []
         plans = [plan for plan, _ in arms[name].values()]
         for seed in seeds:
@@ -37,10 +39,12 @@ def assemble(cfg: BenchConfig, task: PreparedTask, seeds: tuple[int, ...], probe
             lo, hi = paired_bootstrap_ci(probe.per_item, res.per_item, cfg.metric,
                                          samples=cfg.bootstrap_samples)
             deltas.append(delta)
+            pairs.append((probe.per_item, res.per_item))
             params.append(res.params)
+            decision = seed_decision(delta, (lo, hi), len(res.per_item), cfg.tolerance, cfg.higher_is_better)
             per_seed.append({"seed": seed, "metric": res.metric, "delta": delta, "ci95": [lo, hi],
                              **({"same_as": res.same_as} if res.same_as else {}),
-                             "verdict": verdicts.verdict(delta), "params": res.params,
+                             **decision, "point_estimate_verdict": verdicts.verdict(delta), "params": res.params,
                              "r": res.plan.get("r") if res.plan else None,
                              "rank_pattern": res.plan.get("rank_pattern") if res.plan else None,
                              "seconds": res.seconds, "adapter_dir": res.adapter_dir, "summary": res.summary})
@@ -50,6 +54,10 @@ def assemble(cfg: BenchConfig, task: PreparedTask, seeds: tuple[int, ...], probe
         aggregate = verdicts.aggregate(deltas) if deltas else {
             "n_seeds": 0, "mean_delta": None, "sd_delta": None, "worst_delta": None, "pass_rate": None,
             "verdict": None}
+        aggregate["point_estimate_verdict"] = aggregate["verdict"]
+        if pairs:  # over the seeds this arm ran (a seed skipped for want of a suggestion has no Δ)
+            aggregate.update(across_seeds(pairs, cfg.metric, cfg.tolerance, cfg.higher_is_better,
+                                          samples=cfg.bootstrap_samples))
         labels = {p.label for p in plans if p.label}
         arm_rows.append({
             "name": name, "kind": kind, "r": rs.pop() if len(rs) == 1 else None,
@@ -59,11 +67,14 @@ def assemble(cfg: BenchConfig, task: PreparedTask, seeds: tuple[int, ...], probe
             "params_ratio": (mean_params / probe_params) if mean_params is not None and probe_params else None,
             "per_seed": per_seed, "aggregate": aggregate,
         })
-    candidates = [row for row in arm_rows
-                  if row["aggregate"]["verdict"] == "PASS" and row["name"] not in CONTROL_ARMS
-                  and row["label"] is None and row["params_ratio"] is not None and row["params_ratio"] < 1.0]
-    best = min(candidates, key=lambda row: (row["params_ratio"], row["name"])) if candidates else None
+    eligible = [row for row in arm_rows if row["name"] not in CONTROL_ARMS and row["label"] is None
+                and row["params_ratio"] is not None and row["params_ratio"] < 1.0]
+    best = _smallest(eligible, "verdict")
+    point_best = _smallest(eligible, "point_estimate_verdict")
+    headline = "PASS" if best else (
+        "INCONCLUSIVE" if any(row["aggregate"]["verdict"] == "INCONCLUSIVE" for row in eligible) else "FAIL")
     probe_metrics = [probes[s].metric for s in seeds]
+    noise = noise_floor(probe_metrics, cfg.tolerance)
     return {
         "schema": SCHEMA,
         "config": cfg.to_dict(),
@@ -76,11 +87,13 @@ def assemble(cfg: BenchConfig, task: PreparedTask, seeds: tuple[int, ...], probe
                                 "seconds": probes[s].seconds, "adapter_dir": probes[s].adapter_dir}
                                for s in seeds]},
         "arms": arm_rows,
-        "noise_floor": noise_floor(probe_metrics),
-        "policy": {"tolerance": cfg.tolerance, "min_pass_rate": cfg.min_pass_rate,
-                   "rule": "an arm PASSes a seed when Δ ≥ −tolerance (Δ ≤ +tolerance for a loss); across "
-                           "seeds when its pass rate ≥ min_pass_rate and its worst Δ passes"},
-        "verdict": "PASS" if best else "FAIL",
+        "noise_floor": noise,
+        "policy": {"tolerance": cfg.tolerance, "min_pass_rate": cfg.min_pass_rate, "headline": "interval",
+                   "rule": HEADLINE_RULE, "point_estimate_rule": POINT_RULE,
+                   "point_estimate_verdict": "PASS" if point_best else "FAIL",
+                   "point_estimate_recommended_arm": point_best["name"] if point_best else None},
+        "verdict": headline,
+        "warnings": _warnings(noise, cfg),
         "recommended_arm": best["name"] if best else None,
         "screening": len(seeds) == 1,
         "udr": {"probe": {str(s): probes[s].udr for s in seeds},
@@ -91,6 +104,21 @@ def assemble(cfg: BenchConfig, task: PreparedTask, seeds: tuple[int, ...], probe
         **({"probe_gate": probe_gate(cfg, probes, seeds)} if cfg.probe_gate_min is not None else {}),
         **({"ignored_config_keys": list(cfg.ignored_keys)} if cfg.ignored_keys else {}),
     }
+
+def _smallest(rows: list[dict[str, Any]], key: str) -> dict[str, Any] | None:
+    """The passing arm (by the aggregate ``key`` verdict) with the fewest parameters relative to the probe."""
+    passing = [row for row in rows if row["aggregate"].get(key) == "PASS"]
+    return min(passing, key=lambda row: (row["params_ratio"], row["name"])) if passing else None
+
+
+def _warnings(noise: dict[str, Any], cfg: BenchConfig) -> list[str]:
+    """Lines printed beside the verdict: a probe whose seed spread exceeds the tolerance makes seeds decide."""
+    if noise.get("exceeds_tolerance"):
+        return [f"noise floor above the tolerance: the probe's {cfg.metric} sd across {noise['n_seeds']} seeds is "
+                f"{noise['sd']:.4f} > tolerance {cfg.tolerance:g}; a seed's verdict depends on the seed (train "
+                "longer, use more eval items or raise the tolerance)"]
+    return []
+
 
 def probe_gate(cfg: BenchConfig, probes: dict[int, ArmResult], seeds: tuple[int, ...]) -> dict[str, Any]:
     """task.probe_gate: a probe below ``min_value`` is undertrained and its arms' Δ mean little."""

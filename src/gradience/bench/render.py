@@ -38,6 +38,37 @@ def _note(arm: dict[str, Any], skipped: list[Any]) -> str:
     return "; ".join(p for p in parts if p)
 
 
+def _ci(ci: Any) -> str:
+    return f"[{_signed(ci[0])}, {_signed(ci[1])}]" if isinstance(ci, list) and len(ci) == 2 else "-"
+
+
+def _needed(arm: dict[str, Any]) -> str:
+    """"n items to decide" for an INCONCLUSIVE one-seed arm (the per-seed rows carry it for several seeds)."""
+    seeds = [s for s in arm.get("per_seed", []) if s.get("verdict") == "INCONCLUSIVE"]
+    if len(arm.get("per_seed", [])) != 1 or not seeds:
+        return ""
+    n = seeds[0].get("n_eval_items_needed")
+    return f"~{n} eval items to decide" if n is not None else "Δ at the tolerance: more items do not decide"
+
+
+def verdict_lines(bench: dict[str, Any]) -> list[str]:
+    """The headline verdict, which rule it is, the point-estimate rule's verdict, and any warning."""
+    rec = bench.get("recommended_arm")
+    policy = bench.get("policy") or {}
+    verdict = bench["verdict"]
+    tail = {"PASS": f" (smallest arm whose interval passes: {rec})",
+            "INCONCLUSIVE": " (no arm's 95% interval clears the tolerance, and none lies wholly beyond it)",
+            }.get(verdict, " (no compression arm passed the policy)")
+    lines = [f"Verdict: {verdict}{tail}"]
+    if "point_estimate_verdict" in policy:
+        point_rec = policy.get("point_estimate_recommended_arm")
+        lines.append("  headline: the 95% interval of Δ against −tolerance (non-inferiority); the reference tool's "
+                     f"point-estimate rule says {policy['point_estimate_verdict']}"
+                     + (f" ({point_rec})" if point_rec else ""))
+    lines += [f"  warning: {safe_text(str(w))}" for w in bench.get("warnings") or []]
+    return lines
+
+
 def _table(rows: list[list[str]]) -> list[str]:
     """A plain text table, columns padded to their widest cell (what a terminal shows well)."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -49,23 +80,22 @@ def _table(rows: list[list[str]]) -> list[str]:
 def render_text(bench: dict[str, Any]) -> str:
     """The terminal summary: the verdict, then one aligned row per arm (bench.md keeps the Markdown)."""
     task, probe = bench["task"], bench["probe"]
-    rec = bench.get("recommended_arm")
     lines = [f"Gradience Bench: {safe_text(str(task['model']))} on {safe_text(str(task['dataset']))}"]
     if bench["screening"]:
         lines.append("Screening run (one seed): verdicts are indicative; run several seeds (--seeds 1,2,3).")
-    lines.append(f"Verdict: {bench['verdict']}" + (f" (smallest passing arm: {rec})" if rec else
-                                                   " (no compression arm passed the policy)"))
+    lines += verdict_lines(bench)
     better = "higher" if task["higher_is_better"] else "lower"
     metrics = ", ".join(f"seed {p['seed']}: {_num(p['metric'])}" for p in probe["per_seed"])
     lines += [f"Metric: {task['metric']} ({better} is better), {task['n_eval_items']} eval items. "
               f"Probe r={probe['r']}: {metrics}.", ""]
-    rows = [["arm", "kind", "rank", "params", "ratio", "mean Δ", "worst Δ", "pass", "verdict", "note"]]
+    rows = [["arm", "kind", "rank", "params", "ratio", "mean Δ", "95% CI", "worst Δ", "verdict", "note"]]
     for arm in bench["arms"]:
         agg = arm["aggregate"]
         skipped = [s.get("skipped") for s in arm["per_seed"] if s.get("skipped")]
+        note = "; ".join(p for p in (_note(arm, skipped), _needed(arm)) if p)
         rows.append([safe_text(str(arm["name"])), arm["kind"], _rank(arm), _num(arm["params"], "{}"),
-                     _num(arm["params_ratio"], "{:.1%}"), _signed(agg["mean_delta"]), _signed(agg["worst_delta"]),
-                     _num(agg["pass_rate"], "{:.0%}"), agg["verdict"] or "-", safe_text(_note(arm, skipped))])
+                     _num(arm["params_ratio"], "{:.1%}"), _signed(agg["mean_delta"]), _ci(agg.get("ci95")),
+                     _signed(agg["worst_delta"]), agg["verdict"] or "-", safe_text(note)])
     lines += _table(rows)
     gate = bench.get("probe_gate")
     if gate:
@@ -86,15 +116,23 @@ def render_markdown(bench: dict[str, Any]) -> str:
     rec = bench.get("recommended_arm")
     rec_row = next((a for a in bench["arms"] if a["name"] == rec), None)
     if rec_row is not None:
-        lines.append(f"**Verdict: {verdict}** — smallest passing arm: `{rec}` ({_rank(rec_row)}, "
+        lines.append(f"**Verdict: {verdict}** — smallest arm whose 95% interval passes: `{rec}` ({_rank(rec_row)}, "
                      f"{_num(rec_row['params_ratio'], '{:.1%}')} of the probe's LoRA parameters, "
                      f"mean Δ {_signed(rec_row['aggregate']['mean_delta'])}).")
+    elif verdict == "INCONCLUSIVE":
+        lines.append(f"**Verdict: {verdict}** — no arm's 95% interval clears the tolerance, and none lies wholly "
+                     "beyond it: more eval items (or seeds) are needed to decide.")
     else:
         lines.append(f"**Verdict: {verdict}** — no compression arm passed the policy.")
+    lines += [f"- {line.strip()}" for line in verdict_lines(bench)[1:]]
     better = "higher" if task["higher_is_better"] else "lower"
+    rule = (f"headline: PASS when the 95% interval of Δ lies above −{policy['tolerance']:g}, FAIL when it lies "
+            f"below, INCONCLUSIVE otherwise; the point-estimate rule (pass rate ≥ {policy['min_pass_rate']:.2f} and "
+            "worst Δ within tolerance) is kept as `policy.point_estimate_verdict`"
+            if "point_estimate_verdict" in policy else
+            f"policy: pass rate ≥ {policy['min_pass_rate']:.2f} and worst Δ within tolerance")
     lines += ["", f"Metric: {metric} ({better} is better) on {task['n_eval_items']} eval items, the same items for "
-              f"every arm. Tolerance {policy['tolerance']:g}; policy: pass rate ≥ {policy['min_pass_rate']:.2f} and "
-              "worst Δ within tolerance.", ""]
+              f"every arm. Tolerance {policy['tolerance']:g}; {rule}.", ""]
     probe_metrics = ", ".join(f"seed {p['seed']}: {_num(p['metric'])}" for p in probe["per_seed"])
     lines.append(f"Probe: r={probe['r']}, alpha={probe['alpha']:g}, {probe['params']} LoRA params; {probe_metrics}.")
     nf = bench["noise_floor"]
@@ -103,28 +141,28 @@ def render_markdown(bench: dict[str, Any]) -> str:
                      " — a Δ smaller than this is not a signal.")
     else:
         lines.append(f"Noise floor: {nf.get('note')}.")
-    lines += ["", "| arm | kind | rank | params | ratio | mean Δ | sd Δ | worst Δ | pass rate | verdict | note |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| arm | kind | rank | params | ratio | mean Δ | 95% CI | sd Δ | worst Δ | pass rate | verdict | "
+              "point-estimate verdict | note |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for arm in bench["arms"]:
         agg = arm["aggregate"]
         skipped = [s.get("skipped") for s in arm["per_seed"] if s.get("skipped")]
-        note = _note(arm, skipped)
+        note = "; ".join(p for p in (_note(arm, skipped), _needed(arm)) if p)
         lines.append(f"| {arm['name']} | {arm['kind']} | {_rank(arm)} | {_num(arm['params'], '{}')} | "
-                     f"{_num(arm['params_ratio'], '{:.1%}')} | {_signed(agg['mean_delta'])} | {_num(agg['sd_delta'])} | "
-                     f"{_signed(agg['worst_delta'])} | {_num(agg['pass_rate'], '{:.0%}')} | {agg['verdict'] or '-'} | "
-                     f"{note} |")
+                     f"{_num(arm['params_ratio'], '{:.1%}')} | {_signed(agg['mean_delta'])} | {_ci(agg.get('ci95'))} | "
+                     f"{_num(agg['sd_delta'])} | {_signed(agg['worst_delta'])} | {_num(agg['pass_rate'], '{:.0%}')} | "
+                     f"{agg['verdict'] or '-'} | {agg.get('point_estimate_verdict') or '-'} | {note} |")
     gate = bench.get("probe_gate")
     if gate:
         lines += ["", f"Probe gate ({gate['metric']} ≥ {gate['min_value']:g}): "
                   + ("passed." if gate["passed"] else "**not passed**: the probe is undertrained; Δ values mean little.")]
     lines += ["", "Per seed (Δ = arm − probe, 95% paired-bootstrap interval over items):", "",
-              "| seed | arm | metric | Δ | 95% CI | verdict |", "|---|---|---|---|---|---|"]
+              "| seed | arm | metric | Δ | 95% CI | verdict | eval items to decide | point-estimate verdict |",
+              "|---|---|---|---|---|---|---|---|"]
     for arm in bench["arms"]:
         for s in arm["per_seed"]:
-            ci = s.get("ci95")
-            ci_text = f"[{_signed(ci[0])}, {_signed(ci[1])}]" if ci else "-"
             lines.append(f"| {s['seed']} | {arm['name']} | {_num(s.get('metric'))} | {_signed(s.get('delta'))} | "
-                         f"{ci_text} | {s.get('verdict') or '-'} |")
+                         f"{_ci(s.get('ci95'))} | {s.get('verdict') or '-'} | "
+                         f"{_num(s.get('n_eval_items_needed'), '{}')} | {s.get('point_estimate_verdict') or '-'} |")
     if bench.get("udr"):
         lines += ["", "UDR median per arm (first seed): " + ", ".join(
             f"{name}: {_num(((per or {}).get(str(seeds[0])) or {}).get('udr_median'))}"

@@ -18,7 +18,7 @@ import numpy as np
 from gradience import stats
 from gradience.policy.thresholds import BENCH_BOOTSTRAP_SAMPLES, BENCH_BOOTSTRAP_SEED, BENCH_CI_LEVEL
 
-PASS, FAIL = "PASS", "FAIL"
+PASS, FAIL, INCONCLUSIVE = "PASS", "FAIL", "INCONCLUSIVE"
 
 
 def metric_value(per_item: Sequence[float] | np.ndarray, metric: str) -> float:
@@ -97,12 +97,16 @@ class Verdicts:
                 "pass_rate": pass_rate, "verdict": PASS if ok else FAIL}
 
 
-def noise_floor(probe_metrics: Sequence[float]) -> dict[str, Any]:
-    """How much the probe itself moves across seeds: an arm's Δ smaller than this is not a signal."""
+def noise_floor(probe_metrics: Sequence[float], tolerance: float | None = None) -> dict[str, Any]:
+    """How much the probe itself moves across seeds: an arm's Δ smaller than this is not a signal.
+
+    With ``tolerance``, ``exceeds_tolerance`` says whether that spread is larger than the tolerance the
+    verdicts test against (then a seed's PASS/FAIL is mostly which seed it was: a warning on the verdict)."""
     xs = [float(x) for x in probe_metrics if x is not None and math.isfinite(x)]
     if len(xs) < 2:
-        return {"n_seeds": len(xs), "sd": None, "range": None,
+        return {"n_seeds": len(xs), "sd": None, "range": None, "exceeds_tolerance": None,
                 "note": "one seed: no seed spread measured (run several seeds to know the noise floor)"}
     mean = sum(xs) / len(xs)
     sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1))
-    return {"n_seeds": len(xs), "sd": sd, "range": max(xs) - min(xs), "note": None}
+    exceeds = None if tolerance is None else bool(sd > tolerance)
+    return {"n_seeds": len(xs), "sd": sd, "range": max(xs) - min(xs), "exceeds_tolerance": exceeds, "note": None}

@@ -171,6 +171,11 @@ BENCH_MIN_PASS_RATE = 2.0 / 3.0     # policy verdict: pass rate across seeds at 
 BENCH_BOOTSTRAP_SAMPLES = 2000      # ... paired-bootstrap resamples for the 95% interval on Δ
 BENCH_BOOTSTRAP_SEED = 0            # fixed RNG seed: the same per-item results give the same interval
 BENCH_CI_LEVEL = 0.95
+# Headline verdicts test the interval (issue 18): PASS when its lower bound ≥ −tolerance (non-inferiority: Piaggio
+# et al. 2012, CONSORT extension for non-inferiority trials, JAMA 308:2594), FAIL when its upper bound < −tolerance,
+# else INCONCLUSIVE with n ≈ n_now·(half-width/margin)² eval items needed (Chow, Shao & Wang 2008, Sample Size
+# Calculations in Clinical Research, §3.1); an answer above this many items is reported as not reachable (None).
+BENCH_ITEMS_NEEDED_MAX = 100_000_000
 BENCH_SMOKE_MAX_STEPS = 30          # --smoke defaults when the config has no runtime.smoke_* keys
 BENCH_SMOKE_TRAIN_SAMPLES = 256
 BENCH_SMOKE_EVAL_SAMPLES = 200
