@@ -308,3 +308,16 @@ def test_missing_extra_is_one_line(tb_file: Path) -> None:
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "gradience[tensorboard]" in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_report_on_tensorboard_and_llamafactory(tb_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``gradience report`` reads the same logs: the run view with its loss curve."""
+    page = tmp_path / "tb.html"
+    assert main(["report", str(tb_file.parent), "-o", str(page)]) == 0
+    html = page.read_text()
+    assert "<svg" in html and "spike" in html.lower()
+    lf = tmp_path / "trainer_log.jsonl"
+    lf.write_text(llamafactory_lines(scripted_run()))
+    assert main(["report", str(lf), "-o", str(tmp_path / "lf.html")]) == 0
+    capsys.readouterr()
+    assert "<svg" in (tmp_path / "lf.html").read_text()

@@ -80,31 +80,14 @@ def _resolve_dir(d: Path) -> RunSource:
         raise InputError(f"cannot list directory: {os_problem(exc)}", d) from None
     if checkpoints:
         return RunSource("trainer_state", max(checkpoints)[1])
-    wandb_runs = _wandb_runs(d)
-    if wandb_runs:
-        return RunSource("wandb", wandb_runs[-1])
+    from gradience.telemetry.wandb import run_dirs
+
+    if run_dirs(d):
+        return RunSource("wandb", d)  # the reader picks the run (--run-id, else the newest)
     if _has_event_files(d):
         return RunSource("tensorboard", d)
     raise InputError("no run.jsonl, *.jsonl, trainer_state.json, checkpoint-*/trainer_state.json, W&B run or "
                      "TensorBoard event file in this directory", d)
-
-
-_WANDB_RUN_DIR = re.compile(r"^(offline-)?run-\d{8}_\d{6}-[A-Za-z0-9]+$")
-
-
-def _wandb_runs(d: Path) -> list[Path]:
-    """``wandb/`` (or its parent): its run directories, oldest first (their names start with the date)."""
-    from gradience.telemetry.wandb import is_run_dir
-
-    for base in (d, d / "wandb"):
-        try:
-            subs = sorted((x for x in base.iterdir() if _WANDB_RUN_DIR.match(x.name)), key=lambda x: x.name.split("run-", 1)[1])
-        except OSError:
-            continue
-        runs = [x for x in subs[-1000:] if is_run_dir(x)]
-        if runs:
-            return runs
-    return []
 
 
 def _has_event_files(d: Path) -> bool:

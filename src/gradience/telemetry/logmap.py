@@ -94,11 +94,15 @@ class EventBuilder:
     _eval_raw: dict[str, Any] = field(default_factory=dict)
     _cache: dict[str, tuple[str, str | None, str]] = field(default_factory=dict)
 
-    def add(self, key: str, step: int | None, value: Any) -> list[Event]:
-        """Add one scalar; returns the events of the group it closed (usually none)."""
-        out = self.flush() if self._open and step != self._step else []
+    def add(self, key: str, step: int | None, value: Any) -> list[Event] | tuple[()]:
+        """Add one scalar; returns the events of the group it closed (usually none: an empty tuple)."""
+        out: list[Event] | tuple[()] = self.flush() if self._open and step != self._step else ()
         self._open, self._step = True, step
-        kind, split, name = self._cache.get(key) or self._classify(key)
+        cached = self._cache.get(key)
+        if cached is not None and cached[0] == "train" and type(value) is float:  # the common case, fast
+            self._train[cached[2]] = value
+            return out
+        kind, split, name = cached or self._classify(key)
         if kind == "unknown":
             if key in self.unknown:
                 self.unknown[key] += 1

@@ -72,8 +72,8 @@ def records(path: Path, issues: list[Issue], max_record_bytes: int = MAX_RECORD_
     """Each intact record's payload. A bad data CRC skips that record (the framing is still known); a bad
     length CRC, an oversized declared length or a truncation ends the file; each is an issue with the byte
     offset (TensorBoard's own loader would stop without a word)."""
-    masked = _masker(_crc32c())
-    header_size, unpack_header, unpack_u32 = _HEADER.size, _HEADER.unpack_from, _U32.unpack_from
+    crc = _crc32c()
+    unpack_header, unpack_u32 = _HEADER.unpack_from, _U32.unpack_from
     bad_data = 0
     try:
         f = open(path, "rb")  # noqa: SIM115 - closed in finally; generator
@@ -87,47 +87,49 @@ def records(path: Path, issues: list[Issue], max_record_bytes: int = MAX_RECORD_
         offset = 0  # file offset of buf[0]
         eof = False
         while True:
-            if len(buf) - pos < header_size and not eof:
-                more = f.read(_CHUNK)
-                eof = not more
-                buf, pos, offset = buf[pos:] + more, 0, offset + pos
-                continue
-            if len(buf) - pos == 0:
+            avail = len(buf) - pos
+            if avail >= 12:
+                length, length_crc = unpack_header(buf, pos)
+                end = pos + 16 + length
+                if end <= len(buf):  # the whole record is buffered (the common case)
+                    data = buf[pos + 12:end - 4]
+                    x = crc(data)
+                    if (((x >> 15) | (x << 17)) + _MASK_DELTA) & 0xFFFFFFFF == unpack_u32(buf, end - 4)[0]:
+                        # the data CRC matching also vouches for the length (a wrong length would frame
+                        # different bytes): the length CRC is only checked when it does not
+                        yield data
+                        pos = end
+                        continue
+                    if not _length_ok(crc, buf, pos, length_crc):
+                        issues.append(_length_crc_issue(path, offset + pos))
+                        break
+                    bad_data += 1
+                    if bad_data <= 10:
+                        issues.append(_issue("crc_error", offset + pos, f"{path.name}: record data CRC mismatch "
+                                             f"at byte {offset + pos}; record skipped"))
+                    pos = end
+                    continue
+                # not buffered: the length is checked before it decides how much to read
+                if not _length_ok(crc, buf, pos, length_crc):
+                    issues.append(_length_crc_issue(path, offset + pos))
+                    break
+                if length > max_record_bytes:
+                    issues.append(_issue("record_too_large", offset + pos, f"{path.name}: record at byte "
+                                         f"{offset + pos} declares {length} bytes (limit {max_record_bytes}); the "
+                                         "rest of the file is not read"))
+                    break
+                need = 16 + length
+            else:
+                need = 12
+            if eof:
+                if avail:
+                    where = "header" if avail < 12 else "data"
+                    issues.append(_issue("truncated_record", offset + pos, f"{path.name}: truncated record {where} "
+                                         f"at byte {offset + pos} (the file ends {avail} bytes into it)"))
                 break
-            if len(buf) - pos < header_size:
-                issues.append(_issue("truncated_record", offset + pos, f"{path.name}: truncated record header "
-                                     f"at byte {offset + pos} (file ends after {len(buf) - pos} bytes)"))
-                break
-            length, length_crc = unpack_header(buf, pos)
-            if masked(buf[pos:pos + 8]) != length_crc:
-                issues.append(_issue("crc_error", offset + pos, f"{path.name}: record length CRC mismatch at "
-                                     f"byte {offset + pos}; the rest of the file is not read"))
-                break
-            if length > max_record_bytes:
-                issues.append(_issue("record_too_large", offset + pos, f"{path.name}: record at byte "
-                                     f"{offset + pos} declares {length} bytes (limit {max_record_bytes}); the "
-                                     "rest of the file is not read"))
-                break
-            need = header_size + length + 4
-            while len(buf) - pos < need and not eof:
-                more = f.read(max(_CHUNK, need - (len(buf) - pos)))
-                eof = not more
-                buf, pos, offset = buf[pos:] + more, 0, offset + pos
-            if len(buf) - pos < need:
-                issues.append(_issue("truncated_record", offset + pos, f"{path.name}: truncated record at byte "
-                                     f"{offset + pos} (declares {length} bytes, {len(buf) - pos - header_size} "
-                                     "left)"))
-                break
-            start = pos + header_size
-            data = buf[start:start + length]
-            pos = start + length + 4
-            if masked(data) != unpack_u32(buf, start + length)[0]:
-                bad_data += 1
-                if bad_data <= 10:
-                    issues.append(_issue("crc_error", offset + start - header_size, f"{path.name}: record data "
-                                         f"CRC mismatch at byte {offset + start - header_size}; record skipped"))
-                continue
-            yield data
+            more = f.read(max(_CHUNK, need - avail))
+            eof = not more
+            buf, pos, offset = buf[pos:] + more, 0, offset + pos
     except OSError as exc:
         from gradience.io.textfile import os_problem
 
@@ -136,6 +138,16 @@ def records(path: Path, issues: list[Issue], max_record_bytes: int = MAX_RECORD_
         f.close()
     if bad_data > 10:
         issues.append(Issue("crc_error", f"{path.name}: {bad_data - 10} more records with a data CRC mismatch"))
+
+
+def _length_ok(crc: Callable[[bytes], int], buf: bytes, pos: int, length_crc: int) -> bool:
+    x = crc(buf[pos:pos + 8])
+    return bool((((x >> 15) | (x << 17)) + _MASK_DELTA) & 0xFFFFFFFF == length_crc)
+
+
+def _length_crc_issue(path: Path, offset: int) -> Issue:
+    return _issue("crc_error", offset, f"{path.name}: record length CRC mismatch at byte {offset}; the rest of the "
+                  "file is not read")
 
 
 def _issue(code: str, offset: int, message: str) -> Issue:
@@ -223,29 +235,32 @@ class TensorBoardLog:
         from tensorboard.util import tensor_util
 
         builder = EventBuilder()
-        decode = event_pb2.Event.FromString
+        decode, add = event_pb2.Event.FromString, builder.add
         undecodable = 0
+        n = 0
         for path in self.files:
             for data in records(path, self.issues):
-                self.records += 1
+                n += 1
                 try:
                     ev = decode(data)
                 except DecodeError:
                     undecodable += 1
                     continue
-                step = int(ev.step)
+                step = ev.step
                 for value in ev.summary.value:
-                    tag = value.tag
                     if value.WhichOneof("value") == "simple_value":
                         number: Any = value.simple_value
                     else:
                         text = _text(value, tensor_util)
                         if text is not None:
-                            self._text(tag, text)
+                            self._text(value.tag, text)
                             continue
                         number = _scalar(value, tensor_util)
-                    yield from builder.add(tag, step, number)
+                    closed = add(value.tag, step, number)
+                    if closed:
+                        yield from closed
         yield from builder.flush()
+        self.records = n
         self.summary = builder.summary
         self.issues.extend(builder.issues())
         if undecodable:

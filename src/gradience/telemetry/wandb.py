@@ -55,6 +55,24 @@ def find_run_file(path: Path) -> Path:
     return found[0]
 
 
+_RUN_DIR = re.compile(r"^(offline-)?run-\d{8}_\d{6}-([A-Za-z0-9]+)$")
+
+
+def run_dirs(d: Path) -> list[Path]:
+    """The run directories of ``wandb/`` (``d`` itself or ``d/wandb``), oldest first (names start with the
+    date); at most the newest 1000."""
+    for base in (d, d / "wandb"):
+        try:
+            subs = sorted((x for x in base.iterdir() if _RUN_DIR.match(x.name)),
+                          key=lambda x: x.name.split("run-", 1)[1])
+        except OSError:
+            continue
+        runs = [x for x in subs[-1000:] if is_run_dir(x)]
+        if runs:
+            return runs
+    return []
+
+
 def is_run_dir(path: Path) -> bool:
     try:
         return path.is_dir() and any(_RUN_FILE.match(p.name) for p in path.iterdir())
@@ -108,6 +126,14 @@ class WandbLog:
     def __init__(self, path: Path, run_id: str | None = None) -> None:
         _import_wandb()
         self.path = path
+        self.all_runs: list[str | None] = []
+        if path.is_dir() and not is_run_dir(path):
+            dirs = run_dirs(path)
+            ids = {_RUN_DIR.match(x.name).group(2): x for x in dirs}  # type: ignore[union-attr]
+            self.all_runs = list(ids)
+            if run_id is not None and run_id not in ids:
+                raise InputError(f"no run with id {run_id!r} (runs here: {', '.join(self.all_runs[-20:])})", path)
+            path = ids[run_id] if run_id is not None else dirs[-1]
         self.file = find_run_file(path)
         self.issues: list[Issue] = []
         self.records = 0
@@ -119,7 +145,7 @@ class WandbLog:
 
     @property
     def runs(self) -> list[str | None]:
-        return [self.run_id]
+        return self.all_runs or [self.run_id]
 
     def events(self) -> Iterator[Event]:
         datastore, pb = _import_wandb()
