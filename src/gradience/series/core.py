@@ -162,8 +162,11 @@ def _default_metric(rows: list[dict[str, Any]]) -> str | None:
 def _suggest(rows: list[dict[str, Any]], metric: str | None, mode: str) -> dict[str, Any]:
     """The checkpoint with the best logged ``metric`` (the first of equals), and how the audit moved from
     the first checkpoint to it. A fact about the logs, not a prediction of held-out quality."""
-    scored = [(r, _finite(r["eval"].get(metric))) for r in rows] if metric else []
-    scored = [(r, v) for r, v in scored if v is not None]
+    scored: list[tuple[dict[str, Any], float]] = []
+    for r in rows if metric else []:
+        v = _finite(r["eval"].get(metric))
+        if v is not None:
+            scored.append((r, v))
     if not scored:
         return {"checkpoint": None, "reason": "no checkpoint has an eval metric in trainer_state.json"
                 if metric is None else f"no checkpoint has a finite {metric}"}

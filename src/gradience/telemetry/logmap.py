@@ -122,7 +122,7 @@ class EventBuilder:
         elif kind == "eval" and split is None:
             self._eval_raw["eval_" + name] = number
         elif kind == "eval":
-            self._evals.setdefault(split, {})[name] = number
+            self._evals.setdefault(split or "eval", {})[name] = number
         else:
             self.summary[name] = number
         return out

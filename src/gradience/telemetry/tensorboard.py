@@ -45,11 +45,11 @@ def _crc32c() -> Callable[[bytes], int]:
     try:
         import google_crc32c
 
-        return google_crc32c.value  # type: ignore[no-any-return]
+        return google_crc32c.value
     except ImportError:
         from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import crc32c
 
-        return crc32c  # type: ignore[no-any-return]
+        return crc32c
 
 
 def _masker(crc: Callable[[bytes], int]) -> Callable[[bytes], int]:

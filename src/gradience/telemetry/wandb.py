@@ -81,7 +81,7 @@ def is_run_dir(path: Path) -> bool:
 
 
 def _store_class(datastore: Any) -> Any:
-    class ReadOnlyStore(datastore.DataStore):  # type: ignore[misc, name-defined]
+    class ReadOnlyStore(datastore.DataStore):
         """DataStore opened read-only, with one record's fragments capped at MAX_RECORD_BYTES."""
 
         def open_for_scan(self, fname: str) -> None:
@@ -132,7 +132,7 @@ class WandbLog:
             ids = {_RUN_DIR.match(x.name).group(2): x for x in dirs}  # type: ignore[union-attr]
             self.all_runs = list(ids)
             if run_id is not None and run_id not in ids:
-                raise InputError(f"no run with id {run_id!r} (runs here: {', '.join(self.all_runs[-20:])})", path)
+                raise InputError(f"no run with id {run_id!r} (runs here: {', '.join(str(r) for r in self.all_runs[-20:])})", path)
             path = ids[run_id] if run_id is not None else dirs[-1]
         self.file = find_run_file(path)
         self.issues: list[Issue] = []

@@ -27,11 +27,15 @@ def _curve(ids: ChartIds, title: str, ylabel: str, lines: list[tuple[str, list[t
 def series_view(doc: dict[str, Any], ids: ChartIds) -> View:
     metric = str(doc.get("metric") or "-")
     rows_in = [r for r in doc.get("checkpoints") or [] if isinstance(r, dict)]
-    suggestion = doc.get("suggestion") if isinstance(doc.get("suggestion"), dict) else {}
-    rows, eval_pts, util_pts, udr_pts = [], [], [], []
+    raw = doc.get("suggestion")
+    suggestion: dict[str, Any] = raw if isinstance(raw, dict) else {}
+    rows: list[dict[str, Any]] = []
+    eval_pts: list[tuple[float, float]] = []
+    util_pts: list[tuple[float, float]] = []
+    udr_pts: list[tuple[float, float]] = []
     for r in rows_in:
-        a = r.get("audit") if isinstance(r.get("audit"), dict) else {}
-        ev = r.get("eval") if isinstance(r.get("eval"), dict) else {}
+        a: dict[str, Any] = r["audit"] if isinstance(r.get("audit"), dict) else {}
+        ev: dict[str, Any] = r["eval"] if isinstance(r.get("eval"), dict) else {}
         step = finite(r.get("step"))
         value = finite(ev.get(metric))
         rows.append({"checkpoint": str(r.get("checkpoint")), "step": num(r.get("step"), "d") if step is not None
