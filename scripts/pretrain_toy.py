@@ -3,7 +3,8 @@
     python scripts/pretrain_toy.py            # writes src/gradience/toy/data/tiny_distilbert{.safetensors,_config.json,_tokenizer.json}
 
 Masked-LM pretraining of the 2-block DistilBERT on generated review sentences (gradience/toy/pretrain.py has
-the recipe: corpus seed, steps, batch, lr). One CPU thread, fixed seeds: the same torch build gives the same bits.
+the recipe: corpus seed, steps, batch, lr). One CPU thread, fixed seeds: the same torch build gives the same
+tensors (safetensors writes its metadata map in no fixed order, so the header bytes may differ).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ as a classification head expects — and its weights ship as package data:
 - ``toy/data/tiny_distilbert_config.json``: its ``DistilBertConfig``;
 - ``toy/data/tiny_distilbert_tokenizer.json``: the word-level tokenizer (vocabulary of the corpus).
 
-Made by ``python scripts/pretrain_toy.py`` (deterministic on CPU for a given torch build). The classification
+Made by ``python scripts/pretrain_toy.py`` (one CPU thread: the same tensors for a given torch build). The classification
 head is not pretrained: the toy run initialises it from its seed, as ``from_pretrained`` does for a new head.
 """
 
@@ -132,7 +132,7 @@ def pretrain(out_dir: str | Path, *, steps: int = PRETRAIN_STEPS, corpus_size: i
 
     started = time.perf_counter()
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # one thread: the same bits on every machine with this torch build
+    torch.set_num_threads(1)   # one thread: the same tensors on every machine with this torch build
     try:
         return _pretrain(out_dir, steps=steps, corpus_size=corpus_size, seed=seed, log_every=log_every,
                          started=started, progress=progress)
