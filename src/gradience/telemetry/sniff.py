@@ -45,7 +45,9 @@ def sniff_file(path: Path) -> str:
 
             if looks_like_llamafactory(obj):
                 return "llamafactory"
-            if "log_history" in obj:
+            if "event" in obj or "schema" in obj:
+                return "telemetry"
+            if "log_history" in obj or path.suffix.lower() == ".json":
                 return "trainer_state"
             return "telemetry"
         if b'"log_history"' in head or path.suffix.lower() == ".json":
