@@ -12,8 +12,9 @@ as a classification head expects — and its weights ship as package data:
 - ``toy/data/tiny_distilbert_config.json``: its ``DistilBertConfig``;
 - ``toy/data/tiny_distilbert_tokenizer.json``: the word-level tokenizer (vocabulary of the corpus).
 
-Made by ``python scripts/pretrain_toy.py`` (one CPU thread: the same tensors for a given torch build). The classification
-head is not pretrained: the toy run initialises it from its seed, as ``from_pretrained`` does for a new head.
+Made by ``python scripts/pretrain_toy.py`` (one CPU thread: the same tensors for a given torch build). The
+classification head is not pretrained: the toy run initialises it from its seed, as ``from_pretrained`` does
+for a new head.
 """
 
 from __future__ import annotations
