@@ -14,11 +14,15 @@ def add_parser(sub: Any) -> None:
         "monitor", help="summarize a training run from its telemetry",
         description="Summarize a run: train/test gap, instabilities, LoRA audit, advice. RUN is a telemetry "
                     "JSONL, an HF trainer_state.json, or a directory holding run.jsonl / trainer_state.json / "
-                    "checkpoint-*/trainer_state.json.",
+                    "checkpoint-*/trainer_state.json; also, recognised by content, TensorBoard event files (or "
+                    "their runs/ tree; several runs -> --run-id), a W&B run directory (wandb/offline-run-*, "
+                    "read locally), a W&B history export (CSV/JSON) and LLaMA-Factory's trainer_log.jsonl.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
                "  gradience monitor out/run.jsonl --verbose\n"
                "  gradience monitor out/checkpoint-500/trainer_state.json --json\n"
+               "  gradience monitor out/runs --run-id Dec06_12-00-00_host   # TensorBoard\n"
+               "  gradience monitor wandb/offline-run-20261206_120000-abc123\n"
                "  gradience monitor out/run.jsonl --fail-on 'gap>1.5,nan_loss'")
     p.add_argument("run", metavar="RUN", help="run.jsonl, trainer_state.json, or a directory holding one")
     p.add_argument("--json", action="store_true", help="print the gradience.monitor/v1 JSON")
