@@ -37,16 +37,34 @@ from make_adapters import TRAINED_ADAPTERS, ensure_adapter, ensure_trained_adapt
 from make_base import generate  # noqa: E402
 
 LINEAR_LAYERS_7B = 224
+# How many of each shape a 7B model has, per measured representative (--one-per-shape): 32 blocks × (q, k, v, o),
+# × (gate, up), × down.
+SHAPE_WEIGHT = {"q_proj": 128, "gate_proj": 64, "down_proj": 32}
 
 
 def _run(pairs: list, base: Path, cache: Path, device: str, k: int, eps: float) -> dict:
     from gradience.intruders import IntruderOptions, measure_intruders
 
-    t0 = time.perf_counter()
-    report = measure_intruders(pairs, str(base), IntruderOptions(k=k, eps=eps, device=device, cache_dir=str(cache)))
-    wall = time.perf_counter() - t0
+    per_layer_s: dict[str, tuple[float, float]] = {}
+    report = None
+    for pair in pairs:  # one layer at a time: wall and CPU seconds per layer (the machine is shared)
+        t0, c0 = time.perf_counter(), time.process_time()
+        one = measure_intruders([pair], str(base), IntruderOptions(k=k, eps=eps, device=device,
+                                                                   cache_dir=str(cache)))
+        per_layer_s[pair.name] = (time.perf_counter() - t0, time.process_time() - c0)
+        if report is None:
+            report = one
+        else:
+            report.per_layer.update(one.per_layer)
+            report.issues += one.issues
+            for key, value in one.stats.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    report.stats[key] = report.stats.get(key, 0) + value
+    assert report is not None
+    wall = sum(w for w, _c in per_layer_s.values())
     rows = report.per_layer
-    return {"wall_s": wall, "stats": report.stats, "summary": report.summary,
+    return {"wall_s": wall, "cpu_s": sum(c for _w, c in per_layer_s.values()), "per_layer_s": per_layer_s,
+            "stats": report.stats, "summary": report.summary,
             "per_layer": {name: {"count": la.count, "decided_by": la.decided_by, "base_vectors": la.base_vectors,
                                  "products": la.products, "converged": la.converged} for name, la in rows.items()},
             "issues": [i.code for i in report.issues]}
@@ -76,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--eps", type=float, default=0.5)
     ap.add_argument("--dense-baseline", action="store_true")
+    ap.add_argument("--one-per-shape", action="store_true",
+                    help="measure q_proj, gate_proj and down_proj of block 0 only and extrapolate by shape counts")
     args = ap.parse_args(argv)
 
     from gradience.adapter import load_adapter
@@ -85,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     adapter, _ = (ensure_trained_adapter if args.adapter in TRAINED_ADAPTERS else ensure_adapter)(args.adapter)
     loaded = load_adapter(str(adapter))
     pairs = [p for p in loaded.pairs if (layer_index(p.name) or 0) < args.layers]
+    if args.one_per_shape:  # q_proj (4096²), gate_proj (11008×4096), down_proj (4096×11008) of block 0
+        pairs = [p for p in pairs if layer_index(p.name) == 0 and p.name.rsplit(".", 1)[-1] in SHAPE_WEIGHT]
     out: dict = {"base": str(base), "adapter": str(adapter), "layers_measured": len(pairs), "device": args.device,
                  "k": args.k, "eps": args.eps, "cpu_count": os.cpu_count(), "load_avg": os.getloadavg()}
     with tempfile.TemporaryDirectory(prefix="intruder_cache_") as tmp:
@@ -94,21 +116,35 @@ def main(argv: list[str] | None = None) -> int:
             out[label] = res
             n = max(1, len(res["per_layer"]))
             st = res["stats"]
-            print(f"{label}: {res['wall_s']:.1f} s for {n} layers ({res['wall_s'] / n:.2f} s/layer; "
-                  f"merged top-k {st['time_merged_s']:.1f} s, base side {st['time_base_s']:.1f} s, "
-                  f"read+hash {st['time_read_s']:.1f} s) on {st['device']}; "
-                  f"extrapolated to {LINEAR_LAYERS_7B} layers: {res['wall_s'] / n * LINEAR_LAYERS_7B / 60:.1f} min")
+            if args.one_per_shape:
+                est = {kind: sum(v[kind] * SHAPE_WEIGHT[name.rsplit(".", 1)[-1]]
+                                 for name, v in ((nm, {"wall": w, "cpu": c}) for nm, (w, c) in
+                                                 res["per_layer_s"].items())) for kind in ("wall", "cpu")}
+                how = "by shape counts (128 × q, 64 × gate, 32 × down)"
+            else:
+                est = {"wall": res["wall_s"] / n * LINEAR_LAYERS_7B, "cpu": res["cpu_s"] / n * LINEAR_LAYERS_7B}
+                how = "per-layer mean × 224"
+            res["extrapolated_224_s"] = est
+            print(f"{label}: {res['wall_s']:.1f} s wall, {res['cpu_s']:.1f} s CPU for {n} layers (merged top-k "
+                  f"{st['time_merged_s']:.1f} s, base side {st['time_base_s']:.1f} s, read+hash "
+                  f"{st['time_read_s']:.1f} s) on {st['device']}; extrapolated to {LINEAR_LAYERS_7B} layers {how}: "
+                  f"{est['wall'] / 60:.1f} min wall, {est['cpu'] / 60:.1f} min CPU")
+            for name, (w_s, c_s) in res["per_layer_s"].items():
+                v = res["per_layer"].get(name, {})
+                print(f"    {name}: {w_s:.1f} s wall, {c_s:.1f} s CPU, {v.get('count')} intruders, "
+                      f"decided by {v.get('decided_by')}")
             decided = [v["decided_by"] for v in res["per_layer"].values()]
             print(f"  decided from the first partial SVD alone: {decided.count('partial')}/{n}, "
                   f"extended partial: {decided.count('extended')}/{n}, dense SVD of W: {decided.count('dense')}/{n}; "
                   f"cache hits {st['cache_hits']}, base spectra computed {st['base_spectra_computed']}")
             print("  intruders per layer: " + ", ".join(
                 f"{name.split('.')[-1]}={v['count']}" for name, v in res["per_layer"].items()))
-    cold, cached = out["cold"]["wall_s"], out["cached"]["wall_s"]
-    per_layer_cold = [out["cold"]["wall_s"] / max(1, len(pairs))]
-    out["median_s_per_layer_cold"] = statistics.median(per_layer_cold)
-    out["cached_over_cold"] = cached / cold if cold else None
-    print(f"cached / cold wall: {out['cached_over_cold']:.2f}")
+    cold, cached = out["cold"]["cpu_s"], out["cached"]["cpu_s"]
+    out["median_cpu_s_per_layer_cold"] = statistics.median(c for _w, c in out["cold"]["per_layer_s"].values())
+    out["median_cpu_s_per_layer_cached"] = statistics.median(c for _w, c in out["cached"]["per_layer_s"].values())
+    out["cached_over_cold_cpu"] = cached / cold if cold else None
+    print(f"median CPU s per layer: cold {out['median_cpu_s_per_layer_cold']:.1f}, cached "
+          f"{out['median_cpu_s_per_layer_cached']:.1f}; cached / cold CPU: {out['cached_over_cold_cpu']:.2f}")
     if args.dense_baseline:
         out["dense_baseline_4096_s"] = _dense_baseline(base, pairs)
         print(f"dense baseline (PEFT's two SVDs) on one 4096x4096 layer: {out['dense_baseline_4096_s']:.1f} s")

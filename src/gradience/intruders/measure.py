@@ -31,7 +31,7 @@ ROW_KEYS: tuple[str, ...] = (
 )
 SUMMARY_KEYS: tuple[str, ...] = (
     "intruder_k", "intruder_eps", "n_layers_intruder_checked", "n_layers_with_intruders", "intruder_layer_share",
-    "intruder_count_total", "intruder_energy_total", "intruder_decided_partial_fraction",
+    "intruder_count_total", "intruder_count_mean", "intruder_energy_total", "intruder_decided_partial_fraction",
 )
 
 
