@@ -138,3 +138,32 @@ def test_hostile_expert_headers(tmp_path: Path, a_shape: list[int], b_shape: lis
     assert proc.returncode == 2 and proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("gradience audit: error: ") and needle in lines[0]
+
+
+@pytest.mark.parametrize("layout", ["hub", "fused"])
+def test_udr_per_expert(tmp_path: Path, layout: str) -> None:
+    """UDR of each expert against the base expert's own weight: the hub layout (experts.<e>.gate_proj/up_proj/
+    down_proj.weight, saved by transformers) and the fused 3-D layout (the in-memory parameters saved as is)."""
+    from safetensors.numpy import save_file
+
+    pm = _peft_moe("qwen3_moe", tmp_path / "adapter")
+    expected = _peft_deltas(pm)
+    base = pm.get_base_model()
+    params = {n: p for n, p in base.named_parameters() if "lora" not in n}
+    wrapped = {n.replace(".base_layer", "").replace(".parametrizations", "").replace(".original", ""): p
+               for n, p in params.items()}
+    if layout == "fused":
+        (tmp_path / "base").mkdir()
+        save_file({n: p.detach().numpy().copy() for n, p in wrapped.items()}, tmp_path / "base" / "model.safetensors")
+        (tmp_path / "base" / "config.json").write_text(json.dumps({"model_type": "qwen3_moe"}))
+    else:
+        pm.unload().save_pretrained(tmp_path / "base")
+    summary = run_audit(load_adapter(str(tmp_path / "adapter")),
+                        AuditOptions(udr=True, base_model=str(tmp_path / "base"))).to_summary()
+    rows = {r["name"]: r for r in summary["layers"]}
+    for name, delta in expected.items():
+        stacked, e = name[:-3], int(name[-2])
+        w = wrapped[stacked].detach().double().numpy()[e]
+        expect = np.linalg.norm(delta, 2) / np.linalg.norm(w, 2)
+        assert rows[name]["udr"] == pytest.approx(expect, rel=1e-3), name
+

@@ -104,6 +104,10 @@ def _refuse_one(loaded: LoadedAdapter, force: bool) -> None:
     if loaded.config.get("use_dora") or any(p.dora for p in loaded.pairs):
         raise InputError("DoRA adapter: each merged weight is renormalised by its magnitude vector, so a weighted "
                          "sum of DoRA updates is not a DoRA update of anything; merge plain LoRA adapters", where)
+    if any(p.expert is not None for p in loaded.pairs) or loaded.config.get("format") == "mlx":
+        # issue 21: expert stacks share one rank across experts and MLX has its own layout; not written yet
+        raise InputError("MoE expert / MLX-LM adapter: merge cannot write this layout yet (audit and compare "
+                         "read it)", where)
     broken = [i for i in loaded.issues if i.code in _BROKEN_CODES]
     if broken:
         raise InputError("cannot merge this adapter: " + "; ".join(i.message for i in broken[:3]), where)

@@ -17,8 +17,9 @@ from typing import Any
 import numpy as np
 
 from gradience.errors import InputError, MissingDependencyError
-from gradience.io.safetensors import FLOAT_DTYPES, SafetensorsFile
+from gradience.io.safetensors import FLOAT_DTYPES, SafetensorsFile, bf16_to_f32
 from gradience.quant.bnb4 import Bnb4Tensor, find_bnb4_tensors, read_bnb4
+from gradience.udr.experts import ExpertView, expert_views
 from gradience.udr.resolve import ResolvedBase
 from gradience.udr.spectral import RowBlocks
 
@@ -58,6 +59,7 @@ class BaseWeights:
         self._st_files: dict[str, SafetensorsFile] = {}
         self._bin_files: dict[str, dict[str, Any]] = {}
         self._bnb4: dict[str, Bnb4Tensor] = {}  # 4-bit weight name -> its quant state (see QUANT_4BIT_DTYPES)
+        self._views: dict[str, ExpertView] = {}  # per-expert views (udr/experts.py), listed as tensors too
         self.tensors: dict[str, BaseTensorInfo] = {}
         self.bytes_read = 0
         self.tensors_read = 0
@@ -86,6 +88,14 @@ class BaseWeights:
             for tname, tfile in wmap.items():
                 if tfile in self.file_problems and tname not in self.tensors:
                     self.tensors[tname] = BaseTensorInfo(tname, tfile, "?", (), 0)
+        # MoE experts, named as the adapter's expert pairs name them (X.experts.gate_up_proj[e])
+        views = expert_views({n: (i.shape, i.is_float) for n, i in self.tensors.items()
+                              if i.dtype not in QUANT_4BIT_DTYPES and i.file not in self.file_problems})
+        for vname, view in views.items():
+            if vname not in self.tensors:
+                first = self.tensors[view.parts[0]]
+                self.tensors[vname] = BaseTensorInfo(vname, first.file, first.dtype, view.shape, first.offset)
+                self._views[vname] = view
 
     def _open_file(self, fname: str) -> None:
         path = self.root / fname
@@ -127,6 +137,8 @@ class BaseWeights:
             raise InputError(self.file_problems[info.file], self.root / info.file)
         if name in self._bnb4:
             return self._read_4bit(name)
+        if name in self._views:
+            return self._read_view(name)
         if self.resolved.fmt == "safetensors":
             st = self._st_files[info.file]
             out = None if info.dtype == "F32" else self._buffer(info.shape)
@@ -148,8 +160,8 @@ class BaseWeights:
         info = self.tensors[name]
         if info.file in self.file_problems:
             raise InputError(self.file_problems[info.file], self.root / info.file)
-        if name in self._bnb4:
-            arr = self._read_4bit(name)
+        if name in self._bnb4 or name in self._views:
+            arr = self._read_4bit(name) if name in self._bnb4 else self._read_view(name)
             return RowBlocks(arr.reshape(int(arr.shape[0]) if arr.ndim else 1, -1))
         if self.resolved.fmt == "safetensors":
             st = self._st_files[info.file]
@@ -178,6 +190,26 @@ class BaseWeights:
         with self._lock:
             arr = read_bnb4(st, q4)
             self.bytes_read += sum(st.tensors[k].nbytes for k in (name, *q4.keys.values()))
+            self.tensors_read += 1
+        return arr
+
+    def _read_view(self, name: str) -> np.ndarray:
+        """One expert of a MoE base as a float32 array of its own: a slice of a stacked 3-D tensor, or the
+        per-expert 2-D weights concatenated along the output dimension (gate before up)."""
+        view = self._views[name]
+        if view.index is None:
+            parts = [np.array(self.read_f32(p), dtype=np.float32, copy=True) for p in view.parts]
+            return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+        parent = view.parts[0]
+        info = self.tensors[parent]
+        with self._lock:
+            if self.resolved.fmt == "safetensors":
+                raw = self._st_files[info.file].read_raw(parent)[view.index]
+                arr = bf16_to_f32(raw) if info.dtype == "BF16" else np.array(raw, dtype=np.float32)
+            else:
+                tensor = self._bin_files[info.file][parent][view.index]
+                arr = tensor.detach().to(dtype=_torch().float32).contiguous().numpy()
+            self.bytes_read += arr.size * (2 if info.dtype in ("BF16", "F16", "bfloat16", "float16") else 4)
             self.tensors_read += 1
         return arr
 
