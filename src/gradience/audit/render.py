@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from gradience import jsonio
+from gradience.bench.command import VERIFY_CONFIG, verify_command
 from gradience.policy.thresholds import TOP_UDR_TEXT, UDR_SDI_EPS
 from gradience.textfmt import RULE, finite, human_count, num, pct, rank_value, safe_text
 
@@ -170,9 +171,12 @@ def render_text(summary: Mapping[str, Any], *, top_wasteful: int, show_layers: b
         lines += suggestion_config_lines(rs)
     p90 = g["p90"]
     if p90.get("r") is not None and (p90.get("params_saved") or 0) > 0 and s.get("peft_dir"):
-        src = shlex.quote(str(s["peft_dir"]).rstrip("/"))
+        raw = str(s["peft_dir"]).rstrip("/")
+        src = shlex.quote(raw)
         lines.append(f"  Apply without retraining: gradience compress --peft-dir {src} --out {src}_r{p90['r']} "
-                     f"--rank {p90['r']}   (then verify: gradience bench)")
+                     f"--rank {p90['r']}")
+        lines.append(f"  Then verify it on your task ({VERIFY_CONFIG}: a bench config naming the task and eval data): "
+                     f"{verify_command(raw + '_r' + str(p90['r']), raw)}")
 
     lines += ["", "Issues:"]
     issues = s.get("issues") or []

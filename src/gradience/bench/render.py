@@ -77,8 +77,32 @@ def _table(rows: list[list[str]]) -> list[str]:
     return out
 
 
+def eval_lines(bench: dict[str, Any]) -> list[str]:
+    """A ``--peft-dir`` evaluation (mode ``peft_dir``): the adapter against its reference, one interval."""
+    task, ev = bench["task"], bench["evaluation"]
+    (arm,) = bench["arms"]
+    (s,) = arm["per_seed"]
+    ref = safe_text(str(ev["against"])) if ev.get("against") else "the base model (no adapter)"
+    verdict = bench["verdict"]
+    n = s.get("n_eval_items_needed")
+    tail = ("" if verdict != "INCONCLUSIVE" else f"; ~{n} eval items would decide it at this variance"
+            if n is not None else "; Δ sits on the tolerance: more items do not decide it")
+    better = "higher" if task["higher_is_better"] else "lower"
+    ratio = arm.get("params_ratio")
+    return [f"Gradience Bench (--peft-dir): {safe_text(str(arm['name']))} against {ref}",
+            f"Verdict: {verdict} (Δ {task['metric']} {_signed(s['delta'])}, 95% paired interval {_ci(s['ci95'])}, "
+            f"tolerance {bench['policy']['tolerance']:g}{tail})", *verdict_lines(bench)[1:],
+            f"Task: {safe_text(str(task['model']))} on {safe_text(str(task['dataset']))}, {task['metric']} ({better} "
+            f"is better) on {task['n_eval_items']} eval items: adapter {_num(s['metric'])}, reference "
+            f"{_num(bench['probe']['per_seed'][0]['metric'])}; base {safe_text(str(ev['base']))}.",
+            f"LoRA params: adapter {_num(arm['params'], '{}')}"
+            + (f", reference {bench['probe']['params']} ({ratio:.1%})" if ratio is not None else "") + "."]
+
+
 def render_text(bench: dict[str, Any]) -> str:
     """The terminal summary: the verdict, then one aligned row per arm (bench.md keeps the Markdown)."""
+    if bench.get("mode") == "peft_dir":
+        return "\n".join(eval_lines(bench)) + "\n"
     task, probe = bench["task"], bench["probe"]
     lines = [f"Gradience Bench: {safe_text(str(task['model']))} on {safe_text(str(task['dataset']))}"]
     if bench["screening"]:
@@ -105,6 +129,11 @@ def render_text(bench: dict[str, Any]) -> str:
 
 
 def render_markdown(bench: dict[str, Any]) -> str:
+    if bench.get("mode") == "peft_dir":
+        head, *rest = eval_lines(bench)
+        return "\n".join([f"# {head}", "", *(f"- {line.strip()}" for line in rest), "",
+                          "What this shows: whether this adapter keeps the reference's metric on these eval items "
+                          "within the tolerance. What it does not show: behaviour on other data or tasks.", ""])
     task, probe, policy = bench["task"], bench["probe"], bench["policy"]
     seeds = bench["seeds"]
     metric = task["metric"]

@@ -114,9 +114,12 @@ def _load_failure(what: str, exc: Exception) -> str:
     return f"cannot load {what}{hint}: {type(exc).__name__}: {first}"[:400]
 
 
-def prepare_task(cfg: BenchConfig, output_dir: Path) -> PreparedTask:
-    """Load the data and materialise the shared base under ``output_dir/base`` (reused when present)."""
-    base_dir = output_dir / "base"
+def prepare_task(cfg: BenchConfig, output_dir: Path, *, base: Path | None = None) -> PreparedTask:
+    """Load the data and materialise the shared base under ``output_dir/base`` (reused when present).
+
+    ``base``: a saved base checkpoint (``config.json`` + weights) that adapters were trained on, used as is
+    (``bench --peft-dir`` evaluates a user's adapter on its own base; nothing is materialised)."""
+    base_dir = base if base is not None else output_dir / "base"
     if cfg.model not in (BUILTIN_MODEL, BUILTIN_CAUSAL_MODEL) and not (base_dir / "config.json").is_file():
         from gradience.toy.model import hub_load_kwargs
 
@@ -124,7 +127,7 @@ def prepare_task(cfg: BenchConfig, output_dir: Path) -> PreparedTask:
     require_hf("the bench")
     if cfg.task_type == "classification":
         return _prepare_classification(cfg, base_dir)
-    return _prepare_causal(cfg, base_dir)
+    return _prepare_causal(cfg, base_dir, given=base is not None)
 
 
 def _prepare_classification(cfg: BenchConfig, base_dir: Path) -> PreparedTask:
@@ -164,13 +167,20 @@ def _prepare_classification(cfg: BenchConfig, base_dir: Path) -> PreparedTask:
                 tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
                 model.config.pad_token_id = tokenizer.pad_token_id
         _save_base(model, tokenizer, base_dir)
-    tokenizer = _load_tokenizer(str(base_dir))
+    if builtin and not _has_tokenizer(base_dir):  # a toy run's saved base holds the model only
+        tokenizer = build_builtin_classifier(data.train_texts, data.num_labels, BASE_SEED)[0]
+    else:
+        tokenizer = _load_tokenizer(str(base_dir))
     return PreparedTask(
         kind="classification", model_name=cfg.model, base_dir=str(base_dir), dataset_name=data.name,
         tokenizer=tokenizer, train_set=_tokenize_classification(tokenizer, data.train_texts, data.train_labels),
         eval_set=_tokenize_classification(tokenizer, data.test_texts, data.test_labels),
         num_labels=data.num_labels, default_targets=list(BUILTIN_TARGETS) if builtin else None,
         torch_dtype=cfg.torch_dtype)
+
+
+def _has_tokenizer(base_dir: Path) -> bool:
+    return any((base_dir / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"))
 
 
 def _head(texts: list[str], labels: list[int], n: int | None) -> tuple[list[str], list[int]]:
@@ -221,7 +231,7 @@ def _causal_texts(cfg: BenchConfig) -> tuple[str, list[str], list[str], list[str
     return cfg.dataset_spec, train_full, eval_full, eval_prompts, eval_answers
 
 
-def _prepare_causal(cfg: BenchConfig, base_dir: Path) -> PreparedTask:
+def _prepare_causal(cfg: BenchConfig, base_dir: Path, given: bool = False) -> PreparedTask:
     name, train_texts, eval_texts, prompts, answers = _causal_texts(cfg)
     builtin = cfg.model == BUILTIN_CAUSAL_MODEL
     if builtin:
@@ -232,7 +242,7 @@ def _prepare_causal(cfg: BenchConfig, base_dir: Path) -> PreparedTask:
             _save_base(model, tokenizer, base_dir)
         base = str(base_dir)
     else:
-        base = cfg.model  # no new head: every arm can load the checkpoint itself
+        base = str(base_dir) if given else cfg.model  # no new head: every arm can load the checkpoint itself
     tokenizer = _load_tokenizer(base)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token

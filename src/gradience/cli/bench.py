@@ -20,8 +20,13 @@ EPILOG = """examples:
   python -m gradience.bench --config examples/bench/toy.yaml --seeds 1,2,3 --output-dir runs/bench
   python -m gradience.bench --config experiments.yaml --base-model microsoft/DialoGPT-medium --ci
   python -m gradience.bench.run_bench --config F --output D           # the reference tool's command line
+  gradience bench --config examples/bench/toy.yaml --peft-dir run/peft_r4 --against run/peft
+                                      # your own (compressed) adapter against the original, no training
 
-exit codes: 0 finished; 1 with --ci when the policy verdict is FAIL or task.probe_gate is not met;
+verdicts: PASS when the 95% paired interval of Δ lies above −tolerance, FAIL when it lies below, INCONCLUSIVE
+otherwise (with the eval items that would decide it); the point-estimate rule is kept in bench.json.
+
+exit codes: 0 finished; 1 with --ci when the verdict is not PASS or task.probe_gate is not met;
 2 bad config or input (one line on stderr; an output directory holding another bench says how to start over).
 """
 
@@ -49,7 +54,23 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="'accelerate': launch each arm's training with accelerate launch (DDP)")
     p.add_argument("--num-processes", type=int, default=None, metavar="N",
                    help="processes per arm with --launcher accelerate (default: the config's, else 1)")
+    p.add_argument("--peft-dir", metavar="ADAPTER",
+                   help="evaluate your own adapter on the config's task and eval items (nothing is trained), "
+                        "paired against the base model or --against; with --base-model DIR, the base it was "
+                        "trained on (default: the base saved beside it, else the config's model.name)")
+    p.add_argument("--against", metavar="ADAPTER2",
+                   help="with --peft-dir: the reference adapter (e.g. the original of a compressed adapter)")
     p.add_argument("--json", action="store_true", help="print bench.json (gradience.bench/v1) on stdout")
+    p.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="'local' (default): arms one after another here; 'ray': each (seed, arm) a Ray task, "
+                        "side by side (the [ray] extra; the output dir must be shared with the workers)")
+    p.add_argument("--address", metavar="ADDR", default=None,
+                   help="with --executor ray: the cluster (default: RAY_ADDRESS, else the one started on this "
+                        "machine with `ray start --head`)")
+    p.add_argument("--gpus-per-arm", type=float, default=0.0, metavar="N",
+                   help="with --executor ray: GPUs each arm asks Ray for (default 0)")
+    p.add_argument("--max-parallel", type=int, default=None, metavar="N",
+                   help="with --executor ray: at most N arms at once (default: as many as the cluster fits)")
     add_common_flags(p)
     p.set_defaults(func=run)
 
@@ -99,8 +120,21 @@ def run(args: argparse.Namespace) -> int:
 
         if not torch.cuda.is_available():
             raise InputError("CUDA is not available on this machine; use --device cpu", path="--device")
+    if args.peft_dir:
+        return _run_peft_dir(args, cfg)
+    if args.against:
+        raise InputError("needs --peft-dir (the adapter to evaluate against it)", path="--against")
     output_dir = args.output_dir or "runs/bench"
-    bench = run_bench(cfg, output_dir, resume=args.resume)
+    executor = getattr(args, "executor", "local")
+    if executor == "ray":
+        from gradience.bench.executors.ray_exec import run_bench_ray
+
+        bench = run_bench_ray(cfg, output_dir, resume=args.resume, address=args.address,
+                              gpus_per_arm=args.gpus_per_arm, max_parallel=args.max_parallel)
+    else:
+        if args.address or args.gpus_per_arm or args.max_parallel is not None:
+            raise InputError("--address, --gpus-per-arm and --max-parallel need --executor ray", path="--executor")
+        bench = run_bench(cfg, output_dir, resume=args.resume)
     from gradience.textfmt import safe_text
 
     # A terminal gets a plain aligned table; the Markdown is in bench.md (and the full record in bench.json).
@@ -111,3 +145,28 @@ def run(args: argparse.Namespace) -> int:
           "seed_*/)", file=sys.stderr)
     gate_failed = bool(bench.get("probe_gate")) and not bench["probe_gate"]["passed"]
     return EXIT_POLICY_FAIL if args.ci and (bench["verdict"] != "PASS" or gate_failed) else 0
+
+
+_TRAINING_FLAGS = (("seeds", "--seeds"), ("arms", "--arms"), ("resume", "--resume"), ("launcher", "--launcher"),
+                   ("num_processes", "--num-processes"), ("base_norms_cache", "--base-norms-cache"))
+
+
+def _run_peft_dir(args: argparse.Namespace, cfg: Any) -> int:
+    """``--peft-dir ADAPTER [--against ADAPTER2]``: evaluate the user's adapter, print its verdict."""
+    from gradience.bench.evaluate import evaluate_adapters
+    from gradience.bench.render import render_text
+    from gradience.bench.runner import _stderr
+    from gradience.errors import InputError
+    from gradience.jsonio import dumps
+    from gradience.textfmt import safe_text
+
+    for attr, flag in _TRAINING_FLAGS:
+        if getattr(args, attr, None) not in (None, False):
+            raise InputError("not used with --peft-dir (nothing is trained)", path=flag)
+    output_dir = args.output_dir or "runs/bench_eval"
+    bench = evaluate_adapters(cfg, output_dir, args.peft_dir, against=args.against, base_model=args.base_model,
+                              progress=_stderr)
+    out = dumps(bench) if args.json else safe_text(render_text(bench), keep_newlines=True)
+    sys.stdout.write(out + ("\n" if not out.endswith("\n") else ""))
+    print(f"bench: outputs in {safe_text(output_dir)}: bench.json, bench.md, eval_items.json", file=sys.stderr)
+    return EXIT_POLICY_FAIL if args.ci and bench["verdict"] != "PASS" else 0

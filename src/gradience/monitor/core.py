@@ -165,7 +165,8 @@ def _audit_hint(source_kind: str, log_path: Path, config: ConfigSnapshot | None)
     else:
         # A trainer_state.json is the Trainer's file, not a telemetry log: audit the adapter on its own.
         command = f"gradience audit --peft-dir {peft_dir}"
-        note = "a trainer_state.json cannot hold the audit; this audits the adapter directly"
+        what = "a trainer_state.json" if source_kind == "trainer_state" else f"a {source_kind} log"
+        note = f"{what} cannot hold the audit; this audits the adapter directly"
     return {"command": command, "adapter_dir": None if adapter is None else str(adapter),
             "needs_adapter_dir": adapter is None, "note": note}
 
@@ -221,6 +222,18 @@ def monitor_run(path: str | os.PathLike[str], *, run_id: str | None = None,
                         gap_threshold=gap_threshold, task_profile=task_profile, dataset=dataset)
 
 
+def _adapter_beside(log_path: Any) -> str | None:
+    """``<log dir>/peft`` when it holds an adapter (the toy run's and demo's layout): its path goes into the
+    compress and bench commands monitor advises, else they say ADAPTER."""
+    if not log_path:
+        return None
+    peft = os.path.join(os.path.dirname(os.fspath(log_path)) or ".", "peft")
+    try:
+        return peft if os.path.isfile(os.path.join(peft, "adapter_config.json")) else None
+    except (OSError, ValueError):
+        return None
+
+
 def build_report(analyzer: RunAnalyzer, *, source: RunSource, runs: list[str | None], issues: list[Issue],
                  lines: int, config: ConfigSnapshot | None, gap_threshold: float = T.GAP_THRESHOLD,
                  task_profile: str | None = None, dataset: str | None = None) -> MonitorReport:
@@ -232,7 +245,7 @@ def build_report(analyzer: RunAnalyzer, *, source: RunSource, runs: list[str | N
     training = analyzer.training(signals["test_split"])
     audit = analyzer.audit_block()
     recs = run_recommendations(signals=signals, training=training, audit=audit, config=config,
-                               gap_threshold=gap_threshold)
+                               gap_threshold=gap_threshold, adapter_dir=_adapter_beside(source.path))
     alerts = analyzer.alerts()
     status = run_status(recs, alerts, training)
     profile: dict[str, Any] | None = None

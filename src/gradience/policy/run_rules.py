@@ -8,8 +8,10 @@ the next experiment; none predicts accuracy.
 
 from __future__ import annotations
 
+import shlex
 from typing import Any
 
+from gradience.bench.command import VERIFY_CONFIG, verify_command
 from gradience.policy import sources as S
 from gradience.policy import thresholds as T
 from gradience.policy.guard_rules import GUARD_ACTIONS, guard_recommendations
@@ -101,7 +103,9 @@ def underfitting_rule(signals: dict[str, Any], audit: dict[str, Any] | None) -> 
     return []
 
 
-def audit_rules(audit: dict[str, Any] | None, config: ConfigSnapshot | None) -> list[Recommendation]:
+def audit_rules(audit: dict[str, Any] | None, config: ConfigSnapshot | None,
+                adapter_dir: str | None = None) -> list[Recommendation]:
+    """``adapter_dir``: the run's saved adapter when monitor found it (its path goes into the commands)."""
     if not audit:
         return []
     recs: list[Recommendation] = []
@@ -128,12 +132,15 @@ def audit_rules(audit: dict[str, Any] | None, config: ConfigSnapshot | None) -> 
         ratio = finite(p90.get("reduction_ratio"))
         saving = (f", saving ~{human_count(saved)} LoRA params ({ratio:.0%})"
                   if saved is not None and ratio is not None else "")
+        src = (adapter_dir or "ADAPTER").rstrip("/")
+        out = f"{src}_r{r_new:g}"
         recs.append(Recommendation(
             "info", "compress_rank",
             f"Try r={r_new:g} (audit p90 of k@90%; median suggests r={med.get('r', '-')}) instead of "
             f"r={r:g}{saving}; retrain and verify on held-out data, or truncate the trained adapter without "
-            f"retraining (`gradience compress --peft-dir ADAPTER --out ADAPTER_r{r_new:g} --rank {r_new:g}`) and "
-            "check both with `gradience bench`.",
+            f"retraining (`gradience compress --peft-dir {shlex.quote(src)} --out {shlex.quote(out)} "
+            f"--rank {r_new:g}`) and verify it on your task ({VERIFY_CONFIG}: a bench config naming the task and "
+            f"eval data): `{verify_command(out, src)}`.",
             rationale="90% of each layer's update energy fits in k@90% directions; the p90 across layers is "
                       "the conservative uniform rank.",
             confidence=0.55, scope="lora",
@@ -219,13 +226,13 @@ def overfitting_rule(training: dict[str, Any]) -> list[Recommendation]:
 
 def run_recommendations(*, signals: dict[str, Any], training: dict[str, Any], audit: dict[str, Any] | None,
                         config: ConfigSnapshot | None, gap_threshold: float = T.GAP_THRESHOLD,
-                        ) -> list[Recommendation]:
+                        adapter_dir: str | None = None) -> list[Recommendation]:
     """All run rules, unsorted (the caller merges them with the check rules and dedupes/sorts)."""
     lr = _run_lr(config, training)
     return [
         *gap_rules(signals, lr, gap_threshold),
         *underfitting_rule(signals, audit),
-        *audit_rules(audit, config),
+        *audit_rules(audit, config, adapter_dir),
         *instability_rules(training),
         *overfitting_rule(training),
         *guard_recommendations(training.get("guard")),
