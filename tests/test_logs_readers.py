@@ -26,10 +26,13 @@ from support.logs_runs import (
     scripted_run,
 )
 
-tb = pytest.importorskip("tensorboard")
+def _tensorboard() -> None:
+    """TensorBoard tests skip without the [tensorboard] extra; the LLaMA-Factory / W&B export ones need none."""
+    pytest.importorskip("tensorboard")
 
 def write_tensorboard(log_dir: Path, events: list[tuple[str, int, dict[str, Any]]], extra_tag: bool = True) -> Path:
     """The Trainer's tag names (transformers ``rewrite_logs``), one add_scalar per value, as it logs them."""
+    _tensorboard()
     from torch.utils.tensorboard import SummaryWriter
 
     names = {"loss": "loss", "lr": "learning_rate", "grad_norm": "grad_norm", "epoch": "epoch"}
