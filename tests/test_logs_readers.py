@@ -324,3 +324,22 @@ def test_report_on_tensorboard_and_llamafactory(tb_file: Path, tmp_path: Path, c
     assert main(["report", str(lf), "-o", str(tmp_path / "lf.html")]) == 0
     capsys.readouterr()
     assert "<svg" in (tmp_path / "lf.html").read_text()
+
+
+@pytest.mark.parametrize("case", ["csv_huge_field", "json_deep", "json_not_rows", "lf_only_garbage"])
+def test_hostile_exports_are_one_line_errors(case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    if case == "csv_huge_field":
+        path = tmp_path / "export.csv"
+        path.write_text('Step,run - train/loss\n1,0.5\n2,"' + "x" * 200_000 + '"\n')
+    elif case == "json_deep":
+        path = tmp_path / "history.json"
+        path.write_text("[" * 100_000 + "]" * 100_000)
+    elif case == "json_not_rows":
+        path = tmp_path / "history.json"
+        path.write_text("[1, 2, 3]")
+    else:
+        path = tmp_path / "trainer_log.jsonl"
+        path.write_text('{"current_steps": 1, "total_steps": 2, "percentage": 50}\n{bad\n')
+    assert main(["monitor", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("gradience monitor: error: ") and "internal error" not in err[0]

@@ -152,6 +152,12 @@ class WandbExportLog(_RowLog):
             yield _row_step(row), row
 
     def _csv_rows(self, text: str) -> Iterator[tuple[int | None, dict[str, Any]]]:
+        try:
+            yield from self._csv_rows_unchecked(text)
+        except csv.Error as exc:  # e.g. a field over csv's size limit: the file is not an export we can read
+            raise InputError(f"not a W&B history export: CSV error ({exc})", self.path) from None
+
+    def _csv_rows_unchecked(self, text: str) -> Iterator[tuple[int | None, dict[str, Any]]]:
         reader = csv.reader(io.StringIO(text))
         header = next(reader, None) or []
         names = [_strip_export_column(h) for h in header]
