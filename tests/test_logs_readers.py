@@ -26,6 +26,7 @@ from support.logs_runs import (
     scripted_run,
 )
 
+
 def _tensorboard() -> None:
     """TensorBoard tests skip without the [tensorboard] extra; the LLaMA-Factory / W&B export ones need none."""
     pytest.importorskip("tensorboard")
