@@ -15,19 +15,19 @@ from gradience.cli.main import add_common_flags
 
 EXIT_POLICY_FAIL = 1
 
-EPILOG = """examples:
+EPILOG = """verdicts: PASS when the 95% paired interval of Δ lies above −tolerance, FAIL when it lies below, INCONCLUSIVE
+otherwise (with the eval items that would decide it); the point-estimate rule is kept in bench.json.
+
+exit codes: 0 finished; 1 with --ci when the verdict is not PASS or task.probe_gate is not met;
+2 bad config or input (one line on stderr; an output directory holding another bench says how to start over).
+
+examples:
   gradience bench --config examples/bench/toy.yaml --smoke            # offline toy, ~1-3 min on a CPU
   python -m gradience.bench --config examples/bench/toy.yaml --seeds 1,2,3 --output-dir runs/bench
   python -m gradience.bench --config experiments.yaml --base-model microsoft/DialoGPT-medium --ci
   python -m gradience.bench.run_bench --config F --output D           # the reference tool's command line
   gradience bench --config examples/bench/toy.yaml --peft-dir run/peft_r4 --against run/peft
                                       # your own (compressed) adapter against the original, no training
-
-verdicts: PASS when the 95% paired interval of Δ lies above −tolerance, FAIL when it lies below, INCONCLUSIVE
-otherwise (with the eval items that would decide it); the point-estimate rule is kept in bench.json.
-
-exit codes: 0 finished; 1 with --ci when the verdict is not PASS or task.probe_gate is not met;
-2 bad config or input (one line on stderr; an output directory holding another bench says how to start over).
 """
 
 
@@ -148,7 +148,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 _TRAINING_FLAGS = (("seeds", "--seeds"), ("arms", "--arms"), ("resume", "--resume"), ("launcher", "--launcher"),
-                   ("num_processes", "--num-processes"), ("base_norms_cache", "--base-norms-cache"))
+                   ("num_processes", "--num-processes"), ("base_norms_cache", "--base-norms-cache"),
+                   ("address", "--address"), ("gpus_per_arm", "--gpus-per-arm"), ("max_parallel", "--max-parallel"))
 
 
 def _run_peft_dir(args: argparse.Namespace, cfg: Any) -> int:
@@ -160,6 +161,8 @@ def _run_peft_dir(args: argparse.Namespace, cfg: Any) -> int:
     from gradience.jsonio import dumps
     from gradience.textfmt import safe_text
 
+    if getattr(args, "executor", "local") != "local":
+        raise InputError("not used with --peft-dir (nothing is trained)", path="--executor")
     for attr, flag in _TRAINING_FLAGS:
         if getattr(args, attr, None) not in (None, False):
             raise InputError("not used with --peft-dir (nothing is trained)", path=flag)
