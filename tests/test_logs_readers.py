@@ -288,6 +288,11 @@ def test_wandb_exports_equal_jsonl(tmp_path: Path, capsys: pytest.CaptureFixture
     plain.write_text(json.dumps([{k: v for k, v in r.items() if k != "train/global_step"} | {"_step": s}
                                  for r, (_, s, _) in zip(rows, events, strict=False)]))
     assert_same_run(run_json(capsys, plain), ref)
+    as_lines = tmp_path / "history.jsonl"  # the same rows as JSON lines
+    as_lines.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ours = run_json(capsys, as_lines)
+    assert ours["source"] == "wandb_export"
+    assert_same_but_clipping_default(ours, ref)
     columns = sorted({k for r in rows for k in r})
     header = ["Step" if c == "_step" else f"my-run - {c}" for c in columns]
     header += ["my-run - train/loss__MIN", "my-run - train/loss__MAX"]

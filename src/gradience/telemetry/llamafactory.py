@@ -3,9 +3,10 @@
 ``trainer_log.jsonl`` is written by LLaMA-Factory's ``LogCallback.on_log``
 (``src/llamafactory/train/callbacks.py``): one JSON object per log call with ``current_steps``,
 ``total_steps``, ``loss``, ``lr``, ``epoch``, ``eval_loss``, ``percentage``, ``elapsed_time`` … (keys whose
-value is None are left out). A W&B history export is ``run.history()`` / the UI's "Export CSV": one row per
-log call with ``_step`` (or ``Step``) and the Trainer's ``train/…`` / ``eval/…`` columns; the UI prefixes
-columns with ``<run name> - `` and adds ``__MIN``/``__MAX`` companions, which are dropped.
+value is None are left out). A W&B history export is ``run.history()`` (a JSON array or JSON lines) or the
+UI's "Export CSV": one row per log call with ``_step`` (or ``Step``) and the Trainer's ``train/…`` /
+``eval/…`` columns; the UI prefixes columns with ``<run name> - `` and adds ``__MIN``/``__MAX`` companions,
+which are dropped.
 """
 
 from __future__ import annotations
@@ -136,6 +137,8 @@ class WandbExportLog(_RowLog):
         text = head.decode("utf-8", "replace")
         if text.lstrip().startswith("["):
             yield from self._json_rows(text)
+        elif text.lstrip().startswith("{"):
+            yield from self._json_lines(text)
         else:
             yield from self._csv_rows(text)
 
@@ -147,6 +150,21 @@ class WandbExportLog(_RowLog):
         for i, row in enumerate(rows):
             if not isinstance(row, dict):
                 self._bad_row(f"row {i}", "not an object")
+                continue
+            self.transformers = self.transformers or "train/global_step" in row
+            yield _row_step(row), row
+
+    def _json_lines(self, text: str) -> Iterator[tuple[int | None, dict[str, Any]]]:
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except (ValueError, RecursionError):
+                self._bad_row(f"line {number}", "not valid JSON")
+                continue
+            if not isinstance(row, dict):
+                self._bad_row(f"line {number}", "not a JSON object")
                 continue
             self.transformers = self.transformers or "train/global_step" in row
             yield _row_step(row), row

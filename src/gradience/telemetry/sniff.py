@@ -47,6 +47,8 @@ def sniff_file(path: Path) -> str:
                 return "llamafactory"
             if "event" in obj or "schema" in obj:
                 return "telemetry"
+            if "_step" in obj or "train/global_step" in obj:
+                return "wandb_export"  # run.history() written as JSON lines
             if "log_history" in obj or path.suffix.lower() == ".json":
                 return "trainer_state"
             return "telemetry"
