@@ -104,7 +104,8 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
-def _policy(args: argparse.Namespace) -> Any:
+def policy_from_args(args: argparse.Namespace) -> Any:
+    """The compress Policy the flags name (merge's CLI reuses it for the same flags)."""
     from gradience.audit.suggest import parse_allowed_ranks
     from gradience.compress import Policy
     from gradience.errors import InputError
@@ -120,6 +121,9 @@ def _policy(args: argparse.Namespace) -> Any:
     return Policy(name=name, value=value, margin=args.margin, min_rank=args.min_rank, max_rank=args.max_rank,
                   allowed_ranks=parse_allowed_ranks(args.allowed_ranks) if args.allowed_ranks else None,
                   uniform=args.uniform)
+
+
+_policy = policy_from_args  # the earlier private name (merge's CLI imported it)
 
 
 def _engine_versions(items: list[str]) -> dict[str, str]:
@@ -165,7 +169,7 @@ def _run(args: argparse.Namespace) -> int:
         raise InputError("no output given: pass --out OUT (or --dry-run to plan only)")
     if args.scale_intruders is not None:
         return _scale_intruders(args)
-    policy = _policy(args)
+    policy = policy_from_args(args)
     options = CompressOptions(policy=policy, dtype=args.dtype, base_model=args.base_model,
                               base_norms_cache=args.base_norms_cache, dry_run=args.dry_run, force=args.force,
                               engine_versions=_engine_versions(args.engine_version))

@@ -90,7 +90,7 @@ def add_parser(sub: Any) -> None:
 
 def _policy(args: argparse.Namespace) -> Any:
     """The compress policy the flags name, or None when none is given."""
-    from gradience.cli.compress import _policy as compress_policy
+    from gradience.cli.compress import policy_from_args as compress_policy
 
     named = any(getattr(args, n) is not None for n in ("rank", "energy", "sv_fro", "sv_cumulative", "sv_ratio",
                                                          "budget")) or args.per_layer

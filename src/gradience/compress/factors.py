@@ -65,7 +65,7 @@ def gram_split(ga: np.ndarray, gb: np.ndarray, k: int, coef: float) -> GramSplit
     return GramSplit(x_b=x_b, y_a=y_a)
 
 
-def _left_product(b: np.ndarray, x: np.ndarray) -> np.ndarray:
+def left_product(b: np.ndarray, x: np.ndarray) -> np.ndarray:
     """b (d, r) @ x (r, k) in float64, converting b in row blocks (b may be a float32 memory-mapped view)."""
     d, r = b.shape
     out = np.empty((d, x.shape[1]), dtype=np.float64)
@@ -75,7 +75,7 @@ def _left_product(b: np.ndarray, x: np.ndarray) -> np.ndarray:
     return out
 
 
-def _right_product(y: np.ndarray, a: np.ndarray) -> np.ndarray:
+def right_product(y: np.ndarray, a: np.ndarray) -> np.ndarray:
     """y (k, r) @ a (r, d) in float64, converting a in column blocks."""
     r, d = a.shape
     out = np.empty((y.shape[0], d), dtype=np.float64)
@@ -97,7 +97,7 @@ def truncated_factors(a: np.ndarray, b: np.ndarray, k: int, coef: float,
     if grams is not None:
         split = gram_split(grams[0], grams[1], k, coef)
         if split is not None:
-            return _right_product(split.y_a, a), _left_product(b, split.x_b), "gram"
+            return right_product(split.y_a, a), left_product(b, split.x_b), "gram"
     svd = factored_svd(a, b)
     q = svd.sigma.shape[0]
     kk = min(k, q)
@@ -144,3 +144,8 @@ def scaled_truncated_factors(a: np.ndarray, b: np.ndarray, k: int, coef: float
     back = math.sqrt(2.0) if odd else 1.0
     with np.errstate(over="ignore"):
         return np.ldexp(a_new * back, half), np.ldexp(b_new * back, half), method
+
+
+# Earlier private names (merge imported them before they were public).
+_left_product = left_product
+_right_product = right_product

@@ -16,7 +16,14 @@ from gradience.adapter.model import LoadedAdapter
 from gradience.audit.core import LayerAudit, audit_pairs, layer_issues
 from gradience.audit.suggest import per_layer_suggestions, unique_pattern_key
 from gradience.compress.budget import BudgetLayer, allocate, parse_budget, retained
-from gradience.compress.policy import Policy, apply_modifiers, budget_candidates, raw_rank, validate
+from gradience.compress.policy import (
+    Policy,
+    apply_modifiers,
+    budget_candidates,
+    raw_rank,
+    uniform_budget_rank,
+    validate,
+)
 from gradience.compress.result import DTYPE_CHOICES, CompressOptions, LayerPlan
 from gradience.errors import InputError
 from gradience.issues import Issue
@@ -135,18 +142,7 @@ def _layer_ranks(audits: list[LayerAudit], policy: Policy, use_rslora: bool) -> 
 
 def _uniform_budget(audits: list[LayerAudit], budget: int, policy: Policy) -> list[int]:
     """--budget --uniform: the largest single rank K (every module zero-padded to K) that fits the budget."""
-    per_rank = sum(la.d_in + la.d_out for la in audits)
-    top = max(la.r for la in audits)
-    if policy.max_rank is not None:
-        top = min(top, policy.max_rank)
-    k = min(top, budget // per_rank)
-    floor = max(1, policy.min_rank or 1)
-    if policy.allowed_ranks:
-        fitting = [a for a in policy.allowed_ranks if floor <= a <= k]
-        k = max(fitting) if fitting else 0
-    if k < floor:
-        raise InputError(f"--budget {budget} parameters cannot hold one uniform rank >= {floor} "
-                         f"({per_rank} parameters per rank unit)")
+    k = uniform_budget_rank([la.d_in + la.d_out for la in audits], [la.r for la in audits], budget, policy)
     return [k] * len(audits)
 
 

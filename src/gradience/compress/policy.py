@@ -116,6 +116,25 @@ def apply_modifiers(k: int, r: int, policy: Policy, *, round_to: Sequence[int] |
     return max(1, min(k, r))
 
 
+def uniform_budget_rank(costs: Sequence[int], caps: Sequence[int], budget: int, policy: Policy) -> int:
+    """--budget --uniform: the largest single rank K (modules of lower cap zero-padded to K) whose parameters fit
+    the budget; ``costs`` are parameters per unit of rank (d_in + d_out), ``caps`` the most each module holds.
+    One rule for compress and merge."""
+    per_rank = sum(costs)
+    top = max(caps)
+    if policy.max_rank is not None:
+        top = min(top, policy.max_rank)
+    k = min(top, budget // per_rank)
+    floor = max(1, policy.min_rank or 1)
+    if policy.allowed_ranks:
+        fitting = [a for a in policy.allowed_ranks if floor <= a <= k]
+        k = max(fitting) if fitting else 0
+    if k < floor:
+        raise InputError(f"--budget {budget} parameters cannot hold one uniform rank >= {floor} "
+                         f"({per_rank} parameters per rank unit)")
+    return k
+
+
 def budget_candidates(r: int, policy: Policy) -> tuple[int, ...]:
     """Ranks a layer may take under ``--budget``: [floor, cap] or the allowed ranks inside it (cap always included
     so a layer can stay whole)."""

@@ -130,12 +130,12 @@ def svd_factors(st: Stack, spec: StackSpectrum, k: int, alpha: float) -> tuple[n
     B_w = B_s·D (D the column weights), B' = B_s·(D·x_b) needs no weighted copy of B. Ill-conditioned stacks
     (identical inputs, steep spectra) take compress's QR path (:func:`truncated_factors`).
     """
-    from gradience.compress.factors import _left_product, _right_product, gram_split  # compress's (private)
+    from gradience.compress.factors import gram_split, left_product, right_product
 
     split = gram_split(spec.ga.unscaled(), spec.gb_weighted.unscaled(), k, k / alpha)
     if split is not None:
         x_b = st.column_weights()[:, None] * split.x_b
-        return _right_product(split.y_a, st.a), _left_product(st.b, x_b), "gram"
+        return right_product(split.y_a, st.a), left_product(st.b, x_b), "gram"
     return truncated_factors(st.a, st.weighted_b(), k, k / alpha)
 
 

@@ -18,8 +18,13 @@ import numpy as np
 from gradience.audit.spectrum import energy_rank
 from gradience.audit.suggest import round_up_rank
 from gradience.compress.budget import BudgetLayer, allocate, parse_budget
-from gradience.compress.policy import Policy, apply_modifiers, budget_candidates, raw_rank
-from gradience.errors import InputError
+from gradience.compress.policy import (
+    Policy,
+    apply_modifiers,
+    budget_candidates,
+    raw_rank,
+    uniform_budget_rank,
+)
 from gradience.policy.thresholds import ALLOWED_RANKS_DEFAULT
 
 
@@ -48,7 +53,7 @@ def decide(mods: Sequence[RankInput], policy: Policy | None, params_sum: int) ->
         budget = parse_budget(str(policy.value), params_sum)
         extra["budget_params"] = budget
         if policy.uniform:
-            ks = _uniform_budget(mods, budget, policy)
+            ks = [uniform_budget_rank([m.cost for m in mods], [m.cap for m in mods], budget, policy)] * len(mods)
         else:
             res = allocate([BudgetLayer(m.sigma, m.cost, budget_candidates(m.cap, policy)) for m in mods], budget)
             extra.update({"budget_params_used": res.params, "objective": res.objective,
@@ -64,18 +69,3 @@ def decide(mods: Sequence[RankInput], policy: Policy | None, params_sum: int) ->
     return ks, extra
 
 
-def _uniform_budget(mods: Sequence[RankInput], budget: int, policy: Policy) -> list[int]:
-    """The largest single rank K (modules of lower cap zero-padded to K) whose parameters fit the budget."""
-    per_rank = sum(m.cost for m in mods)
-    top = max(m.cap for m in mods)
-    if policy.max_rank is not None:
-        top = min(top, policy.max_rank)
-    k = min(top, budget // per_rank)
-    floor = max(1, policy.min_rank or 1)
-    if policy.allowed_ranks:
-        fitting = [a for a in policy.allowed_ranks if floor <= a <= k]
-        k = max(fitting) if fitting else 0
-    if k < floor:
-        raise InputError(f"--budget {budget} parameters cannot hold one uniform rank >= {floor} "
-                         f"({per_rank} parameters per rank unit)")
-    return [k] * len(mods)

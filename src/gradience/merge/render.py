@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gradience.compress.render import _policy_line
+from gradience.compress.render import policy_line
 from gradience.policy.thresholds import MERGE_TEXT_TOP_MODULES
 from gradience.textfmt import RULE, human_count, num, pct, safe_text
 
@@ -34,7 +34,7 @@ def render_text(doc: dict[str, Any]) -> str:
     extra = ", ".join(f"{k}={v}" for k, v in opts.items())
     lines.append(f"Method:    {_METHOD_TEXT.get(doc['method'], doc['method'])}" + (f" [{extra}]" if extra else ""))
     pol = doc.get("policy")
-    lines.append("Policy:    " + (_policy_line(pol) if pol else "none (cat/linear: rank sum(r_i); "
+    lines.append("Policy:    " + (policy_line(pol) if pol else "none (cat/linear: rank sum(r_i); "
                                                             "svd/ties/dare: the largest input rank)"))
     cfg = doc["config"]
     lines.append(f"Config:    r={cfg['r']} lora_alpha={cfg['lora_alpha']} rank_pattern: "

@@ -41,11 +41,11 @@ class Encoder:
         return self.forced or _STORED.get(self.stored[src].get(plan.group.template.a_key, "F32"), "F32")
 
     def encode(self, plan: ModulePlan, a_new: np.ndarray, b_new: np.ndarray) -> dict[str, np.ndarray]:
-        from gradience.compress.tensors import _factor_layout  # compress's layout rules (private name)
+        from gradience.compress.tensors import factor_layout  # compress's layout rules
         from gradience.io.safetensors_write import encode_float
 
         dtype = self.dtype(plan)
-        a_st, b_st = _factor_layout(plan.group.template, a_new, b_new, plan.r_after)
+        a_st, b_st = factor_layout(plan.group.template, a_new, b_new, plan.r_after)
         try:
             return {"A": encode_float(a_st, dtype), "B": encode_float(b_st, dtype)}
         except ValueError as exc:
@@ -60,7 +60,7 @@ def tensor_specs(encoder: Encoder, plans: Sequence[ModulePlan], weights: Sequenc
                  options: MergeOptions, alpha: float) -> tuple[list[TensorSpec], dict[str, int]]:
     """(specs, dtype counts): A then B of every module, in the modules' order; factors made in phase 1 are
     handed over (and dropped), the others computed when the writer reaches them."""
-    from gradience.compress.tensors import _factor_shapes  # compress's layout rules (private name)
+    from gradience.compress.tensors import factor_shapes  # compress's layout rules
     from gradience.merge.core import new_factors
 
     def produce(plan: ModulePlan, side: str) -> np.ndarray:
@@ -76,7 +76,7 @@ def tensor_specs(encoder: Encoder, plans: Sequence[ModulePlan], weights: Sequenc
     for plan in plans:
         tpl = plan.group.template
         dtype = encoder.dtype(plan)
-        a_shape, b_shape = _factor_shapes(tpl, plan.r_after)
+        a_shape, b_shape = factor_shapes(tpl, plan.r_after)
         for key, side, shape in ((tpl.a_key, "A", a_shape), (tpl.b_key, "B", b_shape)):
             specs.append(TensorSpec(key, dtype, shape, partial(produce, plan, side)))
             dtypes[dtype] += 1
