@@ -100,19 +100,24 @@ def _orth_against(y: np.ndarray, basis: list[np.ndarray], floor: float) -> np.nd
 
 
 def top_singular(op: Operator, k: int, *, rtol: float = INTRUDER_RESIDUAL_RTOL, block: int | None = None,
-                 max_blocks: int = INTRUDER_MAX_BLOCKS, seed: int = 0) -> TopK:
+                 max_blocks: int = INTRUDER_MAX_BLOCKS, seed: int = 0, start: np.ndarray | None = None) -> TopK:
     """The k largest singular triplets of ``op`` (k ≤ min(m, n)); see the module docstring for the method.
 
     Two products per block: Z_j = Mᵀ·Q_j and Y_j = M·Z_j. Y_j is both the next block's raw directions and, kept,
     what makes the residual free: with ZᵀZ = E·Θ·Eᵀ, σ = √θ, u = Q·e, v = Z·e/σ and M·v = Y·e/σ exactly.
+    ``start`` (m, s): left-space directions expected near the answer (for W + s·L·R: L and W's top vectors), the
+    first block instead of M·Ω (completed with M·Ω up to the block size); only the speed depends on it.
     """
     m, n = op.shape
     full = min(m, n)
     k = max(1, min(k, full))
     b = min(full, block if block is not None else k + INTRUDER_BLOCK_EXTRA)
     rng = np.random.default_rng(seed)
-    y = op.matmat(rng.standard_normal((n, b)))
-    products = 1
+    extra = b if start is None else max(0, b - start.shape[1])
+    y = op.matmat(rng.standard_normal((n, extra))) if extra else np.zeros((m, 0))
+    products = 1 if extra else 0
+    if start is not None:
+        y = np.concatenate([np.asarray(start, dtype=np.float64), y], axis=1)
     floor = (float(np.linalg.norm(y)) or 1.0) * 1e-13
     qs: list[np.ndarray] = []
     zs: list[np.ndarray] = []
