@@ -353,3 +353,22 @@ def test_subspace_iteration_path_gives_the_best_rank_k(pair: Any, tmp_path: Path
         k = int(np.searchsorted(np.cumsum(s ** 2) / np.sum(s ** 2), 0.8 * (1 - 1e-12))) + 1
         assert row["r_after"] == k
         assert _rel(got[row["name"]], _best(ref, k)) < 1e-5
+
+
+def test_ties_threshold_is_the_exact_order_statistic(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TIES' trim threshold without a dense buffer: radix selection over slabs equals np.partition on the whole
+    |τ|, with ties, zeros, negative values and one repeated value; a tiny gather limit forces every radix pass."""
+    from gradience.merge import elementwise
+
+    rng = np.random.default_rng(7)
+    cases = [rng.standard_normal((37, 53)), np.round(rng.standard_normal((40, 30)) * 2) / 2,
+             np.zeros((9, 11)), np.full((8, 8), -0.25), rng.standard_normal((60, 70)) * np.logspace(-30, 30, 70)]
+    cases[2][3, 4] = -2.0
+    for limit in (1 << 20, 3):
+        monkeypatch.setattr(elementwise, "_CHUNK_ELEMS", limit)
+        for m in cases:
+            spans = [slice(i, min(i + 13, m.shape[1])) for i in range(0, m.shape[1], 13)]
+            ref = np.sort(np.abs(m).ravel())
+            for rank in sorted({0, m.size // 3, m.size // 2, m.size - 1}):
+                got = elementwise.order_statistic(lambda span, m=m: m[:, span].copy(), spans, rank)
+                assert got == ref[rank], (m.shape, rank, limit)

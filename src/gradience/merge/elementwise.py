@@ -14,7 +14,8 @@ adapter whatever the order or the blocking of the computation.
 Memory: M is never held whole. It is produced in slabs along its long side and folded into the Gram of its
 short side (G = M·Mᵀ or Mᵀ·M, float64, min(d)² entries), whose eigen-decomposition gives σ and the kept
 singular vectors; the factors are then one more slab pass (B' ∝ U_k, A' ∝ U_kᵀ·M, or the transpose). TIES'
-trim thresholds need each |τᵢ| whole once (one dense float64 buffer, freed before G exists). The kept
+trim thresholds are exact order statistics of each |τᵢ| found by radix selection over slabs (a few extra slab
+passes, no dense buffer; :func:`order_statistic`). The kept
 directions are accurate to ~eps·σ₁²/σ_k (absolute, relative to σ₁), and ‖M‖_F (hence the retained energy)
 is exact.
 """
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -97,6 +98,46 @@ class Slabs:
         return slab @ slab.T if self.left else slab.T @ slab
 
 
+_DIGIT = 16                   # bits resolved per radix pass
+_DIGIT_MASK = np.uint64((1 << _DIGIT) - 1)
+
+
+def order_statistic(slab_of: Callable[[slice], np.ndarray], spans: Sequence[slice], rank: int) -> float:
+    """The ``rank``-th smallest |v| (0-based; what ``np.partition(|v|, rank)[rank]`` gives) over the entries of
+    all slabs, exactly, without holding them together.
+
+    Radix selection on the IEEE-754 bits: for non-negative float64 the uint64 bit pattern orders like the value,
+    so each pass recomputes the slabs and histograms the next 16 bits of the entries whose higher bits match
+    the prefix found so far. Once the bin that holds the answer has at most ``_CHUNK_ELEMS`` entries they are
+    gathered and partitioned. At most 4 histogram passes (then the bin holds one value) + 1 gathering pass;
+    memory: one slab, its bit view and a 2¹⁶ histogram.
+    """
+    prefix, shift, count = 0, 64, None
+    while True:
+        if count is not None and (count <= _CHUNK_ELEMS or shift == 0):
+            if shift == 0:
+                return float(np.array([prefix], dtype=np.uint64).view(np.float64)[0])
+            found = []
+            for span in spans:
+                bits = np.abs(slab_of(span)).reshape(-1).view(np.uint64)
+                found.append(bits[(bits >> np.uint64(shift)) == np.uint64(prefix)])
+            cand = np.concatenate(found)
+            cand.partition(rank)
+            return float(cand[rank:rank + 1].view(np.float64)[0])
+        shift -= _DIGIT
+        hist = np.zeros(1 << _DIGIT, dtype=np.int64)
+        for span in spans:
+            bits = np.abs(slab_of(span)).reshape(-1).view(np.uint64)
+            if shift + _DIGIT < 64:
+                bits = bits[(bits >> np.uint64(shift + _DIGIT)) == np.uint64(prefix)]
+            hist += np.bincount(((bits >> np.uint64(shift)) & _DIGIT_MASK).astype(np.intp), minlength=1 << _DIGIT)
+        below = np.cumsum(hist)
+        digit = int(np.searchsorted(below, rank, side="right"))
+        rank -= int(below[digit - 1]) if digit else 0
+        count = int(hist[digit])
+        prefix = (prefix << _DIGIT) | digit
+
+
 @dataclass
 class Elementwise:
     """What a TIES/DARE merge needs besides the factors: the method, its parameters and TIES' thresholds."""
@@ -110,21 +151,14 @@ class Elementwise:
 
 def prepare(st: Stack, name: str, slabs: Slabs, method: str, *, density: float, drop: float,
             seed: int) -> Elementwise:
-    """TIES: each input's trim threshold, from one dense |τᵢ| buffer (in-place ``partition``); DARE: keys."""
+    """TIES: each input's trim threshold (exact order statistic of |τᵢ|, slab by slab); DARE: keys."""
     thresholds: list[float] = []
     if method == "ties":
         numel = slabs.d_out * slabs.d_in
         keep = int(density * numel)
         if keep > 0:
-            buf = np.empty((slabs.d_out, slabs.d_in))
-            for x in range(len(st.blocks)):
-                for span in slabs.spans:
-                    target = buf[:, span] if slabs.left else buf[span]
-                    np.abs(slabs.update(st, x, span), out=target)
-                flat = buf.reshape(-1)
-                flat.partition(numel - keep)
-                thresholds.append(float(flat[numel - keep]))
-            del buf
+            thresholds = [order_statistic(lambda span, x=x: slabs.update(st, x, span), slabs.spans,
+                                          numel - keep) for x in range(len(st.blocks))]
         else:
             thresholds = [math.inf] * len(st.blocks)
     keys = [dare_key(seed, i, name) for i in st.inputs] if method == "dare" else []
