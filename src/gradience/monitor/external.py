@@ -6,6 +6,7 @@ shapes of ``run.jsonl``, so the analysis, gates, ``--json`` and ``report`` are t
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,3 +88,23 @@ def _configure(analyzer: RunAnalyzer, log: Any, snapshot: ConfigSnapshot | None)
     meta = {"framework": "transformers"} if log.transformers else None
     if snapshot is not None or meta is not None:
         analyzer.train.signatures.configure(None if snapshot is None else snapshot.to_dict(), meta)
+
+
+def is_external_log(path: Path) -> bool:
+    """A log another tool wrote that ``monitor`` reads (``report`` asks, to show it as a run)."""
+    from gradience.monitor.sources import resolve_run_path
+
+    try:
+        return resolve_run_path(path).kind in EXTERNAL_KINDS
+    except InputError:
+        return False
+
+
+def source_events(source: Any, run_id: str | None) -> Iterator[tuple[str, int | None, dict[str, Any]]]:
+    """The run events of a trainer_state.json or another tool's log (``report``'s curves)."""
+    if source.kind in EXTERNAL_KINDS:
+        yield from open_log(source.kind, source.path, run_id).events()
+        return
+    from gradience.monitor.sources import read_trainer_state
+
+    yield from read_trainer_state(source.path).events

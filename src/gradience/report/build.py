@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from gradience.errors import GradienceError, InputError
+from gradience.monitor.external import is_external_log
 from gradience.report.curves import RunCurves
 from gradience.report.validate import check_document
 from gradience.report.views import DOCUMENT_VIEWS, ChartIds, View, adapter_view, run_view
@@ -156,11 +157,11 @@ def plan(path: str | os.PathLike[str], base_model: str | None = None) -> _Plan:
             if note:
                 out.notes.append(note)
             return out
-        if _external_log(p):  # TensorBoard / W&B run directories (monitor's readers)
+        if is_external_log(p):  # TensorBoard / W&B run directories (monitor's readers)
             return _Plan("run", p, run=p, base_model=base_model)
         raise InputError("nothing to report: no run.jsonl, *.jsonl, trainer_state.json or PEFT adapter in this "
                          "directory or below it", p)
-    if _external_log(p):  # TensorBoard, W&B, W&B export, LLaMA-Factory: by content, as monitor reads them
+    if is_external_log(p):  # TensorBoard, W&B, W&B export, LLaMA-Factory: by content, as monitor reads them
         return _Plan("run", p, run=p, base_model=base_model)
     name = p.name.lower()
     if name.endswith(".jsonl"):
@@ -184,17 +185,6 @@ def plan(path: str | os.PathLike[str], base_model: str | None = None) -> _Plan:
     what = f"schema {schema!r}" if isinstance(schema, str) else "no 'schema' key and no 'log_history'"
     raise InputError(f"not a report input ({what}): expected a gradience audit or compare JSON, or an HF "
                      "trainer_state.json", p)
-
-
-def _external_log(path: Path) -> bool:
-    """A log another tool wrote that ``monitor`` reads (issue 22)."""
-    from gradience.monitor.external import EXTERNAL_KINDS
-    from gradience.monitor.sources import resolve_run_path
-
-    try:
-        return resolve_run_path(path).kind in EXTERNAL_KINDS
-    except InputError:
-        return False
 
 
 def _bench_document(path: Path) -> dict[str, Any]:
@@ -225,7 +215,8 @@ def _default_out(p: _Plan) -> Path:
 
 def _run_curves(run_path: Path, run_id: str | None) -> RunCurves:
     """The curves of the same run ``monitor_run`` summarizes (the last one of the file unless ``run_id``)."""
-    from gradience.monitor.sources import read_trainer_state, resolve_run_path, telemetry_events
+    from gradience.monitor.external import source_events
+    from gradience.monitor.sources import resolve_run_path, telemetry_events
     from gradience.telemetry.reader import TelemetryReader
 
     source = resolve_run_path(run_path)
@@ -236,13 +227,8 @@ def _run_curves(run_path: Path, run_id: str | None) -> RunCurves:
             if is_new:
                 curves = RunCurves()
             curves.feed(rec.event, rec.step, rec.data)
-    elif source.kind != "trainer_state":  # TensorBoard, W&B, ...: the same reader as monitor_run
-        from gradience.monitor.external import open_log
-
-        for event, step, data in open_log(source.kind, source.path, run_id).events():
-            curves.feed(event, step, data)
-    else:
-        for event, step, data in read_trainer_state(source.path).events:
+    else:  # trainer_state.json, TensorBoard, W&B, ...: the same readers as monitor_run
+        for event, step, data in source_events(source, run_id):
             curves.feed(event, step, data)
     return curves
 
