@@ -173,7 +173,7 @@ def test_compress_then_the_printed_bench_command_runs_as_printed(tmp_path: Path)
     # is the Trainer's per-item agreement; all 200 (no limit) equal the run's last test accuracy in run.jsonl.
     full = sh(f"gradience bench --config {TOY} --peft-dir run/peft --output-dir full --json")
     assert full.returncode == 0, full.stderr[-2000:]
-    last_test = [json.loads(line) for line in (tmp_path / "run" / "run.jsonl").read_text().splitlines()
-                 if '"eval"' in line and '"split": "test"' in line][-1]
+    events = [json.loads(line) for line in (tmp_path / "run" / "run.jsonl").read_text().splitlines()]
+    last_test = [e for e in events if e.get("event") == "eval" and e.get("split") == "test"][-1]
     assert json.loads(full.stdout)["arms"][0]["per_seed"][0]["metric"] == \
         pytest.approx(last_test["metrics"]["accuracy"], abs=1e-9)
