@@ -152,7 +152,8 @@ def _expert_pairs(source: TensorSource, config: Mapping[str, Any], module: str, 
                   a: TensorMeta | None, b: TensorMeta | None) -> list[LoraPair]:
     param = f"{module}.{leaf}"
     if a is None or b is None:
-        raise InputError(f"{param}: expert LoRA factor without its twin ({(a or b).key if (a or b) else prefix})")
+        present = a if a is not None else b
+        raise InputError(f"{param}: expert LoRA factor without its twin ({present.key if present else prefix})")
     if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != b.shape[1] or 0 in a.shape or 0 in b.shape:
         raise InputError(f"{param}: expert factors A {list(a.shape)} and B {list(b.shape)} do not fit "
                          "A (r·E, in) / B (out, r·E)")
