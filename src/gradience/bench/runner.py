@@ -93,7 +93,10 @@ class BenchRunner:
     """Runs (or resumes) a bench into ``output_dir``; :meth:`run` returns the ``bench.json`` object."""
 
     def __init__(self, cfg: BenchConfig, output_dir: str | os.PathLike[str], *, resume: bool = False,
-                 progress: Progress | None = _stderr) -> None:
+                 progress: Progress | None = _stderr, threads: int | None = None) -> None:
+        from gradience.bench.executors import arm_threads
+
+        self.threads = arm_threads() if threads is None else threads  # the same in every executor: bit-equal results
         self.cfg = cfg.effective()
         self.out = Path(output_dir)
         self.resume = resume
@@ -274,6 +277,9 @@ class BenchRunner:
     def run(self) -> dict[str, Any]:
         try:
             self._check_output_dir()
+            from gradience.bench.executors import pin_threads
+
+            pin_threads(self.threads)
             with _quiet_hf():
                 return self._run()
         except Exception as exc:  # a full disk, a read-only or vanished directory: one line, not a traceback
