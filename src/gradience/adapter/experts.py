@@ -88,14 +88,15 @@ class _ExpertGroup:
             if self._factors is None:
                 read = getattr(self.source, "read_float", self.source.read_f32)
                 a = read(self.a_key).reshape(self.experts * self.r, self.d_in)
-                b = read(self.b_key).reshape(self.d_out, self.experts * self.r)
+                # (out, r, E) -> (E, out, r) once: every expert's B is then one contiguous block
+                b = read(self.b_key).reshape(self.d_out, self.r, self.experts).transpose(2, 0, 1).copy()
                 self._factors = (a, b)
             a, b = self._factors
             self._served += 1
             if self._served >= self.experts:  # every expert had its slice: drop the whole stack
                 self._factors, self._served = None, 0
         lo = expert * self.r
-        return a[lo:lo + self.r], np.ascontiguousarray(b[:, expert::self.experts])
+        return a[lo:lo + self.r], b[expert]
 
 
 class _ExpertLoader:
