@@ -149,6 +149,8 @@ def plan(path: str | os.PathLike[str], base_model: str | None = None) -> _Plan:
             return out
         if (p / "bench.json").is_file():
             return _Plan("bench", p, document=_bench_document(p / "bench.json"))
+        if (p / "merge.json").is_file():  # a merge output: the merge view (its adapter: OUT/adapter_config.json)
+            return _Plan("merge", p, document=plan(p / "merge.json").document)
         if holds_adapter(p) or (p / "adapter_config.json").is_file():
             return _Plan("adapter", p, adapter=p, base_model=base_model)
         adapter, note = _adapter_in_run_dir(p)
@@ -392,6 +394,10 @@ def _subject(p: _Plan, views: list[View], run_id: str | None) -> str:
         if a.get("path") or b.get("path"):
             return f"Comparison {adapter_name(a.get('path'))} ↔ {adapter_name(b.get('path'))}"
         return ""
+    if p.kind == "merge":
+        inputs = [i for i in doc.get("inputs") or [] if isinstance(i, dict)]
+        return f"Merge of {' + '.join(adapter_name(i.get('path')) for i in inputs[:4])}" + (" + …" if len(inputs) > 4
+                                                                                          else "")
     if p.kind == "bench":
         task = doc.get("task") or {}
         what = f": {task.get('model')} on {task.get('dataset')}" if task.get("model") and task.get("dataset") else ""

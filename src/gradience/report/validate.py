@@ -96,9 +96,19 @@ SERIES = Shape({"checkpoints": OBJ_LIST, "suggestion": OBJ, "notes": LIST},
                 {"checkpoints": Shape({"eval": OBJ, "audit": OBJ}, required=("checkpoint",))},
                 required=("checkpoints",))
 
+_MERGE_ROW = Shape({"ranks_before": LIST, "interference": OBJ, "kept_fraction": LIST, "subspace": OBJ},
+                   {"interference": Shape({"pairs": OBJ_LIST})}, required=("name",))
+MERGE = Shape({"inputs": OBJ_LIST, "method_options": OBJ, "policy": OBJ, "output": OBJ, "config": OBJ,
+               "summary": OBJ, "partial_modules": LIST, "modules": OBJ_LIST, "portability": OBJ_MAP,
+               "issues": _ISSUES},
+              {"modules": _MERGE_ROW, "issues": _ISSUE, "config": Shape({"rank_pattern": OBJ}),
+               "policy": Shape({"allowed_ranks": LIST}),
+               "summary": Shape({"ranks_after": LIST, "most_interfering": LIST})},
+              required=("method", "modules"))
+
 #: document kind -> its shape
 SHAPES: dict[str, Shape] = {"audit": AUDIT, "audit.multi": AUDIT_MULTI, "compare": COMPARE, "bench": BENCH,
-                            "series": SERIES}
+                            "series": SERIES, "merge": MERGE}
 
 
 def check_document(kind: str, doc: Any, path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from gradience.report.views.adapter import adapter_heatmaps, adapter_view
 from gradience.report.views.base import MAX_ISSUES_SHOWN, ChartIds, UdrGroup, View
 from gradience.report.views.bench import bench_view
 from gradience.report.views.compare import compare_view
+from gradience.report.views.merge import merge_view
 from gradience.report.views.run import run_view
 from gradience.report.views.series import series_view
 from gradience.report.views.sidebar import udr_sidebar
@@ -24,7 +25,8 @@ DOCUMENT_VIEWS: dict[str, Callable[[dict[str, Any], ChartIds], View]] = {
     "compare": compare_view,
     "bench": bench_view,
     "series": series_view,
+    "merge": merge_view,
 }
 
 __all__ = ["DOCUMENT_VIEWS", "MAX_ISSUES_SHOWN", "ChartIds", "UdrGroup", "View", "adapter_heatmaps",
-           "adapter_view", "bench_view", "compare_view", "run_view", "udr_sidebar"]
+           "adapter_view", "bench_view", "compare_view", "merge_view", "run_view", "udr_sidebar"]
