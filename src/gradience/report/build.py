@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 from gradience.errors import GradienceError, InputError
-from gradience.monitor.external import is_external_log
 from gradience.report.curves import RunCurves
 from gradience.report.validate import check_document
 from gradience.report.views import DOCUMENT_VIEWS, ChartIds, View, adapter_view, run_view
@@ -127,6 +126,7 @@ def _run_base(d: Path) -> Path | None:
 def plan(path: str | os.PathLike[str], base_model: str | None = None) -> _Plan:
     """Decide what PATH is and what to read (InputError naming the path when it is none of the inputs)."""
     from gradience.adapter.discovery import holds_adapter
+    from gradience.monitor.external import is_external_log
 
     p = Path(path)
     try:
