@@ -26,6 +26,7 @@ import math
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
@@ -157,12 +158,16 @@ def prepare(st: Stack, name: str, slabs: Slabs, method: str, *, density: float, 
         numel = slabs.d_out * slabs.d_in
         keep = int(density * numel)
         if keep > 0:
-            thresholds = [order_statistic(lambda span, x=x: slabs.update(st, x, span), slabs.spans,
-                                          numel - keep) for x in range(len(st.blocks))]
+            thresholds = [order_statistic(partial(_update_of, st, slabs, x), slabs.spans, numel - keep)
+                          for x in range(len(st.blocks))]
         else:
             thresholds = [math.inf] * len(st.blocks)
     keys = [dare_key(seed, i, name) for i in st.inputs] if method == "dare" else []
     return Elementwise(method, density, drop, keys, thresholds)
+
+
+def _update_of(st: Stack, slabs: Slabs, x: int, span: slice) -> np.ndarray:
+    return slabs.update(st, x, span)
 
 
 @dataclass
