@@ -20,12 +20,14 @@ def add_parser(sub: Any) -> None:
                     "curves of a run, per-layer heatmaps, spectra, rank suggestions and the UDR distribution "
                     "of an adapter, or a comparison of two adapters. PATH: a run directory (run.jsonl and/or "
                     "trainer_state.json, adapter below it), a run.jsonl, an adapter directory, an audit JSON, "
-                    "a compare JSON, or a bench output directory / bench.json.",
+                    "a compare JSON, a bench output directory / bench.json, or a merge output directory / "
+                    "merge.json.",
         epilog="examples:\n"
                "  gradience report gradience_demo                  # the demo run: story, curves, adapter, UDR\n"
                "  gradience report out/adapter --base-model ./base -o adapter.html\n"
                "  gradience compare A B --json > cmp.json && gradience report cmp.json\n"
-               "  gradience report runs/bench                      # a bench: arms, verdicts, UDR per arm",
+               "  gradience report runs/bench                      # a bench: arms, verdicts, UDR per arm\n"
+               "  gradience report merged                          # a merge: interference, energy, ranks",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("path", metavar="PATH",
                    help="run directory, run.jsonl, adapter directory, audit/compare/bench JSON, bench directory")
