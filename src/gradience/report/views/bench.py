@@ -39,11 +39,15 @@ def bench_view(doc: dict[str, Any], ids: ChartIds) -> View:
     verdict = str(doc.get("verdict") or "-")
     cards = [
         _fact("Verdict", verdict, "screening (one seed)" if doc.get("screening") else f"{len(seeds)} seeds",
-              "good" if verdict == "PASS" else "bad"),
+              {"PASS": "good", "FAIL": "bad", "INCONCLUSIVE": "warn"}.get(verdict, "")),
         _fact("Smallest passing arm", str(rec) if rec else "none"),
         _fact("Probe", f"r={probe.get('r', '-')}", f"{human_count(probe.get('params'))} LoRA params"),
-        _fact("Noise floor (probe sd)", num(noise.get("sd"), ".4f"), str(noise.get("note") or "")),
+        _fact("Noise floor (probe sd)", num(noise.get("sd"), ".4f"), str(noise.get("note") or ""),
+              "warn" if noise.get("exceeds_tolerance") else ""),
     ]
+    if "point_estimate_verdict" in policy:  # issue 18: the interval is the headline, the point rule kept beside it
+        cards.append(_fact("Point-estimate rule", str(policy["point_estimate_verdict"]),
+                           "the reference tool's rule (Δ ≥ −tolerance); not the headline"))
     rows, seed_rows, points = [], [], []
     for arm in arms:
         agg = arm.get("aggregate") or {}
@@ -51,7 +55,10 @@ def bench_view(doc: dict[str, Any], ids: ChartIds) -> View:
         skipped = [s.get("skipped") for s in arm.get("per_seed") or [] if isinstance(s, dict) and s.get("skipped")]
         rows.append({"name": str(arm.get("name")), "kind": str(arm.get("kind") or "-"), "rank": _bench_rank(arm),
                      "params": human_count(arm.get("params")), "ratio": pct(arm.get("params_ratio")),
-                     "mean": num(agg.get("mean_delta"), "+.4f"), "sd": num(agg.get("sd_delta"), ".4f"),
+                     "mean": num(agg.get("mean_delta"), "+.4f") + (
+                         f" [{num(agg['ci95'][0], '+.4f')}, {num(agg['ci95'][1], '+.4f')}]"
+                         if isinstance(agg.get("ci95"), list) and len(agg["ci95"]) == 2 else ""),
+                     "sd": num(agg.get("sd_delta"), ".4f"),
                      "worst": num(agg.get("worst_delta"), "+.4f"), "pass_rate": pct(agg.get("pass_rate")),
                      "verdict": str(agg.get("verdict") or "-"),
                      "note": str(label or (f"skipped: {skipped[0]}" if skipped else ""))})
@@ -59,15 +66,17 @@ def bench_view(doc: dict[str, Any], ids: ChartIds) -> View:
             if not isinstance(s, dict):
                 continue
             ci = s.get("ci95") if isinstance(s.get("ci95"), list) and len(s.get("ci95") or []) == 2 else None
-            seed_rows.append({"seed": str(s.get("seed")), "arm": str(arm.get("name")), "metric": num(s.get("metric"), ".4f"),
+            seed_rows.append({"seed": "-" if s.get("seed") is None else str(s.get("seed")), "arm": str(arm.get("name")), "metric": num(s.get("metric"), ".4f"),
                               "delta": num(s.get("delta"), "+.4f"),
                               "ci": f"[{num(ci[0], '+.4f')}, {num(ci[1], '+.4f')}]" if ci else "-",
-                              "verdict": str(s.get("verdict") or "-")})
+                              "verdict": str(s.get("verdict") or "-") + (
+                                  f" (~{s['n_eval_items_needed']} items to decide)"
+                                  if s.get("n_eval_items_needed") is not None else "")})
         ratio, mean = finite(arm.get("params_ratio")), finite(agg.get("mean_delta"))
         if ratio is not None and mean is not None:
             verdict_arm = agg.get("verdict")
             points.append(arm_chart.ArmPoint(str(arm.get("name")), ratio, mean, finite(agg.get("sd_delta")),
-                                          None if verdict_arm is None else verdict_arm == "PASS",
+                                          None if verdict_arm not in ("PASS", "FAIL") else verdict_arm == "PASS",
                                           control=bool(label)))
     chart_svg = arm_chart.params_metric_chart(ids.next(), points, tolerance, higher, metric, len(seeds))
     udr_doc = doc.get("udr") if isinstance(doc.get("udr"), dict) else None
@@ -90,7 +99,11 @@ def bench_view(doc: dict[str, Any], ids: ChartIds) -> View:
         "meta": [("Model", str(task.get("model") or "-")), ("Dataset", str(task.get("dataset") or "-")),
                  ("Metric", f"{metric} ({'higher' if higher else 'lower'} is better) on "
                             f"{task.get('n_eval_items', '-')} items, the same for every arm"),
-                 ("Policy", f"PASS when Δ ≥ −{tolerance:g}" if higher else f"PASS when Δ ≤ +{tolerance:g}"),
+                 ("Policy", (f"PASS when the 95% interval of Δ lies above −{tolerance:g}, FAIL when below, else "
+                             "INCONCLUSIVE" if higher else f"PASS when the 95% interval of Δ lies below +{tolerance:g},"
+                             " FAIL when above, else INCONCLUSIVE") if "point_estimate_verdict" in policy else
+                  (f"PASS when Δ ≥ −{tolerance:g}" if higher else f"PASS when Δ ≤ +{tolerance:g}")),
+                 *[("Warning", str(w)) for w in doc.get("warnings") or [] if isinstance(w, str)],
                  ("Seeds", ", ".join(seeds) or "-")],
         "screening": bool(doc.get("screening")), "udr_seed": first,
     }
