@@ -349,3 +349,10 @@ def test_hostile_exports_are_one_line_errors(case: str, tmp_path: Path, capsys: 
     assert main(["monitor", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("gradience monitor: error: ") and "internal error" not in err[0]
+
+
+def test_follow_names_the_log_kind(tb_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--follow is for an appended run.jsonl; another tool's log is refused in one line naming its kind."""
+    assert main(["monitor", str(tb_file), "--follow"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "this is a tensorboard log" in err[0]

@@ -39,9 +39,12 @@ class FollowedRun:
                  task_profile: str | None = None, dataset: str | None = None) -> None:
         p = Path(path)
         source = resolve_run_path(p) if p.exists() else RunSource("telemetry", p)
-        if source.kind != "telemetry":
+        if source.kind == "trainer_state":
             raise InputError("--follow needs a telemetry log (.jsonl): a trainer_state.json is rewritten whole, "
                              "not appended; run `gradience monitor` on it instead", source.path)
+        if source.kind != "telemetry":  # TensorBoard, W&B, LLaMA-Factory: read whole, not followed (yet)
+            raise InputError(f"--follow needs a telemetry log (.jsonl); this is a {source.kind} log: run "
+                             "`gradience monitor` on it without --follow", source.path)
         self.source = source
         self.path = source.path
         self.run_id = run_id
