@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -138,3 +139,49 @@ def test_noise_floor_above_the_tolerance_is_flagged() -> None:
     assert nf["sd"] == pytest.approx(0.0202) and nf["exceeds_tolerance"] is True
     assert noise_floor([0.80, 0.81, 0.82], tolerance=0.02)["exceeds_tolerance"] is False
     assert noise_floor([0.8], tolerance=0.02)["exceeds_tolerance"] is None
+
+
+def _arm_result(name: str, seed: int, items: np.ndarray) -> Any:
+    from gradience.bench.results import ArmResult
+
+    return ArmResult(name=name, seed=seed, metric=float(items.mean()), per_item=items.tolist(), params=100,
+                     seconds=0.0, summary={}, adapter_dir="x")
+
+
+def test_assembled_bench_uses_the_hierarchical_interval_and_warns_on_the_noise_floor() -> None:
+    from dataclasses import replace
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from gradience.bench.arms import ArmPlan
+    from gradience.bench.assemble import assemble
+    from gradience.bench.config import load_bench_config
+    from gradience.bench.render import render_text
+
+    toy = Path(__file__).resolve().parents[1] / "examples" / "bench" / "toy.yaml"
+    cfg = replace(load_bench_config(str(toy)), arms=("truncate_median",))  # tol 0.02
+    rng = np.random.default_rng(5)
+    seeds = (1, 2, 3)
+    probes, arm = {}, {}
+    for seed, acc in zip(seeds, (0.80, 0.84, 0.88), strict=True):  # probe sd 0.04 > tol
+        p = (rng.random(200) < acc).astype(float)
+        a = p.copy()
+        a[:4] = 1 - a[:4]
+        probes[seed] = _arm_result("probe", seed, p)
+        plan = ArmPlan("truncate_median", "truncate", r=4)
+        arm[seed] = (plan, _arm_result("truncate_median", seed, a))
+    task = SimpleNamespace(kind="classification", model_name="m", dataset_name="d")
+    bench = assemble(cfg, task, seeds, probes, {"truncate_median": arm}, 0.0)  # type: ignore[arg-type]
+    agg = bench["arms"][0]["aggregate"]
+    pairs = [(probes[s].per_item, arm[s][1].per_item) for s in seeds]
+    assert agg["ci95"] == list(hierarchical_bootstrap_ci(pairs, "accuracy", samples=cfg.bootstrap_samples))
+    assert agg["verdict"] == interval_verdict(*agg["ci95"], 0.02)
+    for s in bench["arms"][0]["per_seed"]:
+        assert s["verdict"] == interval_verdict(*s["ci95"], 0.02)
+        assert s["point_estimate_verdict"] == ("PASS" if s["delta"] >= -0.02 - 1e-9 else "FAIL")
+    assert bench["noise_floor"]["exceeds_tolerance"] is True
+    assert bench["warnings"] and "noise floor above the tolerance" in bench["warnings"][0]
+    text = render_text(bench)
+    verdict_at = text.index("Verdict:")
+    assert text.index("warning: noise floor above the tolerance") > verdict_at
+    assert "point-estimate rule says" in text
