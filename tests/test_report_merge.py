@@ -180,6 +180,25 @@ def test_malformed_merge_json_is_one_line_exit_2(merged: dict[str, Any], tmp_pat
     assert rc == 2 and needle in err, err
 
 
+def test_odd_values_print_as_dashes(merged: dict[str, Any], tmp_path: Path) -> None:
+    """Numbers that are strings, NaN, null; a policy name with format braces; markup in names: page, no error."""
+    doc = json.loads((merged["ties"] / "merge.json").read_text())
+    doc["policy"] = {"name": "{0}{x}", "value": "<b>"}
+    doc["method"] = 7
+    doc["inputs"][0].update(weight="heavy", sha256=None, path="<script>x</script>")
+    doc["summary"].update(energy_retained_min=float("nan"), conflict_max="high", ranks_after=None)
+    row = doc["modules"][0]
+    row.update(energy_retained="1", r_after=None, ranks_before=[None, "x"], name="<img src=x>.layers.0.q_proj")
+    row["interference"].update(conflict_max=float("inf"), cos_min=True)
+    bad = tmp_path / "merge.json"
+    bad.write_text(json.dumps(doc))
+    page = _report(bad, tmp_path / "odd.html")
+    assert "<script>x" not in page and "<img src=x>" not in page and "&lt;script&gt;" in page
+    maps = heatmaps(page)
+    assert _cells(maps["interference (conflict)"])["<img src=x>.layers.0.q_proj"][0].startswith("url(")
+    assert "{0}{x}" in page and "min -" in page
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("width", [1400, 800])
 def test_merge_page_in_chromium(merged: dict[str, Any], tmp_path: Path, width: int) -> None:

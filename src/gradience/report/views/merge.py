@@ -58,7 +58,7 @@ def _policy_text(policy: Any) -> str:
 
     try:
         return policy_line(policy)
-    except (KeyError, TypeError, ValueError):  # a hand-edited policy block: show its name
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError):  # hand-edited: show its name
         return str(policy.get("name") or "-")
 
 
