@@ -180,6 +180,13 @@ def test_malformed_merge_json_is_one_line_exit_2(merged: dict[str, Any], tmp_pat
     assert rc == 2 and needle in err, err
 
 
+@pytest.mark.parametrize("content", ['{"log_history": []}', '{"schema": "gradience.audit/v1", "layers": []}', "[]"])
+def test_a_directory_whose_merge_json_is_something_else(tmp_path: Path, content: str) -> None:
+    (tmp_path / "merge.json").write_text(content)
+    rc, _, err = _cli("report", str(tmp_path), "-o", str(tmp_path / "x.html"))
+    assert rc == 2 and err.count("\n") == 1 and "merge.json" in err and "Traceback" not in err, err
+
+
 def test_odd_values_print_as_dashes(merged: dict[str, Any], tmp_path: Path) -> None:
     """Numbers that are strings, NaN, null; a policy name with format braces; markup in names: page, no error."""
     doc = json.loads((merged["ties"] / "merge.json").read_text())

@@ -150,7 +150,10 @@ def plan(path: str | os.PathLike[str], base_model: str | None = None) -> _Plan:
         if (p / "bench.json").is_file():
             return _Plan("bench", p, document=_bench_document(p / "bench.json"))
         if (p / "merge.json").is_file():  # a merge output: the merge view (its adapter: OUT/adapter_config.json)
-            return _Plan("merge", p, document=plan(p / "merge.json").document)
+            inner = plan(p / "merge.json")
+            if inner.kind != "merge":
+                raise InputError("not a gradience.merge JSON", p / "merge.json")
+            return _Plan("merge", p, document=inner.document)
         if holds_adapter(p) or (p / "adapter_config.json").is_file():
             return _Plan("adapter", p, adapter=p, base_model=base_model)
         adapter, note = _adapter_in_run_dir(p)
