@@ -76,7 +76,7 @@ def _number(value: Any) -> float | None:
         return None
 
 
-@dataclass
+@dataclass(slots=True)
 class EventBuilder:
     """Scalars in log order -> events. Values logged at one step form one log call (the Trainer writes a
     call's scalars together), so a group is closed when the step changes or ``flush`` is called (W&B: one
