@@ -222,3 +222,13 @@ def test_bulk_intruder_of_a_wide_weight_is_certified_by_lanczos_not_a_dense_svd(
     found, _ = layer_intruders(top, lambda p: partial_base(w, p), min(w.shape), 10, 0.5, w_op=LowRankPlus(w))
     assert expected == [0] and found.indices == expected and found.decided_by == "lanczos"
     assert found.cos_upper[0] < 0.5 and found.cos_upper[0] >= cos[0] - 1e-6
+
+
+def test_light_core_intruders_import_no_torch() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, gradience.intruders, gradience.intruders.mitigate, gradience.intruders.lanczos; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr

@@ -70,6 +70,11 @@ def test_counts_per_layer_match_peft(case: dict[str, Any]) -> None:
     assert {r["name"]: r["intruder_count"] for r in again["layers"]} == ours
     assert again["intruder_stats"]["cache_hits"] >= len(ours)
     assert again["intruder_stats"]["base_spectra_computed"] == 0
+    # The numpy path (no torch involved) gives the same counts.
+    plain = json.loads(_cli("audit", case["adapter"], "--base-model", case["base"], "--intruders", "--json",
+                            "--device", "numpy", "--intruder-cache", case["root"] / "cache_np").stdout)
+    assert plain["intruder_stats"]["device"] == "numpy"
+    assert {r["name"]: r["intruder_count"] for r in plain["layers"]} == ours
 
 
 def test_scale_intruders_matches_peft_reduce_intruder_dimension(case: dict[str, Any]) -> None:
