@@ -434,8 +434,9 @@ class GradienceCallback(TrainerCallback):
 
         self.rollback_guard = None
         trainer = self.trainer
-        if getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False):
-            self._warn_once("guard", "guard disabled: DeepSpeed/FSDP shard the trainable state across processes")
+        if getattr(trainer, "is_deepspeed_enabled", False):  # FSDP is supported: each rank guards its shards
+            self._warn_once("guard", "guard disabled: DeepSpeed partitions the optimizer state inside its engine, "
+                                     "out of the guard's reach (FSDP and DDP are supported)")
             return
         optimizer = kwargs.get("optimizer") or getattr(trainer, "optimizer", None)
         if optimizer is None:
