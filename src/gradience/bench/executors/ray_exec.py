@@ -96,6 +96,8 @@ class RayBenchRunner(BenchRunner):
         self.gpus_per_arm = gpus_per_arm
         self.max_parallel = max_parallel
         self.connect_seconds: float | None = None
+        # (seed, name, seconds from submit to result on the driver, the arm's own seconds): scheduling overhead
+        self.task_timings: list[tuple[int, str, float, float]] = []
 
     def _connect(self) -> Any:
         ray = require_ray()
@@ -140,6 +142,7 @@ class RayBenchRunner(BenchRunner):
         cfg_state = self.cfg.to_state()
         limit = self.max_parallel or 1_000_000
         pending: dict[Any, _Job] = {}
+        submitted: dict[Any, float] = {}
 
         def probe_done(seed: int, probe: ArmResult, audit: dict[str, Any]) -> None:
             probes[seed] = probe
@@ -225,9 +228,12 @@ class RayBenchRunner(BenchRunner):
                     ref = remote.remote(cfg_state, str(self.out), self.threads, job.seed, job.kind, job.plan,
                                         states[job.seed].probe, targets)
                     pending[ref] = job
+                    submitted[ref] = time.perf_counter()
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 job = pending.pop(ready[0])
                 answer = self._get(ray, ready[0], job)
+                self.task_timings.append((job.seed, "probe" if job.plan is None else job.plan.name,
+                                          time.perf_counter() - submitted.pop(ready[0]), answer["result"].seconds))
                 if job.kind == "probe":
                     result = answer["result"]
                     self._done("train", result.seconds)
