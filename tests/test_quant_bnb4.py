@@ -171,3 +171,16 @@ def test_forged_states_are_one_line_errors(tmp_path: Path, doc: dict, packed: in
         find_bnb4_tensors(sf)
     text = str(err.value)
     assert needle in text and "\n" not in text and "w.weight" in text
+
+
+def test_forged_4bit_base_is_an_unreadable_shard_for_udr(tmp_path: Path) -> None:
+    """UDR against a base whose 4-bit state lies about its shape: the shard is reported unusable, no crash."""
+    from gradience.udr import UdrInput, measure_udr
+
+    base = tmp_path / "base"
+    base.mkdir()
+    _forge(base, {"quant_type": "nf4", "blocksize": 64, "shape": [4096, 4096], "dtype": "bfloat16"}, 32, 1)
+    (base / "config.json").write_text("{}")
+    report = measure_udr([UdrInput("w", 1.0, 1.0, 8, 8)], str(base), use_cache=False)
+    codes = [i.code for i in report.issues]
+    assert "base_shard_unreadable" in codes and report.per_layer["w"]["udr"] is None
