@@ -98,6 +98,26 @@ def test_toy_smoke_bench_writes_every_output(toy_smoke: tuple[Path, dict]) -> No
 
 
 @pytest.mark.slow
+def test_peft_dir_on_a_bench_arm_reproduces_its_delta_and_interval(toy_smoke: tuple[Path, dict], tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """`bench --peft-dir ARM --against PROBE` on the bench's own adapters (base OUT/base found beside them): the
+    same eval items, so the same Δ, interval and verdict as the training bench computed for that arm."""
+    out, bench = toy_smoke
+    arm = next(a for a in bench["arms"] if a["name"] == "retrain_p90")
+    s = arm["per_seed"][0]
+    adapter = out / "seed_42" / (s.get("same_as") or "retrain_p90") / "adapter"
+    code = main(["bench", "--config", str(TOY), "--smoke", "--peft-dir", str(adapter), "--against",
+                 str(out / "seed_42" / "probe" / "adapter"), "--output-dir", str(tmp_path / "eval"), "--json"])
+    doc = json.loads(capsys.readouterr().out)
+    assert code == 0 and doc["mode"] == "peft_dir" and doc["evaluation"]["base"] == str(out / "base")
+    (mine,) = doc["arms"][0]["per_seed"]
+    assert mine["delta"] == pytest.approx(s["delta"], abs=1e-12)
+    assert mine["ci95"] == pytest.approx(s["ci95"], abs=1e-12) and mine["verdict"] == s["verdict"]
+    assert doc["probe"]["per_seed"][0]["metric"] == pytest.approx(bench["probe"]["per_seed"][0]["metric"])
+    assert doc["arms"][0]["params"] == arm["params"] and doc["probe"]["params"] == bench["probe"]["params"]
+
+
+@pytest.mark.slow
 def test_resume_skips_finished_arms_and_ci_exit_code(toy_smoke: tuple[Path, dict],
                                                       capsys: pytest.CaptureFixture[str]) -> None:
     out, bench = toy_smoke
