@@ -104,6 +104,11 @@ def test_never_adapted_expert_and_coverage(tmp_path: Path) -> None:
     shares = [r["energy_share"] for r in summary["layers"] if r["name"].startswith(down["parameter"] + "[")]
     assert sum(shares) == pytest.approx(1.0) and shares[2] == 0.0
     assert summary["experts"]["n_expert_rows"] == 16 and summary["experts"]["n_adapted"] == 15
+    from gradience.audit.render import render_text
+
+    text = render_text(summary, top_wasteful=5)
+    assert "Experts: 15 of 16 expert updates adapted" in text
+    assert "layer 1: down_proj 3/4, gate_up_proj 4/4 experts adapted" in text
 
 
 def _forged(tmp_path: Path, a_shape: list[int], b_shape: list[int], r: int = 2) -> Path:

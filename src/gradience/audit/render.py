@@ -159,6 +159,19 @@ def render_text(summary: Mapping[str, Any], *, top_wasteful: int, show_layers: b
                   f"({pct(s['intruder_layer_share'])}); intruders: {s['intruder_count_total']}; "
                   f"energy Σσ²: {num(s['intruder_energy_total'], '.4g')}"]
 
+    if s.get("experts"):  # MoE expert LoRA (issue 21): one coverage line per layer
+        from gradience.audit.experts import coverage_lines
+
+        ex = s["experts"]
+        lines += ["", f"Experts: {ex['n_adapted']} of {ex['n_expert_rows']} expert updates adapted "
+                      f"({pct(ex['coverage'])})"]
+        lines += [f"  {safe_text(line)}" for line in coverage_lines(ex)[:TOP_UDR_TEXT * 5]]
+    if s.get("qlora") and s["qlora"].get("n_layers"):  # audit --qlora (issue 21)
+        q = s["qlora"]
+        lines += ["", f"QLoRA merge residual ‖W16 − deq(Q(W16))‖ / ‖s·B·A‖ ({q['quant_type']}): median "
+                      f"{num(q['ratio_median'], '.3g')}  max {num(q['ratio_max'], '.3g')}  -> merge into: "
+                      f"{q['merge_into']}"]
+
     g = s["global_rank_suggestions"]
     lines += ["", "Suggested rank:",
               _suggestion_line("median (p50 of k@90%)", g["median"], g["params_current"]),
