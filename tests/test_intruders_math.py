@@ -232,3 +232,11 @@ def test_light_core_intruders_import_no_torch() -> None:
             "assert 'torch' not in sys.modules, 'torch imported'")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_zero_singular_directions_are_never_intruders() -> None:
+    rng = np.random.default_rng(8)
+    w = (rng.standard_normal((12, 2)) @ rng.standard_normal((2, 7))).astype(np.float32)
+    found = _detect(w, np.zeros((12, 1)), np.zeros((1, 7)), 1.0, k=7)
+    assert found.indices == [] and found.decided_by == "dense"
+    assert all(s < 1e-4 * found.sigma[0] for s in found.sigma[2:])

@@ -22,7 +22,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gradience.intruders.solver import Operator, TopK, dense_left_singular, top_singular
-from gradience.policy.thresholds import INTRUDER_BASE_P0, INTRUDER_DECIDE_MARGIN, INTRUDER_DENSE_FRACTION
+from gradience.policy.thresholds import (
+    INTRUDER_BASE_P0,
+    INTRUDER_DECIDE_MARGIN,
+    INTRUDER_DENSE_FRACTION,
+    INTRUDER_RESIDUAL_RTOL,
+)
 
 
 @dataclass(frozen=True)
@@ -101,7 +106,6 @@ def partial_base(w: np.ndarray, p: int, device: str | None = None) -> BaseSpectr
 
 
 def _converged_prefix(top: TopK) -> np.ndarray:
-    from gradience.policy.thresholds import INTRUDER_RESIDUAL_RTOL
 
     ok = top.residual <= INTRUDER_RESIDUAL_RTOL * max(float(top.sigma[0]), np.finfo(float).tiny)
     bad = np.flatnonzero(~ok)
@@ -146,7 +150,9 @@ def layer_intruders(merged: TopK, base_for: BaseProvider, full: int, k: int, eps
         extended = True
         p = max(p * 4, base.u.shape[1] * 4)
         base = base_for(p if p < INTRUDER_DENSE_FRACTION * full else full)
-    idx = [int(i) for i in np.flatnonzero(intr)]
+    # A singular value at the solver's noise level (W + ΔW of rank < k) has an arbitrary vector: never an intruder.
+    live = merged.sigma[:k] > INTRUDER_RESIDUAL_RTOL * (float(merged.sigma[0]) if k else 0.0)
+    idx = [int(i) for i in np.flatnonzero(intr & live)]
     out = LayerIntruders(
         k=k, eps=eps, indices=idx, sigma=[float(x) for x in merged.sigma[:k]],
         cos=[float(x) for x in best], cos_upper=[float(x) for x in upper],
