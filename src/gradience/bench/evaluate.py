@@ -106,15 +106,26 @@ def evaluate_adapters(cfg: BenchConfig, output_dir: str | os.PathLike[str], peft
         f"(no training); base: {base or cfg.model}")
     with _quiet_hf():
         task = prepare_task(cfg, out, base=base)
-        ref_model = (load_adapter_model(task, os.path.expanduser(against), cfg.device) if against
+        ref_model = (_applied(task, against, cfg.device, load_adapter_model) if against
                      else load_base_model(task, cfg.device))
         ref_items = evaluate_per_item(ref_model, task, cfg, cfg.device)
         del ref_model
-        items = evaluate_per_item(load_adapter_model(task, os.path.expanduser(peft_dir), cfg.device), task, cfg,
-                                  cfg.device)
+        items = evaluate_per_item(_applied(task, peft_dir, cfg.device, load_adapter_model), task, cfg, cfg.device)
     bench = assemble_eval(cfg, task, adapter, reference, base, ref_items, items, time.perf_counter() - started)
     _write(out, bench, ref_items, items, say)
     return bench
+
+
+def _applied(task: Any, adapter_dir: str, device: str, load: Callable[..., Any]) -> Any:
+    """The base with the adapter applied; an adapter made for another base or task is one clear line."""
+    try:
+        return load(task, os.path.expanduser(adapter_dir), device)
+    except GradienceError:
+        raise
+    except Exception as exc:  # PEFT: size mismatch, missing target modules, another task type
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        raise InputError(f"cannot apply this adapter to the base {task.base_dir} on the config's task "
+                         f"({task.kind}): {type(exc).__name__}: {first}", path=adapter_dir) from None
 
 
 def assemble_eval(cfg: BenchConfig, task: Any, adapter: tuple[str, int, int | None, float | None],
