@@ -106,7 +106,7 @@ def partial_base(w: np.ndarray, p: int, device: str | None = None) -> BaseSpectr
 
 
 def _converged_prefix(top: TopK) -> np.ndarray:
-
+    """The leading Ritz vectors that met the residual stop (an unconverged run keeps only those)."""
     ok = top.residual <= INTRUDER_RESIDUAL_RTOL * max(float(top.sigma[0]), np.finfo(float).tiny)
     bad = np.flatnonzero(~ok)
     keep = np.zeros_like(ok)
