@@ -430,7 +430,7 @@ class GradienceCallback(TrainerCallback):
             return None
 
     def _guard_begin(self, args: Any, state: Any, kwargs: Mapping[str, Any]) -> None:
-        from gradience.integrations.guard import GuardRuntime
+        from gradience.integrations.guard_runtime import GuardRuntime
 
         self.rollback_guard = None
         trainer = self.trainer
