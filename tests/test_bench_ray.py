@@ -75,6 +75,15 @@ def test_bad_ray_numbers_are_one_line(capsys: pytest.CaptureFixture[str], tmp_pa
         assert rc == 2 and len(err) == 1 and err[0].startswith("gradience bench: error:"), (flags, err)
 
 
+def test_missing_ray_is_one_line_naming_the_extra(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # what an install without the [ray] extra sees
+    rc = main(["bench", "--config", str(TOY), "--smoke", "--output-dir", str(tmp_path / "o"), "--executor", "ray"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "gradience[ray]" in err[0], err
+    assert not (tmp_path / "o").exists()
+
+
 def test_threads_setting_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     from gradience.bench.executors import THREADS_ENV, arm_threads
     from gradience.errors import InputError

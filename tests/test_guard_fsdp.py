@@ -40,3 +40,39 @@ def test_fsdp_ranks_roll_back_their_shards_together(tmp_path: Path) -> None:
     # The guard's grad norm over shards is FSDP's own total norm (not the DDP mean of per-rank norms).
     for r in ranks:
         assert r["norms"]["guard"] == pytest.approx(r["norms"]["fsdp"], rel=1e-5)
+
+
+def _callback_on(trainer: object) -> object:
+    from types import SimpleNamespace
+
+    from gradience.integrations.hf import GradienceCallback, GradienceCallbackConfig
+
+    cb = GradienceCallback(GradienceCallbackConfig(guard=True, audit_on_train_end=False))
+    cb.trainer = trainer
+    cb._guard_begin(SimpleNamespace(), SimpleNamespace(global_step=0), {})
+    return cb
+
+
+def test_deepspeed_stays_refused_fsdp_is_guarded() -> None:
+    import warnings
+    from types import SimpleNamespace
+
+    import torch
+
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([p], lr=1e-3)
+    base = {"optimizer": opt, "lr_scheduler": None, "_tr_loss": torch.zeros(()), "accelerator": None,
+            "args": SimpleNamespace(logging_nan_inf_filter=False)}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cb = _callback_on(SimpleNamespace(is_deepspeed_enabled=True, **base))
+    assert cb.rollback_guard is None  # type: ignore[attr-defined]
+    msgs = [str(w.message) for w in caught if "guard disabled" in str(w.message)]
+    assert len(msgs) == 1 and "DeepSpeed" in msgs[0] and "\n" not in msgs[0]
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cb = _callback_on(SimpleNamespace(is_fsdp_enabled=True, **base))
+    runtime = cb.rollback_guard  # type: ignore[attr-defined]
+    assert runtime is not None and runtime.sharded and runtime.describe()["sharded"] is True
+    assert not [w for w in caught if "guard disabled" in str(w.message)]
