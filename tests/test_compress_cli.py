@@ -170,3 +170,14 @@ def test_compress_does_not_import_torch(adapter: Path, tmp_path: Path) -> None:
     env = dict(os.environ)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_next_lines_name_the_bench_command_that_verifies_this_output(adapter: Path, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """The verify advice names `gradience bench --peft-dir OUT --against IN` with the user's own paths
+    (issue 18 item 3); the bench side of that command is run as printed in test_bench_peft_dir."""
+    out = tmp_path / "small out"
+    assert main(["compress", str(adapter), "--out", str(out), "--rank", "2"]) == 0
+    text = capsys.readouterr().out
+    expected = f"gradience bench --config BENCH.yaml --peft-dir '{out}' --against {adapter}"
+    assert expected in text, text

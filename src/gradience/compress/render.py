@@ -94,8 +94,12 @@ def render_text(doc: dict[str, Any]) -> str:
         for issue in issues:
             lines.append(f"  [{issue['severity']}] {issue['code']}: {safe_text(issue['message'])}")
     if not out.get("dry_run") and out.get("written"):
-        lines += ["", "Next: gradience audit --peft-dir " + safe_text(out.get("path") or "OUT")
-                  + "  (check the new ranks), then evaluate OUT on your task before shipping it."]
+        from gradience.bench.command import VERIFY_CONFIG, verify_command
+
+        written = out.get("path") or "OUT"
+        lines += ["", "Next: gradience audit --peft-dir " + safe_text(written) + "  (check the new ranks)",
+                  f"  then verify it on your task ({VERIFY_CONFIG}: a bench config naming the task and eval data):",
+                  "  " + safe_text(verify_command(written, src.get("path")))]
     lines.append("")
     return "\n".join(lines)
 
