@@ -60,6 +60,17 @@ elif mode == "read":
             for _, _, block in w.row_blocks(name):
                 total += float(block[0, 0])
             w.release(name)
+elif mode == "blocks":
+    from gradience.udr.base import BaseWeights
+    from gradience.udr.resolve import resolve_base
+    from gradience.verify.blocks import TensorBlocks
+    total = 0.0
+    for spec in sys.argv[2:]:
+        w = BaseWeights(resolve_base(spec))
+        for name in w.tensors:
+            tb = TensorBlocks(w, name)
+            for _, _, block in tb.blocks(tb.rows_per_block):
+                total += float(block[0, 0])
 elif mode == "raw":
     buf = bytearray(16 << 20)
     view = memoryview(buf)
@@ -186,9 +197,10 @@ def main() -> int:
     size = sum(f.stat().st_size for f in files)
     _child(["raw", *map(str, files)])                       # warm the page cache
     m = _medians({"idle": ["idle"], "raw": ["raw", *map(str, files)], "read": ["read", str(base), str(merged)],
+                  "blocks": ["blocks", str(base), str(merged)],
                   "verify": ["verify", "verify", "--merged", str(merged), "--base-model", str(base), "--peft-dir",
                              str(adapter), "--json"]}, args.runs)
-    idle, raw, read, verify = m["idle"], m["raw"], m["read"], m["verify"]
+    idle, raw, read, blocks, verify = m["idle"], m["raw"], m["read"], m["blocks"], m["verify"]
     adapter_mib = (adapter / "adapter_model.safetensors").stat().st_size / 2**20
     largest = max(HIDDEN * INTERMEDIATE, 0 if args.no_embed else VOCAB * HIDDEN) * 2 / 2**20   # bf16 bytes
     largest_module = HIDDEN * INTERMEDIATE * 2 / 2**20
@@ -198,10 +210,14 @@ def main() -> int:
           f"verify workers: {os.environ.get('GRADIENCE_VERIFY_WORKERS', 'default')}, {os.cpu_count()} CPUs")
     print(f"  raw read of both files : {raw[0]:7.2f} s wall {raw[1]:7.2f} s CPU")
     print(f"  read both (f32 blocks) : {read[0]:7.2f} s wall {read[1]:7.2f} s CPU   peak RSS {read[2]:6.0f} MiB")
+    print(f"  read both (verify's    : {blocks[0]:7.2f} s wall {blocks[1]:7.2f} s CPU   peak RSS {blocks[2]:6.0f} MiB "
+          "(pread blocks into reused buffers)")
     print(f"  verify --merged        : {verify[0]:7.2f} s wall {verify[1]:7.2f} s CPU   peak RSS {verify[2]:6.0f} MiB "
           f"(interpreter {idle[2]:.0f} MiB, {idle[1]:.2f} s CPU)")
     print(f"  verify / read = {verify[0] / read[0]:.2f}x wall, {verify[1] / read[1]:.2f}x CPU (target <= 2x); "
           f"verify / raw read = {verify[0] / raw[0]:.2f}x wall")
+    print(f"  verify / read with verify's own block reader = {verify[0] / blocks[0]:.2f}x wall, "
+          f"{verify[1] / blocks[1]:.2f}x CPU")
     print(f"  peak RSS beyond interpreter + adapter: {beyond:.0f} MiB = {beyond / (3 * largest):.2f} x (3 x the "
           f"largest weight read, {largest:.0f} MiB bf16); {beyond / (3 * largest_module):.2f} x (3 x the largest "
           f"adapted module, {largest_module:.0f} MiB)")

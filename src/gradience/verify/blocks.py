@@ -67,16 +67,30 @@ class TensorBlocks:
     def path(self) -> Path:
         return self.weights.root / self.info.file
 
-    def blocks(self, rows_per_block: int) -> Iterator[tuple[int, int, np.ndarray]]:
-        """(start, stop, float32 block); the block is valid until the next one is produced."""
+    def blocks(self, rows_per_block: int, out: np.ndarray | None = None) -> Iterator[tuple[int, int, np.ndarray]]:
+        """(start, stop, float32 block); the block is valid until the next one is produced.
+
+        ``out``: a contiguous float32 buffer of at least ``rows_per_block × cols`` elements the blocks are written
+        into (a float32 tensor is read straight into it), so that a caller may overwrite a block in place and
+        keep every buffer of its loop small enough to stay in cache."""
         if not self.pread:
-            yield from self.weights.row_blocks(self.name).blocks(rows_per_block)
+            for a, b, block in self.weights.row_blocks(self.name).blocks(rows_per_block):
+                if out is None:
+                    yield a, b, block
+                else:
+                    target = out[: block.size].reshape(block.shape)
+                    np.copyto(target, block)
+                    yield a, b, target
             return
         np_dtype, itemsize = _STORED[self.info.dtype]
         rows, cols = self.shape
         step = max(1, min(rows_per_block, rows))
-        raw = np.empty(step * cols, np_dtype)
-        out = raw if self.info.dtype == "F32" else np.empty(step * cols, np.float32)
+        if out is not None and (out.dtype != np.float32 or out.size < step * cols or not out.flags.c_contiguous):
+            raise ValueError("out: a contiguous float32 buffer of rows_per_block x cols elements")
+        if out is None:
+            out = np.empty(step * cols, np.float32)
+        out = out.reshape(-1)
+        raw = out[: step * cols] if self.info.dtype == "F32" else np.empty(step * cols, np_dtype)
         fd = self._open()
         try:
             for a in range(0, rows, step):
