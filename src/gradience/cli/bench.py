@@ -28,8 +28,8 @@ examples:
   python -m gradience.bench.run_bench --config F --output D           # the reference tool's command line
   gradience bench --config examples/bench/toy.yaml --peft-dir run/peft_r4 --against run/peft
                                       # your own (compressed) adapter against the original, no training
-  gradience bench --config examples/bench/toy.yaml --seeds 1,2,3 --executor ray --address 127.0.0.1:6379 \
-      --max-parallel 2                # arms side by side on a Ray cluster (README "Scaling out")
+  gradience bench --config examples/bench/toy.yaml --seeds 1,2,3 --executor ray --max-parallel 2
+                                      # arms side by side on a Ray cluster (README "Scaling out")
 """
 
 
