@@ -24,7 +24,7 @@ from gradience.udr.base import BaseWeights
 from gradience.udr.spectral import CHUNK_BYTES
 
 _STORED = {"BF16": ("<u2", 2), "F16": ("<f2", 2), "F32": ("<f4", 4), "F64": ("<f8", 8)}
-COMPARE_CHUNK = 8 * 1024 * 1024
+COMPARE_CHUNK = 1024 * 1024   # two chunk buffers stay in cache while compared (measured: 8 MiB chunks ~20% slower)
 _COUNT_LOCK = threading.Lock()  # verify reads tensors from several threads
 
 
