@@ -9,7 +9,9 @@ produced and written one at a time with gradience's streaming safetensors writer
 
 Prints medians over ``--runs`` fresh processes (wall time, peak RSS from ``getrusage``) of:
 * ``read``: both checkpoints streamed once through the same reader, every tensor converted to float32 in row
-  blocks (what any check of the values must at least do), and ``raw read``: the files' bytes read sequentially;
+  blocks (what any check of the values must at least do), once through the memory-mapped reader the UDR uses and
+  once through verify's own ``pread`` block reader (``gradience.verify.blocks``: the honest baseline, since verify
+  pays exactly this for its reads), and ``raw read``: the files' bytes read sequentially;
 * ``verify``: ``gradience verify --merged ... --json``;
 the ratio verify / read (target ≤ 2×) and the peak RSS beyond the interpreter and the adapter, against three
 times the largest dense weight the verify reads (target ≤ 1×). The page cache is warm in every run (the files
