@@ -11,6 +11,7 @@ import sys
 from typing import Any
 
 from gradience.cli.main import add_common_flags
+from gradience.cli.policy_flags import add_policy_flags, named_policies, number, policy_from_args
 from gradience.textfmt import safe_text
 
 EPILOG = """\
@@ -42,13 +43,6 @@ examples:
 """
 
 
-def _fraction(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
-
-
 def add_parser(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser(
         "compress", help="write a smaller adapter (exact truncated SVD from the factors)",
@@ -60,37 +54,27 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--peft-dir", metavar="IN", help="PEFT adapter directory (adapter_config.json + weights)")
     p.add_argument("--adapter-name", metavar="N", help="which adapter of a multi-adapter directory")
     p.add_argument("--out", metavar="OUT", help="output directory (must not be IN or inside it)")
-    group = p.add_mutually_exclusive_group()
-    group.add_argument("--rank", type=int, metavar="K", help="keep K directions in every layer")
-    group.add_argument("--energy", type=_fraction, metavar="T",
-                       help="smallest k retaining fraction T of sum sigma^2 (PEFT convert_to_lora meaning)")
-    group.add_argument("--sv-fro", type=_fraction, metavar="T",
-                       help="kohya's sv_fro: smallest k with ||dW_k||_F >= T ||dW||_F")
-    group.add_argument("--sv-cumulative", type=_fraction, metavar="T",
-                       help="kohya's sv_cumulative: smallest k with sum of the top-k sigma >= T sum sigma")
-    group.add_argument("--sv-ratio", type=_fraction, metavar="X",
-                       help="kohya's sv_ratio: keep sigma_i >= sigma_1 / X")
-    group.add_argument("--per-layer", action="store_true",
-                       help="the audit's per-layer suggestion (with --margin, rounded to allowed ranks)")
-    group.add_argument("--budget", metavar="P",
-                       help="total LoRA parameters: an integer or a percentage of the input's (e.g. 30%%)")
-    p.add_argument("--margin", type=float, default=1.0, metavar="M",
-                   help="--per-layer: allowed rank >= M x k@90%% (energy rank: directions holding 90%% "
-                        "of the update energy; default 1.0)")
-    p.add_argument("--min-rank", type=int, metavar="K", help="never below K (the layer's r caps it)")
-    p.add_argument("--max-rank", type=int, metavar="K", help="never above K (wins over rounding)")
-    p.add_argument("--allowed-ranks", metavar="LIST",
-                   help="round each k up to one of these ranks (default: exact k; --per-layer: 1,2,4,...,256)")
-    p.add_argument("--uniform", action="store_true",
-                   help="one rank everywhere (the largest per-layer choice; lower-rank modules zero-padded), "
-                        "for engines that ignore rank_pattern (vLLM before 0.33.0; current vLLM reads it)")
+    add_policy_flags(p, unit="layer", help_for={
+        "energy": "smallest k retaining fraction T of sum sigma^2 (PEFT convert_to_lora meaning)",
+        "sv_fro": "kohya's sv_fro: smallest k with ||dW_k||_F >= T ||dW||_F",
+        "sv_cumulative": "kohya's sv_cumulative: smallest k with sum of the top-k sigma >= T sum sigma",
+        "sv_ratio": "kohya's sv_ratio: keep sigma_i >= sigma_1 / X",
+        "per_layer": "the audit's per-layer suggestion (with --margin, rounded to allowed ranks)",
+        "budget": "total LoRA parameters: an integer or a percentage of the input's (e.g. 30%%)",
+        "margin": "--per-layer: allowed rank >= M x k@90%% (energy rank: directions holding 90%% "
+                  "of the update energy; default 1.0)",
+        "min_rank": "never below K (the layer's r caps it)",
+        "max_rank": "never above K (wins over rounding)",
+        "allowed_ranks": "round each k up to one of these ranks (default: exact k; --per-layer: 1,2,4,...,256)",
+        "uniform": "one rank everywhere (the largest per-layer choice; lower-rank modules zero-padded), "
+                   "for engines that ignore rank_pattern (vLLM before 0.33.0; current vLLM reads it)"})
     p.add_argument("--dtype", choices=("keep", "float32", "bfloat16", "float16"), default="keep",
                    help="dtype of the new factors (default: keep each factor's dtype)")
     p.add_argument("--base-model", metavar="ID_OR_DIR",
                    help="base model (local dir or hub id in the local HF cache): UDR before/after and the exact "
                         "merged-weight error of DoRA modules")
     p.add_argument("--base-norms-cache", metavar="F", help="cache file for base-weight norms")
-    p.add_argument("--scale-intruders", type=_fraction, metavar="LAMBDA",
+    p.add_argument("--scale-intruders", type=number, metavar="LAMBDA",
                    help="instead of a rank policy: scale the intruder dimensions of W + dW by LAMBDA (PEFT's "
                         "reduce_intruder_dimension, default there 0.75), same ranks; needs --base-model; writes "
                         "OUT/intruders.json (gradience.intruders.mitigate/v1)")
@@ -104,26 +88,7 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
-def policy_from_args(args: argparse.Namespace) -> Any:
-    """The compress Policy the flags name (merge's CLI reuses it for the same flags)."""
-    from gradience.audit.suggest import parse_allowed_ranks
-    from gradience.compress import Policy
-    from gradience.errors import InputError
-
-    chosen = [(name, getattr(args, name)) for name in ("rank", "energy", "sv_fro", "sv_cumulative", "sv_ratio",
-                                                       "budget") if getattr(args, name) is not None]
-    if args.per_layer:
-        chosen.append(("per_layer", None))
-    if not chosen:
-        raise InputError("no policy given: pass one of --rank K, --energy T, --sv-fro T, --sv-cumulative T, "
-                         "--sv-ratio X, --per-layer, --budget P")
-    name, value = chosen[0]
-    return Policy(name=name, value=value, margin=args.margin, min_rank=args.min_rank, max_rank=args.max_rank,
-                  allowed_ranks=parse_allowed_ranks(args.allowed_ranks) if args.allowed_ranks else None,
-                  uniform=args.uniform)
-
-
-_policy = policy_from_args  # the earlier private name (merge's CLI imported it)
+_policy = policy_from_args  # the earlier private name; policy_from_args lives in cli/policy_flags.py
 
 
 def _engine_versions(items: list[str]) -> dict[str, str]:
@@ -190,11 +155,7 @@ def _scale_intruders(args: argparse.Namespace) -> int:
     from gradience.errors import InputError
     from gradience.intruders.mitigate import mitigate_adapter
 
-    others = [flag for flag, value in (("--rank", args.rank), ("--energy", args.energy), ("--sv-fro", args.sv_fro),
-                                       ("--sv-cumulative", args.sv_cumulative), ("--sv-ratio", args.sv_ratio),
-                                       ("--budget", args.budget)) if value is not None]
-    if args.per_layer:
-        others.append("--per-layer")
+    others = named_policies(args)
     if others:
         raise InputError(f"--scale-intruders keeps every rank: it cannot be combined with {others[0]}")
     if not args.base_model:

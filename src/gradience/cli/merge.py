@@ -11,6 +11,7 @@ import sys
 from typing import Any
 
 from gradience.cli.main import add_common_flags
+from gradience.cli.policy_flags import add_policy_flags, named_policies, number, policy_from_args
 from gradience.textfmt import safe_text
 
 EPILOG = """\
@@ -36,13 +37,6 @@ ranks, retained energy, error vs the exact weighted sum, interference per module
 """
 
 
-def _number(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
-
-
 def add_parser(sub: Any) -> None:
     from gradience.policy.thresholds import MERGE_DARE_DROP_DEFAULT, MERGE_TIES_DENSITY_DEFAULT
 
@@ -57,24 +51,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--weights", metavar="W1,W2,...", help="one weight per adapter (default 1 each)")
     p.add_argument("--method", choices=("cat", "linear", "svd", "ties", "dare"), default="linear",
                    help="how updates are combined (default linear: the exact weighted sum)")
-    group = p.add_mutually_exclusive_group()
-    group.add_argument("--rank", type=int, metavar="K", help="keep K directions in every module")
-    group.add_argument("--energy", type=_number, metavar="T", help="smallest k retaining fraction T of sum sigma^2")
-    group.add_argument("--sv-fro", type=_number, metavar="T", help="smallest k with ||dW_k||_F >= T ||dW||_F")
-    group.add_argument("--sv-cumulative", type=_number, metavar="T",
-                       help="smallest k with sum of the top-k sigma >= T sum sigma")
-    group.add_argument("--sv-ratio", type=_number, metavar="X", help="keep sigma_i >= sigma_1 / X")
-    group.add_argument("--per-layer", action="store_true", help="the audit's per-layer rule on the merged spectrum")
-    group.add_argument("--budget", metavar="P", help="total LoRA parameters: an integer or a percentage of the "
-                                                       "exact sum's (e.g. 30%%)")
-    p.add_argument("--margin", type=float, default=1.0, metavar="M", help="--per-layer: rank >= M x k@90%%")
-    p.add_argument("--min-rank", type=int, metavar="K", help="never below K")
-    p.add_argument("--max-rank", type=int, metavar="K", help="never above K")
-    p.add_argument("--allowed-ranks", metavar="LIST", help="round each k up to one of these ranks")
-    p.add_argument("--uniform", action="store_true", help="one rank everywhere (for engines without rank_pattern)")
-    p.add_argument("--density", type=_number, default=MERGE_TIES_DENSITY_DEFAULT, metavar="D",
+    add_policy_flags(p, unit="module", help_for={
+        "per_layer": "the audit's per-layer rule on the merged spectrum",
+        "budget": "total LoRA parameters: an integer or a percentage of the exact sum's (e.g. 30%%)"})
+    p.add_argument("--density", type=number, default=MERGE_TIES_DENSITY_DEFAULT, metavar="D",
                    help=f"ties: fraction of each update's entries kept (default {MERGE_TIES_DENSITY_DEFAULT})")
-    p.add_argument("--drop-rate", type=_number, default=MERGE_DARE_DROP_DEFAULT, metavar="P",
+    p.add_argument("--drop-rate", type=number, default=MERGE_DARE_DROP_DEFAULT, metavar="P",
                    help=f"dare: drop probability (default {MERGE_DARE_DROP_DEFAULT})")
     p.add_argument("--seed", type=int, default=0, help="dare: seed of the drop masks (default 0)")
     p.add_argument("--dtype", choices=("keep", "float32", "bfloat16", "float16"), default="keep",
@@ -90,16 +72,13 @@ def add_parser(sub: Any) -> None:
 
 def _policy(args: argparse.Namespace) -> Any:
     """The compress policy the flags name, or None when none is given."""
-    from gradience.cli.compress import policy_from_args as compress_policy
-
-    named = any(getattr(args, n) is not None for n in ("rank", "energy", "sv_fro", "sv_cumulative", "sv_ratio",
-                                                         "budget")) or args.per_layer
+    named = bool(named_policies(args))
     if not named and args.uniform:
         from gradience.errors import InputError
 
         raise InputError("--uniform needs a policy; for the exact sum at one rank everywhere use --method linear "
                          "--rank K --uniform with K >= the largest sum(r_i)")
-    return compress_policy(args) if named else None
+    return policy_from_args(args) if named else None
 
 
 def run(args: argparse.Namespace) -> int:
