@@ -214,22 +214,30 @@ def test_mismatched_pair_is_refused_not_transposed(tmp_path: Path, capsys: pytes
     assert not out.exists()
 
 
-@pytest.mark.slow
-def test_input_truncated_while_compress_reads_it_is_a_clean_error(tmp_path: Path) -> None:
-    """The file is cut to its header page while a pair is being truncated: views into a mapping would SIGBUS;
-    the writer's pread copies give one clean error line (exit 2) and no OUT."""
+def _compress_spoiling_input(tmp_path: Path, hook_body: str) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """Run ``compress --rank 2`` on a many-pair adapter in a subprocess whose ``truncated_factors`` first runs
+    ``hook_body`` (indented source; ``W`` is the weights file, ``state`` a list kept across calls)."""
     src = many_pairs_adapter(tmp_path / "big")
     weights = src / "adapter_model.safetensors"
     patch = ("import gradience.compress.tensors as t\n"
              "real = t.truncated_factors\n"
              f"W = {os.fspath(weights)!r}\n"
-             "def cut(a, b, *args, **kw):\n"
-             "    if os.path.getsize(W) > 4096:\n"
-             "        os.truncate(W, 4096)\n"
+             "state = []\n"
+             "def hook(a, b, *args, **kw):\n"
+             + hook_body +
              "    return real(a, b, *args, **kw)\n"
-             "t.truncated_factors = cut\n")
+             "t.truncated_factors = hook\n")
     out = tmp_path / "out"
     res = _killing_run(["compress", "--peft-dir", str(src), "--out", str(out), "--rank", "2"], patch, tmp_path)
+    return res, out
+
+
+@pytest.mark.slow
+def test_input_truncated_while_compress_reads_it_is_a_clean_error(tmp_path: Path) -> None:
+    """The file is cut to its header page while a pair is being truncated: views into a mapping would SIGBUS;
+    the writer's pread copies give one clean error line (exit 2) and no OUT."""
+    res, out = _compress_spoiling_input(tmp_path, ("    if os.path.getsize(W) > 4096:\n"
+                                                   "        os.truncate(W, 4096)\n"))
     assert res.returncode == 2, (res.returncode, res.stderr[-500:])
     assert res.stderr.count("\n") == 1 and "shrank" in res.stderr and "internal error" not in res.stderr
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
@@ -239,23 +247,12 @@ def test_input_truncated_while_compress_reads_it_is_a_clean_error(tmp_path: Path
 def test_input_overwritten_while_compress_reads_it_is_a_clean_error(tmp_path: Path) -> None:
     """cx_in_overwritten: the data turns into NaN bit patterns after the audit pass (SVD cannot converge on
     them): one clean error line, no OUT."""
-    src = many_pairs_adapter(tmp_path / "big")
-    weights = src / "adapter_model.safetensors"
-    patch = ("import gradience.compress.tensors as t\n"
-             "real = t.truncated_factors\n"
-             f"W = {os.fspath(weights)!r}\n"
-             "state = []\n"
-             "def spoil(a, b, *args, **kw):\n"
-             "    if not state:\n"
-             "        state.append(1)\n"
-             "        size = os.path.getsize(W)\n"
-             "        with open(W, 'r+b') as fh:\n"
-             "            fh.seek(size // 2)\n"
-             "            fh.write(b'\\xff' * (size - size // 2))\n"
-             "    return real(a, b, *args, **kw)\n"
-             "t.truncated_factors = spoil\n")
-    out = tmp_path / "out"
-    res = _killing_run(["compress", "--peft-dir", str(src), "--out", str(out), "--rank", "2"], patch, tmp_path)
+    res, out = _compress_spoiling_input(tmp_path, ("    if not state:\n"
+                                                   "        state.append(1)\n"
+                                                   "        size = os.path.getsize(W)\n"
+                                                   "        with open(W, 'r+b') as fh:\n"
+                                                   "            fh.seek(size // 2)\n"
+                                                   "            fh.write(b'\\xff' * (size - size // 2))\n"))
     assert res.returncode == 2, (res.returncode, res.stderr[-500:])
     assert res.stderr.count("\n") == 1 and "NaN" in res.stderr and "internal error" not in res.stderr
     assert not out.exists()
