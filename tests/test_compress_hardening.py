@@ -310,3 +310,23 @@ def test_library_pins_blas_threads_around_the_lapack_calls(adapter: Path, tmp_pa
         assert blas.blas_threads() == 2
     finally:
         lib.set_threads(original)
+
+
+def test_f64_factors_whose_sigma_exceeds_float64_get_scale_free_metrics(tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """Finite factors ~1e200 (σ ~1e400): not "non_finite"; ranks and utilization equal dense numpy on the factors
+    scaled by an exact power of two, the norms are null, and one warning names the module."""
+    src = f64_adapter(tmp_path / "f64", 1e200)
+    code = main(["audit", "--peft-dir", str(src), "--json", "--no-udr"])
+    doc = json.loads(capsys.readouterr().out)
+    assert code == 0 and doc["n_layers_non_finite"] == 0
+    (row,) = doc["layers"]
+    assert row["status"] == "ok" and row["delta_frob_norm"] is None and row["singular_values"] is None
+    assert {i["code"] for i in doc["issues"]} == {"spectrum_out_of_range"}
+    sf = SafetensorsFile(src / "adapter_model.safetensors")
+    key_a, key_b = sorted(sf.tensors)
+    e = np.ldexp(1.0, -int(np.frexp(1e200)[1]))
+    sigma = np.linalg.svd((sf.read(key_b) * e) @ (sf.read(key_a) * e), compute_uv=False)[:4]
+    assert row["stable_rank"] == pytest.approx(float((sigma ** 2).sum() / sigma[0] ** 2), rel=1e-10)
+    energy = np.cumsum(sigma ** 2) / (sigma ** 2).sum()
+    assert row["energy_rank_90"] == int(np.searchsorted(energy, 0.9) + 1)

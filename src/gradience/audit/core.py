@@ -89,6 +89,7 @@ class LayerAudit:
     b_shape: tuple[int, ...]
     status: LayerStatus
     singular_values: np.ndarray | None = None   # unscaled, descending, length r; None when non-finite
+    out_of_range: bool = False                  # finite factors whose σ exceeds float64: norms null, ranks kept
     frob_norm: float | None = None
     sigma_max: float | None = None
     delta_frob_norm: float | None = None
@@ -139,7 +140,9 @@ class LayerAudit:
         return row
 
 
-def _layer_from_pair(pair: LoraPair, sigma: np.ndarray) -> LayerAudit:
+def _layer_from_pair(pair: LoraPair, sigma: np.ndarray, *, out_of_range: bool = False) -> LayerAudit:
+    """``out_of_range``: σ is given scaled by a power of two because the true σ exceeds float64; only the
+    scale-free metrics (ranks, utilization) are kept, the norms stay null."""
     layer = LayerAudit(
         name=pair.name, peft_prefix=pair.peft_prefix, module_type=classify_module(pair.name),
         layer=layer_index(pair.name), kind=pair.kind, dora=pair.dora, r=pair.r, alpha=pair.alpha,
@@ -153,9 +156,11 @@ def _layer_from_pair(pair: LoraPair, sigma: np.ndarray) -> LayerAudit:
     m = spectrum_metrics(sigma, pair.r)
     s = abs(pair.scale)
     layer.status = "zero_update" if m.sigma_max == 0.0 else "ok"
-    layer.singular_values = sigma
-    layer.frob_norm, layer.sigma_max = m.frob_norm, m.sigma_max
-    layer.delta_frob_norm, layer.delta_sigma_max = s * m.frob_norm, s * m.sigma_max
+    layer.out_of_range = out_of_range
+    if not out_of_range:
+        layer.singular_values = sigma
+        layer.frob_norm, layer.sigma_max = m.frob_norm, m.sigma_max
+        layer.delta_frob_norm, layer.delta_sigma_max = s * m.frob_norm, s * m.sigma_max
     layer.stable_rank, layer.utilization, layer.effective_rank = m.stable_rank, m.utilization, m.effective_rank
     layer.energy_rank_90, layer.energy_rank_95, layer.energy_rank_99 = (
         m.energy_rank_90, m.energy_rank_95, m.energy_rank_99)
@@ -195,8 +200,10 @@ def audit_pairs(pairs: Sequence[LoraPair], *,
         grams = [_grams_once(pair) for pair in pairs]
         if grams_out is not None:
             grams_out.extend((ga.unscaled(), gb.unscaled()) for ga, gb in grams)
-        sigmas, _ = singular_values_many(grams, lambda i: pairs[i].load_factors())
-        layers = [_layer_from_pair(pair, sigma) for pair, sigma in zip(pairs, sigmas, strict=True)]
+        overflow: dict[int, int] = {}
+        sigmas, _ = singular_values_many(grams, lambda i: pairs[i].load_factors(), overflow)
+        layers = [_layer_from_pair(pair, sigma, out_of_range=i in overflow)
+                  for i, (pair, sigma) in enumerate(zip(pairs, sigmas, strict=True))]
     return layers
 
 
@@ -346,6 +353,14 @@ def layer_issues(layers: Sequence[LayerAudit], non_lora: NonLoraTensors) -> list
             f"{len(bad)} LoRA {'pair contains' if len(bad) == 1 else 'pairs contain'} NaN or Inf factors; "
             "their metrics are null",
             "error", modules=bad))
+    huge = [la.name for la in layers if la.out_of_range]
+    if huge:
+        issues.append(Issue(
+            "spectrum_out_of_range",
+            f"{len(huge)} LoRA {'pair has' if len(huge) == 1 else 'pairs have'} finite factors whose update's "
+            "singular values exceed float64's range (~1.8e308); their norms are null, their ranks and "
+            "utilization are computed on the spectrum scaled by a power of two (exact)",
+            "warning", modules=huge))
     if non_lora.count:
         issues.append(Issue(
             "non_lora_tensors",

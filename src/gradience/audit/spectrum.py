@@ -232,6 +232,7 @@ def unit_diagonal(g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def singular_values_many(
     grams: Sequence[tuple[FactorGram, FactorGram]], load: Callable[[int], tuple[np.ndarray, np.ndarray]],
+    overflow_out: dict[int, int] | None = None,
 ) -> tuple[list[np.ndarray], int]:
     """σ (descending, length r, unscaled) of many pairs, and how many pairs needed a second read.
 
@@ -239,6 +240,9 @@ def singular_values_many(
     T_Bᵀ·T_A. ``load(i)`` returns pair i's factors again; it is called only for a pair with a rank-deficient
     factor or one steep in a rotated basis (see the module docstring). NaN vectors for non-finite factors,
     zeros for zero updates.
+
+    ``overflow_out``: when given, a pair of finite factors whose σ itself exceeds float64 (factors ~1e200)
+    keeps σ·2^-shift and gets ``overflow_out[i] = shift``, so that scale-free metrics stay computable.
     """
     out: list[np.ndarray] = [np.zeros(ga.g.shape[0]) for ga, _ in grams]
     by_rank: dict[int, list[int]] = {}
@@ -275,7 +279,13 @@ def singular_values_many(
         sigma = np.linalg.svd(np.swapaxes(t[n:], -1, -2) @ t[:n], compute_uv=False)
         for row, i in enumerate(idx):
             shift = grams[i][0].exp + grams[i][1].exp
-            out[i] = np.ldexp(sigma[row], shift) if shift else sigma[row]
+            if not shift:
+                out[i] = sigma[row]
+                continue
+            with np.errstate(over="ignore"):
+                out[i] = np.ldexp(sigma[row], shift)
+            if overflow_out is not None and not np.isfinite(out[i]).all():
+                out[i], overflow_out[i] = sigma[row], shift
     return out, n_refined
 
 
