@@ -85,21 +85,11 @@ def test_trainer_state_errors(tmp_path: Path) -> None:
 def test_real_trainer_run_with_checkpoints(tmp_path: Path, tiny_gpt2_dir: Path,
                                            capsys: pytest.CaptureFixture[str]) -> None:
     """A real HF Trainer + PEFT run on a tiny GPT-2: train/test evals, checkpoints, then monitor it."""
-    import torch
-    from datasets import Dataset
-    from peft import LoraConfig, get_peft_model
-    from transformers import GPT2LMHeadModel, Trainer, TrainingArguments
+    from transformers import Trainer, TrainingArguments
 
-    torch.manual_seed(0)
-    model = get_peft_model(GPT2LMHeadModel.from_pretrained(tiny_gpt2_dir),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True,
-                                      lora_dropout=0.0, task_type="CAUSAL_LM"))
-    gen = torch.Generator().manual_seed(0)
-    vocab = model.config.vocab_size
+    from support.tiny_models import gpt2_lora_for_trainer
 
-    def data(n: int) -> Dataset:
-        ids = torch.randint(0, vocab, (n, 16), generator=gen).tolist()
-        return Dataset.from_dict({"input_ids": ids, "labels": ids})
+    model, data = gpt2_lora_for_trainer(tiny_gpt2_dir, seed=0)
 
     out_dir = tmp_path / "hf_run"
     args = TrainingArguments(

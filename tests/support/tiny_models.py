@@ -249,3 +249,27 @@ def make_hf_cache_layout(model_dir: str | os.PathLike[str], cache_root: str | os
         except OSError:
             shutil.copyfile(blob, link)
     return snapshot
+
+
+def gpt2_lora_for_trainer(base_dir: str | os.PathLike[str], *, seed: int = 0) -> tuple[Any, Any]:
+    """A tiny GPT-2 with LoRA r=4 on c_attn, and ``data(n)``: n random 16-token causal-LM rows (a ``Dataset``).
+
+    The model and data every real-Trainer test (monitor, series) trains; seeded so runs repeat exactly.
+    """
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    model = get_peft_model(GPT2LMHeadModel.from_pretrained(base_dir),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True,
+                                      lora_dropout=0.0, task_type="CAUSAL_LM"))
+    gen = torch.Generator().manual_seed(seed)
+    vocab = model.config.vocab_size
+
+    def data(n: int) -> Any:
+        ids = torch.randint(0, vocab, (n, 16), generator=gen).tolist()
+        return Dataset.from_dict({"input_ids": ids, "labels": ids})
+
+    return model, data
