@@ -17,6 +17,14 @@ _SPIKE_FACTOR = T.LOSS_SPIKE_FACTOR
 _EXPLOSION_FACTOR = T.GRAD_EXPLOSION_FACTOR
 
 
+def _median_exceeded(window: _RunningMedian, value: float, factor: float) -> float | None:
+    """The running median of the earlier values when ``value`` exceeds ``factor`` x it (with enough history and a
+    positive median), else None; then ``value`` joins the window. One rule for loss spikes and grad explosions."""
+    med = window.median_if_at_least(_MIN_HISTORY)
+    window.add(value)
+    return med if med is not None and med > 0 and value > factor * med else None
+
+
 class TrainStepAnalyzer:
     """Everything the monitor derives from ``train_step`` events."""
 
@@ -80,10 +88,9 @@ class TrainStepAnalyzer:
         if self.min_loss is None or loss < self.min_loss:
             self.min_loss, self.min_loss_step = loss, s
         window = self._loss_median
-        med = window.median_if_at_least(_MIN_HISTORY)
-        if med is not None and med > 0 and loss > _SPIKE_FACTOR * med:
+        med = _median_exceeded(window, loss, _SPIKE_FACTOR)
+        if med is not None:
             self.spikes.add(step=s, loss=loss, running_median=med, ratio=loss / med)
-        window.add(loss)
         self._trend.append((s, loss))
         history = self.loss_history
         if history.due():
@@ -97,11 +104,9 @@ class TrainStepAnalyzer:
             return
         if self.grad_norm_max is None or grad > self.grad_norm_max:
             self.grad_norm_max, self.grad_norm_max_step = grad, s
-        window = self._grad_median
-        med = window.median_if_at_least(_MIN_HISTORY)
-        if med is not None and med > 0 and grad > _EXPLOSION_FACTOR * med:
+        med = _median_exceeded(self._grad_median, grad, _EXPLOSION_FACTOR)
+        if med is not None:
             self.explosions.add(step=s, grad_norm=grad, running_median=med, ratio=grad / med)
-        window.add(grad)
 
     def _feed_lr(self, s: int, lr: float) -> None:
         if self.first_lr is None:
