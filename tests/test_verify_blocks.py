@@ -1,0 +1,67 @@
+"""verify's block reader with caller buffers, and module sums over many small (cache-sized) blocks.
+
+The speed work of issue 20 item 5 streams modules in blocks of ``ACCUMULATE_BLOCK_BYTES`` written into reused
+buffers; these tests shrink the block to a few rows (so a weight spans many blocks and ends in a partial one) and
+compare against dense numpy on the stored values.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gradience.adapter import load_adapter
+from gradience.io.safetensors import SafetensorsFile
+from gradience.udr.base import BaseWeights
+from gradience.udr.resolve import resolve_base
+from gradience.verify import merged as merged_mod
+from gradience.verify import verify_merged
+from gradience.verify.blocks import TensorBlocks
+from support import verify_triples as vt
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F16", "F32"])
+def test_blocks_into_a_caller_buffer_equal_the_stored_values(tmp_path: Path, dtype: str) -> None:
+    values = vt.make_base(tmp_path / "base", dtype=dtype)
+    weights = BaseWeights(resolve_base(str(tmp_path / "base"), allow_download=False))
+    name = vt.module_names()[0] + ".weight"
+    blocks = TensorBlocks(weights, name)
+    rows, cols = blocks.shape
+    step = 3 if rows % 3 else 5           # a partial last block
+    buf = np.full(step * cols + 7, np.nan, np.float32)
+    seen = np.zeros((rows, cols), np.float32)
+    for i, j, block in blocks.blocks(step, out=buf):
+        assert np.shares_memory(block, buf)
+        seen[i:j] = block
+    np.testing.assert_array_equal(seen, values[name].reshape(rows, cols))
+    with pytest.raises(ValueError):
+        next(blocks.blocks(step, out=np.empty(step * cols - 1, np.float32)))
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F32"])
+def test_sums_over_many_small_blocks_match_dense_numpy(tmp_path: Path, dtype: str,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    base = vt.make_base(tmp_path / "base", dtype=dtype)
+    pairs = vt.make_adapter(tmp_path / "adapter")
+    names = vt.module_names()
+    # fp32: exact merges only. A wrong scale's fit residual sqrt(rr − rd²/dd) cancels down to ~1e-8 of rr, the
+    # float32 accumulation error of the per-block sums, so its verdict (wrong_scale or residual_unexplained)
+    # depends on the block size in fp32, before and after the cache-sized blocks (left open in issue 20).
+    scaled = {names[1]: 0.7} if dtype == "BF16" else {}
+    vt.make_merged(tmp_path / "merged", base, pairs, dtype=dtype, factors=scaled)
+    cols = max(base[n + ".weight"].shape[1] for n in names)
+    monkeypatch.setattr(merged_mod, "ACCUMULATE_BLOCK_BYTES", 3 * 4 * cols)   # 3 rows (more for narrow ones)
+    doc = verify_merged(load_adapter(str(tmp_path / "adapter")), str(tmp_path / "merged"), str(tmp_path / "base"))
+    rows = {r["name"]: r for r in doc["modules"]}
+    m = SafetensorsFile(tmp_path / "merged" / "model.safetensors")
+    for name in names:
+        a, b, s = pairs[name]
+        d = s * (b.astype(np.float64) @ a.astype(np.float64))
+        e = m.read_f32(f"{name}.weight").astype(np.float64) - base[f"{name}.weight"].astype(np.float64)
+        assert rows[name]["applied_scale"] == pytest.approx(float(np.sum(e * d) / np.sum(d * d)), rel=1e-5)
+        # D is formed in float32 (as in the old path): an exact fp32 merge's ~5e-7 residual is known to ~1e-8
+        assert rows[name]["residual"] == pytest.approx(np.linalg.norm(e - d) / np.linalg.norm(d), rel=1e-4,
+                                                       abs=2e-8)
+        assert rows[name]["verdict"] == ("wrong_scale" if name in scaled else "exact")
