@@ -8,8 +8,11 @@ reaches the page through Jinja's autoescaping.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from gradience.report.heatmap import Grid
 
 MAX_ISSUES_SHOWN = 50
 
@@ -51,3 +54,21 @@ class ChartIds:
 def fact(label: str, value: str, hint: str = "", level: str = "") -> dict[str, str]:
     """One card of a fact grid (``level``: "", "warn", "bad", "good")."""
     return {"label": label, "value": value, "hint": hint, "level": level}
+
+
+@dataclass
+class ModuleRows:
+    """A document's per-module rows (dicts with a name) and the heatmap grid of their names: what the compare
+    and merge views both read from ``doc["modules"]`` before building their own columns."""
+
+    rows: list[dict[str, Any]]
+    grid: Grid
+
+    @classmethod
+    def of(cls, doc: dict[str, Any]) -> ModuleRows:
+        rows = [m for m in doc.get("modules") or [] if isinstance(m, dict) and m.get("name") is not None]
+        return cls(rows, Grid.from_names([str(m["name"]) for m in rows]))
+
+    def column(self, fn: Callable[[dict[str, Any]], float | None]) -> dict[str, float | None]:
+        """``fn`` of every row, keyed by module name (a heatmap's values)."""
+        return {str(m["name"]): fn(m) for m in self.rows}

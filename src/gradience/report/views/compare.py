@@ -6,8 +6,8 @@ from typing import Any
 
 from gradience import stats
 from gradience.policy.thresholds import UDR_FRACTION_LEVELS
-from gradience.report.heatmap import ColorScale, Grid, build_heatmap, finite_values
-from gradience.report.views.base import MAX_ISSUES_SHOWN, ChartIds, UdrGroup, View
+from gradience.report.heatmap import ColorScale, build_heatmap, finite_values
+from gradience.report.views.base import MAX_ISSUES_SHOWN, ChartIds, ModuleRows, UdrGroup, View
 from gradience.report.views.base import fact as _fact
 from gradience.textfmt import finite, num, pct
 
@@ -49,12 +49,8 @@ def compare_view(doc: dict[str, Any], ids: ChartIds) -> View:
     """A ``gradience.compare/v1`` document: summary, delta heatmaps, cos/overlap per module, top modules."""
     a, b = doc.get("a") or {}, doc.get("b") or {}
     summary = doc.get("summary") or {}
-    modules = [m for m in doc.get("modules") or [] if isinstance(m, dict) and m.get("name") is not None]
-    names = [str(m["name"]) for m in modules]
-    grid = Grid.from_names(names)
-
-    def col(fn: Any) -> dict[str, float | None]:
-        return {str(m["name"]): fn(m) for m in modules}
+    table = ModuleRows.of(doc)
+    modules, grid, col = table.rows, table.grid, table.column
 
     d_util = col(lambda m: _delta(m, "utilization"))
     d_udr = col(lambda m: _delta(m, "udr"))

@@ -11,8 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 from gradience.policy.thresholds import MERGE_TEXT_TOP_MODULES
-from gradience.report.heatmap import ColorScale, Grid, build_heatmap, finite_values
-from gradience.report.views.base import MAX_ISSUES_SHOWN, ChartIds, View
+from gradience.report.heatmap import ColorScale, build_heatmap, finite_values
+from gradience.report.views.base import MAX_ISSUES_SHOWN, ChartIds, ModuleRows, View
 from gradience.report.views.base import fact as _fact
 from gradience.textfmt import finite, human_count, num, pct
 
@@ -81,14 +81,10 @@ def _input_rows(inputs: list[Any]) -> list[dict[str, str]]:
 def merge_view(doc: dict[str, Any], ids: ChartIds) -> View:
     """A ``gradience.merge/v1`` document: inputs, summary cards, per-module heatmaps, most interfering modules."""
     summary = doc.get("summary") or {}
-    modules = [m for m in doc.get("modules") or [] if isinstance(m, dict) and m.get("name") is not None]
-    names = [str(m["name"]) for m in modules]
-    grid = Grid.from_names(names)
+    table = ModuleRows.of(doc)
+    modules, grid, col = table.rows, table.grid, table.column
     method = str(doc.get("method") or "-")
     elementwise = method in ("ties", "dare")
-
-    def col(fn: Any) -> dict[str, float | None]:
-        return {str(m["name"]): fn(m) for m in modules}
 
     conflict = col(lambda m: _inter(m, "conflict_max"))
     cos = col(lambda m: _inter(m, "cos_min"))
