@@ -19,6 +19,7 @@ from gradience.telemetry.types import (
     OptimizerConfig,
     Recommendation,
     TrainingConfig,
+    _split_known,
 )
 
 TELEMETRY_SCHEMA_VERSION: str = SCHEMA
@@ -67,12 +68,12 @@ class EvalMetrics:
         return {"loss": self.loss, "ppl": self.ppl, "accuracy": self.accuracy, "n": self.n,
                 "extras": dict(self.extras)}
 
-    @staticmethod
-    def from_dict(d: dict[str, Any]) -> EvalMetrics:
-        known = ("loss", "ppl", "accuracy", "n")
-        extras = {k: v for k, v in d.items() if k not in known and k != "extras"}
-        extras.update(d.get("extras") or {})
-        return EvalMetrics(d.get("loss"), d.get("ppl"), d.get("accuracy"), d.get("n"), extras)
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EvalMetrics:
+        """Known keys to fields, the rest (and a dict ``extras``) to ``extras``: the telemetry config classes'
+        one reader (``telemetry.types._split_known``), not a second copy."""
+        known, extras = _split_known(cls, d)
+        return cls(**known, extras=extras)
 
 
 @dataclass(frozen=True)
