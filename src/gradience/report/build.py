@@ -1,4 +1,4 @@
-"""What ``gradience report PATH`` reads, and the pipeline from PATH to the HTML string.
+"""What ``gradience report PATH`` reads, and the pipeline from PATH to the HTML string (titles: ``titles.py``).
 
 PATH is one of (SPEC §14):
 
@@ -24,6 +24,7 @@ from typing import Any
 
 from gradience.errors import GradienceError, InputError
 from gradience.report.curves import RunCurves
+from gradience.report.titles import adapter_name, default_title, subject_of
 from gradience.report.validate import check_document
 from gradience.report.views import DOCUMENT_VIEWS, ChartIds, View, adapter_view, run_view
 
@@ -340,72 +341,13 @@ def build_report(path: str | os.PathLike[str], *, base_model: str | None = None,
         subtitle = view.title
     if not views:
         raise InputError("nothing to report", p.source)
-    page_title = title if title else _default_title(p, _subject(p, views, run_label))
+    page_title = title if title else default_title(p, subject_of(p, views, run_label))
     from gradience.report.write import input_id
 
     source_id = input_id(p.source)
     html = render_page(views, title=page_title, subtitle=subtitle, notes=p.notes, ids=ids, source=source_id)
     return Report(html=html, kind=p.kind, source=p.source, default_out=_default_out(p), views=views,
                   notes=p.notes, input_id=source_id)
-
-
-# Directory names that say nothing about the adapter (the demo's "peft", a trainer's "checkpoint-500"): the
-# title then names the directory above too.
-_GENERIC_NAMES = re.compile(r"^(peft|adapter|adapters|lora|final|best|output|outputs|out|model|checkpoint-\d+|"
-                            r"adapter_model|adapter_config\.json|\.)$", re.IGNORECASE)
-
-
-def adapter_name(path: str | os.PathLike[str] | None) -> str:
-    """A readable name for an adapter directory: its own name, with the parent's when its own is generic."""
-    if not path:
-        return "adapter"
-    p = Path(path)
-    if p.name.lower() == "adapter_config.json":
-        p = p.parent
-    name = p.name or str(p)
-    if _GENERIC_NAMES.match(name) and p.parent.name:
-        return f"{p.parent.name}/{name}"
-    return name
-
-
-def _default_title(p: _Plan, subject: str) -> str:
-    """The page is titled after what it shows: the run id, the adapter's or the compared adapters' names, the
-    bench's model and task; the file or directory name only when the input names nothing better."""
-    if subject:
-        return subject
-    src = p.source
-    name = src.name or str(src)
-    if src.is_dir():
-        return name
-    return f"{src.parent.name}/{name}" if src.parent.name else name
-
-
-def _subject(p: _Plan, views: list[View], run_id: str | None) -> str:
-    place = p.source.name if p.source.is_dir() else p.source.parent.name
-    if p.kind == "run":
-        where = f" · {place}" if place else ""
-        return (f"Run {run_id}" if run_id else "Training run") + where
-    if p.kind == "adapter":
-        return f"Adapter {adapter_name(p.adapter)}"
-    doc = p.document or {}
-    if p.kind == "audit":
-        if isinstance(doc.get("adapters"), dict):
-            return f"Audit of {len(doc['adapters'])} adapters" + (f" · {place}" if place else "")
-        return f"Audit of {adapter_name(doc.get('peft_dir'))}" if doc.get("peft_dir") else ""
-    if p.kind == "compare":
-        a, b = doc.get("a") or {}, doc.get("b") or {}
-        if a.get("path") or b.get("path"):
-            return f"Comparison {adapter_name(a.get('path'))} ↔ {adapter_name(b.get('path'))}"
-        return ""
-    if p.kind == "merge":
-        inputs = [i for i in doc.get("inputs") or [] if isinstance(i, dict)]
-        return f"Merge of {' + '.join(adapter_name(i.get('path')) for i in inputs[:4])}" + (" + …" if len(inputs) > 4
-                                                                                          else "")
-    if p.kind == "bench":
-        task = doc.get("task") or {}
-        what = f": {task.get('model')} on {task.get('dataset')}" if task.get("model") and task.get("dataset") else ""
-        return f"Bench {place}{what}" if place else f"Bench{what}"
-    return ""
 
 
 def render_report(path: str | os.PathLike[str], **kwargs: Any) -> str:
