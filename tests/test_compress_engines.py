@@ -21,17 +21,10 @@ pytest.importorskip("peft")
 def _bias_adapter(base_dir: Path, out: Path, **lora: Any) -> Path:
     """A real PEFT adapter with lora_bias=True whose A, B and lora_B biases are all random (non-zero)."""
     import torch
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
-    peft_model = get_peft_model(model, LoraConfig(lora_dropout=0.0, lora_bias=True, **lora))
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
-    peft_model.save_pretrained(str(out))
+    _save_peft(model, out, seed=3, randomize="lora_", lora_bias=True, **lora)
     cfg = json.loads((out / "adapter_config.json").read_text())
     cfg["base_model_name_or_path"] = str(base_dir)
     (out / "adapter_config.json").write_text(json.dumps(cfg))
@@ -125,15 +118,17 @@ def test_lora_bias_is_scaled_like_the_factors(tmp_path: Path, capsys: pytest.Cap
                                        atol=1e-6 * np.abs(want).max())
 
 
-def _save_peft(model: Any, out: Path, **lora: Any) -> Path:
+def _save_peft(model: Any, out: Path, *, seed: int = 5, randomize: str = "lora_B", **lora: Any) -> Path:
+    """Wrap ``model`` with PEFT LoRA, set every parameter whose name holds ``randomize`` to seeded N(0, 0.3²),
+    save to ``out``."""
     import torch
     from peft import LoraConfig, get_peft_model
 
     peft_model = get_peft_model(model, LoraConfig(lora_dropout=0.0, **lora))
-    gen = torch.Generator().manual_seed(5)
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
+            if randomize in name:
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
     peft_model.save_pretrained(str(out))
     return out
