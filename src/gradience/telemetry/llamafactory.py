@@ -75,6 +75,20 @@ class _RowLog:
         if self._bad <= MAX_BAD_REPORTED:
             self.issues.append(Issue("bad_log_entry", f"{where}: {problem}; skipped"))
 
+    def _object_line(self, number: int, line: str | bytes) -> dict[str, Any] | None:
+        """One JSON-lines row as a dict; None for a blank line, or (with an issue) one that is not an object."""
+        if not line.strip():
+            return None
+        try:
+            obj = json.loads(line)
+        except (ValueError, RecursionError):
+            self._bad_row(f"line {number}", "not valid JSON")
+            return None
+        if not isinstance(obj, dict):
+            self._bad_row(f"line {number}", "not a JSON object")
+            return None
+        return obj
+
     def events(self) -> Iterator[Event]:
         builder = EventBuilder()
         for step, row in self.rows():
@@ -100,17 +114,9 @@ class LlamaFactoryLog(_RowLog):
                     while line and not line.endswith(b"\n"):
                         line = f.readline(1 << 20)
                     continue
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except (ValueError, RecursionError):
-                    self._bad_row(f"line {number}", "not valid JSON")
-                    continue
-                if not isinstance(obj, dict):
-                    self._bad_row(f"line {number}", "not a JSON object")
-                    continue
-                yield _int_step(obj.get("current_steps")), obj
+                obj = self._object_line(number, line)
+                if obj is not None:
+                    yield _int_step(obj.get("current_steps")), obj
 
 
 def _strip_export_column(name: str) -> str | None:
@@ -156,15 +162,8 @@ class WandbExportLog(_RowLog):
 
     def _json_lines(self, text: str) -> Iterator[tuple[int | None, dict[str, Any]]]:
         for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except (ValueError, RecursionError):
-                self._bad_row(f"line {number}", "not valid JSON")
-                continue
-            if not isinstance(row, dict):
-                self._bad_row(f"line {number}", "not a JSON object")
+            row = self._object_line(number, line)
+            if row is None:
                 continue
             self.transformers = self.transformers or "train/global_step" in row
             yield _row_step(row), row
