@@ -22,13 +22,18 @@ _reachable: dict[str, bool] = {}   # per endpoint, once per process
 
 def hub_cache_dir() -> Path:
     """The hub cache the Hugging Face libraries would use: $HF_HUB_CACHE, else $HF_HOME/hub, else the default."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    return _hf_cache_dir("HF_HUB_CACHE", "hub")
+
+
+def _hf_cache_dir(own_variable: str, sub: str) -> Path:
+    """$<own_variable>, else $HF_HOME/<sub>, else $XDG_CACHE_HOME (or ~/.cache)/huggingface/<sub>: the order
+    huggingface_hub's and datasets' ``config.py`` resolve their caches in."""
+    if os.environ.get(own_variable):
+        return Path(os.environ[own_variable]).expanduser()
     if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+        return Path(os.environ["HF_HOME"]).expanduser() / sub
     xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "huggingface" / "hub"
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "huggingface" / sub
 
 
 def offline_requested() -> bool:
@@ -105,12 +110,7 @@ def cached_repo_dir(repo_id: str, repo_type: str = "model") -> Path | None:
 
 
 def _datasets_cache_dir() -> Path:
-    if os.environ.get("HF_DATASETS_CACHE"):
-        return Path(os.environ["HF_DATASETS_CACHE"]).expanduser()
-    if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]).expanduser() / "datasets"
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "huggingface" / "datasets"
+    return _hf_cache_dir("HF_DATASETS_CACHE", "datasets")
 
 
 def how_to_proceed(repo_id: str, repo_type: str, flag: str, config: str | None = None) -> str:
