@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import timed_child
+
 BENCH_DIR = Path(__file__).resolve().parent
 DATA_DIR = BENCH_DIR / "_data"
 
@@ -39,15 +41,8 @@ print(f"@@ {rc} {dt:.6f} {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}", 
 
 def _run(argv: list[str]) -> tuple[float, float]:
     """(whole-process wall seconds, peak RSS MiB) of one ``gradience`` run in a fresh interpreter."""
-    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", _CHILD, *argv], capture_output=True, text=True, env=env)
-    wall = time.perf_counter() - t0
-    line = [ln for ln in proc.stderr.splitlines() if ln.startswith("@@ ")]
-    if proc.returncode != 0 or not line:
-        raise SystemExit(f"run failed ({proc.returncode}): {' '.join(argv)}\n{proc.stderr[-2000:]}")
-    rss_kib = int(line[-1].split()[3])
-    return wall, rss_kib / 1024.0
+    wall, fields = timed_child(_CHILD, argv, "run")
+    return wall, int(fields[2]) / 1024.0  # fields: rc, inner seconds, peak RSS KiB
 
 
 # compress called as a library from a fresh interpreter with the BLAS left at its default thread count (what a

@@ -25,12 +25,13 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from _common import timed_child
 
 BENCH_DIR = Path(__file__).resolve().parent
 DATA_DIR = BENCH_DIR / "_data"
@@ -161,14 +162,7 @@ def build(out: Path, layers: int, embed: bool) -> None:
 
 
 def _child(args: list[str]) -> tuple[float, float, float]:
-    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", _CHILD, *args], capture_output=True, text=True, env=env)
-    wall = time.perf_counter() - t0
-    line = [ln for ln in proc.stderr.splitlines() if ln.startswith("@@ ")]
-    if proc.returncode != 0 or not line:
-        raise SystemExit(f"child failed ({proc.returncode}): {args}\n{proc.stderr[-2000:]}")
-    _, _inner, cpu, rss = line[-1].split()
+    wall, (_inner, cpu, rss) = timed_child(_CHILD, args, "child")
     return wall, float(cpu), int(rss) / 1024.0
 
 
