@@ -160,7 +160,7 @@ def test_every_command_help_has_working_examples(command: str) -> None:
     sub = next(a for a in parser._actions if a.dest == "command")
     help_text = sub.choices[command].format_help()  # type: ignore[attr-defined]
     examples = [ln.strip() for ln in help_text.split("examples:", 1)[1].splitlines() if ln.strip()]
-    assert 2 <= len(examples) <= 3
+    assert 2 <= len(examples) <= 6  # short: monitor shows one line per log format it reads
     for line in examples:
         argv = shlex.split(line)
         assert argv[:2] == ["gradience", command]
