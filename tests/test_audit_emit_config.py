@@ -162,7 +162,7 @@ def test_every_command_help_has_working_examples(command: str) -> None:
     examples = [ln.strip() for ln in help_text.split("examples:", 1)[1].splitlines() if ln.strip()]
     assert 2 <= len(examples) <= 6  # short: monitor shows one line per log format it reads
     for line in examples:
-        argv = shlex.split(line)
+        argv = shlex.split(line, comments=True)  # "# TensorBoard" notes are shell comments
         assert argv[:2] == ["gradience", command]
         args = parser.parse_args(argv[1:])  # every example is a valid command line
         assert args.command == command
