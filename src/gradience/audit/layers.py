@@ -1,0 +1,162 @@
+"""One LoRA pair → its :class:`LayerAudit` row: the Gram pass, the exact spectrum and the metrics.
+
+Split from :mod:`gradience.audit.core` (which re-exports every name here) so that the per-pair measurement that
+compress, compare, merge and series reuse reads apart from the audit's options, summary and issues.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from gradience.adapter.model import LoraPair
+from gradience.audit.spectrum import FactorGram, pair_grams, singular_values_many, spectrum_metrics
+from gradience.modules import classify_module, layer_index
+from gradience.udr import PER_LAYER_KEYS
+
+# SPEC §4 per-layer keys, owned by gradience.udr: rows always carry them (null without a base model).
+UDR_ROW_KEYS: tuple[str, ...] = PER_LAYER_KEYS
+
+LayerStatus = Literal["ok", "zero_update", "non_finite"]
+
+
+@dataclass
+class LayerAudit:
+    """One audited LoRA pair: identity, shapes, σ vector and the metrics derived from it."""
+
+    name: str
+    peft_prefix: str
+    module_type: str
+    layer: int | None
+    kind: str
+    dora: bool
+    r: int
+    alpha: float | None
+    scale: float
+    d_in: int
+    d_out: int
+    a_shape: tuple[int, ...]
+    b_shape: tuple[int, ...]
+    status: LayerStatus
+    singular_values: np.ndarray | None = None   # unscaled, descending, length r; None when non-finite
+    out_of_range: bool = False                  # finite factors whose σ exceeds float64: norms null, ranks kept
+    frob_norm: float | None = None
+    sigma_max: float | None = None
+    delta_frob_norm: float | None = None
+    delta_sigma_max: float | None = None
+    stable_rank: float | None = None
+    utilization: float | None = None
+    effective_rank: float | None = None
+    energy_rank_90: int | None = None
+    energy_rank_95: int | None = None
+    energy_rank_99: int | None = None
+    udr: dict[str, float | None] = field(default_factory=lambda: dict.fromkeys(UDR_ROW_KEYS))
+    intruders: dict[str, Any] | None = None     # gradience.intruders.ROW_KEYS, only with --intruders
+    expert: int | None = None                   # MoE expert LoRA: expert index (row keys only for expert rows)
+    num_experts: int | None = None
+    parameter: str | None = None
+    energy_share: float | None = None           # share of Σ‖ΔW_e‖² over its parameter's experts (audit/experts.py)
+    adapted: bool | None = None                 # False: zero or negligible expert update
+
+    @property
+    def params(self) -> int:
+        return self.r * (self.d_in + self.d_out)
+
+    def to_row(self, top_singular_values: int | None = None) -> dict[str, Any]:
+        sv: list[float] | None = None
+        if self.singular_values is not None:
+            vec = self.singular_values if top_singular_values is None else self.singular_values[:top_singular_values]
+            sv = vec.tolist()  # Python floats in one C call (this runs once per row of every JSON output)
+        row: dict[str, Any] = {
+            "name": self.name, "peft_prefix": self.peft_prefix, "module_type": self.module_type,
+            "layer": self.layer, "kind": self.kind, "dora": self.dora, "r": self.r, "alpha": self.alpha,
+            "scale": self.scale, "params": self.params, "a_shape": list(self.a_shape),
+            "b_shape": list(self.b_shape), "status": self.status,
+            "frob_norm": self.frob_norm, "sigma_max": self.sigma_max,
+            "delta_frob_norm": self.delta_frob_norm, "delta_sigma_max": self.delta_sigma_max,
+            "delta_fro_norm": self.delta_frob_norm,  # the reference tool's spelling: saved audits stay comparable
+            "stable_rank": self.stable_rank, "utilization": self.utilization,
+            "effective_rank": self.effective_rank, "energy_rank_90": self.energy_rank_90,
+            "energy_rank_95": self.energy_rank_95, "energy_rank_99": self.energy_rank_99,
+            "singular_values": sv,
+        }
+        row.update({key: self.udr.get(key) for key in UDR_ROW_KEYS})
+        row["base_fro_norm"] = row["base_frob_norm"]  # the reference tool's spelling
+        if self.intruders is not None:
+            row.update(self.intruders)
+        if self.expert is not None:
+            row.update(expert=self.expert, num_experts=self.num_experts, parameter=self.parameter,
+                       energy_share=self.energy_share, adapted=self.adapted)
+        return row
+
+
+def _layer_from_pair(pair: LoraPair, sigma: np.ndarray, *, out_of_range: bool = False) -> LayerAudit:
+    """``out_of_range``: σ is given scaled by a power of two because the true σ exceeds float64; only the
+    scale-free metrics (ranks, utilization) are kept, the norms stay null."""
+    layer = LayerAudit(
+        name=pair.name, peft_prefix=pair.peft_prefix, module_type=classify_module(pair.name),
+        layer=layer_index(pair.name), kind=pair.kind, dora=pair.dora, r=pair.r, alpha=pair.alpha,
+        scale=pair.scale, d_in=pair.d_in, d_out=pair.d_out, a_shape=tuple(pair.a_shape),
+        b_shape=tuple(pair.b_shape), status="ok", expert=pair.expert, num_experts=pair.num_experts,
+        parameter=pair.parameter,
+    )
+    if not np.isfinite(sigma).all():
+        layer.status = "non_finite"
+        return layer
+    m = spectrum_metrics(sigma, pair.r)
+    s = abs(pair.scale)
+    layer.status = "zero_update" if m.sigma_max == 0.0 else "ok"
+    layer.out_of_range = out_of_range
+    if not out_of_range:
+        layer.singular_values = sigma
+        layer.frob_norm, layer.sigma_max = m.frob_norm, m.sigma_max
+        layer.delta_frob_norm, layer.delta_sigma_max = s * m.frob_norm, s * m.sigma_max
+    layer.stable_rank, layer.utilization, layer.effective_rank = m.stable_rank, m.utilization, m.effective_rank
+    layer.energy_rank_90, layer.energy_rank_95, layer.energy_rank_99 = (
+        m.energy_rank_90, m.energy_rank_95, m.energy_rank_99)
+    return layer
+
+
+def _single_threaded_blas() -> AbstractContextManager[object]:
+    """Tiny r×r LAPACK calls run several times slower multi-threaded (SPEC §11). The CLI pins BLAS to one
+    thread before numpy loads; library callers (a training process, a notebook) get the same through the
+    loaded BLAS's own thread setter (:func:`gradience.blas.limited_blas_threads`), restored on exit."""
+    if os.environ.get("OPENBLAS_NUM_THREADS") == "1" and os.environ.get("OMP_NUM_THREADS") == "1":
+        return nullcontext()
+    from gradience.blas import limited_blas_threads
+
+    return limited_blas_threads(1)
+
+
+def _grams_once(pair: LoraPair) -> tuple[FactorGram, FactorGram]:
+    """A pair's two Grams from one pass over its data (bf16 converted chunk by chunk); its mapped pages are
+    dropped afterwards, so peak memory is the interpreter plus one pair, not the whole file (SPEC §11)."""
+    (a, a_bf16), (b, b_bf16) = pair.load_factors_for_gram()
+    grams = pair_grams(a, b, a_bf16=a_bf16, b_bf16=b_bf16)
+    del a, b
+    pair.release()
+    return grams
+
+
+def audit_pairs(pairs: Sequence[LoraPair], *,
+                grams_out: list[tuple[np.ndarray, np.ndarray]] | None = None) -> list[LayerAudit]:
+    """Spectrum and metrics of every pair (reads each pair's factors once; a second time, for a thin product,
+    only for a pair with a rank-deficient factor or one steep in a rotated basis).
+
+    ``grams_out``: when given, receives each pair's float64 (G_A, G_B), so that compress can split the factors
+    without reading them a second time.
+    """
+    with _single_threaded_blas():
+        grams = [_grams_once(pair) for pair in pairs]
+        if grams_out is not None:
+            grams_out.extend((ga.unscaled(), gb.unscaled()) for ga, gb in grams)
+        overflow: dict[int, int] = {}
+        sigmas, _ = singular_values_many(grams, lambda i: pairs[i].load_factors(), overflow)
+        layers = [_layer_from_pair(pair, sigma, out_of_range=i in overflow)
+                  for i, (pair, sigma) in enumerate(zip(pairs, sigmas, strict=True))]
+    return layers
