@@ -291,9 +291,11 @@ class BenchRunner:
                              "free the space and rerun with --resume)",
                              path=where if isinstance(where, str) else self.out) from None
 
-    def _run(self) -> dict[str, Any]:
+    def _start(self, where: str = "") -> tuple[tuple[int, ...], PreparedTask, list[str] | None]:
+        """The first progress line, the task (data + base, written once), and the ETA counters; shared by
+        the local and the Ray executor. ``where``: said after the output dir (e.g. " on Ray")."""
         seeds = self.cfg.seed_list()
-        self.progress(f"bench: {len(seeds)} seed(s) × (probe + {len(self.cfg.arms)} arms) into {self.out}; "
+        self.progress(f"bench: {len(seeds)} seed(s) × (probe + {len(self.cfg.arms)} arms) into {self.out}{where}; "
                       "loading data and the base model…")
         task = prepare_task(self.cfg, self.out)
         targets = list(self.cfg.target_modules) if self.cfg.target_modules else None
@@ -301,6 +303,10 @@ class BenchRunner:
         n_truncate = sum(a.startswith("truncate_") for a in self.cfg.arms)
         self._truncations_left = len(seeds) * n_truncate
         self._trainings_left = self._arms_total - self._truncations_left
+        return tuple(seeds), task, targets
+
+    def _run(self) -> dict[str, Any]:
+        seeds, task, targets = self._start()
         probes: dict[int, ArmResult] = {}
         arms: dict[str, dict[int, tuple[ArmPlan, ArmResult | None]]] = {a: {} for a in self.cfg.arms}
         for seed in seeds:

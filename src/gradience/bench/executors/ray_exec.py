@@ -119,17 +119,8 @@ class RayBenchRunner(BenchRunner):
 
     def _run(self) -> dict[str, Any]:
         ray = self._connect()
-        from gradience.bench.tasks import prepare_task
-
-        seeds = self.cfg.seed_list()
-        self.progress(f"bench: {len(seeds)} seed(s) × (probe + {len(self.cfg.arms)} arms) into {self.out} on Ray "
-                      f"(connected in {self.connect_seconds:.1f}s); loading data and the base model…")
-        task = prepare_task(self.cfg, self.out)  # the base every worker loads, written once by the driver
-        targets = list(self.cfg.target_modules) if self.cfg.target_modules else None
-        self._arms_total = len(seeds) * (1 + len(self.cfg.arms))
-        n_truncate = sum(a.startswith("truncate_") for a in self.cfg.arms)
-        self._truncations_left = len(seeds) * n_truncate
-        self._trainings_left = self._arms_total - self._truncations_left
+        # the task's base is written once by the driver; every worker loads it from OUT/base
+        seeds, task, targets = self._start(f" on Ray (connected in {self.connect_seconds:.1f}s)")
         probes: dict[int, ArmResult] = {}
         arms: dict[str, dict[int, tuple[ArmPlan, ArmResult | None]]] = {a: {} for a in self.cfg.arms}
         states = {seed: _SeedState() for seed in seeds}
