@@ -305,6 +305,16 @@ class BenchRunner:
         self._trainings_left = self._arms_total - self._truncations_left
         return tuple(seeds), task, targets
 
+    def _skipped(self, plan: ArmPlan, seed: int,
+                 arms: dict[str, dict[int, tuple[ArmPlan, ArmResult | None]]]) -> bool:
+        """Record an arm the planner skipped (e.g. its rank equals the probe's) and say so; both executors."""
+        if not plan.skipped:
+            return False
+        arms[plan.name][seed] = (plan, None)
+        self._done("truncate" if plan.kind == "truncate" else "train", None)
+        self._note(seed, plan.name, 0.0, f"  skipped: {plan.skipped}")
+        return True
+
     def _run(self) -> dict[str, Any]:
         seeds, task, targets = self._start()
         probes: dict[int, ArmResult] = {}
@@ -314,12 +324,9 @@ class BenchRunner:
             probes[seed] = probe
             done_keys: dict[Any, ArmResult] = {}  # (kind, ranks) -> the arm of this seed that ran them
             for plan in plan_arms(self.cfg, audit, seed, targets):
-                kind = "truncate" if plan.kind == "truncate" else "train"
-                if plan.skipped:
-                    arms[plan.name][seed] = (plan, None)
-                    self._done(kind, None)
-                    self._note(seed, plan.name, 0.0, f"  skipped: {plan.skipped}")
+                if self._skipped(plan, seed, arms):
                     continue
+                kind = "truncate" if plan.kind == "truncate" else "train"
                 arm_dir = self.out / f"seed_{seed}" / slug(plan.name)
                 key = arm_key(plan)
                 cached = self._cached(task, arm_dir / "result.json", arm_dir / "adapter")

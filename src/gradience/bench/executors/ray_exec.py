@@ -140,12 +140,9 @@ class RayBenchRunner(BenchRunner):
             st = states[seed]
             st.probe = probe
             for plan in plan_arms(self.cfg, audit, seed, targets):
-                kind = "truncate" if plan.kind == "truncate" else "train"
-                if plan.skipped:
-                    arms[plan.name][seed] = (plan, None)
-                    self._done(kind, None)
-                    self._note(seed, plan.name, 0.0, f"  skipped: {plan.skipped}")
+                if self._skipped(plan, seed, arms):
                     continue
+                kind = "truncate" if plan.kind == "truncate" else "train"
                 key = arm_key(plan)
                 arm_dir = self.out / f"seed_{seed}" / slug(plan.name)
                 cached = self._cached(task, arm_dir / "result.json", arm_dir / "adapter")
