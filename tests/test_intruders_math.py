@@ -240,3 +240,51 @@ def test_zero_singular_directions_are_never_intruders() -> None:
     found = _detect(w, np.zeros((12, 1)), np.zeros((1, 7)), 1.0, k=7)
     assert found.indices == [] and found.decided_by == "dense"
     assert all(s < 1e-4 * found.sigma[0] for s in found.sigma[2:])
+
+
+def test_bulk_intruder_of_a_tall_weight_is_certified_without_a_dense_svd() -> None:
+    # m > n (gate/up as stored): W·Wᵀ has a null space that is not among PEFT's n base vectors; the old path went
+    # dense here. The Lanczos bound on the projection onto range(W) decides it, with the dense reference's count.
+    w, u0, v0 = _base()
+    assert w.shape[0] > w.shape[1]
+    rng = np.random.default_rng(3)
+    l_fac = np.stack([40.0 * _bulk_direction(rng, u0), 0.01 * rng.standard_normal(M)], axis=1)
+    r_fac = np.stack([_bulk_direction(rng, v0), 0.01 * rng.standard_normal(N)])
+    expected, cos, _ = _dense_reference(w, l_fac, r_fac, 1.0)
+    top = top_singular(LowRankPlus(w, l_fac, r_fac, 1.0), 10)
+    found, _ = layer_intruders(top, lambda p: partial_base(w, p), min(w.shape), 10, 0.5, w_op=LowRankPlus(w))
+    assert expected == [0] and found.indices == expected and found.decided_by == "lanczos"
+    assert cos[0] - 1e-6 <= found.cos_upper[0] < 0.5
+    # The direction's mass outside the top-16 is mostly in W's null space (|Pu|² ≈ n/m of it): the leftover-mass
+    # bound alone (> 0.5) could not have decided it.
+    u = top.u[:, 0]
+    assert np.sqrt(1.0 - np.sum((u0[:, :16].T @ u) ** 2)) > 0.5
+
+
+def test_tall_lanczos_bound_is_an_upper_bound_against_a_null_space_heavy_direction() -> None:
+    from gradience.intruders.lanczos import range_projection, remaining_cos_bound
+
+    rng = np.random.default_rng(11)
+    m, n = 420, 200
+    s = np.sort(rng.uniform(0.5, 3.0, n))[::-1]
+    s[:3] = [9.0, 8.0, 7.0]
+    w = np.zeros((m, n), np.float32)
+    w[np.arange(n), np.arange(n)] = s          # left singular vectors e_1 … e_n; e_{n+1} … e_m span the null space
+    base = BaseSpectrum(np.eye(m)[:, :3], s[:3], complete=False)
+    null_heavy = rng.standard_normal((m, 3))
+    null_heavy[:n] *= 0.2                      # ~97 % of the mass in the null space
+    null_heavy /= np.linalg.norm(null_heavy, axis=0)
+    null_heavy[:, 2] = 0.6 * null_heavy[:, 2] + 0.8 * np.eye(m)[:, 120]   # one remaining base cosine ≈ 0.8
+    null_heavy /= np.linalg.norm(null_heavy, axis=0)
+    proj = range_projection(LowRankPlus(w), null_heavy, 9.0)
+    assert proj is not None
+    np.testing.assert_allclose(proj[n:], 0.0, atol=1e-12)
+    np.testing.assert_allclose(proj[:n], null_heavy[:n], atol=1e-10)
+    bound = remaining_cos_bound(LowRankPlus(w), base, null_heavy, target=0.0, max_steps=36)
+    true = np.abs(null_heavy[3:n]).max(axis=0)
+    assert np.all(bound >= true - 1e-6)
+    assert np.all(remaining_cos_bound(LowRankPlus(w), base, null_heavy[:, :2], target=0.45) < 0.45)
+    assert remaining_cos_bound(LowRankPlus(w), base, null_heavy[:, [2]], target=0.45)[0] > 0.75
+    # A rank-deficient tall W has no safe projection (PEFT's U₀ holds arbitrary null vectors): no certificate.
+    w[n - 1, n - 1] = 0.0
+    assert range_projection(LowRankPlus(w), null_heavy, 9.0) is None

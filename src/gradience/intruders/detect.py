@@ -9,9 +9,11 @@ Certification from a partial SVD U_p (the top p base vectors): the cosines over 
 * some |cos| over U_p ≥ ε  →  not an intruder (whatever the rest holds);
 * every |cos| over U_p < ε and √(1 − Σ c²) < ε  →  an intruder.
 A direction whose cosines over U_p are all small but whose remaining mass is not (a direction in W's bulk, the
-typical intruder) gets the Lanczos bound on each single remaining cosine (:mod:`gradience.intruders.lanczos`).
-Otherwise the partial SVD is extended (×4) and, past a fraction of min(m, n), replaced by the dense SVD of W
-(exact, PEFT's computation). A margin around ε leaves near-ties to the dense path.
+typical intruder) gets the Lanczos bound on each single remaining cosine (:mod:`gradience.intruders.lanczos`;
+for a tall W, m > n, on its projection onto range(W), which is what PEFT's n base vectors span). Only when that
+cannot decide either is the partial SVD extended (×4) and, past a fraction of min(m, n), replaced by the dense SVD
+of W as the last resort (exact, PEFT's computation; reported as decided_by "dense"). A margin around ε leaves
+near-ties to the longer paths.
 """
 
 from __future__ import annotations
@@ -136,14 +138,14 @@ def layer_intruders(merged: TopK, base_for: BaseProvider, full: int, k: int, eps
                     p0: int = INTRUDER_BASE_P0, w_op: Operator | None = None) -> tuple[LayerIntruders, BaseSpectrum]:
     """Decide every top-k direction of ``merged``; ``base_for(p)`` gives a base spectrum with ≥ p vectors (from the
     cache or computed; complete when p reaches the dense share of ``full`` = min(m, n)). ``w_op``: W's products,
-    for the Lanczos certificate of bulk directions (m ≤ n only)."""
+    for the Lanczos certificate of bulk directions (after a projection onto range(W) when m > n)."""
     u = merged.u[:, :k]
     p = p0
     base = base_for(p)
     extended = lanczos = False
     while True:
         intr, decided, best, upper = decide(u, base, eps)
-        if not decided.all() and not base.complete and w_op is not None and w_op.shape[0] <= w_op.shape[1]:
+        if not decided.all() and not base.complete and w_op is not None:
             lanczos = _lanczos(w_op, u, base, eps, intr, decided, best, upper) or lanczos
         if decided.all() or base.complete:
             break

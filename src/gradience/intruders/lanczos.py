@@ -7,9 +7,14 @@ vectors' c², which bounds each). L Lanczos steps on C from w/ρ give the orthon
 μ/ρ², and for every x, μ({x}) ≤ ρ²/K_L(x) with K_L(x) = Σ_l p_l(x)² (the Christoffel function: the minimum of
 ∫q² dμ over polynomials q of degree < L with q(x) = 1, Szegő / Chebyshev–Markov–Stieltjes). So
 max_{j>p} |c_j| ≤ ρ·max_x K_L(x)^{-1/2} over the spectrum's interval, which falls like 1/√L for a mass spread
-over the bulk. Only for m ≤ n: with m > n, C has a null space (not among PEFT's U₀) whose atom at 0 no bound can
-tell from a small σ_j. Numerically: products with W in float32 and U_p from the residual-stopped solver; the
-decision margin (``INTRUDER_DECIDE_MARGIN``) and full reorthogonalisation cover both.
+over the bulk. With m > n (gate/up as stored), C has a null space (not among PEFT's U₀: its U₀ is the n columns
+of the thin SVD) whose atom at 0 no bound can tell from a small σ_j; so w is first projected onto range(W) with
+the n×n Gram (P·w = W·(WᵀW)⁻¹·Wᵀ·w, float64, one pass over W and a Cholesky-checked solve: m·n² + n³ flops
+against the ~4·m·n² + 8·n³ of W's dense SVD), after which μ has no atom at 0 and the bound applies unchanged
+(c_j = ⟨P·w, u_j⟩ for every j). A Gram that is not positive definite by a margin (W numerically rank deficient:
+PEFT's U₀ then holds arbitrary null vectors) returns no certificate. Numerically: products with W in float32 and
+U_p from the residual-stopped solver; the decision margin (``INTRUDER_DECIDE_MARGIN``), full reorthogonalisation
+and ``PROJECTION_SLACK`` cover them.
 """
 
 from __future__ import annotations
@@ -22,6 +27,41 @@ from gradience.intruders.solver import Operator
 LANCZOS_MAX_STEPS = 48
 LANCZOS_CHECK_EVERY = 6
 _GRID = 4001
+# m > n: the Gram must be positive definite with λ_min ≥ this × σ₁² (cond(W) ≤ 1e4), so the float64 projection is
+# accurate to ~1e-8; PROJECTION_SLACK is added to every bound computed from a projected vector.
+GRAM_MIN_RATIO = 1e-8
+PROJECTION_SLACK = 1e-6
+_GRAM_ROWS = 2048
+
+
+def _dense_rows(op: Operator) -> np.ndarray:
+    w = getattr(op, "w", None)
+    if w is None:
+        raise TypeError("the range projection needs W itself (LowRankPlus / TorchOperator without the low-rank term)")
+    return np.asarray(w)
+
+
+def range_projection(op: Operator, x: np.ndarray, sigma1: float) -> np.ndarray | None:
+    """P·x, the orthogonal projection of the columns of x (m, q) onto range(W) for a tall W (m > n), through the
+    Cholesky-checked n×n Gram in float64 (row blocks of W, no float64 copy of W); None when WᵀW is not positive
+    definite by ``GRAM_MIN_RATIO``·σ₁²."""
+    w = _dense_rows(op)
+    m, n = w.shape
+    gram = np.zeros((n, n))
+    wtx = np.zeros((n, x.shape[1]))
+    for start in range(0, m, _GRAM_ROWS):
+        rows = np.asarray(w[start:start + _GRAM_ROWS], dtype=np.float64)
+        gram += rows.T @ rows
+        wtx += rows.T @ x[start:start + _GRAM_ROWS]
+    try:
+        np.linalg.cholesky(gram - (GRAM_MIN_RATIO * sigma1 * sigma1) * np.eye(n))
+    except np.linalg.LinAlgError:
+        return None
+    z = np.linalg.solve(gram, wtx)
+    out = np.empty_like(x, dtype=np.float64)
+    for start in range(0, m, _GRAM_ROWS):
+        out[start:start + _GRAM_ROWS] = np.asarray(w[start:start + _GRAM_ROWS], dtype=np.float64) @ z
+    return out
 
 
 def _max_inverse_k(alpha: np.ndarray, beta: np.ndarray, hi: float) -> float:
@@ -65,11 +105,19 @@ def remaining_cos_bound(op: Operator, base: BaseSpectrum, u: np.ndarray, target:
     w = u - up @ (up.T @ u)
     rho = np.linalg.norm(w, axis=0)
     hi = float(base.sigma[0]) ** 2 * 1.0001 if base.sigma.size else 0.0
+    slack = 0.0
+    if op.shape[0] > op.shape[1] and hi > 0:
+        projected = range_projection(op, w, float(base.sigma[0]))
+        if projected is None:
+            return rho  # each remaining |cos| ≤ ‖w‖ still holds; no sharper certificate without the projection
+        w = projected - up @ (up.T @ projected)
+        slack = PROJECTION_SLACK
+        rho = np.linalg.norm(w, axis=0) + slack
     bounds = rho.copy()
     live = [j for j in range(q) if rho[j] >= target and hi > 0]
     if not live:
         return bounds
-    vs = {j: [w[:, j] / rho[j]] for j in live}
+    vs = {j: [w[:, j] / np.linalg.norm(w[:, j])] for j in live}
     alphas: dict[int, list[float]] = {j: [] for j in live}
     betas: dict[int, list[float]] = {j: [] for j in live}
     for step in range(max_steps):
@@ -97,7 +145,7 @@ def remaining_cos_bound(op: Operator, base: BaseSpectrum, u: np.ndarray, target:
                     weight = float(np.max(vec[0] ** 2))  # Gauss weights are the atoms' masses, exactly
                 else:
                     weight = min(1.0, _max_inverse_k(al, be, hi))
-                bounds[j] = rho[j] * np.sqrt(weight)
+                bounds[j] = (rho[j] - slack) * np.sqrt(weight) + slack
                 if done or bounds[j] < target:
                     continue
             vs[j].append(xj / b)
