@@ -21,13 +21,14 @@ command reads an MLX adapter through the same math; ``mlx_config_view`` gives th
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from gradience.adapter.model import LoraPair, NonLoraTensors, PairKind
-from gradience.adapter.pairs import _natural_key, rank_bound_problem
+from gradience.adapter.pairs import _natural_key, module_name, rank_bound_problem
 from gradience.adapter.sources import TensorMeta, TensorSource
 from gradience.errors import InputError
 from gradience.issues import Issue
@@ -35,6 +36,38 @@ from gradience.policy.thresholds import MAX_EXPERTS
 
 MLX_WEIGHTS = "adapters.safetensors"
 _LEAVES = ("lora_a", "lora_b", "m")
+
+
+# mlx-lm's module tree names a decoder block ``model.layers.N`` (``Model.layers`` is ``self.model.layers`` in its
+# Llama/Mistral/Qwen/Gemma ports, mlx_lm/models/*.py) and the head ``lm_head``: the same paths as Hugging Face's
+# checkpoints of those families, so the name maps one to one. Anything else is refused rather than guessed.
+_MLX_BLOCK = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_MLX_TOP = ("lm_head",)
+
+
+def mlx_module_for(module: str, where: str | None) -> str:
+    """The mlx-lm module path of a PEFT module name (``base_model.model.`` already stripped); InputError when the
+    name is not one whose mlx-lm path is known to be the same."""
+    name = module_name(module)
+    if _MLX_BLOCK.match(name) or name in _MLX_TOP:
+        return name
+    raise InputError(f"module {name[:200]} is neither under model.layers.N nor lm_head: its mlx-lm name is not "
+                     "known, so it cannot be written as an MLX adapter", where)
+
+
+def peft_module_for(module: str, where: str | None) -> str:
+    """The Hugging Face / PEFT module path of an mlx-lm module (PEFT keys add ``base_model.model.``)."""
+    if _MLX_BLOCK.match(module) or module in _MLX_TOP:
+        return module
+    raise InputError(f"MLX module {module[:200]} is neither under model.layers.N nor lm_head: its Hugging Face "
+                     "name is not known, so it cannot be written as a PEFT adapter", where)
+
+
+def mlx_block_key(module: str) -> str:
+    """The ``lora_parameters.keys`` entry of an mlx-lm module path: relative to its block (``self_attn.q_proj``),
+    or the full path outside the blocks (``lm_head``), as ``linear_to_lora_layers`` matches them."""
+    found = _MLX_BLOCK.match(module)
+    return found.group(2) if found else module
 
 
 def is_mlx_config(config: Mapping[str, Any]) -> bool:

@@ -40,6 +40,7 @@ examples:
   gradience compress --peft-dir ./adapter --out ./adapter-vllm --energy 0.95 --uniform   # one rank (vLLM < 0.33)
   gradience compress --peft-dir ./adapter --out ./adapter-30pct --budget 30% --dtype bfloat16 --json
   gradience audit --peft-dir ./adapter-small                      # the new ranks; then evaluate it
+  gradience compress ./mlx-adapters --out ./peft-r8 --rank 8 --format peft     # MLX-LM adapter -> PEFT
 """
 
 
@@ -68,6 +69,10 @@ def add_parser(sub: Any) -> None:
         "allowed_ranks": "round each k up to one of these ranks (default: exact k; --per-layer: 1,2,4,...,256)",
         "uniform": "one rank everywhere (the largest per-layer choice; lower-rank modules zero-padded), "
                    "for engines that ignore rank_pattern (vLLM before 0.33.0; current vLLM reads it)"})
+    p.add_argument("--format", choices=("peft", "mlx"), default=None, dest="out_format",
+                   help="output layout: peft (adapter_model.safetensors, PEFT config) or mlx (mlx-lm's "
+                        "adapters.safetensors; one rank and one scale, lower ranks zero-padded); default: the "
+                        "input's")
     p.add_argument("--dtype", choices=("keep", "float32", "bfloat16", "float16"), default="keep",
                    help="dtype of the new factors (default: keep each factor's dtype)")
     p.add_argument("--base-model", metavar="ID_OR_DIR",
@@ -137,7 +142,7 @@ def _run(args: argparse.Namespace) -> int:
     policy = policy_from_args(args)
     options = CompressOptions(policy=policy, dtype=args.dtype, base_model=args.base_model,
                               base_norms_cache=args.base_norms_cache, dry_run=args.dry_run, force=args.force,
-                              engine_versions=_engine_versions(args.engine_version))
+                              engine_versions=_engine_versions(args.engine_version), format=args.out_format)
     loaded = load_adapter(args.peft_dir, adapter_name=args.adapter_name)
     result = compress(loaded, args.out, options)
     doc = result.to_dict()

@@ -47,19 +47,25 @@ def check_output_dir(out: str | os.PathLike[str], loaded: LoadedAdapter, force: 
 def compress(loaded: LoadedAdapter, out: str | os.PathLike[str] | None, options: CompressOptions) -> CompressResult:
     """Plan and (unless ``options.dry_run`` or ``out`` is None) write the compressed adapter to ``out``."""
     from gradience.blas import limited_blas_threads
+    from gradience.compress import formats
 
+    fmt = formats.prepare(loaded, options)  # --format: refuse an inexact conversion before any work
     out_dir = None
     if out is not None:
         out_dir = check_adapter_out(out, _inputs(loaded), options.force, REPORT_NAME, clean=not options.dry_run)
     with limited_blas_threads():
         layers, config, issues, extra = plan(loaded, options)
     options.policy.extra.update(extra)
+    written_config, format_issues = formats.output_config(loaded, layers, config, fmt)
+    issues.extend(format_issues)
     if out_dir is not None and out_dir.notes:
         issues.append(Issue("output_leftovers", "; ".join(out_dir.notes), "info"))
     result = CompressResult(loaded=loaded, options=options, layers=layers, out_config=config, portability={},
                             issues=issues, source_sha256=source_sha256(loaded),
-                            out_dir=None if out_dir is None else os.fspath(out_dir.path))
+                            out_dir=None if out_dir is None else os.fspath(out_dir.path),
+                            out_format=fmt, weights_name=formats.weights_name(fmt))
     specs, dtypes, non_lora = tensor_specs(loaded, layers, DTYPE_CHOICES[options.dtype])
+    specs = formats.output_specs(loaded, layers, specs, fmt)
     result.dtype_out = dtypes
     result.non_lora = non_lora
     result.portability = portability(output_facts(layers, config, non_lora), options.engine_versions)
@@ -77,8 +83,9 @@ def compress(loaded: LoadedAdapter, out: str | os.PathLike[str] | None, options:
                 "gradience_policy": json.dumps(options.policy.to_dict(), sort_keys=True, default=str)}
     try:
         with limited_blas_threads():
-            write_peft_adapter(out_dir, specs, config, report=result.to_dict, report_name=REPORT_NAME,
-                               metadata=metadata, on_weights_written=mark_written)
+            write_peft_adapter(out_dir, specs, written_config, report=result.to_dict, report_name=REPORT_NAME,
+                               metadata=metadata, on_weights_written=mark_written,
+                               weights_name=formats.weights_name(fmt))
     except BaseException:
         result.written = False
         raise

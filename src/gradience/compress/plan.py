@@ -94,9 +94,6 @@ def preflight(loaded: LoadedAdapter) -> float:
         raise InputError(f"{len(experts)} MoE expert pair(s) ({experts[0]} ...): compress cannot write expert "
                          "adapters yet (PEFT target_parameters / MLX switch layers share one rank across experts); "
                          "audit and compare read them", loaded.adapter_weights_path)
-    if loaded.config.get("format") == "mlx":
-        raise InputError("an MLX-LM adapter: compress writes PEFT adapters only so far (--format mlx is not "
-                         "available yet); audit and compare read it", loaded.adapter_weights_path)
     broken = [i for i in loaded.issues if i.code in _BROKEN_INPUT_CODES]
     if broken:
         raise InputError("cannot write a loadable adapter from this one: " + "; ".join(i.message for i in broken),

@@ -34,6 +34,8 @@ class CompressOptions:
     force: bool = False
     # {engine: version} the portability verdict assumes (e.g. {"vllm": "0.10.2"}); default: current releases.
     engine_versions: dict[str, str] = field(default_factory=dict)
+    # Output layout (issue 21): "peft" or "mlx"; None = the input's (gradience.compress.formats).
+    format: str | None = None
 
 
 @dataclass
@@ -99,6 +101,8 @@ class CompressResult:
     non_lora: dict[str, Any] = field(default_factory=dict)
     dora: dict[str, Any] | None = None
     udr: dict[str, Any] | None = None
+    out_format: str = "peft"         # the layout written (gradience.compress.formats)
+    weights_name: str = WEIGHTS_NAME
 
     def summary(self) -> dict[str, Any]:
         before = sum(la.params_before for la in self.layers)
@@ -128,7 +132,7 @@ class CompressResult:
                        "weights_path": loaded.adapter_weights_path, "sha256": self.source_sha256},
             "output": {"path": self.out_dir, "written": self.written, "dry_run": self.options.dry_run,
                        "dtype": self.options.dtype, "tensor_dtypes": dict(self.dtype_out),
-                       "weights": WEIGHTS_NAME, "config": CONFIG_NAME},
+                       "weights": self.weights_name, "config": CONFIG_NAME, "format": self.out_format},
             "policy": self.options.policy.to_dict(),
             "config": {key: self.out_config.get(key) for key in
                        ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora",

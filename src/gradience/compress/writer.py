@@ -40,8 +40,10 @@ def config_bytes(config: Mapping[str, Any]) -> bytes:
 def write_peft_adapter(out: OutputDir, specs: Sequence[TensorSpec], config: Mapping[str, Any],
                        report: Callable[[], Mapping[str, Any]], report_name: str,
                        metadata: Mapping[str, str] | None = None,
-                       on_weights_written: Callable[[], None] | None = None) -> None:
-    """Write OUT/adapter_model.safetensors, OUT/adapter_config.json and OUT/``report_name`` and swap them in.
+                       on_weights_written: Callable[[], None] | None = None,
+                       weights_name: str = WEIGHTS_NAME) -> None:
+    """Write OUT/adapter_model.safetensors (or ``weights_name``: mlx-lm's ``adapters.safetensors``),
+    OUT/adapter_config.json and OUT/``report_name`` and swap them in.
 
     ``report`` is called after the weights are written (so it can describe what was written);
     ``on_weights_written`` runs just before it. Raises ``InputError`` (nothing written, OUT untouched) on
@@ -51,7 +53,7 @@ def write_peft_adapter(out: OutputDir, specs: Sequence[TensorSpec], config: Mapp
     from gradience.io.safetensors_write import write_safetensors
 
     with stage(out) as st:
-        write_safetensors(st.path / WEIGHTS_NAME, specs, dict(metadata or {}))
+        write_safetensors(st.path / weights_name, specs, dict(metadata or {}))
         st.write_file(CONFIG_NAME, config_bytes(config))
         if on_weights_written is not None:
             on_weights_written()

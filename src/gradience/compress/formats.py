@@ -1,0 +1,188 @@
+"""``compress --format mlx|peft``: write the compressed adapter in PEFT's layout or in mlx-lm's (issue 21 item 3).
+
+The plan and the factors are the same for both formats (:mod:`gradience.compress.plan`, :mod:`.tensors`); this
+module only changes what is written around them:
+
+- **mlx** (``adapters.safetensors`` + mlx-lm's ``adapter_config.json``): mlx-lm applies one ``scale`` to every
+  module (``LoRALinear``: ``y + scale · (x @ lora_a) @ lora_b``, mlx_lm/tuner/lora.py) and builds every LoRA layer
+  with the one ``lora_parameters.rank`` before loading (``load_adapters`` refuses a tensor whose shape differs,
+  mlx_lm/tuner/utils.py), so the output has one rank (lower-rank modules zero-padded, ΔW unchanged) and one
+  scale S: each module's factors carry ``coef = s / S`` so that ``S · lora_bᵀ lora_aᵀ`` is its truncated update.
+  Factors are stored transposed (``lora_a`` (in, k), ``lora_b`` (k, out)).
+- **peft**: ``adapter_model.safetensors`` + a PEFT config (``r``, ``lora_alpha``, ``rank_pattern``), keys
+  ``base_model.model.<module>.lora_A.weight`` (A (k, in), B (out, k)).
+
+Module names go through the adapter package's one mapper (:func:`gradience.adapter.mlx.mlx_module_for`,
+:func:`gradience.adapter.mlx.peft_module_for`). A conversion that cannot be exact (embeddings, DoRA magnitudes,
+LoRA biases, modules_to_save copies, names outside ``model.layers.N``) is refused in one line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from typing import Any
+
+import numpy as np
+
+from gradience.adapter.mlx import MLX_WEIGHTS, mlx_block_key, mlx_module_for, mlx_parameters, peft_module_for
+from gradience.adapter.model import LoadedAdapter
+from gradience.adapter.pairs import PEFT_ROOT_PREFIX
+from gradience.compress.result import CompressOptions, LayerPlan
+from gradience.compress.writer import WEIGHTS_NAME
+from gradience.errors import InputError
+from gradience.io.safetensors_write import TensorSpec
+from gradience.issues import Issue
+
+FORMATS = ("peft", "mlx")
+# PEFT config keys that only describe the MLX view (gradience.adapter.mlx.mlx_config_view), never written.
+_VIEW_ONLY = ("format", "mlx")
+
+
+def input_format(loaded: LoadedAdapter) -> str:
+    """``mlx`` for an mlx-lm adapter (read through its PEFT view), else ``peft``."""
+    return "mlx" if loaded.config.get("format") == "mlx" else "peft"
+
+
+def weights_name(fmt: str) -> str:
+    return MLX_WEIGHTS if fmt == "mlx" else WEIGHTS_NAME
+
+
+def prepare(loaded: LoadedAdapter, options: CompressOptions) -> str:
+    """The output format (default: the input's); refuses a conversion that cannot be exact, and makes an MLX
+    output uniform (mlx-lm loads one rank)."""
+    fmt = options.format or input_format(loaded)
+    if fmt not in FORMATS:
+        raise InputError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    where = loaded.adapter_weights_path
+    if fmt != input_format(loaded):
+        bad = [p.name for p in loaded.pairs if p.kind != "linear"]
+        if bad:
+            raise InputError(f"--format {fmt}: {bad[0]} is a {next(p.kind for p in loaded.pairs if p.name == bad[0])}"
+                             " LoRA; only linear modules convert exactly between PEFT and MLX", where)
+        experts = [p.name for p in loaded.pairs if p.expert is not None]
+        if experts:
+            raise InputError(f"--format {fmt}: MoE expert adapters ({experts[0]} ...) differ in layout between "
+                             "PEFT target_parameters and mlx-lm's LoRASwitchLinear; compress them in their own "
+                             "format", where)
+        dora = [p.name for p in loaded.pairs if p.dora]
+        if dora or loaded.config.get("use_dora"):
+            raise InputError(f"--format {fmt}: DoRA ({(dora or ['use_dora'])[0]}): the magnitude vectors are not "
+                             "converted between PEFT and MLX yet; compress it in its own format", where)
+        if loaded.non_lora.count:
+            raise InputError(f"--format {fmt}: {loaded.non_lora.count} non-LoRA tensor(s) "
+                             f"({loaded.non_lora.names[0]} ...) have no place in the other format", where)
+        for pair in loaded.pairs:  # names first: a refusal before any SVD
+            if fmt == "mlx":
+                mlx_module_for(pair.name, where)
+            else:
+                peft_module_for(pair.name, where)
+    if fmt == "mlx" and not options.policy.uniform:
+        options.policy = dataclasses.replace(options.policy, uniform=True)
+    return fmt
+
+
+def _mlx_scale(loaded: LoadedAdapter) -> float:
+    """The one scale S of an MLX output: the input's own (MLX input), else the most common module scale."""
+    if input_format(loaded) == "mlx":
+        return mlx_parameters(loaded.config["mlx"], loaded.adapter_config_path)[1]
+    counts = Counter(p.scale for p in loaded.pairs)
+    top = max(counts.values())
+    return max(s for s, c in counts.items() if c == top)
+
+
+def output_config(loaded: LoadedAdapter, layers: list[LayerPlan], config: dict[str, Any], fmt: str
+                  ) -> tuple[dict[str, Any], list[Issue]]:
+    """The ``adapter_config.json`` to write (``config`` is the plan's PEFT config) and the notes on it. For an MLX
+    output each layer's ``coef`` is set to ``s / S`` (S the one mlx-lm scale) and ``config`` (what the report and
+    the portability verdict describe) is updated in place to its PEFT equivalent (r = R, lora_alpha = S·R)."""
+    issues: list[Issue] = []
+    src = input_format(loaded)
+    if fmt == "peft":
+        out = {k: v for k, v in config.items() if k not in _VIEW_ONLY}
+        if src == "mlx":
+            mlx = loaded.config["mlx"]
+            params = mlx.get("lora_parameters") or {}
+            dropout = params.get("dropout")
+            out.update({"peft_type": "LORA", "task_type": "CAUSAL_LM", "bias": "none", "fan_in_fan_out": False,
+                        "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
+                        "lora_dropout": float(dropout) if isinstance(dropout, (int, float)) else 0.0,
+                        "target_modules": sorted(peft_module_for(la.name, None) for la in layers),
+                        "use_dora": False, "use_rslora": False})
+            issues.append(Issue("format_converted", "MLX-LM adapter written as PEFT: keys base_model.model.<module>, "
+                                                    "A = lora_aᵀ, B = lora_bᵀ, lora_alpha/r = the MLX scale; module "
+                                                    "names kept (mlx-lm's tree equals Hugging Face's for the "
+                                                    "model.layers.N family)", "info"))
+        return out, issues
+    scale = _mlx_scale(loaded)
+    if scale == 0.0:
+        raise InputError("--format mlx: the adapter's scale is 0, so no MLX scale reproduces its update",
+                         loaded.adapter_config_path)
+    for la in layers:
+        assert la.pair is not None
+        la.coef = la.pair.scale / scale
+        if la.action != "truncated":
+            la.method = "copy" if la.verbatim else "rescale"
+    rank = max(la.r_after for la in layers)
+    # the plan's PEFT config (reported, and judged for portability) becomes the PEFT twin of what is written
+    alpha = scale * rank
+    config.update({"r": rank, "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
+                   "rank_pattern": {}, "alpha_pattern": {}, "use_rslora": False})
+    if src == "mlx":
+        out = dict(loaded.config["mlx"])
+        params = dict(out.get("lora_parameters") or {})
+    else:
+        dropout = config.get("lora_dropout")
+        params = {"dropout": float(dropout) if isinstance(dropout, (int, float)) else 0.0,
+                  "keys": sorted({mlx_block_key(mlx_module_for(la.name, None)) for la in layers})}
+        out = {"fine_tune_type": "lora", "num_layers": -1}
+        if isinstance(config.get("base_model_name_or_path"), str):
+            out["model"] = config["base_model_name_or_path"]
+        scales = sorted({la.pair.scale for la in layers if la.pair is not None})
+        issues.append(Issue("format_converted", f"PEFT adapter written as MLX-LM: one scale {scale:g} for every "
+                                                f"module (input scales {', '.join(f'{s:g}' for s in scales[:4])}"
+                                                f"{' ...' if len(scales) > 4 else ''} folded into the factors), "
+                                                "lora_a = Aᵀ, lora_b = Bᵀ, num_layers -1 (every block; blocks "
+                                                "without weights keep a zero update)", "info"))
+    params.update({"rank": rank, "scale": scale})
+    out["lora_parameters"] = params
+    if any(la.r_after != la.r_before for la in layers) or len({la.r_before for la in layers}) > 1:
+        issues.append(Issue("mlx_one_rank", f"MLX output: one rank {rank} for every module (mlx-lm builds each "
+                                            "LoRA layer with lora_parameters.rank and refuses other shapes); "
+                                            "modules of lower rank are zero-padded", "info"))
+    return out, issues
+
+
+def _transposed(spec: TensorSpec, key: str) -> TensorSpec:
+    produce = spec.produce
+
+    def make() -> np.ndarray:
+        return np.ascontiguousarray(np.asarray(produce()).T)
+
+    return TensorSpec(key, spec.dtype, tuple(reversed(spec.shape)), make)
+
+
+def output_specs(loaded: LoadedAdapter, layers: list[LayerPlan], specs: list[TensorSpec], fmt: str
+                 ) -> list[TensorSpec]:
+    """``specs`` (the input's key names and layout) renamed and transposed into ``fmt``'s."""
+    src = input_format(loaded)
+    if fmt == src:
+        return specs
+    renames: dict[str, str] = {}
+    for la in layers:
+        pair = la.pair
+        assert pair is not None
+        if fmt == "mlx":
+            module = mlx_module_for(pair.name, loaded.adapter_weights_path)
+            renames[pair.a_key], renames[pair.b_key] = f"{module}.lora_a", f"{module}.lora_b"
+        else:
+            module = PEFT_ROOT_PREFIX + peft_module_for(pair.name, loaded.adapter_weights_path)
+            renames[pair.a_key], renames[pair.b_key] = f"{module}.lora_A.weight", f"{module}.lora_B.weight"
+    out = []
+    for spec in specs:
+        key = renames.get(spec.name)
+        if key is None:
+            raise InputError(f"--format {fmt}: tensor {spec.name} is not a LoRA factor and has no place in the "
+                             "other format", loaded.adapter_weights_path)
+        out.append(_transposed(spec, key))
+    return out
