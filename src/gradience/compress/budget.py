@@ -37,6 +37,9 @@ class BudgetLayer:
     sigma: np.ndarray          # unscaled σ, descending
     cost: int                  # parameters per unit of rank: d_in + d_out
     candidates: tuple[int, ...]  # ranks the layer may take, ascending; the first is its floor
+    # How many modules' energy fractions this item stands for (a stacked MoE parameter: its non-zero experts,
+    # whose σ is then the mean-normalised joint spectrum of compress/experts.py); 1 for an ordinary module.
+    weight: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -62,7 +65,7 @@ def _segments(layer: BudgetLayer) -> list[tuple[float, int]]:
     out = []
     cands = layer.candidates
     for lo, hi in itertools.pairwise(cands):
-        gain = retained(layer.sigma, hi) - retained(layer.sigma, lo)
+        gain = layer.weight * (retained(layer.sigma, hi) - retained(layer.sigma, lo))
         out.append((max(gain, 0.0), (hi - lo) * layer.cost))
     return out
 
@@ -95,7 +98,7 @@ def allocate(layers: Sequence[BudgetLayer], budget: int) -> BudgetResult:
             g, c = segs[i][pos[i]]
             heapq.heappush(heap, (-g / c, i))
     ranks = [layer.candidates[p] for layer, p in zip(layers, pos, strict=True)]
-    objective = sum(retained(layer.sigma, k) for layer, k in zip(layers, ranks, strict=True))
+    objective = sum(layer.weight * retained(layer.sigma, k) for layer, k in zip(layers, ranks, strict=True))
     return BudgetResult(ranks=ranks, params=spent, objective=objective,
                         upper_bound=_lp_bound(layers, segs, budget - floor),
                         prefix_params=spent if prefix_params is None else prefix_params)
@@ -103,7 +106,7 @@ def allocate(layers: Sequence[BudgetLayer], budget: int) -> BudgetResult:
 
 def _lp_bound(layers: Sequence[BudgetLayer], segs: list[list[tuple[float, int]]], room: int) -> float:
     """Optimum of the LP relaxation (fractional steps allowed): steps by ratio, the last one fractional."""
-    value = sum(retained(layer.sigma, layer.candidates[0]) for layer in layers)
+    value = sum(layer.weight * retained(layer.sigma, layer.candidates[0]) for layer in layers)
     steps = sorted(((g / c, i, j, g, c) for i, s in enumerate(segs) for j, (g, c) in enumerate(s) if g > 0.0),
                    key=lambda t: (-t[0], t[1], t[2]))
     for _ratio, _i, _j, gain, cost in steps:

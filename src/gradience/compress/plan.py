@@ -12,10 +12,19 @@ from typing import Any
 
 import numpy as np
 
-from gradience.adapter.model import LoadedAdapter
+from gradience.adapter.model import LoadedAdapter, LoraPair
 from gradience.audit.core import LayerAudit, audit_pairs, layer_issues
 from gradience.audit.suggest import per_layer_suggestions, unique_pattern_key
 from gradience.compress.budget import BudgetLayer, allocate, parse_budget, retained
+from gradience.compress.experts import (
+    assumed_modules,
+    budget_items,
+    expert_row,
+    joint_ranks,
+    parameter_name,
+    stacked_groups,
+)
+from gradience.compress.experts import rank_pattern as expert_rank_pattern
 from gradience.compress.policy import (
     Policy,
     apply_modifiers,
@@ -89,11 +98,6 @@ def preflight(loaded: LoadedAdapter) -> float:
                          "have lora_A/lora_B shapes that do not form a PEFT pair (A (r, d_in), B (d_out, r) with "
                          "one r); they fit only transposed or mismatched, so compress would write an adapter "
                          "PEFT cannot load", loaded.adapter_weights_path)
-    experts = [p.name for p in loaded.pairs if p.expert is not None]
-    if experts:  # issue 21: PEFT keeps one r for all experts of a stacked parameter; not written yet
-        raise InputError(f"{len(experts)} MoE expert pair(s) ({experts[0]} ...): compress cannot write expert "
-                         "adapters yet (PEFT target_parameters / MLX switch layers share one rank across experts); "
-                         "audit and compare read them", loaded.adapter_weights_path)
     broken = [i for i in loaded.issues if i.code in _BROKEN_INPUT_CODES]
     if broken:
         raise InputError("cannot write a loadable adapter from this one: " + "; ".join(i.message for i in broken),
@@ -102,8 +106,10 @@ def preflight(loaded: LoadedAdapter) -> float:
 
 
 # -- planning ----------------------------------------------------------------------------------------------
-def _layer_ranks(audits: list[LayerAudit], policy: Policy, use_rslora: bool) -> tuple[list[int], dict[str, Any]]:
-    """k per layer after the policy and its modifiers (before --uniform); extra policy facts for the report."""
+def _layer_ranks(audits: list[LayerAudit], policy: Policy, use_rslora: bool, pairs: list[LoraPair]
+                 ) -> tuple[list[int], dict[str, Any]]:
+    """k per layer after the policy and its modifiers (before --uniform and before the experts of a stacked MoE
+    parameter share one rank, :mod:`gradience.compress.experts`); extra policy facts for the report."""
     extra: dict[str, Any] = {}
     finite = [la.singular_values is not None for la in audits]
     if policy.name == "per_layer":
@@ -118,14 +124,23 @@ def _layer_ranks(audits: list[LayerAudit], policy: Policy, use_rslora: bool) -> 
         extra["budget_params"] = budget
         if policy.uniform:
             return _uniform_budget(audits, budget, policy), extra
-        blayers = [BudgetLayer(sigma=la.singular_values if la.singular_values is not None else np.zeros(la.r),
-                               cost=la.d_in + la.d_out,
-                               candidates=budget_candidates(la.r, policy) if ok else (la.r,))
-                   for la, ok in zip(audits, finite, strict=True)]
+        if any(p.expert is not None for p in pairs):  # stacked MoE parameters are one item each
+            blayers, members = budget_items(pairs, [la.singular_values for la in audits],
+                                            lambda r: budget_candidates(r, policy))
+        else:
+            blayers = [BudgetLayer(sigma=la.singular_values if la.singular_values is not None else np.zeros(la.r),
+                                   cost=la.d_in + la.d_out,
+                                   candidates=budget_candidates(la.r, policy) if ok else (la.r,))
+                       for la, ok in zip(audits, finite, strict=True)]
+            members = [[i] for i in range(len(audits))]
         res = allocate(blayers, budget)
         extra.update({"budget_params_used": res.params, "objective": res.objective,
                       "objective_upper_bound": res.upper_bound, "greedy_optimal_at_params": res.prefix_params})
-        return res.ranks, extra
+        ranks = [0] * len(audits)
+        for idx, k in zip(members, res.ranks, strict=True):
+            for i in idx:
+                ranks[i] = k
+        return ranks, extra
     ks = []
     for la, ok in zip(audits, finite, strict=True):
         if not ok:
@@ -160,6 +175,12 @@ def _default_rank(ranks: list[int]) -> int:
     return max(r for r, c in counts.items() if c == top)  # ties: the larger rank (as the audit's default_r)
 
 
+def _unit_ranks(pairs: list[LoraPair], ks: list[int]) -> list[int]:
+    """One rank per PEFT module or stacked MoE parameter (its experts share one r), for the default r."""
+    first = {idx[0] for idx in stacked_groups(pairs).values()}
+    return [k for i, (p, k) in enumerate(zip(pairs, ks, strict=True)) if p.expert is None or i in first]
+
+
 def _json_number(x: float) -> float | int:
     return int(x) if float(x).is_integer() else x
 
@@ -178,7 +199,9 @@ def plan(loaded: LoadedAdapter, options: CompressOptions) -> tuple[list[LayerPla
         raise InputError(f"the spectrum of a module could not be computed ({exc}): the factors hold extreme "
                          "values or changed while being read", loaded.adapter_weights_path) from None
     use_rslora = bool(loaded.config.get("use_rslora", False))
-    ks, extra = _layer_ranks(audits, policy, use_rslora)
+    ks, extra = _layer_ranks(audits, policy, use_rslora, loaded.pairs)
+    assumed = assumed_modules(loaded)
+    ks = joint_ranks(loaded.pairs, ks, assumed)  # one K per stacked MoE parameter (PEFT's layout)
     if policy.uniform:
         top = max(ks)
         ks = [top] * len(ks)
@@ -202,16 +225,21 @@ def plan(loaded: LoadedAdapter, options: CompressOptions) -> tuple[list[LayerPla
             name=pair.name, peft_prefix=pair.peft_prefix, module_type=la.module_type, kind=pair.kind,
             dora=pair.dora, r_before=pair.r, r_after=k, d_in=pair.d_in, d_out=pair.d_out, action=action,
             energy_retained=energy, rel_frob_error=frob, rel_spectral_error=spectral,
-            coef=pair.scale * k / alpha, pair=pair, sigma=sigma, extra=action_note))
+            coef=pair.scale * k / alpha, pair=pair, sigma=sigma,
+            extra=action_note if pair.expert is None else {**action_note, **expert_row(pair)}))
         if action != "truncated":
             layers[-1].method = "copy" if layers[-1].verbatim else "rescale"
 
-    names = [la.name for la in layers]
-    default_r = _default_rank(ks)
+    names = [la.name if la.pair is None or la.pair.expert is None else parameter_name(la.pair) for la in layers]
+    names = list(dict.fromkeys(names))
+    default_r = _default_rank(_unit_ranks(loaded.pairs, ks))
     config = dict(loaded.config)
     config["r"] = default_r
     config["lora_alpha"] = _json_number(alpha)
-    config["rank_pattern"] = {unique_pattern_key(la.name, names): la.r_after for la in layers if la.r_after != default_r}
+    config["rank_pattern"] = {unique_pattern_key(la.name, names): la.r_after for la in layers
+                              if la.r_after != default_r and (la.pair is None or la.pair.expert is None)}
+    stack_pattern = expert_rank_pattern(loaded.pairs, ks, default_r, assumed, unique_pattern_key, names)
+    config["rank_pattern"].update(stack_pattern)
     config["alpha_pattern"] = {}
     config["use_rslora"] = False
 
@@ -223,6 +251,14 @@ def plan(loaded: LoadedAdapter, options: CompressOptions) -> tuple[list[LayerPla
                             f"{len(dora)} DoRA module(s): the directional update s·B·A was truncated and the "
                             "magnitude vectors were kept as they are; the merged weight's error depends on the base "
                             "(pass --base-model for its exact value)", "info", modules=dora))
+    stack_keys = list(stack_pattern)
+    if stack_keys:
+        issues.append(Issue("peft_pattern_warning_expected",
+                            "PEFT 0.21 warns that rank_pattern keys of expert parameters "
+                            f"({', '.join(stack_keys[:3])}) 'did not match any targeted module and were ignored': "
+                            "its check (tuners_utils.py BaseTuner.inject_adapter) looks at target_modules only; "
+                            "_create_and_replace applies them to the target_parameters wrappers", "info",
+                            modules=stack_keys))
     if extra.get("uniform_rank") is not None and any(la.action == "padded" for la in layers):
         padded = [la.name for la in layers if la.action == "padded"]
         issues.append(Issue("zero_padded", f"{len(padded)} module(s) of lower rank were zero-padded to the uniform "

@@ -19,6 +19,7 @@ import numpy as np
 from gradience.adapter.model import LoadedAdapter, LoraPair
 from gradience.adapter.sources import SafetensorsSource
 from gradience.audit.spectrum import factor_grams
+from gradience.compress.experts import join_stack, parameter_name, split_stack
 from gradience.compress.factors import rescaled_factors, scaled_truncated_factors, truncated_factors
 from gradience.compress.result import LayerPlan
 from gradience.engines import OutputFacts, facts_from_config
@@ -155,8 +156,13 @@ def tensor_specs(loaded: LoadedAdapter, layers: list[LayerPlan], out_dtype: str 
     raw = _RawReader(source, where)
     metas = source.metas()
     by_key: dict[str, tuple[LayerPlan, str]] = {}
+    stacks: dict[str, tuple[list[LayerPlan], str]] = {}  # MoE expert stacks: one A/B key for all experts
     for layer in layers:
         assert layer.pair is not None
+        if layer.pair.expert is not None:
+            stacks.setdefault(layer.pair.a_key, ([], "A"))[0].append(layer)
+            stacks[layer.pair.b_key] = (stacks[layer.pair.a_key][0], "B")
+            continue
         by_key[layer.pair.a_key] = (layer, "A")
         by_key[layer.pair.b_key] = (layer, "B")
     pending: dict[str, dict[str, np.ndarray]] = {}
@@ -184,6 +190,34 @@ def tensor_specs(loaded: LoadedAdapter, layers: list[LayerPlan], out_dtype: str 
             del pending[layer.name]
         return out
 
+    def new_stack(group: list[LayerPlan], side: str, dtype: str) -> np.ndarray:
+        """Every expert's factors recomputed on its own, joined back in PEFT's stacked layout."""
+        first = group[0].pair
+        assert first is not None and first.num_experts is not None
+        slot = pending.get(first.a_key)
+        if slot is None:
+            a_all = raw.read_float(first.a_key, "").reshape(first.a_shape)
+            b_all = raw.read_float(first.b_key, "").reshape(first.b_shape)
+            parts = split_stack(a_all, b_all, first.num_experts, first.r)
+            out_parts = []
+            for layer in sorted(group, key=lambda la: (la.pair.expert or 0) if la.pair else 0):
+                assert layer.pair is not None and layer.pair.expert is not None
+                a, b = parts[layer.pair.expert]
+                if layer.action == "truncated":
+                    a_new, b_new, layer.method = _truncate(layer, a, b, where)
+                else:
+                    a_new, b_new = rescaled_factors(a, b, layer.r_after, layer.coef)
+                out_parts.append((a_new, b_new))
+            a_st, b_st = join_stack(out_parts, group[0].r_after)
+            try:
+                slot = pending[first.a_key] = {"A": encode_float(a_st, dtype), "B": encode_float(b_st, dtype)}
+            except ValueError as exc:
+                raise InputError(f"parameter {parameter_name(first)}: {exc}; choose another --dtype", where) from None
+        out = slot.pop(side)
+        if not slot:
+            del pending[first.a_key]
+        return out
+
     by_prefix = {layer.peft_prefix: layer for layer in layers}
 
     def scaled_bias(key: str, layer: LayerPlan, stored: str) -> np.ndarray:
@@ -202,6 +236,20 @@ def tensor_specs(loaded: LoadedAdapter, layers: list[LayerPlan], out_dtype: str 
                                 "lora_biases_rescaled": 0}
     for key, meta in metas.items():
         stored = _stored_name(meta.dtype, key, where)
+        stack = stacks.get(key)
+        if stack is not None:
+            group, side = stack
+            dtype = out_dtype or stored
+            dtypes[dtype] += 1
+            if all(la.verbatim for la in group) and dtype == stored:
+                specs.append(TensorSpec(key, stored, meta.shape, partial(raw.read, key, stored)))
+                continue
+            k_all = group[0].r_after * len(group)
+            shape = (k_all, meta.shape[1]) if side == "A" else (meta.shape[0], k_all)
+            for la in group:
+                la.method = "convert" if la.verbatim else la.method
+            specs.append(TensorSpec(key, dtype, shape, partial(new_stack, group, side, dtype)))
+            continue
         hit = by_key.get(key)
         if hit is None:
             parsed = parse_factor_key(key)
