@@ -51,13 +51,15 @@ import logging
 import sys
 import warnings
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from gradience.errors import MissingDependencyError
-from gradience.policy import thresholds as T
+from gradience.integrations.hf_adapter import _peft_config_dict, audit_model_adapter
+from gradience.integrations.hf_config import GradienceCallbackConfig, GradienceTelemetryWarning
+from gradience.integrations.hf_eval import EvalHooks
+from gradience.integrations.hf_guard import GuardHooks
+from gradience.integrations.hf_values import _non_default_args, _plain, _scalar, _strip_prefix
 
 try:
     from transformers import TrainerCallback
@@ -66,186 +68,18 @@ except ImportError as _exc:  # pragma: no cover - depends on the environment
 
 logger = logging.getLogger(__name__)
 
-_EVAL_PREFIX = "eval_"
-_TRAIN_EVAL_PREFIX = "train_eval_"
+__all__ = ["GradienceCallback", "GradienceCallbackConfig", "GradienceTelemetryWarning", "audit_model_adapter"]
+
 # Keys of the Trainer's final summary log (on_log after training); recorded as one metrics event.
 _TRAIN_SUMMARY_KEYS = frozenset({"train_runtime", "train_samples_per_second", "train_steps_per_second",
                                  "total_flos", "train_loss"})
 
 
-class GradienceTelemetryWarning(RuntimeWarning):
-    """Telemetry could not be written or computed; training itself is unaffected."""
+class GradienceCallback(GuardHooks, EvalHooks, TrainerCallback):
+    """Writes a Gradience telemetry log for a Hugging Face ``Trainer`` run (see the module docstring).
 
-
-@dataclass
-class GradienceCallbackConfig:
-    """Options of :class:`GradienceCallback` (all optional)."""
-
-    output_dir: str | None = None          # default: TrainingArguments.output_dir
-    filename: str = "run.jsonl"
-    run_id: str | None = None              # default: a fresh uuid4 per trainer.train() call (a fixed id is
-                                           # reused by every train() call of this callback)
-    dataset_name: str | None = None
-    model_name: str | None = None          # default: PEFT base_model_name_or_path / model.config._name_or_path
-    task_profile: str | None = None        # easy_classification | hard_reasoning | generation | unknown
-    notes: str | None = None
-    telemetry_allow_text: bool = False
-    telemetry_max_str_len: int = 256
-    eval_split: str = "test"               # split name for the Trainer's own evaluations
-    train_eval_dataset: Any = None         # evaluated at each evaluation and logged as split "train"
-    train_eval_samples: int | None = None  # evenly spaced rows of train_eval_dataset (default: train_dataset)
-    audit_on_train_end: bool = True
-    audit_include_layers: bool = False
-    meta: dict[str, Any] = field(default_factory=dict)  # extra run_start meta (no secrets: it is logged)
-    # Guard (SPEC §16, experimental, off by default): see gradience.integrations.guard for what it does.
-    guard: bool = False
-    guard_snapshot_every: int = T.GUARD_SNAPSHOT_EVERY    # optimizer steps between CPU snapshots
-    guard_ring: int = T.GUARD_RING                        # snapshots kept
-    guard_spike_factor: float = T.GUARD_SPIKE_FACTOR      # step loss > this x running median: rollback
-    guard_lr_factor: float = T.GUARD_LR_FACTOR            # lr multiplier per rollback
-    guard_max_rollbacks: int = T.GUARD_MAX_ROLLBACKS      # within guard_window steps; one more: stop
-    guard_window: int = T.GUARD_WINDOW
-    guard_loss_source: str = "auto"                       # "auto" | "step" (Trainer._tr_loss) | "log" (on_log)
-
-
-def _plain(obj: Any) -> Any:
-    """JSON-friendly copy of a PEFT/HF config value: enums by value, sets sorted, tuples as lists."""
-    if isinstance(obj, Enum):
-        return obj.value
-    if isinstance(obj, Mapping):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (set, frozenset)):
-        return sorted((_plain(v) for v in obj), key=str)
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, str):
-        return str(obj)  # plain str, also for str subclasses (TorchVersion, str-enums)
-    if obj is None or isinstance(obj, (bool, int, float)):
-        return obj
-    return str(obj)
-
-
-def _scalar(value: Any) -> float | int | None:
-    """A plain number from a logged value (python/numpy/0-d torch), or None."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float)):
-        return value
-    item = getattr(value, "item", None)
-    if callable(item):
-        try:
-            out = item()
-        except (TypeError, ValueError, RuntimeError):
-            return None
-        return out if isinstance(out, (int, float)) and not isinstance(out, bool) else None
-    return None
-
-
-def _strip_prefix(metrics: Mapping[str, Any], prefix: str) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in metrics.items():
-        name = key[len(prefix):] if key.startswith(prefix) else key
-        number = _scalar(value)
-        if number is not None:
-            out[name] = number
-    return out
-
-
-def _non_default_args(cls: Any, values: Mapping[str, Any]) -> dict[str, Any]:
-    """``values`` (TrainingArguments keys) without those equal to the field's default in ``cls``: a run log
-    carries what was changed, not ~110 defaults. Field defaults are read from the dataclass (no instance is
-    built, so nothing touches devices); a few fields normalized by ``__post_init__`` may stay."""
-    import dataclasses
-
-    from gradience.config.hf_defaults import drop_defaults
-
-    defaults: dict[str, Any] = {}
-    if dataclasses.is_dataclass(cls):
-        for f in dataclasses.fields(cls):
-            try:
-                if f.default is not dataclasses.MISSING:
-                    defaults[f.name] = _plain(f.default)
-                elif f.default_factory is not dataclasses.MISSING:
-                    defaults[f.name] = _plain(f.default_factory())
-            except Exception:  # an exotic default: keep the key
-                continue
-    return drop_defaults(values, defaults)
-
-
-@contextlib.contextmanager
-def _quiet_prediction_steps(handler: Any) -> Iterator[None]:
-    """Within the block, the callback handler's ``on_prediction_step`` does nothing (the instance attribute
-    shadows the method and is removed afterwards): an internal evaluation pass moves no progress bar."""
-    if handler is None:
-        yield
-        return
-    handler.on_prediction_step = lambda args, state, control, **kwargs: control
-    try:
-        yield
-    finally:
-        with contextlib.suppress(AttributeError):
-            del handler.on_prediction_step
-
-
-def _adapter_state(model: Any) -> tuple[dict[str, Any], dict[str, Any]] | None:
-    """(LoRA tensors, adapter config dict) of the active adapter of a PEFT or transformers-PEFT model."""
-    if model is None:
-        return None
-    peft_config = getattr(model, "peft_config", None)
-    if not isinstance(peft_config, Mapping) or not peft_config:
-        return None
-    from peft import PeftModel, get_peft_model_state_dict
-
-    if isinstance(model, PeftModel):
-        name = model.active_adapter
-    else:  # transformers' own PEFT integration (model.add_adapter)
-        active = model.active_adapters() if callable(getattr(model, "active_adapters", None)) else []
-        name = active[0] if active else next(iter(peft_config))
-    # save_embedding_layers=False: only LoRA factors are audited, and PEFT's "auto" may query the Hub about
-    # the base model's config.
-    state = get_peft_model_state_dict(model, adapter_name=name, save_embedding_layers=False)
-    config = peft_config.get(name) or next(iter(peft_config.values()))
-    return dict(state), _plain(config.to_dict())
-
-
-def _peft_config_dict(model: Any) -> dict[str, Any] | None:
-    peft_config = getattr(model, "peft_config", None)
-    if not isinstance(peft_config, Mapping) or not peft_config:
-        return None
-    name = getattr(model, "active_adapter", None)
-    if not isinstance(name, str) or name not in peft_config:
-        name = next(iter(peft_config))
-    return _plain(peft_config[name].to_dict())
-
-
-def audit_model_adapter(model: Any, include_layers: bool = False) -> dict[str, Any] | None:
-    """Audit the in-memory LoRA adapter of ``model`` (no files): the ``lora_audit`` metrics payload.
-
-    Returns None when the model has no PEFT adapter. Raises ``ValueError`` when the weights are sharded
-    away from this process (DeepSpeed ZeRO-3 / FSDP without a full state dict).
-    """
-    found = _adapter_state(model)
-    if found is None:
-        return None
-    state, config = found
-    from gradience.audit import audit_state_dict
-
-    tensors = {}
-    for key, tensor in state.items():
-        if "lora_" not in key:  # modules_to_save heads etc. are not part of the LoRA audit
-            continue
-        if tensor.numel() == 0:
-            raise ValueError(f"adapter tensor {key} is empty in this process (sharded by ZeRO-3/FSDP?); "
-                             "run `gradience audit` on the saved adapter instead")
-        tensors[key] = tensor.detach().to("cpu").float().numpy()
-    if not tensors:
-        return None
-    summary: dict[str, Any] = audit_state_dict(tensors, config).to_summary(include_layers=include_layers)
-    return summary
-
-
-class GradienceCallback(TrainerCallback):
-    """Writes a Gradience telemetry log for a Hugging Face ``Trainer`` run (see the module docstring)."""
+    Its guard hooks are in :mod:`gradience.integrations.hf_guard`, its evaluation helpers (split names, the
+    train-eval pass) in :mod:`gradience.integrations.hf_eval`."""
 
     def __init__(self, config: GradienceCallbackConfig | None = None) -> None:
         self.config = config or GradienceCallbackConfig()
@@ -408,69 +242,6 @@ class GradienceCallback(TrainerCallback):
         except Exception as exc:  # never raise into the training loop; one warning for all write failures
             self._warn_once("telemetry", f"telemetry {name} failed: {type(exc).__name__}: {exc}")
 
-    # -- guard (SPEC §16; the logic lives in gradience.integrations.guard) ------------------------------------
-    def _guard_settings(self) -> Any:
-        from gradience.integrations.guard import GuardSettings
-
-        c = self.config
-        return GuardSettings(snapshot_every=c.guard_snapshot_every, ring=c.guard_ring,
-                             spike_factor=c.guard_spike_factor, lr_factor=c.guard_lr_factor,
-                             max_rollbacks=c.guard_max_rollbacks, window=c.guard_window,
-                             loss_source=c.guard_loss_source)
-
-    def _guard_call(self, name: str, fn: Any, *a: Any) -> Any:
-        """Run a guard step; a failure disables the guard for the rest of the run (training continues)."""
-        try:
-            return fn(*a)
-        except Exception as exc:
-            if self.rollback_guard is not None:
-                self.rollback_guard.end()
-            self.rollback_guard = None
-            self._warn_once("guard", f"guard disabled: {name} failed: {type(exc).__name__}: {exc}")
-            return None
-
-    def _guard_begin(self, args: Any, state: Any, kwargs: Mapping[str, Any]) -> None:
-        from gradience.integrations.guard_runtime import GuardRuntime
-
-        self.rollback_guard = None
-        trainer = self.trainer
-        if getattr(trainer, "is_deepspeed_enabled", False):  # FSDP is supported: each rank guards its shards
-            self._warn_once("guard", "guard disabled: DeepSpeed partitions the optimizer state inside its engine, "
-                                     "out of the guard's reach (FSDP and DDP are supported)")
-            return
-        optimizer = kwargs.get("optimizer") or getattr(trainer, "optimizer", None)
-        if optimizer is None:
-            self._warn_once("guard", "guard disabled: the Trainer has no optimizer at on_train_begin")
-            return
-        runtime = GuardRuntime(self._guard_settings())
-        runtime.begin(trainer, optimizer, kwargs.get("lr_scheduler") or getattr(trainer, "lr_scheduler", None),
-                      int(state.global_step))
-        self.rollback_guard = runtime
-
-    def _guard_emit(self, state: Any, event: dict[str, Any] | None) -> None:
-        """An alert plus a ``guard`` metrics event for one action (rank 0 writes)."""
-        if event is None or not self._should_write(state):
-            return
-        from gradience.integrations.guard import alert_for
-
-        severity, code, message = alert_for(event)
-        self.writer.alert(severity, code, message, context=event, step=event["step"])
-        self.writer.metrics("guard", event, step=event["step"])
-
-    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.rollback_guard is not None:
-            self._guard_call("on_step_begin", self.rollback_guard.step_begin)
-
-    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.rollback_guard is not None:
-            event = self._guard_call("on_pre_optimizer_step", self.rollback_guard.pre_optimizer_step,
-                                     state.global_step, control)
-            self._hook("guard", self._guard_emit, state, event)
-
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.rollback_guard is not None:
-            self._guard_call("on_step_end", self.rollback_guard.step_end, state.global_step)
-
     # -- TrainerCallback hooks -------------------------------------------------------------------------------
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.config.guard:
@@ -533,89 +304,6 @@ class GradienceCallback(TrainerCallback):
         if train_metrics is not None and self._should_write(state):
             self.last_eval["train"] = train_metrics
             self.writer.eval(state.global_step, "train", train_metrics)
-
-    def _split_of(self, metrics: Mapping[str, Any]) -> tuple[str, str]:
-        """Split name and key prefix: ``eval_x`` is ``eval_split``; with a dict of eval datasets,
-        ``eval_<name>_x`` is split ``<name>``."""
-        eval_sets = getattr(self.trainer, "eval_dataset", None)
-        if isinstance(eval_sets, Mapping):
-            for name in eval_sets:
-                prefix = f"{_EVAL_PREFIX}{name}_"
-                if any(k.startswith(prefix) for k in metrics):
-                    return str(name), prefix
-        return self.config.eval_split, _EVAL_PREFIX
-
-    def _eval_size(self, split: str) -> int | None:
-        dataset = getattr(self.trainer, "eval_dataset", None)
-        if isinstance(dataset, Mapping):
-            dataset = dataset.get(split)
-        try:
-            return len(dataset) if dataset is not None else None
-        except TypeError:
-            return None
-
-    def _prepare_train_eval(self) -> Any:
-        cfg = self.config
-        dataset = cfg.train_eval_dataset
-        if dataset is None and cfg.train_eval_samples:
-            dataset = getattr(self.trainer, "train_dataset", None)
-        if dataset is None:
-            return None
-        n = cfg.train_eval_samples
-        if n is None:
-            return dataset
-        if not hasattr(dataset, "__len__"):  # a stream: its first n rows
-            if callable(getattr(dataset, "take", None)):  # datasets.IterableDataset
-                return dataset.take(n)
-            self._warn_once("train_eval", "train-eval needs a sized dataset or a datasets.IterableDataset; "
-                                          "train-eval is disabled")
-            return None
-        total = len(dataset)
-        if total <= n:
-            return dataset
-        # Evenly spaced rows, not the first n: training sets are often sorted (by label, length, source).
-        indices = [i * total // n for i in range(n)]
-        if callable(getattr(dataset, "select", None)):  # datasets.Dataset
-            return dataset.select(indices)
-        from torch.utils.data import Subset
-
-        return Subset(dataset, indices)
-
-    def _run_train_eval(self) -> dict[str, Any] | None:
-        cfg = self.config
-        if not self._training or (cfg.train_eval_dataset is None and not cfg.train_eval_samples):
-            return None
-        if self.trainer is None:
-            self._warn_once("train_eval", "train-eval is configured but the Trainer is unknown; "
-                                          "call callback.attach(trainer)")
-            return None
-        if not self._train_eval_ready:
-            self._train_eval = self._prepare_train_eval()
-            self._train_eval_ready = True
-        if self._train_eval is None:
-            return None
-        trainer = self.trainer
-        handler = getattr(trainer, "callback_handler", None)
-        saved_loader = getattr(handler, "eval_dataloader", None)
-        try:
-            loader = trainer.get_eval_dataloader(self._train_eval)
-            # The Trainer's eval progress bar is still open here (ProgressCallback closes it in its own
-            # on_evaluate, after ours): keep this pass's prediction steps off it, or it overruns (11/6).
-            with _quiet_prediction_steps(handler):
-                output = trainer.evaluation_loop(
-                    loader, description="Gradience train-eval",
-                    prediction_loss_only=True if trainer.compute_metrics is None else None,
-                    metric_key_prefix=_TRAIN_EVAL_PREFIX.rstrip("_"))
-        except Exception as exc:
-            self._train_eval = None  # do not retry (and re-warn) at every evaluation
-            self._warn_once("train_eval", f"train-eval failed and is disabled: {type(exc).__name__}: {exc}")
-            return None
-        finally:
-            if handler is not None and hasattr(handler, "eval_dataloader"):
-                handler.eval_dataloader = saved_loader  # evaluation_loop pointed it at the train-eval loader
-        values = _strip_prefix(output.metrics, _TRAIN_EVAL_PREFIX)
-        values.setdefault("n", int(output.num_samples))
-        return values
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._training = False
