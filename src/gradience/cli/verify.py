@@ -20,6 +20,10 @@ modes:
                       and a verdict: exact (within the stored dtype's rounding), not_applied, applied_twice,
                       wrong_scale (sqrt(r), 1/sqrt(r), ... named), different_base, residual_unexplained;
                       every weight no adapter module adapts must be unchanged
+                      a bitsandbytes 4-bit BASE is read de-quantised (the correct QLoRA merge is deq(W4) + s*B*A);
+                      --qlora [nf4|fp4] with a 16-bit BASE (on by default when the adapter config names a 4-bit
+                      base): each module is also checked against deq(Q(W16)) and the base the merge used is named
+                      (a merge into W16 is different_base, reason merged_into_16bit: unsloth-zoo PR 810)
   engine mapping      --peft-dir ADAPTER --base-model BASE [--engine peft|vllm|llama.cpp]
                       every LoRA pair resolves to a base weight of the right shape under the engine's naming
   GGUF                --gguf FILE.gguf --peft-dir ADAPTER [--base-model BASE]
@@ -30,6 +34,7 @@ issue), or a verdict name (not_applied, applied_twice, wrong_scale, different_ba
 
 examples:
   gradience verify --merged ./merged --base-model ./llama-7b --peft-dir ./adapter --fail-on not_exact
+  gradience verify --merged ./merged --base-model ./llama-7b --peft-dir ./qlora-adapter --qlora
   gradience verify --peft-dir ./adapter --base-model ./qwen2-vl --engine vllm
   gradience export --peft-dir ./adapter --to gguf --base-model ./llama-7b --out adapter.gguf
   gradience verify --gguf adapter.gguf --peft-dir ./adapter
@@ -49,6 +54,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--base-model", metavar="ID_OR_DIR", help="base model (local dir or hub id in the local HF cache)")
     p.add_argument("--merged", metavar="DIR", help="merged checkpoint directory to verify")
     p.add_argument("--gguf", metavar="FILE", help="llama.cpp LoRA GGUF to compare with the adapter")
+    p.add_argument("--qlora", nargs="?", const="nf4", choices=("nf4", "fp4"), metavar="TYPE",
+                   help="merged mode: the adapter was trained on a 4-bit base (nf4 default, or fp4): check the "
+                        "merge against deq(Q(W16)) too and name the base it used")
     p.add_argument("--engine", default="peft", metavar="E",
                    help="mapping mode: peft (default), vllm or llama.cpp")
     p.add_argument("--json", action="store_true", help="print the gradience.verify/v1 document")
@@ -105,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.merged:
         from gradience.verify import verify_merged
 
-        doc = verify_merged(loaded, args.merged, args.base_model)
+        doc = verify_merged(loaded, args.merged, args.base_model, qlora=args.qlora)
     else:
         from gradience.verify import verify_mapping
 

@@ -11,7 +11,7 @@ learned on), or keep the adapter unmerged on the 4-bit base. ``gradience verify`
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,19 +35,39 @@ def quantization_residual(weight: np.ndarray, quant_type: str = "nf4", blocksize
                           dtype: str = "bfloat16") -> float:
     """‖W − deq(Q(W))‖_F with bitsandbytes' 4-bit quantiser (values rounded to ``dtype`` as bitsandbytes returns
     them); streamed over row blocks so the temporaries stay small."""
-    w = np.asarray(weight, np.float32)
-    flat = w.reshape(-1)
-    step = max(blocksize, (1 << 22) - (1 << 22) % blocksize)
     total = 0.0
+    for chunk, deq in _round_trip_chunks(weight, quant_type, blocksize, dtype):
+        diff = chunk.astype(np.float64) - deq
+        total += float(diff @ diff)
+    return math.sqrt(total)
+
+
+def _round_trip_chunks(weight: np.ndarray, quant_type: str, blocksize: int, dtype: str
+                       ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(chunk of the flattened W, deq(Q(chunk))) in steps of whole 4-bit blocks: the one round trip that both
+    the residual and :func:`dequantized_twin` use."""
+    flat = np.asarray(weight, np.float32).reshape(-1)
+    step = max(blocksize, (1 << 22) - (1 << 22) % blocksize)
     code = code_table(quant_type)
     for start in range(0, flat.shape[0], step):
         chunk = flat[start:start + step]
         packed, absmax = quantize_4bit(chunk, quant_type, blocksize)
         state = Bnb4State(quant_type, blocksize, (chunk.shape[0],), dtype)
-        deq = dequantize_4bit(packed, absmax, code, state)
-        diff = chunk.astype(np.float64) - deq
-        total += float(diff @ diff)
-    return math.sqrt(total)
+        yield chunk, dequantize_4bit(packed, absmax, code, state)
+
+
+def dequantized_twin(weight: np.ndarray, quant_type: str = "nf4", blocksize: int = 64, dtype: str = "bfloat16"
+                     ) -> np.ndarray:
+    """deq(Q(W)) as float32 of W's shape: the weights a QLoRA adapter trained on a 4-bit copy of the 16-bit
+    ``weight`` actually saw (bitsandbytes' quantiser, no double quantisation, rounded to ``dtype``). ``verify``
+    checks a merge against it and against W itself to name which base a merge used."""
+    w = np.asarray(weight, np.float32)
+    out = np.empty(w.size, np.float32)
+    pos = 0
+    for chunk, deq in _round_trip_chunks(w, quant_type, blocksize, dtype):
+        out[pos:pos + chunk.shape[0]] = deq.reshape(-1)
+        pos += chunk.shape[0]
+    return out.reshape(w.shape)
 
 
 @dataclass

@@ -21,7 +21,7 @@ from gradience.errors import InputError
 from gradience.io.safetensors import bf16_to_f32
 from gradience.io.textfile import os_problem
 from gradience.udr.base import BaseWeights
-from gradience.udr.spectral import CHUNK_BYTES
+from gradience.udr.spectral import CHUNK_BYTES, RowBlocks
 
 _STORED = {"BF16": ("<u2", 2), "F16": ("<f2", 2), "F32": ("<f4", 4), "F64": ("<f8", 8)}
 COMPARE_CHUNK = 1024 * 1024   # two chunk buffers stay in cache while compared (measured: 8 MiB chunks ~20% slower)
@@ -67,6 +67,11 @@ class TensorBlocks:
     def path(self) -> Path:
         return self.weights.root / self.info.file
 
+    @property
+    def dtype(self) -> str:
+        """The stored dtype name (NF4/FP4 for a bitsandbytes 4-bit weight, read de-quantised)."""
+        return self.info.dtype
+
     def blocks(self, rows_per_block: int, out: np.ndarray | None = None) -> Iterator[tuple[int, int, np.ndarray]]:
         """(start, stop, float32 block); the block is valid until the next one is produced.
 
@@ -74,7 +79,10 @@ class TensorBlocks:
         into (a float32 tensor is read straight into it), so that a caller may overwrite a block in place and
         keep every buffer of its loop small enough to stay in cache."""
         if not self.pread:
-            for a, b, block in self.weights.row_blocks(self.name).blocks(rows_per_block):
+            source = self.weights.row_blocks(self.name)
+            if self.shape[1] != source.shape[1]:  # flat: a de-quantised 4-bit weight or a .bin tensor as (numel, 1)
+                source = RowBlocks(source.raw.reshape(self.shape), bf16=source.bf16)
+            for a, b, block in source.blocks(rows_per_block):
                 if out is None:
                     yield a, b, block
                 else:
@@ -141,3 +149,29 @@ def bitwise_equal(a: TensorBlocks, b: TensorBlocks) -> bool:
         if not np.array_equal(xa, xb):
             return False
     return True
+
+
+class ArrayBlocks:
+    """A float32 weight already in memory (deq(Q(W₁₆)), the QLoRA candidate base) with :class:`TensorBlocks`'
+    block interface, so that one accumulation loop serves checkpoint tensors and computed bases alike."""
+
+    def __init__(self, values: np.ndarray, dtype: str) -> None:
+        rows = int(values.shape[0]) if values.ndim else 1
+        self.values = np.ascontiguousarray(values, np.float32).reshape(rows, -1)
+        self.shape = (rows, int(self.values.shape[1]))
+        self.dtype = dtype
+        self.rows_per_block = max(1, CHUNK_BYTES // (4 * max(1, self.shape[1])))
+
+    def blocks(self, rows_per_block: int, out: np.ndarray | None = None) -> Iterator[tuple[int, int, np.ndarray]]:
+        """(start, stop, float32 block), copied into ``out`` when given (the caller overwrites it in place)."""
+        rows, cols = self.shape
+        step = max(1, min(rows_per_block, rows))
+        for a in range(0, rows, step):
+            b = min(rows, a + step)
+            src = self.values[a:b]
+            if out is None:
+                yield a, b, src.copy()
+                continue
+            target = out[: src.size].reshape(b - a, cols)
+            np.copyto(target, src)
+            yield a, b, target

@@ -10,12 +10,10 @@ Modules and untouched weights run in a small thread pool (numpy releases the GIL
 
 from __future__ import annotations
 
-import math
 import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -28,28 +26,13 @@ from gradience.policy.thresholds import VERIFY_MAX_WORKERS
 from gradience.udr.base import BaseWeights
 from gradience.udr.names import BaseNameIndex
 from gradience.verify import SCHEMA
-from gradience.verify.blocks import TensorBlocks, bitwise_equal
+from gradience.verify import qlora as q4
+from gradience.verify.blocks import ArrayBlocks, TensorBlocks
+from gradience.verify.unchanged import UnchangedCheck, collect_unchanged, unchanged_status
 from gradience.verify.verdict import ModuleSums, classify, named_ratios, unit_roundoff
 
 _LIST_LIMIT = 20
 ACCUMULATE_BLOCK_BYTES = 512 * 1024   # one float32 buffer of _accumulate (three in flight per thread)
-
-
-@dataclass
-class UnchangedCheck:
-    """Base weights no adapter module adapts: a merge must copy them unchanged."""
-
-    checked: int = 0
-    identical: int = 0
-    within_rounding: int = 0          # stored in another float dtype, equal within its rounding
-    changed: list[str] = field(default_factory=list)
-    missing_in_merged: list[str] = field(default_factory=list)
-    extra_in_merged: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"checked": self.checked, "identical": self.identical, "within_rounding": self.within_rounding,
-                "changed": self.changed, "missing_in_merged": self.missing_in_merged,
-                "extra_in_merged": self.extra_in_merged}
 
 
 def _open(spec: str, what: str) -> BaseWeights:
@@ -91,11 +74,12 @@ def _update_rows(pair: LoraPair, transposed: bool) -> tuple[np.ndarray, np.ndarr
     return b32, a32, pair.scale
 
 
-def _accumulate(base: BaseWeights, merged: BaseWeights, base_name: str, merged_name: str,
+def _accumulate(blocks_b: TensorBlocks | ArrayBlocks, blocks_m: TensorBlocks,
                 expected: Callable[[int, int, np.ndarray, np.ndarray], np.ndarray],
                 dd: float | None = None) -> ModuleSums:
     """Stream one weight pair in row blocks; ``expected(i, j, w_base_block, out)`` writes the update D for rows
     i:j into ``out`` (or returns a new array). ``dd``: ‖D‖² when known from the factors (one pass less).
+    ``blocks_b``: the base weight from a checkpoint, or a computed one (the QLoRA candidate deq(Q(W₁₆))).
 
     Speed (issue 20 item 5: verify ≤ 2× reading both checkpoints once): three float32 buffers reused across
     blocks (fresh arrays would page-fault on every block), the base block converted straight into the buffer
@@ -104,8 +88,6 @@ def _accumulate(base: BaseWeights, merged: BaseWeights, base_name: str, merged_n
     the block from memory again. Accuracy is unchanged: every sum is formed in float32 per block (the dot
     products' own accumulation) and summed in float64 across blocks, as before."""
     sums = ModuleSums()
-    blocks_b = TensorBlocks(base, base_name)
-    blocks_m = TensorBlocks(merged, merged_name)
     cols = blocks_b.shape[1]
     rows = max(1, min(blocks_b.rows_per_block, blocks_m.rows_per_block,
                       ACCUMULATE_BLOCK_BYTES // (4 * max(1, cols)), blocks_b.shape[0]))
@@ -118,7 +100,7 @@ def _accumulate(base: BaseWeights, merged: BaseWeights, base_name: str, merged_n
     # products are summed in float64 (a float32 product is exact in float64), at the cost of three copies, and
     # ‖D‖² is summed from the same float32 D as ⟨R, D⟩ rather than taken from the factors: mixing the two leaves
     # an inconsistency of ~1e-7·‖D‖² that the cancellation magnifies to ~1e-5·‖D‖ (measured), above fp32 rounding.
-    wide = bool({base.tensors[base_name].dtype, merged.tensors[merged_name].dtype} & {"F32", "F64"})
+    wide = bool({blocks_b.dtype, blocks_m.dtype} & {"F32", "F64"})
     if wide:
         dd = None
     x64, y64 = np.empty(rows * cols if wide else 0, np.float64), np.empty(rows * cols if wide else 0, np.float64)
@@ -207,14 +189,15 @@ def _row(pair: LoraPair, **extra: Any) -> dict[str, Any]:
 
 
 def _verify_module(pair: LoraPair, base: BaseWeights, merged: BaseWeights, base_name: str, merged_name: str,
-                   fan_in_fan_out: bool, global_scale: float | None) -> dict[str, Any]:
+                   fan_in_fan_out: bool, global_scale: float | None, qlora: str | None = None) -> dict[str, Any]:
+    """One adapted weight's row; ``qlora``: also against deq(Q(W16)) with this 4-bit quant type (verify/qlora.py)."""
     b_info, m_info = base.tensors[base_name], merged.tensors[merged_name]
     where = {"base_tensor": base_name, "merged_tensor": merged_name, "dtype": m_info.dtype,
              "shape": list(b_info.shape)}
     if not (b_info.is_float and m_info.is_float):
         return _row(pair, **where, verdict=None,
-                    problem=f"not a 16/32-bit float weight ({b_info.dtype}/{m_info.dtype}): 4-bit and other "
-                            "quantized checkpoints are not read")
+                    problem=f"not a 16/32-bit float or bitsandbytes 4-bit weight ({b_info.dtype}/{m_info.dtype}): "
+                            "other quantized checkpoints are not read")
     if b_info.shape != m_info.shape:
         return _row(pair, **where, verdict=None,
                     problem=f"merged weight has shape {list(m_info.shape)}, the base {list(b_info.shape)}")
@@ -234,60 +217,27 @@ def _verify_module(pair: LoraPair, base: BaseWeights, merged: BaseWeights, base_
         expected = _dora_update(left, right, s, m)
     else:
         expected = _plain_update(left, right, s)
-    sums = _accumulate(base, merged, base_name, merged_name, expected,
-                       None if pair.dora else _frobenius_sq(left, right, s))
+    dd = None if pair.dora else _frobenius_sq(left, right, s)
+    sums = _accumulate(TensorBlocks(base, base_name), TensorBlocks(merged, merged_name), expected, dd)
     u = unit_roundoff(m_info.dtype)
     ratios = [] if pair.dora else named_ratios(pair.r, pair.scale, pair.alpha, global_scale)
     result = classify(sums, u=u, r=pair.r, ratios=ratios)
+    if qlora is not None and q4.applies(base, base_name):
+        twin, quant_residual = q4.twin_blocks(base, base_name, qlora)
+        on_twin = _accumulate(twin, TensorBlocks(merged, merged_name), expected, dd)
+        result = q4.combine(classify(on_twin, u=u, r=pair.r, ratios=ratios), result, quant_residual,
+                            on_twin.dd ** 0.5, qlora)
     return _row(pair, **where, dora=pair.dora, unit_roundoff=u, **result)
 
 
-def _within_rounding(base: BaseWeights, merged: BaseWeights, name: str, u: float) -> bool:
-    blocks_b, blocks_m = TensorBlocks(base, name, flat=True), TensorBlocks(merged, name, flat=True)
-    rows = min(blocks_b.rows_per_block, blocks_m.rows_per_block)
-    diff2 = ref2 = 0.0
-    for (_, _, wb), (_, _, wm) in zip(blocks_b.blocks(rows), blocks_m.blocks(rows), strict=True):
-        d = wm - wb
-        diff2 += float(np.vdot(d, d))
-        ref2 += float(np.vdot(wb, wb))
-    return math.sqrt(diff2) <= u * math.sqrt(ref2)
+def verify_merged(loaded: LoadedAdapter, merged_spec: str, base_spec: str, *, qlora: str | None = None
+                  ) -> dict[str, Any]:
+    """The ``gradience.verify/v1`` document of a merged checkpoint against its base and adapter.
 
-
-def _unchanged_status(base: BaseWeights, merged: BaseWeights, name: str) -> str:
-    """identical | within_rounding | changed | missing, for a base weight no adapter module adapts."""
-    info, other = base.tensors[name], merged.tensors.get(name)
-    if other is None:
-        return "missing"
-    if other.shape != info.shape:
-        return "changed"
-    if other.dtype == info.dtype:
-        return "identical" if bitwise_equal(TensorBlocks(base, name), TensorBlocks(merged, name)) else "changed"
-    if info.is_float and other.is_float:
-        u = max(unit_roundoff(info.dtype), unit_roundoff(other.dtype))
-        return "within_rounding" if _within_rounding(base, merged, name, u) else "changed"
-    return "changed"
-
-
-def _collect_unchanged(statuses: list[tuple[str, str]], base: BaseWeights, merged: BaseWeights,
-                       adapted_merged: set[str]) -> UnchangedCheck:
-    check = UnchangedCheck()
-    for name, status in statuses:
-        if status == "missing":
-            check.missing_in_merged.append(name)
-            continue
-        check.checked += 1
-        if status == "identical":
-            check.identical += 1
-        elif status == "within_rounding":
-            check.within_rounding += 1
-        else:
-            check.changed.append(name)
-    check.extra_in_merged = [n for n in merged.tensors if n not in base.tensors and n not in adapted_merged]
-    return check
-
-
-def verify_merged(loaded: LoadedAdapter, merged_spec: str, base_spec: str) -> dict[str, Any]:
-    """The ``gradience.verify/v1`` document of a merged checkpoint against its base and adapter."""
+    ``qlora``: the adapter was trained on a bitsandbytes 4-bit base of this quant type (nf4/fp4); with a 16-bit
+    base each module is also checked against deq(Q(W16)) and the base the merge used is named. Default: on (nf4)
+    when the adapter config names a 4-bit base. A bitsandbytes 4-bit base is read de-quantised either way."""
+    quant_type, why = q4.qlora_mode(loaded.config, qlora)
     base = _open(base_spec, "base model")
     merged = _open(merged_spec, "merged checkpoint")
     base_index, merged_index = BaseNameIndex(base.tensors), BaseNameIndex(merged.tensors)
@@ -317,29 +267,36 @@ def verify_merged(loaded: LoadedAdapter, merged_spec: str, base_spec: str) -> di
 
     def work(task: tuple[int, LoraPair, str, str]) -> tuple[int, dict[str, Any]]:
         index, pair, base_name, merged_name = task
-        return index, _verify_module(pair, base, merged, base_name, merged_name, fan_in_fan_out, global_scale)
+        return index, _verify_module(pair, base, merged, base_name, merged_name, fan_in_fan_out, global_scale,
+                                     quant_type)
 
-    untouched = [n for n in base.tensors if n not in adapted_base]
+    skip = adapted_base | q4.companions(base)   # a 4-bit base's absmax/quant_map/... are not weights to copy
+    untouched = [n for n in base.tensors if n not in skip]
     # Modules and untouched weights in parallel threads (numpy's reads, conversions, matmuls and dot products
     # release the GIL); the largest untouched weights (an embedding) first, so they overlap the modules.
     untouched.sort(key=lambda n: -int(np.prod(base.tensors[n].shape, dtype=np.int64)))
     with ThreadPoolExecutor(max_workers=_workers(len(tasks) + len(untouched))) as pool:
-        pending = pool.map(lambda n: (n, _unchanged_status(base, merged, n)), untouched)
+        pending = pool.map(lambda n: (n, unchanged_status(base, merged, n, quant_type)), untouched)
         for index, row in pool.map(work, tasks):
             rows[index] = row
         order = {n: k for k, n in enumerate(base.tensors)}
         statuses = sorted(pending, key=lambda item: order[item[0]])
-    unchanged = _collect_unchanged(statuses, base, merged, adapted_merged)
-    return _document(loaded, base, merged, [r for r in rows if r is not None], unchanged)
+    unchanged = collect_unchanged(statuses, base, merged, adapted_merged | skip)
+    done = [r for r in rows if r is not None]
+    qlora_block, qlora_issues = q4.document_parts(done, quant_type, why, base)
+    doc = _document(loaded, base, merged, done, unchanged, qlora_issues)
+    if qlora_block is not None:
+        doc["qlora"] = qlora_block
+    return doc
 
 
 def _document(loaded: LoadedAdapter, base: BaseWeights, merged: BaseWeights, rows: list[dict[str, Any]],
-              unchanged: UnchangedCheck) -> dict[str, Any]:
+              unchanged: UnchangedCheck, extra_issues: list[Issue]) -> dict[str, Any]:
     counts: dict[str, int] = {}
     for row in rows:
         key = row["verdict"] or "unchecked"
         counts[key] = counts.get(key, 0) + 1
-    issues: list[Issue] = []
+    issues: list[Issue] = list(extra_issues)
     bad = [r["name"] for r in rows if r["verdict"] != "exact"]
     if bad:
         issues.append(Issue("not_exact", f"{len(bad)} of {len(rows)} adapted module(s) are not an exact merge: "

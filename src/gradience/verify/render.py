@@ -27,6 +27,11 @@ def _merged(doc: dict[str, Any]) -> list[str]:
             lines.append(f"    {row.get('detail') or row.get('problem')}")
     for dtype, text in doc.get("rounding", {}).items():
         lines.append(f"{dtype}: {text}")
+    qlora = doc.get("qlora")
+    if qlora:
+        into = qlora.get("merged_into")
+        lines.append(f"QLoRA: {qlora['why']}" + (f"; merged into: {', '.join(f'{k} {v}' for k, v in into.items())}"
+                                                 if into else ""))
     lines.append("c = <W_merged - W_base, s*B*A> / ||s*B*A||^2; resid and floor relative to ||s*B*A||_F")
     return lines
 

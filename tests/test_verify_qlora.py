@@ -1,0 +1,215 @@
+"""``gradience verify --merged`` with QLoRA adapters: a bitsandbytes 4-bit base read de-quantised, and a 16-bit base
+checked against both W16 and deq(Q(W16)) so that the base a merge used is named (unsloth-zoo PR 810).
+
+The 4-bit checkpoints are written in bitsandbytes' saved layout (``QuantState.as_dict(packed=True)`` next to the
+packed weight, as transformers saves a Linear4bit) from bitsandbytes' own CPU ``quantize_4bit``; the expected
+de-quantised weights come from bitsandbytes' ``dequantize_4bit``, independent of gradience's numpy reader.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gradience.adapter import load_adapter
+from gradience.cli.main import main
+from gradience.verify import verify_merged
+from support import verify_triples as vt
+
+torch = pytest.importorskip("torch")
+functional = pytest.importorskip("bitsandbytes.functional")
+
+NAMES = vt.module_names()
+Q, K, V, OPROJ, GATE, UP, DOWN = NAMES
+_NP = {"U8": np.uint8, "F32": np.float32}
+
+
+def _write_raw(path: Path, tensors: dict[str, tuple[str, np.ndarray]]) -> None:
+    """A safetensors file of (dtype, array) tensors, BF16 given as float32 values (written by their top bits)."""
+    header: dict = {}
+    chunks = []
+    offset = 0
+    for name, (dtype, arr) in tensors.items():
+        if dtype == "BF16":
+            data = (np.ascontiguousarray(arr, np.float32).view(np.uint32) >> 16).astype("<u2").tobytes()
+        else:
+            data = np.ascontiguousarray(arr, _NP[dtype]).tobytes()
+        header[name] = {"dtype": dtype, "shape": list(arr.shape), "data_offsets": [offset, offset + len(data)]}
+        chunks.append(data)
+        offset += len(data)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + b"".join(chunks))
+
+
+def _bnb4(w: np.ndarray, quant_type: str, nested: bool) -> tuple[dict[str, tuple[str, np.ndarray]], np.ndarray]:
+    """bitsandbytes' saved tensors of one bf16 weight (suffixes of ``X.weight``) and its de-quantised values."""
+    t = torch.from_numpy(np.ascontiguousarray(w, np.float32)).to(torch.bfloat16)
+    q, state = functional.quantize_4bit(t, blocksize=64, quant_type=quant_type, compress_statistics=nested)
+    deq = functional.dequantize_4bit(q, state).float().numpy()
+    out = {"": ("U8", q.numpy())}
+    for key, value in state.as_dict(packed=True).items():
+        arr = value.numpy()
+        out["." + key] = ("U8" if arr.dtype == np.uint8 else "F32", arr)
+    return out, deq
+
+
+def _twin(w: np.ndarray, quant_type: str = "nf4") -> np.ndarray:
+    """deq(Q(W16)) by bitsandbytes itself (no double quantisation, block 64, bf16 out)."""
+    t = torch.from_numpy(np.ascontiguousarray(w, np.float32)).to(torch.bfloat16)
+    q, state = functional.quantize_4bit(t, blocksize=64, quant_type=quant_type)
+    return functional.dequantize_4bit(q, state).float().numpy()
+
+
+def _drop_module(adapter: Path, pairs: dict, module: str) -> None:
+    """Rewrite the adapter without ``module`` (so its base weight is one no adapter module adapts)."""
+    from support.synthetic import write_safetensors
+
+    tensors = {}
+    for name, (a, b, _s) in pairs.items():
+        if name != module:
+            tensors[f"base_model.model.{name}.lora_A.weight"] = a
+            tensors[f"base_model.model.{name}.lora_B.weight"] = b
+    write_safetensors(adapter / "adapter_model.safetensors", tensors, dtype="F32")
+    del pairs[module]
+
+
+def _rows(doc: dict) -> dict[str, dict]:
+    return {r["name"]: r for r in doc["modules"]}
+
+
+def _run(base: Path, adapter: Path, merged: Path, **kw: object) -> dict:
+    return verify_merged(load_adapter(str(adapter)), str(merged), str(base), **kw)
+
+
+@pytest.mark.parametrize("quant_type,nested", [("nf4", True), ("fp4", False)])
+def test_correct_qlora_merge_is_exact_against_a_4bit_base(tmp_path: Path, quant_type: str, nested: bool) -> None:
+    w16 = vt.make_base(tmp_path / "base16")                       # bf16 values, float32
+    pairs = vt.make_adapter(tmp_path / "adapter")
+    _drop_module(tmp_path / "adapter", pairs, K)                    # K stays 4-bit and untouched
+    tensors: dict[str, tuple[str, np.ndarray]] = {}
+    deq: dict[str, np.ndarray] = {}
+    for key, value in w16.items():
+        if key[: -len(".weight")] in NAMES:
+            parts, deq[key] = _bnb4(value, quant_type, nested)
+            tensors.update({key + suffix: item for suffix, item in parts.items()})
+        else:
+            tensors[key] = ("BF16", value)
+            deq[key] = value
+    (tmp_path / "base4").mkdir()
+    _write_raw(tmp_path / "base4" / "model.safetensors", tensors)
+    (tmp_path / "base4" / "config.json").write_text((tmp_path / "base16" / "config.json").read_text())
+    # the correct QLoRA merge: deq(W4) + s·B·A, stored in bf16; the untouched K de-quantised
+    vt.make_merged(tmp_path / "good", deq, pairs)
+    doc = _run(tmp_path / "base4", tmp_path / "adapter", tmp_path / "good")
+    rows = _rows(doc)
+    assert doc["ok"] is True, doc["issues"]
+    assert all(rows[n]["verdict"] == "exact" for n in NAMES if n != K), rows
+    assert doc["unchanged"]["changed"] == [] and doc["unchanged"]["missing_in_merged"] == []
+    assert doc["unchanged"]["within_rounding"] == 1                 # K: bf16 in the merge, 4-bit in the base
+    assert doc["qlora"]["base_4bit"] == [quant_type.upper()]
+    # the known failure: merged into the 16-bit weights, checked against the 4-bit base
+    vt.make_merged(tmp_path / "bad", {**deq, f"{Q}.weight": w16[f"{Q}.weight"]}, pairs)
+    rows = _rows(_run(tmp_path / "base4", tmp_path / "adapter", tmp_path / "bad"))
+    assert rows[Q]["verdict"] == "different_base" and abs(rows[Q]["applied_scale"] - 1) < 0.05
+    a, b, s = pairs[Q]
+    dense = (np.linalg.norm(w16[f"{Q}.weight"].astype(np.float64) - deq[f"{Q}.weight"])
+             / np.linalg.norm(s * (b.astype(np.float64) @ a)))
+    assert rows[Q]["residual"] == pytest.approx(dense, rel=0.02)    # the bf16 rounding of the merge aside
+    assert rows[UP]["verdict"] == "exact"
+
+
+def _qlora_triple(tmp_path: Path, into_16bit: tuple[str, ...], base_name: str | None = None
+                  ) -> tuple[dict, dict]:
+    w16 = vt.make_base(tmp_path / "base")
+    pairs = vt.make_adapter(tmp_path / "adapter")
+    if base_name is not None:
+        cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+        cfg["base_model_name_or_path"] = base_name
+        (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(cfg))
+    onto = {f"{n}.weight": _twin(w16[f"{n}.weight"]) for n in NAMES if n not in into_16bit}
+    vt.make_merged(tmp_path / "merged", w16, pairs, onto=onto)
+    return w16, pairs
+
+
+def test_16bit_base_with_qlora_names_the_base_each_merge_used(tmp_path: Path) -> None:
+    w16, pairs = _qlora_triple(tmp_path, into_16bit=(Q, UP))
+    doc = _run(tmp_path / "base", tmp_path / "adapter", tmp_path / "merged", qlora="nf4")
+    rows = _rows(doc)
+    for name in (Q, UP):
+        row = rows[name]
+        assert row["verdict"] == "different_base" and row["reason"] == "merged_into_16bit", row
+        assert row["qlora"]["merged_into"] == "16bit" and row["qlora"]["verdict_vs_16bit"] == "exact"
+        assert "merged into the 16-bit weights; the adapter was trained against the de-quantized 4-bit" \
+               in row["detail"]
+        a, b, s = pairs[name]
+        w = w16[f"{name}.weight"].astype(np.float64)
+        dense = np.linalg.norm(w - _twin(w16[f"{name}.weight"])) / np.linalg.norm(s * (b.astype(np.float64) @ a))
+        assert row["qlora"]["quantization_residual"] == pytest.approx(dense, rel=1e-6)
+        assert row["residual"] == pytest.approx(dense, rel=0.02) and dense > 1.0
+    for name in (K, V, OPROJ, GATE, DOWN):
+        assert rows[name]["verdict"] == "exact" and rows[name]["qlora"]["merged_into"] == "dequantized_4bit"
+    assert doc["qlora"]["merged_into"] == {"16bit": 2, "dequantized_4bit": 5}
+    assert "merged_into_16bit" in [i["code"] for i in doc["issues"]] and doc["ok"] is False
+    # without --qlora (a plain adapter config) the same merge is judged against W16 alone: the correct QLoRA
+    # merges then look like a different base, and no base is named
+    plain = _rows(_run(tmp_path / "base", tmp_path / "adapter", tmp_path / "merged"))
+    assert plain[K]["verdict"] == "different_base" and "reason" not in plain[K] and "qlora" not in plain[K]
+    assert plain[Q]["verdict"] == "exact"
+
+
+def test_adapter_config_naming_a_4bit_base_turns_the_check_on(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    _qlora_triple(tmp_path, into_16bit=(), base_name="unsloth/llama-3-8b-bnb-4bit")
+    args = ["verify", "--merged", str(tmp_path / "merged"), "--base-model", str(tmp_path / "base"),
+            "--peft-dir", str(tmp_path / "adapter"), "--json", "--fail-on", "not_exact"]
+    assert main(args) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["ok"] is True and doc["qlora"]["why"].startswith("the adapter config")
+    assert doc["qlora"]["merged_into"] == {"dequantized_4bit": 7}
+
+
+def test_cli_qlora_flag_and_fail_on(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _qlora_triple(tmp_path, into_16bit=(DOWN,))
+    base = ["verify", "--merged", str(tmp_path / "merged"), "--base-model", str(tmp_path / "base"),
+            "--peft-dir", str(tmp_path / "adapter")]
+    assert main([*base, "--qlora", "--fail-on", "different_base"]) == 1
+    captured = capsys.readouterr()
+    assert "merged into the 16-bit weights" in captured.out and DOWN in captured.err
+    with pytest.raises(SystemExit) as exc:
+        main([*base, "--qlora", "int8"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and "int8" in err[-1] and "Traceback" not in "\n".join(err)
+
+
+def test_untouched_linear_stored_dequantized_is_not_changed(tmp_path: Path) -> None:
+    """A merge written from the 4-bit model stores every quantised layer de-quantised, adapted or not."""
+    w16 = vt.make_base(tmp_path / "base")
+    pairs = vt.make_adapter(tmp_path / "adapter")
+    _drop_module(tmp_path / "adapter", pairs, OPROJ)
+    onto = {f"{n}.weight": _twin(w16[f"{n}.weight"]) for n in NAMES}
+    vt.make_merged(tmp_path / "merged", {**w16, **onto}, pairs)
+    doc = _run(tmp_path / "base", tmp_path / "adapter", tmp_path / "merged", qlora="nf4")
+    assert doc["ok"] is True, doc["issues"]
+    assert doc["unchanged"]["dequantized_4bit"] == 1 and doc["unchanged"]["changed"] == []
+    # without --qlora the de-quantised copy of o_proj is a changed weight
+    plain = _run(tmp_path / "base", tmp_path / "adapter", tmp_path / "merged")
+    assert plain["unchanged"]["changed"] == [f"{OPROJ}.weight"]
+
+
+def test_twin_is_bitsandbytes_round_trip() -> None:
+    """verify's candidate base deq(Q(W16)) equals bitsandbytes' own quantise/de-quantise round trip."""
+    from gradience.quant.residual import dequantized_twin, quantization_residual
+
+    rng = np.random.default_rng(3)
+    w = vt.stored(rng.normal(0, 0.02, (96, 200)).astype(np.float32), "BF16")
+    for qt in ("nf4", "fp4"):
+        ours = dequantized_twin(w, qt, 64, "bfloat16")
+        np.testing.assert_array_equal(ours, _twin(w, qt))
+        assert quantization_residual(w, qt, 64) == pytest.approx(
+            math.sqrt(float(np.sum((w.astype(np.float64) - ours) ** 2))), rel=1e-12)
