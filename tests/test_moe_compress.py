@@ -16,66 +16,10 @@ import pytest
 
 from gradience.cli.main import main
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
-
-E, R = 4, 4
-_MODELS: dict[str, dict[str, Any]] = {
-    "qwen3_moe": dict(num_experts=E, num_experts_per_tok=2, moe_intermediate_size=12, decoder_sparse_step=1,
-                      mlp_only_layers=[]),
-    "gpt_oss": dict(num_local_experts=E, num_experts_per_tok=2, layer_types=["full_attention"] * 2),
-}
-
-
-def _base(model_type: str) -> Any:
-    cfg = transformers.AutoConfig.for_model(model_type, vocab_size=64, hidden_size=16, intermediate_size=12,
-                                            num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                                            head_dim=8, **_MODELS[model_type])
-    torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(cfg)
-
-
-def make_moe_adapter(model_type: str, out: Path, *, seed: int = 0, r: int = R, use_rslora: bool = False) -> None:
-    """A PEFT target_parameters adapter whose experts have different spectra: expert e's rank-j direction is
-    scaled by decay_e^j (so an energy policy asks a different k per expert) and expert E-1 is left untrained
-    (B_e = 0, as PEFT's init leaves an expert no token was routed to)."""
-    lora = peft.LoraConfig(r=r, lora_alpha=8, target_modules=["q_proj"], use_rslora=use_rslora,
-                           target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
-                           init_lora_weights=False)
-    pm = peft.get_peft_model(_base(model_type), lora)
-    from peft.tuners.lora.layer import ParamWrapper
-
-    gen = torch.Generator().manual_seed(seed)
-    decays = [0.9, 0.3, 0.05, 1.0]
-    with torch.no_grad():
-        for module in pm.modules():
-            if isinstance(module, ParamWrapper):
-                w_b = module.lora_B["default"].weight  # (out, r·E): expert e's rank-j column at j·E + e
-                w_b.copy_(torch.randn(w_b.shape, generator=gen))
-                module.lora_A["default"].weight.copy_(torch.randn(module.lora_A["default"].weight.shape,
-                                                                  generator=gen))
-                for e in range(module.num_experts):
-                    for j in range(r):
-                        w_b[:, j * module.num_experts + e] *= decays[e] ** j if e < module.num_experts - 1 else 0.0
-    pm.save_pretrained(out)
-
-
-def peft_expert_deltas(adapter: Path, model_type: str) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-    """PEFT's get_delta_weight per expert, in (out, in) orientation, and each parameter's rank."""
-    from peft.tuners.lora.layer import ParamWrapper
-
-    pm = peft.PeftModel.from_pretrained(_base(model_type), str(adapter))
-    deltas, ranks = {}, {}
-    for name, module in pm.named_modules():
-        if not isinstance(module, ParamWrapper):
-            continue
-        param = f"{name.removeprefix('base_model.model.').replace('.base_layer', '')}.{module.parameter_name}"
-        ranks[param] = module.r["default"]
-        delta = module.get_delta_weight("default").detach().double().numpy()
-        for e in range(module.num_experts):
-            deltas[f"{param}[{e}]"] = delta[e] if module._did_swap_in_out_features else delta[e].T
-    return deltas, ranks
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+from support.moe_models import MODELS, E, R, make_moe_adapter, peft_expert_deltas
 
 
 def _truncate(dw: np.ndarray, k: int) -> np.ndarray:
@@ -97,7 +41,7 @@ def _compress(src: Path, out: Path, capsys: pytest.CaptureFixture[str], *flags: 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model_type", sorted(_MODELS))
+@pytest.mark.parametrize("model_type", sorted(MODELS))
 def test_energy_compress_one_rank_per_stack_matches_peft(tmp_path: Path, model_type: str,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     src, out = tmp_path / "in", tmp_path / "out"

@@ -17,8 +17,10 @@ from typing import Any
 
 import numpy as np
 
+from gradience.adapter.experts import target_parameters
 from gradience.adapter.model import LoadedAdapter
 from gradience.compress.budget import retained
+from gradience.compress.experts import assumed_modules, joint_ranks
 from gradience.compress.policy import validate
 from gradience.errors import InputError
 from gradience.issues import Issue
@@ -51,6 +53,22 @@ def _check_options(options: MergeOptions) -> None:
         raise InputError(f"--density must be a fraction in (0, 1], got {options.density}")
     if not 0.0 <= options.drop_rate < 1.0:
         raise InputError(f"--drop-rate must be in [0, 1), got {options.drop_rate}")
+
+
+def _expert_checks(groups: Sequence[ModuleGroup], options: MergeOptions) -> bool:
+    """True when the inputs hold MoE expert stacks (PEFT target_parameters); refuses what merge does not do
+    per expert. Per expert, ΔW_e of the output is the weighted sum of the inputs' ΔW_e (``cat``/``linear``) or
+    its best rank-K approximation (``svd``), K the largest rank the policy asks of any expert of the stack
+    (PEFT keeps one r per stacked parameter, :mod:`gradience.compress.experts`)."""
+    if not any(g.template.expert is not None for g in groups):
+        return False
+    if options.method in ("ties", "dare"):
+        raise InputError(f"--method {options.method} on MoE expert adapters is not supported yet (its trim/drop "
+                         "would act per expert and is not validated there); use --method linear, svd or cat")
+    if options.policy is not None and options.policy.name == "budget" and not options.policy.uniform:
+        raise InputError("--budget on MoE expert adapters is not supported by merge (one rank per stacked "
+                         "parameter); merge with --method linear and run compress --budget on the result")
+    return True
 
 
 def _load_stack(group: ModuleGroup, weights: Sequence[float]) -> factored.Stack:
@@ -221,17 +239,25 @@ def merge(loaded: Sequence[LoadedAdapter], out: str | os.PathLike[str] | None,
                                     clean=not options.dry_run)
     from gradience.merge.writing import Encoder, portability_of, tensor_specs, write
 
-    per_module = options.policy is None or (options.policy.name != "budget" and not options.policy.uniform)
+    stacks = _expert_checks(inp.groups, options)
+    # expert stacks share one rank, decided after every expert is measured: their factors are made in phase 2
+    per_module = not stacks and (options.policy is None or (options.policy.name != "budget"
+                                                             and not options.policy.uniform))
     encoder = Encoder(loaded, options)
     eager = Eager(inp.alpha, None if options.dry_run or out_dir is None else encoder) if per_module else None
     measured = [_measure(g, weights, options, eager) for g in inp.groups]
     plans = [m[0] for m in measured]
     params_sum = sum(g.summed_rank * (g.d_in + g.d_out) for g in inp.groups)
     ks, extra = decide([m[1] for m in measured], options.policy, params_sum)
+    assumed: set[str] = set().union(*(assumed_modules(one) for one in loaded))
+    if stacks:
+        ks = joint_ranks([g.template for g in inp.groups], ks, assumed)
     for plan, k in zip(plans, ks, strict=True):
         plan.r_after = k
         _energy(plan, options.method)
-    config = output_config(loaded[0].config, inp.groups, ks, inp.alpha, inp.base_model)
+    targets = list(dict.fromkeys(t for one in loaded for t in target_parameters(one.config)))
+    config = output_config(loaded[0].config, inp.groups, ks, inp.alpha, inp.base_model, assumed=assumed,
+                           target_parameters=targets)
     result = MergeResult(options=options, inputs=_inputs_doc(loaded, weights), modules=plans, out_config=config,
                          out_dir=None if out is None else os.fspath(out),
                          issues=_issues(plans, inp.notes, len(loaded)), policy_extra=extra)

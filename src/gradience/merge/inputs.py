@@ -104,10 +104,9 @@ def _refuse_one(loaded: LoadedAdapter, force: bool) -> None:
     if loaded.config.get("use_dora") or any(p.dora for p in loaded.pairs):
         raise InputError("DoRA adapter: each merged weight is renormalised by its magnitude vector, so a weighted "
                          "sum of DoRA updates is not a DoRA update of anything; merge plain LoRA adapters", where)
-    if any(p.expert is not None for p in loaded.pairs) or loaded.config.get("format") == "mlx":
-        # issue 21: expert stacks share one rank across experts and MLX has its own layout; not written yet
-        raise InputError("MoE expert / MLX-LM adapter: merge cannot write this layout yet (audit and compare "
-                         "read it)", where)
+    if loaded.config.get("format") == "mlx":
+        # issue 21: MLX has its own layout; not written yet
+        raise InputError("MLX-LM adapter: merge cannot write this layout yet (audit and compare read it)", where)
     broken = [i for i in loaded.issues if i.code in _BROKEN_CODES]
     if broken:
         raise InputError("cannot merge this adapter: " + "; ".join(i.message for i in broken[:3]), where)
@@ -157,6 +156,10 @@ def validate_inputs(loaded: Sequence[LoadedAdapter], *, force: bool) -> MergePla
             elif group.pairs[i] is not None:
                 raise InputError(f"module {pair.name} appears twice in one adapter", _where(one))
             tpl = next((p for p in group.pairs if p is not None), pair)
+            if pair.num_experts != tpl.num_experts:
+                raise InputError(f"parameter {pair.name.rpartition('[')[0]} has {pair.num_experts} experts here but "
+                                 f"{tpl.num_experts} in an earlier adapter: the adapters are for different models",
+                                 _where(one))
             if pair.kind == "conv" and (tuple(pair.a_shape[1:]), tuple(pair.b_shape[2:])) != (
                     tuple(tpl.a_shape[1:]), tuple(tpl.b_shape[2:])):
                 raise InputError(f"module {pair.name}: conv kernel shapes differ between the adapters", _where(one))
@@ -167,27 +170,39 @@ def validate_inputs(loaded: Sequence[LoadedAdapter], *, force: bool) -> MergePla
 
 
 def output_config(first: dict[str, Any], groups: Sequence[ModuleGroup], ranks: Sequence[int], alpha: float,
-                  base_model: str | None) -> dict[str, Any]:
+                  base_model: str | None, *, assumed: set[str] | None = None,
+                  target_parameters: Sequence[str] = ()) -> dict[str, Any]:
     """PEFT config of the merged adapter: one ``lora_alpha``, ranks in ``rank_pattern``, the exact module list.
 
     ``target_modules`` lists every merged module by its full name (PEFT matches a list entry by equality or by a
     ``.name`` suffix), so modules present in only some inputs are created and nothing else is;
-    ``layers_to_transform`` / ``layers_pattern`` are dropped for the same reason.
+    ``layers_to_transform`` / ``layers_pattern`` are dropped for the same reason. MoE expert stacks are not
+    modules: they are matched by the inputs' ``target_parameters`` (kept, their union) and get one rank per
+    stacked parameter in ``rank_pattern``, keyed by the parameter (:func:`gradience.compress.experts.rank_pattern`).
     """
     from collections import Counter
 
     from gradience.audit.suggest import unique_pattern_key
+    from gradience.compress.experts import parameter_name, stacked_groups
+    from gradience.compress.experts import rank_pattern as stack_pattern
 
-    counts = Counter(ranks)
+    templates = [g.template for g in groups]
+    firsts = {idx[0] for idx in stacked_groups(templates).values()}
+    # one rank per PEFT module or stacked MoE parameter (its experts share one r)
+    counts = Counter(k for i, (t, k) in enumerate(zip(templates, ranks, strict=True))
+                     if t.expert is None or i in firsts)
     top = max(counts.values())
     default_r = max(r for r, c in counts.items() if c == top)
-    names = [g.name for g in groups]
+    names = [g.name for g in groups if g.template.expert is None]
+    pattern_names = names + list(dict.fromkeys(parameter_name(t) for t in templates if t.expert is not None))
+    pattern = {unique_pattern_key(g.name, pattern_names): k for g, k in zip(groups, ranks, strict=True)
+               if k != default_r and g.template.expert is None}
+    pattern.update(stack_pattern(templates, ranks, default_r, assumed or set(), unique_pattern_key, pattern_names))
     config = dict(first)
     config.update({
         "r": default_r,
         "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
-        "rank_pattern": {unique_pattern_key(g.name, names): k for g, k in zip(groups, ranks, strict=True)
-                         if k != default_r},
+        "rank_pattern": pattern,
         "alpha_pattern": {},
         "use_rslora": False,
         "use_dora": False,
@@ -200,4 +215,6 @@ def output_config(first: dict[str, Any], groups: Sequence[ModuleGroup], ranks: S
     })
     for key in ("exclude_modules",):
         config.pop(key, None)
+    if target_parameters:  # PEFT target_parameters of every input (the stacks are matched by these entries)
+        config["target_parameters"] = list(target_parameters)
     return config

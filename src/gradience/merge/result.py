@@ -37,6 +37,16 @@ class MergeOptions:
     dry_run: bool = False
 
 
+def _expert_keys(group: ModuleGroup) -> dict[str, Any]:
+    """Additive ``expert`` / ``num_experts`` / ``parameter`` keys of an MoE expert row."""
+    tpl = group.template
+    if tpl.expert is None:
+        return {}
+    from gradience.compress.experts import expert_row
+
+    return expert_row(tpl)
+
+
 @dataclass
 class ModulePlan:
     """One merged module."""
@@ -78,7 +88,7 @@ class ModulePlan:
                 "interference": {"conflict_max": self.conflict, "cos_min": min(cos) if cos else None,
                                  "pairs": self.interference},
                 "sign_conflict_rate": self.sign_conflict_rate, "kept_fraction": self.kept_fraction,
-                "subspace": self.subspace}
+                "subspace": self.subspace} | _expert_keys(g)
 
 
 @dataclass

@@ -71,10 +71,46 @@ def tensor_specs(encoder: Encoder, plans: Sequence[ModulePlan], weights: Sequenc
             plan.ready = None
         return out
 
+    def produce_stack(group: list[ModulePlan], side: str) -> np.ndarray:
+        first = group[0]
+        if first.ready is None:
+            from gradience.compress.experts import join_stack
+            from gradience.io.safetensors_write import encode_float
+
+            parts = [new_factors(p, weights, options, alpha) for p in group]
+            a_st, b_st = join_stack(parts, first.r_after)
+            dtype = encoder.dtype(first)
+            try:
+                first.ready = {"A": encode_float(a_st, dtype), "B": encode_float(b_st, dtype)}
+            except ValueError as exc:
+                raise InputError(f"parameter {first.group.name.rpartition('[')[0]}: {exc}; choose another "
+                                 "--dtype") from None
+        out = first.ready.pop(side)
+        if not first.ready:
+            first.ready = None
+        return out
+
+    stacks: dict[str, list[ModulePlan]] = {}
+    for plan in plans:
+        if plan.group.template.expert is not None:
+            stacks.setdefault(plan.group.template.a_key, []).append(plan)
+    for group in stacks.values():
+        group.sort(key=lambda p: p.group.template.expert or 0)
+
     specs: list[TensorSpec] = []
     dtypes: Counter[str] = Counter()
     for plan in plans:
         tpl = plan.group.template
+        if tpl.expert is not None:  # one stacked A/B per parameter: (K·E, in) / (out, K·E), PEFT's layout
+            group = stacks[tpl.a_key]
+            if plan is not group[0]:
+                continue
+            dtype = encoder.dtype(plan)
+            k_all = plan.r_after * len(group)
+            for key, side, stack_shape in ((tpl.a_key, "A", (k_all, tpl.d_in)), (tpl.b_key, "B", (tpl.d_out, k_all))):
+                specs.append(TensorSpec(key, dtype, stack_shape, partial(produce_stack, group, side)))
+                dtypes[dtype] += 1
+            continue
         dtype = encoder.dtype(plan)
         a_shape, b_shape = factor_shapes(tpl, plan.r_after)
         for key, side, shape in ((tpl.a_key, "A", a_shape), (tpl.b_key, "B", b_shape)):
