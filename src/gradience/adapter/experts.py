@@ -30,6 +30,7 @@ from gradience.adapter.config import module_rank, module_scale
 from gradience.adapter.model import LoraPair
 from gradience.adapter.sources import TensorMeta, TensorSource
 from gradience.errors import InputError
+from gradience.io.safetensors import bf16_to_f32
 from gradience.issues import Issue
 from gradience.policy.thresholds import MAX_EXPERTS
 
@@ -98,6 +99,39 @@ class _ExpertGroup:
         lo = expert * self.r
         return a[lo:lo + self.r], b[expert]
 
+    def _read(self, key: str) -> tuple[np.ndarray, bool]:
+        """(stored tensor, bf16 bits?): zero-copy bf16 bits where the source offers them, floats otherwise."""
+        for_gram = getattr(self.source, "read_for_gram", None)
+        if for_gram is not None:
+            out: tuple[np.ndarray, bool] = for_gram(key)
+            return out
+        return getattr(self.source, "read_float", self.source.read_f32)(key), False
+
+    def stacks_for_gram(self) -> tuple[tuple[np.ndarray, bool], tuple[np.ndarray, bool]]:
+        """((A as (E, r, in), bf16?), (B as (out, r, E), bf16?)): the whole stack as stored, reshaped without a
+        copy (expert e's A is ``[e]``, its B ``[:, :, e]``), for the audit's batched Gram pass; no cache kept."""
+        a, a_bf16 = self._read(self.a_key)
+        b, b_bf16 = self._read(self.b_key)
+        return ((a.reshape(self.experts, self.r, self.d_in), a_bf16),
+                (b.reshape(self.d_out, self.r, self.experts), b_bf16))
+
+    def expert_factors(self, expert: int) -> tuple[np.ndarray, np.ndarray]:
+        """Expert ``expert``'s (A (r, in), B (out, r)) as float arrays, converting only its own slices and caching
+        nothing: for the audit's rare second read of one expert after the stack was released."""
+        (a, a_bf16), (b, b_bf16) = self.stacks_for_gram()
+        a_e, b_e = a[expert], b[:, :, expert]
+        a_e = bf16_to_f32(a_e) if a_bf16 else np.array(a_e)
+        b_e = bf16_to_f32(b_e) if b_bf16 else np.array(b_e)
+        self.release()
+        return a_e, b_e
+
+    def release(self) -> None:
+        """Drop the stack's mapped pages from the process (the source keeps no copy)."""
+        release = getattr(self.source, "release", None)
+        if release is not None:
+            release(self.a_key)
+            release(self.b_key)
+
 
 class _ExpertLoader:
     def __init__(self, group: _ExpertGroup, expert: int) -> None:
@@ -105,6 +139,15 @@ class _ExpertLoader:
 
     def __call__(self) -> tuple[np.ndarray, np.ndarray]:
         return self.group.factors(self.expert)
+
+
+def expert_stack(pair: LoraPair) -> tuple[_ExpertGroup, int] | None:
+    """(the stacked parameter's reader, the pair's expert index) for an expert pair read from a
+    ``target_parameters`` stack; None for any other pair."""
+    loader = pair.loader
+    if isinstance(loader, _ExpertLoader):
+        return loader.group, loader.expert
+    return None
 
 
 def split_expert_slots(slots: MutableMapping[tuple[str, str | None], Any], source: TensorSource,

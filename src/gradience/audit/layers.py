@@ -14,8 +14,17 @@ from typing import Any, Literal
 
 import numpy as np
 
+from gradience.adapter.experts import expert_stack
 from gradience.adapter.model import LoraPair
-from gradience.audit.spectrum import FactorGram, pair_grams, singular_values_many, spectrum_metrics
+from gradience.audit.spectrum import (
+    FactorGram,
+    SpectrumMetrics,
+    pair_grams,
+    singular_values_many,
+    spectrum_metrics,
+    spectrum_metrics_many,
+    stacked_pair_grams,
+)
 from gradience.modules import classify_module, layer_index
 from gradience.udr import PER_LAYER_KEYS
 
@@ -95,9 +104,11 @@ class LayerAudit:
         return row
 
 
-def _layer_from_pair(pair: LoraPair, sigma: np.ndarray, *, out_of_range: bool = False) -> LayerAudit:
+def _layer_from_pair(pair: LoraPair, sigma: np.ndarray, *, out_of_range: bool = False,
+                     metrics: SpectrumMetrics | None = None) -> LayerAudit:
     """``out_of_range``: σ is given scaled by a power of two because the true σ exceeds float64; only the
-    scale-free metrics (ranks, utilization) are kept, the norms stay null."""
+    scale-free metrics (ranks, utilization) are kept, the norms stay null. ``metrics``: σ's
+    :func:`spectrum_metrics`, when the caller computed them batched."""
     layer = LayerAudit(
         name=pair.name, peft_prefix=pair.peft_prefix, module_type=classify_module(pair.name),
         layer=layer_index(pair.name), kind=pair.kind, dora=pair.dora, r=pair.r, alpha=pair.alpha,
@@ -108,7 +119,7 @@ def _layer_from_pair(pair: LoraPair, sigma: np.ndarray, *, out_of_range: bool = 
     if not np.isfinite(sigma).all():
         layer.status = "non_finite"
         return layer
-    m = spectrum_metrics(sigma, pair.r)
+    m = metrics if metrics is not None else spectrum_metrics(sigma, pair.r)
     s = abs(pair.scale)
     layer.status = "zero_update" if m.sigma_max == 0.0 else "ok"
     layer.out_of_range = out_of_range
@@ -152,11 +163,57 @@ def audit_pairs(pairs: Sequence[LoraPair], *,
     without reading them a second time.
     """
     with _single_threaded_blas():
-        grams = [_grams_once(pair) for pair in pairs]
+        grams = _all_grams(pairs)
         if grams_out is not None:
             grams_out.extend((ga.unscaled(), gb.unscaled()) for ga, gb in grams)
         overflow: dict[int, int] = {}
-        sigmas, _ = singular_values_many(grams, lambda i: pairs[i].load_factors(), overflow)
-        layers = [_layer_from_pair(pair, sigma, out_of_range=i in overflow)
+        sigmas, _ = singular_values_many(grams, lambda i: _reload(pairs[i]), overflow)
+        metrics = _batched_metrics(pairs, sigmas, overflow)
+        layers = [_layer_from_pair(pair, sigma, out_of_range=i in overflow, metrics=metrics.get(i))
                   for i, (pair, sigma) in enumerate(zip(pairs, sigmas, strict=True))]
     return layers
+
+
+def _all_grams(pairs: Sequence[LoraPair]) -> list[tuple[FactorGram, FactorGram]]:
+    """Every pair's Grams. MoE expert pairs of one stacked parameter are measured together, from one read of
+    the stack (:func:`stacked_pair_grams`), whose pages are dropped before the next stack: memory holds one
+    stacked parameter at a time, and the E experts cost a few batched matmuls instead of 2·E Gram passes."""
+    stacks: dict[int, list[tuple[FactorGram, FactorGram]]] = {}
+    out: list[tuple[FactorGram, FactorGram]] = []
+    for pair in pairs:
+        found = expert_stack(pair)
+        if found is None:
+            out.append(_grams_once(pair))
+            continue
+        group, expert = found
+        done = stacks.get(id(group))
+        if done is None:
+            (a, a_bf16), (b, b_bf16) = group.stacks_for_gram()
+            done = stacks[id(group)] = stacked_pair_grams(a, b, a_bf16=a_bf16, b_bf16=b_bf16)
+            del a, b
+            group.release()
+        out.append(done[expert])
+    return out
+
+
+def _reload(pair: LoraPair) -> tuple[np.ndarray, np.ndarray]:
+    """A pair's factors read again (the rare second read of the spectrum pass): an expert converts only its own
+    slices, never its whole stack."""
+    found = expert_stack(pair)
+    if found is None:
+        return pair.load_factors()
+    group, expert = found
+    return group.expert_factors(expert)
+
+
+def _batched_metrics(pairs: Sequence[LoraPair], sigmas: Sequence[np.ndarray],
+                     overflow: dict[int, int]) -> dict[int, SpectrumMetrics]:
+    """:func:`spectrum_metrics_many` for the finite σ vectors, batched by rank (pair index -> metrics)."""
+    by_rank: dict[tuple[int, int], list[int]] = {}
+    for i, (pair, sigma) in enumerate(zip(pairs, sigmas, strict=True)):
+        if i not in overflow and sigma.ndim == 1 and np.isfinite(sigma).all():
+            by_rank.setdefault((pair.r, sigma.shape[0]), []).append(i)
+    out: dict[int, SpectrumMetrics] = {}
+    for (r, _), idx in by_rank.items():
+        out.update(zip(idx, spectrum_metrics_many(np.stack([sigmas[i] for i in idx]), r), strict=True))
+    return out
