@@ -160,6 +160,7 @@ def _check_with_mlx_lm(out: Path, expected: dict[str, np.ndarray]) -> None:
 
 
 # -- MLX in ------------------------------------------------------------------------------------------------
+@pytest.mark.slow  # mlx-lm / PEFT + transformers imports and a tiny model
 def test_mlx_to_mlx_written_delta_equals_truncation(mlx_adapter: tuple[Path, dict[str, np.ndarray]],
                                                     tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     src, deltas = mlx_adapter
@@ -179,6 +180,7 @@ def test_mlx_to_mlx_written_delta_equals_truncation(mlx_adapter: tuple[Path, dic
     _check_with_mlx_lm(out, _expected(deltas, doc))
 
 
+@pytest.mark.slow  # mlx-lm / PEFT + transformers imports and a tiny model
 def test_mlx_to_peft_loads_in_peft(mlx_adapter: tuple[Path, dict[str, np.ndarray]], tiny_llama_dir: Path,
                                    tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("peft")
@@ -204,6 +206,7 @@ def test_mlx_to_peft_loads_in_peft(mlx_adapter: tuple[Path, dict[str, np.ndarray
 
 
 # -- PEFT in -----------------------------------------------------------------------------------------------
+@pytest.mark.slow  # mlx-lm / PEFT + transformers imports and a tiny model
 def test_peft_to_mlx_one_rank_one_scale(peft_adapter: tuple[Path, dict[str, np.ndarray]], tmp_path: Path,
                                         capsys: pytest.CaptureFixture[str]) -> None:
     src, deltas = peft_adapter
@@ -221,6 +224,7 @@ def test_peft_to_mlx_one_rank_one_scale(peft_adapter: tuple[Path, dict[str, np.n
     _check_with_mlx_lm(out, _expected(deltas, doc))
 
 
+@pytest.mark.slow  # mlx-lm / PEFT + transformers imports and a tiny model
 def test_peft_mlx_peft_round_trip_keeps_delta(peft_adapter: tuple[Path, dict[str, np.ndarray]], tmp_path: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     """PEFT -> MLX at the largest rank (nothing truncated) -> PEFT: the raw factors give the input's ΔW back."""
@@ -261,7 +265,12 @@ def test_conversions_that_cannot_be_exact_are_refused(tmp_path: Path, capsys: py
                      {"fine_tune_type": "lora", "num_layers": 1, "lora_parameters": {"rank": 4, "scale": 2.0}})
     assert "embedding" in _refused([str(emb), "--out", str(tmp_path / "o3"), "--rank", "2", "--format", "peft"],
                                    capsys)
-    assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3"))
+    sw = "model.layers.0.mlp.switch_mlp.up_proj"
+    moe = _write_mlx(tmp_path / "moe", {f"{sw}.lora_a": rng.standard_normal((3, 4, 16)),
+                                        f"{sw}.lora_b": rng.standard_normal((3, 24, 4))},
+                     {"fine_tune_type": "lora", "num_layers": 1, "lora_parameters": {"rank": 4, "scale": 2.0}})
+    assert "expert" in _refused([str(moe), "--out", str(tmp_path / "o4"), "--rank", "2", "--format", "peft"], capsys)
+    assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3", "o4"))
 
 
 def test_mlx_output_is_written_atomically(mlx_adapter: tuple[Path, dict[str, np.ndarray]], tmp_path: Path,
@@ -278,3 +287,84 @@ def test_mlx_output_is_written_atomically(mlx_adapter: tuple[Path, dict[str, np.
     assert json.loads((out / "adapter_config.json").read_text())["lora_parameters"]["rank"] == 3
     assert doc["output"]["written"] is True
     assert sorted(p.name for p in tmp_path.iterdir()) == ["foreign", "out"]  # no staging leftovers
+
+
+def test_square_lora_a_and_switch_experts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """lora_a (r, r) (d_in == r: the shape alone cannot say it is stored transposed) and a LoRASwitchLinear stack
+    (E, r, in)/(E, out, r), ΔW_e = scale · lora_b[e] · lora_a[e]: truncated per module / per expert, written in
+    mlx-lm's layout; the square module also as PEFT."""
+    rng = np.random.default_rng(3)
+    sq, sw = "model.layers.0.self_attn.q_proj", "model.layers.0.mlp.switch_mlp.up_proj"
+    a_sq, b_sq = rng.standard_normal((4, 4)), rng.standard_normal((4, 16)) * 0.1
+    a_sw = rng.standard_normal((3, 4, 16)) * (0.5 ** np.arange(4))[None, :, None]
+    b_sw = rng.standard_normal((3, 24, 4)) * 0.1
+    tensors = {f"{sq}.lora_a": a_sq, f"{sq}.lora_b": b_sq, f"{sw}.lora_a": a_sw, f"{sw}.lora_b": b_sw}
+    src = _write_mlx(tmp_path / "in", tensors, {"fine_tune_type": "lora", "num_layers": 1,
+                                                "lora_parameters": {"rank": 4, "scale": 2.0, "dropout": 0.0}})
+    stored = {k: v.astype(np.float32).astype(np.float64) for k, v in tensors.items()}
+    doc = _compress(src, tmp_path / "out", capsys, "--rank", "2")
+    got = _read(tmp_path / "out" / "adapters.safetensors")
+    assert got[f"{sq}.lora_a"].shape == (4, 2) and got[f"{sq}.lora_b"].shape == (2, 16)
+    assert got[f"{sw}.lora_a"].shape == (3, 2, 16) and got[f"{sw}.lora_b"].shape == (3, 24, 2)
+    scale = json.loads((tmp_path / "out" / "adapter_config.json").read_text())["lora_parameters"]["scale"]
+    dw_sq = 2.0 * stored[f"{sq}.lora_b"].T @ stored[f"{sq}.lora_a"].T
+    np.testing.assert_allclose(scale * got[f"{sq}.lora_b"].T @ got[f"{sq}.lora_a"].T, _dense_truncation(dw_sq, 2),
+                               rtol=1e-5, atol=1e-6)
+    for e in range(3):
+        dw = 2.0 * stored[f"{sw}.lora_b"][e] @ stored[f"{sw}.lora_a"][e]
+        np.testing.assert_allclose(scale * got[f"{sw}.lora_b"][e] @ got[f"{sw}.lora_a"][e], _dense_truncation(dw, 2),
+                                   rtol=1e-5, atol=1e-6)
+    assert {row["r_after"] for row in doc["layers"]} == {2}
+    del tensors[f"{sw}.lora_a"], tensors[f"{sw}.lora_b"]
+    src2 = _write_mlx(tmp_path / "in2", tensors, {"fine_tune_type": "lora", "num_layers": 1,
+                                                  "lora_parameters": {"rank": 4, "scale": 2.0, "dropout": 0.0}})
+    _compress(src2, tmp_path / "peft", capsys, "--rank", "2", "--format", "peft")
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    peft = _read(tmp_path / "peft" / "adapter_model.safetensors")
+    a, b = peft[f"base_model.model.{sq}.lora_A.weight"], peft[f"base_model.model.{sq}.lora_B.weight"]
+    np.testing.assert_allclose(config["lora_alpha"] / config["r"] * b @ a, _dense_truncation(dw_sq, 2),
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow  # mlx-lm / PEFT + transformers imports and a tiny model
+def test_mlx_lm_switch_experts_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An adapter trained-shape by mlx-lm itself on a tiny Mixtral (LoRALinear q_proj + LoRASwitchLinear up_proj,
+    3 experts), compressed to rank 2 and loaded back by mlx-lm's load_adapters: each layer's fuse() minus its base
+    equals the dense truncation (per expert) of what the input's fuse() added."""
+    mx = pytest.importorskip("mlx.core")
+    pytest.importorskip("mlx_lm")
+    from mlx.utils import tree_flatten
+    from mlx_lm.models import mixtral
+    from mlx_lm.tuner.lora import LoRALinear, LoRASwitchLinear
+    from mlx_lm.tuner.utils import linear_to_lora_layers, load_adapters
+
+    args = mixtral.ModelArgs(model_type="mixtral", vocab_size=32, hidden_size=16, intermediate_size=24,
+                             num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, num_local_experts=3)
+    params = {"rank": 4, "scale": 2.0, "dropout": 0.0, "keys": ["self_attn.q_proj", "block_sparse_moe.switch_mlp.up_proj"]}
+
+    def lora_deltas(model: Any) -> dict[str, np.ndarray]:
+        return {name: np.array(m.fuse().weight, dtype=np.float64) - np.array(m.linear.weight, dtype=np.float64)
+                for name, m in model.named_modules() if isinstance(m, (LoRALinear, LoRASwitchLinear))}
+
+    mx.random.seed(0)
+    model = mixtral.Model(args)
+    model.freeze()
+    linear_to_lora_layers(model, 1, params)
+    for _, module in model.named_modules():
+        if isinstance(module, (LoRALinear, LoRASwitchLinear)):
+            module.lora_b = mx.random.normal(module.lora_b.shape) * 0.1
+    before = lora_deltas(model)
+    src = tmp_path / "in"
+    src.mkdir()
+    mx.save_safetensors(str(src / "adapters.safetensors"), dict(tree_flatten(model.trainable_parameters())))
+    (src / "adapter_config.json").write_text(json.dumps({"fine_tune_type": "lora", "num_layers": 1,
+                                                         "lora_parameters": params}))
+    doc = _compress(src, tmp_path / "out", capsys, "--rank", "2")
+    assert {row.get("expert") for row in doc["layers"]} == {None, 0, 1, 2}
+    fresh = mixtral.Model(args)
+    load_adapters(fresh, str(tmp_path / "out"))
+    after = lora_deltas(fresh)
+    assert set(after) == set(before) and len(after) == 2
+    for name, dw in before.items():
+        want = (np.stack([_dense_truncation(d, 2) for d in dw]) if dw.ndim == 3 else _dense_truncation(dw, 2))
+        np.testing.assert_allclose(after[name], want, rtol=1e-4, atol=2e-5 * np.abs(want).max())

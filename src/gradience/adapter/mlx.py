@@ -102,7 +102,7 @@ def mlx_config_view(config: Mapping[str, Any], where: str | None) -> dict[str, A
     return view
 
 
-class _MlxLoader:
+class MlxLoader:
     """Reads one MLX pair and orients it as A (r, d_in), B (d_out, r) (transposes are views)."""
 
     def __init__(self, source: TensorSource, a_key: str, b_key: str, kind: str, expert: int | None) -> None:
@@ -192,7 +192,7 @@ def build_mlx_pairs(source: TensorSource, config: Mapping[str, Any], where: str 
                                       b_shape=b_meta.shape, d_in=d_in, d_out=d_out)
         if experts == 0:
             pairs.append(LoraPair(name=module, dora=m is not None,
-                                  loader=_MlxLoader(source, a_meta.key, b_meta.key, kind, None),
+                                  loader=MlxLoader(source, a_meta.key, b_meta.key, kind, None),
                                   magnitude_key=m.key if mag_ok and m is not None else None,
                                   magnitude_loader=_MagnitudeLoader(source, m.key) if mag_ok and m is not None
                                   else None, **common))
@@ -200,7 +200,7 @@ def build_mlx_pairs(source: TensorSource, config: Mapping[str, Any], where: str 
         for e in range(experts):
             pairs.append(LoraPair(name=f"{module}[{e}]", dora=False, expert=e, num_experts=experts,
                                   parameter=module.rpartition(".")[2],
-                                  loader=_MlxLoader(source, a.key, b.key, kind, e), **common))
+                                  loader=MlxLoader(source, a.key, b.key, kind, e), **common))
     if unpaired:
         issues.append(Issue("unpaired_factor", f"{len(unpaired)} MLX factor(s) without their twin, not audited: "
                                                f"{', '.join(unpaired[:5])}", modules=unpaired))

@@ -21,14 +21,26 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from gradience.adapter.mlx import MLX_WEIGHTS, mlx_block_key, mlx_module_for, mlx_parameters, peft_module_for
+from gradience.adapter.mlx import (
+    MLX_WEIGHTS,
+    MlxLoader,
+    mlx_block_key,
+    mlx_module_for,
+    mlx_parameters,
+    peft_module_for,
+)
 from gradience.adapter.model import LoadedAdapter
 from gradience.adapter.pairs import PEFT_ROOT_PREFIX
+from gradience.adapter.sources import SafetensorsSource
+from gradience.compress.factors import rescaled_factors
 from gradience.compress.result import CompressOptions, LayerPlan
+from gradience.compress.tensors import _stored_name, _truncate
 from gradience.compress.writer import WEIGHTS_NAME
 from gradience.errors import InputError
 from gradience.io.safetensors_write import TensorSpec
@@ -162,27 +174,124 @@ def _transposed(spec: TensorSpec, key: str) -> TensorSpec:
     return TensorSpec(key, spec.dtype, tuple(reversed(spec.shape)), make)
 
 
+class _MlxFactors:
+    """The recomputed factors of an MLX input, read through mlx-lm's own orientation (:class:`MlxLoader`: a square
+    ``lora_a`` (r, r) is not mistaken for PEFT's A, and a ``LoRASwitchLinear`` stack (E, r, in)/(E, out, r) is
+    sliced per expert), one module or one stack at a time, laid out in the output format."""
+
+    def __init__(self, loaded: LoadedAdapter, fmt: str) -> None:
+        from gradience.adapter.loader import open_weights
+
+        self.where = loaded.adapter_weights_path
+        self.source = open_weights(Path(self.where or ""))
+        if isinstance(self.source, SafetensorsSource):
+            self.source.use_copies()  # as the tensor writer: a file shrinking meanwhile is an error, not SIGBUS
+        self.fmt = fmt
+        self.pending: dict[str, dict[str, np.ndarray]] = {}
+
+    def stored(self, key: str) -> str:
+        """The safetensors dtype name (F32, BF16, ...) of ``key`` as stored in the input."""
+        return _stored_name(self.source.metas()[key].dtype, key, self.where)
+
+    def _factors(self, layer: LayerPlan) -> tuple[np.ndarray, np.ndarray]:
+        """(A' (k, in), B' (out, k)) in float64 with coef folded in, as the PEFT writer computes them."""
+        pair = layer.pair
+        assert pair is not None
+        a, b = MlxLoader(self.source, pair.a_key, pair.b_key, pair.kind, pair.expert)()
+        a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+        if layer.action == "truncated":
+            a_new, b_new, layer.method = _truncate(layer, a, b, self.where)
+            return a_new, b_new
+        return rescaled_factors(a, b, layer.r_after, layer.coef)
+
+    def _layout(self, group: list[LayerPlan], keys: tuple[str, str]) -> dict[str, np.ndarray]:
+        parts = [self._factors(la) for la in group]
+        pair = group[0].pair
+        assert pair is not None
+        if pair.expert is not None:  # LoRASwitchLinear: lora_a (E, k, in), lora_b (E, out, k)
+            return {keys[0]: np.stack([a for a, _ in parts]), keys[1]: np.stack([b for _, b in parts])}
+        (a, b), = parts
+        if self.fmt == "peft" or pair.kind == "embedding":  # PEFT's A/B; LoRAEmbedding: keys already swapped
+            return {keys[0]: a, keys[1]: b}
+        return {keys[0]: a.T, keys[1]: b.T}  # LoRALinear: lora_a (in, k), lora_b (k, out)
+
+    def produce(self, group: list[LayerPlan], keys: tuple[str, str], key: str, dtype: str) -> np.ndarray:
+        from gradience.io.safetensors_write import encode_float
+
+        slot = self.pending.get(keys[0])
+        if slot is None:
+            try:
+                slot = self.pending[keys[0]] = {k: encode_float(v, dtype) for k, v in self._layout(group, keys).items()}
+            except ValueError as exc:
+                raise InputError(f"module {group[0].name}: {exc}; choose another --dtype", self.where) from None
+        out = slot.pop(key)
+        if not slot:
+            del self.pending[keys[0]]
+        return out
+
+
+def _out_shapes(layer: LayerPlan, fmt: str, experts: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    k, d_in, d_out = layer.r_after, layer.d_in, layer.d_out
+    if experts:
+        return (experts, k, d_in), (experts, d_out, k)
+    if fmt == "peft" or layer.kind == "embedding":
+        return (k, d_in), (d_out, k)
+    return (d_in, k), (k, d_out)
+
+
+def _out_keys(loaded: LoadedAdapter, layer: LayerPlan, fmt: str) -> tuple[str, str]:
+    pair = layer.pair
+    assert pair is not None
+    if fmt == input_format(loaded):
+        return pair.a_key, pair.b_key
+    if fmt == "mlx":
+        module = mlx_module_for(pair.name, loaded.adapter_weights_path)
+        return f"{module}.lora_a", f"{module}.lora_b"
+    module = PEFT_ROOT_PREFIX + peft_module_for(pair.name, loaded.adapter_weights_path)
+    return f"{module}.lora_A.weight", f"{module}.lora_B.weight"
+
+
 def output_specs(loaded: LoadedAdapter, layers: list[LayerPlan], specs: list[TensorSpec], fmt: str
                  ) -> list[TensorSpec]:
-    """``specs`` (the input's key names and layout) renamed and transposed into ``fmt``'s."""
+    """``specs`` (the input's key names and layout, from :func:`gradience.compress.tensors.tensor_specs`) in
+    ``fmt``'s names and layout. A PEFT input's factors are transposed on the way out; an MLX input's recomputed
+    factors are produced by :class:`_MlxFactors` (stored bytes of unchanged modules are still copied)."""
     src = input_format(loaded)
-    if fmt == src:
+    if fmt == src == "peft":
         return specs
-    renames: dict[str, str] = {}
+    groups: dict[str, list[LayerPlan]] = {}
     for la in layers:
-        pair = la.pair
+        assert la.pair is not None
+        groups.setdefault(la.pair.a_key, []).append(la)
+    by_key: dict[str, tuple[list[LayerPlan], int]] = {}
+    for group in groups.values():
+        group.sort(key=lambda la: (la.pair.expert or 0) if la.pair is not None else 0)
+        pair = group[0].pair
         assert pair is not None
-        if fmt == "mlx":
-            module = mlx_module_for(pair.name, loaded.adapter_weights_path)
-            renames[pair.a_key], renames[pair.b_key] = f"{module}.lora_a", f"{module}.lora_b"
-        else:
-            module = PEFT_ROOT_PREFIX + peft_module_for(pair.name, loaded.adapter_weights_path)
-            renames[pair.a_key], renames[pair.b_key] = f"{module}.lora_A.weight", f"{module}.lora_B.weight"
+        by_key[pair.a_key], by_key[pair.b_key] = (group, 0), (group, 1)
+    mlx_factors = _MlxFactors(loaded, fmt) if src == "mlx" else None
     out = []
     for spec in specs:
-        key = renames.get(spec.name)
-        if key is None:
-            raise InputError(f"--format {fmt}: tensor {spec.name} is not a LoRA factor and has no place in the "
-                             "other format", loaded.adapter_weights_path)
-        out.append(_transposed(spec, key))
+        hit = by_key.get(spec.name)
+        if hit is None:
+            if fmt != src:
+                raise InputError(f"--format {fmt}: tensor {spec.name} is not a LoRA factor and has no place in the "
+                                 "other format", loaded.adapter_weights_path)
+            out.append(spec)  # a DoRA m or another tensor of an MLX adapter written back as MLX: copied
+            continue
+        group, side = hit
+        keys = _out_keys(loaded, group[0], fmt)
+        if mlx_factors is None:  # PEFT in, MLX out: PEFT's (k, in)/(out, k) transposed
+            out.append(_transposed(spec, keys[side]))
+            continue
+        if fmt == src and all(la.verbatim for la in group) and spec.dtype == mlx_factors.stored(spec.name):
+            out.append(spec)  # unchanged module, same dtype: its stored bytes
+            continue
+        pair = group[0].pair
+        assert pair is not None
+        experts = (pair.num_experts or 0) if pair.expert is not None else 0
+        shape = _out_shapes(group[0], fmt, experts)[side]
+        out.append(TensorSpec(keys[side], spec.dtype, shape,
+                              partial(mlx_factors.produce, group, keys, keys[side], spec.dtype)))
     return out
+
