@@ -20,8 +20,8 @@ from gradience.audit.spectrum import (
     singular_values_many,
     spectrum_metrics,
     spectrum_metrics_many,
-    stacked_pair_grams,
 )
+from gradience.audit.stacked import stacked_pair_grams
 
 torch = pytest.importorskip("torch")
 
@@ -134,9 +134,9 @@ def _stacked_adapter(out: Path, experts: int, r: int, d_in: int, d_out: int, dty
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32", "float64"])
 def test_batched_rows_equal_per_pair_over_several_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                          dtype: str) -> None:
-    import gradience.audit.spectrum as spectrum
+    import gradience.audit.stacked as stacked
 
-    monkeypatch.setattr(spectrum, "_STACK_CHUNK_ELEMS", 200)  # several expert chunks and B row chunks
+    monkeypatch.setattr(stacked, "_STACK_CHUNK_ELEMS", 200)  # several expert chunks and B row chunks
     _stacked_adapter(tmp_path, experts=11, r=4, d_in=37, d_out=29, dtype=getattr(torch, dtype))
     pairs = load_adapter(str(tmp_path)).pairs
     assert [p.expert for p in pairs] == list(range(11))

@@ -23,8 +23,8 @@ from gradience.audit.spectrum import (
     singular_values_many,
     spectrum_metrics,
     spectrum_metrics_many,
-    stacked_pair_grams,
 )
+from gradience.audit.stacked import stacked_pair_grams
 from gradience.modules import classify_module, layer_index
 from gradience.udr import PER_LAYER_KEYS
 
