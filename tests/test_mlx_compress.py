@@ -368,3 +368,28 @@ def test_mlx_lm_switch_experts_round_trip(tmp_path: Path, capsys: pytest.Capture
     for name, dw in before.items():
         want = (np.stack([_dense_truncation(d, 2) for d in dw]) if dw.ndim == 3 else _dense_truncation(dw, 2))
         np.testing.assert_allclose(after[name], want, rtol=1e-4, atol=2e-5 * np.abs(want).max())
+
+
+def test_mlx_embedding_and_dora_written_back(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """LoRAEmbedding (ΔW = scale · lora_a · lora_b, (n, dims)) truncated in its own layout; a DoRA module's m is
+    copied byte for byte next to its truncated direction; a config without a rank is refused in one line."""
+    rng = np.random.default_rng(4)
+    emb, v = "model.embed_tokens", "model.layers.0.self_attn.v_proj"
+    tensors = {f"{emb}.lora_a": rng.standard_normal((64, 4)), f"{emb}.lora_b": rng.standard_normal((4, 32)) * 0.1,
+               f"{v}.lora_a": rng.standard_normal((32, 4)), f"{v}.lora_b": rng.standard_normal((4, 16)) * 0.1,
+               f"{v}.m": rng.uniform(0.5, 1.5, 16)}
+    config = {"fine_tune_type": "dora", "num_layers": 1, "lora_parameters": {"rank": 4, "scale": 3.0, "dropout": 0.0}}
+    src = _write_mlx(tmp_path / "in", tensors, config)
+    stored = {k: val.astype(np.float32).astype(np.float64) for k, val in tensors.items()}
+    _compress(src, tmp_path / "out", capsys, "--rank", "2")
+    got = _read(tmp_path / "out" / "adapters.safetensors")
+    assert got[f"{emb}.lora_a"].shape == (64, 2) and got[f"{emb}.lora_b"].shape == (2, 32)
+    want = _dense_truncation(3.0 * stored[f"{emb}.lora_a"] @ stored[f"{emb}.lora_b"], 2)
+    np.testing.assert_allclose(3.0 * got[f"{emb}.lora_a"] @ got[f"{emb}.lora_b"], want, rtol=1e-5, atol=1e-6)
+    want = _dense_truncation(3.0 * stored[f"{v}.lora_b"].T @ stored[f"{v}.lora_a"].T, 2)
+    np.testing.assert_allclose(3.0 * got[f"{v}.lora_b"].T @ got[f"{v}.lora_a"].T, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(got[f"{v}.m"], stored[f"{v}.m"])
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["fine_tune_type"] == "dora"
+    config["lora_parameters"] = {"scale": 3.0}
+    (src / "adapter_config.json").write_text(json.dumps(config))
+    assert "rank" in _refused([str(src), "--out", str(tmp_path / "o2"), "--rank", "2"], capsys)

@@ -138,6 +138,8 @@ def _run(args: argparse.Namespace) -> int:
     if not args.out and not args.dry_run:
         raise InputError("no output given: pass --out OUT (or --dry-run to plan only)")
     if args.scale_intruders is not None:
+        if args.out_format is not None:
+            raise InputError("--format applies to the rank policies; --scale-intruders keeps the input's layout")
         return _scale_intruders(args)
     policy = policy_from_args(args)
     options = CompressOptions(policy=policy, dtype=args.dtype, base_model=args.base_model,

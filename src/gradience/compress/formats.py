@@ -67,6 +67,14 @@ def prepare(loaded: LoadedAdapter, options: CompressOptions) -> str:
     if fmt not in FORMATS:
         raise InputError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     where = loaded.adapter_weights_path
+    if input_format(loaded) == "mlx":
+        rank, scale = mlx_parameters(loaded.config["mlx"], loaded.adapter_config_path)
+        if rank is None:  # mlx-lm builds its LoRA layers from this number: it cannot load such an adapter either
+            raise InputError("MLX adapter config lora_parameters.rank is missing or not a positive integer; "
+                             "mlx-lm cannot load this adapter either", loaded.adapter_config_path)
+        if scale == 0.0:
+            raise InputError("MLX adapter config lora_parameters.scale is 0: the adapter changes nothing, there "
+                             "is nothing to compress", loaded.adapter_config_path)
     if fmt != input_format(loaded):
         bad = [p.name for p in loaded.pairs if p.kind != "linear"]
         if bad:
