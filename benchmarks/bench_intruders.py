@@ -42,16 +42,37 @@ LINEAR_LAYERS_7B = 224
 SHAPE_WEIGHT = {"q_proj": 128, "gate_proj": 64, "down_proj": 32}
 
 
-def _run(pairs: list, base: Path, cache: Path, device: str, k: int, eps: float) -> dict:
+def _run(pairs: list, base: Path, cache: Path, device: str, k: int, eps: float, label: str = "",
+         partial: Path | None = None) -> dict:
+    """One pass over ``pairs``; a progress line per layer (wall, CPU, 1-min load average) and, with ``partial``,
+    the figures so far rewritten after every layer (what survives when a long run is stopped)."""
     from gradience.intruders import IntruderOptions, measure_intruders
 
     per_layer_s: dict[str, tuple[float, float]] = {}
+    load_1min: dict[str, float] = {}
     report = None
-    for pair in pairs:  # one layer at a time: wall and CPU seconds per layer (the machine is shared)
+    started = time.perf_counter()
+    for i, pair in enumerate(pairs, 1):  # one layer at a time: wall and CPU seconds per layer (the machine is shared)
         t0, c0 = time.perf_counter(), time.process_time()
         one = measure_intruders([pair], str(base), IntruderOptions(k=k, eps=eps, device=device,
                                                                    cache_dir=str(cache)))
         per_layer_s[pair.name] = (time.perf_counter() - t0, time.process_time() - c0)
+        load_1min[pair.name] = os.getloadavg()[0]
+        found = one.per_layer.get(pair.name)
+        print(f"[{label} {i}/{len(pairs)} {time.strftime('%H:%M:%S')}] {pair.name}: {per_layer_s[pair.name][0]:.1f} s "
+              f"wall, {per_layer_s[pair.name][1]:.1f} s CPU, load {load_1min[pair.name]:.1f}, "
+              f"{None if found is None else found.count} intruders, decided by "
+              f"{None if found is None else found.decided_by}", flush=True)
+        if partial is not None:
+            done = {"run": label, "layers_done": i, "layers_total": len(pairs),
+                    "elapsed_wall_s": time.perf_counter() - started,
+                    "cpu_s": sum(c for _w, c in per_layer_s.values()),
+                    "per_layer_s": per_layer_s, "load_1min": load_1min,
+                    "decided_by": {n: la.decided_by for n, la in ((report.per_layer if report else {}) | one.per_layer).items()},
+                    "counts": {n: la.count for n, la in ((report.per_layer if report else {}) | one.per_layer).items()}}
+            tmp = partial.with_suffix(".tmp")
+            tmp.write_text(json.dumps(done, indent=1) + "\n")
+            tmp.replace(partial)
         if report is None:
             report = one
         else:
@@ -64,6 +85,7 @@ def _run(pairs: list, base: Path, cache: Path, device: str, k: int, eps: float) 
     wall = sum(w for w, _c in per_layer_s.values())
     rows = report.per_layer
     return {"wall_s": wall, "cpu_s": sum(c for _w, c in per_layer_s.values()), "per_layer_s": per_layer_s,
+            "load_1min": load_1min,
             "stats": report.stats, "summary": report.summary,
             "per_layer": {name: {"count": la.count, "decided_by": la.decided_by, "base_vectors": la.base_vectors,
                                  "products": la.products, "converged": la.converged} for name, la in rows.items()},
@@ -85,6 +107,14 @@ def _dense_baseline(base: Path, pairs: list) -> float:
     return time.perf_counter() - t0
 
 
+def _gpu_visible() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=1, help="decoder blocks of the base (default 1 = 7 layers)")
@@ -94,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--eps", type=float, default=0.5)
     ap.add_argument("--dense-baseline", action="store_true")
+    ap.add_argument("--runs", default="cold,cached", help="comma list of cold, cached (default both, in order)")
+    ap.add_argument("--cache-dir", type=Path, default=None,
+                    help="base spectra cache (default: a fresh temporary one; give one to run cached later)")
+    ap.add_argument("--partial", type=Path, default=None, help="rewrite the figures so far here after every layer")
     ap.add_argument("--one-per-shape", action="store_true",
                     help="measure q_proj, gate_proj and down_proj of block 0 only and extrapolate by shape counts")
     args = ap.parse_args(argv)
@@ -107,12 +141,19 @@ def main(argv: list[str] | None = None) -> int:
     pairs = [p for p in loaded.pairs if (layer_index(p.name) or 0) < args.layers]
     if args.one_per_shape:  # q_proj (4096²), gate_proj (11008×4096), down_proj (4096×11008) of block 0
         pairs = [p for p in pairs if layer_index(p.name) == 0 and p.name.rsplit(".", 1)[-1] in SHAPE_WEIGHT]
+    runs = [r for r in args.runs.split(",") if r]
+    if not runs or any(r not in ("cold", "cached") for r in runs):
+        ap.error("--runs takes cold and/or cached")
     out: dict = {"base": str(base), "adapter": str(adapter), "layers_measured": len(pairs), "device": args.device,
-                 "k": args.k, "eps": args.eps, "cpu_count": os.cpu_count(), "load_avg": os.getloadavg()}
+                 "gpu_visible": _gpu_visible(), "k": args.k, "eps": args.eps, "cpu_count": os.cpu_count(),
+                 "load_avg": os.getloadavg(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     with tempfile.TemporaryDirectory(prefix="intruder_cache_") as tmp:
-        cache = Path(tmp) / "spectra"
-        for label in ("cold", "cached"):
-            res = _run(pairs, base, cache, args.device, args.k, args.eps)
+        cache = args.cache_dir if args.cache_dir is not None else Path(tmp) / "spectra"
+        if "cold" in runs and args.cache_dir is not None and cache.exists():
+            for old in cache.glob("*.npz"):  # a cold run starts from an empty cache
+                old.unlink()
+        for label in runs:
+            res = _run(pairs, base, cache, args.device, args.k, args.eps, label, args.partial)
             out[label] = res
             n = max(1, len(res["per_layer"]))
             st = res["stats"]
@@ -139,12 +180,23 @@ def main(argv: list[str] | None = None) -> int:
                   f"cache hits {st['cache_hits']}, base spectra computed {st['base_spectra_computed']}")
             print("  intruders per layer: " + ", ".join(
                 f"{name.split('.')[-1]}={v['count']}" for name, v in res["per_layer"].items()))
-    cold, cached = out["cold"]["cpu_s"], out["cached"]["cpu_s"]
-    out["median_cpu_s_per_layer_cold"] = statistics.median(c for _w, c in out["cold"]["per_layer_s"].values())
-    out["median_cpu_s_per_layer_cached"] = statistics.median(c for _w, c in out["cached"]["per_layer_s"].values())
-    out["cached_over_cold_cpu"] = cached / cold if cold else None
-    print(f"median CPU s per layer: cold {out['median_cpu_s_per_layer_cold']:.1f}, cached "
-          f"{out['median_cpu_s_per_layer_cached']:.1f}; cached / cold CPU: {out['cached_over_cold_cpu']:.2f}")
+    for label in runs:
+        res = out[label]
+        out[f"median_cpu_s_per_layer_{label}"] = statistics.median(c for _w, c in res["per_layer_s"].values())
+        res["minutes"] = {"wall": res["wall_s"] / 60, "cpu": res["cpu_s"] / 60}
+        res["median_cpu_s_by_shape"] = {
+            leaf: statistics.median(c for nm, (_w, c) in res["per_layer_s"].items() if nm.endswith(leaf))
+            for leaf in sorted({nm.rsplit(".", 1)[-1] for nm in res["per_layer_s"]})}
+        decided = [v["decided_by"] for v in res["per_layer"].values()]
+        res["decided_without_dense_fraction"] = (len(decided) - decided.count("dense")) / max(1, len(decided))
+        res["decided_by_first_partial_fraction"] = (decided.count("partial") + decided.count("lanczos")) / max(
+            1, len(decided))
+        print(f"{label}: {res['minutes']['wall']:.1f} min wall, {res['minutes']['cpu']:.1f} min CPU; median CPU s "
+              f"per layer by shape {res['median_cpu_s_by_shape']}")
+    if "cold" in out and "cached" in out:
+        cold, cached = out["cold"]["cpu_s"], out["cached"]["cpu_s"]
+        out["cached_over_cold_cpu"] = cached / cold if cold else None
+        print(f"cached / cold CPU: {out['cached_over_cold_cpu']:.2f}")
     if args.dense_baseline:
         out["dense_baseline_4096_s"] = _dense_baseline(base, pairs)
         print(f"dense baseline (PEFT's two SVDs) on one 4096x4096 layer: {out['dense_baseline_4096_s']:.1f} s")

@@ -99,6 +99,27 @@ def _orth_against(y: np.ndarray, basis: list[np.ndarray], floor: float) -> np.nd
     return np.ascontiguousarray(u[:, keep])
 
 
+CHECK_EVERY = 2
+
+
+def _ritz(qs: list[np.ndarray], zs: list[np.ndarray], ys: list[np.ndarray], gram: np.ndarray, k: int, rtol: float,
+          products: int, blocks: int, exhausted: bool) -> tuple[TopK, bool]:
+    """Rayleigh–Ritz on the basis so far: the top-k triplets, their residuals, and whether all met the stop."""
+    theta, e = np.linalg.eigh(gram)
+    order = np.argsort(theta)[::-1]
+    kk = min(k, theta.shape[0])
+    e = e[:, order[:kk]]
+    sig = np.sqrt(np.clip(theta[order[:kk]], 0.0, None))
+    safe = np.where(sig > 0, sig, 1.0)
+    u = np.concatenate(qs, axis=1) @ e
+    v = (np.concatenate(zs, axis=1) @ e) / safe
+    mv = (np.concatenate(ys, axis=1) @ e) / safe
+    res = np.linalg.norm(mv - u * sig, axis=0)
+    sigma1 = float(sig[0]) if sig.size else 0.0
+    ok = kk == k and bool(np.all(res <= rtol * max(sigma1, np.finfo(float).tiny)))
+    return TopK(u, sig, v, res, ok or exhausted, products, blocks), ok
+
+
 def top_singular(op: Operator, k: int, *, rtol: float = INTRUDER_RESIDUAL_RTOL, block: int | None = None,
                  max_blocks: int = INTRUDER_MAX_BLOCKS, seed: int = 0, start: np.ndarray | None = None) -> TopK:
     """The k largest singular triplets of ``op`` (k ≤ min(m, n)); see the module docstring for the method.
@@ -125,6 +146,8 @@ def top_singular(op: Operator, k: int, *, rtol: float = INTRUDER_RESIDUAL_RTOL, 
     gram = np.zeros((0, 0))
     q = _orth_against(y, qs, floor)
     result: TopK | None = None
+    sigma1 = 0.0
+    checked = 0
     for blocks in range(1, max_blocks + 1):
         if q.shape[1] == 0:
             break
@@ -137,23 +160,21 @@ def top_singular(op: Operator, k: int, *, rtol: float = INTRUDER_RESIDUAL_RTOL, 
         qs.append(q)
         zs.append(z)
         ys.append(y)
-        theta, e = np.linalg.eigh(gram)
-        order = np.argsort(theta)[::-1]
-        kk = min(k, theta.shape[0])
-        e = e[:, order[:kk]]
-        sig = np.sqrt(np.clip(theta[order[:kk]], 0.0, None))
-        safe = np.where(sig > 0, sig, 1.0)
-        u = np.concatenate(qs, axis=1) @ e
-        v = (np.concatenate(zs, axis=1) @ e) / safe
-        mv = (np.concatenate(ys, axis=1) @ e) / safe
-        res = np.linalg.norm(mv - u * sig, axis=0)
-        sigma1 = float(sig[0]) if sig.size else 0.0
         exhausted = gram.shape[0] >= full
-        ok = kk == k and bool(np.all(res <= rtol * max(sigma1, np.finfo(float).tiny)))
-        result = TopK(u, sig, v, res, ok or exhausted, products, blocks)
+        # The Rayleigh–Ritz step and the residuals cost more than the block's two products once the basis is a few
+        # hundred columns wide (eigh of the Gram, three basis-wide products): done on the first and every second
+        # block (at most one block of products more than checking each).
+        if not (blocks == 1 or blocks % CHECK_EVERY == 0 or exhausted or blocks == max_blocks):
+            q = _orth_against(y, qs, floor * max(1.0, sigma1))
+            continue
+        result, ok = _ritz(qs, zs, ys, gram, k, rtol, products, blocks, exhausted)
+        checked = blocks
+        sigma1 = float(result.sigma[0]) if result.sigma.size else 0.0
         if ok or exhausted or sigma1 == 0.0:
             break
         q = _orth_against(y, qs, floor * max(1.0, sigma1))
+    if qs and checked != len(qs):  # the basis stopped growing between two checks: evaluate what was built
+        result, _ok = _ritz(qs, zs, ys, gram, k, rtol, products, len(qs), gram.shape[0] >= full)
     if result is None:  # M·Ω was zero: M is the zero matrix (or Ω missed its range)
         zero_u = np.zeros((m, k))
         return TopK(zero_u, np.zeros(k), np.zeros((n, k)), np.zeros(k), True, products, 0)
