@@ -287,6 +287,10 @@ def test_mlx_output_is_written_atomically(mlx_adapter: tuple[Path, dict[str, np.
     assert json.loads((out / "adapter_config.json").read_text())["lora_parameters"]["rank"] == 3
     assert doc["output"]["written"] is True
     assert sorted(p.name for p in tmp_path.iterdir()) == ["foreign", "out"]  # no staging leftovers
+    assert main(["compress", str(src), "--out", str(tmp_path / "plan"), "--rank", "2", "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "Format:    mlx (adapters.safetensors)" in text and "mlx_output: MLX-LM output" in text
+    assert not (tmp_path / "plan").exists()
 
 
 def test_square_lora_a_and_switch_experts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -166,6 +166,9 @@ def output_config(loaded: LoadedAdapter, layers: list[LayerPlan], config: dict[s
                                                 "without weights keep a zero update)", "info"))
     params.update({"rank": rank, "scale": scale})
     out["lora_parameters"] = params
+    issues.append(Issue("mlx_output", f"MLX-LM output (adapters.safetensors, lora_parameters rank {rank}, scale "
+                                      f"{scale:g}); the Config and Portability lines describe its PEFT equivalent "
+                                      "(lora_alpha = scale · rank)", "info"))
     if any(la.r_after != la.r_before for la in layers) or len({la.r_before for la in layers}) > 1:
         issues.append(Issue("mlx_one_rank", f"MLX output: one rank {rank} for every module (mlx-lm builds each "
                                             "LoRA layer with lora_parameters.rank and refuses other shapes); "

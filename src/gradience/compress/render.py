@@ -42,6 +42,8 @@ def render_text(doc: dict[str, Any]) -> str:
         lines.append(f"Output:    {safe_text(out.get('path') or '-')} (dry run: nothing written)")
     else:
         lines.append(f"Output:    {safe_text(out.get('path') or '-')}")
+    if out.get("format", "peft") != "peft":  # --format mlx (compress/formats.py)
+        lines.append(f"Format:    {safe_text(str(out['format']))} ({safe_text(str(out.get('weights')))})")
     lines.append(f"Policy:    {policy_line(doc['policy'])}")
     pol = doc["policy"]
     if pol["name"] == "budget" and pol.get("budget_params") is not None:
@@ -88,7 +90,7 @@ def render_text(doc: dict[str, Any]) -> str:
         lines.append(f"  UDR (median): {num(b.get('udr_median'), '.4f')} -> {num(a.get('udr_median'), '.4f')}; "
                      f"layers with UDR: {a.get('n_layers_with_udr')}")
     issues = [i for i in doc["issues"] if i.get("severity") != "info" or i.get("code") in
-              ("dora_directional_truncated", "zero_padded", "output_leftovers")]
+              ("dora_directional_truncated", "zero_padded", "output_leftovers", "mlx_output", "format_converted")]
     if issues:
         lines += ["", "Issues:"]
         for issue in issues:
