@@ -94,7 +94,8 @@ def test_every_row_has_a_source_and_fires_somewhere() -> None:
     cases = [PLAIN, HETERO, replace(PLAIN, has_lora_bias=True), replace(PLAIN, dora=True),
              replace(PLAIN, kinds=frozenset({"conv"})), replace(PLAIN, use_rslora=True),
              replace(PLAIN, ranks=[600], config_r=600),
-             replace(PLAIN, has_modules_to_save=True, non_lora_names=("m.norm.weight", "m.lm_head.weight"))]
+             replace(PLAIN, has_modules_to_save=True, non_lora_names=("m.norm.weight", "m.lm_head.weight")),
+             replace(PLAIN, target_parameters=("mlp.experts.w1",))]  # MoE expert rows (test_engines_experts.py)
     for facts in cases:
         for version in (None, {"vllm": "0.9.0"}):
             for verdict in evaluate(facts, version).values():

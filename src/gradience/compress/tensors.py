@@ -289,7 +289,9 @@ def output_facts(layers: list[LayerPlan], config: dict[str, Any], non_lora: dict
     """The written adapter as the engine table sees it (the one rule set of :mod:`gradience.engines`)."""
     return facts_from_config(config, [la.r_after for la in layers], kinds={la.kind for la in layers},
                              non_lora_names=non_lora["names"], has_lora_bias=bool(non_lora["lora_biases"]),
-                             dora=bool(config.get("use_dora")) or any(la.dora for la in layers))
+                             dora=bool(config.get("use_dora")) or any(la.dora for la in layers),
+                             expert_parameters=[parameter_name(la.pair) for la in layers
+                                                if la.pair is not None and la.pair.expert is not None])
 
 
 # Earlier private names (merge imported them before they were public).

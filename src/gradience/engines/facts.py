@@ -35,6 +35,10 @@ class OutputFacts:
     modules_to_save: tuple[str, ...] = ()    # adapter_config.json modules_to_save (names as configured)
     non_lora_names: tuple[str, ...] = ()     # keys of the non-LoRA tensors in the weights file
     bias: str = "none"                       # adapter_config.json "bias" (none / all / lora_only)
+    # MoE expert LoRA (issue 21): the config's target_parameters entries, and the PEFT keys of the stacked
+    # expert parameters written (``model.layers.0.mlp.experts.gate_up_proj``) when the caller knows them.
+    target_parameters: tuple[str, ...] = ()
+    expert_parameters: tuple[str, ...] = ()
 
     @property
     def max_rank(self) -> int:
@@ -66,7 +70,7 @@ def is_norm_tensor(key: str) -> bool:
 
 def facts_from_config(config: Mapping[str, Any], ranks: Iterable[int], *, kinds: Iterable[str] = ("linear",),
                       non_lora_names: Iterable[str] = (), has_lora_bias: bool = False,
-                      dora: bool | None = None) -> OutputFacts:
+                      dora: bool | None = None, expert_parameters: Iterable[str] = ()) -> OutputFacts:
     """Facts for an adapter described by its ``adapter_config.json`` and its per-module ranks."""
     mts = config.get("modules_to_save")
     mts_names = tuple(str(m) for m in mts) if isinstance(mts, (list, tuple)) else ()
@@ -77,10 +81,13 @@ def facts_from_config(config: Mapping[str, Any], ranks: Iterable[int], *, kinds:
     rank_pattern = {k: v for k, v in (rank_pattern or {}).items() if type(v) is int}
     alpha_pattern = {k: v for k, v in (alpha_pattern or {}).items() if type(v) in (int, float)}
     r = config.get("r")
+    tps = config.get("target_parameters")
+    targets = tuple(t for t in tps if isinstance(t, str)) if isinstance(tps, (list, tuple)) else ()
     return OutputFacts(
         ranks=list(ranks), config_r=r if isinstance(r, int) and not isinstance(r, bool) else 0,
         rank_pattern=rank_pattern or {}, has_modules_to_save=bool(names) or bool(mts_names),
         has_lora_bias=has_lora_bias or bool(config.get("lora_bias")),
         dora=bool(config.get("use_dora")) if dora is None else dora, kinds=frozenset(kinds),
         alpha_pattern=alpha_pattern or {}, use_rslora=bool(config.get("use_rslora")),
-        modules_to_save=mts_names, non_lora_names=names, bias=str(config.get("bias") or "none"))
+        modules_to_save=mts_names, non_lora_names=names, bias=str(config.get("bias") or "none"),
+        target_parameters=targets, expert_parameters=tuple(dict.fromkeys(expert_parameters)))

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from gradience.engines import experts as _experts
 from gradience.engines import vllm as _vllm
 from gradience.engines.facts import OutputFacts
 
@@ -153,6 +154,9 @@ RULES: tuple[Rule, ...] = (
     Rule("llama_cpp.conv", "llama_cpp", "convert_hf_to_gguf.py ModelBase.map_tensor_name (no conv mapping)", "all", _cpp_conv),
     Rule("llama_cpp.scale", "llama_cpp", "src/llama-adapter.h llama_adapter_lora_weight::get_scale", "all",
          _cpp_scale),
+    # MoE expert LoRA (PEFT target_parameters stacks), gradience.engines.experts
+    Rule("vllm.experts_pair", "vllm", _experts.SOURCE_VLLM_STACK, _experts.VERSIONS_VLLM, _experts.vllm_expert_pair),
+    Rule("llama_cpp.experts", "llama_cpp", _experts.SOURCE_CPP, "all (as read)", _experts.cpp_experts),
 )
 # The claim each engine makes when no row fails (the row id is reported as the passing rule).
 OK_CLAIMS: dict[str, tuple[str, str, str]] = {
@@ -207,15 +211,18 @@ def evaluate(facts: OutputFacts, engine_versions: Mapping[str, str] | None = Non
         label = version_label(engine, raw)
         fired = [(rule, reason) for rule in RULES if rule.engine == engine
                  for reason in [rule.fails(facts, versions.get(engine))] if reason]
+        notes = _experts.caveats(facts, engine)
         if fired:
             out[engine] = {"ok": False, "reason": "; ".join(reason for _, reason in fired),
                            "rules": [rule.id for rule, _ in fired], "version": label}
-            continue
-        rule_id, _source, reason = OK_CLAIMS[engine]
-        if engine == "vllm":
-            reason = _vllm_ok_reason(facts, versions.get("vllm"), label)
-            rule_id = "vllm.rank_pattern" if _vllm.reads_patterns(versions.get("vllm")) else "vllm.uniform"
-        out[engine] = {"ok": True, "reason": reason, "rules": [rule_id], "version": label}
+        else:
+            rule_id, _source, reason = OK_CLAIMS[engine]
+            if engine == "vllm":
+                reason = _vllm_ok_reason(facts, versions.get("vllm"), label) + _experts.vllm_ok_note(facts)
+                rule_id = "vllm.rank_pattern" if _vllm.reads_patterns(versions.get("vllm")) else "vllm.uniform"
+            out[engine] = {"ok": True, "reason": reason, "rules": [rule_id], "version": label}
+        if notes:  # additive key: what the sources read do not settle for this adapter (expert stacks)
+            out[engine]["caveats"] = notes
     return out
 
 

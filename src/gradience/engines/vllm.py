@@ -69,6 +69,12 @@ def rank_and_scaling(module_name: str, r: int, lora_alpha: float, rank_pattern: 
 
     if not reads_patterns(version) or (not rank_pattern and not alpha_pattern):
         return r, scale(r, lora_alpha)
+    # PEFT target_parameters expert stacks: vLLM's module names are experts.base_layer (gate_up_proj) and experts
+    # (down_proj); PEFTHelper.get_rank_and_scaling maps them back to the parameter names before matching.
+    if module_name.endswith(".experts.base_layer"):
+        module_name = module_name.removesuffix(".base_layer") + ".gate_up_proj"
+    elif module_name.endswith(".experts"):
+        module_name += ".down_proj"
     rank = int(pattern_value(rank_pattern, module_name) or r)
     alpha = pattern_value(alpha_pattern, module_name)
     return rank, scale(rank, lora_alpha if alpha is None else alpha)

@@ -121,10 +121,12 @@ def tensor_specs(encoder: Encoder, plans: Sequence[ModulePlan], weights: Sequenc
 
 def portability_of(plans: Sequence[ModulePlan], config: dict[str, Any]) -> dict[str, Any]:
     """The one engine table's verdict (:mod:`gradience.engines`) for the adapter merge writes."""
+    from gradience.compress.experts import parameter_name
     from gradience.engines import evaluate, facts_from_config
 
     facts = facts_from_config(config, [p.r_after for p in plans], kinds=sorted({p.group.kind for p in plans}),
-                              dora=False)
+                              dora=False, expert_parameters=[parameter_name(p.group.template) for p in plans
+                                                             if p.group.template.expert is not None])
     return evaluate(facts)
 
 
