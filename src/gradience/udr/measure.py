@@ -8,41 +8,30 @@ import sys
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from math import prod
 from typing import Any
-
-import numpy as np
 
 from gradience import stats
 from gradience.errors import InputError
 from gradience.issues import Issue
 from gradience.policy.thresholds import UDR_FRACTION_LEVELS, UDR_SDI_EPS, UDR_SIGMA_RTOL, UDR_STREAM_MIN_BYTES
 from gradience.udr import SUMMARY_KEYS, UdrInput, UdrReport
-from gradience.udr.base import BaseTensorInfo, BaseWeights
+from gradience.udr.base import BaseWeights
 from gradience.udr.cache import CachedNorms, NormsCache
 from gradience.udr.init_scale import random_init_issue
+from gradience.udr.layout import _fits, stored_transposed, weight_fits
 from gradience.udr.names import BaseNameIndex
 from gradience.udr.resolve import ResolvedBase, resolve_base, resolve_hint
-from gradience.udr.spectral import (
-    BlockOperator,
-    DoraEffective,
-    RowBlocks,
-    SpectralNorm,
-    dora_effective_norms,
-    frobenius_norm,
-    frobenius_norm_blocks,
-    spectral_norm,
-    spectral_norm_operator,
-)
+from gradience.udr.spectral import DoraEffective
+from gradience.udr.tensor_norms import MAX_WORKERS, _compute_tensor, _select_device, _TensorOutcome, _workers
+
+# weight_fits / stored_transposed (verify, intruders) and MAX_WORKERS keep their old import path.
+__all__ = ["MAX_WORKERS", "measure_udr", "stored_transposed", "summarize", "weight_fits"]
 
 _EMPTY_ROW: dict[str, float | None] = {
     "base_sigma_max": None, "base_frob_norm": None, "udr": None, "udr_f": None, "sdi": None,
     "dora_eff_sigma_max": None, "dora_eff_frob_norm": None,
 }
 _LIST_LIMIT = 5  # modules named in an issue message (all of them are in Issue.modules)
-# Parallel tensors: each worker holds one float32 copy of its tensor (180 MB for 7B MLP shapes, 940 MB for 70B).
-MAX_WORKERS = 4
 
 
 def measure_udr(
@@ -84,27 +73,6 @@ def _not_requested(issue: Issue) -> UdrReport:
                      issues=[issue], stats={})
 
 
-def _fits(kind: str, shape: tuple[int, ...], d_out: int, d_in: int) -> bool:
-    """Does the base weight have the shape of ΔW? GPT-2 Conv1D and embeddings store the transpose
-    (norms are transpose-invariant); a conv weight (out, in, kh, kw) is compared flattened like its ΔW."""
-    if len(shape) == 2:
-        return shape in ((d_out, d_in), (d_in, d_out))
-    if kind == "conv" and len(shape) >= 3:
-        return shape[0] == d_out and prod(shape[1:]) == d_in
-    return False
-
-
-def _stored_transposed(inp: UdrInput, shape: tuple[int, ...]) -> bool:
-    """Is the base weight stored as (d_in, d_out) relative to ΔW (d_out, d_in)? Embeddings always are
-    (num_embeddings, dim); a square linear weight is when the adapter says ``fan_in_fan_out`` (GPT-2 Conv1D)."""
-    if inp.kind == "conv" or len(shape) != 2:
-        return False
-    plain, flipped = shape == (inp.d_out, inp.d_in), shape == (inp.d_in, inp.d_out)
-    if inp.kind == "embedding":
-        return flipped
-    return inp.fan_in_fan_out if (plain and flipped) else flipped
-
-
 def _names(modules: list[str]) -> str:
     shown = ", ".join(modules[:_LIST_LIMIT])
     return shown + (f" (+{len(modules) - _LIST_LIMIT} more)" if len(modules) > _LIST_LIMIT else "")
@@ -132,111 +100,6 @@ class _Progress:
         if self.enabled:
             sys.stderr.write("\n")
             sys.stderr.flush()
-
-
-@dataclass
-class _TensorOutcome:
-    norms: CachedNorms | None                      # None when the cache already had them
-    dora: dict[str, DoraEffective | str]           # input name -> norms, or why they could not be computed
-    t_read: float
-    t_sigma: float
-    streamed: bool
-
-
-def _streams(info: BaseTensorInfo, stream_min_bytes: int) -> bool:
-    """Convert-once needs a float32 copy of the tensor; above the limit it is streamed block by block instead."""
-    return info.dtype not in ("F32", "float32") and 4 * prod(info.shape) > stream_min_bytes
-
-
-def _compute_tensor(weights: BaseWeights, info: BaseTensorInfo, device: str, need_base: bool,
-                    dora_inputs: list[UdrInput], stream_min_bytes: int) -> _TensorOutcome:
-    """Base norms (when ``need_base``) and the DoRA effective norms of ``dora_inputs``, from one read of the tensor.
-
-    A tensor small enough is converted to float32 once (bf16/fp16 -> one reusable buffer per thread); a larger
-    one is streamed, so peak memory is a few MB whatever the tensor's size.
-    """
-    t0 = time.perf_counter()
-    streamed = _streams(info, stream_min_bytes)
-    mat: np.ndarray | None = None
-    if streamed:
-        rows = weights.row_blocks(info.name)
-    else:
-        arr = weights.read_f32(info.name)
-        mat = arr.reshape(arr.shape[0], -1) if arr.ndim != 2 else arr
-        rows = RowBlocks(mat)
-    norms: CachedNorms | None = None
-    t_read = t_sigma = 0.0
-    finite = True
-    if need_base:
-        # first pass over the data: also what pages a memory-mapped F32 tensor in
-        frob = frobenius_norm_blocks(rows) if mat is None else frobenius_norm(mat)
-        t_read = time.perf_counter() - t0
-        if not math.isfinite(frob):
-            norms, finite = CachedNorms(math.nan, frob, UDR_SIGMA_RTOL, 0), False
-        else:
-            t1 = time.perf_counter()
-            result: SpectralNorm
-            if mat is None:
-                result = spectral_norm_operator(BlockOperator(rows))
-            else:
-                result = _spectral_cuda(mat) if device == "cuda" else spectral_norm(mat)
-            t_sigma = time.perf_counter() - t1
-            norms = CachedNorms(result.sigma_max, frob, result.rel_error_bound if result.converged else 1.0,
-                                result.iterations)
-    else:
-        t_read = time.perf_counter() - t0
-    dora: dict[str, DoraEffective | str] = {}
-    t2 = time.perf_counter()
-    for inp in dora_inputs:
-        if not finite:
-            dora[inp.name] = "the base weight contains NaN/Inf"
-            continue
-        if inp.dora_loader is None:
-            dora[inp.name] = "its magnitude vector is missing or misshapen"
-            continue
-        a, b, m = inp.dora_loader()
-        eff = dora_effective_norms(rows, transposed=_stored_transposed(inp, info.shape), a=a, b=b,
-                                   scale=inp.scale, magnitude=m)
-        if not (math.isfinite(eff.sigma_max) and math.isfinite(eff.frob_norm)):
-            dora[inp.name] = ("W + s·B·A has a zero row norm or non-finite values, so m ⊙ (W + s·B·A)/‖W + s·B·A‖ "
-                              "is undefined")
-        else:
-            dora[inp.name] = eff
-    t_sigma += time.perf_counter() - t2
-    return _TensorOutcome(norms, dora, t_read, t_sigma, streamed)
-
-
-def _spectral_cuda(mat: np.ndarray) -> SpectralNorm:
-    import torch
-
-    from gradience.udr.spectral import spectral_norm_torch
-
-    return spectral_norm_torch(torch.from_numpy(np.ascontiguousarray(mat, dtype=np.float32)).cuda())
-
-
-def _select_device(requested: str) -> tuple[str, Issue | None]:
-    """"cpu", or "cuda" when torch sees a CUDA device (else the CPU, with an info issue saying so)."""
-    if requested not in ("cpu", "cuda"):
-        raise InputError(f"UDR device must be 'cpu' or 'cuda', not {requested!r} (GRADIENCE_UDR_DEVICE)")
-    if requested == "cpu":
-        return "cpu", None
-    try:
-        import torch
-
-        available = bool(torch.cuda.is_available())
-    except ImportError:
-        available = False
-    if available:
-        return "cuda", None
-    return "cpu", Issue("udr_device_fallback", "UDR on 'cuda' was requested but torch with a CUDA device is not "
-                        "available; base norms were computed on the CPU", "info")
-
-
-def _workers(n_tasks: int, requested: int | None) -> int:
-    if requested is None:
-        env = os.environ.get("GRADIENCE_UDR_WORKERS", "")
-        requested = int(env) if env.isdigit() and int(env) > 0 else min(os.cpu_count() or 1, MAX_WORKERS)
-    return max(1, min(requested, n_tasks))
 
 
 def _measure(layers: list[UdrInput], resolved: ResolvedBase, *, cache_path: str | None, use_cache: bool,
@@ -493,8 +356,3 @@ def _problem_issues(problems: dict[str, list[str]], ambiguous: dict[str, list[st
             extra = {}
         out.append(Issue(code, msg, "warning", modules=list(modules), extra=extra))
     return out
-
-
-# Public names for verify (issue 20), which resolves adapted weights exactly as the UDR does.
-weight_fits = _fits
-stored_transposed = _stored_transposed
