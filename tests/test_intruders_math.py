@@ -288,3 +288,22 @@ def test_tall_lanczos_bound_is_an_upper_bound_against_a_null_space_heavy_directi
     # A rank-deficient tall W has no safe projection (PEFT's U₀ holds arbitrary null vectors): no certificate.
     w[n - 1, n - 1] = 0.0
     assert range_projection(LowRankPlus(w), null_heavy, 9.0) is None
+
+
+def test_range_projection_torch_path_matches_numpy() -> None:
+    torch = pytest.importorskip("torch")
+    from gradience.intruders.lanczos import _range_projection_torch, range_projection
+
+    rng = np.random.default_rng(12)
+    w = rng.standard_normal((300, 120)).astype(np.float32)
+    x = rng.standard_normal((300, 3))
+    ref = w.astype(np.float64) @ np.linalg.lstsq(w.astype(np.float64), x, rcond=None)[0]  # P·x, dense
+    got = range_projection(LowRankPlus(w), x, 30.0)
+    assert got is not None
+    np.testing.assert_allclose(got, ref, atol=1e-10)
+    via_torch = _range_projection_torch(torch.from_numpy(w), x, 30.0)
+    assert via_torch is not None
+    np.testing.assert_allclose(via_torch, ref, atol=1e-10)
+    w[:, -1] = w[:, 0]                          # rank deficient: no certificate on either path
+    assert _range_projection_torch(torch.from_numpy(w), x, 30.0) is None
+    assert range_projection(LowRankPlus(w), x, 30.0) is None
