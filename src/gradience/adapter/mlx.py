@@ -110,7 +110,10 @@ class MlxLoader:
 
     def __call__(self) -> tuple[np.ndarray, np.ndarray]:
         read = getattr(self.source, "read_float", self.source.read_f32)
-        lora_a, lora_b = read(self.a_key), read(self.b_key)
+        return self.orient(read(self.a_key), read(self.b_key))
+
+    def orient(self, lora_a: np.ndarray, lora_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(A, B) from the stored tensors (a whole switch stack read once serves every expert's loader)."""
         if self.expert is not None:  # LoRASwitchLinear: (E, r, in) and (E, out, r)
             return lora_a[self.expert], lora_b[self.expert]
         if self.kind == "embedding":  # keys already swapped: A is lora_b (r, dims), B is lora_a (n, r)

@@ -204,11 +204,11 @@ class _MlxFactors:
         """The safetensors dtype name (F32, BF16, ...) of ``key`` as stored in the input."""
         return _stored_name(self.source.metas()[key].dtype, key, self.where)
 
-    def _factors(self, layer: LayerPlan) -> tuple[np.ndarray, np.ndarray]:
+    def _factors(self, layer: LayerPlan, stored: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """(A' (k, in), B' (out, k)) in float64 with coef folded in, as the PEFT writer computes them."""
         pair = layer.pair
         assert pair is not None
-        a, b = MlxLoader(self.source, pair.a_key, pair.b_key, pair.kind, pair.expert)()
+        a, b = MlxLoader(self.source, pair.a_key, pair.b_key, pair.kind, pair.expert).orient(*stored)
         a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
         if layer.action == "truncated":
             a_new, b_new, layer.method = _truncate(layer, a, b, self.where)
@@ -216,9 +216,11 @@ class _MlxFactors:
         return rescaled_factors(a, b, layer.r_after, layer.coef)
 
     def _layout(self, group: list[LayerPlan], keys: tuple[str, str]) -> dict[str, np.ndarray]:
-        parts = [self._factors(la) for la in group]
         pair = group[0].pair
         assert pair is not None
+        read = getattr(self.source, "read_float", self.source.read_f32)
+        stored = (read(pair.a_key), read(pair.b_key))  # once per module, once per switch stack (not per expert)
+        parts = [self._factors(la, stored) for la in group]
         if pair.expert is not None:  # LoRASwitchLinear: lora_a (E, k, in), lora_b (E, out, k)
             return {keys[0]: np.stack([a for a, _ in parts]), keys[1]: np.stack([b for _, b in parts])}
         (a, b), = parts
