@@ -44,6 +44,7 @@ def write_tensorboard(log_dir: Path, events: list[tuple[str, int, dict[str, Any]
                 writer.add_scalar(f"train/{names[key]}", value, step)
             if extra_tag:
                 writer.add_scalar("train/rewards/chosen", 0.1, step)  # a TRL metric monitor does not use
+                writer.add_scalar("train/my_metric", 0.2, step)  # a metric nothing knows
         else:
             for key, value in data["metrics"].items():
                 writer.add_scalar(f"eval/{key}", value, step)
@@ -69,7 +70,9 @@ def test_tensorboard_equals_jsonl(tb_file: Path, tmp_path: Path, capsys: pytest.
     assert t["steps_logged"] == 30 and t["nonfinite_loss"]["count"] == 1 and t["loss_spikes"]["count"] >= 1
     assert ref["signals"]["eval_splits"] == ["eval"]
     unknown = [i for i in ours["telemetry_issues"] if i["code"] == "unknown_tag"]
-    assert unknown and unknown[0]["tags"] == {"train/rewards/chosen": 30}
+    assert unknown and unknown[0]["tags"] == {"train/my_metric": 30}
+    known = [i for i in ours["telemetry_issues"] if i["code"] == "known_tag"]
+    assert known and known[0]["tags"] == {"train/rewards/chosen": 30}
     # a gate reads the same report
     assert main(["monitor", str(tb_file), "--fail-on", "nan_loss"]) == 1
     capsys.readouterr()
@@ -351,8 +354,8 @@ def test_hostile_exports_are_one_line_errors(case: str, tmp_path: Path, capsys: 
     assert len(err) == 1 and err[0].startswith("gradience monitor: error: ") and "internal error" not in err[0]
 
 
-def test_follow_names_the_log_kind(tb_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """--follow is for an appended run.jsonl; another tool's log is refused in one line naming its kind."""
-    assert main(["monitor", str(tb_file), "--follow"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "this is a tensorboard log" in err[0]
+def test_follow_a_finished_event_file(tb_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--follow reads TensorBoard logs too (tests/test_follow_external.py); on a file that no longer grows and
+    holds no end-of-training summary, --idle-timeout ends it with the one-shot report."""
+    ours = run_json(capsys, tb_file, "--follow", "--interval", "0.01", "--idle-timeout", "0.05")
+    assert ours == run_json(capsys, tb_file)

@@ -42,9 +42,14 @@ def add_parser(sub: Any) -> None:
                    help="override the run's dataset name (the profile is inferred from it, as in check)")
     p.add_argument("--follow", action="store_true",
                    help="re-read the growing log and redraw the summary every --interval seconds until the run's "
-                        "run_end (Ctrl-C stops, exit 0); with --json, prints the final report once")
+                        "run_end (Ctrl-C stops, exit 0); with --json, prints the final report once. Also a "
+                        "TensorBoard run or LLaMA-Factory trainer_log.jsonl: until the Trainer's end-of-training "
+                        "summary")
     p.add_argument("--interval", type=float, default=5.0, metavar="S",
                    help="seconds between --follow refreshes (default 5)")
+    p.add_argument("--idle-timeout", type=float, default=None, metavar="S",
+                   help="with --follow: stop after S seconds without a new record and report the log as it "
+                        "stands (default: wait for the run's end)")
     p.add_argument("--fail-on", action="append", default=None, metavar="RULES",
                    help="exit 1 when a rule is met: e.g. 'gap>1.5', 'warning', 'error', 'nan_loss'")
     add_common_flags(p)
@@ -104,6 +109,6 @@ def _follow(args: argparse.Namespace, gap_threshold: float) -> Any:
     try:
         return follow(args.run, on_report=redraw, interval=args.interval, run_id=args.run_id,
                       strict=args.strict_schema, gap_threshold=gap_threshold, task_profile=args.task_profile,
-                      dataset=args.dataset)
+                      dataset=args.dataset, max_idle=args.idle_timeout)
     except KeyboardInterrupt:
         return None

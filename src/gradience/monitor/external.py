@@ -6,7 +6,7 @@ shapes of ``run.jsonl``, so the analysis, gates, ``--json`` and ``report`` are t
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,30 +56,50 @@ def _snapshot(training_args: dict[str, Any] | None) -> ConfigSnapshot | None:
         return None
 
 
-def read_external(kind: str, path: Path, *, run_id: str | None, strict: bool) -> ExternalRun:
-    log = open_log(kind, path, run_id)
-    analyzer = RunAnalyzer(getattr(log, "run_id", None))
-    n = 0
-    configured = False
-    snapshot: ConfigSnapshot | None = None
-    for event, step, data in log.events():
-        if not configured:  # the config records come first: the run's TrainingArguments are known by now
-            configured = True
-            snapshot = _snapshot(getattr(log, "training_args", None) or getattr(log, "config", None))
-            _configure(analyzer, log, snapshot)
-        analyzer.feed(event, step, data)
-        n += 1
-    analyzer.run_id = log.run_id
+class ExternalFeed:
+    """A reader's events -> its ``RunAnalyzer``. The run's config (the TrainingArguments TensorBoard's
+    ``args`` text or W&B's config carry) is taken when the first event arrives: the config records come
+    first. Fed in one go (``monitor``) or refresh by refresh (``monitor --follow``)."""
+
+    def __init__(self, log: Any) -> None:
+        self.log = log
+        self.analyzer = RunAnalyzer(getattr(log, "run_id", None))
+        self.n = 0
+        self.configured = False
+        self.snapshot: ConfigSnapshot | None = None
+
+    def feed(self, events: Iterable[tuple[str, int | None, dict[str, Any]]]) -> None:
+        analyzer = self.analyzer
+        for event, step, data in events:
+            if not self.configured:
+                self.configured = True
+                log = self.log
+                self.snapshot = _snapshot(getattr(log, "training_args", None) or getattr(log, "config", None))
+                _configure(analyzer, log, self.snapshot)
+            analyzer.feed(event, step, data)
+            self.n += 1
+        analyzer.run_id = self.log.run_id
+        if self.log.summary:
+            analyzer.summary_extra["hf_train_summary"] = self.log.summary
+
+
+def check_log(kind: str, path: Path, log: Any, n_events: int, *, strict: bool) -> None:
+    """The ends of a read that leave nothing to report: an issue under ``--strict-schema``, no metrics."""
     if strict and log.issues:
         bad = next((i for i in log.issues if i.severity != "info"), None)
         if bad is not None:
             raise InputError(f"{bad.message} (strict schema)", path)
-    if n == 0:
+    if n_events == 0:
         problem = f"; {log.issues[0].message}" if log.issues else ""
         raise InputError(f"no train or eval metrics in this {kind} log{problem}", path)
-    if log.summary:
-        analyzer.summary_extra["hf_train_summary"] = log.summary
-    return ExternalRun(analyzer, log.issues, list(log.runs), log.records, snapshot)
+
+
+def read_external(kind: str, path: Path, *, run_id: str | None, strict: bool) -> ExternalRun:
+    log = open_log(kind, path, run_id)
+    feed = ExternalFeed(log)
+    feed.feed(log.events())
+    check_log(kind, path, log, feed.n, strict=strict)
+    return ExternalRun(feed.analyzer, log.issues, list(log.runs), log.records, feed.snapshot)
 
 
 def _configure(analyzer: RunAnalyzer, log: Any, snapshot: ConfigSnapshot | None) -> None:

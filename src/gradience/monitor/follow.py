@@ -7,6 +7,13 @@ to the same streaming :class:`~gradience.monitor.analysis.RunAnalyzer` ``monitor
 from it — so the work per refresh does not grow with the size of the log. The analysis keeps the newest run of
 the file (or ``run_id``), exactly like ``monitor``. If the file shrinks (rotated or rewritten) it is read again
 from the start. Returns data through a callback; printing is the CLI's job.
+
+Other tools' logs are followed the same way (:class:`FollowedLog`): TensorBoard event files (the record framing
+resumes at its byte offset per file; an events file that appears in the run's directory joins) and
+LLaMA-Factory's ``trainer_log.jsonl``. They have no ``run_end``: the run is over once the Trainer's
+end-of-training summary was read and a refresh brings nothing more; then the rest is read as a finished log (a
+record or line still cut is now reported as truncated). ``max_idle`` ends any follow after that many seconds
+without a new record.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from gradience.errors import InputError
 from gradience.issues import Issue
 from gradience.monitor.analysis import RunAnalyzer
 from gradience.monitor.core import MonitorReport, build_report
+from gradience.monitor.external import ExternalFeed, check_log, open_log
 from gradience.monitor.sources import RunSource, resolve_run_path
 from gradience.policy import thresholds as T
 from gradience.telemetry.reader import DEFAULT_MAX_LINE_BYTES, TelemetryReader
@@ -42,7 +50,7 @@ class FollowedRun:
         if source.kind == "trainer_state":
             raise InputError("--follow needs a telemetry log (.jsonl): a trainer_state.json is rewritten whole, "
                              "not appended; run `gradience monitor` on it instead", source.path)
-        if source.kind != "telemetry":  # TensorBoard, W&B, LLaMA-Factory: read whole, not followed (yet)
+        if source.kind != "telemetry":  # other tools' logs: FollowedLog
             raise InputError(f"--follow needs a telemetry log (.jsonl); this is a {source.kind} log: run "
                              "`gradience monitor` on it without --follow", source.path)
         self.source = source
@@ -123,6 +131,9 @@ class FollowedRun:
             if count <= MAX_ISSUES_PER_CODE:
                 self._issues.append(issue)
 
+    def finish(self) -> None:
+        """Nothing to close: a half-written last line of a run.jsonl stays unread."""
+
     def report(self) -> MonitorReport | None:
         """The summary so far, or None while no record of the followed run has been read."""
         if self.analyzer is None:
@@ -132,21 +143,113 @@ class FollowedRun:
                             lines=self.lines, config=config, gap_threshold=self.gap_threshold, **self.overrides)
 
 
+FOLLOWED_KINDS = ("tensorboard", "llamafactory")
+
+
+class FollowedLog:
+    """Incremental state of another tool's growing log (TensorBoard event files, LLaMA-Factory's
+    ``trainer_log.jsonl``), with the interface of :class:`FollowedRun`. The reader keeps its byte offsets and
+    its open step between polls; the events go to the same :class:`~gradience.monitor.external.ExternalFeed`
+    one-shot ``monitor`` uses, so the final report is the one ``monitor`` gives on the finished log."""
+
+    def __init__(self, source: RunSource, *, run_id: str | None = None, strict: bool = False,
+                 gap_threshold: float = T.GAP_THRESHOLD, task_profile: str | None = None,
+                 dataset: str | None = None) -> None:
+        if source.kind not in FOLLOWED_KINDS:
+            raise InputError(f"--follow reads a growing run.jsonl, TensorBoard event files or LLaMA-Factory's "
+                             f"trainer_log.jsonl; this is a {source.kind} log: run `gradience monitor` on it "
+                             "without --follow", source.path)
+        self.source = source
+        self.path = source.path
+        self.run_id = run_id
+        self.strict = strict
+        self.gap_threshold = gap_threshold
+        self.overrides = {"task_profile": task_profile, "dataset": dataset}
+        self.polls = 0
+        self._reset()
+
+    def _reset(self) -> None:
+        self.log = open_log(self.source.kind, self.path, self.run_id)
+        self.feed = ExternalFeed(self.log)
+        self.finished = False
+
+    @property
+    def ended(self) -> bool:
+        return self.finished
+
+    def poll(self) -> int:
+        """Read what was appended since the last poll; returns the number of new records. Once the log holds
+        the end-of-training summary, the first poll that finds nothing more (no byte) finishes it."""
+        self.polls += 1
+        if self.finished:
+            return 0
+        if self.log.shrunk():
+            self._reset()  # rewritten: start over
+        before = self.log.records
+        self.feed.feed(self.log.poll())
+        new = int(self.log.records - before)
+        if self.log.ended and new == 0 and not self.log.pending():
+            self.finish()
+        return new
+
+    def finish(self) -> None:
+        """Read the rest as a finished log (a cut record is now a truncation issue) and close the open step."""
+        if self.finished:
+            return
+        self.feed.feed(self.log.finish())
+        self.finished = True
+        check_log(self.source.kind, self.path, self.log, self.feed.n, strict=self.strict)
+
+    def report(self) -> MonitorReport | None:
+        """The summary so far, or None while no metric has been read."""
+        if self.feed.n == 0:
+            return None
+        issues = list(self.log.issues) if self.finished else self.log.current_issues()
+        return build_report(self.feed.analyzer, source=self.source, runs=list(self.log.runs), issues=issues,
+                            lines=self.log.records, config=self.feed.snapshot, gap_threshold=self.gap_threshold,
+                            **self.overrides)
+
+
+def open_followed(path: str | os.PathLike[str], *, run_id: str | None = None, strict: bool = False,
+                  gap_threshold: float = T.GAP_THRESHOLD, task_profile: str | None = None,
+                  dataset: str | None = None) -> FollowedRun | FollowedLog:
+    """The follower for the log at ``path`` (a path that does not exist yet is a run.jsonl to come)."""
+    p = Path(path)
+    if p.exists():
+        source = resolve_run_path(p)
+        if source.kind not in ("telemetry", "trainer_state"):
+            return FollowedLog(source, run_id=run_id, strict=strict, gap_threshold=gap_threshold,
+                               task_profile=task_profile, dataset=dataset)
+    return FollowedRun(p, run_id=run_id, strict=strict, gap_threshold=gap_threshold, task_profile=task_profile,
+                       dataset=dataset)
+
+
 def follow(path: str | os.PathLike[str], *, on_report: Callable[[MonitorReport], None], interval: float = 5.0,
            run_id: str | None = None, strict: bool = False, gap_threshold: float = T.GAP_THRESHOLD,
-           task_profile: str | None = None, dataset: str | None = None,
-           sleep: Callable[[float], None] = time.sleep) -> MonitorReport | None:
+           task_profile: str | None = None, dataset: str | None = None, max_idle: float | None = None,
+           max_polls: int | None = None, sleep: Callable[[float], None] = time.sleep,
+           clock: Callable[[], float] = time.monotonic) -> MonitorReport | None:
     """Poll ``path`` every ``interval`` seconds, calling ``on_report`` whenever new records arrived, until the
-    followed run ends; returns the final report. KeyboardInterrupt propagates (the CLI turns it into exit 0)."""
+    followed run ends, ``max_idle`` seconds pass without a new record, or ``max_polls`` polls were made;
+    returns the final report. KeyboardInterrupt propagates (the CLI turns it into exit 0)."""
     if not interval > 0:
         raise InputError(f"--interval must be a positive number of seconds, got {interval}")
-    run = FollowedRun(path, run_id=run_id, strict=strict, gap_threshold=gap_threshold,
-                      task_profile=task_profile, dataset=dataset)
+    if max_idle is not None and not max_idle > 0:
+        raise InputError(f"--idle-timeout must be a positive number of seconds, got {max_idle}")
+    run = open_followed(path, run_id=run_id, strict=strict, gap_threshold=gap_threshold,
+                        task_profile=task_profile, dataset=dataset)
+    last_new = clock()
+    polls = 0
     while True:
+        polls += 1
         if run.poll():
+            last_new = clock()
             report = run.report()
             if report is not None:
                 on_report(report)
         if run.ended:
+            return run.report()
+        if (max_idle is not None and clock() - last_new >= max_idle) or (max_polls is not None and polls >= max_polls):
+            run.finish()
             return run.report()
         sleep(interval)

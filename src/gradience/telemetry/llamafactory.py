@@ -66,6 +66,9 @@ class _RowLog:
         self.run_id: str | None = None
         self.transformers = True  # both are the Trainer's log() dicts: its max_grad_norm default applies
         self._bad = 0
+        self._builder = EventBuilder()
+        self.summary = self._builder.summary
+        self._finished = False
 
     def rows(self) -> Iterator[tuple[int | None, dict[str, Any]]]:
         raise NotImplementedError
@@ -90,33 +93,104 @@ class _RowLog:
         return obj
 
     def events(self) -> Iterator[Event]:
-        builder = EventBuilder()
-        for step, row in self.rows():
+        yield from self._events(self.rows())
+        yield from self.finish()
+
+    def _events(self, rows: Iterator[tuple[int | None, dict[str, Any]]]) -> Iterator[Event]:
+        builder = self._builder
+        for step, row in rows:
             self.records += 1
-            yield from builder.flush()
             for key, value in row.items():
                 yield from builder.add(key, step, value)
-        yield from builder.flush()
-        self.summary = builder.summary
-        self.issues.extend(builder.issues())
+            yield from builder.flush()  # a row is one whole log call
+
+    def _rest(self) -> Iterator[tuple[int | None, dict[str, Any]]]:
+        """Rows not read yet when the log ends (a followed file's last line)."""
+        return iter(())
+
+    def finish(self) -> list[Event]:
+        """The end of the log: what is left, and the issues of the whole read."""
+        if self._finished:
+            return []
+        out = list(self._events(self._rest()))
+        out.extend(self._builder.flush())
+        self._finished = True
+        self.issues.extend(self._end_issues())
+        return out
+
+    def current_issues(self) -> list[Issue]:
+        return self.issues + self._end_issues()
+
+    def _end_issues(self) -> list[Issue]:
+        out = self._builder.issues()
         if self._bad > MAX_BAD_REPORTED:
-            self.issues.append(Issue("bad_log_entry", f"{self._bad - MAX_BAD_REPORTED} more bad lines"))
+            out.append(Issue("bad_log_entry", f"{self._bad - MAX_BAD_REPORTED} more bad lines"))
+        return out
 
 
 class LlamaFactoryLog(_RowLog):
+    """``trainer_log.jsonl``. Read from a byte offset, so ``monitor --follow`` reads only what was appended
+    (``poll``); a last line without its newline is the writer mid-line: it waits for the next poll, and only
+    ``finish`` reads it as it is."""
+
     source = "llamafactory"
 
-    def rows(self) -> Iterator[tuple[int | None, dict[str, Any]]]:
+    def __init__(self, path: Path, run_id: str | None = None) -> None:
+        super().__init__(path, run_id)
+        self.offset = 0
+        self.lines = 0
+        self.ended = False  # the Trainer's end-of-training log call was written
+
+    def rows(self, final: bool = True) -> Iterator[tuple[int | None, dict[str, Any]]]:
         with _open(self.path) as f:
-            for number, line in enumerate(iter(lambda: f.readline(MAX_LINE_BYTES + 1), b""), 1):
+            f.seek(self.offset)
+            while True:
+                line = f.readline(MAX_LINE_BYTES + 1)
+                if not line or (not final and not line.endswith(b"\n") and len(line) <= MAX_LINE_BYTES):
+                    return  # the end, or a line still being written
+                self.lines += 1
+                number = self.lines
                 if len(line) > MAX_LINE_BYTES:
                     self._bad_row(f"line {number}", f"longer than {MAX_LINE_BYTES} bytes")
                     while line and not line.endswith(b"\n"):
                         line = f.readline(1 << 20)
+                    self.offset = f.tell()
                     continue
+                self.offset = f.tell()
                 obj = self._object_line(number, line)
                 if obj is not None:
-                    yield _int_step(obj.get("current_steps")), obj
+                    step = _int_step(obj.get("current_steps"))
+                    self.ended = self.ended or _is_end_row(obj, step)
+                    yield step, obj
+
+    def shrunk(self) -> bool:
+        """The file is now shorter than what was read of it (rewritten): the follow starts over."""
+        try:
+            return self.path.stat().st_size < self.offset
+        except OSError:
+            return False
+
+    def pending(self) -> bool:
+        """Bytes past the last whole line read (a line being written)."""
+        try:
+            return self.path.stat().st_size > self.offset
+        except OSError:
+            return False
+
+    def poll(self) -> list[Event]:
+        """The events of the whole lines appended since the last poll."""
+        return list(self._events(self.rows(final=False)))
+
+    def _rest(self) -> Iterator[tuple[int | None, dict[str, Any]]]:
+        return self.rows(final=True)
+
+
+def _is_end_row(obj: dict[str, Any], step: int | None) -> bool:
+    """The line of the Trainer's end-of-training summary: LogCallback keeps none of its keys but the step
+    counters, so it is the line at ``total_steps`` without a loss, an eval loss or a learning rate."""
+    total = _int_step(obj.get("total_steps"))
+    return (step is not None and total is not None and 0 < total <= step
+            and not any(k in obj for k in ("loss", "eval_loss", "predict_loss", "lr", "learning_rate")))
 
 
 def _strip_export_column(name: str) -> str | None:

@@ -10,6 +10,11 @@ Spellings (sources):
   ``train/global_step``).
 - ``trainer_state.json`` ``log_history`` / LLaMA-Factory ``trainer_log.jsonl``: bare ``loss``, ``learning_rate``
   (LLaMA-Factory: ``lr``), ``grad_norm``, ``epoch``, ``eval_loss``.
+- TRL's trainers (huggingface/trl ``trl/trainer/{sft,dpo,kto,grpo,rloo,reward}_trainer.py``): each ``log()``
+  averages ``self._metrics[mode]`` into the Trainer's dict (eval ones as ``eval_<name>``), so they arrive as
+  ``train/<name>`` / ``eval/<name>``. The eval ones are eval metrics like any other (``eval/rewards/margins``
+  reaches the eval split's metrics); the train ones have no field in a ``train_step``: ``TRL_TRAIN_METRICS``
+  lists them as known, not used (a ``known_tag`` issue), not as unknown.
 Tags that map to nothing are counted and listed (an ``unknown_tag`` issue), never dropped silently.
 """
 
@@ -33,17 +38,42 @@ IGNORED_KEYS = frozenset({"global_step", "_step", "_runtime", "_timestamp", "_wa
                           "current_steps", "total_steps", "percentage", "elapsed_time", "remaining_time",
                           "throughput", "total_tokens", "num_input_tokens_seen"})
 MAX_UNKNOWN_LISTED = 50
+# TRL's per-step metrics (names as in ``self._metrics[mode]["<name>"]`` of each trainer, huggingface/trl main,
+# July 2026): known, carried by no train_step field. Eval ones (``eval/<name>``) are eval metrics.
+TRL_TRAIN_METRICS: dict[str, str] = {
+    **dict.fromkeys(("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                     "logps/rejected", "logits/chosen", "logits/rejected"), "trl/trainer/dpo_trainer.py"),
+    **dict.fromkeys(("kl",), "trl/trainer/kto_trainer.py"),
+    **dict.fromkeys(("entropy", "mean_token_accuracy", "num_tokens", "aux_loss"), "trl/trainer/sft_trainer.py"),
+    **dict.fromkeys(("reward", "reward_std", "frac_reward_zero_std", "clip_ratio", "cispo_clip_ratio", "policy_loss",
+                     "entropy_coef", "step_time"), "trl/trainer/grpo_trainer.py"),
+    **dict.fromkeys(("accuracy", "margin", "mean_reward", "min_reward", "max_reward"),
+                    "trl/trainer/reward_trainer.py"),
+}
+# Families of TRL metric names (GRPO/RLOO: ``completions/mean_length``, ``clip_ratio/low_mean``,
+# ``rewards/<reward func>/mean``, ``sampling/importance_sampling_ratio/max``, ``tools/call_frequency`` ...).
+TRL_TRAIN_PREFIXES: tuple[str, ...] = ("rewards/", "logps/", "logits/", "completions/", "clip_ratio/", "sampling/",
+                                       "tools/", "vespo/")
+MAX_KNOWN_LISTED = 200
+
+
+def is_trl_metric(name: str) -> bool:
+    """A metric TRL's trainers log (its name without the ``train/`` prefix)."""
+    return name in TRL_TRAIN_METRICS or name.startswith(TRL_TRAIN_PREFIXES)
 
 
 def classify(key: str) -> tuple[str, str | None, str]:
-    """``(kind, split, name)``: kind is ``train`` / ``eval`` / ``summary`` / ``ignored`` / ``unknown``."""
+    """``(kind, split, name)``: kind is ``train`` / ``eval`` / ``summary`` / ``ignored`` / ``known`` (a
+    TRL metric no event carries) / ``unknown``."""
     if key.startswith("train/"):
         rest = key[len("train/"):]
         if rest in TRAIN_FIELDS:
             return "train", None, TRAIN_FIELDS[rest]
         if rest in SUMMARY_KEYS:
             return "summary", None, rest
-        return ("ignored" if rest in IGNORED_KEYS else "unknown"), None, key
+        if rest in IGNORED_KEYS:
+            return "ignored", None, key
+        return ("known" if is_trl_metric(rest) else "unknown"), None, key
     if key.startswith("eval/"):
         return _eval(key[len("eval/"):])
     if key.startswith("eval_"):
@@ -56,7 +86,7 @@ def classify(key: str) -> tuple[str, str | None, str]:
         return "summary", None, key
     if key in IGNORED_KEYS:
         return "ignored", None, key
-    return "unknown", None, key
+    return ("known" if is_trl_metric(key) else "unknown"), None, key
 
 
 def _eval(rest: str) -> tuple[str, str | None, str]:
@@ -85,6 +115,8 @@ class EventBuilder:
     summary: dict[str, Any] = field(default_factory=dict)
     unknown: dict[str, int] = field(default_factory=dict)
     unknown_more: int = 0
+    known: dict[str, int] = field(default_factory=dict)
+    train_fields: dict[str, str] = field(default_factory=dict)  # tag -> train_step field, for readers' fast paths
     mapped: set[str] = field(default_factory=set)
     bad_values: int = 0
     _step: int | None = None
@@ -111,6 +143,10 @@ class EventBuilder:
             else:
                 self.unknown_more += 1
             return out
+        if kind == "known":
+            if key in self.known or len(self.known) < MAX_KNOWN_LISTED:
+                self.known[key] = self.known.get(key, 0) + 1
+            return out
         if kind == "ignored":
             return out
         number = _number(value)
@@ -131,6 +167,8 @@ class EventBuilder:
         result = classify(key)
         if len(self._cache) < 10_000:  # bounded: a log with millions of distinct tags is hostile, not slow
             self._cache[key] = result
+            if result[0] == "train":
+                self.train_fields[key] = result[2]
         if result[0] in ("train", "eval", "summary") and len(self.mapped) < 1000:
             self.mapped.add(key)
         return result
@@ -143,7 +181,8 @@ class EventBuilder:
 
             for split, metrics in _split_eval_entry(self._eval_raw).items():
                 self._evals.setdefault(split, {}).update(metrics)
-        if self._train and any(k != "epoch" for k in self._train):
+        train = self._train
+        if len(train) > 1 or (train and "epoch" not in train):  # more than an epoch
             out.append(("train_step", self._step, self._train))
         for split, metrics in self._evals.items():
             out.append(("eval", self._step, {"split": split, "metrics": metrics}))
@@ -160,6 +199,11 @@ class EventBuilder:
                              f"metric(s) not used by monitor: {names}{' …' if more > 0 else ''}",
                              severity="info", extra={"tags": dict(sorted(self.unknown.items())),
                                                      "values_not_listed": self.unknown_more}))
+        if self.known:
+            names = ", ".join(sorted(self.known)[:10])
+            out.append(Issue("known_tag", f"{len(self.known)} TRL metric(s) known but not used by monitor: {names}"
+                             f"{' …' if len(self.known) > 10 else ''}", severity="info",
+                             extra={"tags": dict(sorted(self.known.items()))}))
         if self.bad_values:
             out.append(Issue("bad_log_entry", f"{self.bad_values} logged value(s) are not numbers; ignored"))
         return out

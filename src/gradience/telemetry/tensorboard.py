@@ -69,75 +69,123 @@ def looks_like_event_file(head: bytes) -> bool:
 
 
 def records(path: Path, issues: list[Issue], max_record_bytes: int = MAX_RECORD_BYTES) -> Iterator[bytes]:
-    """Each intact record's payload. A bad data CRC skips that record (the framing is still known); a bad
-    length CRC, an oversized declared length or a truncation ends the file; each is an issue with the byte
-    offset (TensorBoard's own loader would stop without a word)."""
-    crc = _crc32c()
-    unpack_header, unpack_u32 = _HEADER.unpack_from, _U32.unpack_from
-    bad_data = 0
-    try:
-        f = open(path, "rb")  # noqa: SIM115 - closed in finally; generator
-    except OSError as exc:
-        from gradience.io.textfile import os_problem
+    """Each intact record's payload of a finished file (a truncation at its end is an issue)."""
+    scanner = RecordScanner(path, issues, max_record_bytes)
+    for batch in scanner.scan(final=True):
+        yield from batch
+    scanner.finish()
 
-        raise InputError(f"cannot read: {os_problem(exc)}", path) from None
-    try:
+
+class RecordScanner:
+    """The framing check of one event file, resumable at a byte offset (``monitor --follow``).
+
+    ``scan`` yields the payloads of the intact records from ``offset`` on, a list per read buffer (a Python
+    call per buffer rather than per record). A bad data CRC skips that record (the framing is still known); a
+    bad length CRC or an oversized declared length ends the file (``done``); each is an issue with the byte
+    offset (TensorBoard's own loader would stop without a word). A record cut by the end of the file is a
+    truncation issue when ``final``, else it is the writer mid-write: ``offset`` stays at its start and the
+    next ``scan`` reads it again once it is complete.
+    """
+
+    def __init__(self, path: Path, issues: list[Issue], max_record_bytes: int = MAX_RECORD_BYTES) -> None:
+        self.path = path
+        self.issues = issues
+        self.max_record_bytes = max_record_bytes
+        self.offset = 0       # file offset just past the last record handled
+        self.done = False     # a framing error ended this file
+        self.bad_data = 0
+
+    def scan(self, final: bool = True) -> Iterator[list[bytes]]:
+        if self.done:
+            return
+        try:
+            f = open(self.path, "rb")  # noqa: SIM115 - closed in finally; generator
+        except OSError as exc:
+            from gradience.io.textfile import os_problem
+
+            raise InputError(f"cannot read: {os_problem(exc)}", self.path) from None
+        try:
+            f.seek(self.offset)
+            yield from self._scan(f, final)
+        except OSError as exc:
+            from gradience.io.textfile import os_problem
+
+            raise InputError(f"cannot read: {os_problem(exc)}", self.path) from None
+        finally:
+            f.close()
+
+    def _scan(self, f: Any, final: bool) -> Iterator[list[bytes]]:
+        crc = _crc32c()
+        unpack_header, unpack_u32 = _HEADER.unpack_from, _U32.unpack_from
+        path = self.path
         buf = b""
         pos = 0
-        offset = 0  # file offset of buf[0]
+        offset = self.offset  # file offset of buf[0]
         eof = False
         while True:
-            avail = len(buf) - pos
-            if avail >= 12:
+            # the hot loop: every whole record in the buffer (the common case)
+            out: list[bytes] = []
+            size = len(buf)
+            while size - pos >= 12:
                 length, length_crc = unpack_header(buf, pos)
                 end = pos + 16 + length
-                if end <= len(buf):  # the whole record is buffered (the common case)
-                    data = buf[pos + 12:end - 4]
-                    x = crc(data)
-                    if (((x >> 15) | (x << 17)) + _MASK_DELTA) & 0xFFFFFFFF == unpack_u32(buf, end - 4)[0]:
-                        # the data CRC matching also vouches for the length (a wrong length would frame
-                        # different bytes): the length CRC is only checked when it does not
-                        yield data
-                        pos = end
-                        continue
-                    if not _length_ok(crc, buf, pos, length_crc):
-                        issues.append(_length_crc_issue(path, offset + pos))
-                        break
-                    bad_data += 1
-                    if bad_data <= 10:
-                        issues.append(_issue("crc_error", offset + pos, f"{path.name}: record data CRC mismatch "
-                                             f"at byte {offset + pos}; record skipped"))
+                if end > size:
+                    break
+                data = buf[pos + 12:end - 4]
+                x = crc(data)
+                if (((x >> 15) | (x << 17)) + _MASK_DELTA) & 0xFFFFFFFF == unpack_u32(buf, end - 4)[0]:
+                    # the data CRC matching also vouches for the length (a wrong length would frame
+                    # different bytes): the length CRC is only checked when it does not
+                    out.append(data)
                     pos = end
                     continue
-                # not buffered: the length is checked before it decides how much to read
                 if not _length_ok(crc, buf, pos, length_crc):
-                    issues.append(_length_crc_issue(path, offset + pos))
-                    break
-                if length > max_record_bytes:
-                    issues.append(_issue("record_too_large", offset + pos, f"{path.name}: record at byte "
-                                         f"{offset + pos} declares {length} bytes (limit {max_record_bytes}); the "
-                                         "rest of the file is not read"))
-                    break
+                    self._fatal(_length_crc_issue(path, offset + pos), offset + pos)
+                    yield out
+                    return
+                self.bad_data += 1
+                if self.bad_data <= 10:
+                    self.issues.append(_issue("crc_error", offset + pos, f"{path.name}: record data CRC mismatch "
+                                              f"at byte {offset + pos}; record skipped"))
+                pos = end
+            self.offset = offset + pos
+            if out:
+                yield out
+            avail = size - pos
+            if avail >= 12:  # a record longer than the buffer: its length is checked before it decides the read
+                length, length_crc = unpack_header(buf, pos)
+                if not _length_ok(crc, buf, pos, length_crc):
+                    self._fatal(_length_crc_issue(path, offset + pos), offset + pos)
+                    return
+                if length > self.max_record_bytes:
+                    self._fatal(_issue("record_too_large", offset + pos, f"{path.name}: record at byte "
+                                       f"{offset + pos} declares {length} bytes (limit {self.max_record_bytes}); "
+                                       "the rest of the file is not read"), offset + pos)
+                    return
                 need = 16 + length
             else:
                 need = 12
             if eof:
-                if avail:
+                if avail and final:
                     where = "header" if avail < 12 else "data"
-                    issues.append(_issue("truncated_record", offset + pos, f"{path.name}: truncated record {where} "
-                                         f"at byte {offset + pos} (the file ends {avail} bytes into it)"))
-                break
+                    self._fatal(_issue("truncated_record", offset + pos, f"{path.name}: truncated record {where} "
+                                       f"at byte {offset + pos} (the file ends {avail} bytes into it)"), offset + pos)
+                return  # not final: the writer is mid-record; the next scan reads it from self.offset
             more = f.read(max(_CHUNK, need - avail))
             eof = not more
             buf, pos, offset = buf[pos:] + more, 0, offset + pos
-    except OSError as exc:
-        from gradience.io.textfile import os_problem
 
-        raise InputError(f"cannot read: {os_problem(exc)}", path) from None
-    finally:
-        f.close()
-    if bad_data > 10:
-        issues.append(Issue("crc_error", f"{path.name}: {bad_data - 10} more records with a data CRC mismatch"))
+    def _fatal(self, issue: Issue, at: int) -> None:
+        self.issues.append(issue)
+        self.offset = at
+        self.done = True
+
+    def finish(self) -> None:
+        """The count of data CRC mismatches past the ten reported one by one."""
+        if self.bad_data > 10:
+            self.issues.append(Issue("crc_error", f"{self.path.name}: {self.bad_data - 10} more records with a "
+                                     "data CRC mismatch"))
+            self.bad_data = 10
 
 
 def _length_ok(crc: Callable[[bytes], int], buf: bytes, pos: int, length_crc: int) -> bool:
@@ -174,13 +222,13 @@ def find_runs(root: Path) -> dict[str, list[Path]]:
     return runs
 
 
-def _scalar(value: Any, tensor_util: Any) -> float | None:
+def _scalar(value: Any) -> float | None:
     kind = value.WhichOneof("value")
     if kind == "simple_value":
         return float(value.simple_value)
     if kind == "tensor":
         try:
-            arr = tensor_util.make_ndarray(value.tensor)
+            arr = _tensor_util().make_ndarray(value.tensor)
         except Exception:
             return None
         if arr.size == 1 and arr.dtype.kind in "fiu":
@@ -188,20 +236,44 @@ def _scalar(value: Any, tensor_util: Any) -> float | None:
     return None
 
 
-def _text(value: Any, tensor_util: Any) -> str | None:
+def _tensor_util() -> Any:
+    """TensorBoard's ``tensor_util``, imported only for a tensor value: its import pulls in the tensorflow
+    stub's file layer (~0.3 s), which a log of ``add_scalar`` values never needs."""
+    from tensorboard.util import tensor_util
+
+    return tensor_util
+
+
+_DT_STRING = 7  # tensorboard.compat.proto.types_pb2.DT_STRING
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _text(value: Any) -> str | None:
     if value.WhichOneof("value") != "tensor" or value.metadata.plugin_data.plugin_name != "text":
         return None
-    try:
-        arr = tensor_util.make_ndarray(value.tensor)
-        item = arr.reshape(-1)[0] if arr.size else b""
-    except Exception:
-        return None
+    tensor = value.tensor
+    if tensor.dtype == _DT_STRING:  # the text plugin's strings are in string_val (what make_ndarray reads)
+        item: Any = tensor.string_val[0] if len(tensor.string_val) else b""
+    else:
+        try:
+            arr = _tensor_util().make_ndarray(tensor)
+            item = arr.reshape(-1)[0] if arr.size else b""
+        except Exception:
+            return None
     return item.decode("utf-8", "replace") if isinstance(item, bytes) else str(item)
 
 
 class TensorBoardLog:
     """One run's event files, read in one streaming pass (``events()``); ``issues``, ``summary``,
-    ``training_args`` and ``records`` are complete once the iterator is exhausted."""
+    ``training_args`` and ``records`` are complete once the iterator is exhausted. ``monitor --follow`` reads
+    the growing files with ``poll()`` (what was appended since; an event file that appears in the run's
+    directory joins) and ``finish()`` at the end."""
 
     source = "tensorboard"
 
@@ -223,48 +295,115 @@ class TensorBoardLog:
         else:
             self.run_id = self.runs[-1]
         self.files = runs[self.run_id or "."]
+        # the run's directory, re-listed while following (the Trainer may start a new events file)
+        self.run_dir: Path | None = (path / (self.run_id or ".")) if path.is_dir() else None
         self.issues: list[Issue] = []
         self.records = 0
-        self.summary: dict[str, Any] = {}
         self.training_args: dict[str, Any] | None = None
         self.transformers = False
+        self._builder = EventBuilder()
+        self.summary: dict[str, Any] = self._builder.summary
+        self._scanners: dict[Path, RecordScanner] = {}
+        self._undecodable = 0
+        self._finished = False
 
     def events(self) -> Iterator[Event]:
+        """The whole run, read once (``monitor``)."""
+        yield from self._read(final=True)
+        yield from self.finish()
+
+    def poll(self) -> list[Event]:
+        """The events of the records appended since the last poll (a record still being written waits for
+        the next one); the step being logged stays open until a later step or ``finish`` closes it."""
+        if self.run_dir is not None:
+            self._relist()
+        return list(self._read(final=False))
+
+    def finish(self) -> list[Event]:
+        """The end of the log: the rest of each file (a cut record now is a truncation), the open step, and
+        the issues of the whole read."""
+        if self._finished:
+            return []
+        out = list(self._read(final=True)) if self._scanners else []
+        out.extend(self._builder.flush())
+        self._finished = True
+        for scanner in self._scanners.values():
+            scanner.finish()
+        self.issues.extend(self._end_issues())
+        return out
+
+    @property
+    def ended(self) -> bool:
+        """The Trainer logged its end-of-training summary (``train/train_runtime`` ...): the run is over."""
+        return "train_runtime" in self.summary
+
+    def shrunk(self) -> bool:
+        """A file read is now shorter than what was read of it (rewritten): the follow starts over."""
+        return any(_size(path) < scanner.offset for path, scanner in self._scanners.items())
+
+    def pending(self) -> bool:
+        """Bytes past the last whole record read (a record being written)."""
+        return any(_size(path) > scanner.offset for path, scanner in self._scanners.items() if not scanner.done)
+
+    def current_issues(self) -> list[Issue]:
+        """The issues so far (``--follow`` redraws before the end)."""
+        return self.issues + self._end_issues()
+
+    def _end_issues(self) -> list[Issue]:
+        out = self._builder.issues()
+        if self._undecodable:
+            out.append(Issue("bad_log_entry", f"{self._undecodable} record(s) are not TensorBoard events"))
+        return out
+
+    def _relist(self) -> None:
+        assert self.run_dir is not None
+        try:
+            names = sorted(n for n in os.listdir(self.run_dir) if EVENT_FILE_MARK in n)[:MAX_EVENT_FILES]
+        except OSError:
+            return  # the directory went away: keep what was read
+        known = set(self.files)
+        self.files.extend(p for p in (self.run_dir / n for n in names) if p not in known and p.is_file())
+
+    def _read(self, final: bool) -> Iterator[Event]:
         event_pb2 = _import_tensorboard()
         from google.protobuf.message import DecodeError
-        from tensorboard.util import tensor_util
 
-        builder = EventBuilder()
+        builder = self._builder
         decode, add = event_pb2.Event.FromString, builder.add
-        undecodable = 0
+        fast = builder.train_fields  # tag -> train_step field, for the Trainer's float scalars
         n = 0
         for path in self.files:
-            for data in records(path, self.issues):
-                n += 1
-                try:
-                    ev = decode(data)
-                except DecodeError:
-                    undecodable += 1
-                    continue
-                step = ev.step
-                for value in ev.summary.value:
-                    if value.WhichOneof("value") == "simple_value":
+            scanner = self._scanners.get(path)
+            if scanner is None:
+                scanner = self._scanners[path] = RecordScanner(path, self.issues)
+            for batch in scanner.scan(final):
+                n += len(batch)
+                for data in batch:
+                    try:
+                        ev = decode(data)
+                    except DecodeError:
+                        self._undecodable += 1
+                        continue
+                    step = ev.step
+                    for value in ev.summary.value:
+                        # A simple_value (SummaryWriter.add_scalar) read as nonzero is set (its oneof
+                        # reads 0.0 otherwise): the common case skips WhichOneof and the generic path.
                         number: Any = value.simple_value
-                    else:
-                        text = _text(value, tensor_util)
-                        if text is not None:
-                            self._text(value.tag, text)
-                            continue
-                        number = _scalar(value, tensor_util)
-                    closed = add(value.tag, step, number)
-                    if closed:
-                        yield from closed
-        yield from builder.flush()
-        self.records = n
-        self.summary = builder.summary
-        self.issues.extend(builder.issues())
-        if undecodable:
-            self.issues.append(Issue("bad_log_entry", f"{undecodable} record(s) are not TensorBoard events"))
+                        if number:
+                            name = fast.get(value.tag)
+                            if name is not None and builder._open and builder._step == step:
+                                builder._train[name] = number  # what add() does for a cached train tag
+                                continue
+                        elif value.WhichOneof("value") != "simple_value":
+                            text = _text(value)
+                            if text is not None:
+                                self._text(value.tag, text)
+                                continue
+                            number = _scalar(value)
+                        closed = add(value.tag, step, number)
+                        if closed:
+                            yield from closed
+        self.records += n
 
     def _text(self, tag: str, text: str) -> None:
         """The Trainer's ``add_text("args", args.to_json_string())`` is the run's TrainingArguments."""
