@@ -57,14 +57,13 @@ def _check_options(options: MergeOptions) -> None:
 
 def _expert_checks(groups: Sequence[ModuleGroup], options: MergeOptions) -> bool:
     """True when the inputs hold MoE expert stacks (PEFT target_parameters); refuses what merge does not do
-    per expert. Per expert, ΔW_e of the output is the weighted sum of the inputs' ΔW_e (``cat``/``linear``) or
-    its best rank-K approximation (``svd``), K the largest rank the policy asks of any expert of the stack
-    (PEFT keeps one r per stacked parameter, :mod:`gradience.compress.experts`)."""
+    per expert. Every expert is merged as its own module: ΔW_e of the output is the weighted sum of the inputs'
+    ΔW_e (``cat``/``linear``), its best rank-K approximation (``svd``), or TIES/DARE of the ΔW_e (trim threshold,
+    sign election and drop mask per expert: each expert is its own task-vector matrix), re-factored at rank K,
+    the largest rank the policy asks of any expert of the stack (PEFT keeps one r per stacked parameter,
+    :mod:`gradience.compress.experts`). ``--budget`` is refused: its allocation is per module."""
     if not any(g.template.expert is not None for g in groups):
         return False
-    if options.method in ("ties", "dare"):
-        raise InputError(f"--method {options.method} on MoE expert adapters is not supported yet (its trim/drop "
-                         "would act per expert and is not validated there); use --method linear, svd or cat")
     if options.policy is not None and options.policy.name == "budget" and not options.policy.uniform:
         raise InputError("--budget on MoE expert adapters is not supported by merge (one rank per stacked "
                          "parameter); merge with --method linear and run compress --budget on the result")
