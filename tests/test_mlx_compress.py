@@ -196,6 +196,7 @@ def test_mlx_to_peft_loads_in_peft(mlx_adapter: tuple[Path, dict[str, np.ndarray
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["base_model_name_or_path"] == "mlx-community/tiny-llama"
     assert "mlx" not in config and "format" not in config
+    assert doc["config"]["target_modules"] == config["target_modules"] == sorted(deltas)  # exact module names
     base = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32)
     model = PeftModel.from_pretrained(base, str(out)).to(torch.float64)
     got = _peft_deltas(model)

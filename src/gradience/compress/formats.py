@@ -129,6 +129,7 @@ def output_config(loaded: LoadedAdapter, layers: list[LayerPlan], config: dict[s
                         "lora_dropout": float(dropout) if isinstance(dropout, (int, float)) else 0.0,
                         "target_modules": sorted(peft_module_for(la.name, None) for la in layers),
                         "use_dora": False, "use_rslora": False})
+            config.update({k: out[k] for k in ("target_modules", "modules_to_save", "use_dora")})  # as reported
             issues.append(Issue("format_converted", "MLX-LM adapter written as PEFT: keys base_model.model.<module>, "
                                                     "A = lora_aᵀ, B = lora_bᵀ, lora_alpha/r = the MLX scale; module "
                                                     "names kept (mlx-lm's tree equals Hugging Face's for the "
