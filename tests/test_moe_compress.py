@@ -93,3 +93,35 @@ def test_rank_pattern_budget_and_verbatim(tmp_path: Path, capsys: pytest.Capture
         for e in range(E):
             np.testing.assert_allclose(after[f"{param}[{e}]"], _truncate(before[f"{param}[{e}]"], ranks_after[param]),
                                        rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_uniform_bf16_and_assumed_wrapper_pattern(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from peft.utils.other import get_pattern_key
+
+    from gradience.adapter import load_adapter
+    from gradience.audit.suggest import unique_pattern_key
+    from gradience.compress.experts import rank_pattern
+
+    src = tmp_path / "in"
+    make_moe_adapter("gpt_oss", src, seed=2)
+    before, _ = peft_expert_deltas(src, "gpt_oss")
+    doc = _compress(src, tmp_path / "u", capsys, "--rank", "2", "--uniform", "--dtype", "bfloat16")
+    cfg = json.loads((tmp_path / "u" / "adapter_config.json").read_text())
+    assert cfg["r"] == 2 and cfg["rank_pattern"] == {} and doc["output"]["tensor_dtypes"] == {"BF16": 12}
+    after, ranks = peft_expert_deltas(tmp_path / "u", "gpt_oss")
+    assert set(ranks.values()) == {2}
+    for name, dw in before.items():  # bf16 factors: rounding of the factors only
+        ref = _truncate(dw, 2)
+        assert np.linalg.norm(after[name] - ref) <= 1e-2 * max(np.linalg.norm(ref), 1e-12)
+    # a module whose wrapper -> parameter assignment was assumed: one key that PEFT matches to both of its
+    # parameters and to nothing else
+    pairs = load_adapter(str(src)).pairs
+    module = "model.layers.0.mlp.experts"
+    ks = [3 if p.expert is not None and p.name.startswith(module + ".") else 2 for p in pairs]
+    pattern = rank_pattern(pairs, ks, 2, {module}, unique_pattern_key, [])
+    assert list(pattern.values()) == [3]
+    (key,) = pattern
+    for name, hit in ((f"{module}.gate_up_proj", True), (f"{module}.down_proj", True),
+                      ("model.layers.1.mlp.experts.down_proj", False), (f"x.{module}.down_proj", False)):
+        assert (get_pattern_key([key], name) == key) is hit, name
