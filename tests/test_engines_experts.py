@@ -68,7 +68,6 @@ def test_ordinary_adapter_unchanged() -> None:
     assert all(v["ok"] and "caveats" not in v for v in verdict.values())
 
 
-@pytest.mark.slow
 def test_compress_names_the_expert_hazards(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("peft")
     from support.moe_models import make_moe_adapter

@@ -40,7 +40,6 @@ def _compress(src: Path, out: Path, capsys: pytest.CaptureFixture[str], *flags: 
     return doc
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("model_type", sorted(MODELS))
 def test_energy_compress_one_rank_per_stack_matches_peft(tmp_path: Path, model_type: str,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
@@ -69,7 +68,6 @@ def test_energy_compress_one_rank_per_stack_matches_peft(tmp_path: Path, model_t
     assert any(row["name"].endswith("q_proj") and "expert" not in row for row in doc["layers"])
 
 
-@pytest.mark.slow
 def test_rank_pattern_budget_and_verbatim(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     src = tmp_path / "in"
     make_moe_adapter("qwen3_moe", src, seed=1)
@@ -95,7 +93,6 @@ def test_rank_pattern_budget_and_verbatim(tmp_path: Path, capsys: pytest.Capture
                                        rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.slow
 def test_uniform_bf16_and_assumed_wrapper_pattern(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from peft.utils.other import get_pattern_key
 

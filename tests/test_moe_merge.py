@@ -39,7 +39,6 @@ def _dense_rank_k(dw: np.ndarray, k: int) -> np.ndarray:
     return (u[:, :k] * s[:k]) @ vt[:k]
 
 
-@pytest.mark.slow
 def test_linear_and_svd_merge_per_expert(inputs: tuple[Path, Path], tmp_path: Path,
                                          capsys: pytest.CaptureFixture[str]) -> None:
     a, b = inputs
@@ -85,7 +84,6 @@ def _ties_ref(updates: list[np.ndarray], weights: list[float], density: float) -
     return np.where(agree, stack, 0.0).sum(0) / np.maximum(agree.sum(0), 1)
 
 
-@pytest.mark.slow
 def test_ties_per_expert(inputs: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     a, b = inputs
     da, _ = peft_expert_deltas(a, "qwen3_moe")
