@@ -2,6 +2,8 @@
 
     python benchmarks/bench_intruders.py [--layers 1] [--spectrum outliers] [--device auto|numpy|cpu|cuda]
                                          [--adapter llama7b_r16_trained_f32] [--dense-baseline]
+    # item 5: all 224 linear layers (make_base.py --layers 32 --spectrum outliers first, ~13 GB):
+    python benchmarks/bench_intruders.py --layers 32 --interleave --partial /tmp/intruders_partial.json
 
 The base is ``make_base.py``'s synthetic Llama-2-7B checkpoint with ``--layers`` decoder blocks (bf16, 7 linear
 weights per block: q/k/v/o 4096×4096, gate/up 11008×4096, down 4096×11008); the adapter is ``make_adapters.py``'s
@@ -42,54 +44,64 @@ LINEAR_LAYERS_7B = 224
 SHAPE_WEIGHT = {"q_proj": 128, "gate_proj": 64, "down_proj": 32}
 
 
-def _run(pairs: list, base: Path, cache: Path, device: str, k: int, eps: float, label: str = "",
-         partial: Path | None = None) -> dict:
-    """One pass over ``pairs``; a progress line per layer (wall, CPU, 1-min load average) and, with ``partial``,
-    the figures so far rewritten after every layer (what survives when a long run is stopped)."""
+def _run(pairs: list, base: Path, cache: Path, device: str, k: int, eps: float, labels: tuple[str, ...] = ("",),
+         partial: Path | None = None) -> dict[str, dict]:
+    """A pass over ``pairs`` for each label, or, with several labels, the labels one after the other on each layer
+    (cold then cached of the same tensor: both figures exist for every layer done when a long run is stopped). A
+    progress line per layer (wall, CPU, 1-min load average); with ``partial``, the figures so far are rewritten
+    after every layer."""
     from gradience.intruders import IntruderOptions, measure_intruders
 
-    per_layer_s: dict[str, tuple[float, float]] = {}
-    load_1min: dict[str, float] = {}
-    report = None
+    state = {label: {"per_layer_s": {}, "load_1min": {}, "report": None} for label in labels}
     started = time.perf_counter()
     for i, pair in enumerate(pairs, 1):  # one layer at a time: wall and CPU seconds per layer (the machine is shared)
-        t0, c0 = time.perf_counter(), time.process_time()
-        one = measure_intruders([pair], str(base), IntruderOptions(k=k, eps=eps, device=device,
-                                                                   cache_dir=str(cache)))
-        per_layer_s[pair.name] = (time.perf_counter() - t0, time.process_time() - c0)
-        load_1min[pair.name] = os.getloadavg()[0]
-        found = one.per_layer.get(pair.name)
-        print(f"[{label} {i}/{len(pairs)} {time.strftime('%H:%M:%S')}] {pair.name}: {per_layer_s[pair.name][0]:.1f} s "
-              f"wall, {per_layer_s[pair.name][1]:.1f} s CPU, load {load_1min[pair.name]:.1f}, "
-              f"{None if found is None else found.count} intruders, decided by "
-              f"{None if found is None else found.decided_by}", flush=True)
+        for label in labels:
+            st = state[label]
+            t0, c0 = time.perf_counter(), time.process_time()
+            one = measure_intruders([pair], str(base), IntruderOptions(k=k, eps=eps, device=device,
+                                                                       cache_dir=str(cache)))
+            st["per_layer_s"][pair.name] = (time.perf_counter() - t0, time.process_time() - c0)
+            st["load_1min"][pair.name] = os.getloadavg()[0]
+            found = one.per_layer.get(pair.name)
+            print(f"[{label} {i}/{len(pairs)} {time.strftime('%H:%M:%S')}] {pair.name}: "
+                  f"{st['per_layer_s'][pair.name][0]:.1f} s wall, {st['per_layer_s'][pair.name][1]:.1f} s CPU, "
+                  f"load {st['load_1min'][pair.name]:.1f}, {None if found is None else found.count} intruders, "
+                  f"decided by {None if found is None else found.decided_by}", flush=True)
+            report = st["report"]
+            if report is None:
+                st["report"] = one
+            else:
+                report.per_layer.update(one.per_layer)
+                report.issues += one.issues
+                for key, value in one.stats.items():
+                    if isinstance(value, (int, float)) and not isinstance(value, bool):
+                        report.stats[key] = report.stats.get(key, 0) + value
         if partial is not None:
-            done = {"run": label, "layers_done": i, "layers_total": len(pairs),
-                    "elapsed_wall_s": time.perf_counter() - started,
-                    "cpu_s": sum(c for _w, c in per_layer_s.values()),
-                    "per_layer_s": per_layer_s, "load_1min": load_1min,
-                    "decided_by": {n: la.decided_by for n, la in ((report.per_layer if report else {}) | one.per_layer).items()},
-                    "counts": {n: la.count for n, la in ((report.per_layer if report else {}) | one.per_layer).items()}}
+            done = {"layers_done": i, "layers_total": len(pairs), "elapsed_wall_s": time.perf_counter() - started}
+            for label, st in state.items():
+                rows = st["report"].per_layer
+                done[label] = {"cpu_s": sum(c for _w, c in st["per_layer_s"].values()),
+                               "wall_s": sum(w for w, _c in st["per_layer_s"].values()),
+                               "per_layer_s": st["per_layer_s"], "load_1min": st["load_1min"],
+                               "decided_by": {n: la.decided_by for n, la in rows.items()},
+                               "counts": {n: la.count for n, la in rows.items()}}
             tmp = partial.with_suffix(".tmp")
             tmp.write_text(json.dumps(done, indent=1) + "\n")
             tmp.replace(partial)
-        if report is None:
-            report = one
-        else:
-            report.per_layer.update(one.per_layer)
-            report.issues += one.issues
-            for key, value in one.stats.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    report.stats[key] = report.stats.get(key, 0) + value
-    assert report is not None
-    wall = sum(w for w, _c in per_layer_s.values())
-    rows = report.per_layer
-    return {"wall_s": wall, "cpu_s": sum(c for _w, c in per_layer_s.values()), "per_layer_s": per_layer_s,
-            "load_1min": load_1min,
-            "stats": report.stats, "summary": report.summary,
+    out: dict[str, dict] = {}
+    for label, st in state.items():
+        report = st["report"]
+        assert report is not None
+        per_layer_s = st["per_layer_s"]
+        out[label] = {
+            "wall_s": sum(w for w, _c in per_layer_s.values()), "cpu_s": sum(c for _w, c in per_layer_s.values()),
+            "per_layer_s": per_layer_s, "load_1min": st["load_1min"], "stats": report.stats,
+            "summary": report.summary,
             "per_layer": {name: {"count": la.count, "decided_by": la.decided_by, "base_vectors": la.base_vectors,
-                                 "products": la.products, "converged": la.converged} for name, la in rows.items()},
+                                 "products": la.products, "converged": la.converged}
+                          for name, la in report.per_layer.items()},
             "issues": [i.code for i in report.issues]}
+    return out
 
 
 def _dense_baseline(base: Path, pairs: list) -> float:
@@ -128,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache-dir", type=Path, default=None,
                     help="base spectra cache (default: a fresh temporary one; give one to run cached later)")
     ap.add_argument("--partial", type=Path, default=None, help="rewrite the figures so far here after every layer")
+    ap.add_argument("--limit", type=int, default=None, help="measure only the first N layers (a smoke run)")
+    ap.add_argument("--interleave", action="store_true",
+                    help="cold then cached on each layer in turn (both figures for every layer done, even if stopped)")
     ap.add_argument("--one-per-shape", action="store_true",
                     help="measure q_proj, gate_proj and down_proj of block 0 only and extrapolate by shape counts")
     args = ap.parse_args(argv)
@@ -141,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     pairs = [p for p in loaded.pairs if (layer_index(p.name) or 0) < args.layers]
     if args.one_per_shape:  # q_proj (4096²), gate_proj (11008×4096), down_proj (4096×11008) of block 0
         pairs = [p for p in pairs if layer_index(p.name) == 0 and p.name.rsplit(".", 1)[-1] in SHAPE_WEIGHT]
+    if args.limit is not None:
+        pairs = pairs[: args.limit]
     runs = [r for r in args.runs.split(",") if r]
     if not runs or any(r not in ("cold", "cached") for r in runs):
         ap.error("--runs takes cold and/or cached")
@@ -152,8 +169,13 @@ def main(argv: list[str] | None = None) -> int:
         if "cold" in runs and args.cache_dir is not None and cache.exists():
             for old in cache.glob("*.npz"):  # a cold run starts from an empty cache
                 old.unlink()
+        results = (_run(pairs, base, cache, args.device, args.k, args.eps, tuple(runs), args.partial)
+                   if args.interleave else
+                   {label: _run(pairs, base, cache, args.device, args.k, args.eps, (label,), args.partial)[label]
+                    for label in runs})
+        out["interleaved"] = bool(args.interleave)
         for label in runs:
-            res = _run(pairs, base, cache, args.device, args.k, args.eps, label, args.partial)
+            res = results[label]
             out[label] = res
             n = max(1, len(res["per_layer"]))
             st = res["stats"]
