@@ -12,7 +12,8 @@ Prints medians over ``--runs`` fresh processes (wall time, peak RSS from ``getru
   blocks (what any check of the values must at least do), once through the memory-mapped reader the UDR uses and
   once through verify's own ``pread`` block reader (``gradience.verify.blocks``: the honest baseline, since verify
   pays exactly this for its reads), and ``raw read``: the files' bytes read sequentially;
-* ``verify``: ``gradience verify --merged ... --json``;
+* ``verify``: ``gradience verify --merged ... --json``, and ``verify (direct)`` with GRADIENCE_VERIFY_GRAM=0 (the
+  update D formed block by block instead of the Gram sums of ``gradience.verify.gram``);
 the ratio verify / read (target ≤ 2×) and the peak RSS beyond the interpreter and the adapter, against three
 times the largest dense weight the verify reads (target ≤ 1×). The page cache is warm in every run (the files
 were just written or read), so both sides are CPU-bound: the fairest case for the baseline.
@@ -47,7 +48,10 @@ _CHILD = r"""
 import resource, sys, time
 mode = sys.argv[1]
 t0 = time.perf_counter()
-if mode == "verify":
+if mode in ("verify", "verify_direct"):
+    if mode == "verify_direct":  # the direct path (D formed block by block) instead of the Gram sums
+        import os
+        os.environ["GRADIENCE_VERIFY_GRAM"] = "0"
     from gradience.cli.main import main
     import io, contextlib
     with contextlib.redirect_stdout(io.StringIO()):
@@ -195,8 +199,11 @@ def main() -> int:
     m = _medians({"idle": ["idle"], "raw": ["raw", *map(str, files)], "read": ["read", str(base), str(merged)],
                   "blocks": ["blocks", str(base), str(merged)],
                   "verify": ["verify", "verify", "--merged", str(merged), "--base-model", str(base), "--peft-dir",
-                             str(adapter), "--json"]}, args.runs)
+                             str(adapter), "--json"],
+                  "verify_direct": ["verify_direct", "verify", "--merged", str(merged), "--base-model", str(base),
+                                    "--peft-dir", str(adapter), "--json"]}, args.runs)
     idle, raw, read, blocks, verify = m["idle"], m["raw"], m["read"], m["blocks"], m["verify"]
+    direct = m["verify_direct"]
     adapter_mib = (adapter / "adapter_model.safetensors").stat().st_size / 2**20
     largest = max(HIDDEN * INTERMEDIATE, 0 if args.no_embed else VOCAB * HIDDEN) * 2 / 2**20   # bf16 bytes
     largest_module = HIDDEN * INTERMEDIATE * 2 / 2**20
@@ -210,6 +217,8 @@ def main() -> int:
           "(pread blocks into reused buffers)")
     print(f"  verify --merged        : {verify[0]:7.2f} s wall {verify[1]:7.2f} s CPU   peak RSS {verify[2]:6.0f} MiB "
           f"(interpreter {idle[2]:.0f} MiB, {idle[1]:.2f} s CPU)")
+    print(f"  verify (direct path)   : {direct[0]:7.2f} s wall {direct[1]:7.2f} s CPU   peak RSS {direct[2]:6.0f} MiB "
+          "(GRADIENCE_VERIFY_GRAM=0)")
     print(f"  verify / read = {verify[0] / read[0]:.2f}x wall, {verify[1] / read[1]:.2f}x CPU (target <= 2x); "
           f"verify / raw read = {verify[0] / raw[0]:.2f}x wall")
     print(f"  verify / read with verify's own block reader = {verify[0] / blocks[0]:.2f}x wall, "
@@ -217,6 +226,23 @@ def main() -> int:
     print(f"  peak RSS beyond interpreter + adapter: {beyond:.0f} MiB = {beyond / (3 * largest):.2f} x (3 x the "
           f"largest weight read, {largest:.0f} MiB bf16); {beyond / (3 * largest_module):.2f} x (3 x the largest "
           f"adapted module, {largest_module:.0f} MiB)")
+    load = os.getloadavg()
+    result = {"bench": "verify", "layers": args.layers, "embed": not args.no_embed, "runs": args.runs,
+              "cpus": os.cpu_count(), "loadavg_after": load, "checkpoint_bytes": size,
+              "workers": os.environ.get("GRADIENCE_VERIFY_WORKERS", "default"),
+              "medians": {k: {"wall_s": v[0], "cpu_s": v[1], "peak_rss_mib": v[2]} for k, v in m.items()},
+              "ratios": {"verify_over_read_wall": verify[0] / read[0], "verify_over_read_cpu": verify[1] / read[1],
+                         "verify_over_blocks_wall": verify[0] / blocks[0],
+                         "verify_over_blocks_cpu": verify[1] / blocks[1],
+                         "direct_over_read_wall": direct[0] / read[0], "direct_over_read_cpu": direct[1] / read[1],
+                         "direct_over_blocks_cpu": direct[1] / blocks[1]},
+              "rss_beyond_mib": beyond, "rss_beyond_over_3x_largest_module": beyond / (3 * largest_module),
+              "target": "verify <= 2x read (whole process); RSS beyond <= 3x one module's dense weight"}
+    results = BENCH_DIR / "results"
+    results.mkdir(exist_ok=True)
+    path = results / f"verify-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"  results: {path}")
     return 0
 
 

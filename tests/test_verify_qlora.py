@@ -18,6 +18,7 @@ import pytest
 from gradience.adapter import load_adapter
 from gradience.cli.main import main
 from gradience.verify import verify_merged
+from gradience.verify.verdict import REASONS
 from support import verify_triples as vt
 
 torch = pytest.importorskip("torch")
@@ -143,6 +144,7 @@ def test_16bit_base_with_qlora_names_the_base_each_merge_used(tmp_path: Path) ->
     for name in (Q, UP):
         row = rows[name]
         assert row["verdict"] == "different_base" and row["reason"] == "merged_into_16bit", row
+        assert row["reason"] in REASONS
         assert row["qlora"]["merged_into"] == "16bit" and row["qlora"]["verdict_vs_16bit"] == "exact"
         assert "merged into the 16-bit weights; the adapter was trained against the de-quantized 4-bit" \
                in row["detail"]

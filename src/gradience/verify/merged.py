@@ -28,6 +28,7 @@ from gradience.udr.names import BaseNameIndex
 from gradience.verify import SCHEMA
 from gradience.verify import qlora as q4
 from gradience.verify.blocks import ArrayBlocks, TensorBlocks
+from gradience.verify.gram import NARROW_DTYPES, accumulate_gram
 from gradience.verify.unchanged import UnchangedCheck, collect_unchanged, unchanged_status
 from gradience.verify.verdict import ModuleSums, classify, named_ratios, unit_roundoff
 
@@ -89,8 +90,7 @@ def _accumulate(blocks_b: TensorBlocks | ArrayBlocks, blocks_m: TensorBlocks,
     products' own accumulation) and summed in float64 across blocks, as before."""
     sums = ModuleSums()
     cols = blocks_b.shape[1]
-    rows = max(1, min(blocks_b.rows_per_block, blocks_m.rows_per_block,
-                      ACCUMULATE_BLOCK_BYTES // (4 * max(1, cols)), blocks_b.shape[0]))
+    rows = _block_rows(blocks_b, blocks_m)
     w_buf = np.empty(rows * cols, np.float32)   # merged block
     r_buf = np.empty_like(w_buf)                # base block, then the residual W_m − W_b − D in place
     d_buf = np.empty_like(w_buf)                # the update D
@@ -122,6 +122,22 @@ def _accumulate(blocks_b: TensorBlocks | ArrayBlocks, blocks_m: TensorBlocks,
     if dd is not None:
         sums.dd = dd
     return sums
+
+
+def _block_rows(blocks_b: TensorBlocks | ArrayBlocks, blocks_m: TensorBlocks) -> int:
+    return max(1, min(blocks_b.rows_per_block, blocks_m.rows_per_block,
+                      ACCUMULATE_BLOCK_BYTES // (4 * max(1, blocks_b.shape[1])), blocks_b.shape[0]))
+
+
+def _module_sums(blocks_b: TensorBlocks | ArrayBlocks, blocks_m: TensorBlocks, left: np.ndarray,
+                 right: np.ndarray, s: float, expected: Callable[[int, int, np.ndarray, np.ndarray], np.ndarray],
+                 dd: float | None) -> ModuleSums:
+    """The Gram path (verify/gram.py) for plain LoRA on 16-bit weights, the direct one otherwise (fp32/fp64,
+    DoRA, a zero update); GRADIENCE_VERIFY_GRAM=0 forces the direct one (benchmarks compare the two)."""
+    if (dd is not None and dd > 0 and blocks_m.dtype in NARROW_DTYPES
+            and os.environ.get("GRADIENCE_VERIFY_GRAM", "1") != "0"):
+        return accumulate_gram(blocks_b, blocks_m, left, right, s, dd, _block_rows(blocks_b, blocks_m))
+    return _accumulate(blocks_b, blocks_m, expected, dd)
 
 
 def _add_wide(sums: ModuleSums, r: np.ndarray, d: np.ndarray, wm: np.ndarray, x64: np.ndarray, y64: np.ndarray,
@@ -218,13 +234,14 @@ def _verify_module(pair: LoraPair, base: BaseWeights, merged: BaseWeights, base_
     else:
         expected = _plain_update(left, right, s)
     dd = None if pair.dora else _frobenius_sq(left, right, s)
-    sums = _accumulate(TensorBlocks(base, base_name), TensorBlocks(merged, merged_name), expected, dd)
+    sums = _module_sums(TensorBlocks(base, base_name), TensorBlocks(merged, merged_name), left, right, s, expected,
+                        dd)
     u = unit_roundoff(m_info.dtype)
     ratios = [] if pair.dora else named_ratios(pair.r, pair.scale, pair.alpha, global_scale)
     result = classify(sums, u=u, r=pair.r, ratios=ratios)
     if qlora is not None and q4.applies(base, base_name):
         twin, quant_residual = q4.twin_blocks(base, base_name, qlora)
-        on_twin = _accumulate(twin, TensorBlocks(merged, merged_name), expected, dd)
+        on_twin = _module_sums(twin, TensorBlocks(merged, merged_name), left, right, s, expected, dd)
         result = q4.combine(classify(on_twin, u=u, r=pair.r, ratios=ratios), result, quant_residual,
                             on_twin.dd ** 0.5, qlora)
     return _row(pair, **where, dora=pair.dora, unit_roundoff=u, **result)

@@ -25,7 +25,7 @@ from gradience.verify.blocks import ArrayBlocks
 
 # bitsandbytes' default 4-bit block size (functional.quantize_4bit, transformers' BitsAndBytesConfig): QLoRA's.
 QLORA_BLOCKSIZE = 64
-MERGED_INTO_16BIT = "merged_into_16bit"      # the named reason of a different_base verdict (verdict.REASONS)
+MERGED_INTO_16BIT = "merged_into_16bit"       # the named reason of a different_base verdict (in REASONS)
 _NAMED = ("not_applied", "applied_twice", "wrong_scale")
 _DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "bfloat16": "bfloat16", "float16": "float16"}
 

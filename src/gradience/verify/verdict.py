@@ -23,6 +23,9 @@ from gradience.policy.thresholds import (
 )
 
 VERDICTS = ("exact", "not_applied", "applied_twice", "wrong_scale", "different_base", "residual_unexplained")
+# Named causes a row may carry as ``reason`` next to its verdict (additive to the v1 rows).
+REASONS = {"merged_into_16bit": "different_base: a QLoRA adapter merged into the 16-bit weights instead of the "
+                                "de-quantised 4-bit ones it was trained on (unsloth-zoo PR 810; verify/qlora.py)"}
 
 
 @dataclass
