@@ -99,9 +99,20 @@ def test_ties_per_expert(inputs: tuple[Path, Path], tmp_path: Path, capsys: pyte
         np.testing.assert_allclose(got[name], ref, rtol=1e-5, atol=1e-6 * max(1.0, np.abs(ref).max()))
 
 
-def test_budget_is_refused_in_one_line(inputs: tuple[Path, Path], tmp_path: Path,
-                                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_budget_one_rank_per_stack(inputs: tuple[Path, Path], tmp_path: Path,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
     a, b = inputs
-    rc, _doc, err = _merge(capsys, str(a), str(b), "--out", str(tmp_path / "x"), "--budget", "50%")
-    assert rc == 2 and err.count("\n") == 1 and "expert" in err and "Traceback" not in err
-    assert not (tmp_path / "x").exists()
+    da, _ = peft_expert_deltas(a, "qwen3_moe")
+    db, _ = peft_expert_deltas(b, "qwen3_moe")
+    rc, doc, err = _merge(capsys, str(a), str(b), "--out", str(tmp_path / "bud"), "--method", "svd",
+                          "--budget", "40%")
+    assert rc == 0 and doc is not None, err
+    assert sum(row["params_after"] for row in doc["modules"]) <= doc["policy"]["budget_params"]
+    got, ranks = peft_expert_deltas(tmp_path / "bud", "qwen3_moe")
+    for row in doc["modules"]:
+        if "expert" in row:
+            assert row["r_after"] == ranks[row["parameter"]]
+    for name in da:
+        param = name.rpartition("[")[0]
+        ref = _dense_rank_k(da[name] + db[name], ranks[param])
+        np.testing.assert_allclose(got[name], ref, rtol=1e-5, atol=1e-6 * max(1.0, np.abs(ref).max()))

@@ -83,38 +83,50 @@ def joint_ranks(pairs: Sequence[LoraPair], ks: Sequence[int], assumed: set[str])
 
 def budget_items(pairs: Sequence[LoraPair], sigmas: Sequence[np.ndarray | None], candidates: Callable[[int], tuple[int, ...]]
                  ) -> tuple[list[BudgetLayer], list[list[int]]]:
-    """One :class:`BudgetLayer` per ordinary module and per stacked parameter (see the module docstring), and
-    the pair indices each item stands for. A stack's σ is √(Σ_e σ_e²/‖ΔW_e‖²) (non-increasing; its retained
-    fraction is the mean of the experts' fractions) and its weight the number of non-zero experts."""
+    """:func:`joint_budget_items` for compress: ordinary pairs alone, expert pairs by their stacked factor."""
+    return joint_budget_items([p.a_key if p.expert is not None else None for p in pairs], sigmas,
+                              [p.r for p in pairs], [p.d_in + p.d_out for p in pairs], candidates)
+
+
+def joint_budget_items(stacks: Sequence[str | None], sigmas: Sequence[np.ndarray | None], caps: Sequence[int],
+                       costs: Sequence[int], candidates: Callable[[int], tuple[int, ...]]
+                       ) -> tuple[list[BudgetLayer], list[list[int]]]:
+    """One :class:`BudgetLayer` per ordinary module (``stacks[i]`` None) and per stacked parameter (the indices
+    sharing one ``stacks`` key), and the indices each item stands for. A stack's σ is √(Σ_e σ_e²/‖ΔW_e‖²)
+    (non-increasing; its retained fraction is the mean of the experts' fractions), its cost per rank step the sum
+    of its experts' and its weight the number of non-zero experts (see the module docstring)."""
     items: list[BudgetLayer] = []
     members: list[list[int]] = []
-    grouped = stacked_groups(pairs)
-    seen: set[int] = set()
-    for i, pair in enumerate(pairs):
-        if i in seen:
-            continue
-        if pair.expert is None:
+    grouped: dict[str, list[int]] = defaultdict(list)
+    for i, key in enumerate(stacks):
+        if key is not None:
+            grouped[key].append(i)
+    done: set[str] = set()
+    for i, key in enumerate(stacks):
+        if key is None:
             sigma = sigmas[i]
             ok = sigma is not None
-            items.append(BudgetLayer(sigma=sigma if sigma is not None else np.zeros(pair.r),
-                                     cost=pair.d_in + pair.d_out, candidates=candidates(pair.r) if ok else (pair.r,)))
+            items.append(BudgetLayer(sigma=sigma if sigma is not None else np.zeros(caps[i]), cost=costs[i],
+                                     candidates=candidates(caps[i]) if ok else (caps[i],)))
             members.append([i])
             continue
-        idx = grouped[pair.a_key]
-        seen.update(idx)
-        finite = [sigmas[j] for j in idx if sigmas[j] is not None]
-        joint = np.zeros(pair.r)
+        if key in done:
+            continue
+        done.add(key)
+        idx = grouped[key]
+        cap = max(caps[j] for j in idx)
+        finite = [s for s in (sigmas[j] for j in idx) if s is not None]
+        joint = np.zeros(cap)
         nonzero = 0
         for s in finite:
-            assert s is not None
-            sq = np.square(np.asarray(s, dtype=np.float64))
+            sq = np.square(np.asarray(s, dtype=np.float64))[:cap]
             total = float(sq.sum())
             if total > 0.0:
-                joint[: sq.size] += sq[: pair.r] / total
+                joint[: sq.size] += sq / total
                 nonzero += 1
         ok = len(finite) == len(idx)
-        items.append(BudgetLayer(sigma=np.sqrt(joint), cost=len(idx) * (pair.d_in + pair.d_out),
-                                 candidates=candidates(pair.r) if ok else (pair.r,), weight=float(max(nonzero, 1))))
+        items.append(BudgetLayer(sigma=np.sqrt(joint), cost=sum(costs[j] for j in idx),
+                                 candidates=candidates(cap) if ok else (cap,), weight=float(max(nonzero, 1))))
         members.append(list(idx))
     return items, members
 

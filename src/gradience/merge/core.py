@@ -55,19 +55,13 @@ def _check_options(options: MergeOptions) -> None:
         raise InputError(f"--drop-rate must be in [0, 1), got {options.drop_rate}")
 
 
-def _expert_checks(groups: Sequence[ModuleGroup], options: MergeOptions) -> bool:
-    """True when the inputs hold MoE expert stacks (PEFT target_parameters); refuses what merge does not do
-    per expert. Every expert is merged as its own module: ΔW_e of the output is the weighted sum of the inputs'
+def _has_stacks(groups: Sequence[ModuleGroup]) -> bool:
+    """True when the inputs hold MoE expert stacks (PEFT target_parameters). Every expert is merged as its own module: ΔW_e of the output is the weighted sum of the inputs'
     ΔW_e (``cat``/``linear``), its best rank-K approximation (``svd``), or TIES/DARE of the ΔW_e (trim threshold,
     sign election and drop mask per expert: each expert is its own task-vector matrix), re-factored at rank K,
     the largest rank the policy asks of any expert of the stack (PEFT keeps one r per stacked parameter,
-    :mod:`gradience.compress.experts`). ``--budget`` is refused: its allocation is per module."""
-    if not any(g.template.expert is not None for g in groups):
-        return False
-    if options.policy is not None and options.policy.name == "budget" and not options.policy.uniform:
-        raise InputError("--budget on MoE expert adapters is not supported by merge (one rank per stacked "
-                         "parameter); merge with --method linear and run compress --budget on the result")
-    return True
+    :mod:`gradience.compress.experts`); ``--budget`` allocates one rank per stack, as compress does."""
+    return any(g.template.expert is not None for g in groups)
 
 
 def _load_stack(group: ModuleGroup, weights: Sequence[float]) -> factored.Stack:
@@ -238,7 +232,7 @@ def merge(loaded: Sequence[LoadedAdapter], out: str | os.PathLike[str] | None,
                                     clean=not options.dry_run)
     from gradience.merge.writing import Encoder, portability_of, tensor_specs, write
 
-    stacks = _expert_checks(inp.groups, options)
+    stacks = _has_stacks(inp.groups)
     # expert stacks share one rank, decided after every expert is measured: their factors are made in phase 2
     per_module = not stacks and (options.policy is None or (options.policy.name != "budget"
                                                              and not options.policy.uniform))
@@ -247,7 +241,8 @@ def merge(loaded: Sequence[LoadedAdapter], out: str | os.PathLike[str] | None,
     measured = [_measure(g, weights, options, eager) for g in inp.groups]
     plans = [m[0] for m in measured]
     params_sum = sum(g.summed_rank * (g.d_in + g.d_out) for g in inp.groups)
-    ks, extra = decide([m[1] for m in measured], options.policy, params_sum)
+    stack_keys = [g.template.a_key if g.template.expert is not None else None for g in inp.groups]
+    ks, extra = decide([m[1] for m in measured], options.policy, params_sum, stack_keys if stacks else None)
     assumed: set[str] = set().union(*(assumed_modules(one) for one in loaded))
     if stacks:
         ks = joint_ranks([g.template for g in inp.groups], ks, assumed)

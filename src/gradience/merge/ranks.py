@@ -38,9 +38,11 @@ class RankInput:
     cost: int            # parameters per unit of rank: d_in + d_out
 
 
-def decide(mods: Sequence[RankInput], policy: Policy | None, params_sum: int) -> tuple[list[int], dict[str, Any]]:
+def decide(mods: Sequence[RankInput], policy: Policy | None, params_sum: int,
+           stacks: Sequence[str | None] | None = None) -> tuple[list[int], dict[str, Any]]:
     """k per module (and policy facts for merge.json). ``params_sum``: parameters of the exact sum (rank R),
-    the base of a ``--budget 30%``."""
+    the base of a ``--budget 30%``. ``stacks``: per module, the MoE expert stack it belongs to (None: an
+    ordinary module); ``--budget`` allocates one rank per stack (:func:`gradience.compress.experts.joint_budget_items`)."""
     extra: dict[str, Any] = {}
     if policy is None:
         return [m.default for m in mods], extra
@@ -55,10 +57,21 @@ def decide(mods: Sequence[RankInput], policy: Policy | None, params_sum: int) ->
         if policy.uniform:
             ks = [uniform_budget_rank([m.cost for m in mods], [m.cap for m in mods], budget, policy)] * len(mods)
         else:
-            res = allocate([BudgetLayer(m.sigma, m.cost, budget_candidates(m.cap, policy)) for m in mods], budget)
+            if stacks is not None and any(s is not None for s in stacks):
+                from gradience.compress.experts import joint_budget_items
+
+                items, members = joint_budget_items(stacks, [m.sigma for m in mods], [m.cap for m in mods],
+                                                    [m.cost for m in mods], lambda cap: budget_candidates(cap, policy))
+            else:
+                items = [BudgetLayer(m.sigma, m.cost, budget_candidates(m.cap, policy)) for m in mods]
+                members = [[i] for i in range(len(mods))]
+            res = allocate(items, budget)
             extra.update({"budget_params_used": res.params, "objective": res.objective,
                           "objective_upper_bound": res.upper_bound, "greedy_optimal_at_params": res.prefix_params})
-            ks = res.ranks
+            ks = [0] * len(mods)
+            for idx, k in zip(members, res.ranks, strict=True):
+                for i in idx:
+                    ks[i] = k
     else:
         ks = [apply_modifiers(raw_rank(policy, m.sigma, m.cap), m.cap, policy, round_to=policy.allowed_ranks)
               for m in mods]
