@@ -2,6 +2,7 @@
 
     python benchmarks/bench_moe.py                   # 48 layers x 128 experts, r=8, BF16 (~630 MB), 3 runs
     python benchmarks/bench_moe.py --layers 4 --runs 1   # a quick look
+    git archive REV src | tar -x -C /tmp/before && python benchmarks/bench_moe.py --baseline-src /tmp/before/src
 
 The adapter is what PEFT ``target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]`` saves for
 Qwen3-30B-A3B (hidden 2048, moe_intermediate_size 768, 128 experts, 48 layers: config.json of
@@ -9,7 +10,8 @@ Qwen/Qwen3-30B-A3B): per layer ``experts.base_layer.lora_A`` (r·E, 2048) / ``lo
 gate_up_proj and ``experts.lora_A`` (r·E, 768) / ``lora_B`` (2048, r·E) for down_proj; factors Gaussian with
 B columns decaying per rank, and 3 experts per layer left at B = 0 (never routed). Target: the whole
 ``gradience audit --json --no-udr`` process within 1.5x the time to read the weights file once (warm page cache,
-``readinto`` in 64 MiB chunks in a child process, interpreter start included on both sides).
+``readinto`` in 64 MiB chunks in a child process, interpreter start included on both sides). Each child's CPU
+time (user+sys) is recorded too, with the load average: on a shared machine the wall clock stretches.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -79,10 +82,24 @@ with open(sys.argv[1], 'rb', buffering=0) as fh:
 """
 
 
-def _wall(cmd: list[str]) -> float:
+# The child runs this checkout's gradience (src/ first on its path), with BLAS pinned as the CLI pins it.
+_ENV = {**os.environ, "OPENBLAS_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(p for p in (str(HERE.parent / "src"), os.environ.get("PYTHONPATH")) if p)}
+
+
+def _timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
+    """(wall seconds, CPU seconds user+sys) of one child process. CPU time is reported beside the wall clock
+    because the benchmark machine is shared: other processes stretch wall time, far less the CPU time."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
-    return time.perf_counter() - t0
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env or _ENV)
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def _wall(cmd: list[str]) -> float:
+    return _timed(cmd)[0]
 
 
 def main() -> None:
@@ -92,26 +109,46 @@ def main() -> None:
     ap.add_argument("--r", type=int, default=8)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--data", type=Path, default=HERE / "_data" / "moe")
+    ap.add_argument("--baseline-src", type=Path, default=None,
+                    help="a src/ directory of another gradience version (e.g. `git archive REV src`): its audit "
+                         "runs interleaved with this checkout's, for a side-by-side before/after")
     args = ap.parse_args()
     out = make_adapter(args.data / f"qwen3_30b_a3b_L{args.layers}_E{args.experts}_r{args.r}", args.layers,
                        args.experts, args.r)
     weights = out / "adapter_model.safetensors"
     read_cmd = [sys.executable, "-c", _READ_ONCE, str(weights)]
     audit_cmd = [sys.executable, "-m", "gradience", "audit", str(out), "--json", "--no-udr"]
+    base_env = None
+    if args.baseline_src is not None:
+        base_env = {**_ENV, "PYTHONPATH": str(args.baseline_src.resolve())}
+    load_before = os.getloadavg()[0]
     _wall(read_cmd)  # warm the page cache
-    reads, audits = [], []
-    for _ in range(args.runs):  # interleaved, so drift hits both sides alike
-        reads.append(_wall(read_cmd))
-        audits.append(_wall(audit_cmd))
-    summary = json.loads(subprocess.run(audit_cmd, check=True, capture_output=True, text=True).stdout)
+    reads, audits, base = [], [], []
+    for _ in range(args.runs):  # interleaved, so drift hits every side alike
+        reads.append(_timed(read_cmd))
+        audits.append(_timed(audit_cmd))
+        if base_env is not None:
+            base.append(_timed(audit_cmd, base_env))
+    summary = json.loads(subprocess.run(audit_cmd, check=True, capture_output=True, text=True, env=_ENV).stdout)
     exp = summary["experts"]
-    t_read, t_audit = statistics.median(reads), statistics.median(audits)
-    result = {
+    t_read, t_audit = statistics.median(w for w, _ in reads), statistics.median(w for w, _ in audits)
+    c_read, c_audit = statistics.median(c for _, c in reads), statistics.median(c for _, c in audits)
+    result: dict[str, object] = {
         "adapter": out.name, "file_bytes": weights.stat().st_size, "pairs": summary["n_layers"],
         "expert_rows": exp["n_expert_rows"], "never_adapted": exp["n_expert_rows"] - exp["n_adapted"],
-        "read_once_s": reads, "audit_s": audits, "read_once_median_s": t_read, "audit_median_s": t_audit,
+        "read_once_s": [w for w, _ in reads], "audit_s": [w for w, _ in audits],
+        "read_once_median_s": t_read, "audit_median_s": t_audit,
         "ratio": t_audit / t_read, "target_ratio": 1.5,
+        "read_once_cpu_s": [c for _, c in reads], "audit_cpu_s": [c for _, c in audits],
+        "read_once_cpu_median_s": c_read, "audit_cpu_median_s": c_audit, "cpu_ratio": c_audit / c_read,
+        "loadavg_1min": [load_before, os.getloadavg()[0]], "cpus": os.cpu_count(),
     }
+    if base:
+        t_base = statistics.median(w for w, _ in base)
+        result.update(baseline_src=str(args.baseline_src), baseline_audit_s=[w for w, _ in base],
+                      baseline_audit_median_s=t_base, baseline_ratio=t_base / t_read,
+                      baseline_audit_cpu_median_s=statistics.median(c for _, c in base),
+                      speedup_vs_baseline=t_base / t_audit)
     print(json.dumps(result, indent=2))
     results = HERE / "results"
     results.mkdir(exist_ok=True)
