@@ -206,3 +206,24 @@ def test_expert_factors_read_equals_stack_slices(tmp_path: Path) -> None:
         la, lb = pair.load_factors()
         np.testing.assert_array_equal(a, la)
         np.testing.assert_array_equal(b, lb)
+
+
+def test_in_memory_state_dict_takes_the_batched_path_too(tmp_path: Path) -> None:
+    """A training callback's state dict (torch tensors, no mapped file): same rows as the saved adapter, and no
+    whole-stack float copy is kept by either (memory holds one stacked parameter at a time)."""
+    from peft import get_peft_model_state_dict
+
+    from gradience.adapter import adapter_from_state_dict
+    from gradience.adapter.experts import expert_stack
+
+    pm = _peft_qwen3_moe(tmp_path, torch.float32)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    from_file = load_adapter(str(tmp_path)).pairs
+    in_memory = adapter_from_state_dict(get_peft_model_state_dict(pm), config).pairs
+    got = [la.to_row() for la in audit_pairs(in_memory)]
+    want = [la.to_row() for la in audit_pairs(from_file)]
+    _assert_rows_match([{k: v for k, v in row.items() if k != "peft_prefix"} for row in got],
+                       [{k: v for k, v in row.items() if k != "peft_prefix"} for row in want], rtol=1e-12)
+    for pairs in (in_memory, from_file):
+        groups = {id(found[0]): found[0] for p in pairs if (found := expert_stack(p)) is not None}
+        assert len(groups) == 4 and all(g._factors is None for g in groups.values())
