@@ -28,7 +28,7 @@ from gradience.udr.names import BaseNameIndex
 from gradience.verify import SCHEMA
 from gradience.verify import qlora as q4
 from gradience.verify.blocks import ArrayBlocks, TensorBlocks
-from gradience.verify.gram import NARROW_DTYPES, accumulate_gram
+from gradience.verify.gram import GRAM_BLOCK_FACTOR, NARROW_DTYPES, accumulate_gram
 from gradience.verify.unchanged import UnchangedCheck, collect_unchanged, unchanged_status
 from gradience.verify.verdict import ModuleSums, classify, named_ratios, unit_roundoff
 
@@ -136,7 +136,8 @@ def _module_sums(blocks_b: TensorBlocks | ArrayBlocks, blocks_m: TensorBlocks, l
     DoRA, a zero update); GRADIENCE_VERIFY_GRAM=0 forces the direct one (benchmarks compare the two)."""
     if (dd is not None and dd > 0 and blocks_m.dtype in NARROW_DTYPES
             and os.environ.get("GRADIENCE_VERIFY_GRAM", "1") != "0"):
-        return accumulate_gram(blocks_b, blocks_m, left, right, s, dd, _block_rows(blocks_b, blocks_m))
+        rows = min(_block_rows(blocks_b, blocks_m) * GRAM_BLOCK_FACTOR, blocks_b.shape[0])
+        return accumulate_gram(blocks_b, blocks_m, left, right, s, dd, rows)
     return _accumulate(blocks_b, blocks_m, expected, dd)
 
 
