@@ -247,6 +247,44 @@ def _tensor_util() -> Any:
 _DT_STRING = 7  # tensorboard.compat.proto.types_pb2.DT_STRING
 
 
+_BATCH: dict[str, Any] = {}
+_BATCH_PREFIXES = 4096
+
+
+def _batch_class(event_pb2: Any) -> Any:
+    """A message ``EventBatch { repeated tensorboard.Event events = 1; }`` added to the pool of TensorBoard's
+    own ``event.proto``. Why: a buffer's records parsed as one EventBatch are decoded by protobuf with
+    TensorBoard's Event descriptor exactly as ``Event.FromString`` decodes each (the elements of a repeated
+    message field are length-delimited Events), but in one call and one arena: ~2x faster on a log of
+    scalars. The wrapper's framing (field tag, varint length) is written with protobuf's own encoder. None if
+    the pool will not take it: then each record is decoded alone."""
+    if "cls" not in _BATCH:
+        try:
+            from google.protobuf import descriptor_pb2, message_factory
+            from google.protobuf.internal import encoder
+
+            pool = event_pb2.DESCRIPTOR.pool
+            name = "gradience_tb.EventBatch"
+            try:
+                desc = pool.FindMessageTypeByName(name)
+            except KeyError:
+                field = descriptor_pb2.FieldDescriptorProto
+                fdp = descriptor_pb2.FileDescriptorProto(name="gradience_tb/event_batch.proto", package="gradience_tb",
+                                                         dependency=[event_pb2.DESCRIPTOR.name], syntax="proto3")
+                fdp.message_type.add(name="EventBatch").field.add(
+                    name="events", number=1, type=field.TYPE_MESSAGE, label=field.LABEL_REPEATED,
+                    type_name=".tensorboard.Event")
+                pool.Add(fdp)
+                desc = pool.FindMessageTypeByName(name)
+            tag = encoder.TagBytes(1, 2)  # field 1, wire type 2 (length-delimited)
+            _BATCH["cls"] = message_factory.GetMessageClass(desc)
+            _BATCH["prefix"] = [tag + encoder._VarintBytes(n) for n in range(_BATCH_PREFIXES)]
+            _BATCH["tag"], _BATCH["varint"] = tag, encoder._VarintBytes
+        except Exception:  # an older/newer protobuf without these: the per-record path
+            _BATCH["cls"] = None
+    return _BATCH["cls"]
+
+
 def _size(path: Path) -> int:
     try:
         return path.stat().st_size
@@ -370,6 +408,7 @@ class TensorBoardLog:
 
         builder = self._builder
         decode, add = event_pb2.Event.FromString, builder.add
+        batch_cls = _batch_class(event_pb2)
         fast = builder.train_fields  # tag -> train_step field, for the Trainer's float scalars
         n = 0
         for path in self.files:
@@ -378,12 +417,7 @@ class TensorBoardLog:
                 scanner = self._scanners[path] = RecordScanner(path, self.issues)
             for batch in scanner.scan(final):
                 n += len(batch)
-                for data in batch:
-                    try:
-                        ev = decode(data)
-                    except DecodeError:
-                        self._undecodable += 1
-                        continue
+                for ev in self._decode(batch, batch_cls, decode, DecodeError):
                     step = ev.step
                     for value in ev.summary.value:
                         # A simple_value (SummaryWriter.add_scalar) read as nonzero is set (its oneof
@@ -404,6 +438,29 @@ class TensorBoardLog:
                         if closed:
                             yield from closed
         self.records += n
+
+    def _decode(self, batch: list[bytes], batch_cls: Any, decode: Any, decode_error: Any) -> Any:
+        """The Events of a buffer's records: parsed as one EventBatch; if that fails (a record that is not an
+        Event), one by one, counting those that are not."""
+        if batch_cls is not None:
+            prefix, limit, tag, varint = _BATCH["prefix"], _BATCH_PREFIXES, _BATCH["tag"], _BATCH["varint"]
+            parts: list[bytes] = []
+            append = parts.append
+            for data in batch:
+                length = len(data)
+                append(prefix[length] if length < limit else tag + varint(length))
+                append(data)
+            try:
+                return batch_cls.FromString(b"".join(parts)).events
+            except decode_error:
+                pass
+        out = []
+        for data in batch:
+            try:
+                out.append(decode(data))
+            except decode_error:
+                self._undecodable += 1
+        return out
 
     def _text(self, tag: str, text: str) -> None:
         """The Trainer's ``add_text("args", args.to_json_string())`` is the run's TrainingArguments."""
