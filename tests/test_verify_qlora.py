@@ -215,3 +215,46 @@ def test_twin_is_bitsandbytes_round_trip() -> None:
         np.testing.assert_array_equal(ours, _twin(w, qt))
         assert quantization_residual(w, qt, 64) == pytest.approx(
             math.sqrt(float(np.sum((w.astype(np.float64) - ours) ** 2))), rel=1e-12)
+
+
+def test_merged_checkpoint_stored_in_4bit_is_a_named_problem(tmp_path: Path) -> None:
+    w16 = vt.make_base(tmp_path / "base")
+    pairs = vt.make_adapter(tmp_path / "adapter")
+    vt.make_merged(tmp_path / "m16", w16, pairs)
+    from gradience.io.safetensors import SafetensorsFile
+
+    src = SafetensorsFile(tmp_path / "m16" / "model.safetensors")
+    tensors: dict[str, tuple[str, np.ndarray]] = {}
+    for key in src.tensors:
+        value = np.array(src.read_f32(key))
+        if key == f"{Q}.weight":
+            parts, _ = _bnb4(value, "nf4", True)
+            tensors.update({key + suffix: item for suffix, item in parts.items()})
+        else:
+            tensors[key] = ("BF16", value)
+    (tmp_path / "m4").mkdir()
+    _write_raw(tmp_path / "m4" / "model.safetensors", tensors)
+    doc = _run(tmp_path / "base", tmp_path / "adapter", tmp_path / "m4")
+    rows = _rows(doc)
+    assert rows[Q]["verdict"] is None and "re-quantised after the merge" in rows[Q]["problem"]
+    assert all(rows[n]["verdict"] == "exact" for n in NAMES if n != Q) and doc["ok"] is False
+
+
+def test_forged_4bit_base_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A 4-bit state whose shape promises more than the packed bytes hold: refused from the headers."""
+    w16 = vt.make_base(tmp_path / "base16")
+    pairs = vt.make_adapter(tmp_path / "adapter")
+    vt.make_merged(tmp_path / "merged", w16, pairs)
+    tensors = {k: ("BF16", v) for k, v in w16.items() if k != f"{Q}.weight"}
+    parts, _ = _bnb4(w16[f"{Q}.weight"], "nf4", False)
+    state_key = ".quant_state.bitsandbytes__nf4"
+    doc = json.loads(bytes(parts[state_key][1]).decode())
+    doc["shape"] = [1 << 20, 1 << 16]
+    parts[state_key] = ("U8", np.frombuffer(json.dumps(doc).encode(), np.uint8))
+    tensors.update({f"{Q}.weight" + suffix: item for suffix, item in parts.items()})
+    (tmp_path / "base4").mkdir()
+    _write_raw(tmp_path / "base4" / "model.safetensors", tensors)
+    rc = main(["verify", "--merged", str(tmp_path / "merged"), "--base-model", str(tmp_path / "base4"),
+               "--peft-dir", str(tmp_path / "adapter")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("gradience verify: error:") and "4-bit" in err[0]

@@ -23,7 +23,7 @@ from gradience.adapter.model import LoadedAdapter, LoraPair
 from gradience.errors import InputError
 from gradience.issues import Issue
 from gradience.policy.thresholds import VERIFY_MAX_WORKERS
-from gradience.udr.base import BaseWeights
+from gradience.udr.base import QUANT_4BIT_DTYPES, BaseWeights
 from gradience.udr.names import BaseNameIndex
 from gradience.verify import SCHEMA
 from gradience.verify import qlora as q4
@@ -215,6 +215,11 @@ def _verify_module(pair: LoraPair, base: BaseWeights, merged: BaseWeights, base_
         return _row(pair, **where, verdict=None,
                     problem=f"not a 16/32-bit float or bitsandbytes 4-bit weight ({b_info.dtype}/{m_info.dtype}): "
                             "other quantized checkpoints are not read")
+    if m_info.dtype in QUANT_4BIT_DTYPES:
+        return _row(pair, **where, verdict=None,
+                    problem="the merged checkpoint stores this weight in bitsandbytes 4-bit: re-quantised after the "
+                            "merge (PEFT's merge into a Linear4bit), so it cannot equal W + s*B*A; verify a 16-bit "
+                            "merge (merge_and_unload of the model loaded in 16 bits, or de-quantised)")
     if b_info.shape != m_info.shape:
         return _row(pair, **where, verdict=None,
                     problem=f"merged weight has shape {list(m_info.shape)}, the base {list(b_info.shape)}")
