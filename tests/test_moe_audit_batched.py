@@ -132,11 +132,13 @@ def _stacked_adapter(out: Path, experts: int, r: int, d_in: int, d_out: int, dty
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32", "float64"])
+@pytest.mark.parametrize("chunk", [200, 60])
 def test_batched_rows_equal_per_pair_over_several_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                         dtype: str) -> None:
+                                                         dtype: str, chunk: int) -> None:
     import gradience.audit.stacked as stacked
 
-    monkeypatch.setattr(stacked, "_STACK_CHUNK_ELEMS", 200)  # several expert chunks and B row chunks
+    # 200: several expert chunks of A (whole rows) and row chunks of B; 60: A in column blocks, B row by row
+    monkeypatch.setattr(stacked, "_STACK_CHUNK_ELEMS", chunk)
     _stacked_adapter(tmp_path, experts=11, r=4, d_in=37, d_out=29, dtype=getattr(torch, dtype))
     pairs = load_adapter(str(tmp_path)).pairs
     assert [p.expert for p in pairs] == list(range(11))

@@ -32,7 +32,8 @@ def _to_f64(x: np.ndarray, bf16: bool, u32: np.ndarray, out: np.ndarray) -> np.n
 def _stacked_grams(a: np.ndarray, b: np.ndarray, a_bf16: bool, b_bf16: bool) -> tuple[np.ndarray, np.ndarray]:
     """(G_A (E, r, r), G_B (E, r, r)) in float64 of a (E, r, d_in) and b (d_out, r, E).
 
-    A: chunks of whole experts (contiguous rows), one batched ``A_e·A_eᵀ`` per chunk. B: expert e's slice is
+    A: chunks of whole experts (contiguous rows), one batched ``A_e·A_eᵀ`` per chunk (an expert wider than a
+    chunk is taken in column blocks, so the float64 buffer stays bounded whatever d_in). B: expert e's slice is
     every E-th column of the stored (d_out, r·E) factor, so B is taken in chunks of rows, each converted into a
     (rows, E, r) buffer (a transpose inside each row only, cache-resident), where every expert's (rows, r)
     block is a BLAS-ready strided matrix; ``G_B`` accumulates ``B_eᵀ·B_e`` over the row chunks. The buffer's
@@ -41,15 +42,21 @@ def _stacked_grams(a: np.ndarray, b: np.ndarray, a_bf16: bool, b_bf16: bool) -> 
     """
     n_exp, r, d_in = a.shape
     d_out = b.shape[0]
-    ga = np.empty((n_exp, r, r))
+    ga = np.zeros((n_exp, r, r))
     gb = np.zeros((n_exp, r, r))
     with np.errstate(over="ignore", under="ignore", invalid="ignore"):  # checked per expert by the caller
-        step = max(1, min(n_exp, _STACK_CHUNK_ELEMS // max(1, r * d_in)))
-        buf, u32 = np.empty((step, r, d_in)), np.empty((step, r, d_in), np.uint32)
+        cols = max(1, min(d_in, _STACK_CHUNK_ELEMS // max(1, r)))
+        step = max(1, min(n_exp, _STACK_CHUNK_ELEMS // max(1, r * cols)))
+        buf, u32 = np.empty((step, r, cols)), np.empty((step, r, cols), np.uint32)
         for lo in range(0, n_exp, step):
             k = min(n_exp, lo + step) - lo
-            x = _to_f64(a[lo:lo + k], a_bf16, u32[:k], buf[:k])
-            np.matmul(x, np.swapaxes(x, 1, 2), out=ga[lo:lo + k])
+            for c0 in range(0, d_in, cols):
+                w = min(d_in, c0 + cols) - c0
+                x = _to_f64(a[lo:lo + k, :, c0:c0 + w], a_bf16, u32[:k, :, :w], buf[:k, :, :w])
+                if w == d_in:
+                    np.matmul(x, np.swapaxes(x, 1, 2), out=ga[lo:lo + k])
+                else:
+                    ga[lo:lo + k] += np.matmul(x, np.swapaxes(x, 1, 2))
         step = max(1, min(d_out, _STACK_CHUNK_ELEMS // max(1, r * n_exp)))
         padded, u32 = np.empty((step, n_exp * r + 8)), np.empty((step, n_exp, r), np.uint32)
         for lo in range(0, d_out, step):
