@@ -122,3 +122,23 @@ def test_uniform_bf16_and_assumed_wrapper_pattern(tmp_path: Path, capsys: pytest
     for name, hit in ((f"{module}.gate_up_proj", True), (f"{module}.down_proj", True),
                       ("model.layers.1.mlp.experts.down_proj", False), (f"x.{module}.down_proj", False)):
         assert (get_pattern_key([key], name) == key) is hit, name
+
+
+def test_mixed_factor_dtypes_keep_each_sides_dtype(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """lora_B stored F64 next to an F32 lora_A (the writer orders tensors by dtype, so B is produced first): each
+    side is written in its own stored dtype, for expert stacks and ordinary modules alike."""
+    from safetensors.numpy import load_file, save_file
+
+    src = tmp_path / "in"
+    make_moe_adapter("qwen3_moe", src, seed=3)
+    before, _ = peft_expert_deltas(src, "qwen3_moe")
+    weights = load_file(src / "adapter_model.safetensors")
+    save_file({k: v.astype(np.float64) if ".lora_B." in k else v for k, v in weights.items()},
+              src / "adapter_model.safetensors")
+    _compress(src, tmp_path / "out", capsys, "--rank", "2")
+    out = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    assert {k: v.dtype for k, v in out.items()} == {k: np.dtype("float64" if ".lora_B." in k else "float32")
+                                                    for k in weights}
+    after, _ = peft_expert_deltas(tmp_path / "out", "qwen3_moe")
+    for name, dw in before.items():
+        np.testing.assert_allclose(after[name], _truncate(dw, 2), rtol=1e-5, atol=1e-6)

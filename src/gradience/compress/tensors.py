@@ -181,14 +181,15 @@ def tensor_specs(loaded: LoadedAdapter, layers: list[LayerPlan], out_dtype: str 
             else:
                 a_new, b_new = rescaled_factors(a, b, layer.r_after, layer.coef)
             a_st, b_st = factor_layout(pair, a_new, b_new, layer.r_after)
-            try:
-                slot = pending[layer.name] = {"A": encode_float(a_st, dtype), "B": encode_float(b_st, dtype)}
-            except ValueError as exc:
-                raise InputError(f"module {layer.name}: {exc}; choose another --dtype", where) from None
+            slot = pending[layer.name] = {"A": a_st, "B": b_st}
+        # each side in its own dtype (A and B may be stored in different dtypes, and the writer may ask for B first)
         out = slot.pop(side)
         if not slot:
             del pending[layer.name]
-        return out
+        try:
+            return encode_float(out, dtype)
+        except ValueError as exc:
+            raise InputError(f"module {layer.name}: {exc}; choose another --dtype", where) from None
 
     def new_stack(group: list[LayerPlan], side: str, dtype: str) -> np.ndarray:
         """Every expert's factors recomputed on its own, joined back in PEFT's stacked layout."""
@@ -209,14 +210,14 @@ def tensor_specs(loaded: LoadedAdapter, layers: list[LayerPlan], out_dtype: str 
                     a_new, b_new = rescaled_factors(a, b, layer.r_after, layer.coef)
                 out_parts.append((a_new, b_new))
             a_st, b_st = join_stack(out_parts, group[0].r_after)
-            try:
-                slot = pending[first.a_key] = {"A": encode_float(a_st, dtype), "B": encode_float(b_st, dtype)}
-            except ValueError as exc:
-                raise InputError(f"parameter {parameter_name(first)}: {exc}; choose another --dtype", where) from None
+            slot = pending[first.a_key] = {"A": a_st, "B": b_st}
         out = slot.pop(side)
         if not slot:
             del pending[first.a_key]
-        return out
+        try:
+            return encode_float(out, dtype)
+        except ValueError as exc:
+            raise InputError(f"parameter {parameter_name(first)}: {exc}; choose another --dtype", where) from None
 
     by_prefix = {layer.peft_prefix: layer for layer in layers}
 
