@@ -194,7 +194,7 @@ def test_spectrum_metrics_many_equals_per_row() -> None:
     assert spectrum_metrics_many(np.zeros((0, 4)), 4) == []
 
 
-def test_expert_factors_read_equals_stack_slices(tmp_path: Path) -> None:
+def test_float_stacks_equal_stack_slices(tmp_path: Path) -> None:
     from gradience.adapter.experts import expert_stack
 
     ref = _stacked_adapter(tmp_path, experts=4, r=2, d_in=6, d_out=5, dtype=torch.float32)
@@ -202,7 +202,8 @@ def test_expert_factors_read_equals_stack_slices(tmp_path: Path) -> None:
         found = expert_stack(pair)
         assert found is not None
         group, e = found
-        a, b = group.expert_factors(e)
+        stack_a, stack_b = group.float_stacks()
+        a, b = stack_a[e * 2:(e + 1) * 2], stack_b[e]
         np.testing.assert_array_equal(a, ref["a"][e].astype(np.float32))
         np.testing.assert_array_equal(b, ref["b"][:, :, e].astype(np.float32))
         la, lb = pair.load_factors()

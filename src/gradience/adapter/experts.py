@@ -30,7 +30,6 @@ from gradience.adapter.config import module_rank, module_scale
 from gradience.adapter.model import LoraPair
 from gradience.adapter.sources import TensorMeta, TensorSource
 from gradience.errors import InputError
-from gradience.io.safetensors import bf16_to_f32
 from gradience.issues import Issue
 from gradience.policy.thresholds import MAX_EXPERTS
 
@@ -87,17 +86,22 @@ class _ExpertGroup:
     def factors(self, expert: int) -> tuple[np.ndarray, np.ndarray]:
         with self._lock:
             if self._factors is None:
-                read = getattr(self.source, "read_float", self.source.read_f32)
-                a = read(self.a_key).reshape(self.experts * self.r, self.d_in)
-                # (out, r, E) -> (E, out, r) once: every expert's B is then one contiguous block
-                b = read(self.b_key).reshape(self.d_out, self.r, self.experts).transpose(2, 0, 1).copy()
-                self._factors = (a, b)
+                self._factors = self.float_stacks()
             a, b = self._factors
             self._served += 1
             if self._served >= self.experts:  # every expert had its slice: drop the whole stack
                 self._factors, self._served = None, 0
         lo = expert * self.r
         return a[lo:lo + self.r], b[expert]
+
+    def float_stacks(self) -> tuple[np.ndarray, np.ndarray]:
+        """(A (r·E, in), B (E, out, r)) as float arrays, read now and kept by nobody here: expert e's factors are
+        ``A[e·r:(e+1)·r]`` and ``B[e]``."""
+        read = getattr(self.source, "read_float", self.source.read_f32)
+        a = read(self.a_key).reshape(self.experts * self.r, self.d_in)
+        # (out, r, E) -> (E, out, r) once: every expert's B is then one contiguous block
+        b = read(self.b_key).reshape(self.d_out, self.r, self.experts).transpose(2, 0, 1).copy()
+        return a, b
 
     def _read(self, key: str) -> tuple[np.ndarray, bool]:
         """(stored tensor, bf16 bits?): zero-copy bf16 bits where the source offers them, floats otherwise."""
@@ -114,16 +118,6 @@ class _ExpertGroup:
         b, b_bf16 = self._read(self.b_key)
         return ((a.reshape(self.experts, self.r, self.d_in), a_bf16),
                 (b.reshape(self.d_out, self.r, self.experts), b_bf16))
-
-    def expert_factors(self, expert: int) -> tuple[np.ndarray, np.ndarray]:
-        """Expert ``expert``'s (A (r, in), B (out, r)) as float arrays, converting only its own slices and caching
-        nothing: for the audit's rare second read of one expert after the stack was released."""
-        (a, a_bf16), (b, b_bf16) = self.stacks_for_gram()
-        a_e, b_e = a[expert], b[:, :, expert]
-        a_e = bf16_to_f32(a_e) if a_bf16 else np.array(a_e)
-        b_e = bf16_to_f32(b_e) if b_bf16 else np.array(b_e)
-        self.release()
-        return a_e, b_e
 
     def release(self) -> None:
         """Drop the stack's mapped pages from the process (the source keeps no copy)."""

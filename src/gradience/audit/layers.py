@@ -170,7 +170,7 @@ def audit_pairs(pairs: Sequence[LoraPair], *,
         if grams_out is not None:
             grams_out.extend((ga.unscaled(), gb.unscaled()) for ga, gb in grams)
         overflow: dict[int, int] = {}
-        sigmas, _ = singular_values_many(grams, lambda i: _reload(pairs[i]), overflow)
+        sigmas, _ = singular_values_many(grams, _Reload(pairs), overflow)
         metrics = _batched_metrics(pairs, sigmas, overflow)
         identity = _Identity()
         layers = [_layer_from_pair(pair, sigma, out_of_range=i in overflow, metrics=metrics.get(i),
@@ -220,14 +220,28 @@ def _all_grams(pairs: Sequence[LoraPair]) -> list[tuple[FactorGram, FactorGram]]
     return out
 
 
-def _reload(pair: LoraPair) -> tuple[np.ndarray, np.ndarray]:
-    """A pair's factors read again (the rare second read of the spectrum pass): an expert converts only its own
-    slices, never its whole stack."""
-    found = expert_stack(pair)
-    if found is None:
-        return pair.load_factors()
-    group, expert = found
-    return group.expert_factors(expert)
+class _Reload:
+    """Pair i's factors read again (the second read of the spectrum pass, for a rank-deficient or steep factor).
+    The pass asks in pair order, so an expert stack is converted once for all its experts that need it and
+    dropped when the next stack is asked for: never more than one stack's float copy alive, and no cache left
+    in the reader afterwards."""
+
+    def __init__(self, pairs: Sequence[LoraPair]) -> None:
+        self.pairs = pairs
+        self._group: object = None
+        self._stack: tuple[np.ndarray, np.ndarray] | None = None
+
+    def __call__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        pair = self.pairs[i]
+        found = expert_stack(pair)
+        if found is None:
+            return pair.load_factors()
+        group, expert = found
+        if self._stack is None or group is not self._group:
+            self._group, self._stack = group, None
+            self._stack = group.float_stacks()
+        a, b = self._stack
+        return a[expert * group.r:(expert + 1) * group.r], b[expert]
 
 
 def _batched_metrics(pairs: Sequence[LoraPair], sigmas: Sequence[np.ndarray],
