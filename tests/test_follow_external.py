@@ -258,3 +258,37 @@ def test_follow_refuses_logs_written_whole(tmp_path: Path, capsys: pytest.Captur
     assert main(["monitor", str(export), "--follow"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "this is a wandb_export log" in err[0] and "internal error" not in err[0]
+
+
+@pytest.mark.slow
+def test_wandb_offline_run_grown_in_pieces(tmp_path: Path) -> None:
+    """A real offline W&B run's transaction log appended in pieces that cut its fragments anywhere: no corrupt
+    record while following; the exit record ends the follow; the result equals the one-shot monitor."""
+    pytest.importorskip("wandb.sdk.internal.datastore")
+    from test_logs_wandb import write_wandb_run
+
+    (tmp_path / "w").mkdir()
+    src = write_wandb_run(tmp_path / "w", scripted_run(), pad=500)
+    data = next(src.glob("run-*.wandb")).read_bytes()
+    grown = tmp_path / "wandb" / src.name
+    grown.mkdir(parents=True)
+    target = grown / next(src.glob("run-*.wandb")).name
+    target.write_bytes(data[:3])  # not even the header yet
+    run = open_followed(grown)
+    assert isinstance(run, FollowedLog)
+    piece = max(1, len(data) // 150)
+    for i in range(3, len(data), piece):
+        with open(target, "ab") as f:
+            f.write(data[i:i + piece])
+        run.poll()
+        report = run.report()
+        if report is not None:
+            assert not [x for x in report.telemetry_issues if x.severity != "info"], i
+    run.poll()
+    assert run.ended
+    final = run.report()
+    assert final is not None and final.training["steps_logged"] == 30
+    _same(final, monitor_run(grown))
+    # stopped mid-run: the record cut at the end of the follow is what one-shot monitor reports
+    target.write_bytes(data[:len(data) // 2])
+    _same(follow(grown, interval=0.01, on_report=lambda r: None, max_polls=2), monitor_run(grown))

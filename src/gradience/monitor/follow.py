@@ -9,11 +9,11 @@ the file (or ``run_id``), exactly like ``monitor``. If the file shrinks (rotated
 from the start. Returns data through a callback; printing is the CLI's job.
 
 Other tools' logs are followed the same way (:class:`FollowedLog`): TensorBoard event files (the record framing
-resumes at its byte offset per file; an events file that appears in the run's directory joins) and
-LLaMA-Factory's ``trainer_log.jsonl``. They have no ``run_end``: the run is over once the Trainer's
-end-of-training summary was read and a refresh brings nothing more; then the rest is read as a finished log (a
-record or line still cut is now reported as truncated). ``max_idle`` ends any follow after that many seconds
-without a new record.
+resumes at its byte offset per file; an events file that appears in the run's directory joins), a W&B run's
+``run-*.wandb`` (DataStore resumes at the last whole record) and LLaMA-Factory's ``trainer_log.jsonl``. They
+have no ``run_end``: the run is over once its end was read (the Trainer's end-of-training summary; W&B's exit
+record) and a refresh finds no byte more; then the rest is read as a finished log (a record or line still cut
+is now reported as truncated). ``max_idle`` ends any follow after that many seconds without a new record.
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ class FollowedRun:
                             lines=self.lines, config=config, gap_threshold=self.gap_threshold, **self.overrides)
 
 
-FOLLOWED_KINDS = ("tensorboard", "llamafactory")
+FOLLOWED_KINDS = ("tensorboard", "llamafactory", "wandb")
 
 
 class FollowedLog:
@@ -156,9 +156,9 @@ class FollowedLog:
                  gap_threshold: float = T.GAP_THRESHOLD, task_profile: str | None = None,
                  dataset: str | None = None) -> None:
         if source.kind not in FOLLOWED_KINDS:
-            raise InputError(f"--follow reads a growing run.jsonl, TensorBoard event files or LLaMA-Factory's "
-                             f"trainer_log.jsonl; this is a {source.kind} log: run `gradience monitor` on it "
-                             "without --follow", source.path)
+            raise InputError(f"--follow reads a growing run.jsonl, TensorBoard event files, a W&B run directory or "
+                             f"LLaMA-Factory's trainer_log.jsonl; this is a {source.kind} log (written whole): run "
+                             "`gradience monitor` on it without --follow", source.path)
         self.source = source
         self.path = source.path
         self.run_id = run_id

@@ -7,7 +7,8 @@ log blocks, CRC32 per fragment) by ``wandb.sdk.internal.datastore.DataStore`` (i
 is opening the file read-only (its ``open_for_scan`` asks for write access) and a cap on one record's size.
 A corrupt fragment (DataStore's assertions) is reported with its offset and reading resumes at the next
 32 KiB block, the log format's own recovery point. wandb 0.30 moved this code out of Python: the extra
-pins a release that has it.
+pins a release that has it. ``monitor --follow`` resumes the scan at the end of the last whole record read;
+a fragment cut by the end of the file is the writer mid-write, read again at the next poll.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ MAX_RECORD_BYTES = 64 * 1024 * 1024
 MAX_CORRUPT_REPORTED = 10
 _RUN_FILE = re.compile(r"^run-[A-Za-z0-9_-]+\.wandb$")
 _PURPOSE = "reading a W&B run directory"
+_FILE_HEADER = 7  # ":W&B" + magic + version (DataStore's _read_header)
+_TRAILER_MAX = 6  # a block's last bytes, too few for a fragment header (7), are zero padding
 
 
 def _import_wandb() -> tuple[Any, Any]:
@@ -137,17 +140,71 @@ class WandbLog:
         self.file = find_run_file(path)
         self.issues: list[Issue] = []
         self.records = 0
-        self.summary: dict[str, Any] = {}
         self.config: dict[str, Any] = {}
         self.run_id: str | None = None
         self.requested_run_id = run_id
         self.transformers = False
+        self.ended = False  # the run's exit record was read (wandb's run.finish())
+        self._builder = EventBuilder()
+        self.summary: dict[str, Any] = self._builder.summary
+        self._offset = 0  # just past the last whole record read (0: not opened yet)
+        self._resumed_at = -1
+        self._corrupt = 0
+        self._done = False
+        self._finished = False
 
     @property
     def runs(self) -> list[str | None]:
         return self.all_runs or [self.run_id]
 
     def events(self) -> Iterator[Event]:
+        yield from self._read(final=True)
+        yield from self.finish()
+
+    def poll(self) -> list[Event]:
+        """``monitor --follow``: the events of the records appended since the last poll. A record whose
+        fragments reach the end of the file is the writer mid-write: it is read at a later poll."""
+        return list(self._read(final=False))
+
+    def finish(self) -> list[Event]:
+        """The end of the log: the rest read as a finished file, the open row, the issues of the whole read."""
+        if self._finished:
+            return []
+        out = list(self._read(final=True))
+        out.extend(self._builder.flush())
+        self._finished = True
+        self.issues.extend(self._end_issues())
+        if self.requested_run_id is not None and self.requested_run_id != self.run_id:
+            raise InputError(f"no run with id {self.requested_run_id!r} (this directory holds run "
+                             f"{self.run_id!r})", self.path)
+        return out
+
+    def current_issues(self) -> list[Issue]:
+        return self.issues + self._end_issues()
+
+    def _end_issues(self) -> list[Issue]:
+        out = self._builder.issues()
+        if self._corrupt > MAX_CORRUPT_REPORTED:
+            out.append(Issue("corrupt_record", f"{self._corrupt - MAX_CORRUPT_REPORTED} more corrupt records",
+                             severity="error"))
+        return out
+
+    def _size(self) -> int:
+        try:
+            return self.file.stat().st_size
+        except OSError:
+            return 0
+
+    def pending(self) -> bool:
+        """Bytes past the last whole record read (more than a block trailer's zero padding)."""
+        return not self._done and self._size() > max(self._offset, _FILE_HEADER) + _TRAILER_MAX
+
+    def shrunk(self) -> bool:
+        return self._size() < self._offset
+
+    def _read(self, final: bool) -> Iterator[Event]:
+        if self._done:
+            return
         datastore, pb = _import_wandb()
         from google.protobuf.message import DecodeError
 
@@ -160,39 +217,48 @@ class WandbLog:
             raise InputError(f"cannot read: {os_problem(exc)}", self.file) from None
         except Exception:
             store.close()
+            if not final and self._size() < _FILE_HEADER:
+                return  # the writer has not written the header yet
             raise InputError("not a W&B transaction log (bad :W&B header)", self.file) from None
-        builder = EventBuilder()
-        corrupt = 0
-        resumed_at = -1
+        builder = self._builder
         block = datastore.LEVELDBLOG_BLOCK_LEN
         try:
+            if self._offset:
+                store.seek(self._offset)
             while True:
                 start = store._index
                 try:
-                    if resumed_at == start:
+                    if self._resumed_at == start:
                         _skip_continuations(store, datastore)
                         start = store._index
                     data = store.scan_data()
                 except (AssertionError, struct_error()) as exc:
-                    corrupt += 1
-                    if corrupt <= MAX_CORRUPT_REPORTED:
+                    if not final and store._fp.tell() >= store._size_bytes:
+                        return  # a fragment cut by the end of the file: the writer is mid-record
+                    self._corrupt += 1
+                    if self._corrupt <= MAX_CORRUPT_REPORTED:
                         self.issues.append(Issue("corrupt_record", f"{self.file.name}: corrupt record at byte "
                                                  f"{start} ({exc}); resuming at the next block",
                                                  severity="error", extra={"offset": start}))
                     # the block after the failing fragment's (the record may have begun in an earlier one)
                     resume = (max(store._index - 1, start) // block + 1) * block
                     if resume >= store._size_bytes:
+                        self._offset = resume
+                        self._done = True
                         break
                     store.seek(resume)
-                    resumed_at = resume
+                    self._offset = self._resumed_at = resume
                     continue
                 if data is None:
+                    # the end (DataStore also ends here at a FIRST fragment whose LAST is not written yet)
+                    self._done = final
                     break
+                self._offset = store._index
                 record = pb.Record()
                 try:
                     record.ParseFromString(data)
                 except DecodeError:
-                    corrupt += 1
+                    self._corrupt += 1
                     continue
                 self.records += 1
                 kind = record.WhichOneof("record_type")
@@ -203,17 +269,10 @@ class WandbLog:
                     self._config(record.run.config)
                 elif kind == "config":
                     self._config(record.config)
+                elif kind == "exit":
+                    self.ended = True
         finally:
             store.close()
-        yield from builder.flush()
-        self.summary = builder.summary
-        self.issues.extend(builder.issues())
-        if corrupt > MAX_CORRUPT_REPORTED:
-            self.issues.append(Issue("corrupt_record", f"{corrupt - MAX_CORRUPT_REPORTED} more corrupt records",
-                                     severity="error"))
-        if self.requested_run_id is not None and self.requested_run_id != self.run_id:
-            raise InputError(f"no run with id {self.requested_run_id!r} (this directory holds run "
-                             f"{self.run_id!r})", self.path)
 
     def _history(self, history: Any, builder: EventBuilder) -> Iterator[Event]:
         """One history row = one log call. The step is the Trainer's ``train/global_step`` when logged
