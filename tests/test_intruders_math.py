@@ -307,3 +307,24 @@ def test_range_projection_torch_path_matches_numpy() -> None:
     w[:, -1] = w[:, 0]                          # rank deficient: no certificate on either path
     assert _range_projection_torch(torch.from_numpy(w), x, 30.0) is None
     assert range_projection(LowRankPlus(w), x, 30.0) is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", [(2752, 1024), (1024, 2752)])
+def test_7b_like_layers_at_quarter_scale_match_dense_without_the_dense_path(shape: tuple[int, int]) -> None:
+    # make_base.py's outlier spectrum (i.i.d. 0.02 bulk + 4 directions 1.1–1.4× the bulk edge) and a trained-like
+    # r=16 update (make_adapters.trained_pair: B = 0.02·G·diag(e^(−i/τ))·Q, A Gaussian/√n, s = 2), gate/up (tall)
+    # and down (wide) proportions: several intruders, PEFT's dense count, decided by the Lanczos certificate.
+    m, n = shape
+    rng = np.random.default_rng(0)
+    edge = 0.02 * (np.sqrt(m) + np.sqrt(n))
+    x, y = np.linalg.qr(rng.standard_normal((m, 4)))[0], np.linalg.qr(rng.standard_normal((n, 4)))[0]
+    w = (0.02 * rng.standard_normal((m, n)) + (x * edge * np.array([1.4, 1.3, 1.2, 1.1])) @ y.T).astype(np.float32)
+    q = np.linalg.qr(rng.standard_normal((16, 16)))[0]
+    l_fac = (0.02 * rng.standard_normal((m, 16)) * np.exp(-np.arange(16) / 6.0)) @ q
+    r_fac = rng.standard_normal((16, n)) / np.sqrt(n)
+    expected, _cos, _ = _dense_reference(w, l_fac, r_fac, 2.0)
+    top = top_singular(LowRankPlus(w, l_fac, r_fac, 2.0), 10, start=l_fac)
+    found, _ = layer_intruders(top, lambda p: partial_base(w, p), min(w.shape), 10, 0.5, w_op=LowRankPlus(w))
+    assert len(expected) >= 2
+    assert found.indices == expected and found.decided_by == "lanczos"
