@@ -197,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"    {name}: {w_s:.1f} s wall, {c_s:.1f} s CPU, {v.get('count')} intruders, "
                       f"decided by {v.get('decided_by')}")
             decided = [v["decided_by"] for v in res["per_layer"].values()]
-            print(f"  decided from the first partial SVD alone: {decided.count('partial')}/{n}, "
+            print(f"  decided from the first partial SVD alone: {decided.count('partial')}/{n}, with its Lanczos "
+                  f"bound: {decided.count('lanczos')}/{n}, "
                   f"extended partial: {decided.count('extended')}/{n}, dense SVD of W: {decided.count('dense')}/{n}; "
                   f"cache hits {st['cache_hits']}, base spectra computed {st['base_spectra_computed']}")
             print("  intruders per layer: " + ", ".join(
