@@ -142,3 +142,26 @@ def test_mixed_factor_dtypes_keep_each_sides_dtype(tmp_path: Path, capsys: pytes
     after, _ = peft_expert_deltas(tmp_path / "out", "qwen3_moe")
     for name, dw in before.items():
         np.testing.assert_allclose(after[name], _truncate(dw, 2), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("coef", [0.7, -1.3])
+def test_batched_gram_truncation_against_dense_svd(coef: float) -> None:
+    """The batched per-expert Gram truncation: B'_e·A'_e = coef·(B_e·A_e)_k (dense numpy SVD) for every expert
+    it takes; zero, NaN and rank-deficient experts are left to the one-pair path (ok False)."""
+    from gradience.compress.factors import batched_gram_truncation
+
+    rng = np.random.default_rng(5)
+    n_exp, r, d_in, d_out, k = 6, 4, 20, 12, 2
+    a3 = rng.standard_normal((n_exp, r, d_in)).astype(np.float32)
+    b3 = rng.standard_normal((d_out, r, n_exp)).astype(np.float32)  # PEFT's B reshaped (out, r, E)
+    b3[:, :, 1] = 0.0                                  # never adapted
+    a3[2, 0, 3] = np.nan                               # broken
+    b3[:, 1, 3] = b3[:, 0, 3]                          # rank-deficient B: ill-conditioned Gram
+    a_new, b_new, ok = batched_gram_truncation(a3, b3, k, coef)
+    assert ok.tolist() == [True, False, False, False, True, True]
+    assert a_new.shape == (n_exp, k, d_in) and b_new.shape == (n_exp, d_out, k)
+    for e in np.flatnonzero(ok):
+        dense = b3[:, :, e].astype(np.float64) @ a3[e].astype(np.float64)
+        np.testing.assert_allclose(b_new[e] @ a_new[e], coef * _truncate(dense, k), rtol=1e-10, atol=1e-12)
+        # balanced split: both factors carry the same norm
+        assert np.linalg.norm(a_new[e]) == pytest.approx(np.linalg.norm(b_new[e]), rel=1e-10)

@@ -20,7 +20,12 @@ from gradience.adapter.model import LoadedAdapter, LoraPair
 from gradience.adapter.sources import SafetensorsSource
 from gradience.audit.spectrum import factor_grams
 from gradience.compress.experts import join_stack, parameter_name, split_stack
-from gradience.compress.factors import rescaled_factors, scaled_truncated_factors, truncated_factors
+from gradience.compress.factors import (
+    batched_gram_truncation,
+    rescaled_factors,
+    scaled_truncated_factors,
+    truncated_factors,
+)
 from gradience.compress.result import LayerPlan
 from gradience.engines import OutputFacts, facts_from_config
 from gradience.errors import InputError
@@ -200,11 +205,21 @@ def tensor_specs(loaded: LoadedAdapter, layers: list[LayerPlan], out_dtype: str 
             a_all = raw.read_float(first.a_key, "").reshape(first.a_shape)
             b_all = raw.read_float(first.b_key, "").reshape(first.b_shape)
             parts = split_stack(a_all, b_all, first.num_experts, first.r)
+            ordered = sorted(group, key=lambda la: (la.pair.expert or 0) if la.pair else 0)
+            batch = None
+            if all(la.action == "truncated" and la.coef == ordered[0].coef for la in ordered):
+                # one batched Gram truncation for the whole stack; experts it cannot take go the one-pair way
+                batch = batched_gram_truncation(a_all.reshape(first.num_experts, first.r, -1),
+                                                b_all.reshape(first.d_out, first.r, first.num_experts),
+                                                ordered[0].r_after, ordered[0].coef)
             out_parts = []
-            for layer in sorted(group, key=lambda la: (la.pair.expert or 0) if la.pair else 0):
+            for layer in ordered:
                 assert layer.pair is not None and layer.pair.expert is not None
-                a, b = parts[layer.pair.expert]
-                if layer.action == "truncated":
+                e = layer.pair.expert
+                a, b = parts[e]
+                if batch is not None and batch[2][e]:
+                    a_new, b_new, layer.method = batch[0][e], batch[1][e], "gram"
+                elif layer.action == "truncated":
                     a_new, b_new, layer.method = _truncate(layer, a, b, where)
                 else:
                     a_new, b_new = rescaled_factors(a, b, layer.r_after, layer.coef)
