@@ -6,6 +6,7 @@ Thin layer over :mod:`gradience.export.gguf` (needs the ``gguf`` extra); imports
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from typing import Any
 
@@ -67,5 +68,6 @@ def run(args: argparse.Namespace) -> int:
             f"wrote {doc['out']}: {doc['tensors']} tensors ({doc['architecture']}, {doc['outtype']}), "
             f"adapter.lora.alpha = {doc['lora_alpha']:g}; {rescaled} of {len(doc['modules'])} module(s) had their "
             "PEFT scale baked into lora_b\n"
-            f"check it: gradience verify --gguf {doc['out']} --peft-dir {args.peft_dir}\n", keep_newlines=True))
+            f"check it: gradience verify --gguf {shlex.quote(doc['out'])} --peft-dir {shlex.quote(args.peft_dir)} "
+            f"--base-model {shlex.quote(args.base_model)}\n", keep_newlines=True))
     return 0

@@ -121,32 +121,44 @@ class PlannedPair:
     gguf_name: str              # e.g. blk.0.attn_q.weight
     permute_heads: int | None   # rows of B permuted as llama.cpp's Llama q/k (None: no permutation)
     factor: float               # B' = factor · B
+    where: str | None = None    # the adapter file, for errors found while writing
 
 
 def plan_pairs(loaded: LoadedAdapter, base_tensors: dict[str, tuple[int, ...]], facts: BaseModelFacts,
                gguf: Any, alpha: float) -> list[PlannedPair]:
     """Resolve every pair to its GGUF name (errors name the module), with its bake factor and permutation."""
+    from gradience.udr.layout import weight_fits
+
     tensor_map = gguf.get_tensor_name_map(gguf_arch(gguf, facts.arch), facts.n_blocks)
     index = BaseNameIndex(base_tensors)
+    where = loaded.adapter_weights_path or loaded.peft_dir  # errors name the adapter file ("<file>: <problem>")
     planned: list[PlannedPair] = []
     for pair in loaded.pairs:
         match = index.match(pair.name)
         if match.tensor is None:
-            raise InputError(f"module {pair.name} resolves to no weight of the base model ({match.how})")
+            raise InputError(f"module {pair.name} resolves to no weight of the base model ({match.how}); "
+                             "is this the base model the adapter was trained on?", where)
         name = match.tensor
+        shape = base_tensors[name]
+        if not weight_fits(pair.kind, shape, pair.d_out, pair.d_in):
+            # A GGUF whose factors do not fit the base is refused by llama.cpp at load time (or worse, not):
+            # the same shape rule verify's mapping mode and the UDR use (gradience.udr.layout).
+            raise InputError(f"module {pair.name}: the base weight {name} has shape {list(shape)} but the factors "
+                             f"make a ({pair.d_out}, {pair.d_in}) update (wrong base model, or a different size "
+                             "of the same family)", where)
         if facts.tied_embeddings and cpp.is_lm_head(name):
             raise InputError(f"module {pair.name}: the base ties lm_head to the token embedding, and llama.cpp "
-                             "has no separate output weight to adapt (convert_lora_to_gguf.py stops here too)")
+                             "has no separate output weight to adapt (convert_lora_to_gguf.py stops here too)", where)
         gguf_name = gguf_base_name(tensor_map, name)
         if gguf_name is None:
             raise InputError(f"module {pair.name} ({name}) has no GGUF name in llama.cpp's tensor map for "
-                             f"architecture {facts.arch}")
+                             f"architecture {facts.arch}", where)
         permute = cpp.qk_permute_heads(facts.arch, name, facts.n_head, facts.n_head_kv)
         if permute is not None and pair.d_out % (2 * permute):
             raise InputError(f"module {pair.name}: {pair.d_out} output rows do not split into {permute} heads "
-                             "of even size (config.json head counts do not fit the weight)")
+                             "of even size (config.json head counts do not fit the weight)", where)
         factor = pair.scale * pair.r / alpha
-        planned.append(PlannedPair(pair, name, gguf_name, permute, factor))
+        planned.append(PlannedPair(pair, name, gguf_name, permute, factor, where))
     return planned
 
 
@@ -162,6 +174,10 @@ def gguf_factors(p: PlannedPair) -> tuple[np.ndarray, np.ndarray]:
     a, b = p.pair.load_factors()
     a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64) * p.factor
     p.pair.release()
+    if not (np.isfinite(a64).all() and np.isfinite(b64).all()):
+        # llama.cpp would load it and compute NaN/inf logits; nothing downstream names the module.
+        raise InputError(f"module {p.pair.name}: its factors hold NaN or infinite values; a GGUF of them would make "
+                         "every output of the adapted model non-finite", p.where)
     if p.permute_heads is not None:
         b64 = permute_rows(b64, p.permute_heads)
     if cpp.is_token_embd(p.gguf_name):
@@ -218,10 +234,10 @@ def export_gguf(loaded: LoadedAdapter, base_spec: str, out: str | os.PathLike[st
     if why is not None:
         raise InputError(f"cannot export: {why}", loaded.peft_dir or loaded.adapter_weights_path)
     target = Path(out)
-    if target.exists() and not force:
-        raise InputError("output exists; pass --force to replace it", target)
-    if target.is_dir():
+    if target.is_dir():  # before "exists": --force cannot help here
         raise InputError("output is a directory; name the .gguf file to write", target)
+    if os.path.lexists(target) and not force:  # lexists: a dangling symlink is an existing name too
+        raise InputError("output exists; pass --force to replace it", target)
     base_tensors, facts, base_display = read_base_facts(base_spec)
     alpha = export_alpha(loaded.config)
     planned = plan_pairs(loaded, base_tensors, facts, gguf, alpha)
