@@ -59,10 +59,11 @@ def _bnb4(w: np.ndarray, quant_type: str, nested: bool) -> tuple[dict[str, tuple
     return out, deq
 
 
-def _twin(w: np.ndarray, quant_type: str = "nf4") -> np.ndarray:
-    """deq(Q(W16)) by bitsandbytes itself (no double quantisation, block 64, bf16 out)."""
-    t = torch.from_numpy(np.ascontiguousarray(w, np.float32)).to(torch.bfloat16)
-    q, state = functional.quantize_4bit(t, blocksize=64, quant_type=quant_type)
+def _twin(w: np.ndarray, quant_type: str = "nf4", nested: bool = False, f32: bool = False) -> np.ndarray:
+    """deq(Q(W16)) by bitsandbytes itself (block 64, bf16 out, or fp32 from an fp32 weight; ``nested``: double
+    quantisation)."""
+    t = torch.from_numpy(np.ascontiguousarray(w, np.float32)).to(torch.float32 if f32 else torch.bfloat16)
+    q, state = functional.quantize_4bit(t, blocksize=64, quant_type=quant_type, compress_statistics=nested)
     return functional.dequantize_4bit(q, state).float().numpy()
 
 
@@ -258,3 +259,52 @@ def test_forged_4bit_base_is_one_line_exit_2(tmp_path: Path, capsys: pytest.Capt
                "--peft-dir", str(tmp_path / "adapter")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith("gradience verify: error:") and "4-bit" in err[0]
+
+
+def test_double_quantized_training_base_is_recognised(tmp_path: Path) -> None:
+    """The adapter trained on a double-quantised 4-bit base (bitsandbytes' own nested quantisation): the correct
+    merge is exact against verify's deq(Q(W16)) with double quantisation; a merge into W16 is still named."""
+    w16 = vt.make_base(tmp_path / "base")
+    pairs = vt.make_adapter(tmp_path / "adapter")
+    onto = {f"{n}.weight": _twin(w16[f"{n}.weight"], nested=True) for n in NAMES if n != Q}
+    vt.make_merged(tmp_path / "merged", w16, pairs, onto=onto)
+    rows = _rows(_run(tmp_path / "base", tmp_path / "adapter", tmp_path / "merged", qlora="nf4"))
+    for name in NAMES:
+        if name == Q:
+            assert rows[name]["reason"] == "merged_into_16bit", rows[name]
+        else:   # within bf16's floor already without double quantisation (residual ~0.07 of ΔW, floor ~0.1)
+            assert rows[name]["verdict"] == "exact", rows[name]
+            assert rows[name]["qlora"]["merged_into"] == "dequantized_4bit"
+            assert rows[name]["qlora"]["verdict_vs_16bit"] == "different_base"
+
+
+def test_double_quantized_twin_is_chosen_when_it_explains_the_merge_better(tmp_path: Path) -> None:
+    """An fp32 merge (floor 2^-24: no twin is exact) onto bitsandbytes' double-quantised weights: verify tries the
+    nested twin after the plain one and keeps it, being the closer."""
+    w16 = vt.make_base(tmp_path / "base", dtype="F32")
+    pairs = vt.make_adapter(tmp_path / "adapter")
+    onto = {f"{n}.weight": _twin(w16[f"{n}.weight"], nested=True, f32=True) for n in (K, UP)}
+    vt.make_merged(tmp_path / "merged", w16, pairs, dtype="F32", onto=onto)
+    rows = _rows(_run(tmp_path / "base", tmp_path / "adapter", tmp_path / "merged", qlora="nf4"))
+    for name in (K, UP):
+        info = rows[name]["qlora"]
+        assert info["double_quant"] is True, info
+        assert info["residual_vs_dequantized_4bit"] < 0.3 * info["residual_vs_16bit"]
+    assert rows[Q]["qlora"]["merged_into"] == "16bit" and rows[Q]["reason"] == "merged_into_16bit"
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_double_quantized_twin_is_close_to_bitsandbytes(quant_type: str) -> None:
+    """Nested scales as bitsandbytes quantises them: equal on all but a few elements (its CPU kernel's binary
+    search now and then keeps the code below the nearest), and ~20x closer than the plain round trip."""
+    from gradience.quant.residual import dequantized_twin, dynamic_map
+
+    np.testing.assert_allclose(dynamic_map(), functional.create_dynamic_map().numpy(), rtol=0, atol=1e-7)
+    rng = np.random.default_rng(4)
+    w = vt.stored(rng.normal(0, 0.02, (512, 1024)).astype(np.float32), "BF16")
+    theirs = _twin(w, quant_type, nested=True)
+    ours = dequantized_twin(w, quant_type, 64, "bfloat16", double_quant=True)
+    plain = dequantized_twin(w, quant_type, 64, "bfloat16")
+    rel = np.linalg.norm(ours.astype(np.float64) - theirs) / np.linalg.norm(theirs.astype(np.float64))
+    rel_plain = np.linalg.norm(plain.astype(np.float64) - theirs) / np.linalg.norm(theirs.astype(np.float64))
+    assert np.mean(ours != theirs) < 0.01 and rel < 1e-3 and rel_plain > 10 * rel

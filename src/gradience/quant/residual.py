@@ -56,12 +56,58 @@ def _round_trip_chunks(weight: np.ndarray, quant_type: str, blocksize: int, dtyp
         yield chunk, dequantize_4bit(packed, absmax, code, state)
 
 
-def dequantized_twin(weight: np.ndarray, quant_type: str = "nf4", blocksize: int = 64, dtype: str = "bfloat16"
-                     ) -> np.ndarray:
+def dynamic_map() -> np.ndarray:
+    """bitsandbytes' signed 8-bit dynamic code (``functional.create_dynamic_map()``, Dettmers 2016,
+    arXiv:1511.04561): what double quantisation stores the 4-bit block scales in. Per exponent i = 0..6, 2^i
+    midpoints of a float32 linspace(0.1, 1) scaled by 10^(i-6), both signs; then 0 and 1; sorted."""
+    data: list[float] = []
+    for i in range(7):
+        edges = np.linspace(0.1, 1.0, 2**i + 1, dtype=np.float32)
+        means = (edges[:-1] + edges[1:]) / np.float32(2.0)
+        data += (np.float32(10.0 ** (i - 6)) * means).tolist()
+        data += (-np.float32(10.0 ** (i - 6)) * means).tolist()
+    data += [0.0, 1.0]
+    data += [0.0] * (256 - len(data))
+    return np.sort(np.asarray(data, np.float32))
+
+
+def double_quantized_absmax(absmax: np.ndarray, nested_blocksize: int = 256) -> np.ndarray:
+    """The float32 block scales a double-quantised state de-quantises to (bitsandbytes ``quantize_4bit`` with
+    ``compress_statistics=True``: absmax − mean quantised blockwise with :func:`dynamic_map`, nearest code by
+    midpoints as ``backends/default/ops.py`` ``quantize_blockwise``; de-quantised by ``bnb4.nested_absmax``)."""
+    from gradience.quant.bnb4 import nested_absmax
+
+    scales = np.asarray(absmax, np.float32).reshape(-1)
+    offset = np.float32(scales.mean(dtype=np.float64))
+    centred = scales - offset
+    code = dynamic_map()
+    bounds = (code[:-1] + code[1:]) / np.float32(2)
+    n = centred.shape[0]
+    blocks = -(-n // nested_blocksize)
+    padded = np.zeros(blocks * nested_blocksize, np.float32)
+    padded[:n] = np.abs(centred)
+    block_max = padded.reshape(blocks, nested_blocksize).max(axis=1)
+    scaled = centred.copy()
+    inv = np.float32(1.0) / np.maximum(block_max, np.float32(1e-38))
+    for b in range(blocks):   # blocks of 256 scales: a 7B module has ~3000
+        scaled[b * nested_blocksize:(b + 1) * nested_blocksize] *= inv[b]
+    np.clip(scaled, -1, 1, out=scaled)
+    codes = np.searchsorted(bounds, scaled, side="left").astype(np.uint8)
+    return nested_absmax(codes, block_max, code, nested_blocksize, float(offset))
+
+
+def dequantized_twin(weight: np.ndarray, quant_type: str = "nf4", blocksize: int = 64, dtype: str = "bfloat16",
+                     *, double_quant: bool = False) -> np.ndarray:
     """deq(Q(W)) as float32 of W's shape: the weights a QLoRA adapter trained on a 4-bit copy of the 16-bit
-    ``weight`` actually saw (bitsandbytes' quantiser, no double quantisation, rounded to ``dtype``). ``verify``
-    checks a merge against it and against W itself to name which base a merge used."""
+    ``weight`` actually saw (bitsandbytes' quantiser, rounded to ``dtype``; ``double_quant``: the block scales
+    themselves 8-bit quantised, as ``bnb_4bit_use_double_quant=True`` does). ``verify`` checks a merge against it
+    and against W itself to name which base a merge used."""
     w = np.asarray(weight, np.float32)
+    if double_quant:   # the nested scales depend on the mean over the whole weight: one pass over all of it
+        packed, absmax = quantize_4bit(w.reshape(-1), quant_type, blocksize)
+        state = Bnb4State(quant_type, blocksize, (w.size,), dtype)
+        return dequantize_4bit(packed, double_quantized_absmax(absmax), code_table(quant_type), state
+                               ).reshape(w.shape)
     out = np.empty(w.size, np.float32)
     pos = 0
     for chunk, deq in _round_trip_chunks(w, quant_type, blocksize, dtype):

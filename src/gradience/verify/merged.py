@@ -246,10 +246,12 @@ def _verify_module(pair: LoraPair, base: BaseWeights, merged: BaseWeights, base_
     ratios = [] if pair.dora else named_ratios(pair.r, pair.scale, pair.alpha, global_scale)
     result = classify(sums, u=u, r=pair.r, ratios=ratios)
     if qlora is not None and q4.applies(base, base_name):
-        twin, quant_residual = q4.twin_blocks(base, base_name, qlora)
-        on_twin = _module_sums(twin, TensorBlocks(merged, merged_name), left, right, s, expected, dd)
-        result = q4.combine(classify(on_twin, u=u, r=pair.r, ratios=ratios), result, quant_residual,
-                            on_twin.dd ** 0.5, qlora)
+        def evaluate(twin: ArrayBlocks) -> tuple[dict[str, Any], float]:
+            on_twin = _module_sums(twin, TensorBlocks(merged, merged_name), left, right, s, expected, dd)
+            return classify(on_twin, u=u, r=pair.r, ratios=ratios), on_twin.dd
+
+        row, twin_dd, quant_residual, nested = q4.best_twin(base, base_name, qlora, evaluate)
+        result = q4.combine(row, result, quant_residual, twin_dd ** 0.5, qlora, nested)
     return _row(pair, **where, dora=pair.dora, unit_roundoff=u, **result)
 
 
