@@ -4,7 +4,8 @@ API: build :class:`OutputFacts` for an adapter (or :func:`facts_from_config`), c
 ``{engine: {ok, reason, rules, version}}``; :data:`RULES` holds each row with the engine source it encodes.
 Per-engine constants live in :mod:`gradience.engines.vllm` (``MAX_LORA_RANKS``,
 ``next_allowed_max_lora_rank``, ``PACKED_MODULES``, ``rank_and_scaling``) and :mod:`gradience.engines.llama_cpp`
-(GGUF names, ``runtime_scale``). Pure Python: no numpy, no engine import.
+(GGUF names, ``runtime_scale``); the MoE expert LoRA rows in :mod:`gradience.engines.experts`. Pure Python: no
+numpy, no engine import.
 """
 
 from gradience.engines.facts import OutputFacts, facts_from_config, is_norm_tensor
