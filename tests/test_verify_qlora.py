@@ -308,3 +308,47 @@ def test_double_quantized_twin_is_close_to_bitsandbytes(quant_type: str) -> None
     rel = np.linalg.norm(ours.astype(np.float64) - theirs) / np.linalg.norm(theirs.astype(np.float64))
     rel_plain = np.linalg.norm(plain.astype(np.float64) - theirs) / np.linalg.norm(theirs.astype(np.float64))
     assert np.mean(ours != theirs) < 0.01 and rel < 1e-3 and rel_plain > 10 * rel
+
+
+@pytest.mark.slow
+def test_real_qlora_dequantize_then_merge_is_exact(tmp_path: Path) -> None:
+    """The real flow: transformers loads the bf16 base in 4-bit (NF4, double quant) on CPU and saves it; the model
+    is de-quantised (transformers' ``dequantize()``), the PEFT adapter merged with ``merge_and_unload`` and saved.
+    That merge is exact against the saved 4-bit checkpoint and against the 16-bit base with --qlora; the same
+    adapter merged into the bf16 base is named ``merged_into_16bit``."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    cfg = transformers.AutoConfig.for_model("llama", vocab_size=64, hidden_size=128, intermediate_size=256,
+                                            num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).save_pretrained(tmp_path / "base16")
+    qcfg = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                           bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
+    load4 = lambda: transformers.AutoModelForCausalLM.from_pretrained(  # noqa: E731
+        tmp_path / "base16", quantization_config=qcfg, device_map="cpu")
+    load4().save_pretrained(tmp_path / "base4")
+    torch.manual_seed(1)
+    lcfg = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
+                           init_lora_weights=False)
+    pm = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base16",
+                                                                               dtype=torch.bfloat16), lcfg)
+    for name, param in pm.named_parameters():   # an update well above bf16 rounding
+        if "lora_B" in name:
+            param.data.normal_(0, 0.05)
+    pm.save_pretrained(tmp_path / "adapter")
+    deq = load4().dequantize()
+    merged = peft.PeftModel.from_pretrained(deq, str(tmp_path / "adapter")).merge_and_unload()
+    merged.to(torch.bfloat16).save_pretrained(tmp_path / "merged")
+    wrong = peft.PeftModel.from_pretrained(
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base16", dtype=torch.bfloat16),
+        str(tmp_path / "adapter")).merge_and_unload()
+    wrong.save_pretrained(tmp_path / "wrong")
+
+    doc = _run(tmp_path / "base4", tmp_path / "adapter", tmp_path / "merged")
+    assert doc["ok"] is True, (doc["issues"], [(r["name"], r["verdict"]) for r in doc["modules"]])
+    assert doc["unchanged"]["changed"] == []
+    doc = _run(tmp_path / "base16", tmp_path / "adapter", tmp_path / "merged", qlora="nf4")
+    assert doc["ok"] is True, [(r["name"], r["verdict"], r.get("detail")) for r in doc["modules"]]
+    assert doc["unchanged"]["dequantized_4bit"] >= 4          # k/o/gate/up stored de-quantised, not changed
+    doc = _run(tmp_path / "base16", tmp_path / "adapter", tmp_path / "wrong", qlora="nf4")
+    assert {r["reason"] for r in doc["modules"]} == {"merged_into_16bit"}
