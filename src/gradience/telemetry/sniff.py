@@ -68,7 +68,7 @@ def sniff_file(path: Path) -> str:
 
 def _is_event_file(head: bytes) -> bool:
     try:
-        from gradience.telemetry.tensorboard import looks_like_event_file
+        from gradience.telemetry.tfrecord import looks_like_event_file
 
         return looks_like_event_file(head)
     except ImportError:
