@@ -168,8 +168,11 @@ def _suggest(rows: list[dict[str, Any]], metric: str | None, mode: str) -> dict[
         if v is not None:
             scored.append((r, v))
     if not scored:
-        return {"checkpoint": None, "reason": "no checkpoint has an eval metric in trainer_state.json"
-                if metric is None else f"no checkpoint has a finite {metric}"}
+        if metric is None:
+            return {"checkpoint": None, "reason": "no checkpoint has an eval metric in trainer_state.json"}
+        logged = sorted({k for r in rows for k in r["eval"]})  # a typo in --metric: say what there is
+        return {"checkpoint": None, "reason": f"no checkpoint has a finite {metric} (logged: "
+                                              f"{', '.join(logged[:12]) if logged else 'no eval metric'})"}
     best_row, best = scored[0]
     for r, v in scored[1:]:
         if (v < best) if mode == "min" else (v > best):

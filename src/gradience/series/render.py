@@ -8,7 +8,7 @@ from gradience.textfmt import num
 
 
 def render_text(doc: dict[str, Any]) -> str:
-    metric = doc.get("metric") or "-"
+    metric = doc.get("metric") or "eval"
     header = ["checkpoint", "step", metric, "util", "stable_r", "k90_p50", "udr_med", "udr_p90"]
     rows = [header]
     for r in doc.get("checkpoints") or []:
@@ -26,4 +26,21 @@ def render_text(doc: dict[str, Any]) -> str:
         lines.append(f"  ({suggestion['note']})")
     for note in doc.get("notes") or []:
         lines.append(f"note: {note}")
+    lines += _audit_warnings(doc.get("checkpoints") or [])
     return "\n".join(lines) + "\n"
+
+
+def _audit_warnings(rows: list[dict[str, Any]]) -> list[str]:
+    """The audit's warnings and errors (a base model that did not resolve or does not fit, ...), once per
+    distinct message with the checkpoints it concerns: without them a '-' in the UDR columns is unexplained."""
+    seen: dict[tuple[str, str, str], list[str]] = {}
+    for r in rows:
+        for issue in (r.get("audit") or {}).get("issues") or []:
+            key = (str(issue.get("severity")), str(issue.get("code")), str(issue.get("message")))
+            seen.setdefault(key, []).append(str(r.get("checkpoint")))
+    out = []
+    for (severity, code, message), where in seen.items():
+        shown = message if len(message) <= 240 else message[:237] + "..."
+        names = ", ".join(where[:4]) + (f" (+{len(where) - 4} more)" if len(where) > 4 else "")
+        out.append(f"{severity}: {code}: {shown} [{names}]")
+    return out

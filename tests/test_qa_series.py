@@ -1,0 +1,77 @@
+"""QA pass over ``gradience series`` (issue 22): what a new user sees when the base model or the metric is wrong.
+
+Before: a ``--base-model`` that did not resolve, or one of another size, left the UDR columns as '-' with no word
+why (the audit's warnings were in the JSON only); a ``--metric`` no checkpoint logged said only "no checkpoint has a
+finite eval_acc"; a series without trainer_state.json had a column headed '-'.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gradience.cli.main import main
+from support import verify_triples as vt
+
+
+def _run_dir(tmp_path: Path) -> Path:
+    """out/checkpoint-{2,4}: the same constructed adapter, each with the Trainer's trainer_state.json."""
+    vt.make_adapter(tmp_path / "adapter")
+    out = tmp_path / "out"
+    history: list[dict[str, float]] = []
+    for step, eval_loss in ((2, 1.5), (4, 1.25)):
+        ckpt = out / f"checkpoint-{step}"
+        shutil.copytree(tmp_path / "adapter", ckpt)
+        history += [{"step": step, "loss": 2.0, "epoch": step / 4},
+                    {"step": step, "eval_loss": eval_loss, "eval_runtime": 0.5, "epoch": step / 4}]
+        (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": step, "log_history": history}))
+    return out
+
+
+def test_unresolved_base_model_is_explained_in_the_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = _run_dir(tmp_path)
+    assert main(["series", str(out), "--base-model", str(tmp_path / "no-such-base")]) == 0
+    text = capsys.readouterr().out
+    lines = [line for line in text.splitlines() if line.startswith("warning: base_model_unresolved")]
+    assert len(lines) == 1, text                                   # once, not once per checkpoint
+    assert "no-such-base" in lines[0] and "[checkpoint-2, checkpoint-4]" in lines[0]
+
+
+def test_base_of_another_size_is_explained_in_the_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = _run_dir(tmp_path)
+    vt.make_base(tmp_path / "base", weights={
+        name + ".weight": np.zeros((2 * vt.TARGETS[name.rsplit(".", 1)[-1]][0],
+                                    2 * vt.TARGETS[name.rsplit(".", 1)[-1]][1]), np.float32)
+        for name in vt.module_names()})
+    assert main(["series", str(out), "--base-model", str(tmp_path / "base")]) == 0
+    text = capsys.readouterr().out
+    assert any(line.startswith("warning: base_shape_mismatch") for line in text.splitlines()), text
+    # and with the right base, no warning and the UDR columns are filled
+    vt.make_base(tmp_path / "good")
+    assert main(["series", str(out), "--base-model", str(tmp_path / "good"), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    for c in doc["checkpoints"]:
+        codes = {i["code"] for i in c["audit"]["issues"]}
+        assert c["audit"]["udr_median"] is not None and not codes & {"base_shape_mismatch", "udr_unavailable"}
+
+
+def test_a_metric_nobody_logged_lists_the_logged_ones(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = _run_dir(tmp_path)
+    assert main(["series", str(out), "--no-udr", "--metric", "eval_acc"]) == 0
+    text = capsys.readouterr().out
+    assert "Suggested: no checkpoint has a finite eval_acc (logged: eval_loss, eval_runtime)" in text
+    assert main(["series", str(out), "--no-udr"]) == 0            # the default metric still picks the best
+    assert "Suggested: checkpoint-4 has the best eval_loss (1.25" in capsys.readouterr().out
+
+
+def test_no_trainer_state_has_a_named_metric_column(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    vt.make_adapter(tmp_path / "adapter")
+    assert main(["series", str(tmp_path / "adapter"), "--no-udr"]) == 0
+    text = capsys.readouterr().out
+    header = next(line for line in text.splitlines() if line.startswith("checkpoint"))
+    assert header.split()[:3] == ["checkpoint", "step", "eval"]
+    assert "note: adapter: no trainer_state.json" in text
