@@ -165,3 +165,38 @@ def test_batched_gram_truncation_against_dense_svd(coef: float) -> None:
         np.testing.assert_allclose(b_new[e] @ a_new[e], coef * _truncate(dense, k), rtol=1e-10, atol=1e-12)
         # balanced split: both factors carry the same norm
         assert np.linalg.norm(a_new[e]) == pytest.approx(np.linalg.norm(b_new[e]), rel=1e-10)
+
+
+def test_assumed_wrappers_share_one_rank_within_the_budget(tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """Parameters the reader cannot place by transformers' registration order (here ``w_in``/``w_out``): both
+    wrappers of a module get one rank, and --budget counts them as one item (the result fits the budget)."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(7)
+    n_exp, r, hidden, inter = 4, 4, 16, 12
+    tensors = {}
+    for layer, decay in ((0, 0.9), (1, 0.1)):
+        p = f"base_model.model.model.layers.{layer}.mlp.experts"
+        for key, (d_in, d_out) in ((p + ".base_layer", (hidden, inter)), (p, (inter, hidden))):
+            tensors[key + ".lora_A.weight"] = rng.standard_normal((r * n_exp, d_in)).astype(np.float32)
+            b = rng.standard_normal((d_out, r, n_exp)) * (decay ** np.arange(r))[None, :, None]
+            tensors[key + ".lora_B.weight"] = b.reshape(d_out, r * n_exp).astype(np.float32)
+    src = tmp_path / "in"
+    src.mkdir()
+    save_file(tensors, str(src / "adapter_model.safetensors"))
+    (src / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": r, "lora_alpha": 8, "target_modules": [],
+        "target_parameters": ["mlp.experts.w_in", "mlp.experts.w_out"]}))
+    doc = _compress(src, tmp_path / "out", capsys, "--budget", "60%", "--dry-run")
+    assert any(i["code"] == "expert_parameter_assumed" for i in doc["issues"])
+    assert doc["summary"]["params_after"] <= doc["policy"]["budget_params"]
+    by_module: dict[str, set[int]] = {}
+    for row in doc["layers"]:
+        by_module.setdefault(row["parameter"].rpartition(".")[0], set()).add(row["r_after"])
+    assert all(len(ks) == 1 for ks in by_module.values()) and len(by_module) == 2
+    ranks = {m: next(iter(ks)) for m, ks in by_module.items()}
+    assert ranks["model.layers.0.mlp.experts"] > ranks["model.layers.1.mlp.experts"]  # the slow decay keeps more
+    assert doc["config"]["rank_pattern"]  # the two modules' ranks differ: one is a pattern entry
+    for key in doc["config"]["rank_pattern"]:
+        assert key.startswith("^model\\.layers\\.") and key.endswith("\\.[^.]+")

@@ -81,11 +81,18 @@ def joint_ranks(pairs: Sequence[LoraPair], ks: Sequence[int], assumed: set[str])
     return out
 
 
-def budget_items(pairs: Sequence[LoraPair], sigmas: Sequence[np.ndarray | None], candidates: Callable[[int], tuple[int, ...]]
-                 ) -> tuple[list[BudgetLayer], list[list[int]]]:
-    """:func:`joint_budget_items` for compress: ordinary pairs alone, expert pairs by their stacked factor."""
-    return joint_budget_items([p.a_key if p.expert is not None else None for p in pairs], sigmas,
-                              [p.r for p in pairs], [p.d_in + p.d_out for p in pairs], candidates)
+def budget_items(pairs: Sequence[LoraPair], sigmas: Sequence[np.ndarray | None], candidates: Callable[[int], tuple[int, ...]],
+                 assumed: set[str] | None = None) -> tuple[list[BudgetLayer], list[list[int]]]:
+    """:func:`joint_budget_items` for compress: ordinary pairs alone, expert pairs by their stacked factor (all
+    stacks of an ``assumed`` module together: :func:`joint_ranks` gives them one rank, so the budget must too)."""
+    def unit(p: LoraPair) -> str | None:
+        if p.expert is None:
+            return None
+        module = _module(p)
+        return f"module:{module}" if assumed and module in assumed else f"stack:{p.a_key}"
+
+    return joint_budget_items([unit(p) for p in pairs], sigmas, [p.r for p in pairs],
+                              [p.d_in + p.d_out for p in pairs], candidates)
 
 
 def joint_budget_items(stacks: Sequence[str | None], sigmas: Sequence[np.ndarray | None], caps: Sequence[int],

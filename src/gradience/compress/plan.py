@@ -106,8 +106,8 @@ def preflight(loaded: LoadedAdapter) -> float:
 
 
 # -- planning ----------------------------------------------------------------------------------------------
-def _layer_ranks(audits: list[LayerAudit], policy: Policy, use_rslora: bool, pairs: list[LoraPair]
-                 ) -> tuple[list[int], dict[str, Any]]:
+def _layer_ranks(audits: list[LayerAudit], policy: Policy, use_rslora: bool, pairs: list[LoraPair],
+                 assumed: set[str]) -> tuple[list[int], dict[str, Any]]:
     """k per layer after the policy and its modifiers (before --uniform and before the experts of a stacked MoE
     parameter share one rank, :mod:`gradience.compress.experts`); extra policy facts for the report."""
     extra: dict[str, Any] = {}
@@ -126,7 +126,7 @@ def _layer_ranks(audits: list[LayerAudit], policy: Policy, use_rslora: bool, pai
             return _uniform_budget(audits, budget, policy), extra
         if any(p.expert is not None for p in pairs):  # stacked MoE parameters are one item each
             blayers, members = budget_items(pairs, [la.singular_values for la in audits],
-                                            lambda r: budget_candidates(r, policy))
+                                            lambda r: budget_candidates(r, policy), assumed)
         else:
             blayers = [BudgetLayer(sigma=la.singular_values if la.singular_values is not None else np.zeros(la.r),
                                    cost=la.d_in + la.d_out,
@@ -199,8 +199,8 @@ def plan(loaded: LoadedAdapter, options: CompressOptions) -> tuple[list[LayerPla
         raise InputError(f"the spectrum of a module could not be computed ({exc}): the factors hold extreme "
                          "values or changed while being read", loaded.adapter_weights_path) from None
     use_rslora = bool(loaded.config.get("use_rslora", False))
-    ks, extra = _layer_ranks(audits, policy, use_rslora, loaded.pairs)
     assumed = assumed_modules(loaded)
+    ks, extra = _layer_ranks(audits, policy, use_rslora, loaded.pairs, assumed)
     ks = joint_ranks(loaded.pairs, ks, assumed)  # one K per stacked MoE parameter (PEFT's layout)
     if policy.uniform:
         top = max(ks)
