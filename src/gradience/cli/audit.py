@@ -130,6 +130,13 @@ def _intruder_options(args: argparse.Namespace) -> Any:
         if given:
             raise InputError(f"{given[0]} needs --intruders")
         return None
+    if args.intruder_cache is not None:
+        import os
+
+        # A file (or a loop) where the cache directory should be: one line now, not one warning per layer later.
+        if os.path.lexists(args.intruder_cache) and not os.path.isdir(args.intruder_cache):
+            raise InputError("--intruder-cache must be a directory (it is created when missing); this path "
+                             "exists and is not one", args.intruder_cache)
     from gradience.intruders import IntruderOptions
     from gradience.policy.thresholds import INTRUDER_EPS, INTRUDER_TOP_K
 
