@@ -69,11 +69,11 @@ def joint_ranks(pairs: Sequence[LoraPair], ks: Sequence[int], assumed: set[str])
     """``ks`` with every expert of a stacked parameter raised to the group's maximum (all wrappers of an
     ``assumed`` module to the module's maximum); ordinary modules unchanged."""
     out = list(ks)
-    groups = stacked_groups(pairs)
     by_unit: dict[str, list[int]] = defaultdict(list)
-    for key, idx in groups.items():
-        module = _module(pairs[idx[0]])
-        by_unit[f"module:{module}" if module in assumed else f"stack:{key}"].extend(idx)
+    for i, pair in enumerate(pairs):
+        unit = stack_unit(pair, assumed)
+        if unit is not None:
+            by_unit[unit].append(i)
     for idx in by_unit.values():
         top = max(out[i] for i in idx)
         for i in idx:
@@ -81,17 +81,20 @@ def joint_ranks(pairs: Sequence[LoraPair], ks: Sequence[int], assumed: set[str])
     return out
 
 
+def stack_unit(pair: LoraPair, assumed: set[str] | None) -> str | None:
+    """The rank unit of a pair: None for an ordinary module, else its stack (or, for a module whose wrapper
+    assignment was assumed, the module: all its stacks share one rank)."""
+    if pair.expert is None:
+        return None
+    module = _module(pair)
+    return f"module:{module}" if assumed and module in assumed else f"stack:{pair.a_key}"
+
+
 def budget_items(pairs: Sequence[LoraPair], sigmas: Sequence[np.ndarray | None], candidates: Callable[[int], tuple[int, ...]],
                  assumed: set[str] | None = None) -> tuple[list[BudgetLayer], list[list[int]]]:
     """:func:`joint_budget_items` for compress: ordinary pairs alone, expert pairs by their stacked factor (all
     stacks of an ``assumed`` module together: :func:`joint_ranks` gives them one rank, so the budget must too)."""
-    def unit(p: LoraPair) -> str | None:
-        if p.expert is None:
-            return None
-        module = _module(p)
-        return f"module:{module}" if assumed and module in assumed else f"stack:{p.a_key}"
-
-    return joint_budget_items([unit(p) for p in pairs], sigmas, [p.r for p in pairs],
+    return joint_budget_items([stack_unit(p, assumed) for p in pairs], sigmas, [p.r for p in pairs],
                               [p.d_in + p.d_out for p in pairs], candidates)
 
 

@@ -20,7 +20,7 @@ import numpy as np
 from gradience.adapter.experts import target_parameters
 from gradience.adapter.model import LoadedAdapter
 from gradience.compress.budget import retained
-from gradience.compress.experts import assumed_modules, joint_ranks
+from gradience.compress.experts import assumed_modules, joint_ranks, stack_unit
 from gradience.compress.policy import validate
 from gradience.errors import InputError
 from gradience.issues import Issue
@@ -241,9 +241,9 @@ def merge(loaded: Sequence[LoadedAdapter], out: str | os.PathLike[str] | None,
     measured = [_measure(g, weights, options, eager) for g in inp.groups]
     plans = [m[0] for m in measured]
     params_sum = sum(g.summed_rank * (g.d_in + g.d_out) for g in inp.groups)
-    stack_keys = [g.template.a_key if g.template.expert is not None else None for g in inp.groups]
-    ks, extra = decide([m[1] for m in measured], options.policy, params_sum, stack_keys if stacks else None)
     assumed: set[str] = set().union(*(assumed_modules(one) for one in loaded))
+    ks, extra = decide([m[1] for m in measured], options.policy, params_sum,
+                       [stack_unit(g.template, assumed) for g in inp.groups] if stacks else None)
     if stacks:
         ks = joint_ranks([g.template for g in inp.groups], ks, assumed)
     for plan, k in zip(plans, ks, strict=True):
