@@ -292,3 +292,10 @@ def test_wandb_offline_run_grown_in_pieces(tmp_path: Path) -> None:
     # stopped mid-run: the record cut at the end of the follow is what one-shot monitor reports
     target.write_bytes(data[:len(data) // 2])
     _same(follow(grown, interval=0.01, on_report=lambda r: None, max_polls=2), monitor_run(grown))
+    # cut at a block boundary, after the FIRST fragment of a record whose LAST is in the next block: DataStore
+    # ends there without a word; it is reported as a truncation
+    target.write_bytes(data[:32 * 1024])
+    once = monitor_run(grown)
+    cut = [i for i in once.telemetry_issues if i.code == "truncated_record"]
+    assert len(cut) == 1 and 0 < cut[0].extra["offset"] < 32 * 1024 and cut[0].severity == "error"
+    _same(follow(grown, interval=0.01, on_report=lambda r: None, max_polls=2), once)

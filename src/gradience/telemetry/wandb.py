@@ -250,7 +250,13 @@ class WandbLog:
                     self._offset = self._resumed_at = resume
                     continue
                 if data is None:
-                    # the end (DataStore also ends here at a FIRST fragment whose LAST is not written yet)
+                    # the end; DataStore also ends here, silently, at a FIRST fragment whose LAST is not
+                    # written (yet): at the end of a finished file that is a truncation
+                    if final and self._size() > max(self._offset, _FILE_HEADER) + _TRAILER_MAX:
+                        at = max(self._offset, _FILE_HEADER)
+                        self.issues.append(Issue("truncated_record", f"{self.file.name}: the record at byte {at} "
+                                                 "is cut by the end of the file", severity="error",
+                                                 extra={"offset": at}))
                     self._done = final
                     break
                 self._offset = store._index
