@@ -352,3 +352,17 @@ def test_real_qlora_dequantize_then_merge_is_exact(tmp_path: Path) -> None:
     assert doc["unchanged"]["dequantized_4bit"] >= 4          # k/o/gate/up stored de-quantised, not changed
     doc = _run(tmp_path / "base16", tmp_path / "adapter", tmp_path / "wrong", qlora="nf4")
     assert {r["reason"] for r in doc["modules"]} == {"merged_into_16bit"}
+
+
+def test_only_linear_layers_a_4bit_load_quantises_get_the_twin(tmp_path: Path) -> None:
+    """bitsandbytes leaves embeddings and the output head in 16 bits: no deq(Q(W16)) candidate for them."""
+    from gradience.udr.base import BaseWeights
+    from gradience.udr.resolve import resolve_base
+    from gradience.verify.qlora import applies
+
+    rng = np.random.default_rng(0)
+    vt.make_base(tmp_path / "base", weights={"lm_head.weight": rng.normal(0, 0.02, (vt.VOCAB, vt.HIDDEN))})
+    base = BaseWeights(resolve_base(str(tmp_path / "base"), allow_download=False))
+    assert applies(base, f"{Q}.weight") and not applies(base, f"{Q}.weight", "embedding")
+    assert not applies(base, "lm_head.weight") and not applies(base, "model.embed_tokens.weight")
+    assert not applies(base, "model.norm.weight")

@@ -245,7 +245,7 @@ def _verify_module(pair: LoraPair, base: BaseWeights, merged: BaseWeights, base_
     u = unit_roundoff(m_info.dtype)
     ratios = [] if pair.dora else named_ratios(pair.r, pair.scale, pair.alpha, global_scale)
     result = classify(sums, u=u, r=pair.r, ratios=ratios)
-    if qlora is not None and q4.applies(base, base_name):
+    if qlora is not None and q4.applies(base, base_name, pair.kind):
         def evaluate(twin: ArrayBlocks) -> tuple[dict[str, Any], float]:
             on_twin = _module_sums(twin, TensorBlocks(merged, merged_name), left, right, s, expected, dd)
             return classify(on_twin, u=u, r=pair.r, ratios=ratios), on_twin.dd

@@ -44,10 +44,19 @@ def qlora_mode(config: dict[str, Any], requested: str | None) -> tuple[str | Non
     return None, None
 
 
-def applies(base: BaseWeights, base_name: str) -> bool:
-    """A 16-bit base weight (a 4-bit one is already the de-quantised base; fp32 masters are quantised too)."""
+# Linear layers bitsandbytes leaves in 16 bits when loading in 4-bit: the output embedding (transformers'
+# integrations/bitsandbytes.py get_keys_to_not_convert keeps lm_head, and tied/output embeddings, unquantised).
+_KEPT_16BIT = ("lm_head", "embed_out")
+
+
+def applies(base: BaseWeights, base_name: str, kind: str = "linear") -> bool:
+    """A 16-bit linear weight a 4-bit load quantises (a 4-bit one is already the de-quantised base; fp32 masters
+    are quantised too; embeddings, convolutions and the output head are not)."""
     info = base.tensors[base_name]
-    return info.is_float and info.dtype not in QUANT_4BIT_DTYPES and len(info.shape) == 2
+    parts = base_name.split(".")
+    head = parts[-2] if len(parts) >= 2 else ""
+    return (kind == "linear" and info.is_float and info.dtype not in QUANT_4BIT_DTYPES and len(info.shape) == 2
+            and head not in _KEPT_16BIT and "embed" not in head)
 
 
 def twin_blocks(base: BaseWeights, base_name: str, quant_type: str, double_quant: bool = False
