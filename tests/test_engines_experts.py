@@ -80,3 +80,23 @@ def test_compress_names_the_expert_hazards(tmp_path: Path, capsys: pytest.Captur
     assert port["llama_cpp"]["rules"] == ["llama_cpp.experts"] and not port["llama_cpp"]["ok"]
     assert port["vllm"]["ok"] and port["vllm"]["caveats"]
     assert json.loads((tmp_path / "out" / "compress.json").read_text())["portability"] == port
+
+
+def test_positional_layout_fails_vllm() -> None:
+    """Qwen3-MoE-shaped stacks (hidden H=16, intermediate I=12): PEFT 0.21 stores gate_up_proj as A (r·E, H),
+    B (2I, r·E) and down_proj as A (r·E, I), B (H, r·E), which vLLM's w13/w2 buffers take; the positional layout
+    (A as wide as the parameter's first dimension) does not load there (vLLM PRs 41384, 52194)."""
+    hidden, inter = 16, 12
+    swapped = [("model.layers.0.mlp.experts.gate_up_proj", hidden, 2 * inter),
+               ("model.layers.0.mlp.experts.down_proj", inter, hidden)]
+    positional = [("model.layers.0.mlp.experts.gate_up_proj", 2 * inter, hidden),
+                  ("model.layers.0.mlp.experts.down_proj", hidden, inter)]
+    names = [s[0] for s in swapped]
+    assert evaluate(facts_from_config(_CONFIG, [4], expert_parameters=names, expert_shapes=swapped))["vllm"]["ok"]
+    bad = evaluate(facts_from_config(_CONFIG, [4], expert_parameters=names, expert_shapes=positional))["vllm"]
+    assert not bad["ok"] and bad["rules"] == ["vllm.experts_layout"] and "model.layers.0.mlp.experts" in bad["reason"]
+    # hidden = 2·intermediate (the case a width-only check confuses): still told apart
+    square = [("m.experts.gate_up_proj", 24, 24), ("m.experts.down_proj", 12, 24)]
+    flipped = [("m.experts.gate_up_proj", 24, 24), ("m.experts.down_proj", 24, 12)]
+    assert evaluate(facts_from_config(_CONFIG, [4], expert_shapes=square))["vllm"]["ok"]
+    assert evaluate(facts_from_config(_CONFIG, [4], expert_shapes=flipped))["vllm"]["rules"] == ["vllm.experts_layout"]

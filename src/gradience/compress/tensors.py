@@ -307,7 +307,9 @@ def output_facts(layers: list[LayerPlan], config: dict[str, Any], non_lora: dict
                              non_lora_names=non_lora["names"], has_lora_bias=bool(non_lora["lora_biases"]),
                              dora=bool(config.get("use_dora")) or any(la.dora for la in layers),
                              expert_parameters=[parameter_name(la.pair) for la in layers
-                                                if la.pair is not None and la.pair.expert is not None])
+                                                if la.pair is not None and la.pair.expert is not None],
+                             expert_shapes=[(parameter_name(la.pair), la.d_in, la.d_out) for la in layers
+                                            if la.pair is not None and la.pair.expert is not None])
 
 
 # Earlier private names (merge imported them before they were public).

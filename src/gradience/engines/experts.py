@@ -60,6 +60,39 @@ def vllm_expert_pair(f: OutputFacts, v: Any) -> str | None:
             f"({SOURCE_VLLM_STACK}), so this adapter fails to load there")
 
 
+def positional_layout(f: OutputFacts) -> list[str]:
+    """Experts modules whose stacks are stored in the positional layout: lora_A's width is the parameter's dim 1
+    of an (E, out, in) weight (PEFT before its is_transposed handling, the layout vLLM PRs 41384/52194 describe),
+    i.e. gate_up_proj's A is 2·I wide and down_proj's A H wide, where vLLM's w13/w2 buffers (nn.Linear [out, in])
+    expect H and I. Read from the shapes alone: with gate_up (in, out) and down (in, out), the layout vLLM reads
+    has gate_up.in == down.out (H) and gate_up.out == 2·down.in (2I); the positional one has gate_up.in ==
+    2·down.out and gate_up.out == down.in. The two never both hold for non-empty shapes."""
+    shapes: dict[str, dict[str, tuple[int, int]]] = defaultdict(dict)
+    for name, d_in, d_out in f.expert_shapes:
+        module, _, leaf = name.rpartition(".")
+        shapes[module][leaf] = (d_in, d_out)
+    out = []
+    for module, leaves in shapes.items():
+        if "gate_up_proj" not in leaves or "down_proj" not in leaves:
+            continue
+        (gu_in, gu_out), (dn_in, dn_out) = leaves["gate_up_proj"], leaves["down_proj"]
+        if gu_in == 2 * dn_out and gu_out == dn_in and not (gu_in == dn_out and gu_out == 2 * dn_in):
+            out.append(module)
+    return out
+
+
+def vllm_expert_layout(f: OutputFacts, v: Any) -> str | None:
+    bad = positional_layout(f)
+    if not bad:
+        return None
+    return (f"expert stacks of {bad[0]}{f' (+{len(bad) - 1} more)' if len(bad) > 1 else ''} are stored with lora_A "
+            "as wide as the parameter's first dimension (gate_up_proj's A 2·intermediate wide, down_proj's A "
+            "hidden wide: PEFT before its is_transposed handling); vLLM's fused-MoE LoRA buffers take A as "
+            "(E, r, hidden) for w13 and (E, r, intermediate) for w2, so loading fails with a shape mismatch "
+            f"({SOURCE_VLLM_STACK}; vLLM PRs 41384, 52194). Retrain or convert with a PEFT that swaps in/out for "
+            "(E, out, in) parameters (0.21 does; the first such release is not pinned here)")
+
+
 def cpp_experts(f: OutputFacts, v: Any) -> str | None:
     if not (f.expert_parameters or f.target_parameters):
         return None

@@ -39,6 +39,7 @@ class OutputFacts:
     # expert parameters written (``model.layers.0.mlp.experts.gate_up_proj``) when the caller knows them.
     target_parameters: tuple[str, ...] = ()
     expert_parameters: tuple[str, ...] = ()
+    expert_shapes: tuple[tuple[str, int, int], ...] = ()  # (parameter, lora_A width d_in, lora_B height d_out)
 
     @property
     def max_rank(self) -> int:
@@ -70,7 +71,8 @@ def is_norm_tensor(key: str) -> bool:
 
 def facts_from_config(config: Mapping[str, Any], ranks: Iterable[int], *, kinds: Iterable[str] = ("linear",),
                       non_lora_names: Iterable[str] = (), has_lora_bias: bool = False,
-                      dora: bool | None = None, expert_parameters: Iterable[str] = ()) -> OutputFacts:
+                      dora: bool | None = None, expert_parameters: Iterable[str] = (),
+                      expert_shapes: Iterable[tuple[str, int, int]] = ()) -> OutputFacts:
     """Facts for an adapter described by its ``adapter_config.json`` and its per-module ranks."""
     mts = config.get("modules_to_save")
     mts_names = tuple(str(m) for m in mts) if isinstance(mts, (list, tuple)) else ()
@@ -90,4 +92,5 @@ def facts_from_config(config: Mapping[str, Any], ranks: Iterable[int], *, kinds:
         dora=bool(config.get("use_dora")) if dora is None else dora, kinds=frozenset(kinds),
         alpha_pattern=alpha_pattern or {}, use_rslora=bool(config.get("use_rslora")),
         modules_to_save=mts_names, non_lora_names=names, bias=str(config.get("bias") or "none"),
-        target_parameters=targets, expert_parameters=tuple(dict.fromkeys(expert_parameters)))
+        target_parameters=targets, expert_parameters=tuple(dict.fromkeys(expert_parameters)),
+        expert_shapes=tuple(dict.fromkeys(expert_shapes)))

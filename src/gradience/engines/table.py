@@ -156,6 +156,8 @@ RULES: tuple[Rule, ...] = (
          _cpp_scale),
     # MoE expert LoRA (PEFT target_parameters stacks), gradience.engines.experts
     Rule("vllm.experts_pair", "vllm", _experts.SOURCE_VLLM_STACK, _experts.VERSIONS_VLLM, _experts.vllm_expert_pair),
+    Rule("vllm.experts_layout", "vllm", _experts.SOURCE_VLLM_STACK + " + vllm/lora/layers/fused_moe.py set_lora",
+         _experts.VERSIONS_VLLM, _experts.vllm_expert_layout),
     Rule("llama_cpp.experts", "llama_cpp", _experts.SOURCE_CPP, "all (as read)", _experts.cpp_experts),
 )
 # The claim each engine makes when no row fails (the row id is reported as the passing rule).

@@ -126,7 +126,9 @@ def portability_of(plans: Sequence[ModulePlan], config: dict[str, Any]) -> dict[
 
     facts = facts_from_config(config, [p.r_after for p in plans], kinds=sorted({p.group.kind for p in plans}),
                               dora=False, expert_parameters=[parameter_name(p.group.template) for p in plans
-                                                             if p.group.template.expert is not None])
+                                                             if p.group.template.expert is not None],
+                              expert_shapes=[(parameter_name(p.group.template), p.group.d_in, p.group.d_out)
+                                             for p in plans if p.group.template.expert is not None])
     return evaluate(facts)
 
 
