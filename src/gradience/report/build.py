@@ -61,12 +61,18 @@ class _Plan:
     notes: list[str] = field(default_factory=list)
 
 
+# What a JSON input may be, named in the "not a report input" lines (the document views, from their registry).
+_JSON_INPUTS = "the --json output of gradience audit, " + ", ".join(DOCUMENT_VIEWS)
+
+
 def _load_json(path: Path) -> Any:
     """A JSON input, bounded before decoding (size, value count, nesting, integer size: one InputError)."""
-    from gradience.io.textfile import read_bytes_limited
+    from gradience.io.textfile import read_text_limited
     from gradience.jsonio import MAX_JSON_INT, loads_bounded
 
-    raw = read_bytes_limited(path, what="JSON input", max_bytes=MAX_JSON_BYTES)
+    # Text, not bytes: json.loads(bytes) guesses UTF-16/32 from the first bytes, so a non-UTF-8 file was
+    # "not valid JSON (line 1 column 1)" instead of "not UTF-8 text".
+    raw = read_text_limited(path, what="JSON input", max_bytes=MAX_JSON_BYTES)
     if not raw.strip():
         raise InputError("empty file", path)
     return loads_bounded(raw, path, "JSON input", max_abs_int=MAX_JSON_INT, max_items=MAX_JSON_ITEMS)
@@ -176,7 +182,7 @@ def plan(path: str | os.PathLike[str], base_model: str | None = None) -> _Plan:
         return _Plan("adapter", p, adapter=p.parent, base_model=base_model)
     if not name.endswith(".json"):
         raise InputError("not a report input: expected a run directory, run.jsonl, trainer_state.json, an adapter "
-                         "directory, or an audit / compare JSON", p)
+                         f"directory, or {_JSON_INPUTS}", p)
     doc = _load_json(p)
     if isinstance(doc, dict) and isinstance(doc.get("log_history"), list):
         return _Plan("run", p, run=p, base_model=base_model)
@@ -189,8 +195,7 @@ def plan(path: str | os.PathLike[str], base_model: str | None = None) -> _Plan:
     if schema is None and isinstance(doc, dict) and _is_reference_audit(doc):
         return _Plan("audit", p, document=_audit_document(doc, p))
     what = f"schema {schema!r}" if isinstance(schema, str) else "no 'schema' key and no 'log_history'"
-    raise InputError(f"not a report input ({what}): expected a gradience audit or compare JSON, or an HF "
-                     "trainer_state.json", p)
+    raise InputError(f"not a report input ({what}): expected {_JSON_INPUTS}, or an HF trainer_state.json", p)
 
 
 def _bench_document(path: Path) -> dict[str, Any]:
