@@ -75,3 +75,38 @@ def test_no_trainer_state_has_a_named_metric_column(tmp_path: Path, capsys: pyte
     header = next(line for line in text.splitlines() if line.startswith("checkpoint"))
     assert header.split()[:3] == ["checkpoint", "step", "eval"]
     assert "note: adapter: no trainer_state.json" in text
+
+
+def test_one_unreadable_checkpoint_does_not_hide_the_others(tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    # Before: a run killed while saving its last checkpoint made the whole series one error line.
+    out = _run_dir(tmp_path)
+    weights = out / "checkpoint-4" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:500])
+    assert main(["series", str(out), "--no-udr", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    rows = {r["checkpoint"]: r for r in doc["checkpoints"]}
+    assert rows["checkpoint-2"]["audit"]["utilization_mean"] is not None and "error" not in rows["checkpoint-2"]
+    assert rows["checkpoint-4"]["audit"] == {} and "truncated" in rows["checkpoint-4"]["error"]
+    assert rows["checkpoint-4"]["eval"]["eval_loss"] == 1.25               # its logged eval still joins
+    assert any(n.startswith("checkpoint-4: not audited: ") for n in doc["notes"])
+    (tmp_path / "s.json").write_text(json.dumps(doc))
+    assert main(["report", str(tmp_path / "s.json")]) == 0
+    capsys.readouterr()
+    assert "checkpoint-4: not audited" in (tmp_path / "s.html").read_text()
+    # every checkpoint unreadable: still the one-line error, exit 2
+    weights2 = out / "checkpoint-2" / "adapter_model.safetensors"
+    weights2.write_bytes(weights2.read_bytes()[:500])
+    assert main(["series", str(out), "--no-udr"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gradience series: error: ") and err.count("\n") == 1
+
+
+def test_report_of_a_series_shows_the_audit_warnings(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = _run_dir(tmp_path)
+    assert main(["series", str(out), "--base-model", str(tmp_path / "no-such-base"), "--json"]) == 0
+    (tmp_path / "s.json").write_text(capsys.readouterr().out)
+    assert main(["report", str(tmp_path / "s.json")]) == 0
+    capsys.readouterr()
+    html = (tmp_path / "s.html").read_text()
+    assert html.count("base_model_unresolved") == 1 and "no-such-base" in html

@@ -137,13 +137,25 @@ def run_series(paths: list[str | os.PathLike[str]], options: SeriesOptions | Non
     evals, notes = eval_history(checkpoints)
     eval_steps = sorted(evals)
     rows: list[dict[str, Any]] = []
+    failures: list[InputError] = []
     for ckpt in checkpoints:
         step = _step_of(ckpt)
         joined = [s for s in eval_steps if step is not None and s <= step]
         eval_step = joined[-1] if joined else None
-        rows.append({"checkpoint": ckpt.name, "path": os.fspath(ckpt), "step": step, "eval_step": eval_step,
-                     "eval": dict(evals.get(eval_step, {})) if eval_step is not None else {},
-                     "audit": _audit_row(ckpt, options)})
+        row: dict[str, Any] = {"checkpoint": ckpt.name, "path": os.fspath(ckpt), "step": step,
+                               "eval_step": eval_step,
+                               "eval": dict(evals.get(eval_step, {})) if eval_step is not None else {}}
+        try:
+            row["audit"] = _audit_row(ckpt, options)
+        except InputError as exc:
+            # One unreadable checkpoint (a run killed while saving its last one, a full-model checkpoint among
+            # adapter ones) does not hide the others: its row says why; all unreadable is still the error.
+            failures.append(exc)
+            row["audit"], row["error"] = {}, str(exc)
+            notes.append(f"{ckpt.name}: not audited: {exc}")
+        rows.append(row)
+    if failures and len(failures) == len(checkpoints):
+        raise failures[0]
     metric = options.metric or _default_metric(rows)
     direction = _direction(metric, options.mode) if metric else "min"
     suggestion = _suggest(rows, metric, direction)

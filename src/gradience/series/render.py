@@ -26,16 +26,20 @@ def render_text(doc: dict[str, Any]) -> str:
         lines.append(f"  ({suggestion['note']})")
     for note in doc.get("notes") or []:
         lines.append(f"note: {note}")
-    lines += _audit_warnings(doc.get("checkpoints") or [])
+    lines += audit_warnings(doc.get("checkpoints") or [])
     return "\n".join(lines) + "\n"
 
 
-def _audit_warnings(rows: list[dict[str, Any]]) -> list[str]:
+def audit_warnings(rows: list[dict[str, Any]]) -> list[str]:
     """The audit's warnings and errors (a base model that did not resolve or does not fit, ...), once per
     distinct message with the checkpoints it concerns: without them a '-' in the UDR columns is unexplained."""
     seen: dict[tuple[str, str, str], list[str]] = {}
     for r in rows:
-        for issue in (r.get("audit") or {}).get("issues") or []:
+        audit = r.get("audit") if isinstance(r, dict) else None
+        issues = audit.get("issues") if isinstance(audit, dict) else None
+        for issue in issues if isinstance(issues, list) else []:
+            if not isinstance(issue, dict):
+                continue
             key = (str(issue.get("severity")), str(issue.get("code")), str(issue.get("message")))
             seen.setdefault(key, []).append(str(r.get("checkpoint")))
     out = []

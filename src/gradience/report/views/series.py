@@ -7,6 +7,7 @@ from typing import Any
 
 from gradience.report.views.base import ChartIds, View
 from gradience.report.views.base import fact as _fact
+from gradience.series.render import audit_warnings
 from gradience.textfmt import finite, num
 
 
@@ -56,7 +57,9 @@ def series_view(doc: dict[str, Any], ids: ChartIds) -> View:
              _fact(f"Best {metric}", num(suggestion.get("value"), ".4g"), str(doc.get("mode") or ""))]
     context = {
         "cards": cards, "rows": rows, "metric": metric, "text": str(suggestion.get("text") or ""),
-        "note": str(suggestion.get("note") or ""), "notes": [str(n) for n in doc.get("notes") or []][:20],
+        "note": str(suggestion.get("note") or ""),
+        # the notes and the audit's warnings (why a UDR cell is empty), as the text table prints them
+        "notes": ([str(n) for n in doc.get("notes") or []] + audit_warnings(rows_in))[:20],
         "eval_svg": _curve(ids, f"{metric} over steps", metric, [(metric, eval_pts)]),
         "audit_svg": _curve(ids, "rank use and UDR over steps", "value",
                             [("utilization (mean)", util_pts), ("UDR (median)", udr_pts)]),
