@@ -10,7 +10,12 @@ from collections.abc import Iterable, Sequence
 
 
 def _finite(values: Iterable[float | int | None]) -> list[float]:
-    return [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    """The finite values as floats, in order. Mapped in C (``map``) rather than tested value by value in
+    Python: an MoE audit takes a dozen of these over 12,288 rows each."""
+    xs = list(map(float, [v for v in values if v is not None]))
+    if all(map(math.isfinite, xs)):
+        return xs
+    return [x for x in xs if math.isfinite(x)]
 
 
 def percentile(values: Iterable[float | int | None], q: float) -> float | None:

@@ -169,6 +169,23 @@ def _natural_key(name: str) -> list[tuple[int, int | str]]:
     return [(0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", name)]
 
 
+def _natural_keys(names: list[str]) -> list[list[tuple[int, int | str]]]:
+    """:func:`_natural_key` of each name; an MoE expert name (``<parameter>[e]``) reuses its parameter's key,
+    split once per parameter instead of once per expert (12,288 regex splits on a Qwen3-30B-A3B adapter)."""
+    heads: dict[str, list[tuple[int, int | str]]] = {}
+    out = []
+    for name in names:
+        head, bracket, tail = name.rpartition("[")
+        if bracket and tail[-1:] == "]" and tail[:-1].isdecimal():
+            key = heads.get(head)
+            if key is None:  # head + "[" ends in a non-digit, so the digits after it are their own piece
+                key = heads[head] = _natural_key(head + "[")
+            out.append([*key, (0, int(tail[:-1])), (1, "]")])
+        else:
+            out.append(_natural_key(name))
+    return out
+
+
 def _names(modules: list[str]) -> str:
     shown = ", ".join(modules[:_MESSAGE_NAMES])
     return shown + (f" and {len(modules) - _MESSAGE_NAMES} more" if len(modules) > _MESSAGE_NAMES else "")
@@ -305,5 +322,7 @@ def build_pairs(source: TensorSource, config: Mapping[str, Any], adapter_name: s
                             "factors stored transposed (A as (d_in, r), B as (r, d_out)) were transposed back: "
                             + _names(transposed), severity="info", modules=transposed))
     issues.extend(merge_issues(per_module_issues))
-    pairs.sort(key=lambda p: _natural_key(p.name))
+    keys = _natural_keys([p.name for p in pairs])
+    order = sorted(range(len(pairs)), key=keys.__getitem__)
+    pairs[:] = [pairs[i] for i in order]
     return pairs, non_lora, issues

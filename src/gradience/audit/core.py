@@ -106,8 +106,11 @@ class AuditResult:
 
     def _by_type(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
+        by_type: dict[str, list[LayerAudit]] = {}
+        for layer in self.layers:  # one pass (an MoE adapter has 12k rows), then MODULE_TYPES' order
+            by_type.setdefault(layer.module_type, []).append(layer)
         for mtype in MODULE_TYPES:
-            sel = [layer for layer in self.layers if layer.module_type == mtype]
+            sel = by_type.get(mtype)
             if not sel:
                 continue
             k90 = [layer.energy_rank_90 for layer in sel]
@@ -126,9 +129,12 @@ class AuditResult:
         return composition(self.layers)
 
     def wasteful(self, n: int) -> list[LayerAudit]:
-        """The n rows of lowest utilization (ties: by name), non-finite rows excluded."""
-        rated = [layer for layer in self.layers if layer.utilization is not None]
-        return sorted(rated, key=lambda la: (la.utilization, la.name))[: max(0, n)]
+        """The n rows of lowest utilization (ties: by name), non-finite rows excluded, and never-adapted MoE
+        experts too: they have no update to waste rank on (a coverage fact, in the ``experts`` block)."""
+        import heapq
+
+        rated = [layer for layer in self.layers if layer.utilization is not None and layer.adapted is not False]
+        return heapq.nsmallest(max(0, n), rated, key=lambda la: (la.utilization, la.name))
 
     def to_summary(self, include_layers: bool = True) -> dict[str, Any]:
         """The SPEC §3.2 summary (insertion order is the JSON key order)."""
@@ -141,7 +147,8 @@ class AuditResult:
         adapter_r = self.adapter_r()
         g50 = global_suggestion(layers, opts.allowed_ranks, adapter_r, 50.0)
         g90 = global_suggestion(layers, opts.allowed_ranks, adapter_r, 90.0)
-        total_params = sum(la.params for la in layers)
+        params = [la.params for la in layers]
+        total_params = sum(params)
         out: dict[str, Any] = {
             "schema": SCHEMA,
             "peft_dir": self.adapter.peft_dir,
@@ -155,7 +162,7 @@ class AuditResult:
             "n_layers_non_finite": sum(la.status == "non_finite" for la in layers),
             "stable_rank_mean": stats.mean(sr),
             "stable_rank_median": stats.median(sr),
-            "stable_rank_weighted_mean": stats.weighted_mean(sr, [la.params for la in layers]),
+            "stable_rank_weighted_mean": stats.weighted_mean(sr, params),
             "effective_rank_mean": stats.mean(la.effective_rank for la in layers),
             "utilization_mean": stats.mean(la.utilization for la in layers),
             "energy_rank_90_p50": stats.percentile(k90, 50.0),

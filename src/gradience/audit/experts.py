@@ -80,10 +80,70 @@ def expert_summary(layers: Sequence[Any]) -> dict[str, Any] | None:
     return {"n_expert_rows": n_rows, "n_adapted": n_adapted, "coverage": n_adapted / n_rows, "parameters": params}
 
 
-def coverage_lines(summary: dict[str, Any]) -> list[str]:
-    """One line per layer: ``layer 3: gate_up_proj 126/128 experts adapted, down_proj 128/128``."""
-    by_layer: dict[Any, list[str]] = defaultdict(list)
+# Text output: coverage lines shown before the rest is summarised (a 94-layer Qwen3-235B-A22B fits whole).
+COVERAGE_TEXT_LINES = 100
+# Never-adapted expert indices spelled out per parameter in a coverage line (the JSON has them all).
+_NEVER_SHOWN = 8
+
+
+def _indices(never: Sequence[int]) -> str:
+    shown = ", ".join(str(e) for e in never[:_NEVER_SHOWN])
+    return shown + (f" +{len(never) - _NEVER_SHOWN} more" if len(never) > _NEVER_SHOWN else "")
+
+
+def _layer_span(first: Any, last: Any) -> str:
+    return f"layer {first}" if first == last else f"layers {first}-{last}"
+
+
+def coverage_lines(summary: dict[str, Any], max_lines: int = COVERAGE_TEXT_LINES) -> list[str]:
+    """Per layer, which share of each stacked parameter's experts was adapted and which were not:
+    ``layer 3: down_proj 125/128, gate_up_proj 128/128 experts adapted; never: down_proj 5, 77, 120``.
+
+    Consecutive layers with the same coverage share one line (``layers 0-47: ...``), so a 48-layer MoE whose
+    untrained experts are the same everywhere reads in one line; beyond ``max_lines`` the remaining layers are
+    counted on a last line that says where to read them (never a silent cut)."""
+    by_layer: dict[Any, list[dict[str, Any]]] = defaultdict(list)
     for p in summary["parameters"]:
-        leaf = p["parameter"].rpartition(".")[2]
-        by_layer[p["layer"]].append(f"{leaf} {p['n_adapted']}/{p['num_experts']}")
-    return [f"layer {layer}: {', '.join(parts)} experts adapted" for layer, parts in by_layer.items()]
+        by_layer[p["layer"]].append(p)
+    runs: list[list[Any]] = []  # [first layer, last layer, description, n layers]
+    for layer, params in by_layer.items():
+        counts = ", ".join(f"{p['parameter'].rpartition('.')[2]} {p['n_adapted']}/{p['num_experts']}"
+                           for p in params)
+        sets = {tuple(p["never_adapted"]) for p in params}
+        if len(params) > 1 and len(sets) == 1 and params[0]["never_adapted"]:  # the same experts in each
+            never = [f"experts {_indices(params[0]['never_adapted'])} in each"]
+        else:
+            never = [f"{p['parameter'].rpartition('.')[2]} {_indices(p['never_adapted'])}"
+                     for p in params if p["never_adapted"]]
+        text = f"{counts} experts adapted" + (f"; never adapted: {'; '.join(never)}" if never else "")
+        if runs and runs[-1][2] == text and _next_layer(runs[-1][1], layer):
+            runs[-1][1] = layer
+            runs[-1][3] += 1
+        else:
+            runs.append([layer, layer, text, 1])
+    lines = [f"{_layer_span(first, last)}: {text}" for first, last, text, _ in runs[:max(0, max_lines)]]
+    rest = runs[max(0, max_lines):]
+    if rest:
+        n_rest = sum(run[3] for run in rest)
+        lines.append(f"... {n_rest} more {'layer' if n_rest == 1 else 'layers'} ({_layer_span(rest[0][0], rest[-1][1])}"
+                     "): every parameter's coverage is in --json, experts.parameters")
+    return lines
+
+
+def _next_layer(prev: Any, layer: Any) -> bool:
+    """Whether ``layer`` directly follows ``prev`` (both integer block indices)."""
+    return isinstance(prev, int) and isinstance(layer, int) and layer == prev + 1
+
+
+def never_adapted_line(summary: dict[str, Any]) -> str | None:
+    """The never-adapted experts as one fact (a coverage fact, not rank waste), or None when every expert was
+    adapted: how many, in how many parameters and layers."""
+    hit = [p for p in summary["parameters"] if p["never_adapted"]]
+    if not hit:
+        return None
+    n = sum(len(p["never_adapted"]) for p in hit)
+    layers = {p["layer"] for p in hit}
+    return (f"Never adapted: {n} expert {'update is' if n == 1 else 'updates are'} zero or below "
+            f"{EXPERT_NEGLIGIBLE_REL:g}x their parameter's median expert, in {len(hit)} of "
+            f"{len(summary['parameters'])} stacked parameters ({len(layers)} {'layer' if len(layers) == 1 else 'layers'}"
+            "): never routed to in training, or lost in a merge/export; a coverage gap, not rank waste")

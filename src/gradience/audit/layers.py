@@ -94,7 +94,8 @@ class LayerAudit:
             "energy_rank_95": self.energy_rank_95, "energy_rank_99": self.energy_rank_99,
             "singular_values": sv,
         }
-        row.update({key: self.udr.get(key) for key in UDR_ROW_KEYS})
+        udr = self.udr  # as built (UDR_ROW_KEYS, in order): taken whole, not key by key (12k rows on an MoE)
+        row.update(udr if tuple(udr) == UDR_ROW_KEYS else {key: udr.get(key) for key in UDR_ROW_KEYS})
         row["base_fro_norm"] = row["base_frob_norm"]  # the reference tool's spelling
         if self.intruders is not None:
             row.update(self.intruders)

@@ -7,58 +7,10 @@ import shlex
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from gradience import jsonio
+from gradience.audit.jsonout import dumps_json  # noqa: F401  (re-exported: the audit JSON writer)
 from gradience.bench.command import VERIFY_CONFIG, verify_command
 from gradience.policy.thresholds import TOP_UDR_TEXT, UDR_SDI_EPS
 from gradience.textfmt import RULE, finite, human_count, num, pct, rank_value, safe_text
-
-
-def dumps_json(doc: Mapping[str, Any]) -> str:
-    """The audit JSON (a summary, or the multi-adapter document), pretty, in its stable key order.
-
-    Same conventions as :func:`gradience.jsonio.dumps` (strict JSON: non-finite numbers are null), but each
-    row of ``layers`` / ``top_wasteful`` is written on one line by the C encoder, straight from the row dicts:
-    ``json.dumps(indent=2)`` falls back to the pure-Python encoder, and converting every value first costs as
-    much again; together ~60 ms for a 224-layer adapter, most of the audit's own time. One row per line is also
-    easier to read and to grep.
-    """
-    rows: list[str] = []
-    tag = f"@@gradience-rows-{id(rows)}-"
-
-    def stash(summary: Mapping[str, Any]) -> dict[str, Any]:
-        out = dict(summary)
-        for key in ("layers", "top_wasteful"):
-            value = out.get(key)
-            if isinstance(value, list) and value:
-                out[key] = f"{tag}{len(rows)}@@"
-                rows.append(_rows_text(value))
-        return out
-
-    adapters = doc.get("adapters")
-    if isinstance(adapters, Mapping):
-        shallow: dict[str, Any] = dict(doc)
-        shallow["adapters"] = {k: stash(v) if isinstance(v, Mapping) else v for k, v in adapters.items()}
-    else:
-        shallow = stash(doc)
-    text = jsonio.dumps(shallow, pretty=True)
-    for i, block in enumerate(rows):
-        token = json.dumps(f"{tag}{i}@@")
-        at = text.index(token)
-        line = text[:at].rsplit("\n", 1)[-1]
-        indent = line[: len(line) - len(line.lstrip())]
-        text = text[:at] + block.replace("\n", "\n" + indent) + text[at + len(token):]
-    return text
-
-
-def _row_json(row: Any) -> str:
-    try:  # rows hold plain Python values: the C encoder takes them as they are
-        return json.dumps(row, ensure_ascii=False, allow_nan=False)
-    except (TypeError, ValueError):  # a numpy scalar or a non-finite number: the shared conversion
-        return json.dumps(jsonio.to_jsonable(row), ensure_ascii=False, allow_nan=False)
-
-
-def _rows_text(rows: list[Any]) -> str:
-    return "[\n  " + ",\n  ".join(_row_json(row) for row in rows) + "\n]"
 
 
 def wasteful_line(i: int, row: Mapping[str, Any]) -> str:
@@ -101,6 +53,22 @@ def suggestion_config_lines(rs: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _expert_rows_note(s: Mapping[str, Any]) -> str:
+    """``  (12288 MoE expert rows of 96 stacked parameters)`` beside the layer count of an expert adapter."""
+    ex = s.get("experts")
+    if not ex:
+        return ""
+    return f"  ({ex['n_expert_rows']} MoE expert rows of {plural(len(ex['parameters']), 'stacked parameter')})"
+
+
+def _lowest_utilization(rows: Sequence[Mapping[str, Any]], n: int) -> list[Mapping[str, Any]]:
+    """The n rows of lowest utilization, ties by name: a partial selection, not a sort of every row (12k rows
+    of an MoE adapter for five lines)."""
+    import heapq
+
+    return heapq.nsmallest(max(0, n), rows, key=lambda r: (r["utilization"], r["name"]))
+
+
 def render_text(summary: Mapping[str, Any], *, top_wasteful: int, show_layers: bool = False,
                 title: str = "GRADIENCE LoRA AUDIT") -> str:
     s = summary
@@ -113,7 +81,7 @@ def render_text(summary: Mapping[str, Any], *, top_wasteful: int, show_layers: b
               "",
               "Summary:",
               f"  LoRA params: {human_count(s['total_lora_params'])}",
-              f"  Layers:      {s['n_layers']}",
+              f"  Layers:      {s['n_layers']}{_expert_rows_note(s)}",
               f"  Stable rank (mean):    {num(s['stable_rank_mean'])}",
               f"  Utilization (mean):    {pct(s['utilization_mean'])}",
               f"  Energy rank k@90% (p50/p90): {rank_value(s['energy_rank_90_p50'])}/{rank_value(s['energy_rank_90_p90'])}"]
@@ -159,13 +127,16 @@ def render_text(summary: Mapping[str, Any], *, top_wasteful: int, show_layers: b
                   f"({pct(s['intruder_layer_share'])}); intruders: {s['intruder_count_total']}; "
                   f"energy Σσ²: {num(s['intruder_energy_total'], '.4g')}"]
 
-    if s.get("experts"):  # MoE expert LoRA (issue 21): one coverage line per layer
-        from gradience.audit.experts import coverage_lines
+    if s.get("experts"):  # MoE expert LoRA (issue 21): coverage per layer, never-adapted experts apart
+        from gradience.audit.experts import coverage_lines, never_adapted_line
 
         ex = s["experts"]
         lines += ["", f"Experts: {ex['n_adapted']} of {ex['n_expert_rows']} expert updates adapted "
                       f"({pct(ex['coverage'])})"]
-        lines += [f"  {safe_text(line)}" for line in coverage_lines(ex)[:TOP_UDR_TEXT * 5]]
+        never = never_adapted_line(ex)
+        if never is not None:
+            lines.append(f"  {never}")
+        lines += [f"  {safe_text(line)}" for line in coverage_lines(ex)]
     if s.get("qlora") and s["qlora"].get("n_layers"):  # audit --qlora (issue 21)
         q = s["qlora"]
         lines += ["", f"QLoRA merge residual ‖W16 − deq(Q(W16))‖ / ‖s·B·A‖ ({q['quant_type']}): median "
@@ -197,13 +168,18 @@ def render_text(summary: Mapping[str, Any], *, top_wasteful: int, show_layers: b
         lines.append("  (none)")
     for issue in issues:
         mods = issue.get("modules") or []
-        tail = f" [{', '.join(mods[:3])}{', ...' if len(mods) > 3 else ''}]" if mods else ""
+        named = bool(mods) and str(mods[0]) in str(issue.get("message", ""))  # the message lists them already
+        tail = f" [{', '.join(mods[:3])}{', ...' if len(mods) > 3 else ''}]" if mods and not named else ""
         lines.append(f"  [{issue['severity']}] {issue['code']}: {issue['message']}{tail}")
 
-    rated = sorted((r for r in rows if r.get("utilization") is not None), key=lambda r: (r["utilization"], r["name"]))
-    shown = rated[: max(0, top_wasteful)]
+    # Rank waste: a never-adapted expert (adapted is False) has no update to waste rank on; it is a coverage
+    # fact, listed under Experts, and would otherwise fill this list with zeros.
+    rated = [r for r in rows if r.get("utilization") is not None and r.get("adapted") is not False]
+    shown = _lowest_utilization(rated, top_wasteful)
     if shown:
-        lines += ["", f"Most wasteful layers (lowest utilization, top {len(shown)}):"]
+        skipped = sum(1 for r in rows if r.get("adapted") is False)
+        note = f"; {skipped} never-adapted experts are under Experts" if skipped else ""
+        lines += ["", f"Most wasteful layers (lowest utilization, top {len(shown)}{note}):"]
         lines += [wasteful_line(i, row) for i, row in enumerate(shown, 1)]
 
     if show_layers and rows:

@@ -221,7 +221,7 @@ def _run(args: argparse.Namespace) -> int:
                         "adapters": {s["adapter_name"] or "default": s for s in summaries}}
         else:
             doc = summaries[0]
-        from gradience.audit.render import dumps_json
+        from gradience.audit.jsonout import dumps_json
 
         sys.stdout.write(dumps_json(doc) + "\n")
     else:
