@@ -74,9 +74,24 @@ class TorchOperator(LowRankPlus):
         return np.asarray((tw @ tx).cpu().numpy(), dtype=np.float64)
 
 
+class _Transposed:
+    """Mᵀ seen through the products of M."""
+
+    def __init__(self, op: Operator) -> None:
+        self.op = op
+        self.shape = (op.shape[1], op.shape[0])
+
+    def matmat(self, x: np.ndarray) -> np.ndarray:
+        return self.op.rmatmat(x)
+
+    def rmatmat(self, y: np.ndarray) -> np.ndarray:
+        return self.op.matmat(y)
+
+
 @dataclass(frozen=True)
 class TopK:
-    """u (m, k), sigma (k,) descending, v (n, k) float64; ``residual`` ‖M·v_i − σ_i·u_i‖ per triplet."""
+    """u (m, k), sigma (k,) descending, v (n, k) float64; ``residual`` ‖M·v_i − σ_i·u_i‖ per triplet (for a
+    tall M solved as Mᵀ, ‖Mᵀ·u_i − σ_i·v_i‖; the other one is then exact by construction)."""
 
     u: np.ndarray
     sigma: np.ndarray
@@ -128,8 +143,14 @@ def top_singular(op: Operator, k: int, *, rtol: float = INTRUDER_RESIDUAL_RTOL, 
     what makes the residual free: with ZᵀZ = E·Θ·Eᵀ, σ = √θ, u = Q·e, v = Z·e/σ and M·v = Y·e/σ exactly.
     ``start`` (m, s): left-space directions expected near the answer (for W + s·L·R: L and W's top vectors), the
     first block instead of M·Ω (completed with M·Ω up to the block size); only the speed depends on it.
+    A tall M (m > n, gate/up as stored) is solved as Mᵀ: the basis, its orthogonalisation and the Ritz products
+    then live in the shorter dimension (n), about m/n times cheaper; the products with W cost the same.
     """
     m, n = op.shape
+    if m > n:
+        t_start = None if start is None else op.rmatmat(np.asarray(start, dtype=np.float64))  # right-space
+        tr = top_singular(_Transposed(op), k, rtol=rtol, block=block, max_blocks=max_blocks, seed=seed, start=t_start)
+        return TopK(tr.v, tr.sigma, tr.u, tr.residual, tr.converged, tr.products + (start is not None), tr.blocks)
     full = min(m, n)
     k = max(1, min(k, full))
     b = min(full, block if block is not None else k + INTRUDER_BLOCK_EXTRA)
