@@ -122,3 +122,26 @@ def test_suggested_verify_command_runs_as_printed(tmp_path: Path, capsys: pytest
 
     doc = json.loads(capsys.readouterr().out)
     assert doc["ok"] is True and not any(i.get("code") == "heads_inferred" for i in doc.get("issues", []))
+
+
+def test_several_adapters_in_one_directory_need_adapter_name(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    # Before: the top-level adapter was exported without a word, and the hint did not name the adapter.
+    vt.make_base(tmp_path / "base")
+    vt.make_adapter(tmp_path / "multi", r=8, alpha=16)
+    vt.make_adapter(tmp_path / "multi" / "second", r=4, alpha=4, seed=7)
+    out = tmp_path / "a.gguf"
+    assert _export(tmp_path, tmp_path / "multi", tmp_path / "base", out) == 2
+    err = _one_error_line(capsys)
+    assert "several adapters found (default, second)" in err and "--adapter-name" in err
+    assert not out.exists()
+    assert _export(tmp_path, tmp_path / "multi", tmp_path / "base", out, "--adapter-name", "second") == 0
+    hint = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("check it: "))
+    argv = shlex.split(hint.removeprefix("check it: "))
+    assert argv[argv.index("--adapter-name") + 1] == "second"
+    assert main([*argv[1:], "--fail-on", "not_exact"]) == 0
+    capsys.readouterr()
+    import gguf
+
+    alpha = gguf.GGUFReader(str(out)).fields["adapter.lora.alpha"].contents()
+    assert alpha == pytest.approx(4.0)                                  # the second adapter's, not the first's

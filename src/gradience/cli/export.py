@@ -58,6 +58,13 @@ def run(args: argparse.Namespace) -> int:
     from gradience.export.gguf import export_gguf, import_gguf
 
     import_gguf("gradience export --to gguf")  # before reading anything: the missing extra is the first error
+    if args.adapter_name is None:
+        from gradience.adapter import list_adapters
+
+        names = list_adapters(args.peft_dir)
+        if len(names) > 1:  # as audit: a file for the wrong adapter of the directory is worse than asking
+            raise InputError(f"several adapters found ({', '.join(names)}); choose one with --adapter-name",
+                             args.peft_dir)
     loaded = load_adapter(args.peft_dir, adapter_name=args.adapter_name)
     doc = export_gguf(loaded, args.base_model, args.out, outtype=args.outtype, force=args.force)
     if args.json:
@@ -69,5 +76,7 @@ def run(args: argparse.Namespace) -> int:
             f"adapter.lora.alpha = {doc['lora_alpha']:g}; {rescaled} of {len(doc['modules'])} module(s) had their "
             "PEFT scale baked into lora_b\n"
             f"check it: gradience verify --gguf {shlex.quote(doc['out'])} --peft-dir {shlex.quote(args.peft_dir)} "
-            f"--base-model {shlex.quote(args.base_model)}\n", keep_newlines=True))
+            f"--base-model {shlex.quote(args.base_model)}"
+            + (f" --adapter-name {shlex.quote(args.adapter_name)}" if args.adapter_name else "") + "\n",
+            keep_newlines=True))
     return 0
