@@ -130,6 +130,33 @@ def test_tensorboard_writer_thread_and_new_event_file(tmp_path: Path) -> None:
     _same(final, monitor_run(run_dir))
 
 
+def test_follow_started_before_the_trainer_writes(tmp_path: Path) -> None:
+    """``monitor --follow out/runs/<run>`` started before the Trainer created its run directory: it waits, then
+    follows the event file it finds there; a path that never appears ends at the idle timeout with nothing."""
+    run_dir = tmp_path / "runs" / "Dec06_12-00-00_host"
+    events = scripted_run(12)
+
+    def train() -> None:
+        time.sleep(0.2)
+        writer = _writer(run_dir)
+        for event in events:
+            _log_step(writer, *event)
+            writer.flush()
+        _log_summary(writer, 12)
+        writer.close()
+
+    pytest.importorskip("tensorboard")
+    thread = threading.Thread(target=train)
+    thread.start()
+    try:
+        final = follow(run_dir, interval=0.01, on_report=lambda r: None, max_idle=60)
+    finally:
+        thread.join()
+    assert final is not None and final.source == "tensorboard" and final.training["steps_logged"] == 12
+    _same(final, monitor_run(run_dir))
+    assert follow(tmp_path / "never", interval=0.01, on_report=lambda r: None, max_polls=3) is None
+
+
 def test_tensorboard_record_cut_mid_write_is_read_whole_later(tmp_path: Path) -> None:
     """The real writer's bytes appended in pieces that cut records anywhere (header, data, CRC): no issue while
     following, every record read once; a record still cut when the follow ends is reported as truncated."""

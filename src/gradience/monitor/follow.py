@@ -224,6 +224,15 @@ def open_followed(path: str | os.PathLike[str], *, run_id: str | None = None, st
                        dataset=dataset)
 
 
+def _written(path: Path) -> bool:
+    """The path exists, and a directory holds something (the Trainer creates its run directory just before
+    the events file in it)."""
+    try:
+        return path.exists() and (not path.is_dir() or next(path.iterdir(), None) is not None)
+    except OSError:
+        return False
+
+
 def follow(path: str | os.PathLike[str], *, on_report: Callable[[MonitorReport], None], interval: float = 5.0,
            run_id: str | None = None, strict: bool = False, gap_threshold: float = T.GAP_THRESHOLD,
            task_profile: str | None = None, dataset: str | None = None, max_idle: float | None = None,
@@ -236,10 +245,20 @@ def follow(path: str | os.PathLike[str], *, on_report: Callable[[MonitorReport],
         raise InputError(f"--interval must be a positive number of seconds, got {interval}")
     if max_idle is not None and not max_idle > 0:
         raise InputError(f"--idle-timeout must be a positive number of seconds, got {max_idle}")
-    run = open_followed(path, run_id=run_id, strict=strict, gap_threshold=gap_threshold,
-                        task_profile=task_profile, dataset=dataset)
     last_new = clock()
     polls = 0
+
+    def stop() -> bool:
+        return (max_idle is not None and clock() - last_new >= max_idle) or (max_polls is not None
+                                                                            and polls >= max_polls)
+
+    while not _written(Path(path)):  # not written yet: its kind (run.jsonl, a TensorBoard run ...) is unknown
+        polls += 1
+        if stop():
+            return None
+        sleep(interval)
+    run = open_followed(path, run_id=run_id, strict=strict, gap_threshold=gap_threshold,
+                        task_profile=task_profile, dataset=dataset)
     while True:
         polls += 1
         if run.poll():
@@ -249,7 +268,7 @@ def follow(path: str | os.PathLike[str], *, on_report: Callable[[MonitorReport],
                 on_report(report)
         if run.ended:
             return run.report()
-        if (max_idle is not None and clock() - last_new >= max_idle) or (max_polls is not None and polls >= max_polls):
+        if stop():
             run.finish()
             return run.report()
         sleep(interval)
