@@ -145,3 +145,22 @@ def test_several_adapters_in_one_directory_need_adapter_name(tmp_path: Path,
 
     alpha = gguf.GGUFReader(str(out)).fields["adapter.lora.alpha"].contents()
     assert alpha == pytest.approx(4.0)                                  # the second adapter's, not the first's
+
+
+def test_alpha_beyond_float32_is_refused_not_written_as_inf(tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    # Before: lora_alpha 1e45 was stored as adapter.lora.alpha = inf (a float32 key); now it is baked into B,
+    # whose values then overflow float32: one line naming the adapter file, no file written.
+    import json
+
+    vt.make_base(tmp_path / "base")
+    vt.make_adapter(tmp_path / "adapter")
+    cfg_path = tmp_path / "adapter" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["lora_alpha"] = 1e45
+    cfg_path.write_text(json.dumps(cfg))
+    out = tmp_path / "a.gguf"
+    assert _export(tmp_path, tmp_path / "adapter", tmp_path / "base", out) == 2
+    err = _one_error_line(capsys)
+    assert "adapter_model.safetensors: blk.0." in err and "float32 range" in err
+    assert not out.exists()

@@ -29,6 +29,7 @@ from gradience.udr.names import BaseNameIndex
 SCHEMA = "gradience.export/v1"
 OUTTYPES = ("f32", "f16", "bf16")
 _MAX_CONFIG_BYTES = 16 * 1024 * 1024
+_F32_MAX = float(np.finfo(np.float32).max)
 
 
 def import_gguf(purpose: str) -> Any:
@@ -185,27 +186,31 @@ def gguf_factors(p: PlannedPair) -> tuple[np.ndarray, np.ndarray]:
     return a64, b64
 
 
-def _encode(gguf: Any, arr: np.ndarray, outtype: str, name: str) -> tuple[np.ndarray, Any]:
+def _encode(gguf: Any, arr: np.ndarray, outtype: str, name: str, where: str | None = None) -> tuple[np.ndarray, Any]:
     """(array, raw_dtype) for GGUFWriter.add_tensor."""
+    with np.errstate(over="ignore"):
+        f32 = np.ascontiguousarray(arr, np.float32)
+    if not np.all(np.isfinite(f32)):  # a scale baked into B can overflow float32 (and bf16, its range)
+        raise InputError(f"{name}: values exceed the float32 range once the module's scale is baked in", where)
     if outtype == "f32":
-        return np.ascontiguousarray(arr, np.float32), None
+        return f32, None
     if outtype == "f16":
         with np.errstate(over="ignore"):
             out = np.ascontiguousarray(arr, np.float16)
         if not np.all(np.isfinite(out)):
-            raise InputError(f"{name}: values exceed the float16 range; export with --outtype f32 or bf16")
+            raise InputError(f"{name}: values exceed the float16 range; export with --outtype f32 or bf16", where)
         return out, None
     from gguf.quants import quantize
 
-    return quantize(np.ascontiguousarray(arr, np.float32), gguf.GGMLQuantizationType.BF16), \
-        gguf.GGMLQuantizationType.BF16
+    return quantize(f32, gguf.GGMLQuantizationType.BF16), gguf.GGMLQuantizationType.BF16
 
 
 def export_alpha(config: dict[str, Any]) -> float:
     """The alpha stored in the file: the config's lora_alpha (plain adapters then keep their factors bit for bit),
     1.0 when it is missing, zero or not a number (llama.cpp reads alpha 0 as "scale 1")."""
     alpha = config.get("lora_alpha")
-    if isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and math.isfinite(alpha) and alpha > 0:
+    if isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and math.isfinite(alpha) and alpha > 0 \
+            and alpha <= _F32_MAX:  # the file stores it as float32: a larger one would be read back as inf
         return float(alpha)
     return 1.0
 
@@ -257,8 +262,8 @@ def _tensors(gguf: Any, planned: list[PlannedPair], outtype: str) -> Iterator[tu
     for p in planned:
         a, b = gguf_factors(p)
         name_a, name_b = cpp.gguf_pair_names(p.gguf_name)
-        yield (name_a, *_encode(gguf, a, outtype, name_a))
-        yield (name_b, *_encode(gguf, b, outtype, name_b))
+        yield (name_a, *_encode(gguf, a, outtype, name_a, p.where))
+        yield (name_b, *_encode(gguf, b, outtype, name_b, p.where))
 
 
 def _write(gguf: Any, target: Path, arch: str, alpha: float, planned: list[PlannedPair], outtype: str) -> None:
