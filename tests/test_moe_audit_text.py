@@ -24,7 +24,7 @@ from gradience.audit.render import render_text
 E, R, D_IN, D_OUT = 4, 2, 6, 5
 
 
-def _expert_adapter(out: Path, n_layers: int, never: dict[int, list[int]]) -> Path:
+def _expert_adapter(out: Path, n_layers: int, never: dict[int, list[int]], plain_zero: bool = False) -> Path:
     """PEFT's saved layout of ``target_parameters=["mlp.experts.down_proj"]`` (a Qwen3-MoE-like (E, out, in)
     parameter): lora_A (r·E, in), expert e's rows e·r..; lora_B (out, r·E), expert e's columns e, e+E, ...
     ``never[layer]``: experts whose B columns are zero (never routed to)."""
@@ -39,6 +39,9 @@ def _expert_adapter(out: Path, n_layers: int, never: dict[int, list[int]]) -> Pa
         prefix = f"base_model.model.model.layers.{layer}.mlp.experts"
         tensors[f"{prefix}.lora_A.weight"] = rng.standard_normal((R * E, D_IN)).astype(np.float32)
         tensors[f"{prefix}.lora_B.weight"] = b
+    if plain_zero:  # an ordinary LoRA pair left at PEFT's init (B = 0)
+        tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"] = np.ones((R, D_IN), np.float32)
+        tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"] = np.zeros((D_OUT, R), np.float32)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "adapter_model.safetensors"))
     (out / "adapter_config.json").write_text(json.dumps({
@@ -115,6 +118,15 @@ def test_never_adapted_experts_are_not_rank_waste(tmp_path: Path) -> None:
     assert "util=0.0%" not in text.split(head)[1]
 
 
+def test_zero_update_issue_tells_experts_apart(tmp_path: Path) -> None:
+    summary = _summary(_expert_adapter(tmp_path, 2, {1: [0, 3]}, plain_zero=True))
+    zero = next(i for i in summary["issues"] if i["code"] == "zero_update")
+    assert zero["modules"] == ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.experts.down_proj[0]",
+                               "model.layers.1.mlp.experts.down_proj[3]"]
+    assert "(B or A all zeros, e.g. an adapter saved before training; 2 of them MoE experts, see " \
+           "expert_never_adapted)" in zero["message"]
+
+
 @pytest.mark.slow
 def test_real_peft_moe_text(tmp_path: Path) -> None:
     """A Qwen3-MoE adapter saved by PEFT (expert 3 of 4 untrained in both parameters of both layers)."""
@@ -128,7 +140,10 @@ def test_real_peft_moe_text(tmp_path: Path) -> None:
     assert block[1:] == [f"  layers 0-1: down_proj {E - 1}/{E}, gate_up_proj {E - 1}/{E} experts adapted; "
                          f"never adapted: experts {E - 1} in each"]
     assert "  Layers:      18  (16 MoE expert rows of 4 stacked parameters)" in text
-    issue = next(line for line in text.splitlines() if "expert_never_adapted" in line)
+    issue = next(line for line in text.splitlines() if "] expert_never_adapted: " in line)
+    zero = next(line for line in text.splitlines() if "] zero_update: " in line)
+    assert "MoE experts never routed to in training, see expert_never_adapted" in zero
+    assert "saved before training" not in zero
     assert issue.count("down_proj[3]") == 2 and " [model." not in issue  # named once, no repeated tail
     shown = [line.rsplit("  ", 1)[1] for line in text.split("Most wasteful layers", 1)[1].splitlines()[1:6]]
     adapted = sorted((r for r in summary["layers"] if r.get("adapted") is not False),

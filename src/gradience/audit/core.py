@@ -212,11 +212,16 @@ def layer_issues(layers: Sequence[LayerAudit], non_lora: NonLoraTensors) -> list
     issues: list[Issue] = []
     zero = [la.name for la in layers if la.status == "zero_update"]
     if zero:
+        experts = sum(1 for la in layers if la.status == "zero_update" and la.expert is not None)
+        # an MoE expert left at B = 0 was never routed to, not an adapter saved untrained: said apart
+        why = ("e.g. an adapter saved before training" if experts < len(zero) else
+               "MoE experts never routed to in training, see expert_never_adapted")
+        if 0 < experts < len(zero):
+            why += f"; {experts} of them MoE experts, see expert_never_adapted"
         issues.append(Issue(
             "zero_update",
             f"{len(zero)} of {len(layers)} LoRA {'pair has' if len(zero) == 1 else 'pairs have'} a zero update "
-            "(B or A all zeros, e.g. an adapter "
-            "saved before training); their metrics are 0",
+            f"(B or A all zeros, {why}); their metrics are 0",
             "warning", modules=zero))
     bad = [la.name for la in layers if la.status == "non_finite"]
     if bad:

@@ -27,7 +27,9 @@ def _groups(layers: Sequence[Any]) -> dict[str, list[Any]]:
         if getattr(layer, "expert", None) is not None:
             out[layer.name.rpartition("[")[0]].append(layer)
     for rows in out.values():
-        rows.sort(key=lambda la: la.expert)
+        experts = [la.expert for la in rows]
+        if experts != sorted(experts):  # the pairs come in expert order already (no per-row key calls then)
+            rows.sort(key=lambda la: la.expert)
     return dict(out)
 
 
@@ -41,12 +43,13 @@ def annotate_experts(layers: Sequence[Any]) -> list[Issue]:
     (False: zero or negligible update) on every expert row; the issues say which experts were never adapted."""
     never: list[str] = []
     for rows in _groups(layers).values():
-        energy = [_norm(la) ** 2 for la in rows]
+        norms = [_norm(la) for la in rows]
+        energy = [n ** 2 for n in norms]
         total = sum(energy)
-        median = stats.median([_norm(la) for la in rows]) or 0.0
-        for la, e in zip(rows, energy, strict=True):
+        cut = EXPERT_NEGLIGIBLE_REL * (stats.median(norms) or 0.0)
+        for la, n, e in zip(rows, norms, energy, strict=True):
             la.energy_share = e / total if total > 0 else 0.0
-            la.adapted = _norm(la) > EXPERT_NEGLIGIBLE_REL * median and _norm(la) > 0.0
+            la.adapted = n > cut and n > 0.0
             if not la.adapted:
                 never.append(la.name)
     if not never:
