@@ -95,6 +95,8 @@ def _indices(never: Sequence[int]) -> str:
 
 
 def _layer_span(first: Any, last: Any) -> str:
+    if first is None:  # a parameter outside numbered blocks
+        return "no layer index"
     return f"layer {first}" if first == last else f"layers {first}-{last}"
 
 
