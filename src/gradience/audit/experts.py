@@ -149,6 +149,6 @@ def never_adapted_line(summary: dict[str, Any]) -> str | None:
     n = sum(len(p["never_adapted"]) for p in hit)
     layers = {p["layer"] for p in hit}
     return (f"Never adapted: {n} expert {'update is' if n == 1 else 'updates are'} zero or below "
-            f"{EXPERT_NEGLIGIBLE_REL:g}x their parameter's median expert, in {len(hit)} of "
+            f"{EXPERT_NEGLIGIBLE_REL:g}× their parameter's median expert, in {len(hit)} of "
             f"{len(summary['parameters'])} stacked parameters ({len(layers)} {'layer' if len(layers) == 1 else 'layers'}"
             "): never routed to in training, or lost in a merge/export; a coverage gap, not rank waste")
