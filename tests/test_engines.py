@@ -96,7 +96,8 @@ def test_every_row_has_a_source_and_fires_somewhere() -> None:
              replace(PLAIN, ranks=[600], config_r=600),
              replace(PLAIN, has_modules_to_save=True, non_lora_names=("m.norm.weight", "m.lm_head.weight")),
              replace(PLAIN, target_parameters=("mlp.experts.w1",)),  # MoE expert rows (test_engines_experts.py)
-             replace(PLAIN, expert_shapes=(("e.gate_up_proj", 24, 16), ("e.down_proj", 16, 12)))]
+             replace(PLAIN, expert_shapes=(("e.gate_up_proj", 24, 16), ("e.down_proj", 16, 12))),
+             replace(PLAIN, adapter_format="mlx")]  # the *.format rows (tests/test_qa_fix_verify.py)
     for facts in cases:
         for version in (None, {"vllm": "0.9.0"}):
             for verdict in evaluate(facts, version).values():

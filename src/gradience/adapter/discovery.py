@@ -75,7 +75,9 @@ def existing_dir(path: str | os.PathLike[str]) -> Path:
     if st is None:
         raise InputError("directory not found", p)
     if not stat.S_ISDIR(st.st_mode):
-        raise InputError("is a file, not a directory (pass a weights file with --weights)", p)
+        # only `audit` has --weights: the hint names what every command (export, verify, merge, ...) accepts
+        raise InputError("is a file, not a directory: pass the adapter's directory (the one holding "
+                         "adapter_config.json and the weights file)", p)
     return p
 
 

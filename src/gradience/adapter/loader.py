@@ -13,7 +13,7 @@ from typing import Any
 
 from gradience.adapter.config import CONFIG_FILENAME, read_adapter_config
 from gradience.adapter.discovery import existing_dir, find_weights, resolve_adapter_dir
-from gradience.adapter.mlx import MLX_WEIGHTS, build_mlx_pairs, is_mlx_config, mlx_config_view
+from gradience.adapter.mlx import MLX_WEIGHTS, build_mlx_pairs, is_mlx_config, mlx_config_view, mlx_parameters
 from gradience.adapter.model import LoadedAdapter
 from gradience.adapter.pairs import build_pairs
 from gradience.adapter.sources import MappingSource, SafetensorsSource, TensorSource, torch_pickle_source
@@ -72,7 +72,9 @@ def _assemble(source: TensorSource, config: dict[str, Any], issues: list[Issue],
               adapter_name: str | None, key_adapter: str | None = None) -> LoadedAdapter:
     if is_mlx_config(config) or (weights_path is not None and Path(weights_path).name == MLX_WEIGHTS
                                  and not config.get("peft_type")):
-        # MLX-LM layout: its own key names and factor orientation; the rest of the tool sees PEFT's view
+        # MLX-LM layout: its own key names and factor orientation; the rest of the tool sees PEFT's view.
+        # The config's lora_parameters are checked first, so that their errors name adapter_config.json.
+        mlx_parameters(config, config_path or where)
         pairs, non_lora, pair_issues = build_mlx_pairs(source, config, where)
         config = mlx_config_view(config, where)
     else:

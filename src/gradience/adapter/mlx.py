@@ -165,6 +165,7 @@ def build_mlx_pairs(source: TensorSource, config: Mapping[str, Any], where: str 
     pairs: list[LoraPair] = []
     issues: list[Issue] = []
     unpaired: list[str] = []
+    off_rank: list[tuple[str, int]] = []   # (module, factor rank) where lora_parameters.rank says otherwise
     for module, leaves in slots.items():
         a, b = leaves.get("lora_a"), leaves.get("lora_b")
         if a is None or b is None:
@@ -184,8 +185,7 @@ def build_mlx_pairs(source: TensorSource, config: Mapping[str, Any], where: str 
         if problem is not None:
             raise InputError(f"MLX factors of {module}: {problem}", where)
         if rank is not None and r != rank:
-            issues.append(Issue("rank_mismatch", f"{module}: factors have r={r}, lora_parameters.rank={rank}; the "
-                                                 "factor shapes are used", modules=[module]))
+            off_rank.append((module, r))
         m = leaves.get("m")
         mag_ok = m is not None and m.is_float and m.numel == d_out and experts == 0
         # an embedding's ΔW is lora_a·lora_b: lora_b plays A (r, dims) and lora_a plays B (n, r), stored unturned
@@ -207,9 +207,17 @@ def build_mlx_pairs(source: TensorSource, config: Mapping[str, Any], where: str 
     if unpaired:
         issues.append(Issue("unpaired_factor", f"{len(unpaired)} MLX factor(s) without their twin, not audited: "
                                                f"{', '.join(unpaired[:5])}", modules=unpaired))
+    if off_rank:  # one grouped warning: a config written for another rank shows on every module alike
+        module, r = off_rank[0]
+        ranks = sorted({fr for _, fr in off_rank})
+        issues.append(Issue("rank_mismatch", f"{len(off_rank)} of {len(slots)} module(s) have factors of rank "
+                                             f"{', '.join(map(str, ranks))}, not lora_parameters.rank={rank} (e.g. "
+                                             f"{module}: r={r}); the factor shapes are used",
+                            modules=[m for m, _ in off_rank]))
     num_layers = config.get("num_layers")
     if isinstance(num_layers, int) and not isinstance(num_layers, bool):
+        blocks = "every block" if num_layers < 0 else f"the last {num_layers} blocks"  # mlx-lm: -1 = all
         issues.append(Issue("mlx_adapter", f"MLX-LM adapter: scale {scale:g} (lora_parameters.scale, applied as is), "
-                                           f"LoRA on the last {num_layers} blocks (num_layers)", severity="info"))
+                                           f"LoRA on {blocks} (num_layers)", severity="info"))
     pairs.sort(key=lambda p: _natural_key(p.name))
     return pairs, non_lora, issues

@@ -41,6 +41,7 @@ examples:
   gradience compress --peft-dir ./adapter --out ./adapter-30pct --budget 30% --dtype bfloat16 --json
   gradience audit --peft-dir ./adapter-small                      # the new ranks; then evaluate it
   gradience compress ./mlx-adapters --out ./peft-r8 --rank 8 --format peft     # MLX-LM adapter -> PEFT
+  gradience compress ./mlx-adapters --out ./peft --format peft     # conversion only: same ranks, same ΔW
 """
 
 
@@ -72,7 +73,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--format", choices=("peft", "mlx"), default=None, dest="out_format",
                    help="output layout: peft (adapter_model.safetensors, PEFT config) or mlx (mlx-lm's "
                         "adapters.safetensors; one rank and one scale, lower ranks zero-padded); default: the "
-                        "input's")
+                        "input's. --format alone (no policy) converts only: every module keeps its rank")
     p.add_argument("--dtype", choices=("keep", "float32", "bfloat16", "float16"), default="keep",
                    help="dtype of the new factors (default: keep each factor's dtype)")
     p.add_argument("--base-model", metavar="ID_OR_DIR",
@@ -141,11 +142,14 @@ def _run(args: argparse.Namespace) -> int:
         if args.out_format is not None:
             raise InputError("--format applies to the rank policies; --scale-intruders keeps the input's layout")
         return _scale_intruders(args)
-    policy = policy_from_args(args)
+    conversion = args.out_format is not None and not named_policies(args)
+    policy = None if conversion else policy_from_args(args)
+    loaded = load_adapter(args.peft_dir, adapter_name=args.adapter_name)
+    if policy is None:
+        policy = _conversion_policy(loaded, args)
     options = CompressOptions(policy=policy, dtype=args.dtype, base_model=args.base_model,
                               base_norms_cache=args.base_norms_cache, dry_run=args.dry_run, force=args.force,
                               engine_versions=_engine_versions(args.engine_version), format=args.out_format)
-    loaded = load_adapter(args.peft_dir, adapter_name=args.adapter_name)
     result = compress(loaded, args.out, options)
     doc = result.to_dict()
     if args.json:
@@ -153,6 +157,19 @@ def _run(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(safe_text(render_text(doc), keep_newlines=True))  # names from the files, escaped
     return 0
+
+
+def _conversion_policy(loaded: Any, args: argparse.Namespace) -> Any:
+    """``--format`` with no rank policy: a pure format conversion. Every module keeps its own rank (``--rank``
+    at the largest rank is capped at each module's r), so ΔW is unchanged; the modifiers still apply."""
+    from gradience.errors import InputError
+
+    if not loaded.pairs:
+        raise InputError("the adapter holds no LoRA pairs to convert", loaded.adapter_weights_path)
+    top = max(p.r for p in loaded.pairs)
+    base = policy_from_args(argparse.Namespace(**{**vars(args), "rank": top}))
+    base.extra["conversion"] = f"--format {args.out_format} alone: every module keeps its rank (ΔW unchanged)"
+    return base
 
 
 def _scale_intruders(args: argparse.Namespace) -> int:

@@ -44,7 +44,7 @@ def render_text(doc: dict[str, Any]) -> str:
         lines.append(f"Output:    {safe_text(out.get('path') or '-')}")
     if out.get("format", "peft") != "peft":  # --format mlx (compress/formats.py)
         lines.append(f"Format:    {safe_text(str(out['format']))} ({safe_text(str(out.get('weights')))})")
-    lines.append(f"Policy:    {policy_line(doc['policy'])}")
+    lines.append(f"Policy:    {doc['policy']['conversion'] if doc['policy'].get('conversion') else policy_line(doc['policy'])}")
     pol = doc["policy"]
     if pol["name"] == "budget" and pol.get("budget_params") is not None:
         used = pol.get("budget_params_used")

@@ -309,7 +309,9 @@ def output_facts(layers: list[LayerPlan], config: dict[str, Any], non_lora: dict
                              expert_parameters=[parameter_name(la.pair) for la in layers
                                                 if la.pair is not None and la.pair.expert is not None],
                              expert_shapes=[(parameter_name(la.pair), la.d_in, la.d_out) for la in layers
-                                            if la.pair is not None and la.pair.expert is not None])
+                                            if la.pair is not None and la.pair.expert is not None],
+                             # an MLX output is judged as its PEFT twin (the mlx_output issue says so)
+                             adapter_format="peft")
 
 
 # Earlier private names (merge imported them before they were public).

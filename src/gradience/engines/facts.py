@@ -40,6 +40,7 @@ class OutputFacts:
     target_parameters: tuple[str, ...] = ()
     expert_parameters: tuple[str, ...] = ()
     expert_shapes: tuple[tuple[str, int, int], ...] = ()  # (parameter, lora_A width d_in, lora_B height d_out)
+    adapter_format: str = "peft"             # the layout on disk: "peft", or "mlx" (mlx-lm's adapters.safetensors)
 
     @property
     def max_rank(self) -> int:
@@ -72,8 +73,10 @@ def is_norm_tensor(key: str) -> bool:
 def facts_from_config(config: Mapping[str, Any], ranks: Iterable[int], *, kinds: Iterable[str] = ("linear",),
                       non_lora_names: Iterable[str] = (), has_lora_bias: bool = False,
                       dora: bool | None = None, expert_parameters: Iterable[str] = (),
-                      expert_shapes: Iterable[tuple[str, int, int]] = ()) -> OutputFacts:
-    """Facts for an adapter described by its ``adapter_config.json`` and its per-module ranks."""
+                      expert_shapes: Iterable[tuple[str, int, int]] = (),
+                      adapter_format: str | None = None) -> OutputFacts:
+    """Facts for an adapter described by its ``adapter_config.json`` and its per-module ranks.
+    ``adapter_format``: the layout judged (default: the config's, ``mlx`` for an MLX-LM view)."""
     mts = config.get("modules_to_save")
     mts_names = tuple(str(m) for m in mts) if isinstance(mts, (list, tuple)) else ()
     names = tuple(non_lora_names)
@@ -93,4 +96,5 @@ def facts_from_config(config: Mapping[str, Any], ranks: Iterable[int], *, kinds:
         alpha_pattern=alpha_pattern or {}, use_rslora=bool(config.get("use_rslora")),
         modules_to_save=mts_names, non_lora_names=names, bias=str(config.get("bias") or "none"),
         target_parameters=targets, expert_parameters=tuple(dict.fromkeys(expert_parameters)),
-        expert_shapes=tuple(dict.fromkeys(expert_shapes)))
+        expert_shapes=tuple(dict.fromkeys(expert_shapes)),
+        adapter_format=adapter_format or ("mlx" if config.get("format") == "mlx" else "peft"))

@@ -45,6 +45,15 @@ def _top_module(name: str) -> str:
     return parts[-1] if parts else name
 
 
+# -- the layout on disk (every engine) ---------------------------------------------------------------------
+def _format_mlx(f: OutputFacts, v: Any) -> str | None:
+    if f.adapter_format != "mlx":
+        return None
+    return ("format: mlx-lm adapter (adapters.safetensors, lora_a (in, r) / lora_b (r, out), "
+            "lora_parameters.scale): this engine loads only PEFT's adapter_model.safetensors + adapter_config.json; "
+            "convert it first with `gradience compress MLX_DIR --out OUT --format peft` (ΔW unchanged)")
+
+
 # -- vLLM --------------------------------------------------------------------------------------------------
 def _vllm_uniform_legacy(f: OutputFacts, v: Any) -> str | None:
     if _vllm.reads_patterns(v) or f.uniform:
@@ -138,6 +147,12 @@ _CPP_CONVERT = "convert_lora_to_gguf.py LoraModel.get_tensors"
 _CPP_RUNTIME = "src/llama-adapter.cpp llama_adapter_lora_init_impl"
 
 RULES: tuple[Rule, ...] = (
+    Rule("peft.format", "peft", "peft/utils/save_and_load.py load_peft_weights (adapter_model.safetensors) + "
+         "peft/config.py PeftConfigMixin.from_pretrained (adapter_config.json)", "all", _format_mlx),
+    Rule("vllm.format", "vllm", "vllm/lora/models.py LoRAModel.from_local_checkpoint (adapter_model.safetensors, "
+         "adapter_config.json)", "all", _format_mlx),
+    Rule("llama_cpp.format", "llama_cpp", "convert_lora_to_gguf.py (reads adapter_config.json + "
+         "adapter_model.safetensors)", "all", _format_mlx),
     Rule("vllm.rank_pattern_legacy", "vllm", _VLLM_HELPER + ".__post_init__ (one lora_alpha/r)", "< 0.33.0",
          _vllm_uniform_legacy),
     Rule("vllm.modules_to_save", "vllm", _VLLM_HELPER + "._validate_features", "all (heads allowed >= 0.33.0)",

@@ -186,14 +186,33 @@ def new_factors(plan: ModulePlan, weights: Sequence[float], options: MergeOption
     return _make_factors(plan, _load_stack(plan.group, weights), options, alpha)
 
 
-def _inputs_doc(loaded: Sequence[LoadedAdapter], weights: Sequence[float]) -> list[dict[str, Any]]:
-    from gradience.compress.tensors import source_sha256
+def _duplicates(loaded: Sequence[LoadedAdapter], shas: Sequence[str], explicit_weights: bool) -> list[Issue]:
+    """The same adapter given twice (same weights file bytes and same per-module scales) adds its update twice:
+    refused unless --weights says how much of each copy is meant (then a warning)."""
+    seen: dict[tuple[str, tuple[float, ...]], int] = {}
+    issues: list[Issue] = []
+    for i, (one, sha) in enumerate(zip(loaded, shas, strict=True)):
+        key = (sha, tuple(p.scale for p in one.pairs))
+        first = seen.setdefault(key, i)
+        if first == i:
+            continue
+        same = f"adapters {first + 1} and {i + 1} are the same adapter (weights sha256 {sha[:12]}, same scales)"
+        if not explicit_weights:
+            raise InputError(f"{same}: merging it with itself adds its update twice (2x ΔW, not a merge of two "
+                             "tasks); pass a different adapter, or --weights if a scaled copy is what you want",
+                             one.adapter_weights_path or one.peft_dir)
+        issues.append(Issue("duplicate_input", f"{same}: merged with the --weights given (their weights add up)",
+                            "warning"))
+    return issues
 
+
+def _inputs_doc(loaded: Sequence[LoadedAdapter], weights: Sequence[float],
+                shas: Sequence[str]) -> list[dict[str, Any]]:
     return [{"path": one.peft_dir, "adapter_name": one.adapter_name, "weights_path": one.adapter_weights_path,
-             "sha256": source_sha256(one), "weight": w, "r": one.config.get("r"),
+             "sha256": sha, "weight": w, "r": one.config.get("r"),
              "lora_alpha": one.config.get("lora_alpha"), "use_rslora": bool(one.config.get("use_rslora", False)),
              "base_model_name_or_path": one.config.get("base_model_name_or_path"), "n_modules": len(one.pairs)}
-            for one, w in zip(loaded, weights, strict=True)]
+            for one, w, sha in zip(loaded, weights, shas, strict=True)]
 
 
 def _issues(plans: Sequence[ModulePlan], notes: Sequence[str], n_inputs: int) -> list[Issue]:
@@ -224,6 +243,10 @@ def merge(loaded: Sequence[LoadedAdapter], out: str | os.PathLike[str] | None,
     _check_options(options)
     inp = validate_inputs(loaded, force=options.force)
     weights = parse_weights(options.weights, len(loaded))
+    from gradience.compress.tensors import source_sha256
+
+    shas = [source_sha256(one) for one in loaded]
+    duplicate_issues = _duplicates(loaded, shas, options.weights is not None)
     out_dir = None
     if out is not None:
         sources = [p for one in loaded for p in (one.peft_dir, one.adapter_weights_path, one.adapter_config_path)
@@ -238,7 +261,11 @@ def merge(loaded: Sequence[LoadedAdapter], out: str | os.PathLike[str] | None,
                                                              and not options.policy.uniform))
     encoder = Encoder(loaded, options)
     eager = Eager(inp.alpha, None if options.dry_run or out_dir is None else encoder) if per_module else None
-    measured = [_measure(g, weights, options, eager) for g in inp.groups]
+    try:
+        measured = [_measure(g, weights, options, eager) for g in inp.groups]
+    except factored.NonFiniteFactors as exc:  # the one-line error names the adapter file that holds them
+        one = loaded[exc.input_index]
+        raise InputError(exc.problem, one.adapter_weights_path or one.peft_dir) from None
     plans = [m[0] for m in measured]
     params_sum = sum(g.summed_rank * (g.d_in + g.d_out) for g in inp.groups)
     assumed: set[str] = set().union(*(assumed_modules(one) for one in loaded))
@@ -252,9 +279,9 @@ def merge(loaded: Sequence[LoadedAdapter], out: str | os.PathLike[str] | None,
     targets = list(dict.fromkeys(t for one in loaded for t in target_parameters(one.config)))
     config = output_config(loaded[0].config, inp.groups, ks, inp.alpha, inp.base_model, assumed=assumed,
                            target_parameters=targets)
-    result = MergeResult(options=options, inputs=_inputs_doc(loaded, weights), modules=plans, out_config=config,
-                         out_dir=None if out is None else os.fspath(out),
-                         issues=_issues(plans, inp.notes, len(loaded)), policy_extra=extra)
+    result = MergeResult(options=options, inputs=_inputs_doc(loaded, weights, shas), modules=plans,
+                         out_config=config, out_dir=None if out is None else os.fspath(out),
+                         issues=duplicate_issues + _issues(plans, inp.notes, len(loaded)), policy_extra=extra)
     specs, dtypes = tensor_specs(encoder, plans, weights, options, inp.alpha)
     result.dtype_out = dtypes
     result.portability = portability_of(plans, config)

@@ -62,6 +62,14 @@ class Stack:
         return np.asarray(self.b, dtype=np.float64) * self.column_weights()[None, :]
 
 
+class NonFiniteFactors(InputError):
+    """NaN/Inf factors in input ``input_index``: :func:`gradience.merge.core.merge` names that adapter's file."""
+
+    def __init__(self, input_index: int, problem: str) -> None:
+        super().__init__(problem)
+        self.input_index = input_index
+
+
 def stack(name: str, factors: Sequence[tuple[int, np.ndarray, np.ndarray, float, float]]) -> Stack:
     """Stack (input index, A (r, d_in), B (d_out, r), weight wᵢ, scale sᵢ) of the inputs that have the module."""
     blocks, lo = [], 0
@@ -74,7 +82,8 @@ def stack(name: str, factors: Sequence[tuple[int, np.ndarray, np.ndarray, float,
     a_s = np.concatenate([np.asarray(f[1], dtype=dtype) for f in factors], axis=0)
     b_s = np.concatenate([np.asarray(f[2], dtype=dtype) for f in factors], axis=1)
     if not (np.isfinite(a_s).all() and np.isfinite(b_s).all()):
-        raise InputError(f"module {name}: the factors hold NaN or Inf; nothing meaningful can be merged")
+        bad = next(f[0] for f in factors if not (np.isfinite(f[1]).all() and np.isfinite(f[2]).all()))
+        raise NonFiniteFactors(bad, f"module {name}: the factors hold NaN or Inf; nothing meaningful can be merged")
     return Stack(a_s, b_s, [f[3] for f in factors], [f[4] for f in factors], blocks, [f[0] for f in factors])
 
 

@@ -106,7 +106,10 @@ def _refuse_one(loaded: LoadedAdapter, force: bool) -> None:
                          "sum of DoRA updates is not a DoRA update of anything; merge plain LoRA adapters", where)
     if loaded.config.get("format") == "mlx":
         # issue 21: MLX has its own layout; not written yet
-        raise InputError("MLX-LM adapter: merge cannot write this layout yet (audit and compare read it)", where)
+        src = (loaded.peft_dir or "MLX_DIR").rstrip("/") or "MLX_DIR"
+        raise InputError("MLX-LM adapter: merge cannot write this layout yet; convert it to PEFT first (ΔW "
+                         f"unchanged) with: gradience compress {src} --out {src}-peft --format peft, then merge "
+                         f"{src}-peft", where)
     broken = [i for i in loaded.issues if i.code in _BROKEN_CODES]
     if broken:
         raise InputError("cannot merge this adapter: " + "; ".join(i.message for i in broken[:3]), where)

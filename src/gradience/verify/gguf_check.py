@@ -21,6 +21,7 @@ from gradience.adapter.pairs import rank_bound_problem
 from gradience.engines import llama_cpp as cpp
 from gradience.errors import InputError
 from gradience.export.gguf import BaseModelFacts, gguf_base_name, import_gguf, permute_rows, read_base_facts
+from gradience.io.textfile import regular_file_stat
 from gradience.issues import Issue
 from gradience.policy.thresholds import VERIFY_GGUF_REL_TOL_F32, VERIFY_SCALE_ABS_TOL, VERIFY_UNIT_ROUNDOFF
 from gradience.textfmt import safe_text
@@ -39,6 +40,10 @@ class GgufAdapter:
         gguf = import_gguf("gradience verify --gguf")
         self.path = path
         self._gguf = gguf
+        # stat first: the reader's own words for these are a Python exception ("cannot mmap an empty file")
+        st = regular_file_stat(path, "the GGUF", missing="cannot read: no such file")
+        if st.st_size == 0:
+            raise InputError("empty file (0 bytes): not a GGUF", path)
         try:
             reader = gguf.GGUFReader(str(path), "r")
         except FileNotFoundError:
@@ -62,6 +67,11 @@ class GgufAdapter:
                     break
             else:
                 self.other.append(name)
+        if not self.pairs:
+            # a model GGUF (or anything else without LoRA pairs): a table of "missing" rows would bury this
+            raise InputError(f"not a LoRA adapter GGUF (general.type {self.general_type!r}, no "
+                             f"{cpp.LORA_A_SUFFIX}/{cpp.LORA_B_SUFFIX} tensors): pass the adapter GGUF written by "
+                             "`gradience export --to gguf` or llama.cpp's convert_lora_to_gguf.py", path)
 
     def problems(self) -> list[str]:
         """What makes llama_adapter_lora_init_impl refuse the file (metadata and pairing)."""
@@ -184,6 +194,21 @@ def _compare_module(pair: LoraPair, ggufa: GgufAdapter, gguf_name: str, permute:
     return row
 
 
+def _base_misfit(pair: LoraPair, index: BaseNameIndex, base_tensors: dict[str, tuple[int, ...]]) -> str | None:
+    """Why the module's update cannot apply to the given base (None when it can): llama.cpp checks the LoRA
+    tensors' shapes against the model's at load time, so an adapter for another size must not pass as exact."""
+    from gradience.udr.layout import weight_fits
+
+    name = index.match(pair.name).tensor
+    if name is None:
+        return "no weight of the base model matches this module (is it the base the adapter was trained on?)"
+    shape = base_tensors[name]
+    if not weight_fits(pair.kind, shape, pair.d_out, pair.d_in):
+        return (f"the base weight {name} has shape {list(shape)} but the factors make a ({pair.d_out}, "
+                f"{pair.d_in}) update (wrong base model, or another size of the same family)")
+    return None
+
+
 def verify_gguf(loaded: LoadedAdapter, gguf_path: str, base_spec: str | None = None) -> dict[str, Any]:
     """The ``gradience.verify/v1`` document comparing a GGUF LoRA with the PEFT adapter, module by module."""
     gguf = import_gguf("gradience verify --gguf")
@@ -192,6 +217,7 @@ def verify_gguf(loaded: LoadedAdapter, gguf_path: str, base_spec: str | None = N
     facts: BaseModelFacts | None = None
     index: BaseNameIndex | None = None
     base_display = None
+    base_tensors: dict[str, tuple[int, ...]] | None = None
     if base_spec is not None:
         base_tensors, facts, base_display = read_base_facts(base_spec)
         index = BaseNameIndex(base_tensors)
@@ -208,9 +234,17 @@ def verify_gguf(loaded: LoadedAdapter, gguf_path: str, base_spec: str | None = N
     seen: set[str] = set()
     for pair in loaded.pairs:
         checkpoint = pair.name + ".weight"
-        if index is not None:
+        unfit = None
+        if index is not None and base_tensors is not None:
+            unfit = _base_misfit(pair, index, base_tensors)
             checkpoint = index.match(pair.name).tensor or checkpoint
         gguf_name = gguf_base_name(tensor_map, checkpoint)
+        if unfit is not None:
+            if gguf_name is not None:
+                seen.add(gguf_name)   # its pair is accounted for here, not "extra"
+            rows.append({"name": pair.name, "gguf_name": gguf_name, "r": pair.r, "peft_scale": pair.scale,
+                         "verdict": "mismatch", "detail": unfit})
+            continue
         if gguf_name is None or gguf_name not in ggufa.pairs or len(ggufa.pairs[gguf_name]) != 2:
             rows.append({"name": pair.name, "gguf_name": gguf_name, "r": pair.r, "peft_scale": pair.scale,
                          "verdict": "missing", "detail": "no lora_a/lora_b pair for this module in the GGUF: "

@@ -152,6 +152,9 @@ def _document(loaded: LoadedAdapter, engine: str, base_display: str, rows: list[
     if not verdict["ok"]:
         hint = ("; gradience export --to gguf bakes each module's own scale into its factors"
                 if "llama_cpp.scale" in verdict["rules"] else "")
+        if any(rule.endswith(".format") for rule in verdict["rules"]) and loaded.peft_dir:
+            src = loaded.peft_dir.rstrip("/") or loaded.peft_dir
+            hint += f"; here: gradience compress {src} --out {src}-peft --format peft"
         issues.append(Issue("engine_unsupported", f"{engine}: {verdict['reason']}{hint}", "error",
                             extra={"rules": verdict["rules"]}))
     max_r = max((p.r for p in loaded.pairs), default=0)

@@ -36,16 +36,40 @@ _LIST_LIMIT = 20
 ACCUMULATE_BLOCK_BYTES = 512 * 1024   # one float32 buffer of _accumulate (three in flight per thread)
 
 
-def _open(spec: str, what: str) -> BaseWeights:
+def _require_directory(spec: str, what: str) -> None:
+    """A merged checkpoint is a directory on disk (never a hub id): say so in its own words, not the base
+    resolver's ("base model not found ... pass --base-model")."""
+    import stat as stat_mod
+
+    from gradience.io.textfile import os_problem
+
+    try:
+        st = os.stat(spec)
+    except FileNotFoundError:
+        raise InputError(f"{what} not found: no such directory", spec) from None
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
+        problem = os_problem(exc) if isinstance(exc, OSError) else "invalid path"
+        raise InputError(f"{what}: cannot access: {problem}", spec) from None
+    if not stat_mod.S_ISDIR(st.st_mode):
+        raise InputError(f"{what} must be a directory (of safetensors files and config.json)", spec)
+
+
+def _open(spec: str, what: str, *, directory_only: bool = False) -> BaseWeights:
     from gradience.udr.resolve import resolve_base
 
+    if directory_only:
+        _require_directory(spec, what)
     try:
         weights = BaseWeights(resolve_base(spec, allow_download=False))
     except InputError as exc:
         raise InputError(f"{what}: {exc.problem}", exc.path) from None
     if weights.file_problems:
         fname, problem = next(iter(weights.file_problems.items()))
-        raise InputError(f"{what} is unusable: {problem}", weights.root / fname)
+        path = weights.root / fname
+        # the reader's problem may already start with the file's path: the one-line error names it once
+        for prefix in (f"{path}: ", f"{fname}: "):
+            problem = problem.removeprefix(prefix)
+        raise InputError(f"{what} is unusable: {problem}", path)
     return weights
 
 
@@ -264,7 +288,7 @@ def verify_merged(loaded: LoadedAdapter, merged_spec: str, base_spec: str, *, ql
     when the adapter config names a 4-bit base. A bitsandbytes 4-bit base is read de-quantised either way."""
     quant_type, why = q4.qlora_mode(loaded.config, qlora)
     base = _open(base_spec, "base model")
-    merged = _open(merged_spec, "merged checkpoint")
+    merged = _open(merged_spec, "merged checkpoint", directory_only=True)
     base_index, merged_index = BaseNameIndex(base.tensors), BaseNameIndex(merged.tensors)
     fan_in_fan_out = loaded.config.get("fan_in_fan_out") is True
     global_scale = _global_scale(loaded.config)
