@@ -43,7 +43,7 @@ def write_tensorboard(log_dir: Path, events: list[tuple[str, int, dict[str, Any]
             for key, value in data.items():
                 writer.add_scalar(f"train/{names[key]}", value, step)
             if extra_tag:
-                writer.add_scalar("train/rewards/chosen", 0.1, step)  # a TRL metric monitor does not use
+                writer.add_scalar("train/rewards/chosen", 0.1, step)  # a TRL metric (monitor's trl block)
                 writer.add_scalar("train/my_metric", 0.2, step)  # a metric nothing knows
         else:
             for key, value in data["metrics"].items():
@@ -61,7 +61,9 @@ def tb_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_tensorboard_equals_jsonl(tb_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    ref = run_json(capsys, reference_jsonl(tmp_path / "run.jsonl", scripted_run(), f32))
+    # the TRL tag rides in the train_steps (monitor's trl block): the equivalent run.jsonl carries it too
+    ref_events = [(e, s, {**d, "rewards/chosen": 0.1} if e == "train_step" else d) for e, s, d in scripted_run()]
+    ref = run_json(capsys, reference_jsonl(tmp_path / "run.jsonl", ref_events, f32))
     for path in (tb_file, tb_file.parent, tb_file.parent.parent.parent):  # the file, its run dir, output_dir
         ours = run_json(capsys, path)
         assert ours["source"] == "tensorboard"

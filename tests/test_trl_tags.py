@@ -68,7 +68,7 @@ def test_dpo_tensorboard_log(tmp_path: Path, capsys: pytest.CaptureFixture[str])
                 writer.add_scalar(f"train/{names[key]}", value, step)
             for key, value in _dpo_logs(step).items():
                 writer.add_scalar(f"train/{key}", value, step)
-            ref_events.append((event, step, data))
+            ref_events.append((event, step, {**data, **_dpo_logs(step)}))  # run.jsonl carries TRL's fields too
         else:
             metrics = dict(data["metrics"])
             metrics.update({"rewards/margins": 0.3, "rewards/accuracies": 0.75})

@@ -26,6 +26,7 @@ from gradience.monitor.streaming import (  # noqa: F401  (re-exported: names of 
     _Thinned,
 )
 from gradience.monitor.train_steps import TrainStepAnalyzer
+from gradience.monitor.trl import PLAIN_TRAIN_KEYS, TrlAnalyzer
 from gradience.policy import thresholds as T
 from gradience.textfmt import finite
 
@@ -120,6 +121,7 @@ class RunAnalyzer:
         self.logged_recommendations: list[dict[str, Any]] | None = None
         self.summary_extra: dict[str, Any] = {}
         self.guard = GuardAnalyzer()  # guard actions and NaNs hidden by HF's logging filter (monitor/guard.py)
+        self.trl = TrlAnalyzer()  # TRL's trainer metrics (monitor/trl.py)
 
     def feed(self, event: str, step: int | None, data: dict[str, Any], ts: float | None = None) -> None:
         self.event_counts[event] = self.event_counts.get(event, 0) + 1
@@ -130,6 +132,8 @@ class RunAnalyzer:
         if event == "train_step":
             self.train.feed(step, data)
             self.guard.feed_train_step(step, data)
+            if not data.keys() <= PLAIN_TRAIN_KEYS:  # fields beyond the Trainer's: maybe TRL's (C-level test)
+                self.trl.feed_train(step, data)
         elif event == "eval":
             self._feed_eval(step, data)
         elif event == "metrics":
@@ -168,6 +172,7 @@ class RunAnalyzer:
         self.last_eval[split] = {"step": step, "metrics": metrics}
         loss = _num(metrics.get("loss"))
         self.train.signatures.feed_eval(step, split, loss)
+        self.trl.feed_eval(step, split, metrics)
         if loss is not None:
             hist = self.eval_history.get(split)
             if hist is None:

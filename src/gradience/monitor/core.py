@@ -257,4 +257,5 @@ def build_report(analyzer: RunAnalyzer, *, source: RunSource, runs: list[str | N
         source=source.kind, run_id=analyzer.run_id, runs=runs, config=config, task_profile=profile,
         signals=signals, training=training, audit=audit, alerts=alerts,
         recommendations=dedupe_and_sort(recs), telemetry_issues=issues, lines=lines, status=status,
-        audit_hint=None if audit is not None else _audit_hint(source.kind, Path(source.path), config))
+        audit_hint=None if audit is not None else _audit_hint(source.kind, Path(source.path), config),
+        extra={"trl": analyzer.trl.summary()})  # TRL's trainer metrics (monitor/trl.py); null without any

@@ -10,6 +10,7 @@ from typing import Any
 
 from gradience.monitor.core import MonitorReport
 from gradience.monitor.guard import guard_lines
+from gradience.monitor.trl import trl_lines
 from gradience.textfmt import RULE, finite, human_count, num, pct, rank_value, times
 
 MAX_ISSUES_TEXT = 50
@@ -146,6 +147,9 @@ def render_text(report: MonitorReport, *, verbose: bool = False) -> str:
     guard = guard_lines(report.training.get("guard"))
     if guard:
         lines += ["", *guard]
+    trl = trl_lines(report.extra.get("trl"))
+    if trl:
+        lines += ["", *trl]
     lines += ["", *_diagnostics_lines(report.audit, report.audit_hint)]
 
     alerts = report.alerts

@@ -22,6 +22,7 @@ from gradience.errors import GradienceError, InputError
 from gradience.io.textfile import is_file, os_problem, probe, read_json_file
 from gradience.issues import Issue
 from gradience.jsonio import MAX_JSON_INT
+from gradience.telemetry.logmap import is_trl_metric
 from gradience.telemetry.types import ConfigSnapshot
 
 SourceKind = Literal["telemetry", "trainer_state", "tensorboard", "wandb", "wandb_export", "llamafactory"]
@@ -184,7 +185,10 @@ def read_trainer_state(path: str | os.PathLike[str]) -> TrainerState:
             if bad:
                 issues.append(Issue("bad_log_entry", f"log_history[{i}]: {', '.join(bad)} not a number; ignored",
                                     extra={"index": i}))
-            events.append(("train_step", step, {k: v for k, v in fields.items() if v is not None and k not in bad}))
+            kept = {k: v for k, v in fields.items() if v is not None and k not in bad}
+            # TRL's trainer metrics ride in the train_step under their names (monitor/trl.py summarises them)
+            kept.update((k, v) for k, v in entry.items() if k not in kept and _real(v) and is_trl_metric(k))
+            events.append(("train_step", step, kept))
     return TrainerState(events, _trainer_state_config(p, data), issues, summary)
 
 

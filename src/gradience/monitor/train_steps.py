@@ -25,6 +25,32 @@ def _median_exceeded(window: _RunningMedian, value: float, factor: float) -> flo
     return med if med is not None and med > 0 and value > factor * med else None
 
 
+def window_trend(pts: list[tuple[int, float]]) -> dict[str, Any] | None:
+    """Least-squares slope of (step, value) points, as a change across them relative to their mean; "flat"
+    within LOSS_TREND_FLAT_TOLERANCE. One trend rule for the loss and the other logged series (monitor/trl.py)."""
+    if len(pts) < 3:
+        return None
+    xs = [float(p[0]) for p in pts]
+    ys = [p[1] for p in pts]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    if sxx == 0:
+        return None
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
+    change = slope * (xs[-1] - xs[0])
+    rel = change / abs(my) if my != 0 else None
+    if rel is None:
+        direction = "flat"
+    elif rel < -T.LOSS_TREND_FLAT_TOLERANCE:
+        direction = "decreasing"
+    elif rel > T.LOSS_TREND_FLAT_TOLERANCE:
+        direction = "increasing"
+    else:
+        direction = "flat"
+    return {"direction": direction, "window": len(pts), "from_step": pts[0][0], "to_step": pts[-1][0],
+            "slope_per_step": slope, "relative_change": rel}
+
+
 class TrainStepAnalyzer:
     """Everything the monitor derives from ``train_step`` events."""
 
@@ -125,28 +151,7 @@ class TrainStepAnalyzer:
 
     def trend(self) -> dict[str, Any] | None:
         """Least-squares slope of the loss over the last window, as a relative change across it."""
-        pts = list(self._trend)
-        if len(pts) < 3:
-            return None
-        xs = [float(p[0]) for p in pts]
-        ys = [p[1] for p in pts]
-        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-        sxx = sum((x - mx) ** 2 for x in xs)
-        if sxx == 0:
-            return None
-        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
-        change = slope * (xs[-1] - xs[0])
-        rel = change / abs(my) if my != 0 else None
-        if rel is None:
-            direction = "flat"
-        elif rel < -T.LOSS_TREND_FLAT_TOLERANCE:
-            direction = "decreasing"
-        elif rel > T.LOSS_TREND_FLAT_TOLERANCE:
-            direction = "increasing"
-        else:
-            direction = "flat"
-        return {"direction": direction, "window": len(pts), "from_step": pts[0][0], "to_step": pts[-1][0],
-                "slope_per_step": slope, "relative_change": rel}
+        return window_trend(list(self._trend))
 
     def lr_schedule(self) -> dict[str, Any] | None:
         if self.first_lr is None:

@@ -13,8 +13,9 @@ Spellings (sources):
 - TRL's trainers (huggingface/trl ``trl/trainer/{sft,dpo,kto,grpo,rloo,reward}_trainer.py``): each ``log()``
   averages ``self._metrics[mode]`` into the Trainer's dict (eval ones as ``eval_<name>``), so they arrive as
   ``train/<name>`` / ``eval/<name>``. The eval ones are eval metrics like any other (``eval/rewards/margins``
-  reaches the eval split's metrics); the train ones have no field in a ``train_step``: ``TRL_TRAIN_METRICS``
-  lists them as known, not used (a ``known_tag`` issue), not as unknown.
+  reaches the eval split's metrics); the train ones ride in the ``train_step`` under TRL's name
+  (``rewards/margins``), read by ``monitor/trl.py`` only, and are listed as known TRL metrics (a ``known_tag``
+  issue), not as unknown.
 Tags that map to nothing are counted and listed (an ``unknown_tag`` issue), never dropped silently.
 """
 
@@ -146,6 +147,9 @@ class EventBuilder:
         if kind == "known":
             if key in self.known or len(self.known) < MAX_KNOWN_LISTED:
                 self.known[key] = self.known.get(key, 0) + 1
+            number = _number(value)  # carried in the train_step under TRL's name (monitor/trl.py reads it)
+            if number is not None:
+                self._train[name[len("train/"):] if name.startswith("train/") else name] = number
             return out
         if kind == "ignored":
             return out
@@ -201,7 +205,7 @@ class EventBuilder:
                                                      "values_not_listed": self.unknown_more}))
         if self.known:
             names = ", ".join(sorted(self.known)[:10])
-            out.append(Issue("known_tag", f"{len(self.known)} TRL metric(s) known but not used by monitor: {names}"
+            out.append(Issue("known_tag", f"{len(self.known)} TRL metric(s), summarised in monitor's trl block: {names}"
                              f"{' …' if len(self.known) > 10 else ''}", severity="info",
                              extra={"tags": dict(sorted(self.known.items()))}))
         if self.bad_values:

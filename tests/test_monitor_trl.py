@@ -1,0 +1,182 @@
+"""TRL's trainer metrics in monitor's story (issue 22 item 1): the ``trl`` block of ``--json`` and its text
+section. A TensorBoard file written by a real SummaryWriter with TRL's tag names, the equivalent run.jsonl and
+a trainer_state.json give the same block; its numbers are checked against numpy on the raw values."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from gradience.cli.main import main
+from gradience.monitor.trl import MAX_NAMES, TrlAnalyzer
+from gradience.telemetry.logmap import TRL_TRAIN_METRICS
+from support.logs_runs import BOOKKEEPING, f32, reference_jsonl, run_json, scripted_run
+
+
+def _trl_names(trainer: str) -> list[str]:
+    """The metric names the installed TRL trainer logs (read from its source: independent of logmap's table),
+    else the ones logmap cites for that trainer's file."""
+    spec = importlib.util.find_spec("trl")
+    if spec is not None and spec.submodule_search_locations:
+        path = Path(next(iter(spec.submodule_search_locations))) / "trainer" / f"{trainer}_trainer.py"
+        if path.is_file():
+            found = set(re.findall(r'_metrics\[[^\]]+\]\[f?"([^"]+)"\]', path.read_text()))
+            return sorted(n.replace("{reward_func_name}", "my_reward") for n in found)
+    return sorted(k for k, v in TRL_TRAIN_METRICS.items() if v == f"trl/trainer/{trainer}_trainer.py")
+
+
+def _value(name: str, step: int) -> float:
+    """A distinct, non-monotone series per name (so min/max/first/last differ)."""
+    h = sum(map(ord, name)) % 7
+    return 0.1 * (h + 1) * step + math.sin(step + h)
+
+
+def _trl_run(names: list[str]) -> tuple[list[tuple[str, int, dict[str, Any]]], dict[int, dict[str, float]]]:
+    """The scripted run's events with TRL values per train step, and the values alone (f32-rounded as
+    TensorBoard stores them)."""
+    events = scripted_run()
+    trl: dict[int, dict[str, float]] = {}
+    for event, step, _data in events:
+        if event == "train_step":
+            trl[step] = {n: f32(_value(n, step)) for n in names}
+    return events, trl
+
+
+def _write_tensorboard(root: Path, events: list[tuple[str, int, dict[str, Any]]],
+                       trl: dict[int, dict[str, float]], eval_trl: dict[str, float]) -> Path:
+    from torch.utils.tensorboard import SummaryWriter
+
+    names = {"loss": "loss", "lr": "learning_rate", "grad_norm": "grad_norm", "epoch": "epoch"}
+    writer = SummaryWriter(str(root / "runs" / "trl"))
+    for event, step, data in events:
+        if event == "train_step":
+            for key, value in data.items():
+                writer.add_scalar(f"train/{names[key]}", value, step)
+            for key, value in trl[step].items():  # TRL's log(): averaged _metrics in the Trainer's dict
+                writer.add_scalar(f"train/{key}", value, step)
+        else:
+            for key, value in {**data["metrics"], **eval_trl}.items():
+                writer.add_scalar(f"eval/{key}", value, step)
+    writer.close()
+    return root / "runs"
+
+
+def _reference(path: Path, events: list[tuple[str, int, dict[str, Any]]], trl: dict[int, dict[str, float]],
+               eval_trl: dict[str, float]) -> Path:
+    ref = []
+    for event, step, data in events:
+        if event == "train_step":
+            ref.append((event, step, {**data, **trl[step]}))
+        else:
+            ref.append((event, step, {"split": data["split"], "metrics": {**data["metrics"], **eval_trl}}))
+    return reference_jsonl(path, ref, f32)
+
+
+def _check_against_numpy(block: dict[str, Any], trl: dict[int, dict[str, float]]) -> None:
+    """first/last/min/max and the trend slope of every name, from the raw values."""
+    steps = sorted(trl)
+    for name in trl[steps[0]]:
+        m = block["metrics"][name]
+        ys = np.array([trl[s][name] for s in steps])
+        assert (m["n"], m["nonfinite"]) == (len(steps), 0)
+        assert (m["first"], m["first_step"], m["last"], m["last_step"]) == (ys[0], steps[0], ys[-1], steps[-1])
+        assert (m["min"], m["min_step"]) == (ys.min(), steps[int(ys.argmin())])
+        assert (m["max"], m["max_step"]) == (ys.max(), steps[int(ys.argmax())])
+        xs = np.array(steps[-20:], dtype=float)
+        slope = np.polyfit(xs, ys[-20:], 1)[0]
+        assert m["trend"]["slope_per_step"] == pytest.approx(slope, rel=1e-9, abs=1e-12)
+        assert m["trend"]["direction"] == ("increasing" if m["trend"]["relative_change"] > 0.02 else
+                                           "decreasing" if m["trend"]["relative_change"] < -0.02 else "flat")
+
+
+def test_dpo_tensorboard_equals_run_jsonl(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("tensorboard")
+    names = _trl_names("dpo")
+    assert {"rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected"} <= set(names)
+    events, trl = _trl_run(names)
+    eval_trl = {"rewards/margins": f32(0.3), "rewards/accuracies": f32(0.75)}
+    ours = run_json(capsys, _write_tensorboard(tmp_path, events, trl, eval_trl))
+    ref = run_json(capsys, _reference(tmp_path / "run.jsonl", events, trl, eval_trl))
+    assert {k: v for k, v in ours.items() if k not in BOOKKEEPING} == \
+        {k: v for k, v in ref.items() if k not in BOOKKEEPING}
+    block = ours["trl"]
+    assert block["train"]["records"] == len(trl) and block["train"]["names_not_listed"] == 0
+    _check_against_numpy(block["train"], trl)
+    assert "preference" in block["groups"] and "dpo_trainer.py" in block["groups"]["preference"]["source"]
+    assert set(block["train"]["groups"]["preference"]) >= {"rewards/margins", "rewards/accuracies"}
+    ev = block["eval"]["eval"]
+    assert ev["records"] == 3 and ev["first_step"] == 10 and ev["last_step"] == 30
+    assert ev["metrics"]["rewards/accuracies"]["last"] == f32(0.75)
+    # reward accuracy is not the eval accuracy the underfit rule reads: that stays the logged `accuracy`
+    assert ours["signals"]["test_accuracy"] == 0.5
+    # the TRL tags are still listed (known, not unknown)
+    codes = {i["code"]: i for i in ours["telemetry_issues"]}
+    assert "unknown_tag" not in codes and "trl block" in codes["known_tag"]["message"]
+
+
+def test_grpo_trainer_state_and_text(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """GRPO names in a trainer_state.json log_history (bare keys, as the Trainer keeps them) give the block the
+    run.jsonl gives; the text shows the section with the headline metrics first."""
+    names = _trl_names("grpo")
+    assert {"reward", "reward_std", "kl", "completions/mean_length"} <= set(names)
+    events, trl = _trl_run(names)
+    history: list[dict[str, Any]] = []
+    for event, step, data in events:
+        if event == "train_step":
+            history.append({"step": step, "loss": data["loss"], "learning_rate": data["lr"],
+                            "grad_norm": data["grad_norm"], "epoch": data["epoch"], **trl[step]})
+        else:
+            history.append({"step": step, **{f"eval_{k}": v for k, v in data["metrics"].items()}})
+    state = tmp_path / "trainer_state.json"
+    state.write_text(json.dumps({"log_history": history, "global_step": 30}))
+    ours = run_json(capsys, state)
+    ref = run_json(capsys, _reference(tmp_path / "run.jsonl", events, trl, {}))
+    assert ours["trl"] == ref["trl"]
+    assert ours["trl"]["eval"] == {} and set(ours["trl"]["groups"]) >= {"online_rl", "shared"}
+    _check_against_numpy(ours["trl"]["train"], trl)
+
+    assert main(["monitor", str(state)]) == 0
+    text = capsys.readouterr().out
+    section = text[text.index("TRL metrics"):text.index("Diagnostics:")]
+    lines = section.splitlines()
+    assert lines[1].startswith("  train (steps 1-30; GRPO/RLOO")
+    assert lines[2].split()[0] == "reward" and lines[3].split()[0] == "reward_std" and lines[4].split()[0] == "kl"
+    r = ours["trl"]["train"]["metrics"]["reward"]
+    assert f"last {r['last']:.4g} @ 30" in lines[2] and f"max {r['max']:.4g} @ {r['max_step']}" in lines[2]
+    hidden = len(names) - 12
+    assert f"… {hidden} more TRL metric(s) (see --json)" in section
+
+
+def test_run_without_trl_shows_nothing_new(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A plain run (an eval `accuracy`, extra non-TRL train fields): `trl` is null, no text section."""
+    events = [(e, s, {**d, "tokens": 100.0 * s, "my_metric": 1.0} if e == "train_step" else d)
+              for e, s, d in scripted_run()]
+    path = tmp_path / "run.jsonl"
+    reference_jsonl(path, events)
+    data = run_json(capsys, path)
+    assert "trl" in data and data["trl"] is None
+    assert main(["monitor", str(path)]) == 0
+    assert "TRL" not in capsys.readouterr().out
+
+
+def test_bounds_and_nonfinite() -> None:
+    """Names beyond MAX_NAMES are counted, not kept; NaN values are counted and stay out of min/max/trend."""
+    trl = TrlAnalyzer()
+    for step in range(1, 6):
+        row = {"kl": math.nan if step == 2 else 0.5 * step}
+        row.update({f"rewards/f{i}/mean": float(i) for i in range(MAX_NAMES + 5)})
+        trl.feed_train(step, row)
+    block = trl.summary()
+    assert block is not None
+    train = block["train"]
+    assert len(train["metrics"]) == MAX_NAMES and train["names_not_listed"] == 6
+    kl = train["metrics"]["kl"]
+    assert (kl["n"], kl["nonfinite"], kl["min"], kl["max"], kl["first"]) == (5, 1, 0.5, 2.5, 0.5)
+    assert kl["trend"]["window"] == 4 and kl["trend"]["slope_per_step"] == pytest.approx(0.5)
