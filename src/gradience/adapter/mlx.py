@@ -208,6 +208,7 @@ def build_mlx_pairs(source: TensorSource, config: Mapping[str, Any], where: str 
         issues.append(Issue("unpaired_factor", f"{len(unpaired)} MLX factor(s) without their twin, not audited: "
                                                f"{', '.join(unpaired[:5])}", modules=unpaired))
     if off_rank:  # one grouped warning: a config written for another rank shows on every module alike
+        off_rank.sort(key=lambda mr: _natural_key(mr[0]))
         module, r = off_rank[0]
         ranks = sorted({fr for _, fr in off_rank})
         issues.append(Issue("rank_mismatch", f"{len(off_rank)} of {len(slots)} module(s) have factors of rank "
