@@ -30,6 +30,8 @@ from gradience.monitor.trl import PLAIN_TRAIN_KEYS, TrlAnalyzer
 from gradience.policy import thresholds as T
 from gradience.textfmt import finite
 
+_plain_train = PLAIN_TRAIN_KEYS.issuperset  # a train_step with no key beyond these holds no TRL metric
+
 
 def ppl_from(metrics: dict[str, Any]) -> float | None:
     """Perplexity as logged, else exp(loss) (inf when the loss is too large to exponentiate)."""
@@ -132,7 +134,7 @@ class RunAnalyzer:
         if event == "train_step":
             self.train.feed(step, data)
             self.guard.feed_train_step(step, data)
-            if not data.keys() <= PLAIN_TRAIN_KEYS:  # fields beyond the Trainer's: maybe TRL's (C-level test)
+            if not _plain_train(data):  # fields beyond the Trainer's: maybe TRL's (a C-level test, ~0.2 us)
                 self.trl.feed_train(step, data)
         elif event == "eval":
             self._feed_eval(step, data)
