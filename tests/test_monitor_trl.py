@@ -180,3 +180,17 @@ def test_bounds_and_nonfinite() -> None:
     kl = train["metrics"]["kl"]
     assert (kl["n"], kl["nonfinite"], kl["min"], kl["max"], kl["first"]) == (5, 1, 0.5, 2.5, 0.5)
     assert kl["trend"]["window"] == 4 and kl["trend"]["slope_per_step"] == pytest.approx(0.5)
+
+
+def test_llamafactory_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """LLaMA-Factory's LogCallback copies TRL's ``reward`` and DPO's ``rewards/accuracies`` (as ``accuracy``)
+    into trainer_log.jsonl: both reach the block, and the source says what ``accuracy`` is there."""
+    rows = [{"current_steps": s, "total_steps": 4, "loss": 1.0 / s, "lr": 1e-4, "reward": [0.3, -0.1, 0.5, 0.2][s - 1],
+             "accuracy": 0.5 + 0.1 * s, "epoch": s / 4} for s in (1, 2, 3, 4)]
+    path = tmp_path / "trainer_log.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    block = run_json(capsys, path)["trl"]
+    reward, acc = block["train"]["metrics"]["reward"], block["train"]["metrics"]["accuracy"]
+    assert (reward["min"], reward["min_step"], reward["max"], reward["max_step"]) == (-0.1, 2, 0.5, 3)
+    assert (acc["first"], acc["last"], acc["trend"]["direction"]) == (0.6, 0.9, "increasing")
+    assert "rewards/accuracies" in block["groups"]["reward_model"]["source"]

@@ -37,7 +37,8 @@ _CORE_EVAL_KEYS = frozenset({"loss", "ppl", "perplexity", "accuracy", "acc", "n"
 GROUPS: tuple[tuple[str, str, str], ...] = (
     ("preference", "DPO/KTO", "trl/trainer/dpo_trainer.py, trl/trainer/kto_trainer.py"),
     ("online_rl", "GRPO/RLOO", "trl/trainer/grpo_trainer.py, trl/trainer/rloo_trainer.py"),
-    ("reward_model", "RewardTrainer", "trl/trainer/reward_trainer.py"),
+    ("reward_model", "RewardTrainer", "trl/trainer/reward_trainer.py; in LLaMA-Factory's trainer_log.jsonl, "
+     "`accuracy` is DPO's rewards/accuracies (llamafactory/train/callbacks.py, LogCallback.on_log)"),
     ("shared", "SFT and several trainers", "trl/trainer/sft_trainer.py (also dpo, kto, grpo, rloo)"),
     ("other", "other TRL names", "trl/trainer/*_trainer.py"),
 )
