@@ -124,7 +124,7 @@ def test_truncated_event_file_reports_and_keeps_the_prefix(tb_file: Path, tmp_pa
     codes = [i.code for i in report.telemetry_issues]
     assert "truncated_record" in codes
     issue = next(i for i in report.telemetry_issues if i.code == "truncated_record")
-    assert issue.extra["offset"] == recs[len(recs) // 2][0] and issue.severity == "error"
+    assert issue.extra["offset"] == recs[len(recs) // 2][0] and issue.severity == "warning"
     assert 0 < report.training["steps_logged"] < full.training["steps_logged"]
     # cut inside the data of the last record
     bad.write_bytes(data[:-3])

@@ -127,7 +127,7 @@ def test_real_trainer_run_with_checkpoints(tmp_path: Path, tiny_gpt2_dir: Path,
 
     assert main(["monitor", str(out_dir), "--json"]) == 0
     data_out = json.loads(capsys.readouterr().out)
-    assert data_out["file"] == str(source.path) and data_out["run_id"] is None
+    assert data_out["file"] == str(source.path) and data_out["run_id"] == out_dir.resolve().name
     assert main(["monitor", str(source.path)]) == 0
     text = capsys.readouterr().out
     assert f"  Gap:       {s['gap']:.2f}x" in text and "Steps logged: 12 (steps 1-12)" in text

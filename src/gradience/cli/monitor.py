@@ -11,7 +11,8 @@ from gradience.cli.main import EXIT_GATE, EXIT_OK, add_common_flags
 
 def add_parser(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser(
-        "monitor", help="summarize a training run from its telemetry",
+        "monitor", help="summarize a training run from its log: Gradience telemetry, trainer_state.json, "
+                        "TensorBoard, W&B or LLaMA-Factory",
         description="Summarize a run: train/test gap, instabilities, LoRA audit, advice. RUN is a telemetry "
                     "JSONL, an HF trainer_state.json, or a directory holding run.jsonl / trainer_state.json / "
                     "checkpoint-*/trainer_state.json; also, recognised by content, TensorBoard event files (or "
@@ -24,7 +25,8 @@ def add_parser(sub: Any) -> None:
                "  gradience monitor out/runs --run-id Dec06_12-00-00_host   # TensorBoard\n"
                "  gradience monitor wandb/offline-run-20261206_120000-abc123\n"
                "  gradience monitor out/run.jsonl --fail-on 'gap>1.5,nan_loss'")
-    p.add_argument("run", metavar="RUN", help="run.jsonl, trainer_state.json, or a directory holding one")
+    p.add_argument("run", metavar="RUN", help="run.jsonl, trainer_state.json, a TensorBoard / W&B / LLaMA-Factory "
+                                              "log, or a directory holding one")
     p.add_argument("--json", action="store_true", help="print the gradience.monitor/v1 JSON")
     p.add_argument("--verbose", action="store_true",
                    help="list telemetry issues and rationales; with --json, keep every logged config key "

@@ -15,7 +15,8 @@ from gradience.cli.main import add_common_flags
 
 def add_parser(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser(
-        "report", help="write one self-contained HTML report of a run, an adapter, an audit, a comparison or a bench",
+        "report", help="write one self-contained HTML report of a run, an adapter, an audit, a comparison, a bench, "
+                       "a checkpoint series or a merge",
         description="Write one self-contained HTML page (no network, opens from disk): the monitor story and "
                     "curves of a run, per-layer heatmaps, spectra, rank suggestions and the UDR distribution "
                     "of an adapter, or a comparison of two adapters. PATH: a run directory (run.jsonl and/or "

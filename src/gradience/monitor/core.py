@@ -16,6 +16,7 @@ from gradience.policy import thresholds as T
 from gradience.policy.recommendations import dedupe_and_sort
 from gradience.policy.run_rules import run_recommendations
 from gradience.telemetry.reader import DEFAULT_MAX_LINE_BYTES, TelemetryReader
+from gradience.telemetry.schema import DATA_LOSS_CODES
 from gradience.telemetry.types import ConfigSnapshot, Recommendation
 
 SCHEMA = "gradience.monitor/v1"
@@ -109,14 +110,16 @@ def _with_overrides(config: ConfigSnapshot | None, task_profile: str | None,
     return snap
 
 
-def run_status(run_recs: list[Recommendation], alerts: dict[str, Any], training: dict[str, Any]) -> dict[str, Any]:
+def run_status(run_recs: list[Recommendation], alerts: dict[str, Any], training: dict[str, Any],
+               issues: list[Issue] | None = None) -> dict[str, Any]:
     """What the analysis found, in one word: ``error`` / ``warning`` / ``ok``.
 
     Why: ``run_end`` only says whether the training loop returned; a run that logged NaN losses "ended ok".
     The overall status is the worst of: the run rules' findings (warning and above; config advice from the
     check rules is not a finding about the run), the alerts the run logged, and run_end (error -> error,
-    aborted -> warning). A missing run_end is reported but does not change the level (the run may still be
-    going)."""
+    aborted -> warning), and records the log lost (``DATA_LOSS_CODES``: a truncated or corrupt event file, a
+    corrupt W&B record: a warning, the analysis covers only part of the run). A missing run_end is reported but
+    does not change the level (the run may still be going)."""
     rank = {"warning": 1, "error": 2, "critical": 2}
     level = 0
     findings: list[dict[str, Any]] = []
@@ -131,6 +134,13 @@ def run_status(run_recs: list[Recommendation], alerts: dict[str, Any], training:
             findings.append({"source": "alert", "code": group.get("code"), "severity": group.get("severity"),
                              "count": group.get("count")})
             level = max(level, r)
+    lost: dict[str, int] = {}
+    for issue in issues or ():
+        if issue.code in DATA_LOSS_CODES:
+            lost[issue.code] = lost.get(issue.code, 0) + 1
+    for code, count in lost.items():
+        findings.append({"source": "telemetry", "code": code, "severity": "warning", "count": count})
+        level = max(level, 1)
     run_end = training.get("status")
     if run_end == "error":
         level = 2
@@ -209,13 +219,17 @@ def monitor_run(path: str | os.PathLike[str], *, run_id: str | None = None,
                              source.path)
         if not state.events:
             raise InputError("log_history has no train or eval entries", source.path)
-        analyzer = RunAnalyzer(None)
+        from gradience.telemetry.sniff import output_dir_name
+
+        analyzer = RunAnalyzer(output_dir_name(source.path))  # no run id in the file: its output directory's name
         analyzer.train.signatures.configure(None, {"source": "trainer_state"})  # an HF run: its max_grad_norm default
         for event, step, data in state.events:
             analyzer.feed(event, step, data)
         if state.summary:
             analyzer.summary_extra["hf_train_summary"] = state.summary
-        issues, runs, lines = state.issues, [None], len(state.events)
+        issues, runs, lines = state.issues, [], len(state.events)  # runs: the ids --run-id takes, none here
+        if source.note:
+            issues = [Issue("source_choice", source.note, severity="info"), *issues]
         config = state.config
     assert analyzer is not None
     return build_report(analyzer, source=source, runs=runs, issues=issues, lines=lines, config=config,
@@ -247,7 +261,7 @@ def build_report(analyzer: RunAnalyzer, *, source: RunSource, runs: list[str | N
     recs = run_recommendations(signals=signals, training=training, audit=audit, config=config,
                                gap_threshold=gap_threshold, adapter_dir=_adapter_beside(source.path))
     alerts = analyzer.alerts()
-    status = run_status(recs, alerts, training)
+    status = run_status(recs, alerts, training, issues)
     profile: dict[str, Any] | None = None
     if config is not None:
         check_recs, profile = _check_recommendations(config)

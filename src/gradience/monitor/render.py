@@ -11,6 +11,7 @@ from typing import Any
 from gradience.monitor.core import MonitorReport
 from gradience.monitor.guard import guard_lines
 from gradience.monitor.trl import trl_lines
+from gradience.telemetry.schema import DATA_LOSS_CODES
 from gradience.textfmt import RULE, finite, human_count, num, pct, rank_value, times
 
 MAX_ISSUES_TEXT = 50
@@ -126,6 +127,7 @@ def render_text(report: MonitorReport, *, verbose: bool = False) -> str:
     profile_name = profile.get("name") or (cfg.task_profile if cfg else None)
     lines = [RULE, "GRADIENCE MONITOR", RULE,
              f"File: {report.file}",
+             *(f"Note: {i.message}" for i in report.telemetry_issues if i.code == "source_choice"),
              f"Model:   {(cfg.model_name if cfg else None) or '-'}",
              f"Dataset: {(cfg.dataset_name if cfg else None) or '-'}",
              f"Profile: {profile_name or '-'}"]
@@ -180,7 +182,15 @@ def render_text(report: MonitorReport, *, verbose: bool = False) -> str:
             lines.append(f"      source: {rec.source}")
 
     issues = report.telemetry_issues
-    lines += ["", f"Telemetry issues: {len(issues)}" + ("" if verbose or not issues else " (list with --verbose)")]
+    # records the log lost are listed without --verbose: the analysis above covers only part of the run
+    lost = [i for i in issues if i.code in DATA_LOSS_CODES]
+    notes = ["records lost: the summary covers the records read"] if lost else []
+    rest = len(issues) - (0 if verbose else len(lost))
+    if rest and not verbose:
+        notes.append(f"{rest} more with --verbose" if lost else "list with --verbose")
+    lines += ["", f"Telemetry issues: {len(issues)}" + (f" ({'; '.join(notes)})" if notes else "")]
+    for issue in ([] if verbose else lost[:MAX_ISSUES_TEXT]):
+        lines.append(f"  [{issue.severity}] {issue.code}: {issue.message}")
     if verbose:
         for issue in issues[:MAX_ISSUES_TEXT]:
             where = f"line {issue.line}: " if issue.line is not None else ""

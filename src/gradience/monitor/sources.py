@@ -36,6 +36,7 @@ _HF_SUMMARY_KEYS = ("train_runtime", "train_samples_per_second", "train_steps_pe
 class RunSource:
     kind: SourceKind
     path: Path
+    note: str | None = None  # another log in the same directory that was not chosen, and the path to read it
 
 
 def resolve_run_path(path: str | os.PathLike[str]) -> RunSource:
@@ -80,7 +81,8 @@ def _resolve_dir(d: Path) -> RunSource:
     except OSError as exc:
         raise InputError(f"cannot list directory: {os_problem(exc)}", d) from None
     if checkpoints:
-        return RunSource("trainer_state", max(checkpoints)[1])
+        chosen = max(checkpoints)[1]
+        return RunSource("trainer_state", chosen, _other_log_note(d, chosen))
     from gradience.telemetry.wandb import run_dirs
 
     if run_dirs(d):
@@ -89,6 +91,27 @@ def _resolve_dir(d: Path) -> RunSource:
         return RunSource("tensorboard", d)
     raise InputError("no run.jsonl, *.jsonl, trainer_state.json, checkpoint-*/trainer_state.json, W&B run or "
                      "TensorBoard event file in this directory", d)
+
+
+def _other_log_note(d: Path, chosen: Path) -> str | None:
+    """An output directory with checkpoints often also holds the Trainer's TensorBoard log (``runs/``), which
+    goes on past the last checkpoint and carries the TrainingArguments: say which file was read and the path
+    that reads the other (passing ``d`` again would choose the same)."""
+    other: Path | None = None
+    for pattern in ("runs/*/*tfevents*", "*/*tfevents*", "*tfevents*"):
+        try:
+            hit = next(iter(d.glob(pattern)), None)
+        except OSError:
+            continue
+        if hit is not None:
+            other = d / "runs" if pattern.startswith("runs/") else hit.parent if hit.parent != d else hit
+            break
+    if other is None:
+        return None
+    import shlex
+
+    return (f"read {chosen.relative_to(d)} (the latest checkpoint's trainer_state.json); this directory also "
+            f"holds a TensorBoard log, to read instead: gradience monitor {shlex.quote(str(other))}")
 
 
 def _has_event_files(d: Path) -> bool:

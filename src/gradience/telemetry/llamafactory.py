@@ -62,7 +62,7 @@ class _RowLog:
         self.issues: list[Issue] = []
         self.records = 0
         self.summary: dict[str, Any] = {}
-        self.runs: list[str | None] = [None]
+        self.runs: list[str | None] = []  # no run ids in the file (--run-id is refused above)
         self.run_id: str | None = None
         self.transformers = True  # both are the Trainer's log() dicts: its max_grad_norm default applies
         self._bad = 0
@@ -137,6 +137,9 @@ class LlamaFactoryLog(_RowLog):
 
     def __init__(self, path: Path, run_id: str | None = None) -> None:
         super().__init__(path, run_id)
+        from gradience.telemetry.sniff import output_dir_name
+
+        self.run_id = output_dir_name(path)  # named by its output directory, as a trainer_state.json
         self.offset = 0
         self.lines = 0
         self.ended = False  # the Trainer's end-of-training log call was written

@@ -52,6 +52,22 @@ def find_runs(root: Path) -> dict[str, list[Path]]:
     return runs
 
 
+def _run_names(path: Path, runs: dict[str, list[Path]]) -> dict[str, str]:
+    """Run ids as shown (``runs`` keys are relative directories): the run in the directory given itself (``.``,
+    or the directory of a single event file) is named by that directory, resolved (``monitor .`` inside
+    ``runs/Dec06_12-00-00_host`` says ``Dec06_12-00-00_host``, as ``monitor runs`` does); ``.`` stays accepted
+    by ``--run-id``."""
+    names = {rel: rel for rel in runs}
+    if "." in runs:
+        try:
+            here = (path if path.is_dir() else path.parent).resolve().name
+        except (OSError, RuntimeError):
+            here = ""
+        if here and here not in runs:
+            names["."] = here
+    return names
+
+
 def _scalar(value: Any) -> float | None:
     kind = value.WhichOneof("value")
     if kind == "simple_value":
@@ -154,17 +170,19 @@ class TensorBoardLog:
                 raise InputError("no TensorBoard event files (*tfevents*) under this directory", path)
         else:
             runs = {".": [path]}
-        self.runs: list[str | None] = list(runs)
+        names = _run_names(path, runs)
+        self.runs: list[str | None] = [names[rel] for rel in runs]
         if run_id is not None:
-            if run_id not in runs:
+            rel = next((r for r in runs if run_id in (r, names[r])), None)
+            if rel is None:
                 shown = ", ".join(self.runs[:20])  # type: ignore[arg-type]
                 raise InputError(f"no run with id {run_id!r} (runs here: {shown})", path)
-            self.run_id: str | None = run_id
         else:
-            self.run_id = self.runs[-1]
-        self.files = runs[self.run_id or "."]
+            rel = list(runs)[-1]
+        self.run_id: str | None = names[rel]
+        self.files = runs[rel]
         # the run's directory, re-listed while following (the Trainer may start a new events file)
-        self.run_dir: Path | None = (path / (self.run_id or ".")) if path.is_dir() else None
+        self.run_dir: Path | None = (path / rel) if path.is_dir() else None
         self.issues: list[Issue] = []
         self.records = 0
         self.training_args: dict[str, Any] | None = None

@@ -186,4 +186,5 @@ def _length_crc_issue(path: Path, offset: int) -> Issue:
 
 
 def _issue(code: str, offset: int, message: str) -> Issue:
-    return Issue(code, message, severity="error", extra={"offset": offset})
+    """Records lost: a warning (``schema.DATA_LOSS_CODES``), the records before and after are kept."""
+    return Issue(code, message, severity="warning", extra={"offset": offset})

@@ -186,7 +186,7 @@ class WandbLog:
         out = self._builder.issues()
         if self._corrupt > MAX_CORRUPT_REPORTED:
             out.append(Issue("corrupt_record", f"{self._corrupt - MAX_CORRUPT_REPORTED} more corrupt records",
-                             severity="error"))
+                             severity="warning"))
         return out
 
     def _size(self) -> int:
@@ -239,7 +239,7 @@ class WandbLog:
                     if self._corrupt <= MAX_CORRUPT_REPORTED:
                         self.issues.append(Issue("corrupt_record", f"{self.file.name}: corrupt record at byte "
                                                  f"{start} ({exc}); resuming at the next block",
-                                                 severity="error", extra={"offset": start}))
+                                                 severity="warning", extra={"offset": start}))
                     # the block after the failing fragment's (the record may have begun in an earlier one)
                     resume = (max(store._index - 1, start) // block + 1) * block
                     if resume >= store._size_bytes:
@@ -255,7 +255,7 @@ class WandbLog:
                     if final and self._size() > max(self._offset, _FILE_HEADER) + _TRAILER_MAX:
                         at = max(self._offset, _FILE_HEADER)
                         self.issues.append(Issue("truncated_record", f"{self.file.name}: the record at byte {at} "
-                                                 "is cut by the end of the file", severity="error",
+                                                 "is cut by the end of the file", severity="warning",
                                                  extra={"offset": at}))
                     self._done = final
                     break
@@ -265,6 +265,10 @@ class WandbLog:
                     record.ParseFromString(data)
                 except DecodeError:
                     self._corrupt += 1
+                    if self._corrupt <= MAX_CORRUPT_REPORTED:
+                        self.issues.append(Issue("corrupt_record", f"{self.file.name}: the record at byte {start} "
+                                                 "is not a W&B record; skipped", severity="warning",
+                                                 extra={"offset": start}))
                     continue
                 self.records += 1
                 kind = record.WhichOneof("record_type")
