@@ -195,6 +195,11 @@ def test_weights_files_are_named_not_read_as_logs(tmp_path: Path, capsys: pytest
         assert rc == 2 and out == "" and err.count("\n") == 1, err
         assert err.startswith(f"gradience monitor: error: {path}: this is {what}, not a training log")
         assert "TensorBoard" in err and "trainer_state.json" in err and "UTF-8" not in err
+    # the adapter's directory: what it holds and the command that reads it
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
+    gg.unlink()
+    rc, _, err = _monitor(capsys, str(tmp_path))
+    assert rc == 2 and err.count("\n") == 1 and "holds an adapter" in err and "gradience audit --peft-dir" in err
 
 
 def test_a_text_log_starting_like_a_length_is_not_weights(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -223,6 +228,11 @@ def test_output_dir_says_which_log_it_read(tmp_path: Path, capsys: pytest.Captur
     # the path it names reads the other log
     other = _json(capsys, command.split(" ", 2)[2])
     assert other["source"] == "tensorboard" and other["training"]["last_step"] == 30
+    # trainer.save_state()'s trainer_state.json in the output directory itself: the same note
+    (out / "trainer_state.json").write_bytes((out / "checkpoint-8" / "trainer_state.json").read_bytes())
+    notes = [i for i in _json(capsys, str(out))["telemetry_issues"] if i["code"] == "source_choice"]
+    assert len(notes) == 1 and notes[0]["message"].startswith("read trainer_state.json; ")
+    assert notes[0]["message"].endswith(command)
 
 
 # -- R1: the top-level help ----------------------------------------------------------------------------------------

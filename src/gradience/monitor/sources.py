@@ -72,7 +72,7 @@ def _resolve_dir(d: Path) -> RunSource:
             names = ", ".join(x.name for x in jsonls[:10])
             raise InputError(f"several telemetry files and no run.jsonl ({names}); pass one of them", d)
         if is_file(d / "trainer_state.json"):
-            return RunSource("trainer_state", d / "trainer_state.json")
+            return RunSource("trainer_state", d / "trainer_state.json", _other_log_note(d, d / "trainer_state.json"))
         checkpoints = []
         for sub in d.iterdir():
             m = _CHECKPOINT.match(sub.name)
@@ -89,8 +89,10 @@ def _resolve_dir(d: Path) -> RunSource:
         return RunSource("wandb", d)  # the reader picks the run (--run-id, else the newest)
     if _has_event_files(d):
         return RunSource("tensorboard", d)
+    adapter = ("; it holds an adapter (adapter_config.json), which monitor does not read: gradience audit "
+               "--peft-dir DIR" if is_file(d / "adapter_config.json") else "")
     raise InputError("no run.jsonl, *.jsonl, trainer_state.json, checkpoint-*/trainer_state.json, W&B run or "
-                     "TensorBoard event file in this directory", d)
+                     f"TensorBoard event file in this directory{adapter}", d)
 
 
 def _other_log_note(d: Path, chosen: Path) -> str | None:
@@ -110,8 +112,9 @@ def _other_log_note(d: Path, chosen: Path) -> str | None:
         return None
     import shlex
 
-    return (f"read {chosen.relative_to(d)} (the latest checkpoint's trainer_state.json); this directory also "
-            f"holds a TensorBoard log, to read instead: gradience monitor {shlex.quote(str(other))}")
+    which = " (the latest checkpoint's)" if chosen.parent != d else ""
+    return (f"read {chosen.relative_to(d)}{which}; this directory also holds a TensorBoard log, to read instead: "
+            f"gradience monitor {shlex.quote(str(other))}")
 
 
 def _has_event_files(d: Path) -> bool:
