@@ -199,7 +199,7 @@ def test_weights_files_are_named_not_read_as_logs(tmp_path: Path, capsys: pytest
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
     gg.unlink()
     rc, _, err = _monitor(capsys, str(tmp_path))
-    assert rc == 2 and err.count("\n") == 1 and "holds an adapter" in err and "gradience audit --peft-dir" in err
+    assert rc == 2 and err.count("\n") == 1 and "holds an adapter" in err and f"gradience audit --peft-dir {tmp_path}" in err
 
 
 def test_a_text_log_starting_like_a_length_is_not_weights(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

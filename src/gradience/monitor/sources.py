@@ -89,8 +89,10 @@ def _resolve_dir(d: Path) -> RunSource:
         return RunSource("wandb", d)  # the reader picks the run (--run-id, else the newest)
     if _has_event_files(d):
         return RunSource("tensorboard", d)
+    import shlex
+
     adapter = ("; it holds an adapter (adapter_config.json), which monitor does not read: gradience audit "
-               "--peft-dir DIR" if is_file(d / "adapter_config.json") else "")
+               f"--peft-dir {shlex.quote(str(d))}" if is_file(d / "adapter_config.json") else "")
     raise InputError("no run.jsonl, *.jsonl, trainer_state.json, checkpoint-*/trainer_state.json, W&B run or "
                      f"TensorBoard event file in this directory{adapter}", d)
 
