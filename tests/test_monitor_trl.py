@@ -194,3 +194,68 @@ def test_llamafactory_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert (reward["min"], reward["min_step"], reward["max"], reward["max_step"]) == (-0.1, 2, 0.5, 3)
     assert (acc["first"], acc["last"], acc["trend"]["direction"]) == (0.6, 0.9, "increasing")
     assert "rewards/accuracies" in block["groups"]["reward_model"]["source"]
+
+
+def _tiny_dpo_trainer(out: Path) -> Any:
+    """A real TRL DPOTrainer on a one-layer Llama with a word-level tokenizer (nothing from the Hub)."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from trl import DPOConfig, DPOTrainer
+
+    words = ["the", "a", "cat", "dog", "sat", "ran", "on", "mat", "log", "yes", "no", "good", "bad"]
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
+                      eos_token_id=1, bos_token_id=1)
+    torch.manual_seed(0)
+    base = out / "base"
+    LlamaForCausalLM(cfg).save_pretrained(base)  # DPOTrainer builds its reference model from the model's path
+    tok.save_pretrained(base)
+    rows = [{"prompt": "the cat sat on", "chosen": " the mat", "rejected": " a log"},
+            {"prompt": "the dog ran", "chosen": " yes good", "rejected": " no bad"}] * 4
+    data = Dataset.from_list(rows)
+    args = DPOConfig(output_dir=str(out / "run"), per_device_train_batch_size=4, per_device_eval_batch_size=4,
+                     max_steps=6, logging_steps=1, eval_strategy="steps", eval_steps=3, learning_rate=1e-3,
+                     report_to=["tensorboard"], save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0)
+    return DPOTrainer(model=LlamaForCausalLM.from_pretrained(base), args=args, train_dataset=data,
+                      eval_dataset=data, processing_class=tok)
+
+
+@pytest.mark.slow
+def test_real_dpo_trainer_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A DPOTrainer run's TensorBoard log and its trainer_state.json give the block of its log_history."""
+    pytest.importorskip("tensorboard")
+    trainer = _tiny_dpo_trainer(tmp_path)
+    trainer.train()
+    capsys.readouterr()  # the Trainer prints its log dicts
+    state = tmp_path / "run" / "trainer_state.json"
+    trainer.state.save_to_json(str(state))
+    history = trainer.state.log_history
+    train_rows = [h for h in history if "loss" in h and "train_runtime" not in h]
+    eval_rows = [h for h in history if "eval_loss" in h]
+    assert train_rows and eval_rows and "rewards/margins" in train_rows[0]
+    tb = run_json(capsys, tmp_path / "run" / "runs")
+    js = run_json(capsys, state)
+    for block, rounding in ((tb["trl"], f32), (js["trl"], float)):
+        train = block["train"]
+        names = {k for k in train_rows[0] if k not in ("loss", "grad_norm", "learning_rate", "epoch", "step")}
+        assert set(train["metrics"]) == names and train["records"] == len(train_rows)
+        for name in ("rewards/margins", "rewards/accuracies", "logps/chosen", "mean_token_accuracy"):
+            ys = [rounding(h[name]) for h in train_rows]
+            steps = [h["step"] for h in train_rows]
+            m = train["metrics"][name]
+            assert (m["first"], m["last"], m["min"], m["max"]) == (ys[0], ys[-1], min(ys), max(ys))
+            assert m["max_step"] == steps[ys.index(max(ys))]
+        ev = block["eval"]["eval"]["metrics"]["rewards/accuracies"]
+        assert ev["n"] == len(eval_rows) and ev["last"] == rounding(eval_rows[-1]["eval_rewards/accuracies"])
+        assert "preference" in block["groups"]
+    # DPO's reward accuracy is not the run's accuracy (no eval `accuracy` was logged)
+    assert tb["signals"]["test_accuracy"] is None and js["signals"]["test_accuracy"] is None
+    assert main(["monitor", str(tmp_path / "run" / "runs")]) == 0
+    assert "    rewards/margins " in capsys.readouterr().out

@@ -221,9 +221,11 @@ def _value(x: Any) -> str:
 
 def _metric_line(name: str, m: dict[str, Any], width: int) -> str:
     trend = m.get("trend")
-    rel = trend.get("relative_change") if trend else None
-    how = "-" if not trend else trend["direction"] + (
-        f" ({rel:+.1%} over steps {trend['from_step']}-{trend['to_step']})" if rel is not None else "")
+    # the change in the metric's own units: a relative one is meaningless for margins and rewards near zero
+    how = "-"
+    if trend:
+        change = trend["slope_per_step"] * (trend["to_step"] - trend["from_step"])
+        how = f"{trend['direction']} ({change:+.4g} over steps {trend['from_step']}-{trend['to_step']})"
     bad = f"; non-finite {m['nonfinite']}" if m.get("nonfinite") else ""
     return (f"    {safe_text(name, max_len=60):<{width}} last {_value(m.get('last'))} @ {m.get('last_step')}"
             f" (first {_value(m.get('first'))}, min {_value(m.get('min'))} @ {m.get('min_step')}, "
