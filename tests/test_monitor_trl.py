@@ -92,6 +92,7 @@ def _check_against_numpy(block: dict[str, Any], trl: dict[int, dict[str, float]]
         xs = np.array(steps[-20:], dtype=float)
         slope = np.polyfit(xs, ys[-20:], 1)[0]
         assert m["trend"]["slope_per_step"] == pytest.approx(slope, rel=1e-9, abs=1e-12)
+        assert m["trend"]["change"] == pytest.approx(slope * (xs[-1] - xs[0]), rel=1e-9, abs=1e-12)
         assert m["trend"]["direction"] == ("increasing" if m["trend"]["relative_change"] > 0.02 else
                                            "decreasing" if m["trend"]["relative_change"] < -0.02 else "flat")
 
@@ -259,3 +260,20 @@ def test_real_dpo_trainer_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert tb["signals"]["test_accuracy"] is None and js["signals"]["test_accuracy"] is None
     assert main(["monitor", str(tmp_path / "run" / "runs")]) == 0
     assert "    rewards/margins " in capsys.readouterr().out
+
+
+def test_hostile_values_and_names(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Values that are not numbers that fit a float are skipped (no traceback); a name with control characters
+    is escaped in text."""
+    lines = [{"schema": "gradience.telemetry/v1", "run_id": "r", "event": "train_step", "step": s, "loss": 1.0,
+              "reward": [1.5, True, "NaN-ish", None][s - 1], "rewards/margins": 10 ** 400 if s == 2 else s,
+              "rewards/x\x1b[31m/mean": 0.5} for s in (1, 2, 3, 4)]
+    path = tmp_path / "run.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    data = run_json(capsys, path)
+    metrics = data["trl"]["train"]["metrics"]
+    assert metrics["reward"]["n"] == 1 and metrics["reward"]["last"] == 1.5
+    assert metrics["rewards/margins"]["n"] == 3 and metrics["rewards/margins"]["max"] == 4.0
+    assert main(["monitor", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "rewards/x" in out

@@ -18,7 +18,7 @@ from typing import Any
 
 from gradience.monitor.train_steps import window_trend
 from gradience.policy import thresholds as T
-from gradience.telemetry.logmap import is_trl_metric
+from gradience.telemetry.logmap import _number, is_trl_metric
 from gradience.textfmt import safe_text
 
 MAX_NAMES = 64          # TRL metric names summarised per side (train, each eval split); the rest are counted
@@ -104,7 +104,16 @@ class _Series:
     def to_dict(self) -> dict[str, Any]:
         return {"n": self.n, "nonfinite": self.nonfinite, "first": self.first, "first_step": self.first_step,
                 "last": self.last, "last_step": self.last_step, "min": self.min, "min_step": self.min_step,
-                "max": self.max, "max_step": self.max_step, "trend": window_trend(list(self.window))}
+                "max": self.max, "max_step": self.max_step, "trend": _trend(list(self.window))}
+
+
+def _trend(pts: list[tuple[int, float]]) -> dict[str, Any] | None:
+    """The loss's trend rule plus ``change``: the fitted change across the window in the metric's own units (its
+    ``relative_change`` divides by the window's mean, meaningless for margins and rewards near zero)."""
+    trend = window_trend(pts)
+    if trend is not None:
+        trend["change"] = trend["slope_per_step"] * (trend["to_step"] - trend["from_step"])
+    return trend
 
 
 class _Side:
@@ -140,17 +149,6 @@ class _Side:
                 "metrics": {name: self.series[name].to_dict() for name in sorted(self.series)},
                 "groups": {g: groups[g] for g, _, _ in GROUPS if g in groups},
                 "names_not_listed": len(self.not_listed)}
-
-
-def _number(value: Any) -> float | None:
-    if type(value) is float:
-        return value
-    if isinstance(value, bool) or not isinstance(value, int):
-        return None
-    try:
-        return float(value)
-    except OverflowError:
-        return None
 
 
 class TrlAnalyzer:
@@ -221,11 +219,8 @@ def _value(x: Any) -> str:
 
 def _metric_line(name: str, m: dict[str, Any], width: int) -> str:
     trend = m.get("trend")
-    # the change in the metric's own units: a relative one is meaningless for margins and rewards near zero
-    how = "-"
-    if trend:
-        change = trend["slope_per_step"] * (trend["to_step"] - trend["from_step"])
-        how = f"{trend['direction']} ({change:+.4g} over steps {trend['from_step']}-{trend['to_step']})"
+    how = "-" if not trend else \
+        f"{trend['direction']} ({trend['change']:+.4g} over steps {trend['from_step']}-{trend['to_step']})"
     bad = f"; non-finite {m['nonfinite']}" if m.get("nonfinite") else ""
     return (f"    {safe_text(name, max_len=60):<{width}} last {_value(m.get('last'))} @ {m.get('last_step')}"
             f" (first {_value(m.get('first'))}, min {_value(m.get('min'))} @ {m.get('min_step')}, "
