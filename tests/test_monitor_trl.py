@@ -197,7 +197,7 @@ def test_llamafactory_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert "rewards/accuracies" in block["groups"]["reward_model"]["source"]
 
 
-def _tiny_dpo_trainer(out: Path) -> Any:
+def _tiny_dpo_trainer(out: Path, callbacks: list[Any] | None = None) -> Any:
     """A real TRL DPOTrainer on a one-layer Llama with a word-level tokenizer (nothing from the Hub)."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("trl")
@@ -225,14 +225,16 @@ def _tiny_dpo_trainer(out: Path) -> Any:
                      max_steps=6, logging_steps=1, eval_strategy="steps", eval_steps=3, learning_rate=1e-3,
                      report_to=["tensorboard"], save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0)
     return DPOTrainer(model=LlamaForCausalLM.from_pretrained(base), args=args, train_dataset=data,
-                      eval_dataset=data, processing_class=tok)
+                      eval_dataset=data, processing_class=tok, callbacks=callbacks)
 
 
 @pytest.mark.slow
 def test_real_dpo_trainer_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A DPOTrainer run's TensorBoard log and its trainer_state.json give the block of its log_history."""
     pytest.importorskip("tensorboard")
-    trainer = _tiny_dpo_trainer(tmp_path)
+    from gradience.integrations.hf import GradienceCallback, GradienceCallbackConfig
+
+    trainer = _tiny_dpo_trainer(tmp_path, [GradienceCallback(GradienceCallbackConfig(audit_on_train_end=False))])
     trainer.train()
     capsys.readouterr()  # the Trainer prints its log dicts
     state = tmp_path / "run" / "trainer_state.json"
@@ -256,6 +258,9 @@ def test_real_dpo_trainer_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]
         ev = block["eval"]["eval"]["metrics"]["rewards/accuracies"]
         assert ev["n"] == len(eval_rows) and ev["last"] == rounding(eval_rows[-1]["eval_rewards/accuracies"])
         assert "preference" in block["groups"]
+    # Gradience's own callback on the same run records the same train-side TRL values (no float32 rounding)
+    cb = run_json(capsys, tmp_path / "run" / "run.jsonl")["trl"]["train"]
+    assert cb["metrics"] == js["trl"]["train"]["metrics"] and cb["records"] == len(train_rows)
     # DPO's reward accuracy is not the run's accuracy (no eval `accuracy` was logged)
     assert tb["signals"]["test_accuracy"] is None and js["signals"]["test_accuracy"] is None
     assert main(["monitor", str(tmp_path / "run" / "runs")]) == 0

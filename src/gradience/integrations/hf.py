@@ -60,6 +60,7 @@ from gradience.integrations.hf_config import GradienceCallbackConfig, GradienceT
 from gradience.integrations.hf_eval import EvalHooks
 from gradience.integrations.hf_guard import GuardHooks
 from gradience.integrations.hf_values import _non_default_args, _plain, _scalar, _strip_prefix
+from gradience.telemetry.logmap import is_trl_metric
 
 try:
     from transformers import TrainerCallback
@@ -282,6 +283,9 @@ class GradienceCallback(GuardHooks, EvalHooks, TrainerCallback):
             fields = {"loss": _scalar(logs.get("loss")), "lr": _scalar(logs.get("learning_rate")),
                       "grad_norm": _scalar(logs.get("grad_norm")), "epoch": _scalar(logs.get("epoch")),
                       "tokens": _scalar(logs.get("num_input_tokens_seen"))}
+            # TRL's trainers log their own metrics in the same call (rewards/margins, kl ...): kept under TRL's
+            # names, as the log readers carry them, for monitor's TRL block (telemetry.logmap.is_trl_metric)
+            fields.update((k, _scalar(v)) for k, v in logs.items() if k not in fields and is_trl_metric(k))
             self.writer.train_step(state.global_step, **fields)
         elif _TRAIN_SUMMARY_KEYS.intersection(logs):
             self.writer.metrics("train_summary", _strip_prefix(logs, ""), step=state.global_step)
