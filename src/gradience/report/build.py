@@ -26,7 +26,7 @@ from gradience.errors import GradienceError, InputError
 from gradience.report.curves import RunCurves
 from gradience.report.titles import adapter_name, default_title, subject_of
 from gradience.report.validate import check_document
-from gradience.report.views import DOCUMENT_VIEWS, ChartIds, View, adapter_view, run_view
+from gradience.report.views import DOCUMENT_VIEWS, ChartIds, View, adapter_view, run_view, trl_view
 
 MAX_JSON_BYTES = 256 * 1024 * 1024
 MAX_JSON_ITEMS = 8_000_000   # JSON values; as compare's audit JSON bound (a 70B audit holds a few hundred thousand)
@@ -310,6 +310,9 @@ def build_report(path: str | os.PathLike[str], *, base_model: str | None = None,
         assert p.run is not None
         report, curves = _monitor_and_curves(p.run, run_id)
         views.append(run_view(report, curves, ids))
+        trl = trl_view(report.extra.get("trl"), curves, ids)  # absent when the run logged no TRL metric
+        if trl is not None:
+            views.append(trl)
         run_label = str(report.run_id) if report.run_id else None
         subtitle = "training run" + (f" · adapter {adapter_name(p.adapter)}" if p.adapter is not None else "")
     summary: dict[str, Any] | None = None

@@ -17,9 +17,23 @@ from dataclasses import dataclass
 from functools import reduce
 from typing import Any
 
+from gradience.monitor.trl import PLAIN_TRAIN_KEYS
+
 CURVE_BUCKETS = 800          # buckets per curve: ~2 points per horizontal pixel of a 1400 px page
 MAX_MARKED_NONFINITE = 2000  # NaN/Inf steps remembered per curve (the rest are counted)
 FLUSH_POINTS = 4096          # points buffered per curve before they are folded into its buckets
+MAX_TRL_EVAL_SPLITS = 4      # eval splits whose TRL headline metrics are drawn (monitor's JSON has them all)
+# TRL's headline metrics per monitor/trl.py group, drawn as small multiples (what a user of each trainer watches:
+# trl/trainer/dpo_trainer.py rewards/*, grpo_trainer.py reward and kl, reward_trainer.py, sft_trainer.py).
+TRL_CHARTS: dict[str, tuple[str, ...]] = {
+    "preference": ("rewards/margins", "rewards/accuracies"),
+    "online_rl": ("reward", "kl"),
+    "reward_model": ("accuracy", "margin"),
+    "shared": ("mean_token_accuracy", "entropy"),
+}
+TRL_CHART_NAMES = tuple(dict.fromkeys(n for names in TRL_CHARTS.values() for n in names))
+# An eval's ``accuracy`` is the run's eval accuracy (its own chart; monitor's TRL block leaves it out too).
+_TRL_EVAL_NAMES = tuple(n for n in TRL_CHART_NAMES if n != "accuracy")
 
 
 @dataclass
@@ -222,6 +236,20 @@ class RunCurves:
         self._loss_ys: list[float | None] = []
         self._lr_ys: list[float | None] = []
         self._grad_ys: list[float | None] = []
+        # TRL's headline metrics (report/views/trl.py charts them): train curves, and eval points per split.
+        self.trl: dict[str, Downsampler] = {}
+        self.trl_eval: dict[str, dict[str, Downsampler]] = {}
+
+    @staticmethod
+    def _feed_trl(x: float, data: dict[str, Any], into: dict[str, Downsampler],
+                  names: tuple[str, ...] = TRL_CHART_NAMES) -> None:
+        for name in names:
+            value = _number(data.get(name))
+            if value is not None:
+                curve = into.get(name)
+                if curve is None:
+                    curve = into[name] = Downsampler()
+                curve.add(x, value)
 
     def feed(self, event: str, step: int | None, data: dict[str, Any]) -> None:
         """One run event (telemetry record data, or an event derived from trainer_state.json)."""
@@ -237,6 +265,8 @@ class RunCurves:
             self._lr_ys.append(value if type(value) is float else _number(value))
             value = data.get("grad_norm")
             self._grad_ys.append(value if type(value) is float else _number(value))
+            if not _plain_train(data):  # keys beyond the Trainer's: maybe TRL's (a C-level test, as monitor's)
+                self._feed_trl(self._steps[-1], data, self.trl)
             if len(self._steps) >= FLUSH_POINTS:
                 self._flush()
         elif event == "eval":
@@ -252,6 +282,11 @@ class RunCurves:
             acc = _number(metrics.get("accuracy", metrics.get("acc")))
             if acc is not None:
                 self.eval_accuracy.setdefault(split, Downsampler()).add(x, acc / 100.0 if acc > 1.0 else acc)
+            if split in self.trl_eval or len(self.trl_eval) < MAX_TRL_EVAL_SPLITS:
+                into = self.trl_eval.get(split, {})
+                self._feed_trl(x, metrics, into, _TRL_EVAL_NAMES)
+                if into:
+                    self.trl_eval[split] = into
 
     def _flush(self) -> None:
         steps = self._steps
@@ -279,6 +314,9 @@ class RunCurves:
     def grad_norm(self) -> Downsampler:
         self._flush()
         return self._grad_norm
+
+
+_plain_train = PLAIN_TRAIN_KEYS.issuperset
 
 
 def _number(value: Any) -> float | None:

@@ -74,8 +74,18 @@ def render_page(views: Sequence[View], *, title: str, subtitle: str = "", notes:
 
 
 def _mark_svgs(views: Sequence[View], markup: Any) -> None:
-    """Context keys ending in ``_svg`` hold SVG produced by :mod:`gradience.report.svg` (trusted markup)."""
-    for view in views:
-        for key, value in list(view.context.items()):
+    """Context keys ending in ``_svg`` hold SVG produced by :mod:`gradience.report.svg` (trusted markup); so do
+    the items of ``_svgs`` lists, at any depth of dicts in lists (a view's per-group small multiples)."""
+    def mark(context: dict[str, Any]) -> None:
+        for key, value in list(context.items()):
             if key.endswith("_svg") and isinstance(value, str):
-                view.context[key] = markup(value)
+                context[key] = markup(value)
+            elif key.endswith("_svgs") and isinstance(value, list):
+                context[key] = [markup(v) if isinstance(v, str) else v for v in value]
+            elif isinstance(value, list):
+                for item in value:
+                    if isinstance(item, dict):
+                        mark(item)
+
+    for view in views:
+        mark(view.context)

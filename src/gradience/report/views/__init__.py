@@ -18,6 +18,7 @@ from gradience.report.views.merge import merge_view
 from gradience.report.views.run import run_view
 from gradience.report.views.series import series_view
 from gradience.report.views.sidebar import udr_sidebar
+from gradience.report.views.trl import trl_view
 
 #: Single-document inputs: kind -> the view that shows it. A JSON document whose ``schema`` is
 #: ``gradience.<kind>/vN`` is checked against ``validate.SHAPES[kind]`` and shown by this function.
@@ -29,4 +30,4 @@ DOCUMENT_VIEWS: dict[str, Callable[[dict[str, Any], ChartIds], View]] = {
 }
 
 __all__ = ["DOCUMENT_VIEWS", "MAX_ISSUES_SHOWN", "ChartIds", "UdrGroup", "View", "adapter_heatmaps",
-           "adapter_view", "bench_view", "compare_view", "merge_view", "run_view", "udr_sidebar"]
+           "adapter_view", "bench_view", "compare_view", "merge_view", "run_view", "trl_view", "udr_sidebar"]
