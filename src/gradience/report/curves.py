@@ -244,12 +244,17 @@ class RunCurves:
     def _feed_trl(x: float, data: dict[str, Any], into: dict[str, Downsampler],
                   names: tuple[str, ...] = TRL_CHART_NAMES) -> None:
         for name in names:
-            value = _number(data.get(name))
-            if value is not None:
-                curve = into.get(name)
-                if curve is None:
-                    curve = into[name] = Downsampler()
-                curve.add(x, value)
+            value = data.get(name)
+            if value is None:
+                continue
+            if type(value) is not float:
+                value = _number(value)
+                if value is None:
+                    continue
+            curve = into.get(name)
+            if curve is None:
+                curve = into[name] = Downsampler()
+            curve.add(x, value)
 
     def feed(self, event: str, step: int | None, data: dict[str, Any]) -> None:
         """One run event (telemetry record data, or an event derived from trainer_state.json)."""
