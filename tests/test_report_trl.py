@@ -239,3 +239,34 @@ def test_trl_section_in_chromium(tmp_path: Path, width: int) -> None:
     assert lay["cut"] == 0
     assert min(lay["svgWidths"]) >= 300  # small multiples, still readable
     print(f"screenshots: {tmp_path}", file=sys.stderr)
+
+
+def test_hostile_names_are_escaped(tmp_path: Path) -> None:
+    """TRL-prefixed names and an eval split carrying markup reach the page as text, never as elements."""
+    from gradience.report import build_report
+
+    events: list[tuple[str, int, dict[str, Any]]] = []
+    for step in range(1, 6):
+        events.append(("train_step", step, {"loss": 1.0, "logps/<img src=x onerror=alert(1)>": -float(step),
+                                            "rewards/margins": 0.1 * step}))
+    events.append(("eval", 5, {"split": "<b>x</b>", "metrics": {"loss": 1.0, "rewards/margins": 0.4}}))
+    sec = _section(build_report(reference_jsonl(tmp_path / "run.jsonl", events)).html)
+    assert "<img" not in sec and "<b>x" not in sec
+    assert "logps/&lt;img" in sec and "eval: &lt;b&gt;x&lt;/b&gt;" in sec
+
+
+@pytest.mark.slow
+def test_tensorboard_run_gets_the_same_section(tmp_path: Path) -> None:
+    """A TensorBoard run written by a real SummaryWriter with TRL's tag names (train/rewards/margins, ...) and
+    the equivalent run.jsonl give the same TRL section, charts included."""
+    pytest.importorskip("tensorboard")
+    from gradience.report import build_report
+    from test_monitor_trl import _reference, _trl_run, _write_tensorboard
+
+    events, trl = _trl_run(list(DPO))
+    eval_trl = {"rewards/margins": 0.25, "rewards/accuracies": 0.75}
+    tb = _section(build_report(_write_tensorboard(tmp_path, events, trl, eval_trl)).html)
+    ref = _section(build_report(_reference(tmp_path / "run.jsonl", events, trl, eval_trl)).html)
+    assert _rows(tb) == _rows(ref) and set(_rows(tb)) == set(DPO)
+    labels = re.findall(r'aria-label="([^"]*)"', tb)
+    assert labels == re.findall(r'aria-label="([^"]*)"', ref) == ["rewards/margins", "rewards/accuracies"]
