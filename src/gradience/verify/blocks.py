@@ -10,10 +10,12 @@ directory of :class:`gradience.udr.base.BaseWeights`; a pickled ``.bin`` checkpo
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -175,3 +177,15 @@ class ArrayBlocks:
             target = out[: src.size].reshape(b - a, cols)
             np.copyto(target, src)
             yield a, b, target
+
+
+def close_within(ref: Any, other: Any, u: float) -> bool:
+    """‖other − ref‖_F ≤ u·‖ref‖_F, streamed block by block (ref/other: TensorBlocks or ArrayBlocks of one shape):
+    "equal within the dtype's rounding" for weights a merge must leave alone."""
+    rows = min(ref.rows_per_block, other.rows_per_block)
+    diff2 = ref2 = 0.0
+    for (_, _, w_ref), (_, _, w_other) in zip(ref.blocks(rows), other.blocks(rows), strict=True):
+        d = w_other - w_ref
+        diff2 += float(np.vdot(d, d))
+        ref2 += float(np.vdot(w_ref, w_ref))
+    return math.sqrt(diff2) <= u * math.sqrt(ref2)

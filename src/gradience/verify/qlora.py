@@ -139,20 +139,10 @@ def combine(on_twin: dict[str, Any], on_16: dict[str, Any], quant_residual: floa
 def untouched_is_twin(base: BaseWeights, merged: BaseWeights, name: str, quant_type: str, u: float) -> bool:
     """A weight no adapter module adapts, stored in the merged checkpoint as deq(Q(W₁₆)) within rounding (a merge
     done from the 4-bit model writes every quantised linear layer de-quantised)."""
-    from gradience.verify.blocks import TensorBlocks
+    from gradience.verify.blocks import TensorBlocks, close_within
 
-    for double_quant in (False, True):
-        twin, _ = twin_blocks(base, name, quant_type, double_quant)
-        blocks_m = TensorBlocks(merged, name)
-        rows = min(twin.rows_per_block, blocks_m.rows_per_block)
-        diff2 = ref2 = 0.0
-        for (_, _, wq), (_, _, wm) in zip(twin.blocks(rows), blocks_m.blocks(rows), strict=True):
-            d = wm - wq
-            diff2 += float(np.vdot(d, d))
-            ref2 += float(np.vdot(wq, wq))
-        if math.sqrt(diff2) <= u * math.sqrt(ref2):
-            return True
-    return False
+    return any(close_within(twin_blocks(base, name, quant_type, double_quant)[0], TensorBlocks(merged, name), u)
+               for double_quant in (False, True))
 
 
 def companions(base: BaseWeights) -> set[str]:

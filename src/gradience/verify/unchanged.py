@@ -7,14 +7,11 @@ rounding is what a merge done from the 4-bit model writes for every quantised la
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from gradience.udr.base import BaseWeights
-from gradience.verify.blocks import TensorBlocks, bitwise_equal
+from gradience.verify.blocks import TensorBlocks, bitwise_equal, close_within
 from gradience.verify.verdict import unit_roundoff
 
 
@@ -38,14 +35,7 @@ class UnchangedCheck:
 
 
 def within_rounding(base: BaseWeights, merged: BaseWeights, name: str, u: float) -> bool:
-    blocks_b, blocks_m = TensorBlocks(base, name, flat=True), TensorBlocks(merged, name, flat=True)
-    rows = min(blocks_b.rows_per_block, blocks_m.rows_per_block)
-    diff2 = ref2 = 0.0
-    for (_, _, wb), (_, _, wm) in zip(blocks_b.blocks(rows), blocks_m.blocks(rows), strict=True):
-        d = wm - wb
-        diff2 += float(np.vdot(d, d))
-        ref2 += float(np.vdot(wb, wb))
-    return math.sqrt(diff2) <= u * math.sqrt(ref2)
+    return close_within(TensorBlocks(base, name, flat=True), TensorBlocks(merged, name, flat=True), u)
 
 
 def unchanged_status(base: BaseWeights, merged: BaseWeights, name: str, qlora: str | None = None) -> str:
