@@ -194,9 +194,10 @@ def _scale_intruders(args: argparse.Namespace) -> int:
         lines = [f"intruders scaled by {doc['lambda']:g}: {doc['n_layers_changed']} of {doc['n_layers_checked']} "
                  f"layers changed (k={doc['intruder_k']}, eps={doc['intruder_eps']:g})"]
         for row in rows:
-            kept = row["energy_retained"]
-            lines.append(f"  {row['name']}: {row['intruder_count']} intruder(s), energy retained at rank r "
-                         f"{'n/a' if kept is None else format(kept, '.4f')}")
+            kept, change = row["energy_retained"], row["rel_change"]
+            lines.append(f"  {row['name']}: {row['intruder_count']} intruder(s), ΔW changed by "
+                         f"{'n/a' if change is None else format(change, '.1%')} (relative Frobenius), rank-r "
+                         f"truncation keeps {'n/a' if kept is None else format(kept, '.2%')} of the new ΔW")
         lines.append(f"wrote {doc['out_dir']}" if doc["written"] else "dry run: nothing written")
         sys.stdout.write(safe_text("\n".join(lines) + "\n", keep_newlines=True))
     return 0

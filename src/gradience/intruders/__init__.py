@@ -19,7 +19,7 @@ from gradience.intruders.measure import (
     measure_pairs,
     row_values,
 )
-from gradience.issues import Issue
+from gradience.issues import Issue, Severity
 
 __all__ = ["ROW_KEYS", "SUMMARY_KEYS", "IntruderOptions", "IntruderReport", "match_base", "measure_intruders",
            "row_values"]
@@ -53,8 +53,10 @@ def match_base(pairs: Sequence[LoraPair], weights: object, *, fan_in_fan_out: bo
             skipped.setdefault("base weight shape differs from the update's", []).append(pair.name)
             continue
         out[pair.name] = (match.tensor, bool(stored_transposed(inp, info.shape)))
+    # every layer skipped (e.g. a base of another size): nothing was measured, which a user must not miss
+    severity: Severity = "warning" if not out and skipped else "info"
     issues = [Issue("intruder_layer_skipped", f"intruders not computed for {len(names)} layer(s): {why} "
-                    f"(e.g. {names[0]})", "info", modules=names) for why, names in skipped.items()]
+                    f"(e.g. {names[0]})", severity, modules=names) for why, names in skipped.items()]
     return out, issues
 
 

@@ -104,8 +104,9 @@ class SpectraCache:
             self.written += 1
             self._trim()
         except OSError as exc:
-            self.issues.append(Issue("intruder_cache_unwritable", f"{self.root}: cannot write the base spectra "
-                                     f"cache ({os_problem(exc)}); base spectra will be recomputed", "warning"))
+            if not any(i.code == "intruder_cache_unwritable" for i in self.issues):  # once, not once per layer
+                self.issues.append(Issue("intruder_cache_unwritable", f"{self.root}: cannot write the base spectra "
+                                         f"cache ({os_problem(exc)}); base spectra will be recomputed", "warning"))
 
     def _trim(self) -> None:
         files = []

@@ -99,6 +99,10 @@ def mitigate_adapter(loaded: LoadedAdapter, base_model: str, out: str | os.PathL
     weights = BaseWeights(resolved)
     fan = loaded.config.get("fan_in_fan_out") is True
     matches, issues = match_base(loaded.pairs, weights, fan_in_fan_out=fan)
+    if not matches:  # writing an unchanged copy would look like a mitigation that found nothing
+        why = "; ".join(i.message for i in issues) or "no LoRA layer"
+        raise InputError(f"no layer of the adapter can be checked against {resolved.display}: {why}",
+                         loaded.adapter_weights_path or loaded.peft_dir)
     with limited_blas_threads():
         report = measure_pairs(loaded.pairs, weights, matches, options)
     pairs = {p.name: p for p in loaded.pairs}
