@@ -146,8 +146,10 @@ def test_report_shows_the_intruder_heatmap_with_cos_profiles(case: dict[str, Any
     html = page.read_text()
     doc = json.loads(proc.stdout)
     row = next(r for r in doc["layers"] if r["intruder_count"])
-    profile = " ".join(f"{c:.2f}{'*' if i in row['intruder_indices'] else ''}"
+    # shown to 3 decimals rounded down (an intruder just under ε must not print as ε)
+    profile = " ".join(f"{int(c * 1000) / 1000:.3f}{'*' if i in row['intruder_indices'] else ''}"
                        for i, c in enumerate(row["intruder_cos"]))
+    assert all(float(p.rstrip("*")) < 0.5 for p in profile.split() if p.endswith("*"))
     assert "intruders" in html and profile in html
     # Without --intruders the page has no intruder map (the keys are absent, not null).
     plain = case["root"] / "plain.json"

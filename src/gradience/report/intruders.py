@@ -3,6 +3,7 @@ layer's best-|cos| profile over its top-k directions (intruders marked), drawn l
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,8 +15,9 @@ from gradience.textfmt import finite
 def _profile(row: dict[str, Any]) -> str:
     cos = row.get("intruder_cos") or []
     marked = set(row.get("intruder_indices") or [])
-    parts = [f"{c:.2f}{'*' if i in marked else ''}" for i, c in enumerate(cos[:64])
-             if isinstance(c, (int, float))]
+    # three decimals rounded down: 0.4996 (an intruder at ε = 0.5) must not read "0.50*" beside "< 0.5"
+    parts = [f"{math.floor(c * 1000) / 1000:.3f}{'*' if i in marked else ''}" for i, c in enumerate(cos[:64])
+             if isinstance(c, (int, float)) and math.isfinite(c)]
     how = row.get("intruder_decided_by")
     return ("best |cos| vs base, top-k of W+ΔW (* intruder): " + " ".join(parts)
             + (f"\ndecided by: {how}" if how else ""))
