@@ -42,28 +42,35 @@ def _bf16(x: np.ndarray) -> np.ndarray:
     return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
 
 
-def make_adapter(out: Path, layers: int, experts: int, r: int) -> Path:
+def make_adapter(out: Path, layers: int, experts: int, r: int, dtype: str = "BF16", seed: int = 0) -> Path:
+    """The synthetic adapter (``dtype`` BF16 or F32: the same values, F32 holding the bf16-rounded numbers;
+    ``seed`` shifts every factor's seed: a second, independent adapter of the same shape for merge)."""
     weights = out / "adapter_model.safetensors"
     if weights.exists():
         return out
     out.mkdir(parents=True, exist_ok=True)
     specs = []
+    if dtype == "F32":
+        def cast(x: np.ndarray) -> np.ndarray:
+            return (_bf16(x).astype(np.uint32) << 16).view(np.float32)
+    else:
+        cast = _bf16
     for layer in range(layers):
         prefix = f"base_model.model.model.layers.{layer}.mlp.experts"
         for wrap, d_in, d_out in ((".base_layer", HIDDEN, 2 * INTER), ("", INTER, HIDDEN)):
-            def a_fn(seed: int = layer * 2 + len(wrap), d_in: int = d_in) -> np.ndarray:
+            def a_fn(seed: int = 100_000 * seed + layer * 2 + len(wrap), d_in: int = d_in) -> np.ndarray:
                 rng = np.random.default_rng(seed)
-                return _bf16(rng.standard_normal((r * experts, d_in), np.float32) / np.sqrt(d_in))
+                return cast(rng.standard_normal((r * experts, d_in), np.float32) / np.sqrt(d_in))
 
-            def b_fn(seed: int = 10_000 + layer * 2 + len(wrap), d_out: int = d_out) -> np.ndarray:
+            def b_fn(seed: int = 100_000 * seed + 10_000 + layer * 2 + len(wrap), d_out: int = d_out) -> np.ndarray:
                 rng = np.random.default_rng(seed)
                 b = rng.standard_normal((d_out, r, experts), np.float32) * 0.02
                 b *= np.exp(-np.arange(r, dtype=np.float32) / 2.0)[None, :, None]
                 b[:, :, list(NEVER)] = 0.0
-                return _bf16(b.reshape(d_out, r * experts))
+                return cast(b.reshape(d_out, r * experts))
 
-            specs.append(TensorSpec(f"{prefix}{wrap}.lora_A.weight", "BF16", (r * experts, d_in), a_fn))
-            specs.append(TensorSpec(f"{prefix}{wrap}.lora_B.weight", "BF16", (d_out, r * experts), b_fn))
+            specs.append(TensorSpec(f"{prefix}{wrap}.lora_A.weight", dtype, (r * experts, d_in), a_fn))
+            specs.append(TensorSpec(f"{prefix}{wrap}.lora_B.weight", dtype, (d_out, r * experts), b_fn))
     write_safetensors(weights, specs, {"format": "pt"})
     (out / "adapter_config.json").write_text(json.dumps({
         "peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "lora_dropout": 0.0, "target_modules": [],

@@ -186,7 +186,36 @@ def batched_gram_truncation(a3: np.ndarray, b3: np.ndarray, k: int, coef: float
         inv_half = np.where(ok[:, None], 1.0 / np.sqrt(np.where(s[:, :k] > 0, s[:, :k], 1.0)), 0.0)
         x_b = (r_a.transpose(0, 2, 1) @ vct[:, :k].transpose(0, 2, 1)) * (inv_half * (sign * root))[:, None, :]
         y_a = (inv_half * root)[:, :, None] * (uc[:, :, :k].transpose(0, 2, 1) @ r_b)
-        a_new = np.matmul(y_a, np.asarray(a3, dtype=np.float64))
-        b_new = np.matmul(np.asarray(b3, dtype=np.float64).transpose(2, 0, 1), x_b)
+        a_new, b_new = _stack_products(a3, b3, y_a, x_b)
         ok &= np.isfinite(a_new).reshape(n_exp, -1).all(axis=1) & np.isfinite(b_new).reshape(n_exp, -1).all(axis=1)
     return a_new, b_new, ok
+
+
+# The batched products take this many experts' factors to float64 at a time (bounded, reused buffers).
+_PRODUCT_CHUNK_ELEMS = 1 << 17
+
+
+def _stack_products(a3: np.ndarray, b3: np.ndarray, y_a: np.ndarray, x_b: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """(y_a[e]·A_e, B_e·x_b[e]) for every expert: A' (E, k, d_in) and B' (E, d_out, k), float64.
+
+    Why chunked: converting a whole stack to float64 allocated (and page-faulted) 2x its size per stack, and B's
+    expert slices are strided, so each matmul went the slow non-BLAS way; here a few experts at a time are
+    converted into reused contiguous buffers (B transposed on the way), the per-expert GEMMs are the same ones on
+    the same values (the result is bit-identical). B' is a view of a (d_out, k, E) array: PEFT's stacked layout,
+    so the caller joins the stack without another copy."""
+    n_exp, r, d_in = a3.shape
+    d_out, k = b3.shape[0], x_b.shape[2]
+    a_new = np.empty((n_exp, k, d_in))
+    b_fin = np.empty((d_out, k, n_exp))
+    b_new = b_fin.transpose(2, 0, 1)
+    step = max(1, min(n_exp, _PRODUCT_CHUNK_ELEMS // max(1, r * max(d_in, d_out))))
+    a_buf, b_buf, b_out = np.empty((step, r, d_in)), np.empty((step, d_out, r)), np.empty((step, d_out, k))
+    for lo in range(0, n_exp, step):
+        n = min(n_exp, lo + step) - lo
+        a_buf[:n] = a3[lo:lo + n]
+        np.matmul(y_a[lo:lo + n], a_buf[:n], out=a_new[lo:lo + n])
+        b_buf[:n] = b3[:, :, lo:lo + n].transpose(2, 0, 1)
+        np.matmul(b_buf[:n], x_b[lo:lo + n], out=b_out[:n])
+        b_new[lo:lo + n] = b_out[:n]
+    return a_new, b_new

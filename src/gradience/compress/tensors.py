@@ -137,11 +137,13 @@ def source_sha256(loaded: LoadedAdapter) -> str:
             weight_map = {}
         files = [path.parent / name for name in dict.fromkeys(weight_map.values())]
     digest = hashlib.sha256()
+    buf = bytearray(1 << 22)  # one reused buffer (readinto): a fresh 4 MiB bytes object per chunk cost ~25%
+    view = memoryview(buf)
     for file in files:
         try:
-            with open(file, "rb") as fh:
-                while chunk := fh.read(1 << 22):
-                    digest.update(chunk)
+            with open(file, "rb", buffering=0) as fh:
+                while n := fh.readinto(view):
+                    digest.update(view[:n])
         except OSError as exc:
             raise InputError(f"cannot read: {exc.strerror or exc}", file) from None
     return digest.hexdigest()
@@ -206,25 +208,39 @@ def tensor_specs(loaded: LoadedAdapter, layers: list[LayerPlan], out_dtype: str 
             b_all = raw.read_float(first.b_key, "").reshape(first.b_shape)
             parts = split_stack(a_all, b_all, first.num_experts, first.r)
             ordered = sorted(group, key=lambda la: (la.pair.expert or 0) if la.pair else 0)
+            k = group[0].r_after
             batch = None
             if all(la.action == "truncated" and la.coef == ordered[0].coef for la in ordered):
                 # one batched Gram truncation for the whole stack; experts it cannot take go the one-pair way
                 batch = batched_gram_truncation(a_all.reshape(first.num_experts, first.r, -1),
                                                 b_all.reshape(first.d_out, first.r, first.num_experts),
-                                                ordered[0].r_after, ordered[0].coef)
-            out_parts = []
-            for layer in ordered:
-                assert layer.pair is not None and layer.pair.expert is not None
-                e = layer.pair.expert
-                a, b = parts[e]
-                if batch is not None and batch[2][e]:
-                    a_new, b_new, layer.method = batch[0][e], batch[1][e], "gram"
-                elif layer.action == "truncated":
-                    a_new, b_new, layer.method = _truncate(layer, a, b, where)
-                else:
-                    a_new, b_new = rescaled_factors(a, b, layer.r_after, layer.coef)
-                out_parts.append((a_new, b_new))
-            a_st, b_st = join_stack(out_parts, group[0].r_after)
+                                                k, ordered[0].coef)
+            if batch is not None and len(ordered) == first.num_experts:
+                # the batch's A' (E, k, in) and B' (a view of (out, k, E)) are already PEFT's stacked layout:
+                # only the experts the batch could not take are redone and written into it
+                a_st, b_st = batch[0].reshape(-1, batch[0].shape[2]), batch[1].transpose(1, 2, 0)
+                for e in np.flatnonzero(~batch[2]).tolist():
+                    layer = ordered[e]
+                    assert layer.pair is not None and layer.pair.expert == e
+                    a_e, b_e, layer.method = _truncate(layer, *parts[e], where)
+                    a_st[e * k:(e + 1) * k], b_st[:, :, e] = a_e, b_e
+                for e in np.flatnonzero(batch[2]).tolist():
+                    ordered[e].method = "gram"
+                b_st = b_st.reshape(first.d_out, -1)
+            else:
+                out_parts = []
+                for layer in ordered:
+                    assert layer.pair is not None and layer.pair.expert is not None
+                    e = layer.pair.expert
+                    a, b = parts[e]
+                    if batch is not None and batch[2][e]:
+                        a_new, b_new, layer.method = batch[0][e], batch[1][e], "gram"
+                    elif layer.action == "truncated":
+                        a_new, b_new, layer.method = _truncate(layer, a, b, where)
+                    else:
+                        a_new, b_new = rescaled_factors(a, b, layer.r_after, layer.coef)
+                    out_parts.append((a_new, b_new))
+                a_st, b_st = join_stack(out_parts, k)
             slot = pending[first.a_key] = {"A": a_st, "B": b_st}
         out = slot.pop(side)
         if not slot:
