@@ -222,7 +222,8 @@ def tensor_specs(loaded: LoadedAdapter, layers: list[LayerPlan], out_dtype: str 
                 for e in np.flatnonzero(~batch[2]).tolist():
                     layer = ordered[e]
                     assert layer.pair is not None and layer.pair.expert == e
-                    a_e, b_e, layer.method = _truncate(layer, *parts[e], where)
+                    a_in, b_in = parts[e]
+                    a_e, b_e, layer.method = _truncate(layer, a_in, b_in, where)
                     a_st[e * k:(e + 1) * k], b_st[:, :, e] = a_e, b_e
                 for e in np.flatnonzero(batch[2]).tolist():
                     ordered[e].method = "gram"
