@@ -49,6 +49,7 @@ def write_peft_adapter(out: OutputDir, specs: Sequence[TensorSpec], config: Mapp
     ``on_weights_written`` runs just before it. Raises ``InputError`` (nothing written, OUT untouched) on
     OSError; anything else propagates after the staging directory is removed.
     """
+    from gradience import jsonio
     from gradience.audit.jsonout import dumps_json
     from gradience.io.safetensors_write import write_safetensors
 
@@ -57,6 +58,9 @@ def write_peft_adapter(out: OutputDir, specs: Sequence[TensorSpec], config: Mapp
         st.write_file(CONFIG_NAME, config_bytes(config))
         if on_weights_written is not None:
             on_weights_written()
-        # the audit's writer: rows by one C-encoder call (same parsed document; 2,048 MoE expert rows ~3x faster)
-        st.write_file(report_name, (dumps_json(dict(report())) + "\n").encode("utf-8"))
+        doc = dict(report())
+        # "layers" rows (compress): the audit's writer, rows by one C-encoder call (same parsed document; 2,048
+        # MoE expert rows ~3x faster); other reports (merge's "modules") gain nothing from it and go the plain way
+        text = dumps_json(doc) if isinstance(doc.get("layers"), list) else jsonio.dumps(doc)
+        st.write_file(report_name, (text + "\n").encode("utf-8"))
         st.finalize()
