@@ -141,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="base spectra cache (default: a fresh temporary one; give one to run cached later)")
     ap.add_argument("--partial", type=Path, default=None, help="rewrite the figures so far here after every layer")
     ap.add_argument("--limit", type=int, default=None, help="measure only the first N layers (a smoke run)")
+    ap.add_argument("--skip", type=int, default=0,
+                    help="leave out the first N layers (to continue a stopped --partial run in another process)")
     ap.add_argument("--interleave", action="store_true",
                     help="cold then cached on each layer in turn (both figures for every layer done, even if stopped)")
     ap.add_argument("--one-per-shape", action="store_true",
@@ -158,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         pairs = [p for p in pairs if layer_index(p.name) == 0 and p.name.rsplit(".", 1)[-1] in SHAPE_WEIGHT]
     if args.limit is not None:
         pairs = pairs[: args.limit]
+    pairs = pairs[max(0, args.skip):]
     runs = [r for r in args.runs.split(",") if r]
     if not runs or any(r not in ("cold", "cached") for r in runs):
         ap.error("--runs takes cold and/or cached")
