@@ -169,9 +169,9 @@ def main(argv: list[str] | None = None) -> int:
                  "load_avg": os.getloadavg(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     with tempfile.TemporaryDirectory(prefix="intruder_cache_") as tmp:
         cache = args.cache_dir if args.cache_dir is not None else Path(tmp) / "spectra"
-        if "cold" in runs and args.cache_dir is not None and cache.exists():
-            for old in cache.glob("*.npz"):  # a cold run starts from an empty cache
-                old.unlink()
+        if "cold" in runs and args.cache_dir is not None and cache.exists() and any(cache.iterdir()):
+            # a cold run needs an empty cache; files it did not write are not deleted
+            ap.error(f"--cache-dir {cache} is not empty: give an empty or new directory for a cold run")
         results = (_run(pairs, base, cache, args.device, args.k, args.eps, tuple(runs), args.partial)
                    if args.interleave else
                    {label: _run(pairs, base, cache, args.device, args.k, args.eps, (label,), args.partial)[label]

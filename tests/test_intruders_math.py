@@ -154,6 +154,22 @@ def test_spectra_cache_roundtrip_corrupt_and_bounded(tmp_path: Path) -> None:
     assert names == [f"{'b' * 40}.npz"]
 
 
+def test_cache_trim_leaves_files_it_did_not_write(tmp_path: Path) -> None:
+    """A directory given as --intruder-cache may hold the user's own .npz files: over the size bound, only
+    files named like this cache's keys are deleted."""
+    w, _u, _v = _base()
+    spec = partial_base(w, 32)
+    root = tmp_path / "mine"
+    root.mkdir()
+    (root / "results.npz").write_bytes(b"x" * (M * 32 * 8))   # the user's, older and larger than the bound
+    os.utime(root / "results.npz", (1, 1))
+    small = SpectraCache(root, max_bytes=int(1.5 * (M * 32 * 4)))
+    small.put("a" * 40, spec)
+    os.utime(root / f"{'a' * 40}.npz", (2, 2))
+    small.put("b" * 40, spec)
+    assert sorted(p.name for p in root.iterdir()) == [f"{'b' * 40}.npz", "results.npz"]
+
+
 def test_mitigation_matches_peft_formula_densely() -> None:
     w, _u0, _v0 = _base()
     rng = np.random.default_rng(5)

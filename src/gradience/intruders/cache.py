@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import io
 import os
+import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ from gradience.udr.cache import default_cache_path
 
 SPECTRA_DIRNAME = "base_spectra"
 _SUFFIX = ".npz"
+_OWN_NAME = re.compile(r"[0-9a-f]{40}\.npz")  # tensor_hash() + suffix: the only files _trim may delete
 _FORMAT = 1
 
 
@@ -111,7 +113,8 @@ class SpectraCache:
     def _trim(self) -> None:
         files = []
         for entry in os.scandir(self.root):
-            if entry.name.endswith(_SUFFIX) and entry.is_file(follow_symlinks=False):
+            # only files this cache wrote: a user's own .npz in a directory given as --intruder-cache stays
+            if _OWN_NAME.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
                 st = entry.stat(follow_symlinks=False)
                 files.append((st.st_mtime_ns, st.st_size, entry.path))
         total = sum(size for _t, size, _p in files)
