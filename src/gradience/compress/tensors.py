@@ -174,6 +174,18 @@ def tensor_specs(loaded: LoadedAdapter, layers: list[LayerPlan], out_dtype: str 
         by_key[layer.pair.b_key] = (layer, "B")
     pending: dict[str, dict[str, np.ndarray]] = {}
 
+    def take(slot_key: str, side: str, dtype: str, what: str) -> np.ndarray:
+        """One side of factors computed for both, encoded in its own dtype (A and B may be stored in different
+        dtypes, and the writer may ask for B first); the slot is dropped once both sides are taken."""
+        slot = pending[slot_key]
+        out = slot.pop(side)
+        if not slot:
+            del pending[slot_key]
+        try:
+            return encode_float(out, dtype)
+        except ValueError as exc:
+            raise InputError(f"{what}: {exc}; choose another --dtype", where) from None
+
     def new_factors(layer: LayerPlan, side: str, dtype: str) -> np.ndarray:
         pair = layer.pair
         assert pair is not None
@@ -189,14 +201,7 @@ def tensor_specs(loaded: LoadedAdapter, layers: list[LayerPlan], out_dtype: str 
                 a_new, b_new = rescaled_factors(a, b, layer.r_after, layer.coef)
             a_st, b_st = factor_layout(pair, a_new, b_new, layer.r_after)
             slot = pending[layer.name] = {"A": a_st, "B": b_st}
-        # each side in its own dtype (A and B may be stored in different dtypes, and the writer may ask for B first)
-        out = slot.pop(side)
-        if not slot:
-            del pending[layer.name]
-        try:
-            return encode_float(out, dtype)
-        except ValueError as exc:
-            raise InputError(f"module {layer.name}: {exc}; choose another --dtype", where) from None
+        return take(layer.name, side, dtype, f"module {layer.name}")
 
     def new_stack(group: list[LayerPlan], side: str, dtype: str) -> np.ndarray:
         """Every expert's factors recomputed on its own, joined back in PEFT's stacked layout."""
@@ -243,13 +248,7 @@ def tensor_specs(loaded: LoadedAdapter, layers: list[LayerPlan], out_dtype: str 
                     out_parts.append((a_new, b_new))
                 a_st, b_st = join_stack(out_parts, k)
             slot = pending[first.a_key] = {"A": a_st, "B": b_st}
-        out = slot.pop(side)
-        if not slot:
-            del pending[first.a_key]
-        try:
-            return encode_float(out, dtype)
-        except ValueError as exc:
-            raise InputError(f"parameter {parameter_name(first)}: {exc}; choose another --dtype", where) from None
+        return take(first.a_key, side, dtype, f"parameter {parameter_name(first)}")
 
     by_prefix = {layer.peft_prefix: layer for layer in layers}
 
