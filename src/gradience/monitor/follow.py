@@ -38,7 +38,21 @@ MAX_ISSUES_PER_CODE = 20
 _ONCE_CODES = ("unknown_event", "unknown_schema")  # reported once per file, not once per refresh
 
 
-class FollowedRun:
+class _Followed:
+    """What every followed log keeps: its source, the reading options and the report overrides."""
+
+    def __init__(self, source: RunSource, run_id: str | None, strict: bool, gap_threshold: float,
+                 task_profile: str | None, dataset: str | None) -> None:
+        self.source = source
+        self.path = source.path
+        self.run_id = run_id
+        self.strict = strict
+        self.gap_threshold = gap_threshold
+        self.overrides = {"task_profile": task_profile, "dataset": dataset}
+        self.polls = 0
+
+
+class FollowedRun(_Followed):
     """Incremental state of one growing telemetry log. ``poll()`` reads what was appended; ``report()``
     summarizes what was read so far; ``ended`` is True once the followed run wrote its ``run_end``."""
 
@@ -53,16 +67,10 @@ class FollowedRun:
         if source.kind != "telemetry":  # other tools' logs: FollowedLog
             raise InputError(f"--follow needs a telemetry log (.jsonl); this is a {source.kind} log: run "
                              "`gradience monitor` on it without --follow", source.path)
-        self.source = source
-        self.path = source.path
-        self.run_id = run_id
-        self.strict = strict
+        super().__init__(source, run_id, strict, gap_threshold, task_profile, dataset)
         self.max_line_bytes = max_line_bytes
-        self.gap_threshold = gap_threshold
-        self.overrides = {"task_profile": task_profile, "dataset": dataset}
         self.bytes_read = 0       # over the whole follow (each byte of the file is read once)
         self.last_read = 0        # by the latest poll
-        self.polls = 0
         self._reset()
 
     def _reset(self) -> None:
@@ -146,7 +154,7 @@ class FollowedRun:
 FOLLOWED_KINDS = ("tensorboard", "llamafactory", "wandb")
 
 
-class FollowedLog:
+class FollowedLog(_Followed):
     """Incremental state of another tool's growing log (TensorBoard event files, LLaMA-Factory's
     ``trainer_log.jsonl``), with the interface of :class:`FollowedRun`. The reader keeps its byte offsets and
     its open step between polls; the events go to the same :class:`~gradience.monitor.external.ExternalFeed`
@@ -159,13 +167,7 @@ class FollowedLog:
             raise InputError(f"--follow reads a growing run.jsonl, TensorBoard event files, a W&B run directory or "
                              f"LLaMA-Factory's trainer_log.jsonl; this is a {source.kind} log (written whole): run "
                              "`gradience monitor` on it without --follow", source.path)
-        self.source = source
-        self.path = source.path
-        self.run_id = run_id
-        self.strict = strict
-        self.gap_threshold = gap_threshold
-        self.overrides = {"task_profile": task_profile, "dataset": dataset}
-        self.polls = 0
+        super().__init__(source, run_id, strict, gap_threshold, task_profile, dataset)
         self._reset()
 
     def _reset(self) -> None:
