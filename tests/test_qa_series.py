@@ -102,6 +102,19 @@ def test_one_unreadable_checkpoint_does_not_hide_the_others(tmp_path: Path,
     assert err.startswith("gradience series: error: ") and err.count("\n") == 1
 
 
+def test_an_unreadable_checkpoint_is_not_suggested(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: the checkpoint with the best logged eval was suggested even when its adapter could not be read.
+    Now the best readable one is, and the text and JSON name the better but unreadable one."""
+    out = _run_dir(tmp_path)                                # eval_loss 1.5 at step 2, 1.25 at step 4
+    weights = out / "checkpoint-4" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:500])
+    assert main(["series", str(out), "--no-udr", "--json"]) == 0
+    suggestion = json.loads(capsys.readouterr().out)["suggestion"]
+    assert suggestion["checkpoint"] == "checkpoint-2" and suggestion["value"] == 1.5
+    assert suggestion["better_but_unreadable"] == "checkpoint-4"
+    assert "checkpoint-4 logged a better eval_loss, 1.25, but its adapter could not be read" in suggestion["text"]
+
+
 def test_report_of_a_series_shows_the_audit_warnings(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = _run_dir(tmp_path)
     assert main(["series", str(out), "--base-model", str(tmp_path / "no-such-base"), "--json"]) == 0

@@ -185,10 +185,20 @@ def _suggest(rows: list[dict[str, Any]], metric: str | None, mode: str) -> dict[
         logged = sorted({k for r in rows for k in r["eval"]})  # a typo in --metric: say what there is
         return {"checkpoint": None, "reason": f"no checkpoint has a finite {metric} (logged: "
                                               f"{', '.join(logged[:12]) if logged else 'no eval metric'})"}
-    best_row, best = scored[0]
-    for r, v in scored[1:]:
-        if (v < best) if mode == "min" else (v > best):
-            best_row, best = r, v
+    def best_of(candidates: list[tuple[dict[str, Any], float]]) -> tuple[dict[str, Any], float]:
+        top, value = candidates[0]
+        for r, v in candidates[1:]:
+            if (v < value) if mode == "min" else (v > value):
+                top, value = r, v
+        return top, value
+
+    # a checkpoint whose adapter cannot be read is not one to pick, however good its logged eval
+    overall_row, overall = best_of(scored)
+    readable = [(r, v) for r, v in scored if "error" not in r]
+    if not readable:
+        return {"checkpoint": None, "reason": f"every checkpoint with a finite {metric} is unreadable "
+                                              f"(best: {overall_row['checkpoint']}, {overall:.4g})"}
+    best_row, best = best_of(readable)
     first = rows[0]
     moved = {key: {"from": first["audit"].get(key), "to": best_row["audit"].get(key)} for key in MOVED_KEYS}
     parts = []
@@ -202,6 +212,11 @@ def _suggest(rows: list[dict[str, Any]], metric: str | None, mode: str) -> dict[
         text += f"; from {first['checkpoint']} to it: " + ", ".join(parts)
     elif parts:
         text += "; it is the first checkpoint: " + ", ".join(parts)
+    unreadable = None if overall_row is best_row else overall_row["checkpoint"]
+    if unreadable:
+        text += (f" ({unreadable} logged a better {metric}, {overall:.4g}, but its adapter could not be read: "
+                 "see its row)")
     return {"checkpoint": best_row["checkpoint"], "step": best_row["step"], "metric": metric, "value": best,
             "moved_from": first["checkpoint"], "moved": moved, "text": text,
-            "note": "best logged eval metric; the audit and UDR are shown, not used to predict quality"}
+            "note": "best logged eval metric; the audit and UDR are shown, not used to predict quality",
+            "better_but_unreadable": unreadable}
